@@ -1,0 +1,1 @@
+"""edgeroute.export: checkpoint -> edgeroute model folder. torch, transformers and optimum load lazily."""

@@ -1,0 +1,56 @@
+"""edgeroute: run exported ONNX language models with a NumPy token router.
+
+>>> import edgeroute as er
+>>> model = er.Model.load("models/smollm2-135m")                          # doctest: +SKIP
+>>> cfg = er.GenerationConfig(max_new_tokens=64, sampling=er.SamplingConfig(temperature=0.7, seed=7))
+>>> print(model.generate("The capital of France is", cfg).text)          # doctest: +SKIP
+"""
+
+from ._version import __version__
+from .config import GenerationConfig, SamplingConfig
+from .errors import (
+    ConfigError,
+    ContextOverflowError,
+    EdgerouteError,
+    ExportError,
+    ExportValidationError,
+    InferenceError,
+    ManifestError,
+    ModelLoadError,
+    ProviderUnavailableError,
+)
+from .generator import Completion, Generator, Step, TokenLogprob, Usage
+from .kv_cache import KVCache
+from .manifest import Manifest
+from .model import Model
+from .sampling import Distribution, Router, make_chain
+from .session import available_providers
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "__version__",
+    "Completion",
+    "ConfigError",
+    "ContextOverflowError",
+    "Distribution",
+    "EdgerouteError",
+    "ExportError",
+    "ExportValidationError",
+    "GenerationConfig",
+    "Generator",
+    "InferenceError",
+    "KVCache",
+    "Manifest",
+    "ManifestError",
+    "Model",
+    "ModelLoadError",
+    "ProviderUnavailableError",
+    "Router",
+    "SamplingConfig",
+    "Step",
+    "TokenLogprob",
+    "Tokenizer",
+    "Usage",
+    "available_providers",
+    "make_chain",
+]

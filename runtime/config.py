@@ -1,0 +1,245 @@
+"""Frozen, validated request settings: :class:`SamplingConfig` (the router) and :class:`GenerationConfig`.
+
+Invalid values raise :class:`~edgeroute.errors.ConfigError` naming the field when the config is built, never
+mid-generation. Nothing is silently clamped. Semantics follow HF/vLLM/OpenAI so that ``temperature`` and
+``top_p`` mean what OpenAI clients expect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+
+SCHEDULES = ("constant", "linear", "exponential")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check(cond: bool, name: str, value: Any, reason: str) -> None:
+    if not cond:
+        raise ConfigError(name, value, reason)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the router picks each token. Applied in this fixed order (README, "The router"):
+
+    logit_bias -> penalties -> temperature -> top_k -> top_p -> min_p -> typical_p -> exploration mix -> draw.
+
+    Args:
+        temperature: divides the logits; ``0`` means greedy (argmax after bias and penalties), the only greedy switch.
+        top_k: keep the k most likely tokens; ``0`` = off.
+        top_p: nucleus: keep the smallest set whose probability reaches top_p; in (0, 1], ``1`` = off.
+        min_p: drop tokens with probability below ``min_p * p_max``; in [0, 1), ``0`` = off.
+        typical_p: locally typical sampling mass; in (0, 1], ``1`` = off.
+        min_keep: every truncation keeps at least this many candidates (>= 1).
+        repetition_penalty: HF multiplicative penalty (>1 discourages repeats); ``1`` = off.
+        presence_penalty: OpenAI additive penalty per token that occurred; in [-2, 2], ``0`` = off.
+        frequency_penalty: OpenAI additive penalty times the token's count; in [-2, 2], ``0`` = off.
+        penalty_last_n: the penalties look at the last n tokens of the sequence (prompt included);
+            ``-1`` = the whole sequence, ``0`` disables the penalties.
+        logit_bias: token id -> additive bias on the raw logits; ``-inf`` bans the token (control codes).
+        explore: q, the weight of the uniform distribution in ``p' = q*uniform + (1-q)*p`` over the allowed
+            vocabulary (banned and special tokens excluded); in [0, 1], ``0`` = off.
+        explore_end: the value q moves to by the schedule (defaults to ``explore``).
+        explore_steps: number of generated steps over which q moves from ``explore`` to ``explore_end``.
+        explore_schedule: ``constant``, ``linear`` or ``exponential`` (geometric; needs both ends > 0).
+        seed: seed of the request's own ``numpy.random.Generator``; same seed, same tokens. None = fresh entropy.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    min_keep: int = 1
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    explore: float = 0.0
+    explore_end: float | None = None
+    explore_steps: int = 0
+    explore_schedule: str = "constant"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        _check(_is_num(t) and t >= 0, "temperature", t, "must be a finite number >= 0 (0 = greedy)")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 0 (0 = off)")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1] (1 = off)")
+        _check(_is_num(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p, "must be in [0, 1) (0 = off)")
+        _check(
+            _is_num(self.typical_p) and 0 < self.typical_p <= 1,
+            "typical_p",
+            self.typical_p,
+            "must be in (0, 1] (1 = off)",
+        )
+        _check(_is_int(self.min_keep) and self.min_keep >= 1, "min_keep", self.min_keep, "must be an integer >= 1")
+        _check(
+            _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "must be a number > 0 (1 = off)",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check(_is_num(v) and -2 <= v <= 2, name, v, "must be in [-2, 2] (0 = off)")
+        _check(
+            _is_int(self.penalty_last_n) and self.penalty_last_n >= -1,
+            "penalty_last_n",
+            self.penalty_last_n,
+            "must be an integer >= -1 (-1 = whole sequence, 0 = off)",
+        )
+        _check(isinstance(self.logit_bias, Mapping), "logit_bias", self.logit_bias, "must be a mapping id -> bias")
+        bias: dict[int, float] = {}
+        for k, v in self.logit_bias.items():
+            _check(_is_int(k) and k >= 0, "logit_bias", {k: v}, "token ids must be integers >= 0")
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and v != math.inf
+            _check(ok, "logit_bias", {k: v}, "bias must be a finite number or -inf (ban)")
+            bias[int(k)] = float(v)
+        object.__setattr__(self, "logit_bias", _FrozenDict(bias))
+        _check(_is_num(self.explore) and 0 <= self.explore <= 1, "explore", self.explore, "must be in [0, 1]")
+        if self.explore_end is not None:
+            e = self.explore_end
+            _check(_is_num(e) and 0 <= e <= 1, "explore_end", e, "must be in [0, 1]")
+        _check(
+            _is_int(self.explore_steps) and self.explore_steps >= 0,
+            "explore_steps",
+            self.explore_steps,
+            "must be an integer >= 0",
+        )
+        s = self.explore_schedule
+        _check(s in SCHEDULES, "explore_schedule", s, f"must be one of {', '.join(SCHEDULES)}")
+        if s != "constant":
+            _check(
+                self.explore_steps > 0, "explore_steps", self.explore_steps, f"must be > 0 for a {s} schedule"
+            )
+            _check(self.explore_end is not None, "explore_end", None, f"is needed for a {s} schedule")
+        if s == "exponential":
+            ends = (self.explore, self.explore_end)
+            _check(
+                all(x is not None and x > 0 for x in ends),
+                "explore_schedule",
+                s,
+                "exponential needs explore > 0 and explore_end > 0 (use linear to reach 0)",
+            )
+        if self.seed is not None:
+            _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "must be an integer >= 0 or None")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the draw is argmax (``temperature == 0``)."""
+        return self.temperature == 0
+
+    def explore_at(self, step: int) -> float:
+        """The exploration weight q at generated step ``step`` (0-based) under the schedule."""
+        q0 = self.explore
+        q1 = q0 if self.explore_end is None else self.explore_end
+        if self.explore_schedule == "constant" or self.explore_steps == 0:
+            return q0
+        frac = min(step / self.explore_steps, 1.0)
+        if self.explore_schedule == "linear":
+            return q0 + (q1 - q0) * frac
+        return q0 * (q1 / q0) ** frac
+
+    def replace(self, **changes: Any) -> SamplingConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One request: how long, when to stop, what to report, and the router settings.
+
+    Args:
+        max_new_tokens: the most tokens generated after each ``append`` (a modest default, never the context).
+        min_new_tokens: stop tokens (EOS and ``stop_token_ids``) are suppressed until this many were generated.
+        stop: strings that end generation; they never appear in the output text.
+        stop_token_ids: token ids that end generation, in addition to the model's EOS ids (which always count).
+        logprobs: report the chosen token's log-probability (``True`` or ``0``) and, when an int n > 0,
+            also the n most likely alternatives. Log-probabilities are the model's own (log-softmax of the raw
+            logits, OpenAI/vLLM semantics), not of the routed distribution.
+        sampling: the router settings.
+        prefill_chunk: the prompt is fed to the graph in chunks of at most this many tokens.
+    """
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool | int = False
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        m = self.max_new_tokens
+        _check(_is_int(m) and m >= 1, "max_new_tokens", m, "must be an integer >= 1")
+        n = self.min_new_tokens
+        _check(_is_int(n) and 0 <= n <= m, "min_new_tokens", n, "must be an integer in [0, max_new_tokens]")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        _check(
+            isinstance(stop, (tuple, list)) and all(isinstance(s, str) and s for s in stop),
+            "stop",
+            self.stop,
+            "must be a sequence of non-empty strings",
+        )
+        object.__setattr__(self, "stop", tuple(stop))
+        ids = self.stop_token_ids
+        _check(
+            isinstance(ids, (tuple, list)) and all(_is_int(i) and i >= 0 for i in ids),
+            "stop_token_ids",
+            ids,
+            "must be a sequence of integers >= 0",
+        )
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        lp = self.logprobs
+        _check(
+            isinstance(lp, bool) or (_is_int(lp) and 0 <= lp <= 20),
+            "logprobs",
+            lp,
+            "must be a bool or an integer in [0, 20] (top alternatives)",
+        )
+        _check(isinstance(self.sampling, SamplingConfig), "sampling", self.sampling, "must be a SamplingConfig")
+        c = self.prefill_chunk
+        _check(_is_int(c) and c >= 1, "prefill_chunk", c, "must be an integer >= 1")
+
+    @property
+    def want_logprobs(self) -> bool:
+        return self.logprobs is not False
+
+    @property
+    def top_logprobs(self) -> int:
+        return 0 if isinstance(self.logprobs, bool) else int(self.logprobs)
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+class _FrozenDict(dict):  # type: ignore[type-arg]
+    """A read-only dict, so a frozen config cannot be changed through its ``logit_bias``."""
+
+    def _ro(self, *a: Any, **k: Any) -> None:
+        raise TypeError("SamplingConfig.logit_bias is read-only; use config.replace(logit_bias=...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _ro  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
+def config_fields(cls: type) -> list[str]:
+    """Names of a config dataclass's fields (used by the CLI and the manifest's generation defaults)."""
+    return [f.name for f in fields(cls)]

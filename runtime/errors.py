@@ -1,0 +1,66 @@
+"""The exception tree of edgeroute. The library raises these and never prints or exits.
+
+::
+
+    EdgerouteError
+    ├── ModelLoadError                missing or corrupt files, manifest/graph mismatch
+    │   ├── ManifestError             unknown schema version or bad field
+    │   └── ProviderUnavailableError  an execution provider asked for is not installed or not working
+    ├── ConfigError (ValueError)      .field and .value; raised when a config is built
+    ├── ContextOverflowError          prompt + max_new_tokens beyond the context length
+    ├── InferenceError                onnxruntime failure, wrapped with ``raise ... from``
+    └── ExportError                   (edgeroute.export) unsupported architecture, missing extra, bad checkpoint
+        └── ExportValidationError     the exported graph disagrees with the source model
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EdgerouteError(Exception):
+    """Base class of every error edgeroute raises on purpose."""
+
+
+class ModelLoadError(EdgerouteError):
+    """A model folder could not be loaded: missing or corrupt files, or a manifest that does not fit the graph."""
+
+
+class ManifestError(ModelLoadError):
+    """``edgeroute.json`` has an unknown schema version or a missing or invalid field."""
+
+
+class ProviderUnavailableError(ModelLoadError):
+    """The execution provider asked for is not installed or not working; never silently replaced."""
+
+
+class ConfigError(EdgerouteError, ValueError):
+    """An invalid configuration value. ``field`` names the setting and ``value`` is what was given."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field}={value!r}: {reason}")
+
+
+class ContextOverflowError(EdgerouteError):
+    """The prompt plus ``max_new_tokens`` does not fit into the model's context length."""
+
+    def __init__(self, needed: int, context_length: int, detail: str = "") -> None:
+        self.needed = needed
+        self.context_length = context_length
+        msg = f"{needed} tokens needed but the context holds {context_length}"
+        super().__init__(f"{msg} ({detail})" if detail else msg)
+
+
+class InferenceError(EdgerouteError):
+    """onnxruntime failed while running the graph; the original error is the ``__cause__``."""
+
+
+class ExportError(EdgerouteError):
+    """An export could not be done: unsupported architecture, missing extra, corrupt checkpoint."""
+
+
+class ExportValidationError(ExportError):
+    """The exported graph does not reproduce the source model within tolerance."""

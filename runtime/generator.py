@@ -1,0 +1,385 @@
+"""The Generator: the only stateful orchestrator (KV cache, token history, RNG, router, text, stops).
+
+The sequence is ``tokens``; the cache holds ``tokens[:cache.length]``, and the tokens after it are *pending*:
+they are fed to the graph (in chunks) before the next token is chosen. ``append`` adds pending tokens and starts
+a turn, ``rewind(n)`` drops the last n tokens (the cache is sliced, nothing recomputed but the last token), and
+each step feeds what is pending, routes the logits, and appends the chosen token as pending.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import GenerationConfig
+from .errors import ConfigError, ContextOverflowError
+from .sampling import log_softmax, make_chain
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token: its id, the new text it completes (``""`` while held back), the model's
+    log-probability (when asked for), and ``finish_reason`` (``"stop"``/``"length"`` on the last step)."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    finish_reason: str | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+@dataclass
+class Usage:
+    """Token counts and timings of a Generator (summed over its turns)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    time_to_first_token: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: completion tokens after the first per second of decoding."""
+        n = self.completion_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "time_to_first_token": self.time_to_first_token,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of a chosen token, and of the most likely alternatives when asked for."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Completion:
+    """A finished generation: ``text`` (stop strings removed), ``token_ids`` (stop tokens excluded),
+    ``finish_reason`` (``"stop"`` or ``"length"``), ``usage``, and ``logprobs`` when asked for."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class _Turn:
+    """Per-turn output state of one sequence: what was generated since the last ``append``."""
+
+    stream: object
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    held: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stopped_on_token: bool = False
+
+
+class _Track:
+    """Chooses tokens and turns them into text for one sequence: router, RNG, stops, logprobs.
+
+    Shared by :class:`Generator` (one sequence) and :func:`generate_batch` (one track per row).
+    """
+
+    def __init__(self, model: Model, config: GenerationConfig, rng: np.random.Generator) -> None:
+        self.model = model
+        self.config = config
+        self.rng = rng
+        self.router = make_chain(config.sampling, model.vocab_size, model.special_ids)
+        self.stop_ids = frozenset(model.manifest.eos_token_ids) | frozenset(config.stop_token_ids)
+        self._stop_arr = np.array(sorted(i for i in self.stop_ids if i < model.vocab_size), dtype=np.int64)
+        self.stops = config.stop
+        self._prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
+        self.turn = _Turn(model.tokenizer.stream())
+
+    def new_turn(self) -> None:
+        self.turn = _Turn(self.model.tokenizer.stream())
+
+    @property
+    def done(self) -> bool:
+        return self.turn.finish_reason is not None
+
+    def choose(self, logits: np.ndarray, history: np.ndarray) -> Step:
+        """Route ``logits`` (one row) to a token and account for it."""
+        t, cfg = self.turn, self.config
+        n = len(t.generated)
+        suppress = self._stop_arr if n < cfg.min_new_tokens else None
+        token = self.router.sample(logits, history, self.rng, n, suppress)
+        lp = self._logprob(logits, token) if cfg.want_logprobs else None
+        return self._accept(token, lp)
+
+    def _logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
+        logp = log_softmax(logits)
+        k = self.config.top_logprobs
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            part = np.argpartition(logp, len(logp) - k)[len(logp) - k:]
+            part = part[np.argsort(-logp[part], kind="stable")]
+            top = tuple((int(i), float(logp[i])) for i in part)
+        return TokenLogprob(int(token), float(logp[token]), top)
+
+    def _accept(self, token: int, lp: TokenLogprob | None) -> Step:
+        t = self.turn
+        t.generated.append(token)
+        if lp is not None:
+            t.logprobs.append(lp)
+        finish = None
+        if token in self.stop_ids:
+            text, finish, t.stopped_on_token = t.held, "stop", True
+            t.held = ""
+        else:
+            text, finish = self._text(t.stream.push(token))  # type: ignore[attr-defined]
+        if finish is None and len(t.generated) >= self.config.max_new_tokens:
+            text, finish = text + t.held, "length"
+            t.held = ""
+        t.text.append(text)
+        t.finish_reason = finish
+        return Step(token, text, lp.logprob if lp else None, finish, lp.top if lp and lp.top else None)
+
+    def _text(self, piece: str) -> tuple[str, str | None]:
+        """Emit what can no longer be part of a stop string; detect a completed stop string."""
+        t = self.turn
+        if not self.stops:
+            return piece, None
+        buf = t.held + piece
+        hits = [(buf.find(s), s) for s in self.stops if s in buf]
+        if hits:
+            at = min(hits)[0]
+            t.held = ""
+            return buf[:at], "stop"
+        keep = 0  # longest suffix of buf that begins a stop string
+        for i in range(max(0, len(buf) - max(len(s) for s in self.stops) + 1), len(buf)):
+            if buf[i:] in self._prefixes:
+                keep = len(buf) - i
+                break
+        t.held = buf[len(buf) - keep:]
+        return buf[: len(buf) - keep], None
+
+    def completion(self, usage: Usage) -> Completion:
+        t = self.turn
+        ids = t.generated[:-1] if t.stopped_on_token else list(t.generated)
+        return Completion(
+            text="".join(t.text),
+            token_ids=ids,
+            finish_reason=t.finish_reason or "length",
+            usage=usage,
+            logprobs=list(t.logprobs) if self.config.want_logprobs else None,
+        )
+
+    def replay(self, ids: Sequence[int]) -> None:
+        """Rebuild the turn as if only ``ids`` had been generated (after a rewind). None of them finished the
+        turn: a finish only ever happens on the last token, and a rewind removes at least that one."""
+        logprobs = self.turn.logprobs[: len(ids)]
+        self.new_turn()
+        for tok in ids:
+            self._accept(int(tok), None)
+        self.turn.logprobs = logprobs
+        self.turn.finish_reason = None
+
+
+class Generator:
+    """Stateful generation over one sequence. Create with ``model.generator(config)``.
+
+    ``append(ids)`` feeds tokens (prefill in chunks) and starts a turn of at most ``max_new_tokens``; iterating
+    yields :class:`Step` objects until a stop token, a stop string or the length limit; ``rewind(n)`` removes
+    the last n tokens; ``usage`` sums counts and timings.
+    """
+
+    def __init__(self, model: Model, config: GenerationConfig) -> None:
+        if not isinstance(config, GenerationConfig):
+            raise ConfigError("config", config, "must be a GenerationConfig")
+        self.model = model
+        self.config = config
+        self.cache = model.new_cache()
+        self._ids = np.zeros(model.context_length, dtype=np.int64)
+        self._n = 0
+        self._logits: np.ndarray | None = None
+        self._track = _Track(model, config, np.random.default_rng(config.sampling.seed))
+        self._track.turn.finish_reason = "length"  # nothing to generate before the first append
+        self.usage = Usage()
+        self._t_turn = 0.0
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @property
+    def tokens(self) -> list[int]:
+        """Every token of the sequence: prompts, generated tokens (stop tokens included) and appended ids."""
+        return self._ids[: self._n].tolist()
+
+    @property
+    def done(self) -> bool:
+        """True when the current turn has finished (call ``append`` to start another)."""
+        return self._track.done
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._track.turn.finish_reason
+
+    # -- feeding ---------------------------------------------------------------------------------------------
+    def append(self, ids: Sequence[int]) -> None:
+        """Add tokens to the sequence and prefill them; starts a new turn of up to ``max_new_tokens``.
+
+        Raises ``ContextOverflowError`` (and changes nothing) when the sequence plus ``max_new_tokens`` would not
+        fit into the context.
+        """
+        arr = np.asarray(list(ids), dtype=np.int64)
+        if arr.ndim != 1 or (len(arr) and (arr.min() < 0 or arr.max() >= self.model.vocab_size)):
+            raise ConfigError("ids", list(ids)[:8], f"must be token ids in [0, {self.model.vocab_size})")
+        need = self._n + len(arr) + self.config.max_new_tokens
+        if need > self.model.context_length:
+            raise ContextOverflowError(
+                need, self.model.context_length,
+                f"{self._n + len(arr)} in the sequence + max_new_tokens {self.config.max_new_tokens}",
+            )
+        t0 = time.perf_counter()
+        self._ids[self._n: self._n + len(arr)] = arr
+        self._n += len(arr)
+        self._logits = None if len(arr) else self._logits
+        self.usage.prompt_tokens += len(arr)
+        self._track.new_turn()
+        self._t_turn = t0
+        self._feed()
+        self.usage.prefill_seconds += time.perf_counter() - t0
+
+    def _feed(self) -> None:
+        """Run the graph over pending tokens in chunks; leaves the last position's logits."""
+        cache, chunk = self.cache, self.config.prefill_chunk
+        while cache.length < self._n:
+            start = cache.length
+            stop = min(self._n, start + chunk)
+            self._logits = self.model.forward(self._ids[None, start:stop], cache)[0]
+
+    # -- generating ------------------------------------------------------------------------------------------
+    def step(self) -> Step:
+        """Generate one token. Raises ``StopIteration`` when the turn is done."""
+        if self.done:
+            raise StopIteration
+        t0 = time.perf_counter()
+        self._feed()
+        if self._logits is None:
+            raise ConfigError("ids", [], "append a prompt before generating")
+        st = self._track.choose(self._logits, self._ids[: self._n])
+        self._ids[self._n] = st.token_id
+        self._n += 1
+        self._logits = None
+        now = time.perf_counter()
+        u = self.usage
+        if u.completion_tokens == 0 and u.time_to_first_token is None:
+            u.time_to_first_token = now - self._t_turn
+        else:
+            u.decode_seconds += now - t0
+        u.completion_tokens += 1
+        return st
+
+    def __iter__(self) -> Iterator[Step]:
+        while not self.done:
+            yield self.step()
+
+    def run(self) -> Completion:
+        """Generate until the turn is done and return the turn's :class:`Completion`."""
+        for _ in self:
+            pass
+        return self._track.completion(self.usage)
+
+    def rewind(self, n: int) -> None:
+        """Remove the last ``n`` tokens of the sequence; generation continues from there.
+
+        The KV cache is cut to the remaining tokens (the last one is recomputed on the next step). If the
+        removed tokens were generated in this turn, the turn's text is rebuilt from what remains.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self._n:
+            raise ConfigError("n", n, f"must be an integer in [0, {self._n}]")
+        if n == 0:
+            return
+        self._n -= n
+        keep = max(self._n - 1, 0)
+        if self.cache.length > keep:
+            self.cache.trim(self.cache.length - keep)
+        self._logits = None
+        turn = self._track.turn
+        lost = min(n, len(turn.generated))
+        self._track.replay(turn.generated[: len(turn.generated) - lost])
+
+
+def generate_batch(model: Model, prompts: list[list[int]], config: GenerationConfig) -> list[Completion]:
+    """Generate for several prompts in one graph run per step (left padding, attention masks).
+
+    Each row has its own router state and RNG (row i's seed is ``[seed, i]`` when a seed is given); rows that
+    finish keep running until all are done, and their extra tokens are discarded.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("prompt", prompts, "every prompt needs at least one token")
+    b = len(prompts)
+    width = max(len(p) for p in prompts)
+    need = width + config.max_new_tokens
+    if need > model.context_length:
+        raise ContextOverflowError(need, model.context_length, "longest prompt + max_new_tokens")
+    for p in prompts:
+        if min(p) < 0 or max(p) >= model.vocab_size:
+            raise ConfigError("prompt", p[:8], f"token ids must be in [0, {model.vocab_size})")
+    seed = config.sampling.seed
+    tracks = [
+        _Track(model, config, np.random.default_rng(None if seed is None else [seed, i])) for i in range(b)
+    ]
+    total = width + config.max_new_tokens
+    ids = np.zeros((b, total), dtype=np.int64)
+    mask = np.zeros((b, total), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p): width] = p
+        mask[i, width - len(p): width] = 1
+    histories = [list(p) for p in prompts]
+    cache = model.new_cache(b)
+    usage = [Usage(prompt_tokens=len(p)) for p in prompts]
+    t0 = time.perf_counter()
+    n = width
+    pos_all = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    logits = None
+    while cache.length < n:
+        s, e = cache.length, min(n, cache.length + config.prefill_chunk)
+        logits = model.forward(ids[:, s:e], cache, mask[:, :e], pos_all[:, s:e])
+    assert logits is not None
+    prefill = time.perf_counter() - t0
+    for u in usage:
+        u.prefill_seconds = prefill
+    while not all(t.done for t in tracks):
+        ts = time.perf_counter()
+        for i, tr in enumerate(tracks):
+            if tr.done:
+                ids[i, n] = ids[i, n - 1]
+                continue
+            st = tr.choose(logits[i], np.asarray(histories[i], dtype=np.int64))
+            histories[i].append(st.token_id)
+            ids[i, n] = st.token_id
+            u = usage[i]
+            if u.time_to_first_token is None:
+                u.time_to_first_token = time.perf_counter() - t0
+            else:
+                u.decode_seconds += time.perf_counter() - ts
+            u.completion_tokens += 1
+        mask[:, n] = 1
+        n += 1
+        if all(t.done for t in tracks):
+            break
+        pos = (np.sum(mask[:, :n], axis=1, keepdims=True) - 1).astype(np.int64)
+        logits = model.forward(ids[:, n - 1: n], cache, mask[:, :n], pos)
+    return [tr.completion(u) for tr, u in zip(tracks, usage)]

@@ -1,0 +1,73 @@
+"""Per-sequence past keys and values: the one place that knows how the KV cache is held.
+
+:class:`KVCache` holds host NumPy arrays ``[batch, kv_heads, length, head_size]`` per layer. The graph's
+``present.*`` outputs become the next step's ``past_key_values.*`` inputs without copies. A device-resident
+cache (IO binding on CUDA) subclasses it and overrides :meth:`feeds` / :meth:`store`; the Generator and the
+router never see the difference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .manifest import Manifest
+
+
+class KVCache:
+    """The past K/V of one sequence (or one batch of sequences) for a model described by ``manifest``."""
+
+    def __init__(self, manifest: Manifest, batch_size: int = 1) -> None:
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self._past_names = manifest.past_names()
+        self._present_names = manifest.present_names()
+        shape = (batch_size, manifest.num_kv_heads, 0, manifest.head_size)
+        empty = np.zeros(shape, dtype=np.dtype(manifest.kv_dtype))
+        self._layers: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * manifest.num_layers
+
+    @property
+    def length(self) -> int:
+        """How many positions are cached."""
+        return int(self._layers[0][0].shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(k.nbytes + v.nbytes for k, v in self._layers)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """Graph inputs ``past_key_values.N.key/value`` for the next run."""
+        out: dict[str, np.ndarray] = {}
+        for (kn, vn), (k, v) in zip(self._past_names, self._layers):
+            out[kn] = k
+            out[vn] = v
+        return out
+
+    def output_names(self) -> list[str]:
+        """Graph outputs that :meth:`store` expects, in order."""
+        return [n for pair in self._present_names for n in pair]
+
+    def store(self, presents: list[np.ndarray], new_tokens: int) -> None:
+        """Take the graph's ``present.*`` outputs (in :meth:`output_names` order) as the new cache."""
+        layers = [(presents[2 * i], presents[2 * i + 1]) for i in range(self.manifest.num_layers)]
+        expect = self.length + new_tokens
+        got = int(layers[0][0].shape[2])
+        if got != expect:
+            from .errors import InferenceError
+
+            raise InferenceError(f"graph returned {got} cached positions, expected {expect}")
+        self._layers = layers
+
+    def trim(self, n: int) -> None:
+        """Drop the last ``n`` cached positions (rewinding is slicing: no copy)."""
+        if n <= 0:
+            return
+        keep = max(self.length - n, 0)
+        self._layers = [(k[:, :, :keep], v[:, :, :keep]) for k, v in self._layers]
+
+    def copy(self) -> KVCache:
+        """An independent cache with the same contents."""
+        other = KVCache.__new__(KVCache)
+        other.__dict__.update(self.__dict__)
+        other._layers = [(k.copy(), v.copy()) for k, v in self._layers]
+        return other

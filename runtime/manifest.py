@@ -1,0 +1,194 @@
+"""The model folder contract: ``edgeroute.json`` (schema version 1), read into a frozen :class:`Manifest`.
+
+The manifest is all the runtime needs: graph file, logical-to-graph names, KV geometry, vocabulary, context
+length, special ids, chat template, generation defaults, precision and provenance. No ``model_type`` switch
+anywhere: the names come from here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError, ModelLoadError
+
+MANIFEST_NAME = "edgeroute.json"
+SCHEMA_VERSION = 1
+KV_DTYPES = ("float32", "float16")
+LAYER = "{layer}"
+
+DEFAULT_INPUTS = {
+    "input_ids": "input_ids",
+    "attention_mask": "attention_mask",
+    "position_ids": "position_ids",
+    "past_key": "past_key_values.{layer}.key",
+    "past_value": "past_key_values.{layer}.value",
+}
+DEFAULT_OUTPUTS = {
+    "logits": "logits",
+    "present_key": "present.{layer}.key",
+    "present_value": "present.{layer}.value",
+}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed ``edgeroute.json``. Build one with :meth:`load` or :meth:`from_dict`.
+
+    Args:
+        graph: the ONNX file name inside the folder.
+        inputs: logical name -> graph input name; ``position_ids`` may be None (the graph derives positions).
+            ``past_key``/``past_value`` are patterns with ``{layer}``.
+        outputs: logical name -> graph output name; ``present_key``/``present_value`` are patterns.
+        logits: ``"all"`` (one row per input position) or ``"last"`` (only the last position).
+        num_layers, num_kv_heads, head_size: the KV geometry, ``[batch, num_kv_heads, length, head_size]``.
+        kv_dtype: ``float32`` or ``float16``.
+        vocab_size: the logits' last dimension.
+        context_length: the most tokens a sequence may hold (prompt + generated).
+        bos_token_id, eos_token_ids, pad_token_id: special ids; every EOS id ends generation.
+        special_tokens: token strings for the chat template (``bos_token``, ``eos_token``, ...).
+        chat_template: a Jinja chat template, or None.
+        generation_defaults: the checkpoint's defaults (``temperature``, ``top_p``, ``max_new_tokens``, ...).
+        precision: ``fp32``/``fp16``; quantization: ``{"method": "none"|"int8"|"int4", ...}``.
+        provenance: where it came from and the export's parity figures (free-form).
+    """
+
+    graph: str
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    vocab_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    inputs: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_INPUTS))
+    outputs: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTPUTS))
+    logits: str = "all"
+    kv_dtype: str = "float32"
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    special_tokens: Mapping[str, str] = field(default_factory=dict)
+    chat_template: str | None = None
+    generation_defaults: Mapping[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    quantization: Mapping[str, Any] = field(default_factory=lambda: {"method": "none"})
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # -- names -----------------------------------------------------------------------------------------------
+    def past_names(self) -> list[tuple[str, str]]:
+        """Graph input names ``(key, value)`` for every layer."""
+        k, v = self.inputs["past_key"], self.inputs["past_value"]
+        assert k is not None and v is not None
+        return [(k.format(layer=i), v.format(layer=i)) for i in range(self.num_layers)]
+
+    def present_names(self) -> list[tuple[str, str]]:
+        """Graph output names ``(key, value)`` for every layer."""
+        k, v = self.outputs["present_key"], self.outputs["present_value"]
+        return [(k.format(layer=i), v.format(layer=i)) for i in range(self.num_layers)]
+
+    # -- (de)serialisation -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        for k in ("inputs", "outputs", "special_tokens", "generation_defaults", "quantization", "provenance"):
+            d[k] = dict(getattr(self, k))
+        return {"schema_version": d.pop("schema_version"), **d}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``edgeroute.json`` into ``folder``."""
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        """Read and validate ``folder/edgeroute.json``."""
+        path = Path(folder) / MANIFEST_NAME
+        if not Path(folder).is_dir():
+            raise ModelLoadError(f"model folder not found: {folder}")
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing: not an edgeroute model folder (run `edgeroute export`)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = MANIFEST_NAME) -> Manifest:
+        """Validate a parsed manifest; raises :class:`ManifestError` naming the bad field."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{source}: expected a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"{source}: schema_version {version!r} is not supported (this edgeroute reads {SCHEMA_VERSION});"
+                " re-export the model with this version of edgeroute"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ManifestError(f"{source}: unknown field(s) {', '.join(unknown)}")
+
+        def bad(name: str, why: str) -> ManifestError:
+            return ManifestError(f"{source}: field {name!r} {why} (got {data.get(name)!r})")
+
+        for name in ("graph", "num_layers", "num_kv_heads", "head_size", "vocab_size", "context_length",
+                     "eos_token_ids"):
+            if name not in data:
+                raise ManifestError(f"{source}: required field {name!r} is missing")
+        if not isinstance(data["graph"], str) or not data["graph"] or "/" in data["graph"].replace("\\", "/"):
+            raise bad("graph", "must be a file name inside the model folder")
+        for name in ("num_layers", "num_kv_heads", "head_size", "vocab_size", "context_length"):
+            if not _pos_int(data[name]):
+                raise bad(name, "must be a positive integer")
+        eos = data["eos_token_ids"]
+        if isinstance(eos, int) and not isinstance(eos, bool):
+            eos = [eos]
+        if not isinstance(eos, list) or not eos or not all(_id_ok(i, data["vocab_size"]) for i in eos):
+            raise bad("eos_token_ids", "must be a non-empty list of token ids below vocab_size")
+        for name in ("bos_token_id", "pad_token_id"):
+            if data.get(name) is not None and not _id_ok(data[name], data["vocab_size"]):
+                raise bad(name, "must be a token id below vocab_size or null")
+        inputs = {**DEFAULT_INPUTS, **_str_map(data, "inputs", source, allow_null={"position_ids"})}
+        outputs = {**DEFAULT_OUTPUTS, **_str_map(data, "outputs", source)}
+        for key in ("input_ids", "attention_mask", "past_key", "past_value"):
+            if not inputs.get(key):
+                raise bad("inputs", f"needs a name for {key!r}")
+        for pat, where in ((inputs["past_key"], "inputs.past_key"), (inputs["past_value"], "inputs.past_value"),
+                           (outputs["present_key"], "outputs.present_key"),
+                           (outputs["present_value"], "outputs.present_value")):
+            if LAYER not in str(pat):
+                raise ManifestError(f"{source}: {where} must contain {LAYER} (got {pat!r})")
+        if data.get("logits", "all") not in ("all", "last"):
+            raise bad("logits", "must be 'all' or 'last'")
+        if data.get("kv_dtype", "float32") not in KV_DTYPES:
+            raise bad("kv_dtype", f"must be one of {', '.join(KV_DTYPES)}")
+        if data.get("chat_template") is not None and not isinstance(data["chat_template"], str):
+            raise bad("chat_template", "must be a string or null")
+        for name in ("special_tokens", "generation_defaults", "quantization", "provenance"):
+            if name in data and not isinstance(data[name], dict):
+                raise bad(name, "must be an object")
+        kwargs = dict(data)
+        kwargs.update(eos_token_ids=tuple(int(i) for i in eos), inputs=inputs, outputs=outputs)
+        return cls(**kwargs)
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _id_ok(v: Any, vocab: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab
+
+
+def _str_map(data: dict[str, Any], name: str, source: str, allow_null: set[str] = set()) -> dict[str, Any]:  # noqa: B006
+    m = data.get(name, {})
+    if not isinstance(m, dict) or not all(
+        isinstance(v, str) and v or (v is None and k in allow_null) for k, v in m.items()
+    ):
+        raise ManifestError(f"{source}: field {name!r} must map names to graph names (got {m!r})")
+    return m

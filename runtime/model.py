@@ -1,0 +1,180 @@
+"""``Model``: a loaded model folder (manifest + onnxruntime session + tokenizer). Shared and immutable.
+
+A Model may be used from several threads at once, each with its own :class:`~edgeroute.Generator`: it holds no
+per-request state (``InferenceSession.run`` is thread-safe), and every KV cache belongs to a Generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
+
+from .config import GenerationConfig
+from .errors import ConfigError, InferenceError, ModelLoadError
+from .kv_cache import KVCache
+from .manifest import Manifest
+from .session import create_session
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .generator import Completion, Generator
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+Prompt = str | Sequence[int]
+
+
+class Model:
+    """An exported model folder ready to generate. Build it with :meth:`Model.load`."""
+
+    def __init__(self, path: Path, manifest: Manifest, session: Any, tokenizer: Tokenizer, provider: str) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.session = session
+        self.tokenizer = tokenizer
+        self.provider = provider
+        m = manifest
+        self._in_ids = m.inputs["input_ids"]
+        self._in_mask = m.inputs["attention_mask"]
+        self._in_pos = m.inputs.get("position_ids")
+        self._out_logits = m.outputs["logits"]
+        self._output_names = [self._out_logits] + [n for pair in m.present_names() for n in pair]
+        self.special_ids = frozenset(tokenizer.special_ids) | frozenset(m.eos_token_ids)
+        _check_graph(session, m)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None) -> Model:
+        """Load an edgeroute model folder.
+
+        Args:
+            path: the folder written by ``edgeroute export`` (it holds ``edgeroute.json``).
+            provider: ``"cpu"`` or ``"cuda"``; an unavailable provider raises ``ProviderUnavailableError``.
+            threads: onnxruntime intra-op threads (default: the machine's cores).
+        """
+        folder = Path(path)
+        manifest = Manifest.load(folder)
+        graph = folder / manifest.graph
+        if not graph.is_file():
+            raise ModelLoadError(f"graph file {graph} named by the manifest is missing")
+        tokenizer = Tokenizer.from_folder(folder, manifest.chat_template, manifest.special_tokens)
+        session = create_session(graph, provider, threads)
+        return cls(folder, manifest, session, tokenizer, provider)
+
+    # -- the graph -------------------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.manifest.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        """An empty KV cache for this model."""
+        return KVCache(self.manifest, batch_size)
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache, attention_mask: np.ndarray | None = None,
+                position_ids: np.ndarray | None = None) -> np.ndarray:
+        """Run the graph on ``input_ids`` ``[batch, n]`` after what ``cache`` holds; update the cache in place.
+
+        ``attention_mask`` defaults to ones over ``cache.length + n`` positions and ``position_ids`` to the
+        positions after the cache. Returns the last position's logits, ``[batch, vocab]`` float32.
+        """
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        b, n = ids.shape
+        past = cache.length
+        if attention_mask is None:
+            attention_mask = np.ones((b, past + n), dtype=np.int64)
+        feeds: dict[str, np.ndarray] = {self._in_ids: ids, self._in_mask: attention_mask}
+        if self._in_pos:
+            if position_ids is None:
+                position_ids = np.broadcast_to(np.arange(past, past + n, dtype=np.int64), (b, n))
+            feeds[self._in_pos] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        feeds.update(cache.feeds())
+        try:
+            outs = self.session.run(self._output_names, feeds)
+        except Exception as e:  # onnxruntime's errors are untyped
+            raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
+        cache.store(outs[1:], n)
+        logits = outs[0]
+        return np.asarray(logits[:, -1, :] if logits.ndim == 3 else logits, dtype=np.float32)
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def generator(self, config: GenerationConfig | None = None) -> Generator:
+        """A new :class:`Generator` (its own KV cache, RNG and router) for ``config``."""
+        from .generator import Generator
+
+        return Generator(self, config or GenerationConfig())
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt given as text or as ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, Sequence) and all(isinstance(i, (int, np.integer)) for i in prompt):
+            return [int(i) for i in prompt]
+        raise ConfigError("prompt", prompt, "must be a string or a list of token ids")
+
+    @overload
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None) -> Completion: ...
+
+    @overload
+    def generate(self, prompt: list[str], config: GenerationConfig | None = None) -> list[Completion]: ...
+
+    def generate(self, prompt: Any, config: GenerationConfig | None = None) -> Any:
+        """Generate a completion for one prompt, or a list of completions for a list of text prompts.
+
+        A list of prompts runs as one batch (left padding and attention masks, one graph run per step) and
+        returns exactly what each prompt gets alone.
+        """
+        from .generator import generate_batch
+
+        config = config or GenerationConfig()
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return generate_batch(self, [self.encode_prompt(p) for p in prompt], config)
+        gen = self.generator(config)
+        gen.append(self.encode_prompt(prompt))
+        return gen.run()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Model({str(self.path)!r}, provider={self.provider!r}, layers={m.num_layers}, vocab={m.vocab_size})"
+
+
+def _check_graph(session: Any, m: Manifest) -> None:
+    """Raise ``ModelLoadError`` when the graph's inputs/outputs do not match what the manifest describes."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    want_in = [m.inputs["input_ids"], m.inputs["attention_mask"]] + [n for p in m.past_names() for n in p]
+    if m.inputs.get("position_ids"):
+        want_in.append(m.inputs["position_ids"])
+    missing = [n for n in want_in if n not in inputs]
+    extra = sorted(set(inputs) - set(want_in))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing inputs {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        if extra:
+            parts.append(f"undescribed inputs {extra[:4]}{'...' if len(extra) > 4 else ''}")
+        raise ModelLoadError(f"graph does not match its manifest: {'; '.join(parts)}")
+    want_out = [m.outputs["logits"]] + [n for p in m.present_names() for n in p]
+    missing_out = [n for n in want_out if n not in outputs]
+    if missing_out:
+        raise ModelLoadError(f"graph does not match its manifest: missing outputs {missing_out[:4]}")
+    want_type = _ORT_TYPES[m.kv_dtype]
+    for name in (n for p in m.past_names() for n in p):
+        meta = inputs[name]
+        if meta.type != want_type:
+            raise ModelLoadError(f"graph input {name} is {meta.type}, manifest says kv_dtype {m.kv_dtype}")
+        shape = list(meta.shape)
+        if len(shape) != 4:
+            raise ModelLoadError(f"graph input {name} has rank {len(shape)}, expected 4 (batch, heads, len, dim)")
+        for got, want, what in ((shape[1], m.num_kv_heads, "num_kv_heads"), (shape[3], m.head_size, "head_size")):
+            if isinstance(got, int) and got != want:
+                raise ModelLoadError(f"graph input {name} has {got} for {what}, manifest says {want}")
+    logits_meta = next(o for o in session.get_outputs() if o.name == m.outputs["logits"])
+    last = logits_meta.shape[-1] if logits_meta.shape else None
+    if isinstance(last, int) and last != m.vocab_size:
+        raise ModelLoadError(f"graph logits have {last} entries, manifest says vocab_size {m.vocab_size}")

@@ -1,0 +1,259 @@
+"""The router's second level: one vector of logits -> one token, as pure NumPy functions and a fixed chain.
+
+Order (HF/vLLM/OpenAI semantics)::
+
+    1. logit_bias (and bans, and EOS suppression before min_new_tokens)
+    2. penalties: repetition (HF, multiplicative), presence and frequency (OpenAI, additive), last N tokens
+    3. temperature (0 = greedy: argmax of the result of 1-2)
+    4. truncation: top_k -> top_p -> min_p -> typical_p, each keeping at least min_keep candidates
+    5. exploration: p' = q * uniform(allowed) + (1 - q) * p, allowed = vocabulary minus banned and special ids
+    6. draw: inverse CDF with the request's own numpy Generator
+
+Truncations work on a *candidate set* ``(ids, logits)`` that only shrinks (``ids is None`` means the whole
+vocabulary, in order), so after top-k every later stage touches k values, not the vocabulary. Nothing sorts the
+whole vocabulary: top-k partitions, top-p selects by a probability threshold whose kept mass proves the nucleus
+lies inside it, min-p is a comparison in logit space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import SamplingConfig
+
+Ids = np.ndarray | None  # candidate token ids; None = the whole vocabulary in order
+
+
+# -- level-2 processors over the full logits vector -----------------------------------------------------------
+def apply_logit_bias(logits: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``logits`` with ``bias[j]`` added at ``ids[j]`` (``-inf`` bans). Returns a new array."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if len(ids):
+        out[ids] += bias
+    return out
+
+
+def apply_penalties(logits: np.ndarray, window: np.ndarray, repetition: float = 1.0, presence: float = 0.0,
+                    frequency: float = 0.0) -> np.ndarray:
+    """Penalise tokens that occur in ``window`` (the last N token ids). Returns a new array.
+
+    repetition (HF): a positive logit is divided by it, a negative one multiplied. presence/frequency (OpenAI):
+    ``logit -= presence * [count > 0] + frequency * count``.
+    """
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if len(window) == 0 or (repetition == 1.0 and presence == 0.0 and frequency == 0.0):
+        return out
+    uniq, counts = np.unique(window, return_counts=True)
+    sel = out[uniq]
+    if repetition != 1.0:
+        sel = np.where(sel > 0, sel / repetition, sel * repetition)
+    sel = sel - (presence + frequency * counts.astype(np.float32))
+    out[uniq] = sel
+    return out
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``logits / temperature`` (temperature > 0; 0 is greedy and handled by the draw)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 here; 0 means greedy")
+    return logits if temperature == 1.0 else logits / np.float32(temperature)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax in float64 (``-inf`` entries get probability 0)."""
+    x = np.asarray(logits, dtype=np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+# -- truncation over a candidate set --------------------------------------------------------------------------
+def _take(ids: Ids, logits: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (keep if ids is None else ids[keep]), logits[keep]
+
+
+def top_k(ids: Ids, logits: np.ndarray, k: int, min_keep: int = 1) -> tuple[Ids, np.ndarray]:
+    """Keep the candidates whose logit is at least the k-th largest (ties at the boundary are kept, as in HF)."""
+    n = len(logits)
+    k = max(k, min_keep)
+    if k <= 0 or k >= n:
+        return ids, logits
+    part = np.argpartition(logits, n - k)
+    top = part[n - k:]
+    kth = logits[top].min()
+    if np.count_nonzero(logits[part[: n - k]] >= kth):  # ties with the k-th value: keep them all
+        top = np.flatnonzero(logits >= kth)
+    return _take(ids, logits, top)
+
+
+def _mass_prefix(probs: np.ndarray, order: np.ndarray, mass: float, min_keep: int) -> np.ndarray:
+    """The first entries of ``order`` (descending preference) whose exclusive cumulative mass is below ``mass``."""
+    p = probs[order]
+    excl = np.cumsum(p) - p
+    keep = max(int(np.count_nonzero(excl < mass)), min_keep)
+    return order[:keep]
+
+
+def top_p(ids: Ids, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[Ids, np.ndarray]:
+    """Nucleus: keep the smallest set of most likely candidates whose probability reaches ``p``.
+
+    A token is kept iff the mass of the tokens more likely than it is below ``p`` (HF/llama.cpp semantics).
+    Exact without sorting everything: if the tokens with probability >= t already carry mass >= p, the nucleus
+    lies among them, so only they are sorted; t starts at ``p_max / 1024`` and falls until that holds.
+    """
+    n = len(logits)
+    if p >= 1.0 or n <= min_keep:
+        return ids, logits
+    probs = softmax(logits)
+    pmax = probs.max()
+    t = pmax / 1024.0
+    while True:
+        sub = np.flatnonzero(probs >= t) if t > 0 else np.arange(n)
+        if t == 0 or (probs[sub].sum() >= p and len(sub) >= min_keep):
+            break
+        t = t / 1024.0 if t > pmax * 1e-30 else 0.0
+    order = sub[np.argsort(-probs[sub], kind="stable")]
+    keep = _mass_prefix(probs, order, p, min_keep)
+    return _take(ids, logits, np.sort(keep))
+
+
+def min_p(ids: Ids, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[Ids, np.ndarray]:
+    """Keep candidates with probability >= ``p * p_max``: in logit space, ``logit >= max + log(p)``."""
+    if p <= 0.0:
+        return ids, logits
+    keep = np.flatnonzero(logits >= logits.max() + np.log(p))
+    if len(keep) < min_keep:
+        return top_k(ids, logits, min_keep)
+    return _take(ids, logits, keep)
+
+
+def typical(ids: Ids, logits: np.ndarray, mass: float, min_keep: int = 1) -> tuple[Ids, np.ndarray]:
+    """Locally typical sampling (Meister et al.): keep the candidates whose surprisal is closest to the entropy
+    until their probability reaches ``mass`` (HF semantics)."""
+    if mass >= 1.0 or len(logits) <= min_keep:
+        return ids, logits
+    logp = log_softmax(logits)
+    probs = np.exp(logp)
+    entropy = -np.sum(np.where(probs > 0, probs * logp, 0.0))
+    dev = np.abs(-logp - entropy)
+    order = np.argsort(dev, kind="stable")
+    keep = _mass_prefix(probs, order, mass, min_keep)
+    return _take(ids, logits, np.sort(keep))
+
+
+# -- exploration and the draw ---------------------------------------------------------------------------------
+def explore_mix(ids: Ids, probs: np.ndarray, q: float, allowed: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The dense distribution ``q * uniform(allowed) + (1 - q) * p`` over the whole vocabulary."""
+    out = np.zeros(vocab_size, dtype=np.float64)
+    out[np.arange(len(probs)) if ids is None else ids] = (1.0 - q) * probs
+    if q > 0 and len(allowed):
+        out[allowed] += q / len(allowed)
+    return out
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Index drawn from ``probs`` (need not be normalised) by inverse CDF with one uniform from ``rng``."""
+    cdf = np.cumsum(probs, dtype=np.float64)
+    u = rng.random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
+
+
+# -- the chain ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Distribution:
+    """A sparse distribution after the chain: ``probs[j]`` is the probability of token ``ids[j]``; ``q`` of the
+    mass is spread uniformly over ``allowed`` on top of it (already included in ``dense()``)."""
+
+    ids: np.ndarray
+    probs: np.ndarray
+    q: float
+    allowed: np.ndarray
+    vocab_size: int
+
+    def dense(self) -> np.ndarray:
+        """The full-vocabulary float64 probability vector."""
+        return explore_mix(self.ids, self.probs, self.q, self.allowed, self.vocab_size)
+
+
+class Router:
+    """The fixed-order chain for one request (built by :func:`make_chain`). Stateless between calls: the
+    token window and the RNG are passed in by the Generator, which owns all loop state."""
+
+    def __init__(self, cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = ()) -> None:
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        bias = {i: b for i, b in cfg.logit_bias.items() if i < vocab_size}
+        self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        self._bias = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+        banned = np.zeros(vocab_size, dtype=bool)
+        banned[[i for i, b in bias.items() if b == -np.inf]] = True
+        self.banned = np.flatnonzero(banned)
+        excluded = banned.copy()
+        excluded[[i for i in special_ids if 0 <= i < vocab_size]] = True
+        self.allowed = np.flatnonzero(~excluded)
+        self._penalise = cfg.penalty_last_n != 0 and (
+            cfg.repetition_penalty != 1.0 or cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0
+        )
+
+    def process(self, logits: np.ndarray, history: np.ndarray, suppress: np.ndarray | None = None) -> np.ndarray:
+        """Steps 1-2: bias, suppression (``-inf`` at ``suppress``) and penalties; a new float32 vector."""
+        cfg = self.cfg
+        out = apply_logit_bias(logits, self._bias_ids, self._bias)
+        if suppress is not None and len(suppress):
+            out[suppress] = -np.inf
+        if self._penalise:
+            n = cfg.penalty_last_n
+            window = history if n < 0 else history[-n:]
+            out = apply_penalties(out, window, cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty)
+        return out
+
+    def truncate(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        """Steps 3-4 on processed logits: temperature and truncation -> candidate ``(ids, scaled logits)``."""
+        cfg = self.cfg
+        ids: Ids = None
+        if cfg.top_k:  # top-k commutes with a positive temperature: cut first, scale k values only
+            ids, logits = top_k(ids, logits, cfg.top_k, cfg.min_keep)
+        logits = apply_temperature(logits, cfg.temperature)
+        ids, logits = top_p(ids, logits, cfg.top_p, cfg.min_keep)
+        ids, logits = min_p(ids, logits, cfg.min_p, cfg.min_keep)
+        ids, logits = typical(ids, logits, cfg.typical_p, cfg.min_keep)
+        return ids, logits
+
+    def distribution(self, logits: np.ndarray, history: np.ndarray, step: int = 0,
+                     suppress: np.ndarray | None = None) -> Distribution:
+        """The exact distribution the draw samples from (greedy: a point mass at the argmax, then mixed)."""
+        x = self.process(logits, history, suppress)
+        q = self.cfg.explore_at(step)
+        if self.cfg.greedy:
+            return Distribution(np.array([int(np.argmax(x))]), np.ones(1), q, self.allowed, self.vocab_size)
+        ids, cand = self.truncate(x)
+        ids = np.arange(len(cand)) if ids is None else ids
+        return Distribution(ids, softmax(cand), q, self.allowed, self.vocab_size)
+
+    def sample(self, logits: np.ndarray, history: np.ndarray, rng: np.random.Generator, step: int = 0,
+               suppress: np.ndarray | None = None) -> int:
+        """Pick the next token. Exploration is drawn as the mixture it is: with probability q a uniform
+        allowed token, else a draw from the truncated distribution (no dense vector is built)."""
+        q = self.cfg.explore_at(step)
+        if q > 0 and len(self.allowed) and rng.random() < q:
+            return int(self.allowed[rng.integers(len(self.allowed))])
+        x = self.process(logits, history, suppress)
+        if self.cfg.greedy:
+            return int(np.argmax(x))
+        ids, cand = self.truncate(x)
+        j = draw(softmax(cand), rng)
+        return j if ids is None else int(ids[j])
+
+
+def make_chain(cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = ()) -> Router:
+    """The router for ``cfg`` over a vocabulary of ``vocab_size`` with ``special_ids`` excluded from exploration."""
+    return Router(cfg, vocab_size, special_ids)
