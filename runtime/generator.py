@@ -153,9 +153,20 @@ class _Track:
         if finish is None and len(t.generated) >= self.config.max_new_tokens:
             text, finish = text + t.held, "length"
             t.held = ""
+        if finish is not None and (t.stopped_on_token or finish == "length"):
+            text += self._unflushed(text)
         t.text.append(text)
         t.finish_reason = finish
         return Step(token, text, lp.logprob if lp else None, finish, lp.top if lp and lp.top else None)
+
+    def _unflushed(self, last: str) -> str:
+        """At the end of a turn: what one-shot decoding has beyond the streamed text (incomplete UTF-8 bytes at
+        the very end, which the stream holds back and ``decode`` renders as U+FFFD)."""
+        t = self.turn
+        ids = t.generated[:-1] if t.stopped_on_token else t.generated
+        full = self.model.tokenizer.decode(ids)
+        streamed = "".join(t.text) + last
+        return full[len(streamed):] if full.startswith(streamed) else ""
 
     def _text(self, piece: str) -> tuple[str, str | None]:
         """Emit what can no longer be part of a stop string; detect a completed stop string."""

@@ -84,8 +84,10 @@ def _take(ids: Ids, logits: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, n
 def top_k(ids: Ids, logits: np.ndarray, k: int, min_keep: int = 1) -> tuple[Ids, np.ndarray]:
     """Keep the candidates whose logit is at least the k-th largest (ties at the boundary are kept, as in HF)."""
     n = len(logits)
+    if k <= 0:
+        return ids, logits
     k = max(k, min_keep)
-    if k <= 0 or k >= n:
+    if k >= n:
         return ids, logits
     part = np.argpartition(logits, n - k)
     top = part[n - k:]

@@ -54,7 +54,7 @@ def _t(name: str, arr: np.ndarray) -> onnx.TensorProto:
 
 
 def build_graph(vocab: int, *, num_layers: int = 2, num_kv_heads: int = 2, head_size: int = 8,
-                context_length: int = 256, position_ids: bool = True, kv_dtype: str = "float32",
+                context_length: int = 512, position_ids: bool = True, kv_dtype: str = "float32",
                 logits: str = "all", seed: int = 0, logit_scale: float = 3.0) -> onnx.ModelProto:
     """The decoder graph (see the module docstring)."""
     rng = np.random.default_rng(seed)
@@ -172,7 +172,7 @@ def build_graph(vocab: int, *, num_layers: int = 2, num_kv_heads: int = 2, head_
 
 
 def manifest_dict(vocab: int, tok: Tokenizer, *, num_layers: int = 2, num_kv_heads: int = 2, head_size: int = 8,
-                  context_length: int = 256, position_ids: bool = True, kv_dtype: str = "float32",
+                  context_length: int = 512, position_ids: bool = True, kv_dtype: str = "float32",
                   logits: str = "all", chat_template: str | None = CHATML) -> dict[str, Any]:
     eos = tok.token_to_id("<|endoftext|>")
     im_end = tok.token_to_id("<|im_end|>")

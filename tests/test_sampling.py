@@ -1,0 +1,269 @@
+"""The router: each function against hand-computed vectors, the whole chain statistically against an
+independent float64 reference, and hypothesis properties."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from edgeroute import SamplingConfig, make_chain
+from edgeroute.sampling import (
+    apply_logit_bias,
+    apply_penalties,
+    apply_temperature,
+    draw,
+    explore_mix,
+    min_p,
+    softmax,
+    top_k,
+    top_p,
+    typical,
+)
+
+P4 = np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))
+
+
+def _kept(ids, logits) -> dict[int, float]:
+    ids = np.arange(len(logits)) if ids is None else ids
+    return {int(i): round(float(p), 6) for i, p in zip(ids, softmax(logits))}
+
+
+# -- golden vectors (llama.cpp's test-sampling.cpp style) ----------------------------------------------------
+def test_top_k_vectors() -> None:
+    assert _kept(*top_k(None, P4, 1)) == {3: 1.0}
+    assert _kept(*top_k(None, P4, 3)) == {1: 0.222222, 2: 0.333333, 3: 0.444444}
+    assert _kept(*top_k(None, P4, 0)) == _kept(None, P4) == {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    assert _kept(*top_k(None, P4, 1, min_keep=2)) == {2: 0.428571, 3: 0.571429}
+    ties = np.array([1.0, 3.0, 3.0, 0.0], dtype=np.float32)
+    assert sorted(top_k(None, ties, 1)[0].tolist()) == [1, 2]  # ties at the boundary are kept, as in HF
+
+
+def test_top_p_vectors() -> None:
+    assert _kept(*top_p(None, P4, 0.7)) == {2: 0.428571, 3: 0.571429}
+    assert _kept(*top_p(None, P4, 0.3)) == {3: 1.0}
+    assert _kept(*top_p(None, P4, 0.75)) == {1: 0.222222, 2: 0.333333, 3: 0.444444}
+    assert _kept(*top_p(None, P4, 1.0)) == {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    assert _kept(*top_p(None, P4, 0.3, min_keep=3)) == {1: 0.222222, 2: 0.333333, 3: 0.444444}
+    ids = np.array([10, 20, 30, 40])
+    assert _kept(*top_p(ids, P4, 0.7)) == {30: 0.428571, 40: 0.571429}
+
+
+def test_top_p_exact_on_a_large_flat_tail() -> None:
+    # Many tiny probabilities: the threshold pre-selection must widen until the nucleus is proven inside it.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 0.01, 50_000).astype(np.float32)
+    logits[:3] += 12.0
+    for p in (0.5, 0.9, 0.999, 0.99999):
+        ids, _ = top_p(None, logits, p)
+        probs = softmax(logits)
+        order = np.argsort(-probs, kind="stable")
+        excl = np.cumsum(probs[order]) - probs[order]
+        assert sorted(ids.tolist()) == sorted(order[excl < p].tolist())
+
+
+def test_min_p_vectors() -> None:
+    assert _kept(*min_p(None, P4, 0.76)) == {3: 1.0}
+    assert _kept(*min_p(None, P4, 0.74)) == {2: 0.428571, 3: 0.571429}
+    assert _kept(*min_p(None, P4, 0.5)) == {2: 0.428571, 3: 0.571429}
+    assert _kept(*min_p(None, P4, 0.26)) == {1: 0.222222, 2: 0.333333, 3: 0.444444}
+    assert _kept(*min_p(None, P4, 0.0)) == {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    assert _kept(*min_p(None, P4, 0.9, min_keep=2)) == {2: 0.428571, 3: 0.571429}
+
+
+def test_typical_vectors() -> None:
+    lg = np.log(np.array([0.97, 0.01, 0.01, 0.01]))
+    logp = lg
+    h = -(np.exp(logp) * logp).sum()
+    dev = np.abs(-logp - h)  # 0.97 is the most typical here: its surprisal is closest to the entropy
+    assert np.argmin(dev) == 0
+    assert _kept(*typical(None, lg, 0.5)) == {0: 1.0}
+    flat = np.log(np.array([0.2, 0.2, 0.3, 0.3]))
+    # entropy 1.366; deviations .24,.24,.17,.17 -> the two .3s first; mass .6 >= .5 after both
+    assert _kept(*typical(None, flat, 0.5)) == {2: 0.5, 3: 0.5}
+    assert _kept(*typical(None, flat, 0.3)) == {2: 1.0}
+
+
+def test_bias_penalties_temperature_vectors() -> None:
+    x = np.array([1.0, -1.0, 2.0, 0.5], dtype=np.float32)
+    assert apply_logit_bias(x, np.array([0, 3]), np.array([1.0, -np.inf], np.float32)).tolist() == [
+        2.0, -1.0, 2.0, -np.inf,
+    ]
+    assert x.tolist() == [1.0, -1.0, 2.0, 0.5]  # inputs are never changed
+    window = np.array([0, 1, 1, 2])
+    assert apply_penalties(x, window, repetition=2.0).tolist() == [0.5, -2.0, 1.0, 0.5]
+    assert apply_penalties(x, window, presence=0.5).tolist() == [0.5, -1.5, 1.5, 0.5]
+    assert apply_penalties(x, window, frequency=0.25).tolist() == [0.75, -1.5, 1.75, 0.5]
+    assert apply_penalties(x, window, 2.0, 0.5, 0.25).tolist() == [-0.25, -3.0, 0.25, 0.5]
+    assert apply_temperature(x, 0.5).tolist() == [2.0, -2.0, 4.0, 1.0]
+    with pytest.raises(ValueError):
+        apply_temperature(x, 0.0)
+
+
+def test_explore_mix_and_draw_vectors() -> None:
+    out = explore_mix(np.array([2, 3]), np.array([0.25, 0.75]), 0.2, np.array([0, 1, 2]), 4)
+    assert np.allclose(out, [0.2 / 3, 0.2 / 3, 0.2 / 3 + 0.8 * 0.25, 0.8 * 0.75])
+    rng = np.random.default_rng(0)
+    counts = Counter(draw(np.array([0.0, 1.0, 0.0, 3.0]), rng) for _ in range(4000))
+    assert set(counts) == {1, 3} and 0.2 < counts[1] / 4000 < 0.3
+
+
+# -- the whole chain, statistically --------------------------------------------------------------------------
+def reference(logits: np.ndarray, history: np.ndarray, cfg: SamplingConfig, step: int,
+              special: set[int]) -> np.ndarray:
+    """The routed distribution, computed independently: float64, full sorts, probability-space min-p."""
+    v = len(logits)
+    x = logits.astype(np.float64).copy()
+    for i, b in cfg.logit_bias.items():
+        x[i] += b
+    n = cfg.penalty_last_n
+    window = list(history) if n == -1 else (list(history[-n:]) if n > 0 else [])
+    for tok, c in Counter(window).items():
+        if cfg.repetition_penalty != 1:
+            x[tok] = x[tok] / cfg.repetition_penalty if x[tok] > 0 else x[tok] * cfg.repetition_penalty
+        x[tok] -= cfg.presence_penalty + cfg.frequency_penalty * c
+    if cfg.greedy:
+        p = np.zeros(v)
+        p[int(np.argmax(x))] = 1.0
+    else:
+        x = x / cfg.temperature
+        keep = np.isfinite(x)
+
+        def probs() -> np.ndarray:
+            e = np.where(keep, np.exp(x - x[keep].max()), 0.0)
+            return e / e.sum()
+
+        if cfg.top_k:
+            kth = np.sort(x)[::-1][max(cfg.top_k, cfg.min_keep) - 1]
+            keep &= x >= kth
+        if cfg.top_p < 1:
+            p = probs()
+            order = np.argsort(-p, kind="stable")
+            cum = 0.0
+            chosen = []
+            for j in order:
+                if cum >= cfg.top_p and len(chosen) >= cfg.min_keep:
+                    break
+                chosen.append(j)
+                cum += p[j]
+            keep &= np.isin(np.arange(v), chosen)
+        if cfg.min_p > 0:
+            p = probs()
+            sel = keep & (p >= cfg.min_p * p.max())
+            if sel.sum() < cfg.min_keep:
+                sel = keep & (x >= np.sort(np.where(keep, x, -np.inf))[::-1][cfg.min_keep - 1])
+            keep = sel
+        if cfg.typical_p < 1:
+            p = probs()
+            ent = -sum(p[j] * math.log(p[j]) for j in range(v) if p[j] > 0)
+            dev = np.where(keep, np.abs(-np.log(np.where(p > 0, p, 1)) - ent), np.inf)
+            order = np.argsort(dev, kind="stable")
+            cum, chosen = 0.0, []
+            for j in order:
+                if cum >= cfg.typical_p and len(chosen) >= cfg.min_keep:
+                    break
+                chosen.append(j)
+                cum += p[j]
+            keep &= np.isin(np.arange(v), chosen)
+        p = probs()
+    q = cfg.explore_at(step)
+    allowed = np.array([i not in special and cfg.logit_bias.get(i, 0.0) != -np.inf for i in range(v)])
+    return q * allowed / allowed.sum() + (1 - q) * p
+
+
+V = 24
+RNG = np.random.default_rng(1234)
+LOGITS = (RNG.normal(0, 2.0, V)).astype(np.float32)
+HISTORY = np.array([3, 5, 5, 7, 11, 11, 11, 2], dtype=np.int64)
+SPECIAL = {0, 1}
+
+CHAINS = {
+    "plain": SamplingConfig(),
+    "temperature": SamplingConfig(temperature=0.6),
+    "top_k": SamplingConfig(temperature=1.3, top_k=5),
+    "top_p": SamplingConfig(temperature=0.9, top_p=0.8),
+    "min_p": SamplingConfig(min_p=0.08),
+    "typical": SamplingConfig(typical_p=0.7),
+    "penalties": SamplingConfig(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3,
+                                penalty_last_n=6),
+    "bias_ban": SamplingConfig(logit_bias={4: 2.0, 9: -math.inf, 12: -1.5}),
+    "explore": SamplingConfig(explore=0.3, top_k=4),
+    "explore_greedy": SamplingConfig(temperature=0, explore=0.25, logit_bias={6: -math.inf}),
+    "full_chain": SamplingConfig(temperature=0.7, top_k=12, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                 presence_penalty=0.2, frequency_penalty=0.1, logit_bias={8: -math.inf, 3: 1.0},
+                                 explore=0.2, explore_end=0.05, explore_steps=10, explore_schedule="linear"),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_chain_matches_exact_distribution(name: str) -> None:
+    cfg = CHAINS[name]
+    step = 4
+    router = make_chain(cfg, V, SPECIAL)
+    expected = reference(LOGITS, HISTORY, cfg, step, SPECIAL)
+    dist = router.distribution(LOGITS, HISTORY, step).dense()
+    assert np.allclose(dist, expected, atol=1e-6), (dist, expected)
+    rng = np.random.default_rng(99)
+    n = 20_000
+    counts = np.bincount([router.sample(LOGITS, HISTORY, rng, step) for _ in range(n)], minlength=V)
+    assert counts[expected == 0].sum() == 0  # nothing outside the support, ever
+    support = expected > 0
+    exp_counts = expected[support] * n
+    if support.sum() == 1:
+        assert counts[support][0] == n
+        return
+    _, pvalue = stats.chisquare(counts[support], exp_counts)
+    assert pvalue > 0.001, (name, counts, exp_counts)
+
+
+def test_suppression_applies_before_everything() -> None:
+    router = make_chain(SamplingConfig(temperature=0), V, SPECIAL)
+    best = int(np.argmax(LOGITS))
+    assert router.sample(LOGITS, HISTORY, np.random.default_rng(0)) == best
+    second = router.sample(LOGITS, HISTORY, np.random.default_rng(0), suppress=np.array([best]))
+    assert second == int(np.argsort(LOGITS)[-2])
+
+
+# -- properties ----------------------------------------------------------------------------------------------
+logit_vectors = st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=2, max_size=64).map(
+    lambda xs: np.array(xs, dtype=np.float32)
+)
+configs = st.builds(
+    SamplingConfig,
+    temperature=st.sampled_from([0.0, 0.3, 1.0, 2.5]),
+    top_k=st.integers(0, 10),
+    top_p=st.sampled_from([1.0, 0.95, 0.5, 0.1]),
+    min_p=st.sampled_from([0.0, 0.05, 0.5]),
+    typical_p=st.sampled_from([1.0, 0.9, 0.3]),
+    min_keep=st.integers(1, 4),
+    repetition_penalty=st.sampled_from([1.0, 1.2, 0.8]),
+    presence_penalty=st.sampled_from([0.0, 1.0, -1.0]),
+    explore=st.sampled_from([0.0, 0.1, 1.0]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(logits=logit_vectors, cfg=configs, seed=st.integers(0, 2**32))
+def test_router_properties(logits: np.ndarray, cfg: SamplingConfig, seed: int) -> None:
+    v = len(logits)
+    history = np.arange(min(v, 5), dtype=np.int64)
+    router = make_chain(cfg, v, special_ids=[0])
+    dist = router.distribution(logits, history)
+    dense = dist.dense()
+    assert np.all(np.isfinite(dense)) and abs(dense.sum() - 1) < 1e-9 and np.all(dense >= 0)
+    if not cfg.greedy:
+        ids, cand = router.truncate(router.process(logits, history))
+        assert len(cand) >= min(cfg.min_keep, v) and np.all(np.isfinite(cand))
+    a = [router.sample(logits, history, np.random.default_rng(seed), s) for s in range(3)]
+    b = [router.sample(logits, history, np.random.default_rng(seed), s) for s in range(3)]
+    assert a == b  # same seed, same tokens
+    assert all(dense[t] > 0 for t in a)
+    if cfg.greedy and cfg.explore == 0:
+        assert a[0] == int(np.argmax(router.process(logits, history)))
+        if cfg.repetition_penalty == 1.0 and cfg.presence_penalty == 0.0:
+            assert a[0] == int(np.argmax(logits))
