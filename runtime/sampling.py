@@ -62,18 +62,31 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return logits if temperature == 1.0 else logits / np.float32(temperature)
 
 
+_SMALL = 4096  # arrays up to this size are handled in float64; larger ones (the vocabulary) stay float32
+
+
+def _weights(logits: np.ndarray) -> np.ndarray:
+    """Unnormalised probabilities ``exp(x - max)``: float64 for small arrays, float32 for the whole vocabulary
+    (float64 ``exp`` over 49k entries costs ~20x more than float32 here)."""
+    x = np.asarray(logits)
+    if x.size <= _SMALL or x.dtype == np.float64:
+        x = x.astype(np.float64, copy=False)
+    return np.exp(x - x.max())
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax in float64 (``-inf`` entries get probability 0)."""
-    x = np.asarray(logits, dtype=np.float64)
-    e = np.exp(x - x.max())
-    return e / e.sum()
+    """Numerically stable softmax (``-inf`` entries get probability 0)."""
+    w = _weights(logits)
+    return w / w.sum()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable log-softmax in float64."""
-    x = np.asarray(logits, dtype=np.float64)
+    """Numerically stable log-softmax (float64 for small arrays, float32 for the vocabulary)."""
+    x = np.asarray(logits)
+    if x.size <= _SMALL:
+        x = x.astype(np.float64, copy=False)
     m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
+    return x - (m + np.log(np.exp(x - m).sum(dtype=np.float64)))
 
 
 # -- truncation over a candidate set --------------------------------------------------------------------------
@@ -89,18 +102,15 @@ def top_k(ids: Ids, logits: np.ndarray, k: int, min_keep: int = 1) -> tuple[Ids,
     k = max(k, min_keep)
     if k >= n:
         return ids, logits
-    part = np.argpartition(logits, n - k)
-    top = part[n - k:]
-    kth = logits[top].min()
-    if np.count_nonzero(logits[part[: n - k]] >= kth):  # ties with the k-th value: keep them all
-        top = np.flatnonzero(logits >= kth)
-    return _take(ids, logits, top)
+    kth = np.partition(logits, n - k)[n - k]
+    return _take(ids, logits, np.flatnonzero(logits >= kth))
 
 
-def _mass_prefix(probs: np.ndarray, order: np.ndarray, mass: float, min_keep: int) -> np.ndarray:
-    """The first entries of ``order`` (descending preference) whose exclusive cumulative mass is below ``mass``."""
-    p = probs[order]
-    excl = np.cumsum(p) - p
+def _mass_prefix(weights: np.ndarray, order: np.ndarray, mass: float, min_keep: int) -> np.ndarray:
+    """The first entries of ``order`` (descending preference) whose exclusive cumulative weight is below
+    ``mass`` (an absolute amount of the unnormalised ``weights``)."""
+    w = weights[order].astype(np.float64)
+    excl = np.cumsum(w) - w
     keep = max(int(np.count_nonzero(excl < mass)), min_keep)
     return order[:keep]
 
@@ -109,22 +119,22 @@ def top_p(ids: Ids, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[Id
     """Nucleus: keep the smallest set of most likely candidates whose probability reaches ``p``.
 
     A token is kept iff the mass of the tokens more likely than it is below ``p`` (HF/llama.cpp semantics).
-    Exact without sorting everything: if the tokens with probability >= t already carry mass >= p, the nucleus
-    lies among them, so only they are sorted; t starts at ``p_max / 1024`` and falls until that holds.
+    Exact without sorting everything: if the tokens with weight >= t already carry mass >= p, the nucleus lies
+    among them, so only they are sorted; t starts at ``w_max / 1024`` and falls until that holds.
     """
     n = len(logits)
     if p >= 1.0 or n <= min_keep:
         return ids, logits
-    probs = softmax(logits)
-    pmax = probs.max()
-    t = pmax / 1024.0
+    w = _weights(logits)
+    target = p * float(w.sum(dtype=np.float64))
+    t = 1.0 / 1024.0  # w.max() == 1
     while True:
-        sub = np.flatnonzero(probs >= t) if t > 0 else np.arange(n)
-        if t == 0 or (probs[sub].sum() >= p and len(sub) >= min_keep):
+        sub = np.flatnonzero(w >= t) if t > 0 else np.arange(n)
+        if t == 0 or (len(sub) >= min_keep and float(w[sub].sum(dtype=np.float64)) >= target):
             break
-        t = t / 1024.0 if t > pmax * 1e-30 else 0.0
-    order = sub[np.argsort(-probs[sub], kind="stable")]
-    keep = _mass_prefix(probs, order, p, min_keep)
+        t = t / 1024.0 if t > 1e-30 else 0.0
+    order = sub[np.argsort(-w[sub], kind="stable")]
+    keep = _mass_prefix(w, order, target, min_keep)
     return _take(ids, logits, np.sort(keep))
 
 
@@ -143,12 +153,12 @@ def typical(ids: Ids, logits: np.ndarray, mass: float, min_keep: int = 1) -> tup
     until their probability reaches ``mass`` (HF semantics)."""
     if mass >= 1.0 or len(logits) <= min_keep:
         return ids, logits
-    logp = log_softmax(logits)
+    logp = log_softmax(logits).astype(np.float64)
     probs = np.exp(logp)
     entropy = -np.sum(np.where(probs > 0, probs * logp, 0.0))
     dev = np.abs(-logp - entropy)
     order = np.argsort(dev, kind="stable")
-    keep = _mass_prefix(probs, order, mass, min_keep)
+    keep = _mass_prefix(probs, order, mass * float(probs.sum()), min_keep)
     return _take(ids, logits, np.sort(keep))
 
 
@@ -162,11 +172,38 @@ def explore_mix(ids: Ids, probs: np.ndarray, q: float, allowed: np.ndarray, voca
     return out
 
 
-def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Index drawn from ``probs`` (need not be normalised) by inverse CDF with one uniform from ``rng``."""
-    cdf = np.cumsum(probs, dtype=np.float64)
+_BLOCK = 256
+
+
+def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """Index drawn from ``weights`` (need not be normalised) by inverse CDF with one uniform from ``rng``.
+
+    Over a large vector the CDF is two-level (sums of blocks of 256, then a cumsum inside one block), which
+    avoids a full-length cumulative sum.
+    """
+    n = len(weights)
+    if n <= _SMALL:
+        cdf = np.cumsum(weights, dtype=np.float64)
+        j = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+        return _last_positive(weights, j) if j >= n else j
+    full = n - n % _BLOCK
+    sums = weights[:full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
+    if full < n:
+        sums = np.append(sums, weights[full:].sum(dtype=np.float64))
+    cdf = np.cumsum(sums)
     u = rng.random() * cdf[-1]
-    return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
+    b = min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
+    while sums[b] == 0:  # u at the very top edge of a zero-weight tail: step back to the last block with mass
+        b -= 1
+    u -= cdf[b - 1] if b else 0.0
+    seg = weights[b * _BLOCK: min((b + 1) * _BLOCK, n)]
+    j = int(np.searchsorted(np.cumsum(seg, dtype=np.float64), u, side="right"))
+    return b * _BLOCK + (_last_positive(seg, j) if j >= len(seg) else j)
+
+
+def _last_positive(weights: np.ndarray, j: int) -> int:
+    """Rounding put u past the end: the last index with positive weight."""
+    return int(np.flatnonzero(weights > 0)[-1])
 
 
 # -- the chain ------------------------------------------------------------------------------------------------
@@ -252,7 +289,7 @@ class Router:
         if self.cfg.greedy:
             return int(np.argmax(x))
         ids, cand = self.truncate(x)
-        j = draw(softmax(cand), rng)
+        j = draw(_weights(cand), rng)
         return j if ids is None else int(ids[j])
 
 

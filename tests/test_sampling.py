@@ -61,7 +61,9 @@ def test_top_p_exact_on_a_large_flat_tail() -> None:
     logits[:3] += 12.0
     for p in (0.5, 0.9, 0.999, 0.99999):
         ids, _ = top_p(None, logits, p)
-        probs = softmax(logits)
+        x = logits.astype(np.float64)
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")
         excl = np.cumsum(probs[order]) - probs[order]
         assert sorted(ids.tolist()) == sorted(order[excl < p].tolist())
@@ -111,6 +113,14 @@ def test_explore_mix_and_draw_vectors() -> None:
     rng = np.random.default_rng(0)
     counts = Counter(draw(np.array([0.0, 1.0, 0.0, 3.0]), rng) for _ in range(4000))
     assert set(counts) == {1, 3} and 0.2 < counts[1] / 4000 < 0.3
+    # the two-level CDF over a vocabulary-sized vector: exact frequencies, zero weights never drawn
+    w = np.zeros(10_000, dtype=np.float32)
+    w[[5, 700, 701, 9_999]] = [1.0, 2.0, 3.0, 4.0]
+    n = 20_000
+    counts = Counter(draw(w, rng) for _ in range(n))
+    assert set(counts) == {5, 700, 701, 9_999}
+    _, pvalue = stats.chisquare([counts[i] for i in (5, 700, 701, 9_999)], [n * k / 10 for k in (1, 2, 3, 4)])
+    assert pvalue > 0.001
 
 
 # -- the whole chain, statistically --------------------------------------------------------------------------
