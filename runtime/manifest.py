@@ -43,7 +43,8 @@ class Manifest:
         inputs: logical name -> graph input name; ``position_ids`` may be None (the graph derives positions).
             ``past_key``/``past_value`` are patterns with ``{layer}``.
         outputs: logical name -> graph output name; ``present_key``/``present_value`` are patterns.
-        logits: ``"all"`` (one row per input position) or ``"last"`` (only the last position).
+        logits: ``"all"`` (one row per input position), ``"last"`` (only the last position) or ``"keep"`` (the
+            graph takes an int64 input ``inputs["logits_to_keep"]`` and returns that many last positions).
         num_layers, num_kv_heads, head_size: the KV geometry, ``[batch, num_kv_heads, length, head_size]``.
         kv_dtype: ``float32`` or ``float16``.
         vocab_size: the logits' last dimension.
@@ -153,7 +154,7 @@ class Manifest:
         for name in ("bos_token_id", "pad_token_id"):
             if data.get(name) is not None and not _id_ok(data[name], data["vocab_size"]):
                 raise bad(name, "must be a token id below vocab_size or null")
-        inputs = {**DEFAULT_INPUTS, **_str_map(data, "inputs", source, allow_null={"position_ids"})}
+        inputs = {**DEFAULT_INPUTS, **_str_map(data, "inputs", source, allow_null={"position_ids", "logits_to_keep"})}
         outputs = {**DEFAULT_OUTPUTS, **_str_map(data, "outputs", source)}
         for key in ("input_ids", "attention_mask", "past_key", "past_value"):
             if not inputs.get(key):
@@ -163,8 +164,10 @@ class Manifest:
                            (outputs["present_value"], "outputs.present_value")):
             if LAYER not in str(pat):
                 raise ManifestError(f"{source}: {where} must contain {LAYER} (got {pat!r})")
-        if data.get("logits", "all") not in ("all", "last"):
-            raise bad("logits", "must be 'all' or 'last'")
+        if data.get("logits", "all") not in ("all", "last", "keep"):
+            raise bad("logits", "must be 'all', 'last' or 'keep'")
+        if data.get("logits") == "keep" and not inputs.get("logits_to_keep"):
+            raise bad("logits", "is 'keep' but inputs has no 'logits_to_keep' name")
         if data.get("kv_dtype", "float32") not in KV_DTYPES:
             raise bad("kv_dtype", f"must be one of {', '.join(KV_DTYPES)}")
         if data.get("chat_template") is not None and not isinstance(data["chat_template"], str):

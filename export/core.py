@@ -1,0 +1,220 @@
+"""``export_model``: checkpoint -> verified edgeroute model folder, written atomically.
+
+The folder is built in a hidden temporary folder beside ``out_dir`` and renamed into place only when complete.
+A failure, Ctrl-C or SIGTERM removes the temporary folder and leaves no ``out_dir``; ``force`` replaces an
+existing ``out_dir`` only after the new export succeeded. A SIGKILL cannot be cleaned up after: its hidden
+temporary folder is removed by the next export into the same parent folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from edgeroute.errors import ConfigError, ExportError
+
+DTYPES = ("fp32", "fp16")
+QUANTIZE = ("none", "int8", "int4")
+DEVICES = ("cpu", "cuda")
+TMP_PREFIX = ".edgeroute-export-"
+Progress = Callable[[str, str, float], None]  # (stage, "start" | "done", elapsed seconds)
+
+
+def _require_stack() -> None:
+    missing = []
+    for mod in ("torch", "transformers", "optimum.exporters.onnx", "onnx"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod.split(".")[0])
+    if missing:
+        raise ExportError(
+            f"the export needs {', '.join(missing)}, which is not installed: pip install 'edgeroute[export]'"
+        )
+
+
+class _Stages:
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if self.progress:
+            self.progress(name, "start", 0.0)
+        yield
+        self.times[name] = round(time.perf_counter() - t0, 3)
+        if self.progress:
+            self.progress(name, "done", self.times[name])
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while exporting so that cleanup runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _remove_stale_temps(parent: Path) -> None:
+    """Remove hidden temporary folders of exports whose process no longer exists (killed with SIGKILL)."""
+    for p in parent.glob(TMP_PREFIX + "*"):
+        try:
+            pid = int(p.name.split("-")[-2])
+        except (ValueError, IndexError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def export_model(source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: str = "fp32",
+                 quantize: str = "none", device: str = "cpu", validate: bool = True, force: bool = False,
+                 base: str | os.PathLike[str] | None = None, context_length: int | None = None,
+                 block_size: int = 32, progress: Progress | None = None) -> Path:
+    """Export a checkpoint to an edgeroute model folder and return its path.
+
+    Args:
+        source: a Hugging Face checkpoint folder, a PEFT LoRA adapter folder, or a ``.gguf`` file (local only).
+        out_dir: the model folder to create (refused if it exists, unless ``force``).
+        dtype: ``fp32`` or ``fp16`` (fp16 is for CUDA; on CPU the fp32 export is cast after export).
+        quantize: ``none``, ``int8`` (dynamic, MatMul weights) or ``int4`` (weight-only MatMulNBits).
+        device: ``cpu`` or ``cuda``: where PyTorch runs during export and validation.
+        validate: compare with PyTorch (fp32 parity raises ``ExportValidationError`` on failure).
+        force: replace an existing ``out_dir`` (only once the new export succeeded).
+        base: the base checkpoint folder of a LoRA adapter (default: the adapter's own reference).
+        context_length: cap the manifest's context length (default: the model's maximum positions).
+        block_size: int4 quantisation block size.
+        progress: called as ``progress(stage, "start"|"done", seconds)`` for each stage.
+    """
+    for name, value, allowed in (("dtype", dtype, DTYPES), ("quantize", quantize, QUANTIZE),
+                                 ("device", device, DEVICES)):
+        if value not in allowed:
+            raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
+    if dtype == "fp16" and quantize != "none":
+        raise ConfigError("quantize", quantize, "quantisation starts from fp32: use dtype fp32 with it")
+    if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
+        raise ConfigError("context_length", context_length, "must be a positive integer")
+    if block_size not in (16, 32, 64, 128, 256):
+        raise ConfigError("block_size", block_size, "must be one of 16, 32, 64, 128, 256")
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    _require_stack()
+    from . import sources
+
+    sources.resolve(source)  # fail fast on a bad source, before anything heavy
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExportError("device 'cuda' asked for but PyTorch sees no CUDA device")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-{os.getpid()}-", dir=out.parent))
+    stages = _Stages(progress)
+    try:
+        with _terminate_as_interrupt():
+            _build(tmp, source, base, device, dtype, quantize, validate, context_length, block_size, stages)
+            _move_into_place(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _finalise_modes(folder: Path) -> None:
+    """mkdtemp makes the folder private (0700): give the result the modes the user's umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    _finalise_modes(tmp)
+    if out.exists():
+        if not force:
+            raise ExportError(f"{out} appeared during the export; not replacing it")
+        old = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}-old"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _build(tmp: Path, source: Any, base: Any, device: str, dtype: str, quantize: str, validate: bool,
+           context_length: int | None, block_size: int, stages: _Stages) -> None:
+    import warnings
+
+    from . import graph, manifest_writer, sources
+
+    with stages("load"):
+        src = sources.load_source(source, base, device)
+    raw = tmp / "raw"
+    with stages("export"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        try:
+            onnx_export_from_model(src.model, raw, task="text-generation-with-past", do_validation=False,
+                                   device=device)
+        except ExportError:
+            raise
+        except Exception as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"optimum could not export {src.model_type}: {text}") from e
+    final = tmp / "model.onnx"
+    with stages("post-process"):
+        proto = graph.load(raw / "model.onnx")
+        proto = graph.add_logits_to_keep(proto)
+        if dtype == "fp16":
+            proto = graph.to_fp16(proto)
+        target = final if quantize == "none" else tmp / "fp32.onnx"
+        graph.save(proto, target)
+        contract = graph.describe(proto)
+        del proto
+        shutil.rmtree(raw)
+    quant: dict[str, Any] = {"method": "none"}
+    if quantize != "none":
+        with stages("quantise"):
+            fp32 = tmp / "fp32.onnx"
+            if quantize == "int8":
+                quant = graph.quantize_int8(fp32, final)
+            else:
+                quant = graph.quantize_int4(fp32, final, block_size)
+            for f in tmp.iterdir():
+                if f.name.startswith("fp32.onnx"):
+                    f.unlink()
+    manifest_writer.write(tmp, src, contract, dtype, quant, context_length, stages.times)
+    if validate:
+        with stages("validate"):
+            from .validate import validate as run_validation
+
+            report = run_validation(tmp, src.model, dtype, quantize != "none")
+        manifest_writer.add_validation(tmp, report, stages.times)

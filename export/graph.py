@@ -1,0 +1,169 @@
+"""Graph post-processing: last-positions logits, fp16, int8 and int4 weight quantisation, and reading the
+graph's contract (names, KV geometry) for the manifest. Needs ``onnx`` (and onnxruntime's quantisation tools)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from edgeroute.errors import ExportError
+
+KEEP_INPUT = "logits_to_keep"
+DATA_SUFFIX = ".data"
+_PASSTHROUGH = {"Add", "Mul", "Div", "Sub", "Tanh", "Cast", "Identity", "Softcap"}
+
+
+def load(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save(model: Any, path: Path) -> None:
+    """Save with all weights in one external data file beside the graph (``model.onnx.data``)."""
+    import onnx
+
+    data = path.name + DATA_SUFFIX
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024)
+
+
+def add_logits_to_keep(model: Any, logits_name: str = "logits") -> Any:
+    """Add an int64 input ``logits_to_keep`` (shape [1]) and compute logits for the last n positions only.
+
+    The hidden state entering the LM head's MatMul is sliced to its last n positions, so a 1,000-token prefill
+    never materialises a [1000, vocabulary] array; speculative verification asks for k+1.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name for i in g.initializer}
+    node = producer.get(logits_name)
+    while node is not None and node.op_type in _PASSTHROUGH:
+        acts = [i for i in node.input if i not in inits and i in producer]
+        if len(acts) != 1:
+            break
+        node = producer[acts[0]]
+    if node is None or node.op_type not in ("MatMul", "Gemm"):
+        raise ExportError(f"cannot find the LM head MatMul feeding {logits_name!r}: graph form not supported")
+    act_idx = 0 if node.input[0] not in inits else 1
+    hidden = node.input[act_idx]
+    g.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, [1]))
+    g.initializer.extend([
+        helper.make_tensor("edgeroute_keep_end", TensorProto.INT64, [1], [2**62]),
+        helper.make_tensor("edgeroute_keep_axis", TensorProto.INT64, [1], [-2]),
+    ])
+    neg = helper.make_node("Neg", [KEEP_INPUT], ["edgeroute_keep_start"], name="edgeroute_keep_neg")
+    sl = helper.make_node("Slice", [hidden, "edgeroute_keep_start", "edgeroute_keep_end", "edgeroute_keep_axis"],
+                          ["edgeroute_hidden_last"], name="edgeroute_keep_slice")
+    node.input[act_idx] = "edgeroute_hidden_last"
+    pos = list(g.node).index(node)
+    g.node.insert(pos, sl)
+    g.node.insert(pos, neg)
+    for o in g.output:
+        if o.name == logits_name and len(o.type.tensor_type.shape.dim) == 3:
+            o.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+    if model.ByteSize() < 2**31:  # the checker cannot hold larger protos in memory
+        onnx.checker.check_model(model)
+    return model
+
+
+def to_fp16(model: Any, logits_name: str = "logits") -> Any:
+    """Weights and activations in fp16, the KV cache fp16, logits kept float32 for the router."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=[logits_name], disable_shape_infer=True)
+
+
+def _weight_matmuls(model: Any) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+
+
+def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
+    """Dynamic int8 of the MatMuls with constant weights only (attention's QK^T and P.V stay float)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = _weight_matmuls(load(src))
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=False,
+                     weight_type=QuantType.QInt8, use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
+    _relocate_data(dst)
+    return {"method": "int8", "scheme": "dynamic", "ops": "MatMul (constant weights)", "nodes": len(nodes)}
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int = 4) -> dict[str, Any]:
+    """Weight-only int4 (onnxruntime MatMulNBits, symmetric, RTN) of the MatMuls with constant weights."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = load(src)
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                             accuracy_level=accuracy_level, nodes_to_include=_weight_matmuls(model))
+    q.process()
+    save(q.model.model, dst)
+    n = sum(1 for node in q.model.model.graph.node if node.op_type == "MatMulNBits")
+    return {"method": "int4", "scheme": "MatMulNBits", "block_size": block_size, "accuracy_level": accuracy_level,
+            "symmetric": True, "nodes": n}
+
+
+def _relocate_data(path: Path) -> None:
+    """Re-save so the external data file is named after the graph (quantize_dynamic picks its own name)."""
+    model = load(path)
+    for f in path.parent.iterdir():
+        if f.name != path.name and f.name.startswith(path.stem) and f.suffix != ".onnx":
+            f.unlink()
+    save(model, path)
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """The graph's contract for the manifest: input/output names and patterns, KV geometry and dtype, vocab."""
+    from onnx import TensorProto
+
+    ins = {i.name: i for i in model.graph.input}
+    outs = {o.name: o for o in model.graph.output}
+
+    def pattern(names: list[str], kind: str) -> tuple[str, int]:
+        keys = [n for n in names if n.endswith(f".{kind}") or n.endswith(f"_{kind}")]
+        layers = sorted(int(re.findall(r"\d+", n)[-1]) for n in keys)
+        if not keys or layers != list(range(len(layers))):
+            raise ExportError(f"graph has no consistent {kind} cache inputs/outputs ({keys[:3]})")
+        sample = keys[0]
+        num = re.findall(r"\d+", sample)[-1]
+        i = sample.rfind(num)
+        return sample[:i] + "{layer}" + sample[i + len(num):], len(layers)
+
+    past_k, layers = pattern([n for n in ins if "past" in n], "key")
+    past_v, _ = pattern([n for n in ins if "past" in n], "value")
+    pres_k, _ = pattern([n for n in outs if "present" in n], "key")
+    pres_v, _ = pattern([n for n in outs if "present" in n], "value")
+    first = ins[past_k.format(layer=0)].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in first.shape.dim]
+    if len(dims) != 4 or dims[1] is None or dims[3] is None:
+        raise ExportError(f"past key input has shape {dims}: expected [batch, kv_heads, length, head_size]")
+    kv_dtype = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}.get(first.elem_type)
+    if kv_dtype is None:
+        raise ExportError(f"KV cache element type {first.elem_type} is not supported")
+    logits_dims = outs["logits"].type.tensor_type.shape.dim
+    vocab = logits_dims[-1].dim_value if logits_dims and logits_dims[-1].HasField("dim_value") else None
+    inputs: dict[str, str | None] = {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "position_ids": "position_ids" if "position_ids" in ins else None,
+        "past_key": past_k,
+        "past_value": past_v,
+    }
+    if KEEP_INPUT in ins:
+        inputs[KEEP_INPUT] = KEEP_INPUT
+    return {
+        "inputs": inputs,
+        "outputs": {"logits": "logits", "present_key": pres_k, "present_value": pres_v},
+        "logits": "keep" if KEEP_INPUT in ins else "all",
+        "num_layers": layers,
+        "num_kv_heads": dims[1],
+        "head_size": dims[3],
+        "kv_dtype": kv_dtype,
+        "vocab_size": vocab,
+    }

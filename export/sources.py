@@ -1,0 +1,187 @@
+"""Checkpoint sources: a Hugging Face checkpoint folder, a PEFT LoRA adapter folder, or a ``.gguf`` file.
+
+Everything is local: the hub is switched off for the whole export, and a name that is not a local path gives a
+clear error instead of a download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeroute.errors import ExportError
+
+# Families tested end to end with tiny checkpoints (tests/test_export.py) and SmolLM2 (llama).
+TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gpt2")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Source:
+    """A loaded checkpoint: the PyTorch model (fp32, eval), its tokenizer, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    kind: str  # "checkpoint" | "lora" | "gguf"
+    description: str
+    model_type: str
+
+
+def offline() -> None:
+    """Forbid any hub access for this process (transformers, huggingface_hub)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+# optimum lists these for text-generation-with-past too, but they are encoder-decoder families
+_ENCODER_DECODER = {"bart", "bigbird-pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "pegasus"}
+
+
+def supported_model_types() -> list[str]:
+    """Decoder-only model types optimum can export as ``text-generation-with-past``."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (fills the TasksManager registry)
+    from optimum.exporters.tasks import TasksManager
+
+    types = TasksManager.get_supported_model_type_for_task("text-generation-with-past", exporter="onnx")
+    return sorted({t.replace("_", "-") for t in types} - _ENCODER_DECODER)
+
+
+def check_architecture(model_type: str) -> None:
+    """Raise ``ExportError`` naming the model type and listing what is supported when optimum cannot export it."""
+    supported = supported_model_types()
+    if model_type.replace("_", "-") not in supported:
+        raise ExportError(
+            f"architecture {model_type!r} is not supported for export; supported: {', '.join(supported)}"
+            f" (tested: {', '.join(TESTED_ARCHITECTURES)})"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path} is unreadable or not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} is not a JSON object")
+    return data
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def resolve(source: str | Path) -> tuple[str, Path]:
+    """Classify ``source`` as ``checkpoint``, ``lora`` or ``gguf`` (raises for anything else)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf", path
+        raise ExportError(f"{path} is a file but not a .gguf file; pass a checkpoint folder or a .gguf file")
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return "lora", path
+        if (path / "config.json").is_file():
+            return "checkpoint", path
+        raise ExportError(f"{path} has neither config.json (a checkpoint) nor adapter_config.json (a LoRA adapter)")
+    hint = ""
+    if "/" in str(source) and not str(source).startswith((".", "/", "~")) and str(source).count("/") == 1:
+        hint = (" — it looks like a model hub id; edgeroute never downloads: fetch it first (for example"
+                " `huggingface-cli download " + str(source) + " --local-dir DIR`) and pass the folder")
+    raise ExportError(f"{source} is not a local checkpoint folder or .gguf file{hint}")
+
+
+def _load_checkpoint(path: Path, device: str) -> tuple[Any, Any, str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _read_json(path / "config.json")
+    model_type = str(config.get("model_type", "?"))
+    check_architecture(model_type)
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ExportError(f"{path} has no weights ({' or '.join(WEIGHT_FILES[:2])}): incomplete checkpoint")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    except Exception as e:
+        raise ExportError(f"cannot load the tokenizer from {path}: {_first_line(e)}") from e
+    if not getattr(tok, "is_fast", False):
+        raise ExportError(f"{path}: no fast tokenizer (tokenizer.json) could be made for this checkpoint")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+    except Exception as e:
+        raise ExportError(f"cannot load the checkpoint {path}: {_first_line(e)} (corrupt or incomplete?)") from e
+    return model.to(device).eval(), tok, model_type
+
+
+def load_source(source: str | Path, base: str | Path | None = None, device: str = "cpu") -> Source:
+    """Load ``source`` into a float32 PyTorch model and a fast tokenizer."""
+    offline()
+    kind, path = resolve(source)
+    if kind == "checkpoint":
+        model, tok, mt = _load_checkpoint(path, device)
+        return Source(model, tok, kind, str(path), mt)
+    if kind == "lora":
+        adapter = _read_json(path / "adapter_config.json")
+        base_ref = base if base is not None else adapter.get("base_model_name_or_path")
+        if not base_ref:
+            raise ExportError(f"{path}: the adapter names no base model; pass it with --base")
+        base_path = Path(str(base_ref)).expanduser()
+        if not base_path.is_dir():
+            raise ExportError(
+                f"LoRA adapter {path} needs its base model {base_ref}, which is not a local folder;"
+                " pass the base checkpoint folder with --base"
+            )
+        model, tok, mt = _load_checkpoint(base_path, device)
+        try:
+            from peft import PeftModel
+
+            merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        except ImportError as e:
+            raise ExportError("LoRA export needs peft: pip install 'edgeroute[export]'") from e
+        except Exception as e:
+            raise ExportError(f"cannot apply the LoRA adapter {path} to {base_path}: {_first_line(e)}") from e
+        if (path / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        return Source(merged.eval(), tok, kind, f"{path} (LoRA) on {base_path}", mt)
+    return _load_gguf(path, device)
+
+
+def _load_gguf(path: Path, device: str) -> Source:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ExportError("GGUF export needs gguf: pip install 'edgeroute[export]'") from e
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        special = {
+            role: int(fields[f"tokenizer.ggml.{key}_token_id"].parts[fields[f"tokenizer.ggml.{key}_token_id"].data[0]][0])
+            for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"),
+                              ("unk_token", "unknown"))
+            if f"tokenizer.ggml.{key}_token_id" in fields
+        }
+    except Exception as e:
+        raise ExportError(f"{path} is not a readable GGUF file: {_first_line(e)}") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     torch_dtype=torch.float32)
+    except Exception as e:
+        raise ExportError(f"cannot load {path} through transformers' GGUF support: {_first_line(e)}") from e
+    check_architecture(model.config.model_type)
+    # transformers' GGUF tokenizer conversion can mislabel special tokens (SmolLM2: eos = <|im_start|>);
+    # the file's own tokenizer.ggml.*_token_id metadata is authoritative.
+    for role, token_id in special.items():
+        setattr(tok, role, tok.convert_ids_to_tokens(token_id))
+    return Source(model.to(device).eval(), tok, "gguf", str(path), model.config.model_type)

@@ -1,0 +1,134 @@
+"""Export validation: the exported folder, run by edgeroute's own runtime, against the source in PyTorch.
+
+- fp32: max |Δlogit| over every position of three prompts must be <= 1e-3, and a 64-token greedy continuation of
+  each prompt must be token-for-token identical (a divergence is tolerated only at a near-tie of PyTorch's own
+  top two logits, which random-weight test checkpoints have).
+- every precision: top-1 agreement with PyTorch fp32 over a fixed text and the perplexity change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeroute.errors import ExportValidationError
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, a little robot",
+)
+QUALITY_TEXT = (
+    "The Industrial Revolution began in Great Britain in the late eighteenth century and spread to Europe and "
+    "North America. It replaced hand production with machines, new chemical processes and the factory system. "
+    "Steam power, fuelled by coal, drove textile mills and locomotives, and cities grew quickly as people moved "
+    "from farms to find work. Historians still debate its causes: cheap energy, high wages, access to markets "
+    "and a culture of practical invention all played a part. Its effects on living standards were mixed at "
+    "first, but over the following century average incomes rose as never before."
+)
+FP32_TOLERANCE = 1e-3
+NEAR_TIE = 1e-3
+
+
+def _torch_logits(model: Any, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([ids], device=model.device))
+    return out.logits[0].float().cpu().numpy()
+
+
+def _torch_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation with the KV cache; also PyTorch's top-1/top-2 margin at every step."""
+    import torch
+
+    toks, margins = [], []
+    with torch.no_grad():
+        out = model(torch.tensor([ids], device=model.device), use_cache=True)
+        for _ in range(n):
+            last = out.logits[0, -1].float()
+            top2 = torch.topk(last, 2).values
+            tok = int(torch.argmax(last))
+            toks.append(tok)
+            margins.append(float(top2[0] - top2[1]))
+            out = model(torch.tensor([[tok]], device=model.device), past_key_values=out.past_key_values,
+                        use_cache=True)
+    return toks, margins
+
+
+def _edgeroute_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    cache = model.new_cache()
+    logits = model.forward(np.array([ids]), cache)[0]
+    toks = []
+    for _ in range(n):
+        tok = int(np.argmax(logits))
+        toks.append(tok)
+        logits = model.forward(np.array([[tok]]), cache)[0]
+    return toks
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def quality(ref: np.ndarray, got: np.ndarray, ids: list[int]) -> dict[str, float]:
+    """Top-1 agreement and perplexities of the next token over a text, reference vs exported."""
+    nxt = np.array(ids[1:])
+    rows = np.arange(len(nxt))
+    ppl_ref = float(np.exp(-_log_softmax(ref[:-1])[rows, nxt].mean()))
+    ppl = float(np.exp(-_log_softmax(got[:-1])[rows, nxt].mean()))
+    return {
+        "top1_agreement": float((ref[:-1].argmax(-1) == got[:-1].argmax(-1)).mean()),
+        "perplexity_reference": ppl_ref,
+        "perplexity": ppl,
+        "perplexity_change_pct": 100.0 * (ppl / ppl_ref - 1.0),
+        "tokens": len(nxt),
+    }
+
+
+def validate(folder: Path, torch_model: Any, precision: str, quantized: bool, greedy_tokens: int = 64,
+             threads: int | None = None) -> dict[str, Any]:
+    """Run the checks; returns the figures for the manifest. Raises ``ExportValidationError`` for fp32."""
+    import edgeroute
+
+    model = edgeroute.Model.load(folder, threads=threads)
+    strict = precision == "fp32" and not quantized
+    tok = model.tokenizer
+    report: dict[str, Any] = {"prompts": len(PROMPTS)}
+    diffs, greedy = [], []
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        ref = _torch_logits(torch_model, ids)
+        got = model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0]
+        diffs.append(float(np.abs(ref - got).max()))
+        if strict and greedy_tokens:
+            want, margins = _torch_greedy(torch_model, ids, greedy_tokens)
+            have = _edgeroute_greedy(model, ids, greedy_tokens)
+            first = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
+            greedy.append({"prompt": prompt, "identical": first is None, "first_divergence": first,
+                           "margin_at_divergence": None if first is None else margins[first]})
+    report["max_abs_logit_diff"] = max(diffs)
+    if greedy:
+        report["greedy_tokens"] = greedy_tokens
+        report["greedy_identical"] = all(g["identical"] for g in greedy)
+        report["greedy"] = greedy
+    ids = tok.encode(QUALITY_TEXT)
+    report["quality"] = quality(_torch_logits(torch_model, ids),
+                                model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0], ids)
+    if strict:
+        if report["max_abs_logit_diff"] > FP32_TOLERANCE:
+            raise ExportValidationError(
+                f"parity check failed: max |Δlogit| {report['max_abs_logit_diff']:.2e} > {FP32_TOLERANCE:g}"
+                " between the exported graph and PyTorch (use --no-validate to keep it anyway)"
+            )
+        for g in greedy:
+            if not g["identical"] and g["margin_at_divergence"] > NEAR_TIE:
+                raise ExportValidationError(
+                    f"parity check failed: greedy continuation of {g['prompt']!r} diverges from PyTorch at token"
+                    f" {g['first_divergence']} where PyTorch's top-2 margin is {g['margin_at_divergence']:.3g}"
+                )
+    return report

@@ -1,0 +1,303 @@
+"""Export: tiny random checkpoints of five families, LoRA, precisions, atomic output, errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeroute as er
+
+pytestmark = pytest.mark.export
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("optimum.exporters.onnx")
+
+from edgeroute.export import export_model  # noqa: E402
+
+COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _configs(vocab: int) -> dict[str, object]:
+    t = transformers
+    return {
+        "llama": (t.LlamaConfig(vocab_size=vocab, **COMMON), t.LlamaForCausalLM),
+        "mistral": (t.MistralConfig(vocab_size=vocab, sliding_window=None, **COMMON), t.MistralForCausalLM),
+        "qwen2": (t.Qwen2Config(vocab_size=vocab, **COMMON), t.Qwen2ForCausalLM),
+        "phi3": (t.Phi3Config(vocab_size=vocab, pad_token_id=0, **COMMON), t.Phi3ForCausalLM),
+        "gpt2": (t.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512),
+                 t.GPT2LMHeadModel),
+    }
+
+
+def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A tiny random-weight checkpoint with a real (byte-level BPE) tokenizer and a chat template."""
+    from tiny_model import CHATML, build_tokenizer
+
+    tok = build_tokenizer()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                  bos_token="<|im_start|>", pad_token="<|endoftext|>")
+    hf_tok.chat_template = CHATML
+    cfg, cls = _configs(tok.get_vocab_size())[arch]
+    cfg.eos_token_id = 0
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 0.6
+    model.generation_config.top_p = 0.9
+    model.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama")
+
+
+def _torch_logits(ckpt: Path, ids: list[int]) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gpt2"])
+def test_export_each_family(arch: str, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", arch)
+    out = export_model(ckpt, tmp_path / "out")
+    man = json.loads((out / "edgeroute.json").read_text())
+    assert man["schema_version"] == 1 and man["logits"] == "keep" and man["precision"] == "fp32"
+    assert man["num_layers"] == 2 and man["head_size"] == 8
+    assert man["num_kv_heads"] == (4 if arch == "gpt2" else 2)
+    assert man["provenance"]["model_type"] == arch and man["chat_template"]
+    assert man["generation_defaults"] == {"temperature": 0.6, "top_p": 0.9}
+    v = man["provenance"]["validation"]
+    assert v["max_abs_logit_diff"] <= 1e-3 and v["quality"]["top1_agreement"] > 0.99
+    model = er.Model.load(out)
+    ids = model.tokenizer.encode("The capital of France is")
+    got = model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0]
+    assert np.abs(got - _torch_logits(ckpt, ids)).max() <= 1e-3
+    assert sorted(p.name for p in out.iterdir()) == ["edgeroute.json", "model.onnx", "model.onnx.data",
+                                                     "tokenizer.json"]
+    assert model.generate("Hello", er.GenerationConfig(max_new_tokens=4)).usage.completion_tokens >= 1
+
+
+def test_prefill_returns_only_last_logits(llama_ckpt: Path, tmp_path: Path) -> None:
+    out = export_model(llama_ckpt, tmp_path / "out", validate=False)
+    model = er.Model.load(out)
+    ids = list(range(5, 105))
+    cache = model.new_cache()
+    feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, 100), dtype=np.int64),
+             "position_ids": np.arange(100)[None], "logits_to_keep": np.array([1]), **cache.feeds()}
+    logits = model.session.run(["logits"], feeds)[0]
+    assert logits.shape == (1, 1, model.vocab_size)  # the graph itself returns one row, not 100
+    three = model.forward_last(np.array([ids]), model.new_cache(), 3)[0]
+    assert np.allclose(three, _torch_logits(llama_ckpt, ids)[-3:], atol=1e-3)
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), [("fp16", "none"), ("fp32", "int8"), ("fp32", "int4")])
+def test_precisions(llama_ckpt: Path, tmp_path: Path, dtype: str, quantize: str) -> None:
+    out = export_model(llama_ckpt, tmp_path / "out", dtype=dtype, quantize=quantize)
+    man = json.loads((out / "edgeroute.json").read_text())
+    assert man["precision"] == dtype and man["quantization"]["method"] == quantize
+    assert man["kv_dtype"] == ("float16" if dtype == "fp16" else "float32")
+    q = man["provenance"]["validation"]["quality"]
+    assert 0 <= q["top1_agreement"] <= 1 and np.isfinite(q["perplexity_change_pct"])
+    assert q["top1_agreement"] > 0.5  # a random tiny model still mostly agrees with itself
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    if quantize == "int4":
+        assert "MatMulNBits" in ops and man["quantization"]["block_size"] == 32
+    if quantize == "int8":
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    model = er.Model.load(out)
+    assert len(model.generate("Hi", er.GenerationConfig(max_new_tokens=3)).token_ids) <= 3
+
+
+def test_lora_adapter_is_merged(llama_ckpt: Path, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama_ckpt)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(base, cfg)
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    cfg_path = adapter / "adapter_config.json"
+    data = json.loads(cfg_path.read_text())
+    data["base_model_name_or_path"] = str(llama_ckpt)
+    cfg_path.write_text(json.dumps(data))
+    out = export_model(adapter, tmp_path / "out")
+    man = json.loads((out / "edgeroute.json").read_text())
+    assert man["provenance"]["source_kind"] == "lora"
+    model = er.Model.load(out)
+    ids = model.tokenizer.encode("Once upon a time")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(llama_ckpt)
+    merged = peft.PeftModel.from_pretrained(merged, adapter).merge_and_unload().eval()
+    with torch.no_grad():
+        want = merged(torch.tensor([ids])).logits[0, -1].numpy()
+    got = model.forward(np.array([ids]), model.new_cache())[0]
+    assert np.abs(got - want).max() <= 1e-3
+    assert np.abs(want - _torch_logits(llama_ckpt, ids)[-1]).max() > 1e-3  # the adapter changed the model
+    # a missing base gives a clear error; --base fixes it
+    data["base_model_name_or_path"] = "someone/missing-base"
+    cfg_path.write_text(json.dumps(data))
+    with pytest.raises(er.ExportError, match="needs its base model someone/missing-base"):
+        export_model(adapter, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    assert export_model(adapter, tmp_path / "out3", base=llama_ckpt, validate=False).is_dir()
+
+
+def test_force_replaces_only_after_success(llama_ckpt: Path, tmp_path: Path) -> None:
+    out = export_model(llama_ckpt, tmp_path / "out", validate=False)
+    stamp = (out / "edgeroute.json").stat().st_mtime_ns
+    with pytest.raises(er.ExportError, match="already exists"):
+        export_model(llama_ckpt, out, validate=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(er.ExportError):
+        export_model(broken, out, force=True)
+    assert (out / "edgeroute.json").stat().st_mtime_ns == stamp  # the old folder survived the failed export
+    export_model(llama_ckpt, out, force=True, validate=False)
+    assert (out / "edgeroute.json").stat().st_mtime_ns != stamp
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".edgeroute-export")] == []
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_failed_parity_raises_and_leaves_nothing(llama_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    from edgeroute.export import validate as validation
+
+    real = validation._torch_logits
+    monkeypatch.setattr(validation, "_torch_logits", lambda m, ids: real(m, ids) + 0.01)
+    with pytest.raises(er.ExportValidationError, match="parity check failed"):
+        export_model(llama_ckpt, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    assert export_model(llama_ckpt, tmp_path / "out", validate=False).is_dir()  # --no-validate skips it
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(er.ExportError, match="model hub id.*never downloads"):
+        export_model("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "o")
+    with pytest.raises(er.ExportError, match="not a local checkpoint"):
+        export_model(tmp_path / "missing", tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(er.ExportError, match="neither config.json"):
+        export_model(tmp_path / "empty", tmp_path / "o")
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(er.ExportError, match="'t5' is not supported.*llama"):
+        export_model(tmp_path / "t5", tmp_path / "o")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(er.ExportError, match="no weights"):
+        export_model(tmp_path / "noweights", tmp_path / "o")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{")
+    with pytest.raises(er.ExportError, match="not valid JSON"):
+        export_model(tmp_path / "badjson", tmp_path / "o")
+    (tmp_path / "x.bin").write_bytes(b"1")
+    with pytest.raises(er.ExportError, match="not a .gguf"):
+        export_model(tmp_path / "x.bin", tmp_path / "o")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(er.ExportError, match="not a readable GGUF"):
+        export_model(tmp_path / "bad.gguf", tmp_path / "o")
+    with pytest.raises(er.ConfigError) as e:
+        export_model(tmp_path, tmp_path / "o", quantize="int3")
+    assert e.value.field == "quantize"
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_weights(llama_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_ckpt, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(er.ExportError, match="cannot load the checkpoint"):
+        export_model(bad, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_extra_names_the_pip_command(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from edgeroute.export import export_model\n"
+        f"export_model({str(tmp_path)!r}, {str(tmp_path / 'o')!r})\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "pip install 'edgeroute[export]'" in out.stderr
+
+
+SLOW_EXPORT = """
+import sys, time
+from pathlib import Path
+from edgeroute.export import export_model
+def progress(stage, event, seconds):
+    if stage == "export" and event == "done":
+        Path(sys.argv[3]).write_text("mid-way")
+        time.sleep(60)
+export_model(sys.argv[1], sys.argv[2], progress=progress)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_interrupted_export_leaves_nothing(llama_ckpt: Path, tmp_path: Path, sig: int) -> None:
+    out, marker = tmp_path / "out", tmp_path.parent / f"marker-{tmp_path.name}"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, str(llama_ckpt), str(out), str(marker)])
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".edgeroute-export")]  # work in progress
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=60) != 0
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".edgeroute-export")]
+    if sig == signal.SIGKILL:  # nothing can clean up after SIGKILL; the next export does
+        assert leftovers
+        export_model(llama_ckpt, tmp_path / "next", validate=False)
+        leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".edgeroute-export")]
+    assert leftovers == []
+
+
+def test_cli_export(llama_ckpt: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgeroute.cli import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["export", str(llama_ckpt), str(tmp_path / "out"), "--quantize", "int4"])
+    assert res.exit_code == 0, res.output
+    assert "top-1 agreement" in res.output and "int4" in res.output
+    exe = Path(sys.executable).parent / "edgeroute"
+    again = subprocess.run([str(exe), "export", str(llama_ckpt), str(tmp_path / "out")], capture_output=True,
+                           text=True)
+    assert again.returncode == 1
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and "already exists" in lines[0] and "Traceback" not in again.stderr
+    bad = subprocess.run([str(exe), "export", str(llama_ckpt), str(tmp_path / "o2"), "--quantize", "int3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "int3" in bad.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_export_parity(smollm2_dir: Path) -> None:
+    man = json.loads((smollm2_dir / "edgeroute.json").read_text())
+    v = man["provenance"]["validation"]
+    assert v["max_abs_logit_diff"] <= 1e-3
+    assert v["greedy_tokens"] == 64 and v["greedy_identical"] is True
+    assert man["num_layers"] == 30 and man["num_kv_heads"] == 3 and man["vocab_size"] == 49152
+    assert man["provenance"]["source_kind"] == "gguf"
+    model = er.Model.load(smollm2_dir)
+    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = model.generate(ids, er.GenerationConfig(max_new_tokens=32, sampling=er.SamplingConfig(temperature=0)))
+    assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
