@@ -1,6 +1,9 @@
 """edgeroute.cli: the command line. Thin: each command calls the library; errors become one line on stderr.
 
 Subcommands load lazily (``LazyGroup``), so ``edgeroute run --help`` never imports torch or the export stack.
+User mistakes (a missing model folder, a bad flag value, a prompt that does not fit, CUDA asked for but absent)
+print ``edgeroute: error: ...`` on one line and exit non-zero (2 for usage errors, 1 otherwise); ``--verbose``
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,12 +17,21 @@ import click
 from edgeroute._version import __version__
 
 COMMANDS = {
+    "bench": "edgeroute.cli.bench_cmd:bench",
+    "chat": "edgeroute.cli.chat_cmd:chat",
     "export": "edgeroute.cli.export_cmd:export",
+    "info": "edgeroute.cli.info_cmd:info",
+    "run": "edgeroute.cli.run_cmd:run",
 }
 
 
+def _one_line(e: BaseException | str) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 class LazyGroup(click.Group):
-    """A group whose subcommands are imported only when used."""
+    """A group whose subcommands are imported only when used, and whose errors are one line."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -31,41 +43,47 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        from edgeroute.errors import EdgerouteError
+
+        argv = list(sys.argv[1:] if args is None else args)
+        verbose = "--verbose" in argv
+        try:
+            rv = super().main(args=argv, prog_name=prog_name or "edgeroute", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("edgeroute: interrupted", err=True)
+            sys.exit(130)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "edgeroute"
+            click.echo(f"edgeroute: error: {_one_line(e.format_message())} (see `{where} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"edgeroute: error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except (EdgerouteError, OSError) as e:
+            if verbose:
+                raise
+            click.echo(f"edgeroute: error: {_one_line(e)}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\nedgeroute: interrupted", err=True)
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeroute")
 @click.option("--verbose", is_flag=True, help="Show the full traceback when something fails.")
-@click.pass_context
-def cli(ctx: click.Context, verbose: bool) -> None:
+def cli(verbose: bool) -> None:
     """edgeroute: export fine-tuned language models to ONNX and run them with a NumPy token router."""
-    ctx.ensure_object(dict)
-    ctx.obj["verbose"] = verbose
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Console entry point: library errors become ``edgeroute: error: ...`` and exit status 1."""
-    from edgeroute.errors import EdgerouteError
-
-    args = sys.argv[1:] if argv is None else argv
-    verbose = "--verbose" in args
-    try:
-        return cli.main(args=args, prog_name="edgeroute", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("edgeroute: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (EdgerouteError, OSError) as e:
-        if verbose:
-            raise
-        click.echo(f"edgeroute: error: {_one_line(e)}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("edgeroute: interrupted", err=True)
-        sys.exit(130)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+def main() -> None:
+    """Console entry point."""
+    cli.main()

@@ -28,9 +28,9 @@ def _progress_printer():  # type: ignore[no-untyped-def]
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of the graph (fp16 is for CUDA).")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Weight quantisation: dynamic int8, or weight-only int4 (MatMulNBits).")
+              help="Block-wise weight quantisation (onnxruntime MatMulNBits, 8 or 4 bits).")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32",
-              show_default=True, help="int4 block size.")
+              show_default=True, help="Quantisation block size.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where PyTorch runs while exporting and validating.")
 @click.option("--base", type=click.Path(exists=True, file_okay=False), default=None,

@@ -99,13 +99,14 @@ def export_model(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         source: a Hugging Face checkpoint folder, a PEFT LoRA adapter folder, or a ``.gguf`` file (local only).
         out_dir: the model folder to create (refused if it exists, unless ``force``).
         dtype: ``fp32`` or ``fp16`` (fp16 is for CUDA; on CPU the fp32 export is cast after export).
-        quantize: ``none``, ``int8`` (dynamic, MatMul weights) or ``int4`` (weight-only MatMulNBits).
+        quantize: ``none``, ``int8`` or ``int4``: block-wise weight quantisation of every MatMul weight
+            (onnxruntime MatMulNBits, int8 activations at run time); see ``graph.quantize_weights``.
         device: ``cpu`` or ``cuda``: where PyTorch runs during export and validation.
         validate: compare with PyTorch (fp32 parity raises ``ExportValidationError`` on failure).
         force: replace an existing ``out_dir`` (only once the new export succeeded).
         base: the base checkpoint folder of a LoRA adapter (default: the adapter's own reference).
         context_length: cap the manifest's context length (default: the model's maximum positions).
-        block_size: int4 quantisation block size.
+        block_size: quantisation block size (int8 and int4).
         progress: called as ``progress(stage, "start"|"done", seconds)`` for each stage.
     """
     for name, value, allowed in (("dtype", dtype, DTYPES), ("quantize", quantize, QUANTIZE),
@@ -204,10 +205,7 @@ def _build(tmp: Path, source: Any, base: Any, device: str, dtype: str, quantize:
     if quantize != "none":
         with stages("quantise"):
             fp32 = tmp / "fp32.onnx"
-            if quantize == "int8":
-                quant = graph.quantize_int8(fp32, final)
-            else:
-                quant = graph.quantize_int4(fp32, final, block_size)
+            quant = graph.quantize_weights(fp32, final, bits=8 if quantize == "int8" else 4, block_size=block_size)
             for f in tmp.iterdir():
                 if f.name.startswith("fp32.onnx"):
                     f.unlink()

@@ -83,39 +83,47 @@ def _weight_matmuls(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
 
 
-def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
-    """Dynamic int8 of the MatMuls with constant weights only (attention's QK^T and P.V stay float)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def fold_constant_transposes(model: Any) -> Any:
+    """Replace ``Transpose(initializer)`` by a transposed initializer.
 
-    nodes = _weight_matmuls(load(src))
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=False,
-                     weight_type=QuantType.QInt8, use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})
-    _relocate_data(dst)
-    return {"method": "int8", "scheme": "dynamic", "ops": "MatMul (constant weights)", "nodes": len(nodes)}
+    optimum's graphs of tied-embedding models (SmolLM2) feed the LM head ``Transpose(embed_tokens)``: folding it
+    makes the LM head a MatMul with a constant weight, so it is quantised like every other projection.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            arr = numpy_helper.to_array(inits[node.input[0]]).transpose(perm)
+            model.graph.initializer.append(numpy_helper.from_array(arr.copy(), node.output[0]))
+            model.graph.node.remove(node)
+    return model
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, accuracy_level: int = 4) -> dict[str, Any]:
-    """Weight-only int4 (onnxruntime MatMulNBits, symmetric, RTN) of the MatMuls with constant weights."""
+def quantize_weights(src: Path, dst: Path, bits: int, block_size: int = 32, accuracy_level: int = 4) -> dict[str, Any]:
+    """Block-wise weight quantisation of every MatMul with a constant weight (LM head included) to
+    onnxruntime's MatMulNBits: symmetric round-to-nearest, ``bits`` of 4 or 8, activations quantised to int8
+    per block at run time (accuracy level 4).
+
+    Why not onnxruntime's ``quantize_dynamic`` for int8: its per-tensor activation scales meet SmolLM2's
+    activation outliers (MLP down_proj inputs) and measured 57% top-1 agreement / +67% perplexity, against
+    94.5% / +0.1% for 8-bit MatMulNBits at block 32, which also decodes faster.
+    """
+    import logging
+
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = load(src)
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                             accuracy_level=accuracy_level, nodes_to_include=_weight_matmuls(model))
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    model = fold_constant_transposes(load(src))
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                             accuracy_level=accuracy_level)
     q.process()
     save(q.model.model, dst)
     n = sum(1 for node in q.model.model.graph.node if node.op_type == "MatMulNBits")
-    return {"method": "int4", "scheme": "MatMulNBits", "block_size": block_size, "accuracy_level": accuracy_level,
-            "symmetric": True, "nodes": n}
-
-
-def _relocate_data(path: Path) -> None:
-    """Re-save so the external data file is named after the graph (quantize_dynamic picks its own name)."""
-    model = load(path)
-    for f in path.parent.iterdir():
-        if f.name != path.name and f.name.startswith(path.stem) and f.suffix != ".onnx":
-            f.unlink()
-    save(model, path)
+    return {"method": f"int{bits}", "scheme": "MatMulNBits (weight-only, symmetric RTN, int8 activations)",
+            "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level, "nodes": n,
+            "lm_head": "quantised"}
 
 
 def describe(model: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@
 """
 
 from ._version import __version__
+from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
 from .errors import (
     ConfigError,
@@ -29,6 +30,7 @@ from .tokenizer import Tokenizer
 
 __all__ = [
     "__version__",
+    "ChatSession",
     "Completion",
     "ConfigError",
     "ContextOverflowError",

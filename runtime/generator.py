@@ -44,6 +44,7 @@ class Usage:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     time_to_first_token: float | None = None
+    router_seconds: float = 0.0  # time spent choosing tokens (router + text), included in the above
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,6 +60,7 @@ class Usage:
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
             "tokens_per_second": self.tokens_per_second,
+            "router_seconds": self.router_seconds,
         }
 
 
@@ -273,8 +275,14 @@ class Generator:
         self.usage.prefill_seconds += time.perf_counter() - t0
 
     def _feed(self) -> None:
-        """Run the graph over pending tokens in chunks; leaves the last position's logits."""
+        """Run the graph over pending tokens in chunks; leaves the last position's logits.
+
+        When the logits of the last token are not at hand (after a rewind, or an interrupt between a graph run
+        and its bookkeeping) the last cached position is recomputed.
+        """
         cache, chunk = self.cache, self.config.prefill_chunk
+        if self._logits is None and self._n and cache.length >= self._n:
+            cache.trim(cache.length - (self._n - 1))
         while cache.length < self._n:
             start = cache.length
             stop = min(self._n, start + chunk)
@@ -289,7 +297,9 @@ class Generator:
         self._feed()
         if self._logits is None:
             raise ConfigError("ids", [], "append a prompt before generating")
+        t1 = time.perf_counter()
         st = self._track.choose(self._logits, self._ids[: self._n])
+        self.usage.router_seconds += time.perf_counter() - t1
         self._ids[self._n] = st.token_id
         self._n += 1
         self._logits = None
@@ -310,6 +320,10 @@ class Generator:
         """Generate until the turn is done and return the turn's :class:`Completion`."""
         for _ in self:
             pass
+        return self.completion()
+
+    def completion(self) -> Completion:
+        """The current turn as a :class:`Completion` (what was generated since the last ``append``)."""
         return self._track.completion(self.usage)
 
     def rewind(self, n: int) -> None:
@@ -323,9 +337,8 @@ class Generator:
         if n == 0:
             return
         self._n -= n
-        keep = max(self._n - 1, 0)
-        if self.cache.length > keep:
-            self.cache.trim(self.cache.length - keep)
+        if self.cache.length > self._n:
+            self.cache.trim(self.cache.length - self._n)
         self._logits = None
         turn = self._track.turn
         lost = min(n, len(turn.generated))

@@ -1,0 +1,75 @@
+"""``edgeroute chat MODEL``: an interactive conversation that keeps the KV cache between turns."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+import edgeroute as er
+
+from .options import build_config, generation_options, load_model, model_options, sampling_options, verbose_option
+
+HELP = "commands: /reset (forget the conversation, keep the system message), /system TEXT (set it), /exit"
+
+
+def _read(interactive: bool) -> str | None:
+    """The next user line, or None at end of input (Ctrl-D)."""
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\n")
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--system", default=None, help="System message for the conversation.")
+@generation_options
+@sampling_options
+@model_options
+@verbose_option
+def chat(model_path: str, system: str | None, provider: str, threads: int | None, **flags: Any) -> None:
+    """Chat with MODEL. Ctrl-C stops an answer; Ctrl-C again (or Ctrl-D, or /exit) leaves."""
+    model = load_model(model_path, provider, threads)
+    session = er.ChatSession(model, build_config(model, flags), system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"edgeroute chat: {model_path} ({HELP})", err=True)
+    while True:
+        try:
+            line = _read(interactive)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            break
+        if line is None or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            session.reset()
+            click.echo("[conversation reset]", err=True)
+            continue
+        if text.startswith("/system"):
+            session.set_system(text[len("/system"):].strip())
+            click.echo(f"[system message {'set' if session.system else 'cleared'}]", err=True)
+            continue
+        if text.startswith("/"):
+            click.echo(f"[unknown command {text.split()[0]}; {HELP}]", err=True)
+            continue
+        try:
+            for step in session.send(text):
+                if step.text:
+                    click.echo(step.text, nl=False)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            click.echo("\n[stopped]", err=True)
+            continue
+        except er.ContextOverflowError as e:
+            click.echo(f"edgeroute: error: {e}", err=True)
+            continue
+        click.echo()

@@ -1,0 +1,82 @@
+"""``edgeroute info MODEL``: what a model folder holds and what this machine can run it on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+import edgeroute as er
+
+from .options import verbose_option
+
+
+def describe(path: str) -> dict[str, Any]:
+    m = er.Manifest.load(path)
+    prov = dict(m.provenance)
+    val = prov.get("validation") or {}
+    graph = Path(path) / m.graph
+    size = sum(f.stat().st_size for f in Path(path).iterdir() if f.name.startswith(m.graph))
+    return {
+        "path": str(Path(path).resolve()),
+        "architecture": prov.get("architecture", "?"),
+        "model_type": prov.get("model_type", "?"),
+        "parameters": prov.get("parameters"),
+        "source": prov.get("source"),
+        "precision": m.precision,
+        "quantization": dict(m.quantization),
+        "kv_dtype": m.kv_dtype,
+        "layers": m.num_layers,
+        "kv_heads": m.num_kv_heads,
+        "head_size": m.head_size,
+        "context_length": m.context_length,
+        "vocab_size": m.vocab_size,
+        "eos_token_ids": list(m.eos_token_ids),
+        "chat_template": m.chat_template is not None,
+        "generation_defaults": dict(m.generation_defaults),
+        "graph": graph.name,
+        "graph_bytes": size,
+        "parity": {k: val[k] for k in ("max_abs_logit_diff", "greedy_identical", "greedy_tokens") if k in val},
+        "quality": val.get("quality"),
+        "providers_available": er.available_providers(),
+        "versions": prov.get("versions", {}),
+    }
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@verbose_option
+def info(model_path: str, as_json: bool) -> None:
+    """Describe the exported model folder MODEL."""
+    d = describe(model_path)
+    if as_json:
+        click.echo(json.dumps(d, indent=2, ensure_ascii=False))
+        return
+    params = f"{d['parameters'] / 1e6:.1f}M" if d["parameters"] else "?"
+    q = d["quantization"]
+    qtext = q.get("method", "none") + (f" (block {q['block_size']})" if "block_size" in q else "")
+    lines = [
+        f"model         {d['path']}",
+        f"architecture  {d['architecture']} ({d['model_type']}), {params} parameters",
+        f"precision     {d['precision']}, quantisation {qtext}, KV cache {d['kv_dtype']}",
+        f"geometry      {d['layers']} layers, {d['kv_heads']} KV heads x {d['head_size']}",
+        f"context       {d['context_length']} tokens; vocabulary {d['vocab_size']}; EOS {d['eos_token_ids']}",
+        f"chat template {'yes' if d['chat_template'] else 'no'}",
+        f"graph         {d['graph']} ({d['graph_bytes'] / 2**20:.1f} MiB with weights)",
+        f"defaults      {d['generation_defaults'] or 'none (edgeroute defaults)'}",
+    ]
+    p = d["parity"]
+    if p:
+        greedy = (f", greedy {p['greedy_tokens']} tokens identical: {'yes' if p['greedy_identical'] else 'no'}"
+                  if "greedy_identical" in p else "")
+        lines.append(f"parity        max |Δlogit| {p['max_abs_logit_diff']:.2e} vs PyTorch{greedy}")
+    if d["quality"]:
+        qq = d["quality"]
+        lines.append(f"quality       top-1 agreement {100 * qq['top1_agreement']:.1f}%, perplexity "
+                     f"{qq['perplexity']:.3f} vs {qq['perplexity_reference']:.3f} "
+                     f"({qq['perplexity_change_pct']:+.2f}%)")
+    lines.append(f"providers     {', '.join(d['providers_available'])} available on this machine")
+    click.echo("\n".join(lines))

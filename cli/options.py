@@ -1,0 +1,126 @@
+"""Option stacks shared by the commands, and turning flags into configs.
+
+Defaults come from the model's manifest (the checkpoint's generation defaults), then edgeroute's own; a flag
+given on the command line always wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+import edgeroute as er
+
+F = Callable[..., Any]
+
+
+def verbose_option(f: F) -> F:
+    """``--verbose`` on every command (also accepted before the command)."""
+    return click.option("--verbose", is_flag=True, expose_value=False,
+                        help="Show the full traceback when something fails.")(f)
+
+
+def model_options(f: F) -> F:
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="onnxruntime intra-op threads (default: all cores).")(f)
+    f = click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Execution provider; never falls back silently.")(f)
+    return f
+
+
+SAMPLING_FLAGS = [
+    ("temperature", float, "Temperature; 0 = greedy."),
+    ("top_k", int, "Keep the k most likely tokens; 0 = off."),
+    ("top_p", float, "Nucleus mass in (0, 1]; 1 = off."),
+    ("min_p", float, "Drop tokens below min_p x the top probability; 0 = off."),
+    ("typical_p", float, "Locally typical mass in (0, 1]; 1 = off."),
+    ("min_keep", int, "Every truncation keeps at least this many tokens."),
+    ("repetition_penalty", float, "HF multiplicative repetition penalty; 1 = off."),
+    ("presence_penalty", float, "OpenAI additive presence penalty in [-2, 2]."),
+    ("frequency_penalty", float, "OpenAI additive frequency penalty in [-2, 2]."),
+    ("penalty_last_n", int, "Penalties look at the last N tokens; -1 = all, 0 = off."),
+    ("explore", float, "Exploration q: p' = q*uniform + (1-q)*p over allowed tokens."),
+    ("explore_end", float, "The value q moves to under the schedule."),
+    ("explore_steps", int, "Steps over which q moves to --explore-end."),
+    ("seed", int, "Seed of the request's random generator (same seed, same tokens)."),
+]
+
+
+def sampling_options(f: F) -> F:
+    f = click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN=BIAS",
+                     help="Add BIAS to TOKEN (an id, or text: every token of it); BIAS -inf or 'ban' bans it. "
+                          "Repeatable.")(f)
+    f = click.option("--explore-schedule", type=click.Choice(["constant", "linear", "exponential"]), default=None,
+                     help="How q moves from --explore to --explore-end.")(f)
+    for name, typ, text in reversed(SAMPLING_FLAGS):
+        f = click.option("--" + name.replace("_", "-"), name, type=typ, default=None, help=text)(f)
+    return f
+
+
+def generation_options(f: F) -> F:
+    f = click.option("--logprobs", type=click.IntRange(0, 20), default=None,
+                     help="Report log-probabilities: the chosen token and N alternatives.")(f)
+    f = click.option("--stop", multiple=True, help="Stop string (repeatable); never part of the output.")(f)
+    f = click.option("--min-new-tokens", type=click.IntRange(min=0), default=None,
+                     help="Suppress end-of-sequence until this many tokens were generated.")(f)
+    f = click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+                     help="Most tokens to generate (default: the model's, else 256).")(f)
+    return f
+
+
+def parse_logit_bias(items: tuple[str, ...], tokenizer: er.Tokenizer) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for item in items:
+        token, sep, value = item.rpartition("=")
+        if not sep or not token:
+            raise click.BadParameter(f"{item!r} is not TOKEN=BIAS", param_hint="--logit-bias")
+        v = value.strip().lower()
+        try:
+            bias = -math.inf if v in ("ban", "-inf") else float(v)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a number, -inf or ban", param_hint="--logit-bias") from None
+        if token.isdigit():
+            ids = [int(token)]
+        else:
+            ids = tokenizer.encode(token, add_special_tokens=False)
+            if not ids:
+                raise click.BadParameter(f"{token!r} encodes to no tokens", param_hint="--logit-bias")
+        for i in ids:
+            out[i] = bias
+    return out
+
+
+def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
+    """GenerationConfig from command-line flags over the manifest's generation defaults."""
+    defaults = dict(model.manifest.generation_defaults)
+    sampling: dict[str, Any] = {k: v for k, v in defaults.items() if k in er.SamplingConfig.__dataclass_fields__}
+    for name, _, _ in SAMPLING_FLAGS:
+        if flags.get(name) is not None:
+            sampling[name] = flags[name]
+    if flags.get("explore_schedule"):
+        sampling["explore_schedule"] = flags["explore_schedule"]
+    if flags.get("logit_bias"):
+        bias = parse_logit_bias(flags["logit_bias"], model.tokenizer)
+        bad = [i for i in bias if i >= model.vocab_size]
+        if bad:
+            raise click.BadParameter(f"token id {bad[0]} is outside the vocabulary ({model.vocab_size})",
+                                     param_hint="--logit-bias")
+        sampling["logit_bias"] = bias
+    gen: dict[str, Any] = {}
+    if defaults.get("max_new_tokens"):
+        gen["max_new_tokens"] = int(defaults["max_new_tokens"])
+    for name in ("max_new_tokens", "min_new_tokens"):
+        if flags.get(name) is not None:
+            gen[name] = flags[name]
+    if flags.get("stop"):
+        gen["stop"] = tuple(flags["stop"])
+    if flags.get("logprobs") is not None:
+        gen["logprobs"] = flags["logprobs"] if flags["logprobs"] > 0 else True
+    return er.GenerationConfig(sampling=er.SamplingConfig(**sampling), **gen)
+
+
+def load_model(path: str, provider: str, threads: int | None) -> er.Model:
+    return er.Model.load(path, provider=provider, threads=threads)

@@ -1,0 +1,93 @@
+"""``edgeroute run MODEL [PROMPT | -]``: generate and stream to stdout, or print JSON per sample."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+import edgeroute as er
+
+from .options import build_config, generation_options, load_model, model_options, sampling_options, verbose_option
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, or '-' to read it from standard input")
+        text = sys.stdin.read()
+        if not text.strip():
+            raise click.UsageError("the prompt read from standard input is empty")
+        return text
+    return prompt
+
+
+def prompt_ids(model: er.Model, text: str, chat: bool, system: str | None) -> list[int]:
+    if not chat:
+        if system:
+            raise click.UsageError("--system needs --chat")
+        return model.tokenizer.encode(text)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return model.tokenizer.apply_chat_template(messages)
+
+
+def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "sample": sample,
+        "text": c.text,
+        "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "usage": {
+            "prompt_tokens": c.usage.prompt_tokens,
+            "completion_tokens": c.usage.completion_tokens,
+            "time_to_first_token": c.usage.time_to_first_token,
+            "tokens_per_second": c.usage.tokens_per_second,
+        },
+    }
+    if c.logprobs is not None:
+        out["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
+                            "top": [{"token_id": i, "logprob": v} for i, v in lp.top]} for lp in c.logprobs]
+    return out
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("prompt", required=False)
+@click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("-n", "samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of samples (sample i uses seed+i when --seed is given).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of streaming.")
+@generation_options
+@sampling_options
+@model_options
+@verbose_option
+def run(model_path: str, prompt: str | None, chat: bool, system: str | None, samples: int, as_json: bool,
+        provider: str, threads: int | None, **flags: Any) -> None:
+    """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'."""
+    text = read_prompt(prompt)
+    model = load_model(model_path, provider, threads)
+    config = build_config(model, flags)
+    ids = prompt_ids(model, text, chat, system)
+    seed = config.sampling.seed
+    for i in range(samples):
+        cfg = config if seed is None else config.replace(sampling=config.sampling.replace(seed=seed + i))
+        gen = model.generator(cfg)
+        gen.append(ids)
+        if as_json:
+            click.echo(json.dumps(completion_json(gen.run(), i), ensure_ascii=False))
+            continue
+        if i:
+            click.echo("\n")
+        for step in gen:
+            if step.text:
+                click.echo(step.text, nl=False)
+                sys.stdout.flush()
+        click.echo()
+        if cfg.want_logprobs:
+            comp = gen.completion()
+            for lp in comp.logprobs or []:
+                alts = " ".join(f"{model.tokenizer.decode([t], False)!r}:{v:.3f}" for t, v in lp.top)
+                click.echo(f"{model.tokenizer.decode([lp.token_id], False)!r}\t{lp.logprob:.4f}\t{alts}", err=True)
