@@ -37,21 +37,22 @@ def apply_logit_bias(logits: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> n
 
 
 def apply_penalties(logits: np.ndarray, window: np.ndarray, repetition: float = 1.0, presence: float = 0.0,
-                    frequency: float = 0.0) -> np.ndarray:
-    """Penalise tokens that occur in ``window`` (the last N token ids). Returns a new array.
+                    frequency: float = 0.0, out: np.ndarray | None = None) -> np.ndarray:
+    """Penalise tokens that occur in ``window`` (the last N token ids). Returns a new array (or writes into
+    ``out``, which may be ``logits`` itself).
 
     repetition (HF): a positive logit is divided by it, a negative one multiplied. presence/frequency (OpenAI):
     ``logit -= presence * [count > 0] + frequency * count``.
     """
-    out = np.array(logits, dtype=np.float32, copy=True)
+    if out is None:
+        out = np.array(logits, dtype=np.float32, copy=True)
     if len(window) == 0 or (repetition == 1.0 and presence == 0.0 and frequency == 0.0):
         return out
     uniq, counts = np.unique(window, return_counts=True)
     sel = out[uniq]
     if repetition != 1.0:
         sel = np.where(sel > 0, sel / repetition, sel * repetition)
-    sel = sel - (presence + frequency * counts.astype(np.float32))
-    out[uniq] = sel
+    out[uniq] = sel - (presence + frequency * counts.astype(np.float32))
     return out
 
 
@@ -244,15 +245,19 @@ class Router:
         )
 
     def process(self, logits: np.ndarray, history: np.ndarray, suppress: np.ndarray | None = None) -> np.ndarray:
-        """Steps 1-2: bias, suppression (``-inf`` at ``suppress``) and penalties; a new float32 vector."""
+        """Steps 1-2: bias, suppression (``-inf`` at ``suppress``) and penalties. Returns a new float32 vector,
+        or ``logits`` itself when none of them applies (callers never write into the result)."""
         cfg = self.cfg
+        suppressing = suppress is not None and len(suppress) > 0
+        if not (len(self._bias_ids) or suppressing or self._penalise):
+            return logits  # nothing changes the logits: no copy (they are cold in cache after the graph run)
         out = apply_logit_bias(logits, self._bias_ids, self._bias)
-        if suppress is not None and len(suppress):
+        if suppressing:
             out[suppress] = -np.inf
         if self._penalise:
             n = cfg.penalty_last_n
             window = history if n < 0 else history[-n:]
-            out = apply_penalties(out, window, cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty)
+            apply_penalties(out, window, cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty, out)
         return out
 
     def truncate(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
