@@ -186,34 +186,40 @@ def test_failed_parity_raises_and_leaves_nothing(llama_ckpt: Path, tmp_path: Pat
     assert export_model(llama_ckpt, tmp_path / "out", validate=False).is_dir()  # --no-validate skips it
 
 
-def test_errors(tmp_path: Path) -> None:
-    with pytest.raises(er.ExportError, match="model hub id.*never downloads"):
-        export_model("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "o")
-    with pytest.raises(er.ExportError, match="not a local checkpoint"):
-        export_model(tmp_path / "missing", tmp_path / "o")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(er.ExportError, match="neither config.json"):
-        export_model(tmp_path / "empty", tmp_path / "o")
-    (tmp_path / "t5").mkdir()
-    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(er.ExportError, match="'t5' is not supported.*llama"):
-        export_model(tmp_path / "t5", tmp_path / "o")
-    (tmp_path / "noweights").mkdir()
-    (tmp_path / "noweights" / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(er.ExportError, match="no weights"):
-        export_model(tmp_path / "noweights", tmp_path / "o")
-    (tmp_path / "badjson").mkdir()
-    (tmp_path / "badjson" / "config.json").write_text("{")
-    with pytest.raises(er.ExportError, match="not valid JSON"):
-        export_model(tmp_path / "badjson", tmp_path / "o")
-    (tmp_path / "x.bin").write_bytes(b"1")
-    with pytest.raises(er.ExportError, match="not a .gguf"):
-        export_model(tmp_path / "x.bin", tmp_path / "o")
-    (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
-    with pytest.raises(er.ExportError, match="not a readable GGUF"):
-        export_model(tmp_path / "bad.gguf", tmp_path / "o")
+BAD_SOURCES = [
+    # (files to create under tmp_path: name -> text, None for a folder), the source, the error expected
+    ({}, "HuggingFaceTB/SmolLM2-135M-Instruct", "model hub id.*never downloads"),
+    ({}, "missing", "not a local checkpoint"),
+    ({"empty": None}, "empty", "neither config.json"),
+    ({"t5/config.json": '{"model_type": "t5"}'}, "t5", "'t5' is not supported.*llama"),
+    ({"noweights/config.json": '{"model_type": "llama"}'}, "noweights", "no weights"),
+    ({"badjson/config.json": "{"}, "badjson", "not valid JSON"),
+    ({"x.bin": "1"}, "x.bin", "not a .gguf"),
+    ({"bad.gguf": "not a gguf at all"}, "bad.gguf", "not a readable GGUF"),
+]
+
+
+@pytest.mark.parametrize(("files", "source", "match"), BAD_SOURCES, ids=[b[1] for b in BAD_SOURCES])
+def test_bad_sources(tmp_path: Path, files: dict, source: str, match: str) -> None:
+    for name, text in files.items():
+        path = tmp_path / name
+        if text is None:
+            path.mkdir()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    src = source if "/" in source else tmp_path / source
+    with pytest.raises(er.ExportError, match=match):
+        export_model(src, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options(tmp_path: Path) -> None:
     with pytest.raises(er.ConfigError) as e:
         export_model(tmp_path, tmp_path / "o", quantize="int3")
+    assert e.value.field == "quantize"
+    with pytest.raises(er.ConfigError) as e:
+        export_model(tmp_path, tmp_path / "o", dtype="fp16", quantize="int4")
     assert e.value.field == "quantize"
     assert not (tmp_path / "o").exists()
 

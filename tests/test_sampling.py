@@ -124,6 +124,17 @@ def test_explore_mix_and_draw_vectors() -> None:
 
 
 # -- the whole chain, statistically --------------------------------------------------------------------------
+def prefix_reaching(order: np.ndarray, p: np.ndarray, mass: float, min_keep: int) -> list[int]:
+    """Walk ``order`` one token at a time until the walked probability reaches ``mass`` (and min_keep)."""
+    cum, chosen = 0.0, []
+    for j in order:
+        if cum >= mass and len(chosen) >= min_keep:
+            break
+        chosen.append(int(j))
+        cum += p[j]
+    return chosen
+
+
 def reference(logits: np.ndarray, history: np.ndarray, cfg: SamplingConfig, step: int,
               special: set[int]) -> np.ndarray:
     """The routed distribution, computed independently: float64, full sorts, probability-space min-p."""
@@ -153,15 +164,7 @@ def reference(logits: np.ndarray, history: np.ndarray, cfg: SamplingConfig, step
             keep &= x >= kth
         if cfg.top_p < 1:
             p = probs()
-            order = np.argsort(-p, kind="stable")
-            cum = 0.0
-            chosen = []
-            for j in order:
-                if cum >= cfg.top_p and len(chosen) >= cfg.min_keep:
-                    break
-                chosen.append(j)
-                cum += p[j]
-            keep &= np.isin(np.arange(v), chosen)
+            keep &= np.isin(np.arange(v), prefix_reaching(np.argsort(-p, kind="stable"), p, cfg.top_p, cfg.min_keep))
         if cfg.min_p > 0:
             p = probs()
             sel = keep & (p >= cfg.min_p * p.max())
@@ -173,13 +176,7 @@ def reference(logits: np.ndarray, history: np.ndarray, cfg: SamplingConfig, step
             ent = -sum(p[j] * math.log(p[j]) for j in range(v) if p[j] > 0)
             dev = np.where(keep, np.abs(-np.log(np.where(p > 0, p, 1)) - ent), np.inf)
             order = np.argsort(dev, kind="stable")
-            cum, chosen = 0.0, []
-            for j in order:
-                if cum >= cfg.typical_p and len(chosen) >= cfg.min_keep:
-                    break
-                chosen.append(j)
-                cum += p[j]
-            keep &= np.isin(np.arange(v), chosen)
+            keep &= np.isin(np.arange(v), prefix_reaching(order, p, cfg.typical_p, cfg.min_keep))
         p = probs()
     q = cfg.explore_at(step)
     allowed = np.array([i not in special and cfg.logit_bias.get(i, 0.0) != -np.inf for i in range(v)])

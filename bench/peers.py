@@ -1,0 +1,330 @@
+"""edgeroute against its peers on the same prompt, token count and machine, one after another.
+
+    python bench/peers.py --prepare        # once: the peers' model folders under models/peers/
+    python bench/peers.py [--runs 5] [--tokens 128] [--json]
+
+Every system runs in its own subprocess (so peak RSS is its own), greedy, on the chat prompt "Write a short story
+about a robot who learns to paint.", generating exactly --tokens tokens; figures are medians of --runs after one
+warm-up. Peers that are not installed, or whose model folder is missing, are skipped with a note; edgeroute is
+not optional. Ratios are edgeroute's decode tok/s over each peer's, measured in this same run.
+See bench/README.md for installing each peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import REPO
+
+PROMPT = "Write a short story about a robot who learns to paint."
+MODELS = REPO / "models"
+PEERS = MODELS / "peers"
+HF_DIR = PEERS / "smollm2-hf"
+GENAI_PYTHON = REPO / ".venv-genai" / "bin" / "python"  # onnxruntime-genai's own environment (bench/README.md)
+
+
+def _gguf() -> Path:
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "smollm2_gguf.py")], capture_output=True,
+                         text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+SYSTEMS: dict[str, dict[str, Any]] = {
+    "edgeroute fp32": {"kind": "edgeroute", "path": MODELS / "smollm2-135m"},
+    "edgeroute int8": {"kind": "edgeroute", "path": MODELS / "smollm2-135m-int8"},
+    "edgeroute int4": {"kind": "edgeroute", "path": MODELS / "smollm2-135m-int4"},
+    "transformers, PyTorch fp32": {"kind": "transformers", "path": HF_DIR},
+    "optimum ORTModelForCausalLM fp32": {"kind": "optimum", "path": PEERS / "optimum-fp32"},
+    "onnxruntime-genai fp32": {"kind": "genai", "path": PEERS / "genai-fp32"},
+    "onnxruntime-genai int4": {"kind": "genai", "path": PEERS / "genai-int4"},
+    "llama.cpp Q4_1 (llama-cpp-python)": {"kind": "llamacpp", "path": None},
+}
+
+
+# -- workers (each runs in its own process) -------------------------------------------------------------------
+def _threads() -> int:
+    return int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
+
+
+def _measure(first_token, rest, runs: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """first_token() -> (state, ttft seconds); rest(state) -> (token ids, seconds for the remaining tokens)."""
+    ttft, decode, ids = [], [], []
+    for i in range(runs + 1):
+        state, t1 = first_token()
+        ids, t2 = rest(state)
+        if i:
+            ttft.append(t1)
+            decode.append((len(ids) - 1) / t2)
+    return {"decode_tok_s": statistics.median(decode), "ttft_ms": 1000 * statistics.median(ttft),
+            "token_ids": ids}
+
+
+def work_edgeroute(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
+    import edgeroute as er
+
+    model = er.Model.load(path, threads=_threads())
+    cfg = er.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens,
+                              sampling=er.SamplingConfig(temperature=0))
+
+    def first():  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        gen = model.generator(cfg)
+        gen.append(ids)
+        step = gen.step()
+        return (gen, [step.token_id]), time.perf_counter() - t0
+
+    def rest(state):  # type: ignore[no-untyped-def]
+        gen, out = state
+        t0 = time.perf_counter()
+        out += [s.token_id for s in gen]
+        return out, time.perf_counter() - t0
+
+    return _measure(first, rest, runs)
+
+
+def work_transformers(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(_threads())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = torch.tensor([ids])
+
+    def first():  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(prompt, use_cache=True)
+        tok0 = int(out.logits[0, -1].argmax())
+        return (out.past_key_values, [tok0]), time.perf_counter() - t0
+
+    def rest(state):  # type: ignore[no-untyped-def]
+        past, out = state
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(tokens - 1):
+                o = model(torch.tensor([[out[-1]]]), past_key_values=past, use_cache=True)
+                past = o.past_key_values
+                out.append(int(o.logits[0, -1].argmax()))
+        return out, time.perf_counter() - t0
+
+    return _measure(first, rest, runs)
+
+
+def work_optimum(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = _threads()
+    so.inter_op_num_threads = 1
+    model = ORTModelForCausalLM.from_pretrained(path, session_options=so, provider="CPUExecutionProvider")
+    prompt = torch.tensor([ids])
+    eos = model.generation_config.eos_token_id
+
+    def first():  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+        return None, time.perf_counter() - t0
+
+    def rest(state):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             eos_token_id=eos)
+        total = time.perf_counter() - t0
+        return out[0, prompt.shape[1]:].tolist(), total
+
+    res = _measure(first, rest, runs)
+    # rest() timed the whole generation: take the first token's share out of it
+    res["decode_tok_s"] = (tokens - 1) / ((tokens - 1) / res["decode_tok_s"] - res["ttft_ms"] / 1000)
+    return res
+
+
+def work_genai(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
+    import onnxruntime_genai as og
+
+    import numpy as np
+
+    model = og.Model(str(path))
+    prompt = np.array(ids, dtype=np.int32)  # (its own tokenizer mis-encodes this GGUF-derived tokenizer.json)
+
+    def first():  # type: ignore[no-untyped-def]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
+        t0 = time.perf_counter()
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt)
+        gen.generate_next_token()
+        return (gen, [int(gen.get_next_tokens()[0])]), time.perf_counter() - t0
+
+    def rest(state):  # type: ignore[no-untyped-def]
+        gen, out = state
+        t0 = time.perf_counter()
+        while not gen.is_done() and len(out) < tokens:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out, time.perf_counter() - t0
+
+    return _measure(first, rest, runs)
+
+
+def work_llamacpp(path: Path | None, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(_gguf()), n_threads=_threads(), n_ctx=1024, verbose=False)
+
+    def first():  # type: ignore[no-untyped-def]
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tok0 = int(llm.scores[llm.n_tokens - 1].argmax())
+        return [tok0], time.perf_counter() - t0
+
+    def rest(out):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        for _ in range(tokens - 1):
+            llm.eval([out[-1]])
+            out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        return out, time.perf_counter() - t0
+
+    return _measure(first, rest, runs)
+
+
+WORKERS = {"edgeroute": work_edgeroute, "transformers": work_transformers, "optimum": work_optimum,
+           "genai": work_genai, "llamacpp": work_llamacpp}
+IMPORTS = {"edgeroute": "edgeroute", "transformers": "torch", "optimum": "optimum.onnxruntime",
+           "genai": "onnxruntime_genai", "llamacpp": "llama_cpp"}
+
+
+# -- preparation and the driver -------------------------------------------------------------------------------
+def prepare() -> None:
+    """Create the peers' model folders from the same GGUF: an HF checkpoint folder and optimum's export."""
+    from transformers import AutoTokenizer
+
+    PEERS.mkdir(parents=True, exist_ok=True)
+    gguf = _gguf()
+    if not (HF_DIR / "config.json").is_file():
+        from edgeroute.export.sources import load_source
+
+        src = load_source(gguf)
+        src.model.save_pretrained(HF_DIR)
+        src.tokenizer.save_pretrained(HF_DIR)
+        print(f"wrote {HF_DIR}")
+    opt = PEERS / "optimum-fp32"
+    if not (opt / "model.onnx").is_file():
+        from optimum.exporters.onnx import main_export
+
+        main_export(str(HF_DIR), opt, task="text-generation-with-past", do_validation=False)
+        AutoTokenizer.from_pretrained(HF_DIR).save_pretrained(opt)
+        print(f"wrote {opt}")
+    print("onnxruntime-genai folders: see bench/README.md (its model builder needs transformers >= 5)")
+
+
+def run_worker(name: str, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
+    spec = SYSTEMS[name]
+    res = WORKERS[spec["kind"]](spec["path"], ids, tokens, runs)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prepare", action="store_true")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--only", nargs="*", default=None, help="Run only these systems (names as printed).")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.prepare:
+        prepare()
+        return
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, json.loads(args.ids), args.tokens, args.runs)))
+        return
+    ids = prompt_ids()
+    import importlib.util
+
+    results: dict[str, dict[str, Any]] = {}
+    notes = []
+    for name, spec in SYSTEMS.items():
+        if args.only and name not in args.only:
+            continue
+        python = str(GENAI_PYTHON) if spec["kind"] == "genai" and GENAI_PYTHON.exists() else sys.executable
+        if python == sys.executable and importlib.util.find_spec(IMPORTS[spec["kind"]].split(".")[0]) is None:
+            notes.append(f"{name}: skipped, {IMPORTS[spec['kind']]} is not installed (bench/README.md)")
+            continue
+        if spec["path"] is not None and not Path(spec["path"]).exists():
+            if spec["kind"] == "edgeroute" and name == "edgeroute fp32":
+                sys.exit(f"edgeroute's model {spec['path']} is missing: run `make demo` first")
+            notes.append(f"{name}: skipped, {spec['path']} is missing (python bench/peers.py --prepare)")
+            continue
+        proc = subprocess.run([python, __file__, "--worker", name, "--tokens", str(args.tokens),
+                               "--runs", str(args.runs), "--ids", json.dumps(ids)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            notes.append(f"{name}: failed: {tail}")
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = results.get("transformers, PyTorch fp32", {}).get("token_ids")
+    for r in results.values():
+        r["same_tokens_as_pytorch"] = None if ref is None else r.pop("token_ids") == ref
+    for r in results.values():
+        r.pop("token_ids", None)
+    if args.json:
+        print(json.dumps({"machine": machine(), "results": results, "notes": notes}, indent=2))
+        return
+    print(f"machine: {machine()}; {args.tokens} new tokens, greedy, median of {args.runs}\n")
+    print("| system | decode tok/s | time to first token | peak RSS | same greedy tokens as PyTorch |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        same = {None: "n/a", True: "yes", False: "no"}[r["same_tokens_as_pytorch"]]
+        print(f"| {name} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB | {same} |")
+    ours = {n: r for n, r in results.items() if n.startswith("edgeroute")}
+    others = {n: r for n, r in results.items() if not n.startswith("edgeroute")}
+    if ours and others:
+        print("\nedgeroute decode speed as a ratio of each peer's (same run):")
+        for o, orow in ours.items():
+            cells = ", ".join(f"{orow['decode_tok_s'] / prow['decode_tok_s']:.2f}x {p}" for p, prow in others.items())
+            print(f"  {o}: {cells}")
+    for n in notes:
+        print(f"note: {n}")
+
+
+def prompt_ids() -> list[int]:
+    """The chat prompt's token ids, computed once (edgeroute's tokenizer renders the template exactly as
+    transformers does) and given to every system, so all of them see the same prompt."""
+    import edgeroute as er
+
+    path = SYSTEMS["edgeroute fp32"]["path"]
+    if not (Path(path) / "edgeroute.json").is_file():
+        sys.exit(f"edgeroute's model {path} is missing: run `make demo` first")
+    return er.Model.load(path).tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+
+
+def machine() -> str:
+    import platform
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+if __name__ == "__main__":
+    main()
