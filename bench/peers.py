@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -229,10 +228,16 @@ def prepare() -> None:
     print("onnxruntime-genai folders: see bench/README.md (its model builder needs transformers >= 5)")
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM): ru_maxrss would include the driver's peak, inherited across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def run_worker(name: str, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
     spec = SYSTEMS[name]
     res = WORKERS[spec["kind"]](spec["path"], ids, tokens, runs)
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mb"] = _peak_rss_mb()
     return res
 
 

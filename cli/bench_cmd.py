@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import statistics
+import sys
 from typing import Any
 
 import click
@@ -17,8 +18,20 @@ BENCH_PROMPT = "Write a short story about a robot who learns to paint."
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status, which belongs to this process's own memory map (``ru_maxrss`` also
+    counts a parent's peak inherited across fork and exec). Elsewhere: ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
 
 
 def run_bench(model: er.Model, config: er.GenerationConfig, ids: list[int], runs: int,
