@@ -71,6 +71,47 @@ def generation_options(f: F) -> F:
     return f
 
 
+def flow_options(f: F) -> F:
+    """Level-1 routing: speculative decoding, guidance, contrast."""
+    f = click.option("--contrast-alpha", type=click.FloatRange(0, 10), default=0.5, show_default=True,
+                     help="Weight of the small model in contrastive decoding.")(f)
+    f = click.option("--contrast", "contrast", type=click.Path(), default=None, metavar="PATH",
+                     help="Contrastive decoding against this smaller model (same tokenizer).")(f)
+    f = click.option("--negative-prompt", default=None, help="Context of the guidance's second stream.")(f)
+    f = click.option("--guidance", type=float, default=None, metavar="W",
+                     help="Classifier-free guidance weight: u + W (c - u); 1 = off.")(f)
+    f = click.option("--draft-k", default="4", show_default=True, metavar="K|auto",
+                     help="Draft tokens per speculative round; 'auto' adapts to the acceptance rate.")(f)
+    f = click.option("--draft", default=None, metavar="PATH|ngram",
+                     help="Speculative decoding with this draft model (same tokenizer) or prompt lookup.")(f)
+    return f
+
+
+def flow_kwargs(model: er.Model, flags: dict[str, Any], provider: str, threads: int | None) -> dict[str, Any]:
+    """Keyword arguments of ``model.generator`` for the flow flags."""
+    out: dict[str, Any] = {}
+    draft, k = flags.pop("draft", None), flags.pop("draft_k", "4")
+    if k == "auto":
+        out["adaptive_k"], k = True, "4"
+    if not str(k).isdigit() or int(k) < 1:
+        raise click.BadParameter(f"{k!r} is not a positive integer or 'auto'", param_hint="--draft-k")
+    if draft is not None:
+        out["draft"] = "ngram" if draft == "ngram" else load_model(draft, provider, threads)
+        out["draft_k"] = int(k)
+    guidance, negative = flags.pop("guidance", None), flags.pop("negative_prompt", None)
+    if guidance is not None:
+        out["guidance"] = guidance
+        if negative is not None:
+            out["negative_prompt"] = negative
+    elif negative is not None:
+        raise click.UsageError("--negative-prompt needs --guidance")
+    contrast, alpha = flags.pop("contrast", None), flags.pop("contrast_alpha", 0.5)
+    if contrast is not None:
+        out["contrast"] = load_model(contrast, provider, threads)
+        out["contrast_alpha"] = alpha
+    return out
+
+
 def parse_logit_bias(items: tuple[str, ...], tokenizer: er.Tokenizer) -> dict[int, float]:
     out: dict[int, float] = {}
     for item in items:

@@ -10,7 +10,16 @@ import click
 
 import edgeroute as er
 
-from .options import build_config, generation_options, load_model, model_options, sampling_options, verbose_option
+from .options import (
+    build_config,
+    flow_kwargs,
+    flow_options,
+    generation_options,
+    load_model,
+    model_options,
+    sampling_options,
+    verbose_option,
+)
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -46,6 +55,9 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
             "tokens_per_second": c.usage.tokens_per_second,
         },
     }
+    if c.usage.draft_proposed:
+        out["usage"]["draft_proposed"] = c.usage.draft_proposed
+        out["usage"]["draft_accepted"] = c.usage.draft_accepted
     if c.logprobs is not None:
         out["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
                             "top": [{"token_id": i, "logprob": v} for i, v in lp.top]} for lp in c.logprobs]
@@ -62,6 +74,7 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of streaming.")
 @generation_options
 @sampling_options
+@flow_options
 @model_options
 @verbose_option
 def run(model_path: str, prompt: str | None, chat: bool, system: str | None, samples: int, as_json: bool,
@@ -69,12 +82,13 @@ def run(model_path: str, prompt: str | None, chat: bool, system: str | None, sam
     """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'."""
     text = read_prompt(prompt)
     model = load_model(model_path, provider, threads)
+    flows = flow_kwargs(model, flags, provider, threads)
     config = build_config(model, flags)
     ids = prompt_ids(model, text, chat, system)
     seed = config.sampling.seed
     for i in range(samples):
         cfg = config if seed is None else config.replace(sampling=config.sampling.replace(seed=seed + i))
-        gen = model.generator(cfg)
+        gen = model.generator(cfg, **flows)
         gen.append(ids)
         if as_json:
             click.echo(json.dumps(completion_json(gen.run(), i), ensure_ascii=False))

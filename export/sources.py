@@ -32,10 +32,19 @@ class Source:
 
 
 def offline() -> None:
-    """Forbid any hub access for this process (transformers, huggingface_hub)."""
+    """Forbid any hub access for this process (transformers, huggingface_hub) and quiet the export stack's
+    own progress bars and notices (edgeroute reports its stages itself)."""
+    import logging
+
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("optimum", "optimum.exporters", "optimum.exporters.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # optimum lists these for text-generation-with-past too, but they are encoder-decoder families

@@ -9,12 +9,14 @@ each step feeds what is pending, routes the logits, and appends the chosen token
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import routing
 from .config import GenerationConfig
 from .errors import ConfigError, ContextOverflowError
 from .sampling import log_softmax, make_chain
@@ -45,6 +47,13 @@ class Usage:
     decode_seconds: float = 0.0
     time_to_first_token: float | None = None
     router_seconds: float = 0.0  # time spent choosing tokens (router + text), included in the above
+    draft_proposed: int = 0  # speculative decoding: draft tokens proposed
+    draft_accepted: int = 0  # ... and accepted by the target
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens (0 without speculative decoding)."""
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -61,6 +70,8 @@ class Usage:
             "decode_seconds": self.decode_seconds,
             "tokens_per_second": self.tokens_per_second,
             "router_seconds": self.router_seconds,
+            "draft_proposed": self.draft_proposed,
+            "draft_accepted": self.draft_accepted,
         }
 
 
@@ -122,14 +133,24 @@ class _Track:
     def done(self) -> bool:
         return self.turn.finish_reason is not None
 
-    def choose(self, logits: np.ndarray, history: np.ndarray) -> Step:
-        """Route ``logits`` (one row) to a token and account for it."""
-        t, cfg = self.turn, self.config
-        n = len(t.generated)
-        suppress = self._stop_arr if n < cfg.min_new_tokens else None
-        token = self.router.sample(logits, history, self.rng, n, suppress)
-        lp = self._logprob(logits, token) if cfg.want_logprobs else None
+    def _suppress(self, index: int) -> np.ndarray | None:
+        return self._stop_arr if index < self.config.min_new_tokens else None
+
+    def choose(self, logits: np.ndarray, history: np.ndarray, raw: np.ndarray | None = None) -> Step:
+        """Route ``logits`` (one row) to a token and account for it. ``raw`` are the model's own logits (for
+        logprobs) when the routed ones were mixed from several flows."""
+        n = len(self.turn.generated)
+        token = self.router.sample(logits, history, self.rng, n, self._suppress(n))
+        return self.take(token, logits if raw is None else raw)
+
+    def take(self, token: int, raw: np.ndarray) -> Step:
+        """Account for a token chosen elsewhere (speculative decoding); ``raw`` gives its logprob."""
+        lp = self._logprob(raw, token) if self.config.want_logprobs else None
         return self._accept(token, lp)
+
+    def dense(self, logits: np.ndarray, history: np.ndarray, index: int) -> np.ndarray:
+        """The exact routed distribution of the token at generated position ``index`` (dense, float64)."""
+        return self.router.distribution(logits, history, index, self._suppress(index)).dense()
 
     def _logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
         logp = log_softmax(logits)
@@ -212,14 +233,25 @@ class _Track:
 
 
 class Generator:
-    """Stateful generation over one sequence. Create with ``model.generator(config)``.
+    """Stateful generation over one sequence. Create with ``model.generator(config, ...)``.
 
     ``append(ids)`` feeds tokens (prefill in chunks) and starts a turn of at most ``max_new_tokens``; iterating
     yields :class:`Step` objects until a stop token, a stop string or the length limit; ``rewind(n)`` removes
     the last n tokens; ``usage`` sums counts and timings.
+
+    Level-1 flows (README, "Two-level routing"), at most one kind per generator:
+        draft: a second :class:`Model` with the same tokenizer, or ``"ngram"`` (prompt lookup): speculative
+            decoding with ``draft_k`` proposals per round (``adaptive_k`` adapts k to the acceptance).
+        guidance: the weight w of classifier-free guidance against ``negative_prompt`` (text or ids; default:
+            an empty context, the BOS token). ``w = 1`` is exactly single-stream generation.
+        contrast: a smaller :class:`Model` for contrastive decoding with weight ``contrast_alpha`` over the
+            plausible set ``p >= contrast_beta * p_max``.
     """
 
-    def __init__(self, model: Model, config: GenerationConfig) -> None:
+    def __init__(self, model: Model, config: GenerationConfig, *, draft: Model | str | None = None,
+                 draft_k: int = 4, adaptive_k: bool = False, guidance: float | None = None,
+                 negative_prompt: str | Sequence[int] | None = None, contrast: Model | None = None,
+                 contrast_alpha: float = 0.5, contrast_beta: float = 0.1) -> None:
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
         self.model = model
@@ -230,8 +262,15 @@ class Generator:
         self._logits: np.ndarray | None = None
         self._track = _Track(model, config, np.random.default_rng(config.sampling.seed))
         self._track.turn.finish_reason = "length"  # nothing to generate before the first append
+        self._queue: deque[Step] = deque()
         self.usage = Usage()
         self._t_turn = 0.0
+        self._drafter, self._k = _make_drafter(model, draft, draft_k, adaptive_k)
+        self._guidance, self._negative, self._neg_stream = _make_guidance(model, config, guidance, negative_prompt)
+        self._contrast = _make_contrast(model, contrast, contrast_alpha, contrast_beta)
+        if sum(x is not None for x in (self._drafter, self._guidance, self._contrast)) > 1:
+            raise ConfigError("flows", "draft/guidance/contrast", "use one of speculative decoding, guidance "
+                              "or contrast per generator")
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -242,7 +281,7 @@ class Generator:
     @property
     def done(self) -> bool:
         """True when the current turn has finished (call ``append`` to start another)."""
-        return self._track.done
+        return self._track.done and not self._queue
 
     @property
     def finish_reason(self) -> str | None:
@@ -270,6 +309,7 @@ class Generator:
         self._logits = None if len(arr) else self._logits
         self.usage.prompt_tokens += len(arr)
         self._track.new_turn()
+        self._queue.clear()
         self._t_turn = t0
         self._feed()
         self.usage.prefill_seconds += time.perf_counter() - t0
@@ -291,26 +331,90 @@ class Generator:
     # -- generating ------------------------------------------------------------------------------------------
     def step(self) -> Step:
         """Generate one token. Raises ``StopIteration`` when the turn is done."""
-        if self.done:
-            raise StopIteration
-        t0 = time.perf_counter()
+        if not self._queue:
+            if self._track.done:
+                raise StopIteration
+            t0 = time.perf_counter()
+            steps = self._speculate() if self._drafter is not None else None
+            if not steps:
+                steps = [self._plain()]
+            now = time.perf_counter()
+            u = self.usage
+            if u.completion_tokens == 0 and u.time_to_first_token is None:
+                u.time_to_first_token = now - self._t_turn
+            else:
+                u.decode_seconds += now - t0
+            u.completion_tokens += len(steps)
+            self._queue.extend(steps)
+        return self._queue.popleft()
+
+    def _plain(self) -> Step:
+        """One token from the (possibly mixed) logits of the current position."""
         self._feed()
         if self._logits is None:
             raise ConfigError("ids", [], "append a prompt before generating")
+        raw = self._logits
+        routed = self._mixed(raw)
         t1 = time.perf_counter()
-        st = self._track.choose(self._logits, self._ids[: self._n])
+        st = self._track.choose(routed, self._ids[: self._n], raw)
         self.usage.router_seconds += time.perf_counter() - t1
         self._ids[self._n] = st.token_id
         self._n += 1
         self._logits = None
-        now = time.perf_counter()
-        u = self.usage
-        if u.completion_tokens == 0 and u.time_to_first_token is None:
-            u.time_to_first_token = now - self._t_turn
-        else:
-            u.decode_seconds += now - t0
-        u.completion_tokens += 1
         return st
+
+    def _mixed(self, logits: np.ndarray) -> np.ndarray:
+        """Level-1 mixing of the second flow, if any, into this position's logits."""
+        if self._guidance is not None:
+            assert self._neg_stream is not None
+            uncond = self._neg_stream.sync(self._negative + self._track.turn.generated)
+            return routing.guidance_mix(logits, uncond, self._guidance)
+        if self._contrast is not None:
+            stream, alpha, beta = self._contrast
+            return routing.contrast_mix(logits, stream.sync(self._ids[: self._n]), alpha, beta)
+        return logits
+
+    def _speculate(self) -> list[Step] | None:
+        """One speculative round: the draft proposes, the target scores all proposals in one pass, rejection
+        sampling keeps an exact prefix plus one token. None when there is nothing to propose."""
+        tr, cache = self._track, self.cache
+        index = len(tr.turn.generated)
+        k = min(self._k.k, self.config.max_new_tokens - index - 1)
+        if k < 1 or self._n == 0:
+            return None
+        seq = self._ids[: self._n]
+        t1 = time.perf_counter()
+        assert self._drafter is not None
+        proposals, q_rows = routing.propose(self._drafter, seq, k, tr.dense, tr.rng, index, self.model.vocab_size)
+        if not proposals:
+            return None
+        k = len(proposals)
+        base = self._n
+        if cache.length == base and self._logits is not None:  # right after append: the first row is at hand
+            rows = [self._logits, *self.model.forward_last(np.array([proposals]), cache, k)[0]]
+        else:
+            if cache.length >= base:
+                cache.trim(cache.length - (base - 1))
+            feed = np.concatenate([self._ids[cache.length: base], proposals])
+            rows = list(self.model.forward_last(feed[None], cache, k + 1)[0])
+        hist = np.concatenate([seq, proposals])
+        p_rows = [tr.dense(rows[i], hist[: base + i], index + i) for i in range(k + 1)]
+        accepted, token = routing.verify(p_rows, q_rows, proposals, tr.rng)
+        self.usage.draft_proposed += k
+        self.usage.draft_accepted += accepted
+        self._k.update(k, accepted)
+        self.usage.router_seconds += time.perf_counter() - t1
+        steps = []
+        for i, tok in enumerate([*proposals[:accepted], token]):
+            steps.append(tr.take(tok, rows[i]))
+            self._ids[base + i] = tok
+            if steps[-1].finish_reason:
+                break
+        self._n = base + len(steps)
+        keep = base + min(len(steps), accepted)  # the cache holds the proposals: keep the accepted ones
+        cache.trim(cache.length - keep)
+        self._logits = None
+        return steps
 
     def __iter__(self) -> Iterator[Step]:
         while not self.done:
@@ -330,10 +434,12 @@ class Generator:
         """Remove the last ``n`` tokens of the sequence; generation continues from there.
 
         The KV cache is cut to the remaining tokens (the last one is recomputed on the next step). If the
-        removed tokens were generated in this turn, the turn's text is rebuilt from what remains.
+        removed tokens were generated in this turn, the turn's text is rebuilt from what remains. Steps already
+        generated but not yet yielded (speculative rounds) are dropped.
         """
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self._n:
             raise ConfigError("n", n, f"must be an integer in [0, {self._n}]")
+        self._queue.clear()
         if n == 0:
             return
         self._n -= n
@@ -343,6 +449,59 @@ class Generator:
         turn = self._track.turn
         lost = min(n, len(turn.generated))
         self._track.replay(turn.generated[: len(turn.generated) - lost])
+
+
+def _same_tokenizer(a: Model, b: Model) -> bool:
+    return a.vocab_size == b.vocab_size and a.tokenizer.backend.get_vocab() == b.tokenizer.backend.get_vocab()
+
+
+def _make_drafter(model: Model, draft: Model | str | None, k: int,
+                  adaptive: bool) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
+    ak = routing.AdaptiveK(k, adaptive)
+    if draft is None:
+        return None, ak
+    if isinstance(draft, str):
+        if draft != "ngram":
+            raise ConfigError("draft", draft, "must be a Model or 'ngram'")
+        return routing.NgramDrafter(), ak
+    if model.manifest.logits == "last":
+        raise ConfigError("draft", "model", "the target graph returns only the last position's logits")
+    if not _same_tokenizer(model, draft):
+        raise ConfigError("draft", repr(draft), "the draft model must share the target's tokenizer")
+    return routing.Stream(draft), ak
+
+
+def _make_guidance(model: Model, config: GenerationConfig, scale: float | None,
+                   negative: str | Sequence[int] | None) -> tuple[float | None, list[int], routing.Stream | None]:
+    if scale is None:
+        if negative is not None:
+            raise ConfigError("negative_prompt", negative, "needs guidance (a weight w)")
+        return None, [], None
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
+        raise ConfigError("guidance", scale, "must be a finite number (1 = no guidance)")
+    if negative is None:
+        m = model.manifest
+        ids = [m.bos_token_id] if m.bos_token_id is not None else [m.eos_token_ids[0]]
+    else:
+        ids = model.encode_prompt(negative)
+        if not ids:
+            raise ConfigError("negative_prompt", negative, "encodes to no tokens")
+    if len(ids) + config.max_new_tokens > model.context_length:
+        raise ContextOverflowError(len(ids) + config.max_new_tokens, model.context_length, "negative prompt")
+    return float(scale), ids, routing.Stream(model, config.prefill_chunk)
+
+
+def _make_contrast(model: Model, small: Model | None, alpha: float,
+                   beta: float) -> tuple[routing.Stream, float, float] | None:
+    if small is None:
+        return None
+    if not _same_tokenizer(model, small):
+        raise ConfigError("contrast", repr(small), "the contrast model must share the target's tokenizer")
+    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 10):
+        raise ConfigError("contrast_alpha", alpha, "must be a number in [0, 10]")
+    if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
+        raise ConfigError("contrast_beta", beta, "must be in (0, 1]")
+    return routing.Stream(small), float(alpha), float(beta)
 
 
 def generate_batch(model: Model, prompts: list[list[int]], config: GenerationConfig) -> list[Completion]:

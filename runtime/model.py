@@ -120,11 +120,16 @@ class Model:
         return np.asarray(logits[:, -n_last:, :], dtype=np.float32)
 
     # -- generation ------------------------------------------------------------------------------------------
-    def generator(self, config: GenerationConfig | None = None) -> Generator:
-        """A new :class:`Generator` (its own KV cache, RNG and router) for ``config``."""
+    def generator(self, config: GenerationConfig | None = None, **flows: Any) -> Generator:
+        """A new :class:`Generator` (its own KV cache, RNG and router) for ``config``.
+
+        ``flows`` choose a level-1 route: ``draft=other_model | "ngram"`` (with ``draft_k``, ``adaptive_k``) for
+        speculative decoding, ``guidance=w`` (with ``negative_prompt``), or ``contrast=small_model`` (with
+        ``contrast_alpha``, ``contrast_beta``). See :class:`Generator`.
+        """
         from .generator import Generator
 
-        return Generator(self, config or GenerationConfig())
+        return Generator(self, config or GenerationConfig(), **flows)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt given as text or as ids."""
@@ -135,12 +140,13 @@ class Model:
         raise ConfigError("prompt", prompt, "must be a string or a list of token ids")
 
     @overload
-    def generate(self, prompt: Prompt, config: GenerationConfig | None = None) -> Completion: ...
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, **flows: Any) -> Completion: ...
 
     @overload
-    def generate(self, prompt: list[str], config: GenerationConfig | None = None) -> list[Completion]: ...
+    def generate(self, prompt: list[str], config: GenerationConfig | None = None,
+                 **flows: Any) -> list[Completion]: ...
 
-    def generate(self, prompt: Any, config: GenerationConfig | None = None) -> Any:
+    def generate(self, prompt: Any, config: GenerationConfig | None = None, **flows: Any) -> Any:
         """Generate a completion for one prompt, or a list of completions for a list of text prompts.
 
         A list of prompts runs as one batch (left padding and attention masks, one graph run per step) and
@@ -150,8 +156,10 @@ class Model:
 
         config = config or GenerationConfig()
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if flows:
+                raise ConfigError("flows", sorted(flows), "batches run single-stream")
             return generate_batch(self, [self.encode_prompt(p) for p in prompt], config)
-        gen = self.generator(config)
+        gen = self.generator(config, **flows)
         gen.append(self.encode_prompt(prompt))
         return gen.run()
 

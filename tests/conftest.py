@@ -20,7 +20,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir: Path) -> er.Model:
-    return er.Model.load(tiny_dir, threads=1)
+    return er.Model.load(tiny_dir)
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +62,14 @@ def smollm2_dir() -> Path:
 
         export_model(smollm2_gguf(), SMOLLM2_DIR)
     return SMOLLM2_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4_dir(smollm2_dir: Path) -> Path:
+    """The int4 export of SmolLM2 (the speculative draft), exported once into models/ and reused."""
+    folder = REPO / "models" / "smollm2-135m-int4"
+    if not (folder / "edgeroute.json").is_file():
+        from edgeroute.export import export_model
+
+        export_model(smollm2_gguf(), folder, quantize="int4")
+    return folder

@@ -56,7 +56,7 @@ def test_kv_cache_logits_match_full_run(tiny: er.Model) -> None:
     ids=["no_position_ids", "fp16_kv", "last_logits", "geometry", "mixed"],
 )
 def test_graph_variants_decode_correctly(make_tiny, variant: dict) -> None:
-    model = er.Model.load(make_tiny(**variant), threads=1)
+    model = er.Model.load(make_tiny(**variant))
     ids = model.tokenizer.encode(PROMPT)
     out = model.generate(PROMPT, GREEDY)
     seq = list(ids)

@@ -204,7 +204,7 @@ def write_tiny_model(folder: str | Path, **kw: Any) -> Path:
     """Write a complete tiny model folder (graph, tokenizer, manifest) and return it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
+    tok = build_tokenizer(kw.pop("tokenizer_vocab", 320))
     vocab = tok.get_vocab_size()
     graph_kw = {k: v for k, v in kw.items() if k not in ("chat_template",)}
     onnx.save(build_graph(vocab, **graph_kw), str(folder / "model.onnx"))

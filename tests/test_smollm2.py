@@ -1,0 +1,39 @@
+"""End to end on the real SmolLM2-135M-Instruct (slow: exported once into models/ and reused)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import edgeroute as er
+
+pytestmark = pytest.mark.slow
+
+STORY = "Write a short story about a robot who learns to paint."
+
+
+def test_speculative_greedy_equals_greedy_for_256_tokens(smollm2_dir: Path, smollm2_int4_dir: Path) -> None:
+    target = er.Model.load(smollm2_dir)
+    draft = er.Model.load(smollm2_int4_dir)
+    ids = target.tokenizer.apply_chat_template([{"role": "user", "content": STORY}])
+    cfg = er.GenerationConfig(max_new_tokens=256, min_new_tokens=256, sampling=er.SamplingConfig(temperature=0))
+    plain = target.generate(ids, cfg)
+    assert len(plain.token_ids) == 256
+    for flows in ({"draft": draft, "draft_k": 4}, {"draft": "ngram", "draft_k": 4, "adaptive_k": True}):
+        spec = target.generate(ids, cfg, **flows)
+        assert spec.token_ids == plain.token_ids, flows
+        assert spec.usage.draft_proposed > 0
+    with_draft = target.generate(ids, cfg, draft=draft, draft_k=4)
+    assert with_draft.usage.acceptance_rate > 0.3  # the int4 draft agrees with its fp32 target most of the time
+
+
+def test_chat_session_on_smollm2(smollm2_dir: Path) -> None:
+    model = er.Model.load(smollm2_dir)
+    chat = er.ChatSession(model, er.GenerationConfig(max_new_tokens=48, sampling=er.SamplingConfig(temperature=0)))
+    first = "".join(s.text for s in chat.send("What is the capital of France?"))
+    assert first == "The capital of France is Paris."
+    fed = chat.generator.usage.prompt_tokens
+    second = "".join(s.text for s in chat.send("And of Italy?"))
+    assert "Rome" in second
+    assert chat.generator.usage.prompt_tokens - fed < 20  # only the new turn was prefilled
