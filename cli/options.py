@@ -96,7 +96,7 @@ def flow_kwargs(model: er.Model, flags: dict[str, Any], provider: str, threads: 
     if not str(k).isdigit() or int(k) < 1:
         raise click.BadParameter(f"{k!r} is not a positive integer or 'auto'", param_hint="--draft-k")
     if draft is not None:
-        out["draft"] = "ngram" if draft == "ngram" else load_model(draft, provider, threads)
+        out["draft"] = "ngram" if draft == "ngram" else load_model(draft, provider, threads, spin=False)
         out["draft_k"] = int(k)
     guidance, negative = flags.pop("guidance", None), flags.pop("negative_prompt", None)
     if guidance is not None:
@@ -107,7 +107,7 @@ def flow_kwargs(model: er.Model, flags: dict[str, Any], provider: str, threads: 
         raise click.UsageError("--negative-prompt needs --guidance")
     contrast, alpha = flags.pop("contrast", None), flags.pop("contrast_alpha", 0.5)
     if contrast is not None:
-        out["contrast"] = load_model(contrast, provider, threads)
+        out["contrast"] = load_model(contrast, provider, threads, spin=False)
         out["contrast_alpha"] = alpha
     return out
 
@@ -163,5 +163,10 @@ def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
     return er.GenerationConfig(sampling=er.SamplingConfig(**sampling), **gen)
 
 
-def load_model(path: str, provider: str, threads: int | None) -> er.Model:
-    return er.Model.load(path, provider=provider, threads=threads)
+def load_model(path: str, provider: str, threads: int | None, spin: bool = True) -> er.Model:
+    return er.Model.load(path, provider=provider, threads=threads, spin=spin)
+
+
+def needs_second_model(flags: dict[str, Any]) -> bool:
+    """A draft model or a contrast model runs in turn with the target: neither should spin (README)."""
+    return (flags.get("draft") not in (None, "ngram")) or flags.get("contrast") is not None

@@ -17,6 +17,7 @@ from .options import (
     generation_options,
     load_model,
     model_options,
+    needs_second_model,
     sampling_options,
     verbose_option,
 )
@@ -81,7 +82,7 @@ def run(model_path: str, prompt: str | None, chat: bool, system: str | None, sam
         provider: str, threads: int | None, **flags: Any) -> None:
     """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'."""
     text = read_prompt(prompt)
-    model = load_model(model_path, provider, threads)
+    model = load_model(model_path, provider, threads, spin=not needs_second_model(flags))
     flows = flow_kwargs(model, flags, provider, threads)
     config = build_config(model, flags)
     ids = prompt_ids(model, text, chat, system)

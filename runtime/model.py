@@ -47,13 +47,15 @@ class Model:
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None) -> Model:
+    def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None, spin: bool = True) -> Model:
         """Load an edgeroute model folder.
 
         Args:
             path: the folder written by ``edgeroute export`` (it holds ``edgeroute.json``).
             provider: ``"cpu"`` or ``"cuda"``; an unavailable provider raises ``ProviderUnavailableError``.
             threads: onnxruntime intra-op threads (default: the machine's cores).
+            spin: let idle intra-op threads spin between runs (fastest for one model); pass False for models
+                that run in turn, such as a speculative draft and its target.
         """
         folder = Path(path)
         manifest = Manifest.load(folder)
@@ -61,7 +63,7 @@ class Model:
         if not graph.is_file():
             raise ModelLoadError(f"graph file {graph} named by the manifest is missing")
         tokenizer = Tokenizer.from_folder(folder, manifest.chat_template, manifest.special_tokens)
-        session = create_session(graph, provider, threads)
+        session = create_session(graph, provider, threads, spin)
         return cls(folder, manifest, session, tokenizer, provider)
 
     # -- the graph -------------------------------------------------------------------------------------------

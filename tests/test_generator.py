@@ -263,3 +263,11 @@ def test_onnxruntime_failures_are_wrapped(tiny: er.Model) -> None:
 def test_model_repr_and_defaults(tiny: er.Model, tiny_dir: Path) -> None:
     assert "layers=2" in repr(tiny)
     assert tiny.generate("Hi").finish_reason in ("stop", "length")  # default config works
+
+
+def test_spin_off_for_models_used_in_turn(tiny: er.Model, tiny_dir: Path) -> None:
+    quiet = er.Model.load(tiny_dir, spin=False)
+    opts = quiet.session.get_session_options()
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert tiny.generate(PROMPT, GREEDY).token_ids == quiet.generate(PROMPT, GREEDY).token_ids
+    assert tiny.generate(PROMPT, GREEDY, draft=quiet).token_ids == quiet.generate(PROMPT, GREEDY).token_ids

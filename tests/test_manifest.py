@@ -141,20 +141,3 @@ def test_unknown_provider_and_bad_threads(tiny_dir: Path) -> None:
         er.Model.load(tiny_dir, threads=0)
     assert e.value.field == "threads"
 
-
-def test_one_thread_pool_per_process(tiny_dir: Path) -> None:
-    import subprocess
-    import sys
-
-    code = f"""
-import edgeroute as er
-er.Model.load({str(tiny_dir)!r}, threads=1)
-er.Model.load({str(tiny_dir)!r})               # None: the shared pool
-er.Model.load({str(tiny_dir)!r}, threads=1)    # the same size: fine
-try:
-    er.Model.load({str(tiny_dir)!r}, threads=2)
-except er.ConfigError as e:
-    print("REFUSED", e.field, e.value)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "REFUSED threads 2" in out.stdout
