@@ -32,8 +32,9 @@ GENAI_PYTHON = REPO / ".venv-genai" / "bin" / "python"  # onnxruntime-genai's ow
 
 
 def _gguf() -> Path:
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "smollm2_gguf.py")], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "smollm2_gguf.py")], capture_output=True, text=True, check=True
+    )
     return Path(out.stdout.strip())
 
 
@@ -63,16 +64,14 @@ def _measure(first_token, rest, runs: int) -> dict[str, Any]:  # type: ignore[no
         if i:
             ttft.append(t1)
             decode.append((len(ids) - 1) / t2)
-    return {"decode_tok_s": statistics.median(decode), "ttft_ms": 1000 * statistics.median(ttft),
-            "token_ids": ids}
+    return {"decode_tok_s": statistics.median(decode), "ttft_ms": 1000 * statistics.median(ttft), "token_ids": ids}
 
 
 def work_edgeroute(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
     import edgeroute as er
 
     model = er.Model.load(path, threads=_threads())
-    cfg = er.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens,
-                              sampling=er.SamplingConfig(temperature=0))
+    cfg = er.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, sampling=er.SamplingConfig(temperature=0))
 
     def first():  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
@@ -137,10 +136,9 @@ def work_optimum(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str
 
     def rest(state):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                             eos_token_id=eos)
+        out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=eos)
         total = time.perf_counter() - t0
-        return out[0, prompt.shape[1]:].tolist(), total
+        return out[0, prompt.shape[1] :].tolist(), total
 
     res = _measure(first, rest, runs)
     # rest() timed the whole generation: take the first token's share out of it
@@ -149,9 +147,8 @@ def work_optimum(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str
 
 
 def work_genai(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
-    import onnxruntime_genai as og
-
     import numpy as np
+    import onnxruntime_genai as og
 
     model = og.Model(str(path))
     prompt = np.array(ids, dtype=np.int32)  # (its own tokenizer mis-encodes this GGUF-derived tokenizer.json)
@@ -198,10 +195,20 @@ def work_llamacpp(path: Path | None, ids: list[int], tokens: int, runs: int) -> 
     return _measure(first, rest, runs)
 
 
-WORKERS = {"edgeroute": work_edgeroute, "transformers": work_transformers, "optimum": work_optimum,
-           "genai": work_genai, "llamacpp": work_llamacpp}
-IMPORTS = {"edgeroute": "edgeroute", "transformers": "torch", "optimum": "optimum.onnxruntime",
-           "genai": "onnxruntime_genai", "llamacpp": "llama_cpp"}
+WORKERS = {
+    "edgeroute": work_edgeroute,
+    "transformers": work_transformers,
+    "optimum": work_optimum,
+    "genai": work_genai,
+    "llamacpp": work_llamacpp,
+}
+IMPORTS = {
+    "edgeroute": "edgeroute",
+    "transformers": "torch",
+    "optimum": "optimum.onnxruntime",
+    "genai": "onnxruntime_genai",
+    "llamacpp": "llama_cpp",
+}
 
 
 # -- preparation and the driver -------------------------------------------------------------------------------
@@ -274,8 +281,22 @@ def main() -> None:
                 sys.exit(f"edgeroute's model {spec['path']} is missing: run `make demo` first")
             notes.append(f"{name}: skipped, {spec['path']} is missing (python bench/peers.py --prepare)")
             continue
-        proc = subprocess.run([python, __file__, "--worker", name, "--tokens", str(args.tokens),
-                               "--runs", str(args.runs), "--ids", json.dumps(ids)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                python,
+                __file__,
+                "--worker",
+                name,
+                "--tokens",
+                str(args.tokens),
+                "--runs",
+                str(args.runs),
+                "--ids",
+                json.dumps(ids),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
             notes.append(f"{name}: failed: {tail}")

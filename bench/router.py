@@ -13,15 +13,20 @@ import json
 import time
 from pathlib import Path
 
+import edgeroute as er
 import numpy as np
 from _common import DEFAULT_MODEL, median_us, need_model
 
-import edgeroute as er
-
 CHAINS = {
     "full chain (penalties+temperature+top-k+top-p+min-p+draw)": er.SamplingConfig(
-        temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.1,
-        frequency_penalty=0.1),
+        temperature=0.7,
+        top_k=40,
+        top_p=0.9,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=0.1,
+        frequency_penalty=0.1,
+    ),
     "top-p 0.9 alone (top-k off, temperature 0.7)": er.SamplingConfig(temperature=0.7, top_p=0.9),
     "top-p 0.95 alone (temperature 1.0)": er.SamplingConfig(top_p=0.95),
     "min-p 0.05 alone": er.SamplingConfig(min_p=0.05),
@@ -40,7 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     model = er.Model.load(need_model(args.model))
     ids = model.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Write a short story about a robot who learns to paint."}])
+        [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    )
     cache = model.new_cache()
     logits = model.forward(np.array([ids]), cache)[0]
     rows, history = [], list(ids)

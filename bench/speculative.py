@@ -13,9 +13,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from _common import REPO, need_model
-
 import edgeroute as er
+from _common import REPO, need_model
 
 TEXT = (
     "The city council met on Tuesday to discuss the new public library. The library will open next spring in the "
@@ -35,8 +34,10 @@ def run(model: er.Model, ids: list[int], cfg: er.GenerationConfig, runs: int, **
     speeds, comp = [], None
     for _ in range(runs + 1):
         comp = model.generate(ids, cfg, **flows)
-        speeds.append(comp.usage.completion_tokens / (comp.usage.decode_seconds + comp.usage.time_to_first_token
-                                                      - comp.usage.prefill_seconds))
+        speeds.append(
+            comp.usage.completion_tokens
+            / (comp.usage.decode_seconds + comp.usage.time_to_first_token - comp.usage.prefill_seconds)
+        )
     assert comp is not None
     return statistics.median(speeds[1:]), comp
 
@@ -63,15 +64,19 @@ def main() -> None:
             ids = target.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             base, plain = run(target, ids, cfg, args.runs)
             print(f"| {tname} | {pname} | plain | {base:.1f} | 1.00x | - | - |")
-            routes = {"int4 draft, k=4": {"draft": draft, "draft_k": 4},
-                      "int4 draft, adaptive k": {"draft": draft, "draft_k": 4, "adaptive_k": True},
-                      "n-gram lookup, k=4": {"draft": "ngram", "draft_k": 4},
-                      "n-gram lookup, adaptive k": {"draft": "ngram", "draft_k": 4, "adaptive_k": True}}
+            routes = {
+                "int4 draft, k=4": {"draft": draft, "draft_k": 4},
+                "int4 draft, adaptive k": {"draft": draft, "draft_k": 4, "adaptive_k": True},
+                "n-gram lookup, k=4": {"draft": "ngram", "draft_k": 4},
+                "n-gram lookup, adaptive k": {"draft": "ngram", "draft_k": 4, "adaptive_k": True},
+            }
             for rname, flows in routes.items():
                 speed, comp = run(paired if "draft" in rname else target, ids, cfg, args.runs, **flows)
                 same = "yes" if comp.token_ids == plain.token_ids else "NO"
-                print(f"| {tname} | {pname} | {rname} | {speed:.1f} | {speed / base:.2f}x | "
-                      f"{100 * comp.usage.acceptance_rate:.0f}% | {same} |")
+                print(
+                    f"| {tname} | {pname} | {rname} | {speed:.1f} | {speed / base:.2f}x | "
+                    f"{100 * comp.usage.acceptance_rate:.0f}% | {same} |"
+                )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
+import edgeroute as er
 import numpy as np
 from _common import DEFAULT_MODEL, need_model
-
-import edgeroute as er
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     model = er.Model.load(need_model(args.model), threads=args.threads)
-    text = ("The history of painting reaches back to the objects made by pre-historic humans. " * 200)
+    text = "The history of painting reaches back to the objects made by pre-historic humans. " * 200
     ids = model.tokenizer.encode(text)[: args.tokens]
     assert len(ids) == args.tokens
     arr = np.array([ids])
@@ -42,8 +41,10 @@ def main() -> None:
             logits = model.forward_last(arr, cache, keep)
             int(np.argmax(logits[0, -1]))
             times.append(time.perf_counter() - t0)
-        out[label] = {"ttft_ms": round(1000 * statistics.median(times[1:]), 1),
-                      "logits_mb": round(logits.nbytes / 2**20, 1)}
+        out[label] = {
+            "ttft_ms": round(1000 * statistics.median(times[1:]), 1),
+            "logits_mb": round(logits.nbytes / 2**20, 1),
+        }
     print(json.dumps({"prompt_tokens": len(ids), **out}, indent=2))
 
 

@@ -13,7 +13,6 @@ import sys
 from typing import Any
 
 import click
-
 from edgeroute._version import __version__
 
 COMMANDS = {
@@ -43,15 +42,22 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         from edgeroute.errors import EdgerouteError
 
         argv = list(sys.argv[1:] if args is None else args)
         verbose = "--verbose" in argv
         try:
-            rv = super().main(args=argv, prog_name=prog_name or "edgeroute", complete_var=complete_var,
-                              standalone_mode=False, **extra)
+            rv = super().main(
+                args=argv, prog_name=prog_name or "edgeroute", complete_var=complete_var, standalone_mode=False, **extra
+            )
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.exceptions.Abort:

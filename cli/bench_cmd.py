@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 import click
-
 import edgeroute as er
 
 from .options import build_config, load_model, model_options, sampling_options, verbose_option
@@ -34,8 +33,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
 
 
-def run_bench(model: er.Model, config: er.GenerationConfig, ids: list[int], runs: int,
-              warmup: int) -> dict[str, Any]:
+def run_bench(model: er.Model, config: er.GenerationConfig, ids: list[int], runs: int, warmup: int) -> dict[str, Any]:
     """Median figures over ``runs`` generations of exactly ``config.max_new_tokens`` tokens."""
     rows = []
     tokens: list[int] = []
@@ -45,23 +43,36 @@ def run_bench(model: er.Model, config: er.GenerationConfig, ids: list[int], runs
         comp = gen.run()
         u = comp.usage
         if i >= warmup:
-            rows.append({
-                "ttft_ms": 1000 * (u.time_to_first_token or 0.0),
-                "prefill_tok_s": u.prompt_tokens / u.prefill_seconds if u.prefill_seconds else 0.0,
-                "decode_tok_s": u.tokens_per_second,
-                "router_us_per_token": 1e6 * u.router_seconds / max(u.completion_tokens, 1),
-            })
+            rows.append(
+                {
+                    "ttft_ms": 1000 * (u.time_to_first_token or 0.0),
+                    "prefill_tok_s": u.prompt_tokens / u.prefill_seconds if u.prefill_seconds else 0.0,
+                    "decode_tok_s": u.tokens_per_second,
+                    "router_us_per_token": 1e6 * u.router_seconds / max(u.completion_tokens, 1),
+                }
+            )
         tokens = comp.token_ids
     med = {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
-    return {**med, "completion_tokens": len(tokens), "prompt_tokens": len(ids), "runs": runs,
-            "peak_rss_mb": round(peak_rss_mb(), 1), "token_ids": tokens}
+    return {
+        **med,
+        "completion_tokens": len(tokens),
+        "prompt_tokens": len(ids),
+        "runs": runs,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "token_ids": tokens,
+    }
 
 
 @click.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--prompt", default=BENCH_PROMPT, show_default=True, help="Prompt (chat template applied).")
-@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Tokens generated per run (end-of-sequence is suppressed until then).")
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(min=2),
+    default=128,
+    show_default=True,
+    help="Tokens generated per run (end-of-sequence is suppressed until then).",
+)
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Measured runs.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Unmeasured runs.")
 @click.option("--quality", is_flag=True, help="Also report the export's agreement with fp32 PyTorch.")
@@ -69,8 +80,18 @@ def run_bench(model: er.Model, config: er.GenerationConfig, ids: list[int], runs
 @sampling_options
 @model_options
 @verbose_option
-def bench(model_path: str, prompt: str, new_tokens: int, runs: int, warmup: int, quality: bool, as_json: bool,
-          provider: str, threads: int | None, **flags: Any) -> None:
+def bench(
+    model_path: str,
+    prompt: str,
+    new_tokens: int,
+    runs: int,
+    warmup: int,
+    quality: bool,
+    as_json: bool,
+    provider: str,
+    threads: int | None,
+    **flags: Any,
+) -> None:
     """Benchmark MODEL on a fixed prompt: greedy unless sampling flags are given; median of --runs."""
     model = load_model(model_path, provider, threads)
     if flags.get("temperature") is None and not any(flags.get(k) is not None for k in ("top_k", "top_p", "min_p")):
@@ -91,9 +112,11 @@ def bench(model_path: str, prompt: str, new_tokens: int, runs: int, warmup: int,
         click.echo(json.dumps(result, indent=2))
         return
     result.pop("token_ids")
-    click.echo(f"{model_path}: {result['precision']}, quantisation {result['quantization']}, {provider}; "
-               f"{result['prompt_tokens']}-token prompt, {result['completion_tokens']} new tokens, "
-               f"median of {runs}")
+    click.echo(
+        f"{model_path}: {result['precision']}, quantisation {result['quantization']}, {provider}; "
+        f"{result['prompt_tokens']}-token prompt, {result['completion_tokens']} new tokens, "
+        f"median of {runs}"
+    )
     click.echo(f"  time to first token  {result['ttft_ms']:.1f} ms")
     click.echo(f"  prefill              {result['prefill_tok_s']:.1f} tok/s")
     click.echo(f"  decode               {result['decode_tok_s']:.1f} tok/s")
@@ -102,7 +125,9 @@ def bench(model_path: str, prompt: str, new_tokens: int, runs: int, warmup: int,
     q = result.get("quality")
     if quality:
         if q:
-            click.echo(f"  top-1 agreement      {100 * q['top1_agreement']:.1f}% with fp32 PyTorch over "
-                       f"{q['tokens']} tokens; perplexity {q['perplexity_change_pct']:+.2f}%")
+            click.echo(
+                f"  top-1 agreement      {100 * q['top1_agreement']:.1f}% with fp32 PyTorch over "
+                f"{q['tokens']} tokens; perplexity {q['perplexity_change_pct']:+.2f}%"
+            )
         else:
             click.echo("  quality              not measured (exported with --no-validate)")

@@ -6,10 +6,16 @@ import sys
 from typing import Any
 
 import click
-
 import edgeroute as er
 
-from .options import build_config, generation_options, load_model, model_options, sampling_options, verbose_option
+from .options import (
+    build_config,
+    generation_options,
+    load_model,
+    model_options,
+    sampling_options,
+    verbose_option,
+)
 
 HELP = "commands: /reset (forget the conversation, keep the system message), /system TEXT (set it), /exit"
 
@@ -55,7 +61,7 @@ def chat(model_path: str, system: str | None, provider: str, threads: int | None
             click.echo("[conversation reset]", err=True)
             continue
         if text.startswith("/system"):
-            session.set_system(text[len("/system"):].strip())
+            session.set_system(text[len("/system") :].strip())
             click.echo(f"[system message {'set' if session.system else 'cleared'}]", err=True)
             continue
         if text.startswith("/"):

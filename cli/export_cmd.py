@@ -25,36 +25,85 @@ def _progress_printer():  # type: ignore[no-untyped-def]
 @click.command()
 @click.argument("source")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Precision of the graph (fp16 is for CUDA).")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Block-wise weight quantisation (onnxruntime MatMulNBits, 8 or 4 bits).")
-@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32",
-              show_default=True, help="Quantisation block size.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where PyTorch runs while exporting and validating.")
-@click.option("--base", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Base checkpoint folder of a LoRA adapter (default: the adapter's own reference).")
-@click.option("--context-length", type=click.IntRange(min=1), default=None,
-              help="Cap the model's context length in the manifest.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Precision of the graph (fp16 is for CUDA).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8", "int4"]),
+    default="none",
+    show_default=True,
+    help="Block-wise weight quantisation (onnxruntime MatMulNBits, 8 or 4 bits).",
+)
+@click.option(
+    "--block-size",
+    type=click.Choice(["16", "32", "64", "128", "256"]),
+    default="32",
+    show_default=True,
+    help="Quantisation block size.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where PyTorch runs while exporting and validating.",
+)
+@click.option(
+    "--base",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Base checkpoint folder of a LoRA adapter (default: the adapter's own reference).",
+)
+@click.option(
+    "--context-length", type=click.IntRange(min=1), default=None, help="Cap the model's context length in the manifest."
+)
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only after the export succeeded).")
-def export(source: str, out_dir: str, dtype: str, quantize: str, block_size: str, device: str, base: str | None,
-           context_length: int | None, no_validate: bool, force: bool) -> None:
+def export(
+    source: str,
+    out_dir: str,
+    dtype: str,
+    quantize: str,
+    block_size: str,
+    device: str,
+    base: str | None,
+    context_length: int | None,
+    no_validate: bool,
+    force: bool,
+) -> None:
     """Export SOURCE (checkpoint folder, LoRA adapter folder or .gguf file) to the model folder OUT_DIR."""
     from edgeroute.export import export_model
 
-    path = export_model(source, out_dir, dtype=dtype, quantize=quantize, device=device, validate=not no_validate,
-                        force=force, base=base, context_length=context_length, block_size=int(block_size),
-                        progress=_progress_printer())
+    path = export_model(
+        source,
+        out_dir,
+        dtype=dtype,
+        quantize=quantize,
+        device=device,
+        validate=not no_validate,
+        force=force,
+        base=base,
+        context_length=context_length,
+        block_size=int(block_size),
+        progress=_progress_printer(),
+    )
     manifest = json.loads((path / "edgeroute.json").read_text())
     v = manifest["provenance"].get("validation")
-    click.echo(f"exported {source} -> {path} ({manifest['precision']}, quantisation "
-               f"{manifest['quantization']['method']})")
+    click.echo(
+        f"exported {source} -> {path} ({manifest['precision']}, quantisation {manifest['quantization']['method']})"
+    )
     if v:
         q = v["quality"]
-        line = f"  max |Δlogit| {v['max_abs_logit_diff']:.2e}; top-1 agreement {100 * q['top1_agreement']:.1f}%;" \
-               f" perplexity {q['perplexity']:.3f} vs {q['perplexity_reference']:.3f} ({q['perplexity_change_pct']:+.2f}%)"
+        line = (
+            f"  max |Δlogit| {v['max_abs_logit_diff']:.2e}; top-1 agreement {100 * q['top1_agreement']:.1f}%;"
+            f" perplexity {q['perplexity']:.3f} vs {q['perplexity_reference']:.3f}"
+            f" ({q['perplexity_change_pct']:+.2f}%)"
+        )
         if "greedy_identical" in v:
             line += f"; greedy {v['greedy_tokens']} tokens identical: {'yes' if v['greedy_identical'] else 'no'}"
         click.echo(line)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 import edgeroute as er
 
 from .options import verbose_option
@@ -70,13 +69,18 @@ def info(model_path: str, as_json: bool) -> None:
     ]
     p = d["parity"]
     if p:
-        greedy = (f", greedy {p['greedy_tokens']} tokens identical: {'yes' if p['greedy_identical'] else 'no'}"
-                  if "greedy_identical" in p else "")
+        greedy = (
+            f", greedy {p['greedy_tokens']} tokens identical: {'yes' if p['greedy_identical'] else 'no'}"
+            if "greedy_identical" in p
+            else ""
+        )
         lines.append(f"parity        max |Δlogit| {p['max_abs_logit_diff']:.2e} vs PyTorch{greedy}")
     if d["quality"]:
         qq = d["quality"]
-        lines.append(f"quality       top-1 agreement {100 * qq['top1_agreement']:.1f}%, perplexity "
-                     f"{qq['perplexity']:.3f} vs {qq['perplexity_reference']:.3f} "
-                     f"({qq['perplexity_change_pct']:+.2f}%)")
+        lines.append(
+            f"quality       top-1 agreement {100 * qq['top1_agreement']:.1f}%, perplexity "
+            f"{qq['perplexity']:.3f} vs {qq['perplexity_reference']:.3f} "
+            f"({qq['perplexity_change_pct']:+.2f}%)"
+        )
     lines.append(f"providers     {', '.join(d['providers_available'])} available on this machine")
     click.echo("\n".join(lines))

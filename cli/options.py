@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-
 import edgeroute as er
 
 F = Callable[..., Any]
@@ -19,15 +18,22 @@ F = Callable[..., Any]
 
 def verbose_option(f: F) -> F:
     """``--verbose`` on every command (also accepted before the command)."""
-    return click.option("--verbose", is_flag=True, expose_value=False,
-                        help="Show the full traceback when something fails.")(f)
+    return click.option(
+        "--verbose", is_flag=True, expose_value=False, help="Show the full traceback when something fails."
+    )(f)
 
 
 def model_options(f: F) -> F:
-    f = click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="onnxruntime intra-op threads (default: all cores).")(f)
-    f = click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                     help="Execution provider; never falls back silently.")(f)
+    f = click.option(
+        "--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores)."
+    )(f)
+    f = click.option(
+        "--provider",
+        type=click.Choice(["cpu", "cuda"]),
+        default="cpu",
+        show_default=True,
+        help="Execution provider; never falls back silently.",
+    )(f)
     return f
 
 
@@ -50,40 +56,85 @@ SAMPLING_FLAGS = [
 
 
 def sampling_options(f: F) -> F:
-    f = click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN=BIAS",
-                     help="Add BIAS to TOKEN (an id, or text: every token of it); BIAS -inf or 'ban' bans it. "
-                          "Repeatable.")(f)
-    f = click.option("--explore-schedule", type=click.Choice(["constant", "linear", "exponential"]), default=None,
-                     help="How q moves from --explore to --explore-end.")(f)
+    f = click.option(
+        "--logit-bias",
+        "logit_bias",
+        multiple=True,
+        metavar="TOKEN=BIAS",
+        help="Add BIAS to TOKEN (an id, or text: every token of it); BIAS -inf or 'ban' bans it. Repeatable.",
+    )(f)
+    f = click.option(
+        "--explore-schedule",
+        type=click.Choice(["constant", "linear", "exponential"]),
+        default=None,
+        help="How q moves from --explore to --explore-end.",
+    )(f)
     for name, typ, text in reversed(SAMPLING_FLAGS):
         f = click.option("--" + name.replace("_", "-"), name, type=typ, default=None, help=text)(f)
     return f
 
 
 def generation_options(f: F) -> F:
-    f = click.option("--logprobs", type=click.IntRange(0, 20), default=None,
-                     help="Report log-probabilities: the chosen token and N alternatives.")(f)
+    f = click.option(
+        "--logprobs",
+        type=click.IntRange(0, 20),
+        default=None,
+        help="Report log-probabilities: the chosen token and N alternatives.",
+    )(f)
     f = click.option("--stop", multiple=True, help="Stop string (repeatable); never part of the output.")(f)
-    f = click.option("--min-new-tokens", type=click.IntRange(min=0), default=None,
-                     help="Suppress end-of-sequence until this many tokens were generated.")(f)
-    f = click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-                     help="Most tokens to generate (default: the model's, else 256).")(f)
+    f = click.option(
+        "--min-new-tokens",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Suppress end-of-sequence until this many tokens were generated.",
+    )(f)
+    f = click.option(
+        "--max-new-tokens",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Most tokens to generate (default: the model's, else 256).",
+    )(f)
     return f
 
 
 def flow_options(f: F) -> F:
     """Level-1 routing: speculative decoding, guidance, contrast."""
-    f = click.option("--contrast-alpha", type=click.FloatRange(0, 10), default=0.5, show_default=True,
-                     help="Weight of the small model in contrastive decoding.")(f)
-    f = click.option("--contrast", "contrast", type=click.Path(), default=None, metavar="PATH",
-                     help="Contrastive decoding against this smaller model (same tokenizer).")(f)
+    f = click.option(
+        "--contrast-alpha",
+        type=click.FloatRange(0, 10),
+        default=0.5,
+        show_default=True,
+        help="Weight of the small model in contrastive decoding.",
+    )(f)
+    f = click.option(
+        "--contrast",
+        "contrast",
+        type=click.Path(),
+        default=None,
+        metavar="PATH",
+        help="Contrastive decoding against this smaller model (same tokenizer).",
+    )(f)
     f = click.option("--negative-prompt", default=None, help="Context of the guidance's second stream.")(f)
-    f = click.option("--guidance", type=float, default=None, metavar="W",
-                     help="Classifier-free guidance weight: u + W (c - u); 1 = off.")(f)
-    f = click.option("--draft-k", default="4", show_default=True, metavar="K|auto",
-                     help="Draft tokens per speculative round; 'auto' adapts to the acceptance rate.")(f)
-    f = click.option("--draft", default=None, metavar="PATH|ngram",
-                     help="Speculative decoding with this draft model (same tokenizer) or prompt lookup.")(f)
+    f = click.option(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="W",
+        help="Classifier-free guidance weight: u + W (c - u); 1 = off.",
+    )(f)
+    f = click.option(
+        "--draft-k",
+        default="4",
+        show_default=True,
+        metavar="K|auto",
+        help="Draft tokens per speculative round; 'auto' adapts to the acceptance rate.",
+    )(f)
+    f = click.option(
+        "--draft",
+        default=None,
+        metavar="PATH|ngram",
+        help="Speculative decoding with this draft model (same tokenizer) or prompt lookup.",
+    )(f)
     return f
 
 
@@ -147,8 +198,9 @@ def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
         bias = parse_logit_bias(flags["logit_bias"], model.tokenizer)
         bad = [i for i in bias if i >= model.vocab_size]
         if bad:
-            raise click.BadParameter(f"token id {bad[0]} is outside the vocabulary ({model.vocab_size})",
-                                     param_hint="--logit-bias")
+            raise click.BadParameter(
+                f"token id {bad[0]} is outside the vocabulary ({model.vocab_size})", param_hint="--logit-bias"
+            )
         sampling["logit_bias"] = bias
     gen: dict[str, Any] = {}
     if defaults.get("max_new_tokens"):

@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 import click
-
 import edgeroute as er
 
 from .options import (
@@ -60,8 +59,10 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
         out["usage"]["draft_proposed"] = c.usage.draft_proposed
         out["usage"]["draft_accepted"] = c.usage.draft_accepted
     if c.logprobs is not None:
-        out["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
-                            "top": [{"token_id": i, "logprob": v} for i, v in lp.top]} for lp in c.logprobs]
+        out["logprobs"] = [
+            {"token_id": lp.token_id, "logprob": lp.logprob, "top": [{"token_id": i, "logprob": v} for i, v in lp.top]}
+            for lp in c.logprobs
+        ]
     return out
 
 
@@ -70,16 +71,31 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
 @click.argument("prompt", required=False)
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
 @click.option("--system", default=None, help="System message (with --chat).")
-@click.option("-n", "samples", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Number of samples (sample i uses seed+i when --seed is given).")
+@click.option(
+    "-n",
+    "samples",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Number of samples (sample i uses seed+i when --seed is given).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of streaming.")
 @generation_options
 @sampling_options
 @flow_options
 @model_options
 @verbose_option
-def run(model_path: str, prompt: str | None, chat: bool, system: str | None, samples: int, as_json: bool,
-        provider: str, threads: int | None, **flags: Any) -> None:
+def run(
+    model_path: str,
+    prompt: str | None,
+    chat: bool,
+    system: str | None,
+    samples: int,
+    as_json: bool,
+    provider: str,
+    threads: int | None,
+    **flags: Any,
+) -> None:
     """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'."""
     text = read_prompt(prompt)
     model = load_model(model_path, provider, threads, spin=not needs_second_model(flags))

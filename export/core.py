@@ -89,10 +89,20 @@ def _remove_stale_temps(parent: Path) -> None:
             pass
 
 
-def export_model(source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: str = "fp32",
-                 quantize: str = "none", device: str = "cpu", validate: bool = True, force: bool = False,
-                 base: str | os.PathLike[str] | None = None, context_length: int | None = None,
-                 block_size: int = 32, progress: Progress | None = None) -> Path:
+def export_model(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str = "fp32",
+    quantize: str = "none",
+    device: str = "cpu",
+    validate: bool = True,
+    force: bool = False,
+    base: str | os.PathLike[str] | None = None,
+    context_length: int | None = None,
+    block_size: int = 32,
+    progress: Progress | None = None,
+) -> Path:
     """Export a checkpoint to an edgeroute model folder and return its path.
 
     Args:
@@ -109,8 +119,11 @@ def export_model(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         block_size: quantisation block size (int8 and int4).
         progress: called as ``progress(stage, "start"|"done", seconds)`` for each stage.
     """
-    for name, value, allowed in (("dtype", dtype, DTYPES), ("quantize", quantize, QUANTIZE),
-                                 ("device", device, DEVICES)):
+    for name, value, allowed in (
+        ("dtype", dtype, DTYPES),
+        ("quantize", quantize, QUANTIZE),
+        ("device", device, DEVICES),
+    ):
         if value not in allowed:
             raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
     if dtype == "fp16" and quantize != "none":
@@ -169,8 +182,18 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         os.replace(tmp, out)
 
 
-def _build(tmp: Path, source: Any, base: Any, device: str, dtype: str, quantize: str, validate: bool,
-           context_length: int | None, block_size: int, stages: _Stages) -> None:
+def _build(
+    tmp: Path,
+    source: Any,
+    base: Any,
+    device: str,
+    dtype: str,
+    quantize: str,
+    validate: bool,
+    context_length: int | None,
+    block_size: int,
+    stages: _Stages,
+) -> None:
     import warnings
 
     from . import graph, manifest_writer, sources
@@ -183,8 +206,7 @@ def _build(tmp: Path, source: Any, base: Any, device: str, dtype: str, quantize:
         from optimum.exporters.onnx import onnx_export_from_model
 
         try:
-            onnx_export_from_model(src.model, raw, task="text-generation-with-past", do_validation=False,
-                                   device=device)
+            onnx_export_from_model(src.model, raw, task="text-generation-with-past", do_validation=False, device=device)
         except ExportError:
             raise
         except Exception as e:

@@ -25,8 +25,9 @@ def save(model: Any, path: Path) -> None:
     import onnx
 
     data = path.name + DATA_SUFFIX
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                    size_threshold=1024)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024
+    )
 
 
 def add_logits_to_keep(model: Any, logits_name: str = "logits") -> Any:
@@ -52,13 +53,19 @@ def add_logits_to_keep(model: Any, logits_name: str = "logits") -> Any:
     act_idx = 0 if node.input[0] not in inits else 1
     hidden = node.input[act_idx]
     g.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, [1]))
-    g.initializer.extend([
-        helper.make_tensor("edgeroute_keep_end", TensorProto.INT64, [1], [2**62]),
-        helper.make_tensor("edgeroute_keep_axis", TensorProto.INT64, [1], [-2]),
-    ])
+    g.initializer.extend(
+        [
+            helper.make_tensor("edgeroute_keep_end", TensorProto.INT64, [1], [2**62]),
+            helper.make_tensor("edgeroute_keep_axis", TensorProto.INT64, [1], [-2]),
+        ]
+    )
     neg = helper.make_node("Neg", [KEEP_INPUT], ["edgeroute_keep_start"], name="edgeroute_keep_neg")
-    sl = helper.make_node("Slice", [hidden, "edgeroute_keep_start", "edgeroute_keep_end", "edgeroute_keep_axis"],
-                          ["edgeroute_hidden_last"], name="edgeroute_keep_slice")
+    sl = helper.make_node(
+        "Slice",
+        [hidden, "edgeroute_keep_start", "edgeroute_keep_end", "edgeroute_keep_axis"],
+        ["edgeroute_hidden_last"],
+        name="edgeroute_keep_slice",
+    )
     node.input[act_idx] = "edgeroute_hidden_last"
     pos = list(g.node).index(node)
     g.node.insert(pos, sl)
@@ -116,14 +123,19 @@ def quantize_weights(src: Path, dst: Path, bits: int, block_size: int = 32, accu
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = fold_constant_transposes(load(src))
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                             accuracy_level=accuracy_level)
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
     q.process()
     save(q.model.model, dst)
     n = sum(1 for node in q.model.model.graph.node if node.op_type == "MatMulNBits")
-    return {"method": f"int{bits}", "scheme": "MatMulNBits (weight-only, symmetric RTN, int8 activations)",
-            "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level, "nodes": n,
-            "lm_head": "quantised"}
+    return {
+        "method": f"int{bits}",
+        "scheme": "MatMulNBits (weight-only, symmetric RTN, int8 activations)",
+        "bits": bits,
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "nodes": n,
+        "lm_head": "quantised",
+    }
 
 
 def describe(model: Any) -> dict[str, Any]:
@@ -141,7 +153,7 @@ def describe(model: Any) -> dict[str, Any]:
         sample = keys[0]
         num = re.findall(r"\d+", sample)[-1]
         i = sample.rfind(num)
-        return sample[:i] + "{layer}" + sample[i + len(num):], len(layers)
+        return sample[:i] + "{layer}" + sample[i + len(num) :], len(layers)
 
     past_k, layers = pattern([n for n in ins if "past" in n], "key")
     past_v, _ = pattern([n for n in ins if "past" in n], "value")

@@ -56,8 +56,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def write(folder: Path, src: Any, contract: dict[str, Any], dtype: str, quant: dict[str, Any],
-          context_length: int | None, times: dict[str, float]) -> Manifest:
+def write(
+    folder: Path,
+    src: Any,
+    contract: dict[str, Any],
+    dtype: str,
+    quant: dict[str, Any],
+    context_length: int | None,
+    times: dict[str, float],
+) -> Manifest:
     tok = src.tokenizer
     backend = tok.backend_tokenizer
     backend.save(str(folder / "tokenizer.json"))
@@ -78,30 +85,32 @@ def write(folder: Path, src: Any, contract: dict[str, Any], dtype: str, quant: d
     special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     vocab = contract.pop("vocab_size") or int(config.vocab_size)
     pad = tok.pad_token_id if tok.pad_token_id is not None else getattr(config, "pad_token_id", None)
-    manifest = Manifest.from_dict({
-        "schema_version": 1,
-        "graph": "model.onnx",
-        **contract,
-        "vocab_size": vocab,
-        "context_length": ctx,
-        "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id < vocab else None,
-        "eos_token_ids": [i for i in eos if i < vocab],
-        "pad_token_id": pad if isinstance(pad, int) and 0 <= pad < vocab else None,
-        "special_tokens": special,
-        "chat_template": template,
-        "generation_defaults": generation_defaults(src.model),
-        "precision": dtype,
-        "quantization": quant,
-        "provenance": {
-            "source": src.description,
-            "source_kind": src.kind,
-            "model_type": src.model_type,
-            "architecture": type(src.model).__name__,
-            "parameters": int(sum(p.numel() for p in src.model.parameters())),
-            "versions": _versions(),
-            "export_seconds": dict(times),
-        },
-    })
+    manifest = Manifest.from_dict(
+        {
+            "schema_version": 1,
+            "graph": "model.onnx",
+            **contract,
+            "vocab_size": vocab,
+            "context_length": ctx,
+            "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id < vocab else None,
+            "eos_token_ids": [i for i in eos if i < vocab],
+            "pad_token_id": pad if isinstance(pad, int) and 0 <= pad < vocab else None,
+            "special_tokens": special,
+            "chat_template": template,
+            "generation_defaults": generation_defaults(src.model),
+            "precision": dtype,
+            "quantization": quant,
+            "provenance": {
+                "source": src.description,
+                "source_kind": src.kind,
+                "model_type": src.model_type,
+                "architecture": type(src.model).__name__,
+                "parameters": int(sum(p.numel() for p in src.model.parameters())),
+                "versions": _versions(),
+                "export_seconds": dict(times),
+            },
+        }
+    )
     manifest.save(folder)
     return manifest
 

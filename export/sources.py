@@ -16,8 +16,12 @@ from edgeroute.errors import ExportError
 
 # Families tested end to end with tiny checkpoints (tests/test_export.py) and SmolLM2 (llama).
 TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gpt2")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 @dataclass
@@ -100,8 +104,10 @@ def resolve(source: str | Path) -> tuple[str, Path]:
         raise ExportError(f"{path} has neither config.json (a checkpoint) nor adapter_config.json (a LoRA adapter)")
     hint = ""
     if "/" in str(source) and not str(source).startswith((".", "/", "~")) and str(source).count("/") == 1:
-        hint = (" — it looks like a model hub id; edgeroute never downloads: fetch it first (for example"
-                " `huggingface-cli download " + str(source) + " --local-dir DIR`) and pass the folder")
+        hint = (
+            " — it looks like a model hub id; edgeroute never downloads: fetch it first (for example"
+            " `huggingface-cli download " + str(source) + " --local-dir DIR`) and pass the folder"
+        )
     raise ExportError(f"{source} is not a local checkpoint folder or .gguf file{hint}")
 
 
@@ -174,18 +180,21 @@ def _load_gguf(path: Path, device: str) -> Source:
         from gguf import GGUFReader
 
         fields = GGUFReader(str(path)).fields
-        special = {
-            role: int(fields[f"tokenizer.ggml.{key}_token_id"].parts[fields[f"tokenizer.ggml.{key}_token_id"].data[0]][0])
-            for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"),
-                              ("unk_token", "unknown"))
-            if f"tokenizer.ggml.{key}_token_id" in fields
-        }
+        special = {}
+        for role, key in (
+            ("bos_token", "bos"),
+            ("eos_token", "eos"),
+            ("pad_token", "padding"),
+            ("unk_token", "unknown"),
+        ):
+            f = fields.get(f"tokenizer.ggml.{key}_token_id")
+            if f is not None:
+                special[role] = int(f.parts[f.data[0]][0])
     except Exception as e:
         raise ExportError(f"{path} is not a readable GGUF file: {_first_line(e)}") from e
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     except Exception as e:
         raise ExportError(f"cannot load {path} through transformers' GGUF support: {_first_line(e)}") from e
     check_architecture(model.config.model_type)

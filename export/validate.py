@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgeroute.errors import ExportValidationError
 
 PROMPTS = (
@@ -53,8 +52,7 @@ def _torch_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], list[f
             tok = int(torch.argmax(last))
             toks.append(tok)
             margins.append(float(top2[0] - top2[1]))
-            out = model(torch.tensor([[tok]], device=model.device), past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = model(torch.tensor([[tok]], device=model.device), past_key_values=out.past_key_values, use_cache=True)
     return toks, margins
 
 
@@ -90,8 +88,9 @@ def quality(ref: np.ndarray, got: np.ndarray, ids: list[int]) -> dict[str, float
     }
 
 
-def validate(folder: Path, torch_model: Any, precision: str, quantized: bool, greedy_tokens: int = 64,
-             threads: int | None = None) -> dict[str, Any]:
+def validate(
+    folder: Path, torch_model: Any, precision: str, quantized: bool, greedy_tokens: int = 64, threads: int | None = None
+) -> dict[str, Any]:
     """Run the checks; returns the figures for the manifest. Raises ``ExportValidationError`` for fp32."""
     import edgeroute
 
@@ -108,17 +107,24 @@ def validate(folder: Path, torch_model: Any, precision: str, quantized: bool, gr
         if strict and greedy_tokens:
             want, margins = _torch_greedy(torch_model, ids, greedy_tokens)
             have = _edgeroute_greedy(model, ids, greedy_tokens)
-            first = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
-            greedy.append({"prompt": prompt, "identical": first is None, "first_divergence": first,
-                           "margin_at_divergence": None if first is None else margins[first]})
+            first = next((i for i, (a, b) in enumerate(zip(want, have, strict=False)) if a != b), None)
+            greedy.append(
+                {
+                    "prompt": prompt,
+                    "identical": first is None,
+                    "first_divergence": first,
+                    "margin_at_divergence": None if first is None else margins[first],
+                }
+            )
     report["max_abs_logit_diff"] = max(diffs)
     if greedy:
         report["greedy_tokens"] = greedy_tokens
         report["greedy_identical"] = all(g["identical"] for g in greedy)
         report["greedy"] = greedy
     ids = tok.encode(QUALITY_TEXT)
-    report["quality"] = quality(_torch_logits(torch_model, ids),
-                                model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0], ids)
+    report["quality"] = quality(
+        _torch_logits(torch_model, ids), model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0], ids
+    )
     if strict:
         if report["max_abs_logit_diff"] > FP32_TOLERANCE:
             raise ExportValidationError(

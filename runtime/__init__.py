@@ -20,13 +20,14 @@ from .errors import (
     ModelLoadError,
     ProviderUnavailableError,
 )
-from .generator import Completion, Generator, Step, TokenLogprob, Usage
+from .generator import Generator
 from .kv_cache import KVCache
 from .manifest import Manifest
 from .model import Model
 from .sampling import Distribution, Router, make_chain
 from .session import available_providers
 from .tokenizer import Tokenizer
+from .track import Completion, Step, TokenLogprob, Usage
 
 __all__ = [
     "__version__",

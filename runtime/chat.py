@@ -49,14 +49,17 @@ class ChatSession:
             gen = self.generator
             have = gen.tokens
             common = 0
-            for a, b in zip(have, ids):
+            for a, b in zip(have, ids, strict=False):
                 if a != b:
                     break
                 common += 1
             common = min(common, len(ids) - 1)  # feed at least one token to get fresh logits
             if len(ids) + self.config.max_new_tokens > self.model.context_length:  # checked before rewinding
-                raise ContextOverflowError(len(ids) + self.config.max_new_tokens, self.model.context_length,
-                                           "the conversation is too long: /reset it")
+                raise ContextOverflowError(
+                    len(ids) + self.config.max_new_tokens,
+                    self.model.context_length,
+                    "the conversation is too long: /reset it",
+                )
             gen.rewind(len(have) - common)
             gen.append(ids[common:])
         except BaseException:

@@ -123,9 +123,7 @@ class SamplingConfig:
         s = self.explore_schedule
         _check(s in SCHEDULES, "explore_schedule", s, f"must be one of {', '.join(SCHEDULES)}")
         if s != "constant":
-            _check(
-                self.explore_steps > 0, "explore_steps", self.explore_steps, f"must be > 0 for a {s} schedule"
-            )
+            _check(self.explore_steps > 0, "explore_steps", self.explore_steps, f"must be > 0 for a {s} schedule")
             _check(self.explore_end is not None, "explore_end", None, f"is needed for a {s} schedule")
         if s == "exponential":
             ends = (self.explore, self.explore_end)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,217 +18,10 @@ import numpy as np
 from . import routing
 from .config import GenerationConfig
 from .errors import ConfigError, ContextOverflowError
-from .sampling import log_softmax, make_chain
+from .track import Completion, Step, Track, Usage
 
 if TYPE_CHECKING:
     from .model import Model
-
-
-@dataclass(frozen=True)
-class Step:
-    """One generated token: its id, the new text it completes (``""`` while held back), the model's
-    log-probability (when asked for), and ``finish_reason`` (``"stop"``/``"length"`` on the last step)."""
-
-    token_id: int
-    text: str
-    logprob: float | None = None
-    finish_reason: str | None = None
-    top_logprobs: tuple[tuple[int, float], ...] | None = None
-
-
-@dataclass
-class Usage:
-    """Token counts and timings of a Generator (summed over its turns)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    time_to_first_token: float | None = None
-    router_seconds: float = 0.0  # time spent choosing tokens (router + text), included in the above
-    draft_proposed: int = 0  # speculative decoding: draft tokens proposed
-    draft_accepted: int = 0  # ... and accepted by the target
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted / proposed draft tokens (0 without speculative decoding)."""
-        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode speed: completion tokens after the first per second of decoding."""
-        n = self.completion_tokens - 1
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "time_to_first_token": self.time_to_first_token,
-            "prefill_seconds": self.prefill_seconds,
-            "decode_seconds": self.decode_seconds,
-            "tokens_per_second": self.tokens_per_second,
-            "router_seconds": self.router_seconds,
-            "draft_proposed": self.draft_proposed,
-            "draft_accepted": self.draft_accepted,
-        }
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The model's log-probability of a chosen token, and of the most likely alternatives when asked for."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class Completion:
-    """A finished generation: ``text`` (stop strings removed), ``token_ids`` (stop tokens excluded),
-    ``finish_reason`` (``"stop"`` or ``"length"``), ``usage``, and ``logprobs`` when asked for."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    usage: Usage
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class _Turn:
-    """Per-turn output state of one sequence: what was generated since the last ``append``."""
-
-    stream: object
-    generated: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    held: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    stopped_on_token: bool = False
-
-
-class _Track:
-    """Chooses tokens and turns them into text for one sequence: router, RNG, stops, logprobs.
-
-    Shared by :class:`Generator` (one sequence) and :func:`generate_batch` (one track per row).
-    """
-
-    def __init__(self, model: Model, config: GenerationConfig, rng: np.random.Generator) -> None:
-        self.model = model
-        self.config = config
-        self.rng = rng
-        self.router = make_chain(config.sampling, model.vocab_size, model.special_ids)
-        self.stop_ids = frozenset(model.manifest.eos_token_ids) | frozenset(config.stop_token_ids)
-        self._stop_arr = np.array(sorted(i for i in self.stop_ids if i < model.vocab_size), dtype=np.int64)
-        self.stops = config.stop
-        self._prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
-        self.turn = _Turn(model.tokenizer.stream())
-
-    def new_turn(self) -> None:
-        self.turn = _Turn(self.model.tokenizer.stream())
-
-    @property
-    def done(self) -> bool:
-        return self.turn.finish_reason is not None
-
-    def _suppress(self, index: int) -> np.ndarray | None:
-        return self._stop_arr if index < self.config.min_new_tokens else None
-
-    def choose(self, logits: np.ndarray, history: np.ndarray, raw: np.ndarray | None = None) -> Step:
-        """Route ``logits`` (one row) to a token and account for it. ``raw`` are the model's own logits (for
-        logprobs) when the routed ones were mixed from several flows."""
-        n = len(self.turn.generated)
-        token = self.router.sample(logits, history, self.rng, n, self._suppress(n))
-        return self.take(token, logits if raw is None else raw)
-
-    def take(self, token: int, raw: np.ndarray) -> Step:
-        """Account for a token chosen elsewhere (speculative decoding); ``raw`` gives its logprob."""
-        lp = self._logprob(raw, token) if self.config.want_logprobs else None
-        return self._accept(token, lp)
-
-    def dense(self, logits: np.ndarray, history: np.ndarray, index: int) -> np.ndarray:
-        """The exact routed distribution of the token at generated position ``index`` (dense, float64)."""
-        return self.router.distribution(logits, history, index, self._suppress(index)).dense()
-
-    def _logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
-        logp = log_softmax(logits)
-        k = self.config.top_logprobs
-        top: tuple[tuple[int, float], ...] = ()
-        if k:
-            part = np.argpartition(logp, len(logp) - k)[len(logp) - k:]
-            part = part[np.argsort(-logp[part], kind="stable")]
-            top = tuple((int(i), float(logp[i])) for i in part)
-        return TokenLogprob(int(token), float(logp[token]), top)
-
-    def _accept(self, token: int, lp: TokenLogprob | None) -> Step:
-        t = self.turn
-        t.generated.append(token)
-        if lp is not None:
-            t.logprobs.append(lp)
-        finish = None
-        if token in self.stop_ids:
-            text, finish, t.stopped_on_token = t.held, "stop", True
-            t.held = ""
-        else:
-            text, finish = self._text(t.stream.push(token))  # type: ignore[attr-defined]
-        if finish is None and len(t.generated) >= self.config.max_new_tokens:
-            text, finish = text + t.held, "length"
-            t.held = ""
-        if finish is not None and (t.stopped_on_token or finish == "length"):
-            text += self._unflushed(text)
-        t.text.append(text)
-        t.finish_reason = finish
-        return Step(token, text, lp.logprob if lp else None, finish, lp.top if lp and lp.top else None)
-
-    def _unflushed(self, last: str) -> str:
-        """At the end of a turn: what one-shot decoding has beyond the streamed text (incomplete UTF-8 bytes at
-        the very end, which the stream holds back and ``decode`` renders as U+FFFD)."""
-        t = self.turn
-        ids = t.generated[:-1] if t.stopped_on_token else t.generated
-        full = self.model.tokenizer.decode(ids)
-        streamed = "".join(t.text) + last
-        return full[len(streamed):] if full.startswith(streamed) else ""
-
-    def _text(self, piece: str) -> tuple[str, str | None]:
-        """Emit what can no longer be part of a stop string; detect a completed stop string."""
-        t = self.turn
-        if not self.stops:
-            return piece, None
-        buf = t.held + piece
-        hits = [(buf.find(s), s) for s in self.stops if s in buf]
-        if hits:
-            at = min(hits)[0]
-            t.held = ""
-            return buf[:at], "stop"
-        keep = 0  # longest suffix of buf that begins a stop string
-        for i in range(max(0, len(buf) - max(len(s) for s in self.stops) + 1), len(buf)):
-            if buf[i:] in self._prefixes:
-                keep = len(buf) - i
-                break
-        t.held = buf[len(buf) - keep:]
-        return buf[: len(buf) - keep], None
-
-    def completion(self, usage: Usage) -> Completion:
-        t = self.turn
-        ids = t.generated[:-1] if t.stopped_on_token else list(t.generated)
-        return Completion(
-            text="".join(t.text),
-            token_ids=ids,
-            finish_reason=t.finish_reason or "length",
-            usage=usage,
-            logprobs=list(t.logprobs) if self.config.want_logprobs else None,
-        )
-
-    def replay(self, ids: Sequence[int]) -> None:
-        """Rebuild the turn as if only ``ids`` had been generated (after a rewind). None of them finished the
-        turn: a finish only ever happens on the last token, and a rewind removes at least that one."""
-        logprobs = self.turn.logprobs[: len(ids)]
-        self.new_turn()
-        for tok in ids:
-            self._accept(int(tok), None)
-        self.turn.logprobs = logprobs
-        self.turn.finish_reason = None
 
 
 class Generator:
@@ -248,10 +40,20 @@ class Generator:
             plausible set ``p >= contrast_beta * p_max``.
     """
 
-    def __init__(self, model: Model, config: GenerationConfig, *, draft: Model | str | None = None,
-                 draft_k: int = 4, adaptive_k: bool = False, guidance: float | None = None,
-                 negative_prompt: str | Sequence[int] | None = None, contrast: Model | None = None,
-                 contrast_alpha: float = 0.5, contrast_beta: float = 0.1) -> None:
+    def __init__(
+        self,
+        model: Model,
+        config: GenerationConfig,
+        *,
+        draft: Model | str | None = None,
+        draft_k: int = 4,
+        adaptive_k: bool = False,
+        guidance: float | None = None,
+        negative_prompt: str | Sequence[int] | None = None,
+        contrast: Model | None = None,
+        contrast_alpha: float = 0.5,
+        contrast_beta: float = 0.1,
+    ) -> None:
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
         self.model = model
@@ -260,7 +62,7 @@ class Generator:
         self._ids = np.zeros(model.context_length, dtype=np.int64)
         self._n = 0
         self._logits: np.ndarray | None = None
-        self._track = _Track(model, config, np.random.default_rng(config.sampling.seed))
+        self._track = Track(model, config, np.random.default_rng(config.sampling.seed))
         self._track.turn.finish_reason = "length"  # nothing to generate before the first append
         self._queue: deque[Step] = deque()
         self.usage = Usage()
@@ -269,8 +71,11 @@ class Generator:
         self._guidance, self._negative, self._neg_stream = _make_guidance(model, config, guidance, negative_prompt)
         self._contrast = _make_contrast(model, contrast, contrast_alpha, contrast_beta)
         if sum(x is not None for x in (self._drafter, self._guidance, self._contrast)) > 1:
-            raise ConfigError("flows", "draft/guidance/contrast", "use one of speculative decoding, guidance "
-                              "or contrast per generator")
+            raise ConfigError(
+                "flows",
+                "draft/guidance/contrast",
+                "use one of speculative decoding, guidance or contrast per generator",
+            )
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -300,11 +105,12 @@ class Generator:
         need = self._n + len(arr) + self.config.max_new_tokens
         if need > self.model.context_length:
             raise ContextOverflowError(
-                need, self.model.context_length,
+                need,
+                self.model.context_length,
                 f"{self._n + len(arr)} in the sequence + max_new_tokens {self.config.max_new_tokens}",
             )
         t0 = time.perf_counter()
-        self._ids[self._n: self._n + len(arr)] = arr
+        self._ids[self._n : self._n + len(arr)] = arr
         self._n += len(arr)
         self._logits = None if len(arr) else self._logits
         self.usage.prompt_tokens += len(arr)
@@ -395,7 +201,7 @@ class Generator:
         else:
             if cache.length >= base:
                 cache.trim(cache.length - (base - 1))
-            feed = np.concatenate([self._ids[cache.length: base], proposals])
+            feed = np.concatenate([self._ids[cache.length : base], proposals])
             rows = list(self.model.forward_last(feed[None], cache, k + 1)[0])
         hist = np.concatenate([seq, proposals])
         p_rows = [tr.dense(rows[i], hist[: base + i], index + i) for i in range(k + 1)]
@@ -455,8 +261,9 @@ def _same_tokenizer(a: Model, b: Model) -> bool:
     return a.vocab_size == b.vocab_size and a.tokenizer.backend.get_vocab() == b.tokenizer.backend.get_vocab()
 
 
-def _make_drafter(model: Model, draft: Model | str | None, k: int,
-                  adaptive: bool) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
+def _make_drafter(
+    model: Model, draft: Model | str | None, k: int, adaptive: bool
+) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
     ak = routing.AdaptiveK(k, adaptive)
     if draft is None:
         return None, ak
@@ -471,8 +278,9 @@ def _make_drafter(model: Model, draft: Model | str | None, k: int,
     return routing.Stream(draft), ak
 
 
-def _make_guidance(model: Model, config: GenerationConfig, scale: float | None,
-                   negative: str | Sequence[int] | None) -> tuple[float | None, list[int], routing.Stream | None]:
+def _make_guidance(
+    model: Model, config: GenerationConfig, scale: float | None, negative: str | Sequence[int] | None
+) -> tuple[float | None, list[int], routing.Stream | None]:
     if scale is None:
         if negative is not None:
             raise ConfigError("negative_prompt", negative, "needs guidance (a weight w)")
@@ -491,8 +299,9 @@ def _make_guidance(model: Model, config: GenerationConfig, scale: float | None,
     return float(scale), ids, routing.Stream(model, config.prefill_chunk)
 
 
-def _make_contrast(model: Model, small: Model | None, alpha: float,
-                   beta: float) -> tuple[routing.Stream, float, float] | None:
+def _make_contrast(
+    model: Model, small: Model | None, alpha: float, beta: float
+) -> tuple[routing.Stream, float, float] | None:
     if small is None:
         return None
     if not _same_tokenizer(model, small):
@@ -521,15 +330,13 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
         if min(p) < 0 or max(p) >= model.vocab_size:
             raise ConfigError("prompt", p[:8], f"token ids must be in [0, {model.vocab_size})")
     seed = config.sampling.seed
-    tracks = [
-        _Track(model, config, np.random.default_rng(None if seed is None else [seed, i])) for i in range(b)
-    ]
+    tracks = [Track(model, config, np.random.default_rng(None if seed is None else [seed, i])) for i in range(b)]
     total = width + config.max_new_tokens
     ids = np.zeros((b, total), dtype=np.int64)
     mask = np.zeros((b, total), dtype=np.int64)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p): width] = p
-        mask[i, width - len(p): width] = 1
+        ids[i, width - len(p) : width] = p
+        mask[i, width - len(p) : width] = 1
     histories = [list(p) for p in prompts]
     cache = model.new_cache(b)
     usage = [Usage(prompt_tokens=len(p)) for p in prompts]
@@ -564,5 +371,5 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
         if all(t.done for t in tracks):
             break
         pos = (np.sum(mask[:, :n], axis=1, keepdims=True) - 1).astype(np.int64)
-        logits = model.forward(ids[:, n - 1: n], cache, mask[:, :n], pos)
-    return [tr.completion(u) for tr, u in zip(tracks, usage)]
+        logits = model.forward(ids[:, n - 1 : n], cache, mask[:, :n], pos)
+    return [tr.completion(u) for tr, u in zip(tracks, usage, strict=False)]

@@ -38,7 +38,7 @@ class KVCache:
     def feeds(self) -> dict[str, np.ndarray]:
         """Graph inputs ``past_key_values.N.key/value`` for the next run."""
         out: dict[str, np.ndarray] = {}
-        for (kn, vn), (k, v) in zip(self._past_names, self._layers):
+        for (kn, vn), (k, v) in zip(self._past_names, self._layers, strict=False):
             out[kn] = k
             out[vn] = v
         return out

@@ -137,8 +137,15 @@ class Manifest:
         def bad(name: str, why: str) -> ManifestError:
             return ManifestError(f"{source}: field {name!r} {why} (got {data.get(name)!r})")
 
-        for name in ("graph", "num_layers", "num_kv_heads", "head_size", "vocab_size", "context_length",
-                     "eos_token_ids"):
+        for name in (
+            "graph",
+            "num_layers",
+            "num_kv_heads",
+            "head_size",
+            "vocab_size",
+            "context_length",
+            "eos_token_ids",
+        ):
             if name not in data:
                 raise ManifestError(f"{source}: required field {name!r} is missing")
         if not isinstance(data["graph"], str) or not data["graph"] or "/" in data["graph"].replace("\\", "/"):
@@ -159,9 +166,12 @@ class Manifest:
         for key in ("input_ids", "attention_mask", "past_key", "past_value"):
             if not inputs.get(key):
                 raise bad("inputs", f"needs a name for {key!r}")
-        for pat, where in ((inputs["past_key"], "inputs.past_key"), (inputs["past_value"], "inputs.past_value"),
-                           (outputs["present_key"], "outputs.present_key"),
-                           (outputs["present_value"], "outputs.present_value")):
+        for pat, where in (
+            (inputs["past_key"], "inputs.past_key"),
+            (inputs["past_value"], "inputs.past_value"),
+            (outputs["present_key"], "outputs.present_key"),
+            (outputs["present_value"], "outputs.present_value"),
+        ):
             if LAYER not in str(pat):
                 raise ManifestError(f"{source}: {where} must contain {LAYER} (got {pat!r})")
         if data.get("logits", "all") not in ("all", "last", "keep"):

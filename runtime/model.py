@@ -79,8 +79,13 @@ class Model:
         """An empty KV cache for this model."""
         return KVCache(self.manifest, batch_size)
 
-    def forward(self, input_ids: np.ndarray, cache: KVCache, attention_mask: np.ndarray | None = None,
-                position_ids: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        cache: KVCache,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Run the graph on ``input_ids`` ``[batch, n]`` after what ``cache`` holds; update the cache in place.
 
         ``attention_mask`` defaults to ones over ``cache.length + n`` positions and ``position_ids`` to the
@@ -88,8 +93,14 @@ class Model:
         """
         return self.forward_last(input_ids, cache, 1, attention_mask, position_ids)[:, -1, :]
 
-    def forward_last(self, input_ids: np.ndarray, cache: KVCache, n_last: int,
-                     attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None) -> np.ndarray:
+    def forward_last(
+        self,
+        input_ids: np.ndarray,
+        cache: KVCache,
+        n_last: int,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Like :meth:`forward`, returning the logits of the last ``n_last`` positions, ``[batch, n_last, vocab]``.
 
         Graphs exported by edgeroute compute only those positions (their ``logits_to_keep`` input).
@@ -145,8 +156,7 @@ class Model:
     def generate(self, prompt: Prompt, config: GenerationConfig | None = None, **flows: Any) -> Completion: ...
 
     @overload
-    def generate(self, prompt: list[str], config: GenerationConfig | None = None,
-                 **flows: Any) -> list[Completion]: ...
+    def generate(self, prompt: list[str], config: GenerationConfig | None = None, **flows: Any) -> list[Completion]: ...
 
     def generate(self, prompt: Any, config: GenerationConfig | None = None, **flows: Any) -> Any:
         """Generate a completion for one prompt, or a list of completions for a list of text prompts.

@@ -46,7 +46,7 @@ class Stream:
         if len(tokens) == 0:
             raise ConfigError("tokens", [], "a stream needs at least one token")
         common = 0
-        for a, b in zip(self.fed, tokens):
+        for a, b in zip(self.fed, tokens, strict=False):
             if a != b:
                 break
             common += 1
@@ -57,7 +57,7 @@ class Stream:
         self.fed = list(tokens[:common])
         rest = np.asarray(tokens[common:], dtype=np.int64)
         for i in range(0, len(rest), self.chunk):
-            part = rest[i: i + self.chunk]
+            part = rest[i : i + self.chunk]
             self._logits = self.model.forward(part[None], self.cache)[0]
             self.fed.extend(int(t) for t in part)
         assert self._logits is not None
@@ -93,8 +93,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 # -- speculative decoding -------------------------------------------------------------------------------------
-def verify(p_rows: Sequence[np.ndarray], q_rows: Sequence[np.ndarray], draft: Sequence[int],
-           rng: np.random.Generator) -> tuple[int, int]:
+def verify(
+    p_rows: Sequence[np.ndarray], q_rows: Sequence[np.ndarray], draft: Sequence[int], rng: np.random.Generator
+) -> tuple[int, int]:
     """Speculative verification by rejection sampling.
 
     Args:
@@ -150,7 +151,7 @@ class NgramDrafter:
             hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
             if len(hits):
                 start = int(hits[-1]) + n
-                cont = tokens[start: start + k]
+                cont = tokens[start : start + k]
                 if len(cont):
                     return [int(t) for t in cont]
         return []
@@ -170,8 +171,15 @@ class AdaptiveK:
             self.k = min(self.k + 2, self.k_max) if accepted == proposed else max(self.k - 1, 1)
 
 
-def propose(drafter: NgramDrafter | Stream, tokens: np.ndarray, k: int, dense: Callable[..., np.ndarray],
-            rng: np.random.Generator, first_index: int, vocab_size: int) -> tuple[list[int], list[np.ndarray]]:
+def propose(
+    drafter: NgramDrafter | Stream,
+    tokens: np.ndarray,
+    k: int,
+    dense: Callable[..., np.ndarray],
+    rng: np.random.Generator,
+    first_index: int,
+    vocab_size: int,
+) -> tuple[list[int], list[np.ndarray]]:
     """The draft's k proposals and the routed distributions they were drawn from.
 
     ``dense(logits, history, index)`` is the request's router (the same chain as the target's); an n-gram

@@ -36,8 +36,14 @@ def apply_logit_bias(logits: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> n
     return out
 
 
-def apply_penalties(logits: np.ndarray, window: np.ndarray, repetition: float = 1.0, presence: float = 0.0,
-                    frequency: float = 0.0, out: np.ndarray | None = None) -> np.ndarray:
+def apply_penalties(
+    logits: np.ndarray,
+    window: np.ndarray,
+    repetition: float = 1.0,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Penalise tokens that occur in ``window`` (the last N token ids). Returns a new array (or writes into
     ``out``, which may be ``logits`` itself).
 
@@ -197,7 +203,7 @@ def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
     while sums[b] == 0:  # u at the very top edge of a zero-weight tail: step back to the last block with mass
         b -= 1
     u -= cdf[b - 1] if b else 0.0
-    seg = weights[b * _BLOCK: min((b + 1) * _BLOCK, n)]
+    seg = weights[b * _BLOCK : min((b + 1) * _BLOCK, n)]
     j = int(np.searchsorted(np.cumsum(seg, dtype=np.float64), u, side="right"))
     return b * _BLOCK + (_last_positive(seg, j) if j >= len(seg) else j)
 
@@ -272,8 +278,9 @@ class Router:
         ids, logits = typical(ids, logits, cfg.typical_p, cfg.min_keep)
         return ids, logits
 
-    def distribution(self, logits: np.ndarray, history: np.ndarray, step: int = 0,
-                     suppress: np.ndarray | None = None) -> Distribution:
+    def distribution(
+        self, logits: np.ndarray, history: np.ndarray, step: int = 0, suppress: np.ndarray | None = None
+    ) -> Distribution:
         """The exact distribution the draw samples from (greedy: a point mass at the argmax, then mixed)."""
         x = self.process(logits, history, suppress)
         q = self.cfg.explore_at(step)
@@ -283,8 +290,14 @@ class Router:
         ids = np.arange(len(cand)) if ids is None else ids
         return Distribution(ids, softmax(cand), q, self.allowed, self.vocab_size)
 
-    def sample(self, logits: np.ndarray, history: np.ndarray, rng: np.random.Generator, step: int = 0,
-               suppress: np.ndarray | None = None) -> int:
+    def sample(
+        self,
+        logits: np.ndarray,
+        history: np.ndarray,
+        rng: np.random.Generator,
+        step: int = 0,
+        suppress: np.ndarray | None = None,
+    ) -> int:
         """Pick the next token. Exploration is drawn as the mixture it is: with probability q a uniform
         allowed token, else a draw from the truncated distribution (no dense vector is built)."""
         q = self.cfg.explore_at(step)

@@ -23,10 +23,7 @@ def available_providers() -> list[str]:
 
 
 def _installed_description() -> str:
-    return (
-        f"onnxruntime {ort.__version__} ({ort.get_device()}) offers "
-        + ", ".join(ort.get_available_providers())
-    )
+    return f"onnxruntime {ort.__version__} ({ort.get_device()}) offers " + ", ".join(ort.get_available_providers())
 
 
 def resolve_provider(provider: str) -> str:
@@ -50,8 +47,9 @@ def default_threads() -> int:
     return max(1, n)
 
 
-def create_session(graph: Path, provider: str = "cpu", threads: int | None = None,
-                   spin: bool = True) -> ort.InferenceSession:
+def create_session(
+    graph: Path, provider: str = "cpu", threads: int | None = None, spin: bool = True
+) -> ort.InferenceSession:
     """An ``InferenceSession`` over ``graph`` on ``provider`` with explicit thread settings.
 
     ``spin=False`` makes the intra-op threads stop spinning when a run returns. Keep the default for a model used

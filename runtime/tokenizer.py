@@ -45,8 +45,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -74,18 +75,18 @@ class Tokenizer:
         special_tokens: token strings given to the template (``bos_token``, ``eos_token``, ...).
     """
 
-    def __init__(self, tokenizer: _HFTokenizer, chat_template: str | None = None,
-                 special_tokens: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, tokenizer: _HFTokenizer, chat_template: str | None = None, special_tokens: Mapping[str, Any] | None = None
+    ) -> None:
         self._tok = tokenizer
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
-        self.special_ids = frozenset(
-            i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
-        )
+        self.special_ids = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, chat_template: str | None = None,
-                    special_tokens: Mapping[str, Any] | None = None) -> Tokenizer:
+    def from_folder(
+        cls, folder: str | Path, chat_template: str | None = None, special_tokens: Mapping[str, Any] | None = None
+    ) -> Tokenizer:
         """Load ``folder/tokenizer.json``."""
         path = Path(folder) / TOKENIZER_FILE
         if not path.is_file():
@@ -119,8 +120,9 @@ class Tokenizer:
         """The id of one vocabulary entry, or None."""
         return self._tok.token_to_id(token)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    **kwargs: Any) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """The chat template rendered to text, as transformers renders it."""
         if self.chat_template is None:
             raise ConfigError("messages", "chat", "this model has no chat template")
@@ -130,14 +132,17 @@ class Tokenizer:
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
         try:
-            return str(_compile(self.chat_template).render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
-            ))
+            return str(
+                _compile(self.chat_template).render(
+                    messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
+                )
+            )
         except jinja2.exceptions.TemplateError as e:
             raise ConfigError("messages", "chat", f"the chat template refused them: {e}") from e
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> list[int]:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
         """Token ids of the rendered chat (special tokens come from the template text, none are added)."""
         return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
 

@@ -7,9 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import write_tiny_model  # noqa: E402
-
 import edgeroute as er  # noqa: E402
+from tiny_model import write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

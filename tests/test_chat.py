@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import edgeroute as er
+import pytest
 
 CFG = er.GenerationConfig(max_new_tokens=8, sampling=er.SamplingConfig(temperature=0))
 
@@ -17,9 +16,14 @@ def test_each_turn_prefills_only_its_new_tokens(tiny: er.Model) -> None:
     gen = chat.generator
     before, fed_before = gen.tokens, gen.usage.prompt_tokens
     assert before[-1] == im_end  # the end-of-turn token the model produced is part of the sequence
-    full = tiny.tokenizer.apply_chat_template([
-        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": ""}, {"role": "user", "content": "More?"}])
+    full = tiny.tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "More?"},
+        ]
+    )
     list(chat.send("More?"))
     assert full[: len(before)] == before
     assert gen.usage.prompt_tokens - fed_before == len(full) - len(before)  # only the new turn was fed
@@ -31,9 +35,16 @@ def test_answers_equal_a_full_recomputation(tiny: er.Model) -> None:
     a1 = "".join(s.text for s in chat.send("Hello"))
     a2 = "".join(s.text for s in chat.send("More?"))
     fresh = tiny.generator(CFG)
-    fresh.append(tiny.tokenizer.apply_chat_template([
-        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": a1}, {"role": "user", "content": "More?"}]))
+    fresh.append(
+        tiny.tokenizer.apply_chat_template(
+            [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": a1},
+                {"role": "user", "content": "More?"},
+            ]
+        )
+    )
     assert a2 == "".join(s.text for s in fresh)
     assert chat.messages[-1] == {"role": "assistant", "content": a2}
 
@@ -47,9 +58,15 @@ def test_interrupted_answer_is_kept_and_the_next_turn_recovers(tiny: er.Model) -
     assert chat.messages[-1]["role"] == "assistant"
     answer = "".join(s.text for s in chat.send("Go on"))
     fresh = tiny.generator(CFG)
-    fresh.append(tiny.tokenizer.apply_chat_template([
-        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": partial},
-        {"role": "user", "content": "Go on"}]))
+    fresh.append(
+        tiny.tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": partial},
+                {"role": "user", "content": "Go on"},
+            ]
+        )
+    )
     assert answer == "".join(s.text for s in fresh)
 
 

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import edgeroute as er
 import pytest
 from click.testing import CliRunner
-
-import edgeroute as er
 from edgeroute.cli import COMMANDS, cli
 
 EXE = str(Path(sys.executable).parent / "edgeroute")
@@ -33,9 +32,11 @@ def test_help(command: str | None) -> None:
 
 
 def test_run_help_imports_no_heavy_modules() -> None:
-    code = ("import sys\nfrom edgeroute.cli import cli\ntry:\n    cli.main(['run', '--help'])\n"
-            "except SystemExit:\n    pass\n"
-            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))")
+    code = (
+        "import sys\nfrom edgeroute.cli import cli\ntry:\n    cli.main(['run', '--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout
 
@@ -43,17 +44,37 @@ def test_run_help_imports_no_heavy_modules() -> None:
 def test_run_streams_and_matches_the_library(tiny: er.Model, tiny_dir: Path) -> None:
     res = invoke("run", str(tiny_dir), "The capital of France is", "--temperature", "0", "--max-new-tokens", "12")
     assert res.exit_code == 0
-    want = tiny.generate("The capital of France is", er.GenerationConfig(
-        max_new_tokens=12, sampling=er.SamplingConfig(temperature=0))).text
+    want = tiny.generate(
+        "The capital of France is", er.GenerationConfig(max_new_tokens=12, sampling=er.SamplingConfig(temperature=0))
+    ).text
     assert res.stdout == want + "\n"
 
 
 def test_run_json_samples_and_seeds(tiny_dir: Path) -> None:
-    args = ["run", str(tiny_dir), "Hello", "--json", "-n", "3", "--seed", "5", "--max-new-tokens", "8",
-            "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.2"]
+    args = [
+        "run",
+        str(tiny_dir),
+        "Hello",
+        "--json",
+        "-n",
+        "3",
+        "--seed",
+        "5",
+        "--max-new-tokens",
+        "8",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.01",
+        "--repetition-penalty",
+        "1.2",
+    ]
     a = [json.loads(line) for line in invoke(*args).stdout.splitlines()]
     b = [json.loads(line) for line in invoke(*args).stdout.splitlines()]
-    assert len(a) == 3 and a == [dict(x, usage=y["usage"]) for x, y in zip(b, a)]  # same seeds, same samples
+    # same seeds, same samples (timings aside)
+    assert len(a) == 3 and a == [dict(x, usage=y["usage"]) for x, y in zip(b, a, strict=True)]
     assert len({tuple(s["token_ids"]) for s in a}) > 1  # seed+i per sample
     for s in a:
         assert set(s) == {"sample", "text", "token_ids", "finish_reason", "usage"}
@@ -63,26 +84,66 @@ def test_run_json_samples_and_seeds(tiny_dir: Path) -> None:
 
 
 def test_run_chat_stdin_bias_stop_logprobs(tiny: er.Model, tiny_dir: Path) -> None:
-    res = invoke("run", str(tiny_dir), "-", "--chat", "--system", "Be brief.", "--json", "--temperature", "0",
-                 "--max-new-tokens", "6", "--logprobs", "2", input="Hi there\n")
+    res = invoke(
+        "run",
+        str(tiny_dir),
+        "-",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+        "--logprobs",
+        "2",
+        input="Hi there\n",
+    )
     out = json.loads(res.stdout)
-    ids = tiny.tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                              {"role": "user", "content": "Hi there\n"}])
+    ids = tiny.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there\n"}]
+    )
     assert out["usage"]["prompt_tokens"] == len(ids)
     assert len(out["logprobs"]) == len(out["token_ids"]) + (out["finish_reason"] == "stop")
     assert all(len(lp["top"]) == 2 for lp in out["logprobs"])
     first = out["token_ids"][0]
-    banned = invoke("run", str(tiny_dir), "-", "--chat", "--json", "--temperature", "0", "--max-new-tokens", "6",
-                    "--system", "Be brief.", "--logit-bias", f"{first}=ban", input="Hi there\n")
+    banned = invoke(
+        "run",
+        str(tiny_dir),
+        "-",
+        "--chat",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+        "--system",
+        "Be brief.",
+        "--logit-bias",
+        f"{first}=ban",
+        input="Hi there\n",
+    )
     assert json.loads(banned.stdout)["token_ids"][0] != first
     word_ids = tiny.tokenizer.encode("robot", add_special_tokens=False)
-    by_text = invoke("run", str(tiny_dir), "Hello", "--json", "--temperature", "0", "--max-new-tokens", "3",
-                     "--logit-bias", "robot=100")
+    by_text = invoke(
+        "run",
+        str(tiny_dir),
+        "Hello",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--logit-bias",
+        "robot=100",
+    )
     assert json.loads(by_text.stdout)["token_ids"][0] in word_ids  # text biases every token of the text
     full = json.loads(invoke("run", str(tiny_dir), "Hello world", "--json", "--temperature", "0").stdout)["text"]
     stop = full[2:4]
-    stopped = json.loads(invoke("run", str(tiny_dir), "Hello world", "--json", "--temperature", "0", "--stop",
-                                stop).stdout)
+    stopped = json.loads(
+        invoke("run", str(tiny_dir), "Hello world", "--json", "--temperature", "0", "--stop", stop).stdout
+    )
     assert stopped["finish_reason"] == "stop" and stopped["text"] == full[: full.index(stop)]
 
 
@@ -96,8 +157,9 @@ def test_defaults_come_from_the_manifest(make_tiny, tmp_path: Path) -> None:
     a = json.loads(invoke("run", str(folder), "Hello", "--json").stdout)
     b = json.loads(invoke("run", str(folder), "Hello", "--json").stdout)
     assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) <= 5  # greedy, 5 tokens: the manifest's
-    c = json.loads(invoke("run", str(folder), "Hello", "--json", "--max-new-tokens", "7",
-                          "--min-new-tokens", "7").stdout)
+    c = json.loads(
+        invoke("run", str(folder), "Hello", "--json", "--max-new-tokens", "7", "--min-new-tokens", "7").stdout
+    )
     assert len(c["token_ids"]) == 7  # flags win
 
 

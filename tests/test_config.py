@@ -6,23 +6,39 @@ import dataclasses
 import math
 
 import pytest
-
 from edgeroute import ConfigError, GenerationConfig, SamplingConfig
 
 BAD_SAMPLING = [
-    ("temperature", -0.1), ("temperature", math.nan), ("temperature", "hot"), ("temperature", math.inf),
-    ("top_k", -1), ("top_k", 2.5), ("top_k", True),
-    ("top_p", 0.0), ("top_p", 1.5),
-    ("min_p", -0.1), ("min_p", 1.0),
-    ("typical_p", 0.0), ("typical_p", 2.0),
+    ("temperature", -0.1),
+    ("temperature", math.nan),
+    ("temperature", "hot"),
+    ("temperature", math.inf),
+    ("top_k", -1),
+    ("top_k", 2.5),
+    ("top_k", True),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("min_p", -0.1),
+    ("min_p", 1.0),
+    ("typical_p", 0.0),
+    ("typical_p", 2.0),
     ("min_keep", 0),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-    ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("presence_penalty", 2.5),
+    ("frequency_penalty", -3.0),
     ("penalty_last_n", -2),
-    ("logit_bias", {-1: 1.0}), ("logit_bias", {1: math.nan}), ("logit_bias", {1: math.inf}), ("logit_bias", [1]),
-    ("explore", 1.5), ("explore", -0.1), ("explore_end", 2.0), ("explore_steps", -1),
+    ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {1: math.nan}),
+    ("logit_bias", {1: math.inf}),
+    ("logit_bias", [1]),
+    ("explore", 1.5),
+    ("explore", -0.1),
+    ("explore_end", 2.0),
+    ("explore_steps", -1),
     ("explore_schedule", "cosine"),
-    ("seed", -5), ("seed", 1.5),
+    ("seed", -5),
+    ("seed", 1.5),
 ]
 
 
@@ -56,9 +72,18 @@ def test_explore_schedules() -> None:
 
 
 BAD_GENERATION = [
-    ("max_new_tokens", 0), ("max_new_tokens", 1.0), ("min_new_tokens", -1), ("min_new_tokens", 10**6),
-    ("stop", ("",)), ("stop", (1,)), ("stop_token_ids", (-1,)), ("stop_token_ids", ("a",)),
-    ("logprobs", 50), ("logprobs", -1), ("logprobs", "yes"), ("sampling", {"temperature": 0}),
+    ("max_new_tokens", 0),
+    ("max_new_tokens", 1.0),
+    ("min_new_tokens", -1),
+    ("min_new_tokens", 10**6),
+    ("stop", ("",)),
+    ("stop", (1,)),
+    ("stop_token_ids", (-1,)),
+    ("stop_token_ids", ("a",)),
+    ("logprobs", 50),
+    ("logprobs", -1),
+    ("logprobs", "yes"),
+    ("sampling", {"temperature": 0}),
     ("prefill_chunk", 0),
 ]
 

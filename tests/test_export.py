@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import edgeroute as er
 import numpy as np
 import pytest
-
-import edgeroute as er
 
 pytestmark = pytest.mark.export
 torch = pytest.importorskip("torch")
@@ -22,8 +21,14 @@ pytest.importorskip("optimum.exporters.onnx")
 
 from edgeroute.export import export_model  # noqa: E402
 
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512)
+COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def _configs(vocab: int) -> dict[str, object]:
@@ -33,8 +38,7 @@ def _configs(vocab: int) -> dict[str, object]:
         "mistral": (t.MistralConfig(vocab_size=vocab, sliding_window=None, **COMMON), t.MistralForCausalLM),
         "qwen2": (t.Qwen2Config(vocab_size=vocab, **COMMON), t.Qwen2ForCausalLM),
         "phi3": (t.Phi3Config(vocab_size=vocab, pad_token_id=0, **COMMON), t.Phi3ForCausalLM),
-        "gpt2": (t.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512),
-                 t.GPT2LMHeadModel),
+        "gpt2": (t.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512), t.GPT2LMHeadModel),
     }
 
 
@@ -43,8 +47,9 @@ def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     from tiny_model import CHATML, build_tokenizer
 
     tok = build_tokenizer()
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                                  bos_token="<|im_start|>", pad_token="<|endoftext|>")
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
+    )
     hf_tok.chat_template = CHATML
     cfg, cls = _configs(tok.get_vocab_size())[arch]
     cfg.eos_token_id = 0
@@ -85,8 +90,12 @@ def test_export_each_family(arch: str, tmp_path: Path) -> None:
     ids = model.tokenizer.encode("The capital of France is")
     got = model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0]
     assert np.abs(got - _torch_logits(ckpt, ids)).max() <= 1e-3
-    assert sorted(p.name for p in out.iterdir()) == ["edgeroute.json", "model.onnx", "model.onnx.data",
-                                                     "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "edgeroute.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+    ]
     assert model.generate("Hello", er.GenerationConfig(max_new_tokens=4)).usage.completion_tokens >= 1
 
 
@@ -95,8 +104,13 @@ def test_prefill_returns_only_last_logits(llama_ckpt: Path, tmp_path: Path) -> N
     model = er.Model.load(out)
     ids = list(range(5, 105))
     cache = model.new_cache()
-    feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, 100), dtype=np.int64),
-             "position_ids": np.arange(100)[None], "logits_to_keep": np.array([1]), **cache.feeds()}
+    feeds = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, 100), dtype=np.int64),
+        "position_ids": np.arange(100)[None],
+        "logits_to_keep": np.array([1]),
+        **cache.feeds(),
+    }
     logits = model.session.run(["logits"], feeds)[0]
     assert logits.shape == (1, 1, model.vocab_size)  # the graph itself returns one row, not 100
     three = model.forward_last(np.array([ids]), model.new_cache(), 3)[0]
@@ -280,7 +294,6 @@ def test_interrupted_export_leaves_nothing(llama_ckpt: Path, tmp_path: Path, sig
 
 def test_cli_export(llama_ckpt: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
-
     from edgeroute.cli import cli
 
     runner = CliRunner()
@@ -288,13 +301,15 @@ def test_cli_export(llama_ckpt: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "top-1 agreement" in res.output and "int4" in res.output
     exe = Path(sys.executable).parent / "edgeroute"
-    again = subprocess.run([str(exe), "export", str(llama_ckpt), str(tmp_path / "out")], capture_output=True,
-                           text=True)
+    again = subprocess.run([str(exe), "export", str(llama_ckpt), str(tmp_path / "out")], capture_output=True, text=True)
     assert again.returncode == 1
     lines = again.stderr.strip().splitlines()
     assert len(lines) == 1 and "already exists" in lines[0] and "Traceback" not in again.stderr
-    bad = subprocess.run([str(exe), "export", str(llama_ckpt), str(tmp_path / "o2"), "--quantize", "int3"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [str(exe), "export", str(llama_ckpt), str(tmp_path / "o2"), "--quantize", "int3"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "int3" in bad.stderr
 
 

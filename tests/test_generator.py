@@ -6,11 +6,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import edgeroute as er
 import numpy as np
 import pytest
 from conftest import GREEDY
-
-import edgeroute as er
 
 PROMPT = "The capital of France is"
 
@@ -35,7 +34,7 @@ def test_kv_cache_logits_match_full_run(tiny: er.Model) -> None:
     cache = tiny.new_cache()
     tiny.forward(np.array([ids[:-3]]), cache)
     for i in range(len(ids) - 3, len(ids)):
-        step = tiny.forward(np.array([ids[i: i + 1]]), cache)[0]
+        step = tiny.forward(np.array([ids[i : i + 1]]), cache)[0]
         assert np.allclose(step, full_logits(tiny, ids[: i + 1]), atol=1e-5)
     assert cache.length == len(ids)
     assert cache.nbytes == 2 * 2 * 1 * 2 * len(ids) * 8 * 4  # layers * (k,v) * batch * heads * len * dim * 4
@@ -137,7 +136,7 @@ def test_batch_equals_each_prompt_alone(tiny: er.Model) -> None:
     prompts = [PROMPT, "Hi", "Once upon a time a little robot learned to paint", "日本語 🤖"]
     cfg = GREEDY.replace(max_new_tokens=16)
     batch = tiny.generate(prompts, cfg)
-    for p, c in zip(prompts, batch):
+    for p, c in zip(prompts, batch, strict=False):
         alone = tiny.generate(p, cfg)
         assert c.token_ids == alone.token_ids and c.text == alone.text and c.finish_reason == alone.finish_reason
     seeded = cfg.replace(sampling=er.SamplingConfig(temperature=1.0, seed=3))
@@ -152,7 +151,7 @@ def test_batch_with_stops_of_different_lengths(tiny: er.Model) -> None:
     stop_tok = alone[0].token_ids[3]  # make row 0 stop early on a token it generates
     cfg = GREEDY.replace(stop_token_ids=(stop_tok,))
     batch = tiny.generate(prompts, cfg)
-    for p, c in zip(prompts, batch):
+    for p, c in zip(prompts, batch, strict=False):
         assert c.token_ids == tiny.generate(p, cfg).token_ids
     assert batch[0].finish_reason == "stop" and len(batch[0].token_ids) <= 3
 
@@ -255,8 +254,9 @@ def test_bad_prompts(tiny: er.Model) -> None:
 def test_onnxruntime_failures_are_wrapped(tiny: er.Model) -> None:
     cache = tiny.new_cache()
     with pytest.raises(er.InferenceError) as e:
-        tiny.forward(np.array([[1, 2]]), cache, attention_mask=np.ones((1, 7), dtype=np.int64),
-                     position_ids=np.array([[0, 1]]))
+        tiny.forward(
+            np.array([[1, 2]]), cache, attention_mask=np.ones((1, 7), dtype=np.int64), position_ids=np.array([[0, 1]])
+        )
     assert e.value.__cause__ is not None
 
 

@@ -6,10 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import edgeroute as er
 import onnxruntime as ort
 import pytest
-
-import edgeroute as er
 from edgeroute.manifest import Manifest
 
 
@@ -140,4 +139,3 @@ def test_unknown_provider_and_bad_threads(tiny_dir: Path) -> None:
     with pytest.raises(er.ConfigError) as e:
         er.Model.load(tiny_dir, threads=0)
     assert e.value.field == "threads"
-

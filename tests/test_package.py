@@ -12,7 +12,20 @@ import edgeroute as er
 
 def test_all_matches_public_names() -> None:
     public = {n for n in dir(er) if not n.startswith("_")} - {
-        "chat", "cli", "config", "errors", "export", "generator", "kv_cache", "manifest", "model", "routing", "sampling", "session", "tokenizer",
+        "chat",
+        "cli",
+        "config",
+        "errors",
+        "export",
+        "generator",
+        "kv_cache",
+        "manifest",
+        "model",
+        "routing",
+        "sampling",
+        "session",
+        "tokenizer",
+        "track",
     }
     assert set(er.__all__) - {"__version__"} == public
     for name in er.__all__:

@@ -6,18 +6,18 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import edgeroute as er
 import numpy as np
 import pytest
+from edgeroute import routing
 from scipy import stats
 from tiny_model import write_tiny_model
 
-import edgeroute as er
-from edgeroute import routing
-
 PROMPT = "Once upon a time a little robot learned to paint the sea"
 GREEDY = er.GenerationConfig(max_new_tokens=40, sampling=er.SamplingConfig(temperature=0))
-FULL_CHAIN = er.SamplingConfig(temperature=0.9, top_k=12, top_p=0.95, min_p=0.02, repetition_penalty=1.2,
-                               presence_penalty=0.1, explore=0.05)
+FULL_CHAIN = er.SamplingConfig(
+    temperature=0.9, top_k=12, top_p=0.95, min_p=0.02, repetition_penalty=1.2, presence_penalty=0.1, explore=0.05
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,12 @@ def test_speculative_is_exact_in_distribution(pair, drafter: str) -> None:
 
 @pytest.mark.parametrize(
     "flows",
-    [{"draft": "model", "draft_k": 3}, {"draft": "model", "draft_k": 2, "adaptive_k": True},
-     {"draft": "ngram", "draft_k": 4}, {"draft": "self", "draft_k": 5}],
+    [
+        {"draft": "model", "draft_k": 3},
+        {"draft": "model", "draft_k": 2, "adaptive_k": True},
+        {"draft": "ngram", "draft_k": 4},
+        {"draft": "self", "draft_k": 5},
+    ],
     ids=["model_k3", "model_adaptive", "ngram", "self_draft"],
 )
 def test_greedy_speculation_equals_greedy(pair, flows: dict) -> None:
@@ -190,8 +194,9 @@ def test_contrast(pair) -> None:
         score = np.where(lb >= lb.max() + np.log(0.1), lb - alpha * ls, -np.inf)
         assert tok == int(np.argmax(score))
         seq.append(tok)
-    x = routing.contrast_mix(np.log(np.array([0.6, 0.35, 0.05], np.float32)),
-                             np.log(np.array([0.9, 0.05, 0.05], np.float32)), 1.0, beta=0.1)
+    x = routing.contrast_mix(
+        np.log(np.array([0.6, 0.35, 0.05], np.float32)), np.log(np.array([0.9, 0.05, 0.05], np.float32)), 1.0, beta=0.1
+    )
     assert np.isneginf(x[2]) and x[1] > x[0]  # the expert-only token wins; the implausible one is banned
 
 
@@ -224,14 +229,16 @@ def test_cli_flows(pair, tiny_dir: Path, tmp_path: Path) -> None:
     import json
 
     from click.testing import CliRunner
-
     from edgeroute.cli import cli
 
     target, _ = pair
     base = ["run", str(target.path), PROMPT, "--json", "--temperature", "0", "--max-new-tokens", "20"]
     plain = json.loads(CliRunner().invoke(cli, base).stdout)
-    for extra in (["--draft", "ngram", "--draft-k", "3"], ["--draft", str(target.path), "--draft-k", "auto"],
-                  ["--guidance", "1.0", "--negative-prompt", "Hello"]):
+    for extra in (
+        ["--draft", "ngram", "--draft-k", "3"],
+        ["--draft", str(target.path), "--draft-k", "auto"],
+        ["--guidance", "1.0", "--negative-prompt", "Hello"],
+    ):
         res = CliRunner().invoke(cli, base + extra)
         assert res.exit_code == 0, res.output
         assert json.loads(res.stdout)["token_ids"] == plain["token_ids"], extra

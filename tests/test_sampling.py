@@ -8,10 +8,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy import stats
-
 from edgeroute import SamplingConfig, make_chain
 from edgeroute.sampling import (
     apply_logit_bias,
@@ -25,13 +21,16 @@ from edgeroute.sampling import (
     top_p,
     typical,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
 
 P4 = np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))
 
 
 def _kept(ids, logits) -> dict[int, float]:
     ids = np.arange(len(logits)) if ids is None else ids
-    return {int(i): round(float(p), 6) for i, p in zip(ids, softmax(logits))}
+    return {int(i): round(float(p), 6) for i, p in zip(ids, softmax(logits), strict=False)}
 
 
 # -- golden vectors (llama.cpp's test-sampling.cpp style) ----------------------------------------------------
@@ -94,7 +93,10 @@ def test_typical_vectors() -> None:
 def test_bias_penalties_temperature_vectors() -> None:
     x = np.array([1.0, -1.0, 2.0, 0.5], dtype=np.float32)
     assert apply_logit_bias(x, np.array([0, 3]), np.array([1.0, -np.inf], np.float32)).tolist() == [
-        2.0, -1.0, 2.0, -np.inf,
+        2.0,
+        -1.0,
+        2.0,
+        -np.inf,
     ]
     assert x.tolist() == [1.0, -1.0, 2.0, 0.5]  # inputs are never changed
     window = np.array([0, 1, 1, 2])
@@ -135,8 +137,7 @@ def prefix_reaching(order: np.ndarray, p: np.ndarray, mass: float, min_keep: int
     return chosen
 
 
-def reference(logits: np.ndarray, history: np.ndarray, cfg: SamplingConfig, step: int,
-              special: set[int]) -> np.ndarray:
+def reference(logits: np.ndarray, history: np.ndarray, cfg: SamplingConfig, step: int, special: set[int]) -> np.ndarray:
     """The routed distribution, computed independently: float64, full sorts, probability-space min-p."""
     v = len(logits)
     x = logits.astype(np.float64).copy()
@@ -196,14 +197,24 @@ CHAINS = {
     "top_p": SamplingConfig(temperature=0.9, top_p=0.8),
     "min_p": SamplingConfig(min_p=0.08),
     "typical": SamplingConfig(typical_p=0.7),
-    "penalties": SamplingConfig(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3,
-                                penalty_last_n=6),
+    "penalties": SamplingConfig(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3, penalty_last_n=6),
     "bias_ban": SamplingConfig(logit_bias={4: 2.0, 9: -math.inf, 12: -1.5}),
     "explore": SamplingConfig(explore=0.3, top_k=4),
     "explore_greedy": SamplingConfig(temperature=0, explore=0.25, logit_bias={6: -math.inf}),
-    "full_chain": SamplingConfig(temperature=0.7, top_k=12, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
-                                 presence_penalty=0.2, frequency_penalty=0.1, logit_bias={8: -math.inf, 3: 1.0},
-                                 explore=0.2, explore_end=0.05, explore_steps=10, explore_schedule="linear"),
+    "full_chain": SamplingConfig(
+        temperature=0.7,
+        top_k=12,
+        top_p=0.9,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=0.2,
+        frequency_penalty=0.1,
+        logit_bias={8: -math.inf, 3: 1.0},
+        explore=0.2,
+        explore_end=0.05,
+        explore_steps=10,
+        explore_schedule="linear",
+    ),
 }
 
 

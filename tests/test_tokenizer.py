@@ -3,11 +3,10 @@ never leak, and chat templates render exactly as transformers renders them."""
 
 from __future__ import annotations
 
-import pytest
-from tiny_model import build_tokenizer
-
 import edgeroute as er
+import pytest
 from edgeroute.tokenizer import Tokenizer
+from tiny_model import build_tokenizer
 
 TEXTS = ["Hello world!", "日本語のテキスト", "🤖🎨 robots paint", "El niño läuft 🤖 日本", "a\u200db 🇫🇷 👩‍👩‍👧"]
 
@@ -43,8 +42,9 @@ def test_generated_stream_equals_decode(tiny: er.Model) -> None:
 def test_stop_string_split_inside_a_multibyte_character_never_leaks(tiny: er.Model) -> None:
     # Force the output to be the tokens of "ab🤖cd" through logit biases, one token per step.
     target = tiny.tokenizer.encode("ab🤖cd🎨")
-    gen = tiny.generator(er.GenerationConfig(max_new_tokens=len(target), stop=("🤖c",),
-                                             sampling=er.SamplingConfig(temperature=0)))
+    gen = tiny.generator(
+        er.GenerationConfig(max_new_tokens=len(target), stop=("🤖c",), sampling=er.SamplingConfig(temperature=0))
+    )
     gen.append(tiny.tokenizer.encode("x"))
     out = []
     for t in target:  # bias each step towards the next target token, via a fresh router each step
@@ -64,8 +64,10 @@ def test_chat_template_renders(tok: Tokenizer) -> None:
 
     t = Tokenizer(tok.backend, CHATML, {"eos_token": "<|endoftext|>"})
     text = t.render_chat([{"role": "user", "content": "Hi"}])
-    assert text == "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \
-                   "<|im_start|>assistant\n"
+    assert (
+        text == "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     ids = t.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert ids[0] == t.token_to_id("<|im_start|>") and t.decode(ids, skip_special_tokens=False) == text
     with pytest.raises(er.ConfigError):
@@ -188,15 +190,27 @@ CONVERSATIONS = [
     ],
     [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "unit": "°C"}}}
-        ]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "unit": "°C"}}}
+            ],
+        },
         {"role": "tool", "content": "21 °C"},
         {"role": "user", "content": "Thanks"},
     ],
 ]
-TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Météo", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "description": "Météo",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
 
 

@@ -42,7 +42,9 @@ def build_tokenizer(vocab_size: int = 320) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
@@ -53,9 +55,19 @@ def _t(name: str, arr: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(arr, name)
 
 
-def build_graph(vocab: int, *, num_layers: int = 2, num_kv_heads: int = 2, head_size: int = 8,
-                context_length: int = 512, position_ids: bool = True, kv_dtype: str = "float32",
-                logits: str = "all", seed: int = 0, logit_scale: float = 3.0) -> onnx.ModelProto:
+def build_graph(
+    vocab: int,
+    *,
+    num_layers: int = 2,
+    num_kv_heads: int = 2,
+    head_size: int = 8,
+    context_length: int = 512,
+    position_ids: bool = True,
+    kv_dtype: str = "float32",
+    logits: str = "all",
+    seed: int = 0,
+    logit_scale: float = 3.0,
+) -> onnx.ModelProto:
     """The decoder graph (see the module docstring)."""
     rng = np.random.default_rng(seed)
     h, dh = num_kv_heads, head_size
@@ -161,9 +173,7 @@ def build_graph(vocab: int, *, num_layers: int = 2, num_kv_heads: int = 2, head_
         x = n("Slice", [x, "neg_one", "big_i", "axis1"], "x_last")
         inits.append(_t("neg_one", np.array([-1], np.int64)))
     n("MatMul", [x, "lm"], "logits")
-    graph_outputs.insert(
-        0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq_out", vocab])
-    )
+    graph_outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq_out", vocab]))
     graph = helper.make_graph(nodes, "tiny_decoder", graph_inputs, graph_outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -171,9 +181,19 @@ def build_graph(vocab: int, *, num_layers: int = 2, num_kv_heads: int = 2, head_
     return model
 
 
-def manifest_dict(vocab: int, tok: Tokenizer, *, num_layers: int = 2, num_kv_heads: int = 2, head_size: int = 8,
-                  context_length: int = 512, position_ids: bool = True, kv_dtype: str = "float32",
-                  logits: str = "all", chat_template: str | None = CHATML) -> dict[str, Any]:
+def manifest_dict(
+    vocab: int,
+    tok: Tokenizer,
+    *,
+    num_layers: int = 2,
+    num_kv_heads: int = 2,
+    head_size: int = 8,
+    context_length: int = 512,
+    position_ids: bool = True,
+    kv_dtype: str = "float32",
+    logits: str = "all",
+    chat_template: str | None = CHATML,
+) -> dict[str, Any]:
     eos = tok.token_to_id("<|endoftext|>")
     im_end = tok.token_to_id("<|im_end|>")
     inputs = {"position_ids": "position_ids" if position_ids else None}

@@ -1,0 +1,228 @@
+"""Per-sequence token accounting: the result types, and ``Track``, which routes one row of logits to a token and
+turns tokens into text (streaming, stop strings, stop tokens, length, logprobs) for one sequence.
+
+Used by the Generator (one sequence) and by batched generation (one Track per row); the loop state (KV cache,
+token buffer, flows) stays in ``generator.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import GenerationConfig
+from .sampling import log_softmax, make_chain
+from .tokenizer import TextStream
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token: its id, the new text it completes (``""`` while held back), the model's
+    log-probability (when asked for), and ``finish_reason`` (``"stop"``/``"length"`` on the last step)."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    finish_reason: str | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+@dataclass
+class Usage:
+    """Token counts and timings of a Generator (summed over its turns)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    time_to_first_token: float | None = None
+    router_seconds: float = 0.0  # time spent choosing tokens (router + text), included in the above
+    draft_proposed: int = 0  # speculative decoding: draft tokens proposed
+    draft_accepted: int = 0  # ... and accepted by the target
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens (0 without speculative decoding)."""
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: completion tokens after the first per second of decoding."""
+        n = self.completion_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "time_to_first_token": self.time_to_first_token,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "router_seconds": self.router_seconds,
+            "draft_proposed": self.draft_proposed,
+            "draft_accepted": self.draft_accepted,
+        }
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of a chosen token, and of the most likely alternatives when asked for."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Completion:
+    """A finished generation: ``text`` (stop strings removed), ``token_ids`` (stop tokens excluded),
+    ``finish_reason`` (``"stop"`` or ``"length"``), ``usage``, and ``logprobs`` when asked for."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class _Turn:
+    """Per-turn output state of one sequence: what was generated since the last ``append``."""
+
+    stream: TextStream
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    held: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stopped_on_token: bool = False
+
+
+class Track:
+    """Chooses tokens and turns them into text for one sequence: router, RNG, stops, logprobs.
+
+    Shared by :class:`Generator` (one sequence) and :func:`generate_batch` (one track per row).
+    """
+
+    def __init__(self, model: Model, config: GenerationConfig, rng: np.random.Generator) -> None:
+        self.model = model
+        self.config = config
+        self.rng = rng
+        self.router = make_chain(config.sampling, model.vocab_size, model.special_ids)
+        self.stop_ids = frozenset(model.manifest.eos_token_ids) | frozenset(config.stop_token_ids)
+        self._stop_arr = np.array(sorted(i for i in self.stop_ids if i < model.vocab_size), dtype=np.int64)
+        self.stops = config.stop
+        self._prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
+        self.turn = _Turn(model.tokenizer.stream())
+
+    def new_turn(self) -> None:
+        self.turn = _Turn(self.model.tokenizer.stream())
+
+    @property
+    def done(self) -> bool:
+        return self.turn.finish_reason is not None
+
+    def _suppress(self, index: int) -> np.ndarray | None:
+        return self._stop_arr if index < self.config.min_new_tokens else None
+
+    def choose(self, logits: np.ndarray, history: np.ndarray, raw: np.ndarray | None = None) -> Step:
+        """Route ``logits`` (one row) to a token and account for it. ``raw`` are the model's own logits (for
+        logprobs) when the routed ones were mixed from several flows."""
+        n = len(self.turn.generated)
+        token = self.router.sample(logits, history, self.rng, n, self._suppress(n))
+        return self.take(token, logits if raw is None else raw)
+
+    def take(self, token: int, raw: np.ndarray) -> Step:
+        """Account for a token chosen elsewhere (speculative decoding); ``raw`` gives its logprob."""
+        lp = self._logprob(raw, token) if self.config.want_logprobs else None
+        return self._accept(token, lp)
+
+    def dense(self, logits: np.ndarray, history: np.ndarray, index: int) -> np.ndarray:
+        """The exact routed distribution of the token at generated position ``index`` (dense, float64)."""
+        return self.router.distribution(logits, history, index, self._suppress(index)).dense()
+
+    def _logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
+        logp = log_softmax(logits)
+        k = self.config.top_logprobs
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            part = np.argpartition(logp, len(logp) - k)[len(logp) - k :]
+            part = part[np.argsort(-logp[part], kind="stable")]
+            top = tuple((int(i), float(logp[i])) for i in part)
+        return TokenLogprob(int(token), float(logp[token]), top)
+
+    def _accept(self, token: int, lp: TokenLogprob | None) -> Step:
+        t = self.turn
+        t.generated.append(token)
+        if lp is not None:
+            t.logprobs.append(lp)
+        finish = None
+        if token in self.stop_ids:
+            text, finish, t.stopped_on_token = t.held, "stop", True
+            t.held = ""
+        else:
+            text, finish = self._text(t.stream.push(token))
+        if finish is None and len(t.generated) >= self.config.max_new_tokens:
+            text, finish = text + t.held, "length"
+            t.held = ""
+        if finish is not None and (t.stopped_on_token or finish == "length"):
+            text += self._unflushed(text)
+        t.text.append(text)
+        t.finish_reason = finish
+        return Step(token, text, lp.logprob if lp else None, finish, lp.top if lp and lp.top else None)
+
+    def _unflushed(self, last: str) -> str:
+        """At the end of a turn: what one-shot decoding has beyond the streamed text (incomplete UTF-8 bytes at
+        the very end, which the stream holds back and ``decode`` renders as U+FFFD)."""
+        t = self.turn
+        ids = t.generated[:-1] if t.stopped_on_token else t.generated
+        full = self.model.tokenizer.decode(ids)
+        streamed = "".join(t.text) + last
+        return full[len(streamed) :] if full.startswith(streamed) else ""
+
+    def _text(self, piece: str) -> tuple[str, str | None]:
+        """Emit what can no longer be part of a stop string; detect a completed stop string."""
+        t = self.turn
+        if not self.stops:
+            return piece, None
+        buf = t.held + piece
+        hits = [(buf.find(s), s) for s in self.stops if s in buf]
+        if hits:
+            at = min(hits)[0]
+            t.held = ""
+            return buf[:at], "stop"
+        keep = 0  # longest suffix of buf that begins a stop string
+        for i in range(max(0, len(buf) - max(len(s) for s in self.stops) + 1), len(buf)):
+            if buf[i:] in self._prefixes:
+                keep = len(buf) - i
+                break
+        t.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], None
+
+    def completion(self, usage: Usage) -> Completion:
+        t = self.turn
+        ids = t.generated[:-1] if t.stopped_on_token else list(t.generated)
+        return Completion(
+            text="".join(t.text),
+            token_ids=ids,
+            finish_reason=t.finish_reason or "length",
+            usage=usage,
+            logprobs=list(t.logprobs) if self.config.want_logprobs else None,
+        )
+
+    def replay(self, ids: Sequence[int]) -> None:
+        """Rebuild the turn as if only ``ids`` had been generated (after a rewind). None of them finished the
+        turn: a finish only ever happens on the last token, and a rewind removes at least that one."""
+        logprobs = self.turn.logprobs[: len(ids)]
+        self.new_turn()
+        for tok in ids:
+            self._accept(int(tok), None)
+        self.turn.logprobs = logprobs
+        self.turn.finish_reason = None
