@@ -11,7 +11,7 @@ from edgeroute.errors import ExportError
 
 KEEP_INPUT = "logits_to_keep"
 DATA_SUFFIX = ".data"
-_PASSTHROUGH = {"Add", "Mul", "Div", "Sub", "Tanh", "Cast", "Identity", "Softcap"}
+_PASSTHROUGH = {"Add", "Mul", "Div", "Sub", "Tanh", "Cast", "Identity"}
 
 
 def load(path: Path) -> Any:

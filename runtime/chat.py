@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from .config import GenerationConfig
 from .errors import ConfigError, ContextOverflowError
 from .generator import Generator, Step
+from .kv_cache import common_prefix
 from .model import Model
 
 
@@ -48,12 +49,7 @@ class ChatSession:
             ids = self.model.tokenizer.apply_chat_template(self._all_messages(), add_generation_prompt=True)
             gen = self.generator
             have = gen.tokens
-            common = 0
-            for a, b in zip(have, ids, strict=False):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ids) - 1)  # feed at least one token to get fresh logits
+            common = min(common_prefix(have, ids), len(ids) - 1)  # feed at least one token to get fresh logits
             if len(ids) + self.config.max_new_tokens > self.model.context_length:  # checked before rewinding
                 raise ContextOverflowError(
                     len(ids) + self.config.max_new_tokens,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ConfigError
@@ -236,8 +236,3 @@ class _FrozenDict(dict):  # type: ignore[type-arg]
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items())))
-
-
-def config_fields(cls: type) -> list[str]:
-    """Names of a config dataclass's fields (used by the CLI and the manifest's generation defaults)."""
-    return [f.name for f in fields(cls)]

@@ -337,7 +337,7 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
     for i, p in enumerate(prompts):
         ids[i, width - len(p) : width] = p
         mask[i, width - len(p) : width] = 1
-    histories = [list(p) for p in prompts]
+    starts = [width - len(p) for p in prompts]  # row i's tokens are ids[i, starts[i]:n]
     cache = model.new_cache(b)
     usage = [Usage(prompt_tokens=len(p)) for p in prompts]
     t0 = time.perf_counter()
@@ -357,8 +357,7 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
             if tr.done:
                 ids[i, n] = ids[i, n - 1]
                 continue
-            st = tr.choose(logits[i], np.asarray(histories[i], dtype=np.int64))
-            histories[i].append(st.token_id)
+            st = tr.choose(logits[i], ids[i, starts[i] : n])
             ids[i, n] = st.token_id
             u = usage[i]
             if u.time_to_first_token is None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ConfigError
+from .kv_cache import common_prefix
 from .sampling import draw
 
 if TYPE_CHECKING:
@@ -38,35 +39,25 @@ class Stream:
     def __init__(self, model: Model, chunk: int = 512) -> None:
         self.model = model
         self.cache = model.new_cache()
-        self.fed: list[int] = []
+        self.fed = np.zeros(0, dtype=np.int64)
         self.chunk = chunk
         self._logits: np.ndarray | None = None
 
     def sync(self, tokens: Sequence[int]) -> np.ndarray:
         if len(tokens) == 0:
             raise ConfigError("tokens", [], "a stream needs at least one token")
-        common = 0
-        for a, b in zip(self.fed, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
+        tokens = np.asarray(tokens, dtype=np.int64)
+        common = common_prefix(self.fed, tokens)
         if common == len(tokens) == len(self.fed) and self._logits is not None:
             return self._logits
         common = min(common, len(tokens) - 1)  # feed at least one token to get its logits
         self.cache.trim(self.cache.length - common)
-        self.fed = list(tokens[:common])
-        rest = np.asarray(tokens[common:], dtype=np.int64)
-        for i in range(0, len(rest), self.chunk):
-            part = rest[i : i + self.chunk]
-            self._logits = self.model.forward(part[None], self.cache)[0]
-            self.fed.extend(int(t) for t in part)
+        self.fed = tokens[:common].copy()
+        for i in range(common, len(tokens), self.chunk):
+            self._logits = self.model.forward(tokens[None, i : i + self.chunk], self.cache)[0]
+            self.fed = tokens[: i + self.chunk].copy()  # what the cache holds, even if a later chunk fails
         assert self._logits is not None
         return self._logits
-
-    def reset(self) -> None:
-        self.cache = self.model.new_cache()
-        self.fed = []
-        self._logits = None
 
 
 def guidance_mix(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:

@@ -120,6 +120,7 @@ class Track:
         self._stop_arr = np.array(sorted(i for i in self.stop_ids if i < model.vocab_size), dtype=np.int64)
         self.stops = config.stop
         self._prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
+        self._longest_stop = max((len(s) for s in self.stops), default=0)
         self.turn = _Turn(model.tokenizer.stream())
 
     def new_turn(self) -> None:
@@ -199,7 +200,7 @@ class Track:
             t.held = ""
             return buf[:at], "stop"
         keep = 0  # longest suffix of buf that begins a stop string
-        for i in range(max(0, len(buf) - max(len(s) for s in self.stops) + 1), len(buf)):
+        for i in range(max(0, len(buf) - self._longest_stop + 1), len(buf)):
             if buf[i:] in self._prefixes:
                 keep = len(buf) - i
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import edgeroute as er
+import numpy as np
 import pytest
 
 CFG = er.GenerationConfig(max_new_tokens=8, sampling=er.SamplingConfig(temperature=0))
@@ -82,3 +83,13 @@ def test_reset_overflow_and_no_template(tiny: er.Model, make_tiny) -> None:
     plain = er.Model.load(make_tiny(chat_template=None))
     with pytest.raises(er.ConfigError):
         er.ChatSession(plain, CFG)
+
+
+def test_common_prefix() -> None:
+    from edgeroute.kv_cache import common_prefix
+
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix(np.array([7, 8, 9]), [7, 8, 9]) == 3
+    assert common_prefix([5], [6]) == 0

@@ -55,18 +55,25 @@ def _t(name: str, arr: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(arr, name)
 
 
+# The one set of defaults: write_tiny_model passes every field to both the graph and its manifest.
+GEOMETRY = dict(
+    num_layers=2, num_kv_heads=2, head_size=8, context_length=512, position_ids=True, kv_dtype="float32", logits="all"
+)
+WEIGHTS = dict(seed=0, logit_scale=3.0)
+
+
 def build_graph(
     vocab: int,
     *,
-    num_layers: int = 2,
-    num_kv_heads: int = 2,
-    head_size: int = 8,
-    context_length: int = 512,
-    position_ids: bool = True,
-    kv_dtype: str = "float32",
-    logits: str = "all",
-    seed: int = 0,
-    logit_scale: float = 3.0,
+    num_layers: int,
+    num_kv_heads: int,
+    head_size: int,
+    context_length: int,
+    position_ids: bool,
+    kv_dtype: str,
+    logits: str,
+    seed: int,
+    logit_scale: float,
 ) -> onnx.ModelProto:
     """The decoder graph (see the module docstring)."""
     rng = np.random.default_rng(seed)
@@ -185,14 +192,14 @@ def manifest_dict(
     vocab: int,
     tok: Tokenizer,
     *,
-    num_layers: int = 2,
-    num_kv_heads: int = 2,
-    head_size: int = 8,
-    context_length: int = 512,
-    position_ids: bool = True,
-    kv_dtype: str = "float32",
-    logits: str = "all",
-    chat_template: str | None = CHATML,
+    num_layers: int,
+    num_kv_heads: int,
+    head_size: int,
+    context_length: int,
+    position_ids: bool,
+    kv_dtype: str,
+    logits: str,
+    chat_template: str | None,
 ) -> dict[str, Any]:
     eos = tok.token_to_id("<|endoftext|>")
     im_end = tok.token_to_id("<|im_end|>")
@@ -226,9 +233,13 @@ def write_tiny_model(folder: str | Path, **kw: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(kw.pop("tokenizer_vocab", 320))
     vocab = tok.get_vocab_size()
-    graph_kw = {k: v for k, v in kw.items() if k not in ("chat_template",)}
-    onnx.save(build_graph(vocab, **graph_kw), str(folder / "model.onnx"))
+    geometry = {k: kw.pop(k, v) for k, v in GEOMETRY.items()}
+    weights = {k: kw.pop(k, v) for k, v in WEIGHTS.items()}
+    chat_template = kw.pop("chat_template", CHATML)
+    if kw:
+        raise TypeError(f"unknown tiny-model options {sorted(kw)}")
+    onnx.save(build_graph(vocab, **geometry, **weights), str(folder / "model.onnx"))
     tok.save(str(folder / "tokenizer.json"))
-    man_kw = {k: v for k, v in kw.items() if k not in ("seed", "logit_scale")}
-    (folder / "edgeroute.json").write_text(json.dumps(manifest_dict(vocab, tok, **man_kw), indent=2))
+    manifest = manifest_dict(vocab, tok, **geometry, chat_template=chat_template)
+    (folder / "edgeroute.json").write_text(json.dumps(manifest, indent=2))
     return folder
