@@ -90,10 +90,11 @@ def bench(
     as_json: bool,
     provider: str,
     threads: int | None,
+    ctx_size: int | None,
     **flags: Any,
 ) -> None:
     """Benchmark MODEL on a fixed prompt: greedy unless sampling flags are given; median of --runs."""
-    model = load_model(model_path, provider, threads)
+    model = load_model(model_path, provider, threads, ctx_size=ctx_size)
     if flags.get("temperature") is None and not any(flags.get(k) is not None for k in ("top_k", "top_p", "min_p")):
         flags["temperature"] = 0.0
     flags.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens)

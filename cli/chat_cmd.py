@@ -38,9 +38,11 @@ def _read(interactive: bool) -> str | None:
 @sampling_options
 @model_options
 @verbose_option
-def chat(model_path: str, system: str | None, provider: str, threads: int | None, **flags: Any) -> None:
+def chat(
+    model_path: str, system: str | None, provider: str, threads: int | None, ctx_size: int | None, **flags: Any
+) -> None:
     """Chat with MODEL. Ctrl-C stops an answer; Ctrl-C again (or Ctrl-D, or /exit) leaves."""
-    model = load_model(model_path, provider, threads)
+    model = load_model(model_path, provider, threads, ctx_size=ctx_size)
     session = er.ChatSession(model, build_config(model, flags), system)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -62,6 +62,14 @@ def _progress_printer():  # type: ignore[no-untyped-def]
 @click.option(
     "--context-length", type=click.IntRange(min=1), default=None, help="Cap the model's context length in the manifest."
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "fused", "optimum"]),
+    default="auto",
+    show_default=True,
+    help="fused: edgeroute's own graph (fused attention, shared in-place KV buffer; llama, mistral, qwen2, phi3);"
+    " optimum: any decoder optimum exports; auto: fused where it applies.",
+)
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only after the export succeeded).")
 def export(
@@ -73,6 +81,7 @@ def export(
     device: str,
     base: str | None,
     context_length: int | None,
+    backend: str,
     no_validate: bool,
     force: bool,
 ) -> None:
@@ -90,12 +99,14 @@ def export(
         base=base,
         context_length=context_length,
         block_size=int(block_size),
+        backend=backend,
         progress=_progress_printer(),
     )
     manifest = json.loads((path / "edgeroute.json").read_text())
     v = manifest["provenance"].get("validation")
     click.echo(
-        f"exported {source} -> {path} ({manifest['precision']}, quantisation {manifest['quantization']['method']})"
+        f"exported {source} -> {path} ({manifest['precision']}, quantisation {manifest['quantization']['method']},"
+        f" {manifest['provenance'].get('backend', 'optimum')} graph)"
     )
     if v:
         q = v["quality"]

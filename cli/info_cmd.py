@@ -27,6 +27,8 @@ def describe(path: str) -> dict[str, Any]:
         "precision": m.precision,
         "quantization": dict(m.quantization),
         "kv_dtype": m.kv_dtype,
+        "kv_layout": m.kv_layout,
+        "backend": prov.get("backend", "optimum"),
         "layers": m.num_layers,
         "kv_heads": m.num_kv_heads,
         "head_size": m.head_size,
@@ -42,6 +44,12 @@ def describe(path: str) -> dict[str, Any]:
         "providers_available": er.available_providers(),
         "versions": prov.get("versions", {}),
     }
+
+
+_LAYOUTS = {
+    "shared": "one in-place buffer per layer (run's --ctx-size sets its length; default 4096 at most)",
+    "concat": "grown by concatenation each step",
+}
 
 
 @click.command()
@@ -62,6 +70,7 @@ def info(model_path: str, as_json: bool) -> None:
         f"architecture  {d['architecture']} ({d['model_type']}), {params} parameters",
         f"precision     {d['precision']}, quantisation {qtext}, KV cache {d['kv_dtype']}",
         f"geometry      {d['layers']} layers, {d['kv_heads']} KV heads x {d['head_size']}",
+        f"graph form    {d['backend']} backend, KV cache {_LAYOUTS[d['kv_layout']]}",
         f"context       {d['context_length']} tokens; vocabulary {d['vocab_size']}; EOS {d['eos_token_ids']}",
         f"chat template {'yes' if d['chat_template'] else 'no'}",
         f"graph         {d['graph']} ({d['graph_bytes'] / 2**20:.1f} MiB with weights)",

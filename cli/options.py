@@ -25,6 +25,13 @@ def verbose_option(f: F) -> F:
 
 def model_options(f: F) -> F:
     f = click.option(
+        "--ctx-size",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Most tokens a sequence may hold (prompt + generated); shared-KV-buffer models reserve this much"
+        " (default: the model's context, at most 4096 for them).",
+    )(f)
+    f = click.option(
         "--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores)."
     )(f)
     f = click.option(
@@ -139,15 +146,17 @@ def flow_options(f: F) -> F:
 
 
 def flow_kwargs(model: er.Model, flags: dict[str, Any], provider: str, threads: int | None) -> dict[str, Any]:
-    """Keyword arguments of ``model.generator`` for the flow flags."""
+    """Keyword arguments of ``model.generator`` for the flow flags (a second model gets the target's context)."""
     out: dict[str, Any] = {}
+    ctx = model.context_length
     draft, k = flags.pop("draft", None), flags.pop("draft_k", "4")
     if k == "auto":
         out["adaptive_k"], k = True, "4"
     if not str(k).isdigit() or int(k) < 1:
         raise click.BadParameter(f"{k!r} is not a positive integer or 'auto'", param_hint="--draft-k")
     if draft is not None:
-        out["draft"] = "ngram" if draft == "ngram" else load_model(draft, provider, threads, spin=False)
+        second = None if draft == "ngram" else load_model(draft, provider, threads, spin=False, ctx_size=ctx)
+        out["draft"] = second or "ngram"
         out["draft_k"] = int(k)
     guidance, negative = flags.pop("guidance", None), flags.pop("negative_prompt", None)
     if guidance is not None:
@@ -158,7 +167,7 @@ def flow_kwargs(model: er.Model, flags: dict[str, Any], provider: str, threads: 
         raise click.UsageError("--negative-prompt needs --guidance")
     contrast, alpha = flags.pop("contrast", None), flags.pop("contrast_alpha", 0.5)
     if contrast is not None:
-        out["contrast"] = load_model(contrast, provider, threads, spin=False)
+        out["contrast"] = load_model(contrast, provider, threads, spin=False, ctx_size=ctx)
         out["contrast_alpha"] = alpha
     return out
 
@@ -215,8 +224,10 @@ def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
     return er.GenerationConfig(sampling=er.SamplingConfig(**sampling), **gen)
 
 
-def load_model(path: str, provider: str, threads: int | None, spin: bool = True) -> er.Model:
-    return er.Model.load(path, provider=provider, threads=threads, spin=spin)
+def load_model(
+    path: str, provider: str, threads: int | None, spin: bool = True, ctx_size: int | None = None
+) -> er.Model:
+    return er.Model.load(path, provider=provider, threads=threads, spin=spin, context_size=ctx_size)
 
 
 def needs_second_model(flags: dict[str, Any]) -> bool:

@@ -94,11 +94,12 @@ def run(
     as_json: bool,
     provider: str,
     threads: int | None,
+    ctx_size: int | None,
     **flags: Any,
 ) -> None:
     """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'."""
     text = read_prompt(prompt)
-    model = load_model(model_path, provider, threads, spin=not needs_second_model(flags))
+    model = load_model(model_path, provider, threads, spin=not needs_second_model(flags), ctx_size=ctx_size)
     flows = flow_kwargs(model, flags, provider, threads)
     config = build_config(model, flags)
     ids = prompt_ids(model, text, chat, system)

@@ -24,6 +24,7 @@ from edgeroute.errors import ConfigError, ExportError
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
 DEVICES = ("cpu", "cuda")
+BACKENDS = ("auto", "fused", "optimum")
 TMP_PREFIX = ".edgeroute-export-"
 Progress = Callable[[str, str, float], None]  # (stage, "start" | "done", elapsed seconds)
 
@@ -101,6 +102,7 @@ def export_model(
     base: str | os.PathLike[str] | None = None,
     context_length: int | None = None,
     block_size: int = 32,
+    backend: str = "auto",
     progress: Progress | None = None,
 ) -> Path:
     """Export a checkpoint to an edgeroute model folder and return its path.
@@ -117,17 +119,24 @@ def export_model(
         base: the base checkpoint folder of a LoRA adapter (default: the adapter's own reference).
         context_length: cap the manifest's context length (default: the model's maximum positions).
         block_size: quantisation block size (int8 and int4).
+        backend: ``fused`` builds edgeroute's own graph (GroupQueryAttention with rotary inside, fused norms,
+            packed projections, one shared in-place KV buffer; llama, mistral, qwen2, phi3; fp32, int8, int4);
+            ``optimum`` exports with optimum (every decoder optimum knows, fp16 included); ``auto`` (default)
+            takes ``fused`` where it applies and ``optimum`` otherwise, and records which in the manifest.
         progress: called as ``progress(stage, "start"|"done", seconds)`` for each stage.
     """
     for name, value, allowed in (
         ("dtype", dtype, DTYPES),
         ("quantize", quantize, QUANTIZE),
         ("device", device, DEVICES),
+        ("backend", backend, BACKENDS),
     ):
         if value not in allowed:
             raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
     if dtype == "fp16" and quantize != "none":
         raise ConfigError("quantize", quantize, "quantisation starts from fp32: use dtype fp32 with it")
+    if dtype == "fp16" and backend == "fused":
+        raise ConfigError("backend", backend, "the fused backend builds fp32, int8 and int4 graphs: use optimum for fp16")
     if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
         raise ConfigError("context_length", context_length, "must be a positive integer")
     if block_size not in (16, 32, 64, 128, 256):
@@ -152,7 +161,8 @@ def export_model(
     stages = _Stages(progress)
     try:
         with _terminate_as_interrupt():
-            _build(tmp, source, base, device, dtype, quantize, validate, context_length, block_size, stages)
+            options = (dtype, quantize, validate, context_length, block_size, backend)
+            _build(tmp, source, base, device, options, stages)
             _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,42 +197,27 @@ def _build(
     source: Any,
     base: Any,
     device: str,
-    dtype: str,
-    quantize: str,
-    validate: bool,
-    context_length: int | None,
-    block_size: int,
+    options: tuple[str, str, bool, int | None, int, str],
     stages: _Stages,
 ) -> None:
-    import warnings
+    from . import fused, graph, manifest_writer, sources
 
-    from . import graph, manifest_writer, sources
-
+    dtype, quantize, validate, context_length, block_size, backend = options
     with stages("load"):
         src = sources.load_source(source, base, device)
-    raw = tmp / "raw"
-    with stages("export"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from optimum.exporters.onnx import onnx_export_from_model
-
-        try:
-            onnx_export_from_model(src.model, raw, task="text-generation-with-past", do_validation=False, device=device)
-        except ExportError:
-            raise
-        except Exception as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"optimum could not export {src.model_type}: {text}") from e
+    why_not = fused.unsupported_reason(src.model)
+    if backend == "fused" and why_not:
+        raise ExportError(f"the fused backend does not support {why_not}; use --backend optimum")
+    use_fused = backend == "fused" or (backend == "auto" and why_not is None and dtype == "fp32")
     final = tmp / "model.onnx"
-    with stages("post-process"):
-        proto = graph.load(raw / "model.onnx")
-        proto = graph.add_logits_to_keep(proto)
-        if dtype == "fp16":
-            proto = graph.to_fp16(proto)
-        target = final if quantize == "none" else tmp / "fp32.onnx"
-        graph.save(proto, target)
-        contract = graph.describe(proto)
-        del proto
-        shutil.rmtree(raw)
+    target = final if quantize == "none" else tmp / "fp32.onnx"
+    if use_fused:
+        with stages("export"):
+            ctx = manifest_writer.context_of(src.model.config, context_length)
+            contract = fused.build_fused(src.model, target, ctx)
+    else:
+        contract = _optimum_export(tmp, src, device, dtype, target, stages)
+    contract["backend"] = "fused" if use_fused else "optimum"
     quant: dict[str, Any] = {"method": "none"}
     if quantize != "none":
         with stages("quantise"):
@@ -238,3 +233,33 @@ def _build(
 
             report = run_validation(tmp, src.model, dtype, quantize != "none")
         manifest_writer.add_validation(tmp, report, stages.times)
+
+
+def _optimum_export(tmp: Path, src: Any, device: str, dtype: str, target: Path, stages: _Stages) -> dict[str, Any]:
+    """optimum's export, post-processed: last-positions logits, fp16 if asked; returns the graph's contract."""
+    import warnings
+
+    from . import graph
+
+    raw = tmp / "raw"
+    with stages("export"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        try:
+            onnx_export_from_model(src.model, raw, task="text-generation-with-past", do_validation=False, device=device)
+        except ExportError:
+            raise
+        except Exception as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"optimum could not export {src.model_type}: {text}") from e
+    with stages("post-process"):
+        proto = graph.load(raw / "model.onnx")
+        proto = graph.add_logits_to_keep(proto)
+        if dtype == "fp16":
+            proto = graph.to_fp16(proto)
+        graph.save(proto, target)
+        contract = graph.describe(proto)
+        del proto
+        shutil.rmtree(raw)
+    return contract

@@ -56,6 +56,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def context_of(config: Any, context_length: int | None) -> int:
+    """The manifest's context length: the checkpoint's maximum positions, or the smaller ``context_length``."""
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not max_pos:
+        raise ExportError("the checkpoint's config gives no maximum position count")
+    return min(int(max_pos), context_length) if context_length else int(max_pos)
+
+
 def write(
     folder: Path,
     src: Any,
@@ -69,10 +77,7 @@ def write(
     backend = tok.backend_tokenizer
     backend.save(str(folder / "tokenizer.json"))
     config = src.model.config
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not max_pos:
-        raise ExportError("the checkpoint's config gives no maximum position count")
-    ctx = min(int(max_pos), context_length) if context_length else int(max_pos)
+    ctx = context_of(config, context_length)
     eos = _ids(getattr(src.model.generation_config, "eos_token_id", None)) + _ids(config.eos_token_id)
     if tok.eos_token_id is not None:
         eos.append(int(tok.eos_token_id))
@@ -83,6 +88,8 @@ def write(
     if isinstance(template, dict):
         template = template.get("default") or next(iter(template.values()), None)
     special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+    contract = dict(contract)
+    backend = contract.pop("backend", "optimum")
     vocab = contract.pop("vocab_size") or int(config.vocab_size)
     pad = tok.pad_token_id if tok.pad_token_id is not None else getattr(config, "pad_token_id", None)
     manifest = Manifest.from_dict(
@@ -105,6 +112,7 @@ def write(
                 "source_kind": src.kind,
                 "model_type": src.model_type,
                 "architecture": type(src.model).__name__,
+                "backend": backend,
                 "parameters": int(sum(p.numel() for p in src.model.parameters())),
                 "versions": _versions(),
                 "export_seconds": dict(times),

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import routing
 from .config import GenerationConfig
 from .errors import ConfigError, ContextOverflowError
+from .kv_cache import SharedKVCache
 from .track import Completion, Step, Track, Usage
 
 if TYPE_CHECKING:
@@ -342,12 +343,7 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
     usage = [Usage(prompt_tokens=len(p)) for p in prompts]
     t0 = time.perf_counter()
     n = width
-    pos_all = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    logits = None
-    while cache.length < n:
-        s, e = cache.length, min(n, cache.length + config.prefill_chunk)
-        logits = model.forward(ids[:, s:e], cache, mask[:, :e], pos_all[:, s:e])
-    assert logits is not None
+    logits = _prefill_batch(model, cache, prompts, ids, mask, config.prefill_chunk)
     prefill = time.perf_counter() - t0
     for u in usage:
         u.prefill_seconds = prefill
@@ -372,3 +368,28 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
         pos = (np.sum(mask[:, :n], axis=1, keepdims=True) - 1).astype(np.int64)
         logits = model.forward(ids[:, n - 1 : n], cache, mask[:, :n], pos)
     return [tr.completion(u) for tr, u in zip(tracks, usage, strict=False)]
+
+
+def _prefill_batch(
+    model: Model, cache: Any, prompts: list[list[int]], ids: np.ndarray, mask: np.ndarray, chunk: int
+) -> np.ndarray:
+    """Prefill a batch; returns each row's last-position logits. A mask-driven cache takes the left-padded matrix;
+    a shared KV buffer has no mask, so each row is prefilled alone into its own slice of the buffer (no padding
+    enters it) and decoding then appends one position per row after each row's own length."""
+    if isinstance(cache, SharedKVCache):
+        rows = []
+        for i, p in enumerate(prompts):
+            row = cache.row(i)
+            for s in range(0, len(p), chunk):
+                last = model.forward(np.array([p[s : s + chunk]], dtype=np.int64), row)
+            cache.lengths[i] = row.lengths[0]
+            rows.append(last[0])
+        return np.stack(rows)
+    n = max(len(p) for p in prompts)
+    pos_all = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    logits = None
+    while cache.length < n:
+        s, e = cache.length, min(n, cache.length + chunk)
+        logits = model.forward(ids[:, s:e], cache, mask[:, :e], pos_all[:, s:e])
+    assert logits is not None
+    return logits

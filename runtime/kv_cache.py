@@ -80,3 +80,57 @@ class KVCache:
         other.__dict__.update(self.__dict__)
         other._layers = [(k.copy(), v.copy()) for k, v in self._layers]
         return other
+
+
+class SharedKVCache:
+    """Preallocated past/present buffers ``[batch, kv_heads, capacity, head_size]``, one K and one V per layer,
+    for graphs with ``kv_layout: "shared"``: the graph reads the past from the same memory it writes the new
+    positions into, so a step copies nothing. Row ``b`` holds ``lengths[b]`` valid positions from the start of
+    its buffer (rows of a batch may differ); rewinding is lowering ``lengths``.
+
+    The buffers are zero-filled lazily by the operating system, so memory is committed as positions fill up;
+    ``nbytes`` is what the capacity reserves.
+    """
+
+    def __init__(self, manifest: Manifest, capacity: int, batch_size: int = 1) -> None:
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.capacity = capacity
+        shape = (batch_size, manifest.num_kv_heads, capacity, manifest.head_size)
+        self.buffers = [np.zeros(shape, dtype=np.dtype(manifest.kv_dtype)) for _ in range(2 * manifest.num_layers)]
+        self.lengths = np.zeros(batch_size, dtype=np.int32)
+        self.binding: object | None = None  # the Model's IO binding over these buffers, made on first use
+
+    @property
+    def length(self) -> int:
+        """How many positions are cached (the longest row's count in a batch)."""
+        return int(self.lengths.max())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers reserve (committed as positions fill)."""
+        return sum(b.nbytes for b in self.buffers)
+
+    def trim(self, n: int) -> None:
+        """Drop the last ``n`` cached positions of every row (their memory is overwritten later)."""
+        if n > 0:
+            self.lengths = np.maximum(self.lengths - n, 0).astype(np.int32)
+
+    def row(self, i: int) -> SharedKVCache:
+        """A one-row cache over row ``i``'s memory (views, no copy); its ``lengths`` are its own."""
+        other = SharedKVCache.__new__(SharedKVCache)
+        other.__dict__.update(self.__dict__)
+        other.batch_size = 1
+        other.buffers = [b[i : i + 1] for b in self.buffers]
+        other.lengths = self.lengths[i : i + 1].copy()
+        other.binding = None
+        return other
+
+    def copy(self) -> SharedKVCache:
+        """An independent cache with the same contents."""
+        other = SharedKVCache.__new__(SharedKVCache)
+        other.__dict__.update(self.__dict__)
+        other.buffers = [b.copy() for b in self.buffers]
+        other.lengths = self.lengths.copy()
+        other.binding = None
+        return other

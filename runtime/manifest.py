@@ -18,6 +18,8 @@ from .errors import ManifestError, ModelLoadError
 MANIFEST_NAME = "edgeroute.json"
 SCHEMA_VERSION = 1
 KV_DTYPES = ("float32", "float16")
+KV_LAYOUTS = ("concat", "shared")
+SHARED_INPUTS = ("seqlens_k", "total_sequence_length", "logits_to_keep")
 LAYER = "{layer}"
 
 DEFAULT_INPUTS = {
@@ -47,6 +49,12 @@ class Manifest:
             graph takes an int64 input ``inputs["logits_to_keep"]`` and returns that many last positions).
         num_layers, num_kv_heads, head_size: the KV geometry, ``[batch, num_kv_heads, length, head_size]``.
         kv_dtype: ``float32`` or ``float16``.
+        kv_layout: ``"concat"``: the graph takes the past (``length`` positions, an attention mask and optional
+            position ids) and returns the present (``length + n`` positions). ``"shared"``: past and present are
+            one buffer per layer of the runtime's context cap, bound to both the input and the output and
+            written in place; the graph takes int32 ``inputs["seqlens_k"]`` (each row's total length - 1) and
+            an int32 scalar ``inputs["total_sequence_length"]`` instead of a mask (onnxruntime's
+            GroupQueryAttention contract), and ``logits`` must be ``"keep"``.
         vocab_size: the logits' last dimension.
         context_length: the most tokens a sequence may hold (prompt + generated).
         bos_token_id, eos_token_ids, pad_token_id: special ids; every EOS id ends generation.
@@ -68,6 +76,7 @@ class Manifest:
     outputs: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTPUTS))
     logits: str = "all"
     kv_dtype: str = "float32"
+    kv_layout: str = "concat"
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     special_tokens: Mapping[str, str] = field(default_factory=dict)
@@ -161,11 +170,19 @@ class Manifest:
         for name in ("bos_token_id", "pad_token_id"):
             if data.get(name) is not None and not _id_ok(data[name], data["vocab_size"]):
                 raise bad(name, "must be a token id below vocab_size or null")
-        inputs = {**DEFAULT_INPUTS, **_str_map(data, "inputs", source, allow_null={"position_ids", "logits_to_keep"})}
+        nullable = {"position_ids", "logits_to_keep", "attention_mask", *SHARED_INPUTS}
+        inputs = {**DEFAULT_INPUTS, **_str_map(data, "inputs", source, allow_null=nullable)}
         outputs = {**DEFAULT_OUTPUTS, **_str_map(data, "outputs", source)}
-        for key in ("input_ids", "attention_mask", "past_key", "past_value"):
+        layout = data.get("kv_layout", "concat")
+        if layout not in KV_LAYOUTS:
+            raise bad("kv_layout", f"must be one of {', '.join(KV_LAYOUTS)}")
+        needed = ("input_ids", "past_key", "past_value")
+        needed += SHARED_INPUTS if layout == "shared" else ("attention_mask",)
+        for key in needed:
             if not inputs.get(key):
-                raise bad("inputs", f"needs a name for {key!r}")
+                raise bad("inputs", f"needs a name for {key!r} (kv_layout {layout!r})")
+        if layout == "shared" and data.get("logits") != "keep":
+            raise bad("logits", "must be 'keep' with kv_layout 'shared'")
         for pat, where in (
             (inputs["past_key"], "inputs.past_key"),
             (inputs["past_value"], "inputs.past_value"),

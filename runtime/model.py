@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 
 from .config import GenerationConfig
-from .errors import ConfigError, InferenceError, ModelLoadError
-from .kv_cache import KVCache
+from .errors import ConfigError, ContextOverflowError, InferenceError, ModelLoadError
+from .kv_cache import KVCache, SharedKVCache
 from .manifest import Manifest
 from .session import create_session
 from .tokenizer import Tokenizer
@@ -24,12 +24,21 @@ if TYPE_CHECKING:
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 Prompt = str | Sequence[int]
+DEFAULT_SHARED_CONTEXT = 4096  # tokens a shared KV buffer holds unless the user asks for another size
 
 
 class Model:
     """An exported model folder ready to generate. Build it with :meth:`Model.load`."""
 
-    def __init__(self, path: Path, manifest: Manifest, session: Any, tokenizer: Tokenizer, provider: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        session: Any,
+        tokenizer: Tokenizer,
+        provider: str,
+        context_size: int | None = None,
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.session = session
@@ -37,7 +46,14 @@ class Model:
         self.provider = provider
         m = manifest
         self._in_ids = m.inputs["input_ids"]
-        self._in_mask = m.inputs["attention_mask"]
+        self._in_mask = m.inputs.get("attention_mask")
+        self.shared_kv = m.kv_layout == "shared"
+        if context_size is not None and (
+            not isinstance(context_size, int) or isinstance(context_size, bool) or context_size < 1
+        ):
+            raise ConfigError("context_size", context_size, "must be a positive integer")
+        default = min(m.context_length, DEFAULT_SHARED_CONTEXT) if self.shared_kv else m.context_length
+        self._context = min(context_size or default, m.context_length)
         self._in_pos = m.inputs.get("position_ids")
         self._in_keep = m.inputs.get("logits_to_keep") if m.logits == "keep" else None
         self._out_logits = m.outputs["logits"]
@@ -47,7 +63,14 @@ class Model:
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None, spin: bool = True) -> Model:
+    def load(
+        cls,
+        path: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        spin: bool = True,
+        context_size: int | None = None,
+    ) -> Model:
         """Load an edgeroute model folder.
 
         Args:
@@ -56,6 +79,9 @@ class Model:
             threads: onnxruntime intra-op threads (default: the machine's cores).
             spin: let idle intra-op threads spin between runs (fastest for one model); pass False for models
                 that run in turn, such as a speculative draft and its target.
+            context_size: the most tokens one sequence may hold (prompt + generated), at most the model's context.
+                Graphs with a shared KV buffer reserve this many positions per sequence; their default is
+                the model's context capped at 4,096 tokens. Other graphs default to the model's context.
         """
         folder = Path(path)
         manifest = Manifest.load(folder)
@@ -64,19 +90,23 @@ class Model:
             raise ModelLoadError(f"graph file {graph} named by the manifest is missing")
         tokenizer = Tokenizer.from_folder(folder, manifest.chat_template, manifest.special_tokens)
         session = create_session(graph, provider, threads, spin)
-        return cls(folder, manifest, session, tokenizer, provider)
+        return cls(folder, manifest, session, tokenizer, provider, context_size)
 
     # -- the graph -------------------------------------------------------------------------------------------
     @property
     def context_length(self) -> int:
-        return self.manifest.context_length
+        """The most tokens one sequence may hold here: the model's context, or the smaller ``context_size``."""
+        return self._context
 
     @property
     def vocab_size(self) -> int:
         return self.manifest.vocab_size
 
-    def new_cache(self, batch_size: int = 1) -> KVCache:
-        """An empty KV cache for this model."""
+    def new_cache(self, batch_size: int = 1) -> KVCache | SharedKVCache:
+        """An empty KV cache for this model (a :class:`SharedKVCache` of ``context_length`` positions when the
+        graph shares its past and present buffers)."""
+        if self.shared_kv:
+            return SharedKVCache(self.manifest, self._context, batch_size)
         return KVCache(self.manifest, batch_size)
 
     def forward(
@@ -111,6 +141,8 @@ class Model:
             raise ConfigError("n_last", n_last, f"must be in [1, {n}] (the number of input positions)")
         if n_last > 1 and self.manifest.logits == "last":
             raise ConfigError("n_last", n_last, "this graph returns only the last position's logits")
+        if isinstance(cache, SharedKVCache):
+            return self._forward_shared(ids, cache, n_last)
         past = cache.length
         if attention_mask is None:
             attention_mask = np.ones((b, past + n), dtype=np.int64)
@@ -131,6 +163,23 @@ class Model:
         if logits.ndim == 2:
             logits = logits[:, None, :]
         return np.asarray(logits[:, -n_last:, :], dtype=np.float32)
+
+    def _forward_shared(self, ids: np.ndarray, cache: SharedKVCache, n_last: int) -> np.ndarray:
+        """One run over a shared KV buffer: each row appends ``n`` positions after its own ``lengths[b]``."""
+        b, n = ids.shape
+        if b != cache.batch_size:
+            raise ConfigError("input_ids", ids.shape, f"batch {b} does not match the cache's batch {cache.batch_size}")
+        if cache.length + n > cache.capacity:
+            raise ContextOverflowError(cache.length + n, cache.capacity, "KV buffer (raise context_size)")
+        binding = cache.binding
+        if binding is None:
+            binding = cache.binding = _SharedBinding(self, cache)
+        try:
+            logits = binding.run(ids, cache.lengths, n_last)
+        except Exception as e:  # onnxruntime's errors are untyped
+            raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
+        cache.lengths = cache.lengths + n
+        return logits
 
     # -- generation ------------------------------------------------------------------------------------------
     def generator(self, config: GenerationConfig | None = None, **flows: Any) -> Generator:
@@ -180,12 +229,60 @@ class Model:
         return f"Model({str(self.path)!r}, provider={self.provider!r}, layers={m.num_layers}, vocab={m.vocab_size})"
 
 
+class _SharedBinding:
+    """An onnxruntime IO binding over one :class:`SharedKVCache`: every layer's buffer is bound as both the past
+    input and the present output, and the small inputs live in arrays bound once and updated in place, so a
+    decode step binds nothing new."""
+
+    def __init__(self, model: Model, cache: SharedKVCache) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = model.session
+        m = model.manifest
+        self.io = io = model.session.io_binding()
+        names = [n for pair in m.past_names() for n in pair]
+        outs = [n for pair in m.present_names() for n in pair]
+        for name, out, buf in zip(names, outs, cache.buffers, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(out, value)
+        self.names = (m.inputs["input_ids"], m.outputs["logits"])
+        self.seqlens = np.zeros(cache.batch_size, dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
+        self.keep = np.ones(1, dtype=np.int64)
+        for name, arr in (
+            (m.inputs["seqlens_k"], self.seqlens),
+            (m.inputs["total_sequence_length"], self.total),
+            (m.inputs["logits_to_keep"], self.keep),
+        ):
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        self.vocab = m.vocab_size
+        self.ids: np.ndarray | None = None
+        self.logits: np.ndarray | None = None
+
+    def run(self, ids: np.ndarray, lengths: np.ndarray, n_last: int) -> np.ndarray:
+        b, n = ids.shape
+        if self.ids is None or self.ids.shape != ids.shape:
+            self.ids = np.empty((b, n), dtype=np.int64)
+            self.io.bind_ortvalue_input(self.names[0], self._ort.OrtValue.ortvalue_from_numpy(self.ids))
+        if self.logits is None or self.logits.shape[1] != n_last:
+            self.logits = np.empty((b, n_last, self.vocab), dtype=np.float32)
+            self.io.bind_ortvalue_output(self.names[1], self._ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.ids[...] = ids
+        np.add(lengths, n - 1, out=self.seqlens)
+        self.total[...] = int(lengths.max()) + n
+        self.keep[0] = n_last
+        self.session.run_with_iobinding(self.io)
+        return self.logits.copy()  # the bound buffer is overwritten by the next run
+
+
 def _check_graph(session: Any, m: Manifest) -> None:
     """Raise ``ModelLoadError`` when the graph's inputs/outputs do not match what the manifest describes."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    want_in = [m.inputs["input_ids"], m.inputs["attention_mask"]] + [n for p in m.past_names() for n in p]
-    for optional in ("position_ids", "logits_to_keep"):
+    want_in = [m.inputs["input_ids"]] + [n for p in m.past_names() for n in p]
+    for optional in ("attention_mask", "position_ids", "logits_to_keep", "seqlens_k", "total_sequence_length"):
         if m.inputs.get(optional):
             want_in.append(str(m.inputs[optional]))
     missing = [n for n in want_in if n not in inputs]

@@ -21,9 +21,9 @@ pytest.importorskip("optimum.exporters.onnx")
 
 from edgeroute.export import export_model  # noqa: E402
 
-COMMON = dict(
-    hidden_size=32,
-    intermediate_size=64,
+COMMON = dict(  # head size 16: the smallest GroupQueryAttention's rotary takes (fused backend)
+    hidden_size=64,
+    intermediate_size=96,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -38,7 +38,7 @@ def _configs(vocab: int) -> dict[str, object]:
         "mistral": (t.MistralConfig(vocab_size=vocab, sliding_window=None, **COMMON), t.MistralForCausalLM),
         "qwen2": (t.Qwen2Config(vocab_size=vocab, **COMMON), t.Qwen2ForCausalLM),
         "phi3": (t.Phi3Config(vocab_size=vocab, pad_token_id=0, **COMMON), t.Phi3ForCausalLM),
-        "gpt2": (t.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=512), t.GPT2LMHeadModel),
+        "gpt2": (t.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512), t.GPT2LMHeadModel),
     }
 
 
@@ -74,18 +74,25 @@ def _torch_logits(ckpt: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gpt2"])
-def test_export_each_family(arch: str, tmp_path: Path) -> None:
+FAMILIES = [("llama", "auto"), ("mistral", "auto"), ("qwen2", "auto"), ("phi3", "auto"), ("gpt2", "auto")]
+FAMILIES += [("llama", "optimum"), ("mistral", "optimum"), ("qwen2", "optimum"), ("phi3", "optimum")]
+
+
+@pytest.mark.parametrize(("arch", "backend"), FAMILIES)
+def test_export_each_family(arch: str, backend: str, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", arch)
-    out = export_model(ckpt, tmp_path / "out")
+    out = export_model(ckpt, tmp_path / "out", backend=backend)
     man = json.loads((out / "edgeroute.json").read_text())
+    fused = backend == "auto" and arch != "gpt2"
+    assert man["provenance"]["backend"] == ("fused" if fused else "optimum")
+    assert man["kv_layout"] == ("shared" if fused else "concat")
     assert man["schema_version"] == 1 and man["logits"] == "keep" and man["precision"] == "fp32"
-    assert man["num_layers"] == 2 and man["head_size"] == 8
+    assert man["num_layers"] == 2 and man["head_size"] == 16
     assert man["num_kv_heads"] == (4 if arch == "gpt2" else 2)
     assert man["provenance"]["model_type"] == arch and man["chat_template"]
     assert man["generation_defaults"] == {"temperature": 0.6, "top_p": 0.9}
     v = man["provenance"]["validation"]
-    assert v["max_abs_logit_diff"] <= 1e-3 and v["quality"]["top1_agreement"] > 0.99
+    assert v["max_abs_logit_diff"] <= 1e-3 and v["quality"]["top1_agreement"] > 0.99 and v["greedy_identical"]
     model = er.Model.load(out)
     ids = model.tokenizer.encode("The capital of France is")
     got = model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0]
@@ -100,7 +107,7 @@ def test_export_each_family(arch: str, tmp_path: Path) -> None:
 
 
 def test_prefill_returns_only_last_logits(llama_ckpt: Path, tmp_path: Path) -> None:
-    out = export_model(llama_ckpt, tmp_path / "out", validate=False)
+    out = export_model(llama_ckpt, tmp_path / "out", validate=False, backend="optimum")
     model = er.Model.load(out)
     ids = list(range(5, 105))
     cache = model.new_cache()

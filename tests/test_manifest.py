@@ -84,6 +84,13 @@ def test_corrupt_files(tiny_dir: Path, tmp_path: Path) -> None:
         ({"inputs": {"past_key": "past.key"}}, "must contain {layer}"),
         ({"surprise": 1}, "unknown field"),
         ({"chat_template": 5}, "chat_template"),
+        ({"kv_layout": "paged"}, "kv_layout"),
+        ({"kv_layout": "shared"}, "needs a name for 'seqlens_k'"),
+        ({"inputs": {"attention_mask": None}}, "needs a name for 'attention_mask'"),
+        (
+            {"kv_layout": "shared", "inputs": {"seqlens_k": "s", "total_sequence_length": "t", "logits_to_keep": "k"}},
+            "'logits' must be 'keep' with kv_layout 'shared'",
+        ),
     ],
 )
 def test_bad_manifest_fields(tiny_dir: Path, tmp_path: Path, changes: dict, match: str) -> None:
@@ -104,6 +111,14 @@ def test_bad_manifest_fields(tiny_dir: Path, tmp_path: Path, changes: dict, matc
         ({"head_size": 16}, "head_size"),
         ({"vocab_size": 100}, "vocab_size"),
         ({"outputs": {"logits": "scores"}}, "missing outputs"),
+        (
+            {
+                "kv_layout": "shared",
+                "logits": "keep",
+                "inputs": {"seqlens_k": "s", "total_sequence_length": "t", "logits_to_keep": "k"},
+            },
+            "missing inputs .*'s'",
+        ),
     ],
 )
 def test_graph_must_match_manifest(tiny_dir: Path, tmp_path: Path, changes: dict, match: str) -> None:

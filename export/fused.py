@@ -1,0 +1,243 @@
+"""The fused backend: build a CPU-fast decoder graph straight from a Llama-family PyTorch checkpoint.
+
+One graph serves prefill, chunked prefill, multi-token verification and decoding:
+
+- embeddings ``Gather``; per layer ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (RMSNorm
+  fused with the residual add), one packed Q|K|V ``MatMul`` (+ bias for Qwen2), onnxruntime's
+  ``GroupQueryAttention`` with rotary embeddings inside (cos/sin tables computed by the checkpoint's own rotary
+  module, so linear/llama3/yarn scaling come for free), ``o_proj``, one packed gate|up ``MatMul``, ``QuickGelu``
+  with alpha 1 (SiLU) times up, ``down_proj``;
+- the LM head runs on the last ``logits_to_keep`` positions only;
+- the KV cache is one buffer per layer that is both the ``past`` input and the ``present`` output
+  (``kv_layout: "shared"``): the runtime binds the same memory to both, so nothing is copied or concatenated per
+  step. Its length is the runtime's context cap; ``seqlens_k`` (each row's total length - 1, int32) and
+  ``total_sequence_length`` (int32 scalar) tell GroupQueryAttention what is valid.
+
+Every MatMul has a constant weight, so ``graph.quantize_weights`` turns them all into MatMulNBits.
+Supported: llama, mistral, qwen2, phi3 with SiLU MLPs and static rotary embeddings. Anything else goes through
+the optimum backend (``backend="optimum"``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeroute.errors import ExportError
+
+FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
+SEQLENS = "seqlens_k"
+TOTAL = "total_sequence_length"
+KEEP = "logits_to_keep"
+_STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why ``model`` cannot take the fused backend, or None when it can."""
+    cfg = model.config
+    if cfg.model_type not in FUSED_ARCHITECTURES:
+        return f"architecture {cfg.model_type!r} (fused: {', '.join(FUSED_ARCHITECTURES)})"
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"activation {act!r} (fused: silu)"
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind not in _STATIC_ROPE:
+        return f"rope scaling {kind!r} depends on the sequence length (fused: {', '.join(map(str, _STATIC_ROPE))})"
+    head = _head_size(cfg)
+    if head % 16:
+        return f"head size {head} (GroupQueryAttention's rotary needs a multiple of 16)"
+    return None
+
+
+def _head_size(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy()
+
+
+def _rotary_tables(model: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin ``[length, rotary_dim / 2]`` from the checkpoint's own rotary module (scaling included)."""
+    import torch
+
+    rot = model.model.rotary_emb
+    pos = torch.arange(length, dtype=torch.int64)[None]
+    with torch.no_grad():
+        cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
+    half = cos.shape[-1] // 2
+    return _np(cos[0, :, :half]).copy(), _np(sin[0, :, :half]).copy()
+
+
+def _window(cfg: Any) -> int:
+    """GroupQueryAttention's ``local_window_size`` (-1: none): the checkpoint's ``sliding_window`` as is (checked
+    against PyTorch in tests/test_fused.py; sliding_window - 1 or + 1 differ at every position past the window)."""
+    sw = getattr(cfg, "sliding_window", None)
+    if not sw or (cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False)):
+        return -1
+    return int(sw)
+
+
+def _linear(module: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(weight [in, out], bias [out] | None)`` of a ``torch.nn.Linear``."""
+    w = _np(module.weight).T.copy()
+    b = _np(module.bias) if getattr(module, "bias", None) is not None else None
+    return w, b
+
+
+def _qkv(layer: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    attn = layer.self_attn
+    if hasattr(attn, "qkv_proj"):  # phi3: already packed q|k|v
+        return _linear(attn.qkv_proj)
+    parts = [_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
+    w = np.concatenate([p[0] for p in parts], axis=1)
+    biases = [p[1] for p in parts]
+    if all(b is None for b in biases):
+        return w, None
+    b = np.concatenate([bb if bb is not None else np.zeros(p[0].shape[1], np.float32) for bb, p in zip(biases, parts)])
+    return w, b
+
+
+def _gate_up(layer: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    mlp = layer.mlp
+    if hasattr(mlp, "gate_up_proj"):  # phi3: gate first, then up
+        return _linear(mlp.gate_up_proj)
+    (wg, bg), (wu, bu) = _linear(mlp.gate_proj), _linear(mlp.up_proj)
+    b = None if bg is None and bu is None else np.concatenate([bg, bu])
+    return np.concatenate([wg, wu], axis=1), b
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs: Any) -> None:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+        out = f"{name}/out"
+        mm = out if b is None else f"{name}/mm"
+        self.node("MatMul", [x, self.const(f"{name}.weight", w)], [mm], f"{name}/MatMul")
+        if b is not None:
+            self.node("Add", [mm, self.const(f"{name}.bias", b)], [out], f"{name}/Add")
+        return out
+
+
+def build_fused(model: Any, path: Path, max_positions: int) -> dict[str, Any]:
+    """Write the fused graph of ``model`` (fp32) to ``path``; return its contract for the manifest."""
+    from onnx import TensorProto, helper
+
+    from . import graph as graph_io
+
+    why = unsupported_reason(model)
+    if why is not None:
+        raise ExportError(f"the fused backend does not support {why}; use backend 'optimum'")
+    cfg = model.config
+    layers = model.model.layers
+    n_layers, heads, kv_heads = len(layers), cfg.num_attention_heads, cfg.num_key_value_heads
+    head = _head_size(cfg)
+    eps = float(cfg.rms_norm_eps)
+    vocab = int(model.lm_head.weight.shape[0])
+    inter = int(layers[0].mlp.down_proj.weight.shape[1])
+    window = _window(cfg)
+    bld = _Builder()
+    cos, sin = _rotary_tables(model, max_positions)
+    bld.const("rotary.cos", cos)
+    bld.const("rotary.sin", sin)
+    bld.const("split.gate_up", np.array([inter, inter], dtype=np.int64))
+    bld.node("Gather", [bld.const("embed_tokens.weight", _np(model.model.embed_tokens.weight)), "input_ids"],
+             ["embed/out"], "embed/Gather")  # fmt: skip
+    residual, pending = "embed/out", None  # the residual stream, and the block output still to be added to it
+    kv_dims = ["batch_size", kv_heads, "kv_length", head]
+    ins = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info(TOTAL, TensorProto.INT32, []),
+        helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]),
+    ]
+    outs = []
+
+    def norm(weight: Any, name: str) -> str:
+        nonlocal residual, pending
+        w = bld.const(f"{name}.weight", _np(weight))
+        if pending is None:
+            bld.node("SimplifiedLayerNormalization", [residual, w], [f"{name}/out"], name, axis=-1, epsilon=eps)
+        else:
+            bld.node("SkipSimplifiedLayerNormalization", [residual, pending, w],
+                     [f"{name}/out", "", "", f"{name}/sum"], name, domain="com.microsoft", epsilon=eps)  # fmt: skip
+            residual, pending = f"{name}/sum", None
+        return f"{name}/out"
+
+    for i, layer in enumerate(layers):
+        p = f"layers.{i}"
+        x = norm(layer.input_layernorm.weight, f"{p}.input_layernorm")
+        qkv = bld.linear(x, *_qkv(layer), f"{p}.attn.qkv_proj")
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in (past_k, past_v)]
+        outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in (pres_k, pres_v)]
+        bld.node("GroupQueryAttention",
+                 [qkv, "", "", past_k, past_v, SEQLENS, TOTAL, "rotary.cos", "rotary.sin"],
+                 [f"{p}.attn/out", pres_k, pres_v], f"{p}.attn/GroupQueryAttention", domain="com.microsoft",
+                 num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+                 local_window_size=window)  # fmt: skip
+        pending = bld.linear(f"{p}.attn/out", *_linear(layer.self_attn.o_proj), f"{p}.attn.o_proj")
+        x = norm(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
+        gu = bld.linear(x, *_gate_up(layer), f"{p}.mlp.gate_up_proj")
+        bld.node("Split", [gu, "split.gate_up"], [f"{p}.mlp/gate", f"{p}.mlp/up"], f"{p}.mlp/Split", axis=-1)
+        bld.node("QuickGelu", [f"{p}.mlp/gate"], [f"{p}.mlp/act"], f"{p}.mlp/SiLU", domain="com.microsoft",
+                 alpha=1.0)  # fmt: skip
+        bld.node("Mul", [f"{p}.mlp/act", f"{p}.mlp/up"], [f"{p}.mlp/prod"], f"{p}.mlp/Mul")
+        pending = bld.linear(f"{p}.mlp/prod", *_linear(layer.mlp.down_proj), f"{p}.mlp.down_proj")
+    # the LM head sees only the last logits_to_keep positions: slice before the final norm
+    bld.const("keep.end", np.array([2**62], dtype=np.int64))
+    bld.const("keep.axis", np.array([1], dtype=np.int64))
+    bld.node("Neg", [KEEP], ["keep/start"], "keep/Neg")
+    for name in ("residual", "pending"):
+        src = residual if name == "residual" else pending
+        bld.node("Slice", [src, "keep/start", "keep.end", "keep.axis"], [f"keep/{name}"], f"keep/Slice_{name}")
+    residual, pending = "keep/residual", "keep/pending"
+    x = norm(model.model.norm.weight, "final_norm")
+    bld.linear(x, _np(model.lm_head.weight).T.copy(), None, "lm_head")
+    bld.node("Identity", ["lm_head/out"], ["logits"], "logits/Identity")
+    outs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "logits_length", vocab]))
+    g = helper.make_graph(bld.nodes, "edgeroute-fused", ins, outs, initializer=bld.inits)
+    proto = helper.make_model(
+        g,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="edgeroute",
+    )
+    proto.ir_version = 8
+    graph_io.save(proto, path)
+    return {
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": None,
+            "position_ids": None,
+            "seqlens_k": SEQLENS,
+            "total_sequence_length": TOTAL,
+            KEEP: KEEP,
+            "past_key": "past_key_values.{layer}.key",
+            "past_value": "past_key_values.{layer}.value",
+        },
+        "outputs": {"logits": "logits", "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"},
+        "logits": "keep",
+        "kv_layout": "shared",
+        "num_layers": n_layers,
+        "num_kv_heads": kv_heads,
+        "head_size": head,
+        "kv_dtype": "float32",
+        "vocab_size": vocab,
+    }
