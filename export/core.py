@@ -136,7 +136,7 @@ def export_model(
     if dtype == "fp16" and quantize != "none":
         raise ConfigError("quantize", quantize, "quantisation starts from fp32: use dtype fp32 with it")
     if dtype == "fp16" and backend == "fused":
-        raise ConfigError("backend", backend, "the fused backend builds fp32, int8 and int4 graphs: use optimum for fp16")
+        raise ConfigError("backend", backend, "the fused backend builds fp32, int8 and int4 graphs (optimum: fp16)")
     if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
         raise ConfigError("context_length", context_length, "must be a positive integer")
     if block_size not in (16, 32, 64, 128, 256):

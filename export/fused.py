@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgeroute.errors import ExportError
 
 FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
@@ -97,7 +96,8 @@ def _qkv(layer: Any) -> tuple[np.ndarray, np.ndarray | None]:
     biases = [p[1] for p in parts]
     if all(b is None for b in biases):
         return w, None
-    b = np.concatenate([bb if bb is not None else np.zeros(p[0].shape[1], np.float32) for bb, p in zip(biases, parts)])
+    zeros = [np.zeros(p[0].shape[1], np.float32) for p in parts]
+    b = np.concatenate([bb if bb is not None else z for bb, z in zip(biases, zeros, strict=True)])
     return w, b
 
 

@@ -65,9 +65,18 @@ def test_greedy_equals_pytorch_and_optimum(built: dict[str, Path], fused: er.Mod
     other = er.Model.load(built["optimum"])
     ids = fused.tokenizer.encode(PROMPT)
     with torch.no_grad():
-        ref = _torch_model(built["ckpt"]).generate(
-            torch.tensor([ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False, eos_token_id=0, pad_token_id=0
-        )[0, len(ids) :].tolist()
+        ref = (
+            _torch_model(built["ckpt"])
+            .generate(
+                torch.tensor([ids]),
+                max_new_tokens=40,
+                min_new_tokens=40,
+                do_sample=False,
+                eos_token_id=0,
+                pad_token_id=0,
+            )[0, len(ids) :]
+            .tolist()
+        )
     cfg = GREEDY.replace(min_new_tokens=40)  # EOS suppressed on both sides: 40 tokens to compare
     assert fused.generate(ids, cfg).token_ids == ref == other.generate(ids, cfg).token_ids
     chunked = fused.generate(ids, cfg.replace(prefill_chunk=5))
