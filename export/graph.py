@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from edgeroute.errors import ExportError
 
 KEEP_INPUT = "logits_to_keep"
@@ -123,8 +124,10 @@ def quantize_weights(src: Path, dst: Path, bits: int, block_size: int = 32, accu
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = fold_constant_transposes(load(src))
+    tied = _tied_embeddings(model)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
     q.process()
+    shared = _share_quantized_embeddings(q.model.model, tied, bits, block_size)
     save(q.model.model, dst)
     n = sum(1 for node in q.model.model.graph.node if node.op_type == "MatMulNBits")
     return {
@@ -135,7 +138,66 @@ def quantize_weights(src: Path, dst: Path, bits: int, block_size: int = 32, accu
         "accuracy_level": accuracy_level,
         "nodes": n,
         "lm_head": "quantised",
+        "embedding": "shares the LM head's quantised weights" if shared else "float",
     }
+
+
+def _tied_embeddings(model: Any) -> list[tuple[str, str]]:
+    """``(gather node name, matmul output)`` pairs where an embedding table ``E`` [V, K] feeds a Gather and its
+    transpose is the constant weight of a MatMul (a tied LM head)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    pairs = []
+    for g in model.graph.node:
+        if g.op_type != "Gather" or g.input[0] not in inits:
+            continue
+        e = inits[g.input[0]]
+        for mm in model.graph.node:
+            if (
+                mm.op_type != "MatMul"
+                or mm.input[1] not in inits
+                or list(inits[mm.input[1]].dims) != list(e.dims)[::-1]
+            ):
+                continue
+            if np.array_equal(numpy_helper.to_array(inits[mm.input[1]]).T, numpy_helper.to_array(e)):
+                pairs.append((g.name, mm.output[0]))
+    return pairs
+
+
+def _share_quantized_embeddings(model: Any, tied: list[tuple[str, str]], bits: int, block_size: int) -> bool:
+    """Make each tied embedding Gather read the LM head's MatMulNBits weights (GatherBlockQuantized, as
+    onnxruntime-genai does) so the float table is not kept too: -113 MB for SmolLM2."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    done = False
+    for gather_name, mm_out in tied:
+        gather = next((n for n in g.node if n.name == gather_name), None)
+        q = next((n for n in g.node if n.op_type == "MatMulNBits" and n.output[0] == mm_out), None)
+        if gather is None or q is None or len(q.input) > 3 and q.input[3]:  # zero points: not symmetric
+            continue
+        qw, scales = inits[q.input[1]], inits[q.input[2]]
+        rows = int(qw.dims[0])
+        shape = numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), f"{gather_name}/shape")
+        g.initializer.append(shape)
+        i = list(g.node).index(gather)
+        table = inits[gather.input[0]]
+        g.node.insert(
+            i, helper.make_node("Reshape", [qw.name, shape.name], [f"{gather_name}/q"], f"{gather_name}/Reshape")
+        )
+        g.node.insert(i + 1, helper.make_node(
+            "Reshape", [scales.name, shape.name], [f"{gather_name}/scales"], f"{gather_name}/Reshape_s"))  # fmt: skip
+        g.node.insert(i + 2, helper.make_node(
+            "GatherBlockQuantized", [f"{gather_name}/q", gather.input[1], f"{gather_name}/scales"],
+            list(gather.output), f"{gather_name}/Quantized", domain="com.microsoft",
+            bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1))  # fmt: skip
+        g.node.remove(gather)
+        if not any(table.name in n.input for n in g.node):
+            g.initializer.remove(table)
+        done = True
+    return done
 
 
 def describe(model: Any) -> dict[str, Any]:

@@ -220,3 +220,36 @@ def test_backend_errors(built: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(er.ConfigError, match="backend"):
         export_model(built["ckpt"], tmp_path / "out", backend="genai")
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_embedding_reads_the_quantised_lm_head(tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama", seed=2)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = export_model(ckpt, tmp_path / "q4", quantize="int4")
+    man = json.loads((out / "edgeroute.json").read_text())
+    assert man["quantization"]["embedding"] == "shares the LM head's quantised weights"
+    proto = onnx.load(str(out / "model.onnx"))
+    g = proto.graph
+    assert [n.op_type for n in g.node].count("GatherBlockQuantized") == 1 and "embed_tokens.weight" not in {
+        i.name for i in g.initializer
+    }
+    model = er.Model.load(out)
+    ids = model.tokenizer.encode(PROMPT)
+    got = model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0]
+    # the same graph with a float Gather over the LM head's int4 weights dequantised by hand (zero point 8)
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    q, scales = inits["lm_head.weight_Q4"], inits["lm_head.weight_scales"]
+    nibbles = np.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], q.shape[1], -1).astype(np.float32) - 8
+    table = (nibbles * scales.reshape(q.shape[0], q.shape[1], 1)).reshape(q.shape[0], -1)
+    gbq = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
+    g.initializer.append(numpy_helper.from_array(table.astype(np.float32), "dequantised_table"))
+    g.node.insert(list(g.node).index(gbq), helper.make_node("Gather", ["dequantised_table", "input_ids"], gbq.output))
+    g.node.remove(gbq)
+    onnx.save(proto, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data2")
+    ref = er.Model.load(out)
+    assert np.allclose(got, ref.forward_last(np.array([ids]), ref.new_cache(), len(ids))[0], atol=1e-4)
