@@ -54,6 +54,10 @@ def apply_penalties(
         out = np.array(logits, dtype=np.float32, copy=True)
     if len(window) == 0 or (repetition == 1.0 and presence == 0.0 and frequency == 0.0):
         return out
+    if presence == 0.0 and frequency == 0.0:  # repetition only: repeated ids read and write the same value
+        sel = out[window]
+        out[window] = np.where(sel > 0, sel / repetition, sel * repetition)
+        return out
     uniq, counts = np.unique(window, return_counts=True)
     sel = out[uniq]
     if repetition != 1.0:
@@ -109,8 +113,25 @@ def top_k(ids: Ids, logits: np.ndarray, k: int, min_keep: int = 1) -> tuple[Ids,
     k = max(k, min_keep)
     if k >= n:
         return ids, logits
-    kth = np.partition(logits, n - k)[n - k]
-    return _take(ids, logits, np.flatnonzero(logits >= kth))
+    return _take(ids, logits, np.flatnonzero(logits >= _kth_largest(logits, k)))
+
+
+_STRIDE = 32
+
+
+def _kth_largest(x: np.ndarray, k: int) -> float:
+    """The k-th largest value of ``x``, exactly, without partitioning all of a large vector: a threshold ``t``
+    from a strided sample usually leaves a few hundred values ``>= t``; when at least k do, the k-th largest is
+    among them (else the whole vector is partitioned)."""
+    n = len(x)
+    if n >= 64 * _STRIDE and k <= n // (4 * _STRIDE):
+        sample = x[::_STRIDE]
+        r = k // _STRIDE + 4
+        t = np.partition(sample, len(sample) - r)[len(sample) - r]
+        sub = x[x >= t]
+        if len(sub) >= k:
+            return float(np.partition(sub, len(sub) - k)[len(sub) - k])
+    return float(np.partition(x, n - k)[n - k])
 
 
 def _mass_prefix(weights: np.ndarray, order: np.ndarray, mass: float, min_keep: int) -> np.ndarray:
@@ -134,6 +155,9 @@ def top_p(ids: Ids, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[Id
         return ids, logits
     w = _weights(logits)
     target = p * float(w.sum(dtype=np.float64))
+    if n <= 256:  # a few candidates (after top-k): sort them all
+        keep = _mass_prefix(w, np.argsort(-w, kind="stable"), target, min_keep)
+        return _take(ids, logits, np.sort(keep))
     t = 1.0 / 1024.0  # w.max() == 1
     while True:
         sub = np.flatnonzero(w >= t) if t > 0 else np.arange(n)

@@ -285,3 +285,21 @@ def test_router_properties(logits: np.ndarray, cfg: SamplingConfig, seed: int) -
         assert a[0] == int(np.argmax(router.process(logits, history)))
         if cfg.repetition_penalty == 1.0 and cfg.presence_penalty == 0.0:
             assert a[0] == int(np.argmax(logits))
+
+
+def test_top_k_prefilter_is_exact() -> None:
+    """top-k over a large vector takes a threshold from a strided sample; it must equal a full partition,
+    including ties at the boundary and banned (-inf) entries."""
+    from edgeroute.sampling import _kth_largest
+
+    rng = np.random.default_rng(0)
+    for trial in range(600):
+        n, k = int(rng.integers(2_000, 60_000)), int(rng.integers(1, 400))
+        x = (rng.standard_normal(n) * rng.uniform(0.1, 10)).astype(np.float32)
+        if trial % 3 == 0:
+            x[rng.integers(0, n, n // 2)] = -np.inf
+        if trial % 5 == 0:
+            x = np.round(x)
+        assert _kth_largest(x, k) == np.partition(x, n - k)[n - k]
+        ids, kept = top_k(None, x, k)
+        assert len(kept) >= k and set(ids) == set(np.flatnonzero(x >= np.partition(x, n - k)[n - k]))

@@ -1,0 +1,85 @@
+"""Python + router overhead per token: the graph step alone against the same step inside edgeroute's loop.
+
+    python bench/overhead.py [--model models/smollm2-135m-int4] [--tokens 128] [--runs 5]
+
+"graph step": ``session.run_with_iobinding`` alone over the model's shared KV buffer, one token at a time (the
+least any Python driver of this graph can spend). "edgeroute loop": the Generator producing the same number of
+tokens, greedy and with the router on (temperature 0.7, top-k 40, top-p 0.9, min-p 0.05, repetition penalty
+1.1): cache bookkeeping, router, text streaming and stop checks included. Overhead = 1 - step / loop, medians of
+--runs, interleaved so that both see the same machine state. Needs a graph exported with the fused backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from _common import REPO
+
+PROMPT = "Write a short story about a robot who learns to paint."
+ROUTER = {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.1, "seed": 0}
+
+
+def graph_steps(model, ids: list[int], tokens: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds per token of the bare graph run after a prefill of ``ids``."""
+    cache = model.new_cache()
+    model.forward(np.array([ids]), cache)
+    model.forward(np.array([[ids[-1]]]), cache)  # binds the one-token shapes
+    b, n = cache.binding, cache.length
+    times = []
+    for _ in range(tokens - 1):
+        b.ids[0, 0] = int(b.logits[0, -1].argmax())
+        b.seqlens[0] = n
+        b.total[...] = n + 1
+        t0 = time.perf_counter()
+        model.session.run_with_iobinding(b.io)
+        times.append(time.perf_counter() - t0)
+        n += 1
+    return statistics.median(times)
+
+
+def loop_steps(model, ids: list[int], tokens: int, sampling: dict) -> float:  # type: ignore[no-untyped-def]
+    """Seconds per token of the Generator's decode loop (after its first token)."""
+    import edgeroute as er
+
+    cfg = er.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, sampling=er.SamplingConfig(**sampling))
+    gen = model.generator(cfg)
+    gen.append(ids)
+    gen.step()
+    t0 = time.perf_counter()
+    n = sum(1 for _ in gen)
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    import edgeroute as er
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-int4"))
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    model = er.Model.load(args.model, context_size=1024)
+    if not model.shared_kv:
+        raise SystemExit(f"{args.model} was not exported with the fused backend (no shared KV buffer)")
+    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+    rows: dict[str, list[float]] = {"graph step": [], "loop, greedy": [], "loop, router on": []}
+    for i in range(args.runs + 1):
+        step = graph_steps(model, ids, args.tokens)
+        greedy = loop_steps(model, ids, args.tokens, {"temperature": 0})
+        routed = loop_steps(model, ids, args.tokens, ROUTER)
+        if i:  # the first round warms up
+            rows["graph step"].append(step)
+            rows["loop, greedy"].append(greedy)
+            rows["loop, router on"].append(routed)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(f"{args.model}: {args.tokens} tokens, median of {args.runs}")
+    for name, sec in med.items():
+        extra = "" if name == "graph step" else f"   overhead {100 * (1 - med['graph step'] / sec):.1f}%"
+        print(f"  {name:16s} {1000 * sec:7.3f} ms/token  {1 / sec:7.1f} tok/s{extra}")
+
+
+if __name__ == "__main__":
+    main()
