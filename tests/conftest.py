@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,20 @@ def smollm2_int4_dir(smollm2_dir: Path) -> Path:
 
         export_model(smollm2_gguf(), folder, quantize="int4")
     return folder
+
+
+def generate_in_threads(model: er.Model, prompts: list[str], cfg: er.GenerationConfig) -> list[list[int]]:
+    """Each prompt's greedy token ids, generated at once from one thread per prompt sharing ``model``."""
+    results: dict[int, list[int]] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def work(i: int) -> None:
+        barrier.wait()
+        results[i] = model.generate(prompts[i], cfg).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [results[i] for i in range(len(prompts))]

@@ -5,12 +5,12 @@ context cap, sliding windows and errors."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import edgeroute as er
 import numpy as np
 import pytest
+from conftest import generate_in_threads
 from edgeroute.kv_cache import SharedKVCache
 
 pytestmark = pytest.mark.export
@@ -151,17 +151,7 @@ def test_threads_share_one_model(fused: er.Model) -> None:
     prompts = [PROMPT, "Hi there", "Once upon a time", "Hello world!"]
     cfg = GREEDY.replace(max_new_tokens=20)
     sequential = [fused.generate(p, cfg).token_ids for p in prompts]
-    results: dict[int, list[int]] = {}
-
-    def work(i: int) -> None:
-        results[i] = fused.generate(prompts[i], cfg).token_ids
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [results[i] for i in range(4)] == sequential
+    assert generate_in_threads(fused, prompts, cfg) == sequential
 
 
 def test_context_size_caps_the_buffer(built: dict[str, Path]) -> None:

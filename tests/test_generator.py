@@ -3,13 +3,12 @@ rewind, logprobs, errors."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import edgeroute as er
 import numpy as np
 import pytest
-from conftest import GREEDY
+from conftest import GREEDY, generate_in_threads
 
 PROMPT = "The capital of France is"
 
@@ -160,19 +159,7 @@ def test_threads_share_one_model(tiny: er.Model) -> None:
     prompts = [PROMPT, "Hi there", "Once upon a time", "Hello world!"]
     cfg = GREEDY.replace(max_new_tokens=20)
     sequential = [tiny.generate(p, cfg).token_ids for p in prompts]
-    results: dict[int, list[int]] = {}
-    barrier = threading.Barrier(4)
-
-    def work(i: int) -> None:
-        barrier.wait()
-        results[i] = tiny.generate(prompts[i], cfg).token_ids
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [results[i] for i in range(4)] == sequential
+    assert generate_in_threads(tiny, prompts, cfg) == sequential
 
 
 def test_eos_stops_and_is_not_in_the_output(tiny: er.Model) -> None:
