@@ -133,7 +133,7 @@ class Generator:
         while cache.length < self._n:
             start = cache.length
             stop = min(self._n, start + chunk)
-            self._logits = self.model.forward(self._ids[None, start:stop], cache)[0]
+            self._logits = self.model.step_logits(self._ids[None, start:stop], cache)[0]
 
     # -- generating ------------------------------------------------------------------------------------------
     def step(self) -> Step:
@@ -198,7 +198,8 @@ class Generator:
         k = len(proposals)
         base = self._n
         if cache.length == base and self._logits is not None:  # right after append: the first row is at hand
-            rows = [self._logits, *self.model.forward_last(np.array([proposals]), cache, k)[0]]
+            # a copy: the next run on this cache may reuse the buffer the step's logits are a view of
+            rows = [self._logits.copy(), *self.model.forward_last(np.array([proposals]), cache, k)[0]]
         else:
             if cache.length >= base:
                 cache.trim(cache.length - (base - 1))

@@ -107,7 +107,7 @@ class SharedKVCache:
     @property
     def length(self) -> int:
         """How many positions are cached (the longest row's count in a batch)."""
-        return int(self.lengths.max())
+        return int(self.lengths[0]) if self.batch_size == 1 else int(self.lengths.max())
 
     @property
     def nbytes(self) -> int:

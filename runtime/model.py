@@ -142,7 +142,7 @@ class Model:
         if n_last > 1 and self.manifest.logits == "last":
             raise ConfigError("n_last", n_last, "this graph returns only the last position's logits")
         if isinstance(cache, SharedKVCache):
-            return self._forward_shared(ids, cache, n_last)
+            return self._forward_shared(ids, cache, n_last).copy()  # the bound buffer is reused by the next run
         past = cache.length
         if attention_mask is None:
             attention_mask = np.ones((b, past + n), dtype=np.int64)
@@ -164,8 +164,18 @@ class Model:
             logits = logits[:, None, :]
         return np.asarray(logits[:, -n_last:, :], dtype=np.float32)
 
+    def step_logits(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Like :meth:`forward` for a decode loop that consumes each result before the next run on ``cache``: over
+        a shared KV buffer it returns a view of the bound output buffer (valid until the next run on this cache)
+        instead of a copy, which saves a pass over the vocabulary's logits per token."""
+        if isinstance(cache, SharedKVCache) and input_ids.ndim == 2:
+            ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+            return self._forward_shared(ids, cache, 1)[:, -1, :]
+        return self.forward(input_ids, cache)
+
     def _forward_shared(self, ids: np.ndarray, cache: SharedKVCache, n_last: int) -> np.ndarray:
-        """One run over a shared KV buffer: each row appends ``n`` positions after its own ``lengths[b]``."""
+        """One run over a shared KV buffer: each row appends ``n`` positions after its own ``lengths[b]``.
+        Returns the bound logits buffer itself (overwritten by the next run)."""
         b, n = ids.shape
         if b != cache.batch_size:
             raise ConfigError("input_ids", ids.shape, f"batch {b} does not match the cache's batch {cache.batch_size}")
@@ -271,10 +281,10 @@ class _SharedBinding:
             self.io.bind_ortvalue_output(self.names[1], self._ort.OrtValue.ortvalue_from_numpy(self.logits))
         self.ids[...] = ids
         np.add(lengths, n - 1, out=self.seqlens)
-        self.total[...] = int(lengths.max()) + n
+        self.total[...] = int(lengths[0] if b == 1 else lengths.max()) + n
         self.keep[0] = n_last
         self.session.run_with_iobinding(self.io)
-        return self.logits.copy()  # the bound buffer is overwritten by the next run
+        return self.logits
 
 
 def _check_graph(session: Any, m: Manifest) -> None:

@@ -74,6 +74,7 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 _SMALL = 4096  # arrays up to this size are handled in float64; larger ones (the vocabulary) stay float32
+_FEW = 256  # candidate sets up to this size are sorted whole by top-p (and take the router's few-candidates path)
 
 
 def _weights(logits: np.ndarray) -> np.ndarray:
@@ -113,25 +114,32 @@ def top_k(ids: Ids, logits: np.ndarray, k: int, min_keep: int = 1) -> tuple[Ids,
     k = max(k, min_keep)
     if k >= n:
         return ids, logits
-    return _take(ids, logits, np.flatnonzero(logits >= _kth_largest(logits, k)))
+    return _take(ids, logits, _top_k_positions(logits, k))
 
 
 _STRIDE = 32
 
 
-def _kth_largest(x: np.ndarray, k: int) -> float:
-    """The k-th largest value of ``x``, exactly, without partitioning all of a large vector: a threshold ``t``
-    from a strided sample usually leaves a few hundred values ``>= t``; when at least k do, the k-th largest is
-    among them (else the whole vector is partitioned)."""
+def _top_k_positions(x: np.ndarray, k: int) -> np.ndarray:
+    """Ascending positions of the values ``>= `` the k-th largest of ``x``, exactly, in one pass over a large
+    vector: a threshold ``t`` from a strided sample usually leaves a few hundred positions with values ``>= t``;
+    when at least k do, the k-th largest is among them and so is every value that reaches it (else the whole
+    vector is partitioned)."""
     n = len(x)
     if n >= 64 * _STRIDE and k <= n // (4 * _STRIDE):
         sample = x[::_STRIDE]
         r = k // _STRIDE + 4
         t = np.partition(sample, len(sample) - r)[len(sample) - r]
-        sub = x[x >= t]
-        if len(sub) >= k:
-            return float(np.partition(sub, len(sub) - k)[len(sub) - k])
-    return float(np.partition(x, n - k)[n - k])
+        cand = np.flatnonzero(x >= t)
+        if len(cand) >= k:
+            v = x[cand]
+            return cand[v >= np.partition(v, len(v) - k)[len(v) - k]]
+    return np.flatnonzero(x >= np.partition(x, n - k)[n - k])
+
+
+def _kth_largest(x: np.ndarray, k: int) -> float:
+    """The k-th largest value of ``x`` (exactly; the smallest of :func:`_top_k_positions`)."""
+    return float(x[_top_k_positions(x, k)].min())
 
 
 def _mass_prefix(weights: np.ndarray, order: np.ndarray, mass: float, min_keep: int) -> np.ndarray:
@@ -155,7 +163,7 @@ def top_p(ids: Ids, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[Id
         return ids, logits
     w = _weights(logits)
     target = p * float(w.sum(dtype=np.float64))
-    if n <= 256:  # a few candidates (after top-k): sort them all
+    if n <= _FEW:  # a few candidates (after top-k): sort them all
         keep = _mass_prefix(w, np.argsort(-w, kind="stable"), target, min_keep)
         return _take(ids, logits, np.sort(keep))
     t = 1.0 / 1024.0  # w.max() == 1
@@ -277,18 +285,36 @@ class Router:
     def process(self, logits: np.ndarray, history: np.ndarray, suppress: np.ndarray | None = None) -> np.ndarray:
         """Steps 1-2: bias, suppression (``-inf`` at ``suppress``) and penalties. Returns a new float32 vector,
         or ``logits`` itself when none of them applies (callers never write into the result)."""
-        cfg = self.cfg
-        suppressing = suppress is not None and len(suppress) > 0
-        if not (len(self._bias_ids) or suppressing or self._penalise):
+        if not self._edits(suppress):
             return logits  # nothing changes the logits: no copy (they are cold in cache after the graph run)
-        out = apply_logit_bias(logits, self._bias_ids, self._bias)
-        if suppressing:
+        out = np.array(logits, dtype=np.float32, copy=True)
+        self._apply(out, history, suppress)
+        return out
+
+    def _edits(self, suppress: np.ndarray | None) -> bool:
+        return bool(len(self._bias_ids) or (suppress is not None and len(suppress)) or self._penalise)
+
+    def _apply(self, out: np.ndarray, history: np.ndarray, suppress: np.ndarray | None) -> None:
+        """Steps 1-2 in place on ``out``."""
+        cfg = self.cfg
+        if len(self._bias_ids):
+            out[self._bias_ids] += self._bias
+        if suppress is not None and len(suppress):
             out[suppress] = -np.inf
         if self._penalise:
             n = cfg.penalty_last_n
             window = history if n < 0 else history[-n:]
             apply_penalties(out, window, cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty, out)
-        return out
+
+    def _touched(self, history: np.ndarray, suppress: np.ndarray | None) -> np.ndarray:
+        """Every position :meth:`_apply` may write (repeats allowed)."""
+        parts = [self._bias_ids]
+        if suppress is not None and len(suppress):
+            parts.append(np.asarray(suppress, dtype=np.int64))
+        if self._penalise:
+            n = self.cfg.penalty_last_n
+            parts.append(np.asarray(history if n < 0 else history[-n:], dtype=np.int64))
+        return np.concatenate(parts)
 
     def truncate(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
         """Steps 3-4 on processed logits: temperature and truncation -> candidate ``(ids, scaled logits)``."""
@@ -327,12 +353,58 @@ class Router:
         q = self.cfg.explore_at(step)
         if q > 0 and len(self.allowed) and rng.random() < q:
             return int(self.allowed[rng.integers(len(self.allowed))])
-        x = self.process(logits, history, suppress)
-        if self.cfg.greedy:
+        if not self._edits(suppress):
+            return self._pick(logits, rng)
+        if not (logits.dtype == np.float32 and logits.flags.writeable):
+            return self._pick(self.process(logits, history, suppress), rng)
+        # steps 1-2 touch a few dozen positions: write them into ``logits`` and put the old values back after
+        # the draw, rather than copying the whole vocabulary (a full pass over cold memory per token)
+        touched = self._touched(history, suppress)
+        saved = logits[touched]
+        try:
+            self._apply(logits, history, suppress)
+            return self._pick(logits, rng)
+        finally:
+            logits[touched] = saved
+
+    def _pick(self, x: np.ndarray, rng: np.random.Generator) -> int:
+        """Steps 3-6 (exploration already drawn) on processed logits."""
+        cfg = self.cfg
+        if cfg.greedy:
             return int(np.argmax(x))
+        if cfg.top_k and cfg.typical_p >= 1.0:
+            ids, cand = top_k(None, x, cfg.top_k, cfg.min_keep)
+            if ids is not None and len(ids) <= _FEW:
+                token = self._pick_few(ids, cand, rng)
+                if token is not None:
+                    return token
         ids, cand = self.truncate(x)
         j = draw(_weights(cand), rng)
         return j if ids is None else int(ids[j])
+
+    def _pick_few(self, ids: np.ndarray, logits: np.ndarray, rng: np.random.Generator) -> int | None:
+        """Steps 3-6 after top-k left a few candidates, with one descending order shared by top-p and min-p and
+        one set of weights shared by top-p and the draw: the same arithmetic as :meth:`truncate` followed by
+        :func:`draw` (same kept set, same weights, same candidate order, so the same token for the same RNG
+        state) in half the NumPy calls, which each cost microseconds on caches the graph run has just evicted.
+        None when min-p would keep fewer than ``min_keep`` (the general chain handles that)."""
+        cfg = self.cfg
+        x = apply_temperature(logits, cfg.temperature)
+        n, least = len(x), cfg.min_keep
+        xd = x.astype(np.float64)
+        w = np.exp(xd - xd.max())  # = _weights(x); the top candidate survives every cut, so also the draw's
+        keep = np.argsort(-w, kind="stable")
+        if cfg.top_p < 1.0 and n > least:  # top_p's few-candidates branch, as _mass_prefix computes it
+            wo = w[keep]
+            target = cfg.top_p * float(w.sum(dtype=np.float64))
+            keep = keep[: max(int(np.count_nonzero(np.cumsum(wo) - wo < target)), least)]
+        if cfg.min_p > 0.0:
+            passed = keep[x[keep] >= x.max() + np.log(cfg.min_p)]
+            if len(passed) < least:
+                return None
+            keep = passed
+        keep = np.sort(keep)
+        return int(ids[keep[draw(w[keep], rng)]])
 
 
 def make_chain(cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = ()) -> Router:

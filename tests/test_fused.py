@@ -231,11 +231,12 @@ def test_tied_embedding_reads_the_quantised_lm_head(tmp_path: Path) -> None:
     model = er.Model.load(out)
     ids = model.tokenizer.encode(PROMPT)
     got = model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0]
-    # the same graph with a float Gather over the LM head's int4 weights dequantised by hand (zero point 8)
+    # the same graph with a float Gather over the LM head's int4 weights dequantised by hand (zero points, nibbles)
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    q, scales = inits["lm_head.weight_Q4"], inits["lm_head.weight_scales"]
-    nibbles = np.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], q.shape[1], -1).astype(np.float32) - 8
-    table = (nibbles * scales.reshape(q.shape[0], q.shape[1], 1)).reshape(q.shape[0], -1)
+    q, scales, zp = (inits[f"lm_head.weight_{part}"] for part in ("Q4", "scales", "zero_points"))
+    nibbles = np.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], q.shape[1], -1).astype(np.float32)
+    zeros = np.stack([zp & 15, zp >> 4], axis=-1).reshape(q.shape[0], -1)[:, : q.shape[1], None]
+    table = ((nibbles - zeros) * scales.reshape(q.shape[0], q.shape[1], 1)).reshape(q.shape[0], -1)
     gbq = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
     g.initializer.append(numpy_helper.from_array(table.astype(np.float32), "dequantised_table"))
     g.node.insert(list(g.node).index(gbq), helper.make_node("Gather", ["dequantised_table", "input_ids"], gbq.output))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from edgeroute import SamplingConfig, make_chain
 from edgeroute.sampling import (
+    _weights,
     apply_logit_bias,
     apply_penalties,
     apply_temperature,
@@ -303,3 +304,57 @@ def test_top_k_prefilter_is_exact() -> None:
         assert _kth_largest(x, k) == np.partition(x, n - k)[n - k]
         ids, kept = top_k(None, x, k)
         assert len(kept) >= k and set(ids) == set(np.flatnonzero(x >= np.partition(x, n - k)[n - k]))
+
+
+def test_few_candidates_path_draws_what_the_general_chain_draws() -> None:
+    """After top-k, the router takes a shortcut through top-p, min-p and the draw; for the same RNG state it must
+    pick the token that the general chain (truncate, then draw) picks, for every setting, ties and min_keep."""
+    rng = np.random.default_rng(3)
+    shortcut = 0
+    for trial in range(400):
+        v = int(rng.integers(300, 5000))
+        x = (rng.standard_normal(v) * rng.uniform(0.3, 6)).astype(np.float32)
+        if trial % 4 == 0:
+            x = np.round(x)  # ties at every cut
+        cfg = SamplingConfig(
+            temperature=float(rng.uniform(0.2, 1.5)),
+            top_k=int(rng.integers(1, 300)),
+            top_p=float(rng.choice([1.0, 0.5, 0.9, 0.99])),
+            min_p=float(rng.choice([0.0, 0.05, 0.3])),
+            min_keep=int(rng.choice([1, 1, 3, 20])),
+        )
+        router = make_chain(cfg, v)
+        seed = int(rng.integers(1 << 30))
+        ids, cand = router.truncate(x)
+        want = int(ids[draw(_weights(cand), np.random.default_rng(seed))])
+        assert router.sample(x, np.zeros(0, dtype=np.int64), np.random.default_rng(seed)) == want, (trial, cfg)
+        k_ids, k_vals = top_k(None, x, cfg.top_k, cfg.min_keep)
+        shortcut += router._pick_few(k_ids, k_vals, np.random.default_rng(seed)) is not None
+    assert shortcut > 300  # the shortcut was taken, not the fallback
+
+
+def test_penalties_are_applied_in_place_and_undone() -> None:
+    """The router writes bias, suppression and penalties into the logits it is given and puts the old values
+    back: the draw equals one from a processed copy, and the caller's array is unchanged afterwards."""
+    rng = np.random.default_rng(4)
+    for trial in range(60):
+        x = (rng.standard_normal(3000) * 2).astype(np.float32)
+        before = x.copy()
+        hist = rng.integers(0, 3000, 50)
+        cfg = SamplingConfig(
+            temperature=0.0 if trial % 3 == 0 else 0.8,
+            top_k=40,
+            top_p=0.9,
+            repetition_penalty=1.3,
+            presence_penalty=0.2 if trial % 2 else 0.0,
+            logit_bias={int(hist[0]): 5.0, 7: -np.inf},
+        )
+        router = make_chain(cfg, 3000)
+        sup = np.array([int(np.argmax(x))])
+        seed = int(rng.integers(1 << 30))
+        want = router._pick(router.process(x, hist, sup), np.random.default_rng(seed))
+        assert router.sample(x, hist, np.random.default_rng(seed), suppress=sup) == want
+        assert np.array_equal(x, before)
+        ro = x.copy()
+        ro.flags.writeable = False  # a read-only vector takes the copying path
+        assert router.sample(ro, hist, np.random.default_rng(seed), suppress=sup) == want
