@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(DEMO_MODEL)/edgeroute.json: $(STAMP)
+$(DEMO_MODEL)/edgeroute.json: | $(STAMP)  # order-only: a reinstall does not re-export
 	$(BIN)/edgeroute export "$$($(BIN)/python bench/smollm2_gguf.py)" $(DEMO_MODEL)
 
 demo: $(DEMO_MODEL)/edgeroute.json
