@@ -86,9 +86,14 @@ def to_fp16(model: Any, logits_name: str = "logits") -> Any:
     return convert_float_to_float16(model, keep_io_types=[logits_name], disable_shape_infer=True)
 
 
-def _weight_matmuls(model: Any) -> list[str]:
-    inits = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+def _weight_matmuls(model: Any) -> list[tuple[Any, Any]]:
+    """``(node, weight initializer)`` for every MatMul whose second input is a constant 2-D weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [
+        (n, inits[n.input[1]])
+        for n in model.graph.node
+        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+    ]
 
 
 def fold_constant_transposes(model: Any) -> Any:
@@ -129,7 +134,7 @@ def quantize_weights(src: Path, dst: Path, bits: int, block_size: int = 32, accu
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-        sizes = sorted({int(t.dims[0]) for t in _weight_inits(model)})
+        sizes = sorted({int(init.dims[0]) for _, init in _weight_matmuls(model)})
         if any(k % block_size for k in sizes):
             raise ExportError(f"int8 block size {block_size} does not divide the weights' input sizes {sizes}")
         q = MatMulNBitsQuantizer(
@@ -153,16 +158,6 @@ def quantize_weights(src: Path, dst: Path, bits: int, block_size: int = 32, accu
     }
 
 
-def _weight_inits(model: Any) -> list[Any]:
-    """The constant 2-D weight initializers of the graph's MatMuls."""
-    inits = {i.name: i for i in model.graph.initializer}
-    return [
-        inits[n.input[1]]
-        for n in model.graph.node
-        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
-    ]
-
-
 def _quantize_int4(model: Any, block_size: int, accuracy_level: int) -> None:
     """Replace every MatMul with a constant 2-D weight by a 4-bit MatMulNBits (``quant4`` layout), in place."""
     from onnx import helper, numpy_helper
@@ -170,13 +165,7 @@ def _quantize_int4(model: Any, block_size: int, accuracy_level: int) -> None:
     from . import quant4
 
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    for node in list(g.node):
-        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        init = inits[node.input[1]]
-        if len(init.dims) != 2:
-            continue
+    for node, init in _weight_matmuls(model):
         w = numpy_helper.to_array(init)
         k, n = w.shape
         packed, scales, zeros = quant4.quantize(w, block_size)

@@ -3,9 +3,9 @@ the scale chosen by a search that minimises each block's squared error, written 
 layout.
 
 Why not onnxruntime's ``MatMulNBitsQuantizer``: it rounds to nearest on a symmetric grid fixed by the block's
-largest magnitude. On SmolLM2-135M that kept 66% top-1 agreement with fp32 at block 32 and 56% at block 64;
-this search lowers the weight error by about a third at the same block size, and at block 64 matches the old
-block-32 error while the decode step gets ~8% cheaper (half the scales to apply, fewer bytes to stream).
+largest magnitude. On SmolLM2-135M over the ~950-token validation text this search raises top-1 agreement with
+fp32 from 61.5% to 67.4% and lowers the perplexity change from +26.8% to +16.2% at block 32, at the same decode
+speed. Block 64 decodes ~8% faster but costs +68% perplexity there even with the search, so 32 is the default.
 
 Layout (onnxruntime's ``MatMulNBits`` and ``GatherBlockQuantized`` with uint8 data): for a weight ``W`` [K, N],
 ``B`` [N, blocks, block/2] uint8 with element ``2i`` in the low nibble and ``2i+1`` in the high one, ``scales``
@@ -57,12 +57,13 @@ def quantize_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         z = np.clip(np.rint(-lo / s), 0, LEVELS)
         d = np.clip(np.rint(x / s[..., None]) + z[..., None], 0, LEVELS) - z[..., None]
         xd = np.einsum("...i,...i->...", x, d)
-        dd = np.einsum("...i,...i->...", d, d)
-        # with the least-squares scale xd/dd the error is sum(x^2) - xd^2/dd: maximise the gain xd^2/dd
-        gain = np.where(dd > 0, xd * xd / np.maximum(dd, 1e-30), 0)
+        dd = np.maximum(np.einsum("...i,...i->...", d, d), 1e-30)  # d == 0 gives xd == 0: gain 0
+        fit = xd / dd  # the least-squares scale for this rounding
+        # with the least-squares scale the error is sum(x^2) - xd^2/dd: maximise the gain xd^2/dd
+        gain = xd * xd / dd
         better = (gain > best_gain) & (xd > 0)
         best_gain = np.where(better, gain, best_gain)
-        best_s = np.where(better, xd / np.maximum(dd, 1e-30), best_s)
+        best_s = np.where(better, fit, best_s)
         best_z = np.where(better, z, best_z)
     # rounding to nearest on the refitted grid is optimal for that scale and zero point (never worse than the
     # candidate's rounding the refit was computed from)

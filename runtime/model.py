@@ -185,7 +185,7 @@ class Model:
         if binding is None:
             binding = cache.binding = _SharedBinding(self, cache)
         try:
-            logits = binding.run(ids, cache.lengths, n_last)
+            logits = binding.run(ids, cache, n_last)
         except Exception as e:  # onnxruntime's errors are untyped
             raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
         cache.lengths = cache.lengths + n
@@ -271,7 +271,7 @@ class _SharedBinding:
         self.ids: np.ndarray | None = None
         self.logits: np.ndarray | None = None
 
-    def run(self, ids: np.ndarray, lengths: np.ndarray, n_last: int) -> np.ndarray:
+    def run(self, ids: np.ndarray, cache: SharedKVCache, n_last: int) -> np.ndarray:
         b, n = ids.shape
         if self.ids is None or self.ids.shape != ids.shape:
             self.ids = np.empty((b, n), dtype=np.int64)
@@ -280,8 +280,8 @@ class _SharedBinding:
             self.logits = np.empty((b, n_last, self.vocab), dtype=np.float32)
             self.io.bind_ortvalue_output(self.names[1], self._ort.OrtValue.ortvalue_from_numpy(self.logits))
         self.ids[...] = ids
-        np.add(lengths, n - 1, out=self.seqlens)
-        self.total[...] = int(lengths[0] if b == 1 else lengths.max()) + n
+        np.add(cache.lengths, n - 1, out=self.seqlens)
+        self.total[...] = cache.length + n
         self.keep[0] = n_last
         self.session.run_with_iobinding(self.io)
         return self.logits

@@ -137,11 +137,6 @@ def _top_k_positions(x: np.ndarray, k: int) -> np.ndarray:
     return np.flatnonzero(x >= np.partition(x, n - k)[n - k])
 
 
-def _kth_largest(x: np.ndarray, k: int) -> float:
-    """The k-th largest value of ``x`` (exactly; the smallest of :func:`_top_k_positions`)."""
-    return float(x[_top_k_positions(x, k)].min())
-
-
 def _mass_prefix(weights: np.ndarray, order: np.ndarray, mass: float, min_keep: int) -> np.ndarray:
     """The first entries of ``order`` (descending preference) whose exclusive cumulative weight is below
     ``mass`` (an absolute amount of the unnormalised ``weights``)."""
@@ -302,9 +297,13 @@ class Router:
         if suppress is not None and len(suppress):
             out[suppress] = -np.inf
         if self._penalise:
-            n = cfg.penalty_last_n
-            window = history if n < 0 else history[-n:]
+            window = self._window(history)
             apply_penalties(out, window, cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty, out)
+
+    def _window(self, history: np.ndarray) -> np.ndarray:
+        """The last ``penalty_last_n`` tokens of ``history`` (all of it for -1)."""
+        n = self.cfg.penalty_last_n
+        return history if n < 0 else history[-n:]
 
     def _touched(self, history: np.ndarray, suppress: np.ndarray | None) -> np.ndarray:
         """Every position :meth:`_apply` may write (repeats allowed)."""
@@ -312,16 +311,21 @@ class Router:
         if suppress is not None and len(suppress):
             parts.append(np.asarray(suppress, dtype=np.int64))
         if self._penalise:
-            n = self.cfg.penalty_last_n
-            parts.append(np.asarray(history if n < 0 else history[-n:], dtype=np.int64))
+            parts.append(np.asarray(self._window(history), dtype=np.int64))
         return np.concatenate(parts)
 
     def truncate(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
         """Steps 3-4 on processed logits: temperature and truncation -> candidate ``(ids, scaled logits)``."""
+        return self._after_top_k(*self._top_k(logits))
+
+    def _top_k(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        # top-k commutes with a positive temperature: cut first, scale k values only
         cfg = self.cfg
-        ids: Ids = None
-        if cfg.top_k:  # top-k commutes with a positive temperature: cut first, scale k values only
-            ids, logits = top_k(ids, logits, cfg.top_k, cfg.min_keep)
+        return top_k(None, logits, cfg.top_k, cfg.min_keep) if cfg.top_k else (None, logits)
+
+    def _after_top_k(self, ids: Ids, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        """Steps 3-4 after top-k: temperature, top-p, min-p, typical-p."""
+        cfg = self.cfg
         logits = apply_temperature(logits, cfg.temperature)
         ids, logits = top_p(ids, logits, cfg.top_p, cfg.min_keep)
         ids, logits = min_p(ids, logits, cfg.min_p, cfg.min_keep)
@@ -372,13 +376,12 @@ class Router:
         cfg = self.cfg
         if cfg.greedy:
             return int(np.argmax(x))
-        if cfg.top_k and cfg.typical_p >= 1.0:
-            ids, cand = top_k(None, x, cfg.top_k, cfg.min_keep)
-            if ids is not None and len(ids) <= _FEW:
-                token = self._pick_few(ids, cand, rng)
-                if token is not None:
-                    return token
-        ids, cand = self.truncate(x)
+        ids, cand = self._top_k(x)
+        if ids is not None and len(ids) <= _FEW and cfg.typical_p >= 1.0:
+            token = self._pick_few(ids, cand, rng)
+            if token is not None:
+                return token
+        ids, cand = self._after_top_k(ids, cand)
         j = draw(_weights(cand), rng)
         return j if ids is None else int(ids[j])
 
