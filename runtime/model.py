@@ -169,8 +169,8 @@ class Model:
         a shared KV buffer it returns a view of the bound output buffer (valid until the next run on this cache)
         instead of a copy, which saves a pass over the vocabulary's logits per token."""
         if isinstance(cache, SharedKVCache) and input_ids.ndim == 2:
-            ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-            return self._forward_shared(ids, cache, 1)[:, -1, :]
+            self._forward_shared(input_ids, cache, 1)
+            return cache.binding.last  # type: ignore[attr-defined]
         return self.forward(input_ids, cache)
 
     def _forward_shared(self, ids: np.ndarray, cache: SharedKVCache, n_last: int) -> np.ndarray:
@@ -188,7 +188,7 @@ class Model:
             logits = binding.run(ids, cache, n_last)
         except Exception as e:  # onnxruntime's errors are untyped
             raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
-        cache.lengths = cache.lengths + n
+        cache.lengths += n
         return logits
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -270,6 +270,7 @@ class _SharedBinding:
         self.vocab = m.vocab_size
         self.ids: np.ndarray | None = None
         self.logits: np.ndarray | None = None
+        self.last: np.ndarray | None = None  # logits[:, -1, :], the view a decode loop reads
 
     def run(self, ids: np.ndarray, cache: SharedKVCache, n_last: int) -> np.ndarray:
         b, n = ids.shape
@@ -279,10 +280,16 @@ class _SharedBinding:
         if self.logits is None or self.logits.shape[1] != n_last:
             self.logits = np.empty((b, n_last, self.vocab), dtype=np.float32)
             self.io.bind_ortvalue_output(self.names[1], self._ort.OrtValue.ortvalue_from_numpy(self.logits))
+            self.last = self.logits[:, -1, :]
+            self.keep[0] = n_last
+        # a decode step writes three scalars: each NumPy call costs microseconds on caches the last run evicted
         self.ids[...] = ids
-        np.add(cache.lengths, n - 1, out=self.seqlens)
-        self.total[...] = cache.length + n
-        self.keep[0] = n_last
+        length = cache.length
+        if b == 1:
+            self.seqlens[0] = length + n - 1
+        else:
+            np.add(cache.lengths, n - 1, out=self.seqlens)
+        self.total[...] = length + n
         self.session.run_with_iobinding(self.io)
         return self.logits
 

@@ -17,8 +17,10 @@ lies inside it, min-p is a comparison in logit space.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 
@@ -127,14 +129,14 @@ def _top_k_positions(x: np.ndarray, k: int) -> np.ndarray:
     vector is partitioned)."""
     n = len(x)
     if n >= 64 * _STRIDE and k <= n // (4 * _STRIDE):
-        sample = x[::_STRIDE]
-        r = k // _STRIDE + 4
-        t = np.partition(sample, len(sample) - r)[len(sample) - r]
-        cand = np.flatnonzero(x >= t)
+        sample = x[::_STRIDE].copy()  # array methods, not np.* wrappers: fewer cold Python frames per token
+        r = len(sample) - (k // _STRIDE + 4)
+        sample.partition(r)
+        cand = (x >= sample[r]).nonzero()[0]
         if len(cand) >= k:
             v = x[cand]
             return cand[v >= np.partition(v, len(v) - k)[len(v) - k]]
-    return np.flatnonzero(x >= np.partition(x, n - k)[n - k])
+    return (x >= np.partition(x, n - k)[n - k]).nonzero()[0]
 
 
 def _mass_prefix(weights: np.ndarray, order: np.ndarray, mass: float, min_keep: int) -> np.ndarray:
@@ -273,6 +275,7 @@ class Router:
         excluded = banned.copy()
         excluded[[i for i in special_ids if 0 <= i < vocab_size]] = True
         self.allowed = np.flatnonzero(~excluded)
+        self._log_min_p = float(np.log(cfg.min_p)) if cfg.min_p > 0 else 0.0
         self._penalise = cfg.penalty_last_n != 0 and (
             cfg.repetition_penalty != 1.0 or cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0
         )
@@ -357,6 +360,10 @@ class Router:
         q = self.cfg.explore_at(step)
         if q > 0 and len(self.allowed) and rng.random() < q:
             return int(self.allowed[rng.integers(len(self.allowed))])
+        if self.cfg.greedy and not (len(self._bias_ids) or self._penalise):
+            token = int(logits.argmax())  # suppression only lowers values: the argmax stands unless suppressed
+            if suppress is None or token not in suppress.tolist():
+                return token
         if not self._edits(suppress):
             return self._pick(logits, rng)
         if not (logits.dtype == np.float32 and logits.flags.writeable):
@@ -386,28 +393,37 @@ class Router:
         return j if ids is None else int(ids[j])
 
     def _pick_few(self, ids: np.ndarray, logits: np.ndarray, rng: np.random.Generator) -> int | None:
-        """Steps 3-6 after top-k left a few candidates, with one descending order shared by top-p and min-p and
-        one set of weights shared by top-p and the draw: the same arithmetic as :meth:`truncate` followed by
-        :func:`draw` (same kept set, same weights, same candidate order, so the same token for the same RNG
-        state) in half the NumPy calls, which each cost microseconds on caches the graph run has just evicted.
-        None when min-p would keep fewer than ``min_keep`` (the general chain handles that)."""
+        """Steps 3-6 after top-k left a few candidates: the same arithmetic as :meth:`truncate` followed by
+        :func:`draw` (same weights, same kept set in the same order, float64 sums in the same order, so the same
+        token for the same RNG state), with the weights computed once and the cuts and the draw done on Python
+        floats: each NumPy call costs microseconds on the caches the graph run has just evicted, a loop over a
+        few dozen floats less. None when min-p would keep fewer than ``min_keep`` (the general chain decides)."""
         cfg = self.cfg
         x = apply_temperature(logits, cfg.temperature)
         n, least = len(x), cfg.min_keep
         xd = x.astype(np.float64)
         w = np.exp(xd - xd.max())  # = _weights(x); the top candidate survives every cut, so also the draw's
-        keep = np.argsort(-w, kind="stable")
-        if cfg.top_p < 1.0 and n > least:  # top_p's few-candidates branch, as _mass_prefix computes it
-            wo = w[keep]
+        wl = w.tolist()
+        keep = sorted(range(n), key=wl.__getitem__, reverse=True)  # = argsort(-w, kind="stable")
+        if cfg.top_p < 1.0 and n > least:  # top_p's few-candidates branch: count(cumsum - w < target)
             target = cfg.top_p * float(w.sum(dtype=np.float64))
-            keep = keep[: max(int(np.count_nonzero(np.cumsum(wo) - wo < target)), least)]
-        if cfg.min_p > 0.0:
-            passed = keep[x[keep] >= x.max() + np.log(cfg.min_p)]
-            if len(passed) < least:
+            total, cut = 0.0, 0
+            for j in keep:
+                total += wl[j]
+                cut += total - wl[j] < target
+            keep = keep[: max(cut, least)]
+        if cfg.min_p > 0.0:  # min_p in logit space: x >= max + log(p), compared in float64
+            floor = float(x.max()) + self._log_min_p
+            xl = x.tolist()
+            keep = [j for j in keep if xl[j] >= floor]
+            if len(keep) < least:
                 return None
-            keep = passed
-        keep = np.sort(keep)
-        return int(ids[keep[draw(w[keep], rng)]])
+        keep.sort()
+        cdf = list(accumulate(wl[j] for j in keep))  # draw(): cumsum, then searchsorted(side="right")
+        j = bisect_right(cdf, rng.random() * cdf[-1])
+        if j >= len(keep):  # rounding put u past the end: the last candidate with positive weight
+            j = max(i for i, t in enumerate(keep) if wl[t] > 0)
+        return int(ids[keep[j]])
 
 
 def make_chain(cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = ()) -> Router:

@@ -246,6 +246,14 @@ def test_suppression_applies_before_everything() -> None:
     assert router.sample(LOGITS, HISTORY, np.random.default_rng(0)) == best
     second = router.sample(LOGITS, HISTORY, np.random.default_rng(0), suppress=np.array([best]))
     assert second == int(np.argsort(LOGITS)[-2])
+    # greedy's shortcut (argmax, then a look at the suppressed ids) agrees with argmax over processed logits,
+    # ties included: the first maximum wins unless it is suppressed
+    tied = np.array([0.0, 3.0, 1.0, 3.0, 3.0], dtype=np.float32)
+    plain = make_chain(SamplingConfig(temperature=0), 5)
+    for sup in (None, [1], [3], [1, 3], [1, 3, 4], [0, 2]):
+        s = None if sup is None else np.array(sup)
+        want = int(np.argmax(plain.process(tied, np.zeros(0, np.int64), s)))
+        assert plain.sample(tied, np.zeros(0, np.int64), np.random.default_rng(0), suppress=s) == want, sup
 
 
 # -- properties ----------------------------------------------------------------------------------------------
