@@ -1,6 +1,6 @@
 """edgeroute against its peers on the same prompt, token count and machine, one after another.
 
-    python bench/peers.py --prepare        # once: the peers' model folders under models/peers/
+    python bench/peers.py --prepare        # once: edgeroute's int8/int4 folders and the peers' under models/peers/
     python bench/peers.py [--runs 5] [--tokens 128] [--json]
 
 Every system runs in its own subprocess (so peak RSS is its own), greedy, on the chat prompt "Write a short story
@@ -45,6 +45,12 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     "edgeroute int8": {"kind": "edgeroute", "path": MODELS / "smollm2-135m-int8"},
     "edgeroute int4": {"kind": "edgeroute", "path": MODELS / "smollm2-135m-int4"},
     "edgeroute int4, router on": {"kind": "edgeroute", "path": MODELS / "smollm2-135m-int4", "sampling": ROUTER},
+    "edgeroute int4 block 64": {"kind": "edgeroute", "path": MODELS / "smollm2-135m-int4-b64"},
+    "edgeroute int4 block 64, router on": {
+        "kind": "edgeroute",
+        "path": MODELS / "smollm2-135m-int4-b64",
+        "sampling": ROUTER,
+    },
     "transformers, PyTorch fp32": {"kind": "transformers", "path": HF_DIR},
     "optimum ORTModelForCausalLM fp32": {"kind": "optimum", "path": PEERS / "optimum-fp32"},
     "onnxruntime-genai fp32": {"kind": "genai", "path": PEERS / "genai-fp32"},
@@ -228,11 +234,19 @@ IMPORTS = {
 
 # -- preparation and the driver -------------------------------------------------------------------------------
 def prepare() -> None:
-    """Create the peers' model folders from the same GGUF: an HF checkpoint folder and optimum's export."""
+    """Create the model folders from the same GGUF: edgeroute's int8, int4 and int4 block-64 exports (fp32 comes
+    from ``make demo``), an HF checkpoint folder and optimum's export."""
     from transformers import AutoTokenizer
 
     PEERS.mkdir(parents=True, exist_ok=True)
     gguf = _gguf()
+    from edgeroute.export import export_model
+
+    for folder, quantize, block in (("smollm2-135m-int8", "int8", 32), ("smollm2-135m-int4", "int4", 32),
+                                    ("smollm2-135m-int4-b64", "int4", 64)):  # fmt: skip
+        if not (MODELS / folder / "edgeroute.json").is_file():
+            export_model(gguf, MODELS / folder, quantize=quantize, block_size=block)
+            print(f"wrote {MODELS / folder}")
     if not (HF_DIR / "config.json").is_file():
         from edgeroute.export.sources import load_source
 

@@ -70,6 +70,11 @@ def _progress_printer():  # type: ignore[no-untyped-def]
     help="fused: edgeroute's own graph (fused attention, shared in-place KV buffer; llama, mistral, qwen2, phi3);"
     " optimum: any decoder optimum exports; auto: fused where it applies.",
 )
+@click.option(
+    "--no-calibration",
+    is_flag=True,
+    help="int4: quantise without weighting by calibration activations (edgeroute's built-in text).",
+)
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only after the export succeeded).")
 def export(
@@ -82,6 +87,7 @@ def export(
     base: str | None,
     context_length: int | None,
     backend: str,
+    no_calibration: bool,
     no_validate: bool,
     force: bool,
 ) -> None:
@@ -100,6 +106,7 @@ def export(
         context_length=context_length,
         block_size=int(block_size),
         backend=backend,
+        calibrate=not no_calibration,
         progress=_progress_printer(),
     )
     manifest = json.loads((path / "edgeroute.json").read_text())

@@ -103,6 +103,7 @@ def export_model(
     context_length: int | None = None,
     block_size: int = 32,
     backend: str = "auto",
+    calibrate: bool = True,
     progress: Progress | None = None,
 ) -> Path:
     """Export a checkpoint to an edgeroute model folder and return its path.
@@ -123,6 +124,8 @@ def export_model(
             packed projections, one shared in-place KV buffer; llama, mistral, qwen2, phi3; fp32, int8, int4);
             ``optimum`` exports with optimum (every decoder optimum knows, fp16 included); ``auto`` (default)
             takes ``fused`` where it applies and ``optimum`` otherwise, and records which in the manifest.
+        calibrate: int4 only: weigh each weight's rounding error by its input channel's mean squared activation
+            over edgeroute's built-in calibration text (``export/calibrate.py``); False quantises unweighted.
         progress: called as ``progress(stage, "start"|"done", seconds)`` for each stage.
     """
     for name, value, allowed in (
@@ -161,7 +164,7 @@ def export_model(
     stages = _Stages(progress)
     try:
         with _terminate_as_interrupt():
-            options = (dtype, quantize, validate, context_length, block_size, backend)
+            options = (dtype, quantize, validate, context_length, block_size, backend, calibrate)
             _build(tmp, source, base, device, options, stages)
             _move_into_place(tmp, out, force)
     except BaseException:
@@ -197,12 +200,12 @@ def _build(
     source: Any,
     base: Any,
     device: str,
-    options: tuple[str, str, bool, int | None, int, str],
+    options: tuple[str, str, bool, int | None, int, str, bool],
     stages: _Stages,
 ) -> None:
     from . import fused, graph, manifest_writer, sources
 
-    dtype, quantize, validate, context_length, block_size, backend = options
+    dtype, quantize, validate, context_length, block_size, backend, calibrate = options
     with stages("load"):
         src = sources.load_source(source, base, device)
     why_not = fused.unsupported_reason(src.model)
@@ -222,7 +225,14 @@ def _build(
     if quantize != "none":
         with stages("quantise"):
             fp32 = tmp / "fp32.onnx"
-            quant = graph.quantize_weights(fp32, final, bits=8 if quantize == "int8" else 4, block_size=block_size)
+            calibration = None
+            if quantize == "int4" and calibrate:
+                from .calibrate import CALIBRATION_TEXT
+
+                ctx = manifest_writer.context_of(src.model.config, context_length)
+                calibration = (list(src.tokenizer.encode(CALIBRATION_TEXT)), ctx)
+            bits = 8 if quantize == "int8" else 4
+            quant = graph.quantize_weights(fp32, final, bits=bits, block_size=block_size, calibration=calibration)
             for f in tmp.iterdir():
                 if f.name.startswith("fp32.onnx"):
                     f.unlink()

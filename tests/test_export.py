@@ -147,6 +147,81 @@ def test_precisions(llama_ckpt: Path, tmp_path: Path, dtype: str, quantize: str)
     assert len(model.generate("Hi", er.GenerationConfig(max_new_tokens=3)).token_ids) <= 3
 
 
+def test_calibration_importance_is_the_mean_squared_input_pytorch_sees(llama_ckpt: Path, tmp_path: Path) -> None:
+    """The int4 quantiser's channel weights are each weight MatMul's mean squared input over the calibration
+    text: the graph's activations, read by onnxruntime, equal the inputs PyTorch's Linear layers receive."""
+    from edgeroute.export import calibrate
+
+    out = export_model(llama_ckpt, tmp_path / "fp32", validate=False)
+    ids = er.Model.load(out).tokenizer.encode(calibrate.CALIBRATION_TEXT)[:300]  # two chunks of 256 and 44
+    names = {"layers.0.input_layernorm/out": "model.layers.0.self_attn.q_proj",
+             "layers.1.mlp/prod": "model.layers.1.mlp.down_proj", "final_norm/out": "lm_head"}  # fmt: skip
+    got = calibrate.importance(out / "model.onnx", list(names), ids, context=512)
+    assert not (out / "calibrate.onnx").exists()  # the probe graph is removed
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_ckpt).eval()
+    seen: dict[str, list[np.ndarray]] = {m: [] for m in names.values()}
+    hooks = [
+        model.get_submodule(m).register_forward_pre_hook(lambda mod, a, m=m: seen[m].append(a[0][0].detach().numpy()))
+        for m in names.values()
+    ]
+    with torch.no_grad():
+        for start in range(0, len(ids), calibrate.CHUNK):
+            model(torch.tensor([ids[start : start + calibrate.CHUNK]]))
+    for h in hooks:
+        h.remove()
+    for graph_name, module in names.items():
+        x = np.concatenate(seen[module]).astype(np.float64)
+        mean = (x * x).mean(axis=0)
+        want = mean + calibrate.SMOOTH * mean.mean()
+        assert got[graph_name].shape == want.shape
+        assert np.allclose(got[graph_name], want, rtol=1e-3), graph_name
+
+
+@pytest.mark.parametrize("backend", ["fused", "optimum"])
+def test_int4_calibration_is_recorded_and_optional(llama_ckpt: Path, tmp_path: Path, backend: str) -> None:
+    """int4 exports weigh the rounding by calibration activations on either graph form (recorded in the
+    manifest); --no-calibration gives the unweighted quantiser, with other weights."""
+    import onnx
+    from click.testing import CliRunner
+    from edgeroute.cli import cli
+    from onnx import numpy_helper
+
+    weighted = export_model(llama_ckpt, tmp_path / "w", quantize="int4", backend=backend, validate=False)
+    res = CliRunner().invoke(
+        cli, ["export", str(llama_ckpt), str(tmp_path / "u"), "--quantize", "int4", "--backend", backend,
+              "--no-calibration", "--no-validate"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    qw = json.loads((weighted / "edgeroute.json").read_text())["quantization"]
+    qu = json.loads((tmp_path / "u" / "edgeroute.json").read_text())["quantization"]
+    assert qw["calibration"]["tokens"] > 500 and "calibration" in qw["scheme"]
+    assert qu["calibration"] == "none" and "calibration" not in qu["scheme"]
+
+    def q4(folder: Path) -> dict[str, np.ndarray]:
+        g = onnx.load(str(folder / "model.onnx")).graph
+        return {i.name: numpy_helper.to_array(i) for i in g.initializer if i.name.endswith("_Q4")}
+
+    a, b = q4(weighted), q4(tmp_path / "u")
+    per_layer = 4 if backend == "fused" else 7  # packed q|k|v and gate|up, or one MatMul per projection
+    assert a.keys() == b.keys() and len(a) == 2 * per_layer + 1  # and the LM head
+    assert sum(not np.array_equal(a[k], b[k]) for k in a) == len(a)
+    assert er.Model.load(weighted).generate("Hi", er.GenerationConfig(max_new_tokens=3)).usage.completion_tokens >= 1
+
+
+def test_calibration_refuses_inputs_it_cannot_feed() -> None:
+    from types import SimpleNamespace
+
+    from edgeroute.errors import ExportError
+    from edgeroute.export import calibrate
+
+    sess = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name="token_type_ids", shape=[1, "n"], type="x")])
+    with pytest.raises(ExportError, match="token_type_ids"):
+        calibrate._feed(sess, [1, 2, 3])
+    sess = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name="past.0.key", shape=[1, "h", "n", 16], type="x")])
+    with pytest.raises(ExportError, match="past.0.key"):
+        calibrate._feed(sess, [1, 2, 3])
+
+
 def test_lora_adapter_is_merged(llama_ckpt: Path, tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(llama_ckpt)
