@@ -10,6 +10,7 @@ figures the export reports are not measured on what the quantiser was fitted to.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ def importance(graph_path: Path, activations: list[str], ids: list[int], context
     proto.graph.output.extend(
         helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in activations if n not in have
     )
-    probe = graph_path.with_name("calibrate.onnx")
+    probe = graph_path.with_name(f".edgeroute-calibrate-{os.getpid()}-{graph_path.name}")  # never a user's file
     onnx.save(proto, str(probe))
     try:
         so = ort.SessionOptions()
