@@ -214,9 +214,9 @@ def _build(
     use_fused = backend == "fused" or (backend == "auto" and why_not is None and dtype == "fp32")
     final = tmp / "model.onnx"
     target = final if quantize == "none" else tmp / "fp32.onnx"
+    ctx = manifest_writer.context_of(src.model.config, context_length)
     if use_fused:
         with stages("export"):
-            ctx = manifest_writer.context_of(src.model.config, context_length)
             contract = fused.build_fused(src.model, target, ctx)
     else:
         contract = _optimum_export(tmp, src, device, dtype, target, stages)
@@ -229,7 +229,6 @@ def _build(
             if quantize == "int4" and calibrate:
                 from .calibrate import CALIBRATION_TEXT
 
-                ctx = manifest_writer.context_of(src.model.config, context_length)
                 calibration = (list(src.tokenizer.encode(CALIBRATION_TEXT)), ctx)
             bits = 8 if quantize == "int8" else 4
             quant = graph.quantize_weights(fp32, final, bits=bits, block_size=block_size, calibration=calibration)

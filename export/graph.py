@@ -145,9 +145,8 @@ def quantize_weights(
             weights = calibrate.importance(src, names, ids, context)
             calibrated = {"tokens": len(ids), "text": "edgeroute built-in"}
         _quantize_int4(model, block_size, accuracy_level, weights)
-        scheme = "MatMulNBits (weight-only, asymmetric, searched scales, int8 activations)"
-        if weights is not None:
-            scheme = scheme.replace("searched scales", "searched scales weighted by calibration activations")
+        weighted = " weighted by calibration activations" if weights is not None else ""
+        scheme = f"MatMulNBits (weight-only, asymmetric, searched scales{weighted}, int8 activations)"
     else:
         import logging
 

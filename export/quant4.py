@@ -32,9 +32,11 @@ def quantize(
     [K] (>= 0) weighs each input channel's squared error (None: all equal)."""
     k, n = w.shape
     blocks = -(-k // block)
-    h = np.zeros(blocks * block, dtype=np.float32)  # padding channels: weight 0, their value is exact anyway
-    h[:k] = 1.0 if importance is None else importance
-    h = h.reshape(blocks, block)
+    h = None
+    if importance is not None:
+        h = np.zeros(blocks * block, dtype=np.float32)  # padding channels: weight 0, their value is exact anyway
+        h[:k] = importance
+        h = h.reshape(blocks, block)
     packed = np.empty((n, blocks, block // 2), dtype=np.uint8)
     scales = np.empty((n, blocks), dtype=np.float32)
     zeros = np.empty((n, blocks), dtype=np.uint8)

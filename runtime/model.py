@@ -179,13 +179,14 @@ class Model:
         b, n = ids.shape
         if b != cache.batch_size:
             raise ConfigError("input_ids", ids.shape, f"batch {b} does not match the cache's batch {cache.batch_size}")
-        if cache.length + n > cache.capacity:
-            raise ContextOverflowError(cache.length + n, cache.capacity, "KV buffer (raise context_size)")
+        length = cache.length
+        if length + n > cache.capacity:
+            raise ContextOverflowError(length + n, cache.capacity, "KV buffer (raise context_size)")
         binding = cache.binding
         if binding is None:
             binding = cache.binding = _SharedBinding(self, cache)
         try:
-            logits = binding.run(ids, cache, n_last)
+            logits = binding.run(ids, cache, length, n_last)
         except Exception as e:  # onnxruntime's errors are untyped
             raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
         cache.lengths += n
@@ -272,7 +273,9 @@ class _SharedBinding:
         self.logits: np.ndarray | None = None
         self.last: np.ndarray | None = None  # logits[:, -1, :], the view a decode loop reads
 
-    def run(self, ids: np.ndarray, cache: SharedKVCache, n_last: int) -> np.ndarray:
+    def run(self, ids: np.ndarray, cache: SharedKVCache, length: int, n_last: int) -> np.ndarray:
+        """One graph run appending ``ids`` after ``length`` cached positions (``cache.length``, read once by the
+        caller); rows of a batch start after their own ``cache.lengths``."""
         b, n = ids.shape
         if self.ids is None or self.ids.shape != ids.shape:
             self.ids = np.empty((b, n), dtype=np.int64)
@@ -284,7 +287,6 @@ class _SharedBinding:
             self.keep[0] = n_last
         # a decode step writes three scalars: each NumPy call costs microseconds on caches the last run evicted
         self.ids[...] = ids
-        length = cache.length
         if b == 1:
             self.seqlens[0] = length + n - 1
         else:
