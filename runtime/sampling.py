@@ -116,27 +116,35 @@ def top_k(ids: Ids, logits: np.ndarray, k: int, min_keep: int = 1) -> tuple[Ids,
     k = max(k, min_keep)
     if k >= n:
         return ids, logits
-    return _take(ids, logits, _top_k_positions(logits, k))
+    keep, values = _top_k_positions(logits, k)
+    return (keep if ids is None else ids[keep]), values
 
 
 _STRIDE = 32
 
 
-def _top_k_positions(x: np.ndarray, k: int) -> np.ndarray:
-    """Ascending positions of the values ``>= `` the k-th largest of ``x``, exactly, in one pass over a large
-    vector: a threshold ``t`` from a strided sample usually leaves a few hundred positions with values ``>= t``;
-    when at least k do, the k-th largest is among them and so is every value that reaches it (else the whole
-    vector is partitioned)."""
+def _top_k_positions(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending positions of the values ``>= `` the k-th largest of ``x``, and those values, exactly, in one pass
+    over a large vector: a threshold ``t`` from a strided sample usually leaves a few hundred positions with values
+    ``>= t``; when at least k do, the k-th largest is among them and so is every value that reaches it (else the
+    whole vector is partitioned). Array methods, not ``np.*`` wrappers, and no second gather over ``x``: each
+    call costs microseconds on the caches a graph run has just evicted."""
     n = len(x)
     if n >= 64 * _STRIDE and k <= n // (4 * _STRIDE):
-        sample = x[::_STRIDE].copy()  # array methods, not np.* wrappers: fewer cold Python frames per token
+        sample = x[::_STRIDE].copy()
         r = len(sample) - (k // _STRIDE + 4)
         sample.partition(r)
         cand = (x >= sample[r]).nonzero()[0]
         if len(cand) >= k:
             v = x[cand]
-            return cand[v >= np.partition(v, len(v) - k)[len(v) - k]]
-    return (x >= np.partition(x, n - k)[n - k]).nonzero()[0]
+            part = v.copy()
+            part.partition(len(v) - k)
+            hit = v >= part[len(v) - k]
+            return cand[hit], v[hit]
+    part = x.copy()
+    part.partition(n - k)
+    keep = (x >= part[n - k]).nonzero()[0]
+    return keep, x[keep]
 
 
 def _mass_prefix(weights: np.ndarray, order: np.ndarray, mass: float, min_keep: int) -> np.ndarray:
@@ -310,12 +318,12 @@ class Router:
 
     def _touched(self, history: np.ndarray, suppress: np.ndarray | None) -> np.ndarray:
         """Every position :meth:`_apply` may write (repeats allowed)."""
-        parts = [self._bias_ids]
+        parts = [self._bias_ids] if len(self._bias_ids) else []
         if suppress is not None and len(suppress):
-            parts.append(np.asarray(suppress, dtype=np.int64))
+            parts.append(suppress)
         if self._penalise:
-            parts.append(np.asarray(self._window(history), dtype=np.int64))
-        return np.concatenate(parts)
+            parts.append(self._window(history))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def truncate(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
         """Steps 3-4 on processed logits: temperature and truncation -> candidate ``(ids, scaled logits)``."""
@@ -401,8 +409,9 @@ class Router:
         cfg = self.cfg
         x = apply_temperature(logits, cfg.temperature)
         n, least = len(x), cfg.min_keep
-        xd = x.astype(np.float64)
-        w = np.exp(xd - xd.max())  # = _weights(x); the top candidate survives every cut, so also the draw's
+        xl = x.tolist()  # float32 values as exact Python floats
+        top = max(xl)
+        w = np.exp(np.array(xl) - top)  # = _weights(x); the top candidate survives every cut, so also the draw's
         wl = w.tolist()
         keep = sorted(range(n), key=wl.__getitem__, reverse=True)  # = argsort(-w, kind="stable")
         if cfg.top_p < 1.0 and n > least:  # top_p's few-candidates branch: count(cumsum - w < target)
@@ -413,8 +422,7 @@ class Router:
                 cut += total - wl[j] < target
             keep = keep[: max(cut, least)]
         if cfg.min_p > 0.0:  # min_p in logit space: x >= max + log(p), compared in float64
-            floor = float(x.max()) + self._log_min_p
-            xl = x.tolist()
+            floor = top + self._log_min_p
             keep = [j for j in keep if xl[j] >= floor]
             if len(keep) < least:
                 return None
