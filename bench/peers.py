@@ -1,12 +1,14 @@
 """edgeroute against its peers on the same prompt, token count and machine, one after another.
 
     python bench/peers.py --prepare        # once: edgeroute's int8/int4 folders and the peers' under models/peers/
-    python bench/peers.py [--runs 5] [--tokens 128] [--json]
+    python bench/peers.py [--rounds 3] [--runs 3] [--tokens 128] [--json]
 
 Every system runs in its own subprocess (so peak RSS is its own), greedy, on the chat prompt "Write a short story
-about a robot who learns to paint.", generating exactly --tokens tokens; figures are medians of --runs after one
-warm-up. Peers that are not installed, or whose model folder is missing, are skipped with a note; edgeroute is
-not optional. Ratios are edgeroute's decode tok/s over each peer's, measured in this same run.
+about a robot who learns to paint.", generating exactly --tokens tokens. The systems take turns: --rounds rounds,
+each running every system once for --runs timed generations after one warm-up, so that a slow spell of the machine
+falls on all of them alike. Figures are medians over all rounds' runs; each ratio (edgeroute's decode tok/s over a
+peer's) is the median of the ratios within each round. Peers that are not installed, or whose model folder is
+missing, are skipped with a note; edgeroute is not optional.
 See bench/README.md for installing each peer.
 """
 
@@ -79,12 +81,7 @@ def _measure(first_token, rest, runs: int, prompt: list[int]) -> dict[str, Any]:
             decode.append((len(ids) - 1) / t2)
     long_prompt = (prompt * (LONG // len(prompt) + 1))[:LONG]
     long_ttft = [first_token(long_prompt)[1] for _ in range(4)][1:]
-    return {
-        "decode_tok_s": statistics.median(decode),
-        "ttft_ms": 1000 * statistics.median(ttft),
-        "ttft_long_ms": 1000 * statistics.median(long_ttft),
-        "token_ids": ids,
-    }
+    return {"decode_tok_s": decode, "ttft_s": ttft, "ttft_long_s": long_ttft, "token_ids": ids}
 
 
 def work_edgeroute(path: Path, ids: list[int], tokens: int, runs: int, sampling: dict | None = None) -> dict[str, Any]:
@@ -161,8 +158,10 @@ def work_optimum(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str
         return out[0, prompt.shape[1] :].tolist(), total
 
     res = _measure(first, rest, runs, ids)
-    # rest() timed the whole generation: take the first token's share out of it
-    res["decode_tok_s"] = (tokens - 1) / ((tokens - 1) / res["decode_tok_s"] - res["ttft_ms"] / 1000)
+    # rest() timed the whole generation: take each run's first-token time out of it
+    res["decode_tok_s"] = [
+        (tokens - 1) / ((tokens - 1) / d - t) for d, t in zip(res["decode_tok_s"], res["ttft_s"], strict=True)
+    ]
     return res
 
 
@@ -278,10 +277,37 @@ def run_worker(name: str, ids: list[int], tokens: int, runs: int) -> dict[str, A
     return res
 
 
+def _combine(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One row per system from the rounds: medians over every round's runs, the highest peak RSS, and for
+    edgeroute's rows the median over rounds of its decode speed over each peer's in the same round."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(n for r in rounds for n in r):
+        rows = [r[name] for r in rounds if name in r]
+        out[name] = {
+            "decode_tok_s": statistics.median(v for row in rows for v in row["decode_tok_s"]),
+            "ttft_ms": 1000 * statistics.median(v for row in rows for v in row["ttft_s"]),
+            "ttft_long_ms": 1000 * statistics.median(v for row in rows for v in row["ttft_long_s"]),
+            "peak_rss_mb": max(row["peak_rss_mb"] for row in rows),
+            "token_ids": rows[-1]["token_ids"],
+        }
+        if name.startswith("edgeroute"):
+            out[name]["ratios"] = {
+                peer: statistics.median(
+                    statistics.median(r[name]["decode_tok_s"]) / statistics.median(r[peer]["decode_tok_s"])
+                    for r in rounds
+                    if name in r and peer in r
+                )
+                for peer in dict.fromkeys(n for r in rounds for n in r if not n.startswith("edgeroute"))
+                if any(name in r and peer in r for r in rounds)
+            }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare", action="store_true")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3, help="Timed generations per system and round.")
+    ap.add_argument("--rounds", type=int, default=3, help="Rounds in which every system runs in turn.")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--only", nargs="*", default=None, help="Run only these systems (names as printed).")
     ap.add_argument("--json", action="store_true")
@@ -297,7 +323,7 @@ def main() -> None:
     ids = prompt_ids()
     import importlib.util
 
-    results: dict[str, dict[str, Any]] = {}
+    runnable: dict[str, str] = {}  # name -> python executable
     notes = []
     for name, spec in SYSTEMS.items():
         if args.only and name not in args.only:
@@ -311,27 +337,20 @@ def main() -> None:
                 sys.exit(f"edgeroute's model {spec['path']} is missing: run `make demo` first")
             notes.append(f"{name}: skipped, {spec['path']} is missing (python bench/peers.py --prepare)")
             continue
-        proc = subprocess.run(
-            [
-                python,
-                __file__,
-                "--worker",
-                name,
-                "--tokens",
-                str(args.tokens),
-                "--runs",
-                str(args.runs),
-                "--ids",
-                json.dumps(ids),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            notes.append(f"{name}: failed: {tail}")
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runnable[name] = python
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for _ in range(args.rounds):
+        got: dict[str, dict[str, Any]] = {}
+        for name, python in runnable.items():
+            cmd = [python, __file__, "--worker", name, "--tokens", str(args.tokens), "--runs", str(args.runs)]
+            proc = subprocess.run([*cmd, "--ids", json.dumps(ids)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                notes.append(f"{name}: failed: {tail}")
+                continue
+            got[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        rounds.append(got)
+    results = _combine(rounds)
     ref = results.get("transformers, PyTorch fp32", {}).get("token_ids")
     for name, r in results.items():
         sampled = "sampling" in SYSTEMS[name]
@@ -341,7 +360,8 @@ def main() -> None:
     if args.json:
         print(json.dumps({"machine": machine(), "results": results, "notes": notes}, indent=2))
         return
-    print(f"machine: {machine()}; {args.tokens} new tokens, greedy, median of {args.runs}\n")
+    setup = f"{args.tokens} new tokens, greedy, {args.rounds} rounds x {args.runs} runs (medians)"
+    print(f"machine: {machine()}; {setup}\n")
     print(
         f"| system | decode tok/s | time to first token | same, {LONG}-token prompt | peak RSS"
         " | same greedy tokens as PyTorch |"
@@ -356,9 +376,9 @@ def main() -> None:
     ours = {n: r for n, r in results.items() if n.startswith("edgeroute")}
     others = {n: r for n, r in results.items() if not n.startswith("edgeroute")}
     if ours and others:
-        print("\nedgeroute decode speed as a ratio of each peer's (same run):")
+        print(f"\nedgeroute decode speed as a ratio of each peer's (median of the {args.rounds} rounds' ratios):")
         for o, orow in ours.items():
-            cells = ", ".join(f"{orow['decode_tok_s'] / prow['decode_tok_s']:.2f}x {p}" for p, prow in others.items())
+            cells = ", ".join(f"{orow['ratios'][p]:.2f}x {p}" for p in others if p in orow["ratios"])
             print(f"  {o}: {cells}")
     for n in notes:
         print(f"note: {n}")
