@@ -8,6 +8,11 @@ the Generator producing the same number of tokens, greedy and with the router on
 top-p 0.9, min-p 0.05, repetition penalty 1.1): cache bookkeeping, router, text streaming and stop checks
 included. Overhead = 1 - step / loop, each a mean over the tokens, medians of --runs, interleaved so that both see
 the same machine state. Needs a graph exported with the fused backend.
+
+"in the loop": the same Generator loop with the graph runs timed inside it; overhead = the share of the loop's
+time spent outside ``run_with_iobinding``. It compares the step and the loop within one run, so it is not moved
+by the machine getting faster or slower between the runs being compared (the first figure is, by several
+percent on a noisy VM); it does not see any slowdown the loop's Python work causes inside the next graph run.
 """
 
 from __future__ import annotations
@@ -42,15 +47,43 @@ def graph_steps(model, ids: list[int], tokens: int) -> float:  # type: ignore[no
 
 def loop_steps(model, ids: list[int], tokens: int, sampling: dict) -> float:  # type: ignore[no-untyped-def]
     """Seconds per token of the Generator's decode loop (after its first token)."""
+    return _loop(model, ids, tokens, sampling)[0]
+
+
+def _loop(model, ids: list[int], tokens: int, sampling: dict) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(seconds per token of the decode loop, of which seconds per token inside the graph runs)."""
     import edgeroute as er
 
     cfg = er.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, sampling=er.SamplingConfig(**sampling))
-    gen = model.generator(cfg)
-    gen.append(ids)
-    gen.step()
-    t0 = time.perf_counter()
-    n = sum(1 for _ in gen)
-    return (time.perf_counter() - t0) / n
+    runs: list[float] = []
+    session = model.session
+    model.session = _Timed(session, runs)  # before the generator's KV binding takes the session
+    try:
+        gen = model.generator(cfg)
+        gen.append(ids)
+        gen.step()
+        start = len(runs)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in gen)
+        total = time.perf_counter() - t0
+    finally:
+        model.session = session
+    return total / n, sum(runs[start:]) / n
+
+
+class _Timed:
+    """The model's session with ``run_with_iobinding`` timed into ``runs`` (two clock reads per token)."""
+
+    def __init__(self, session, runs: list[float]) -> None:  # type: ignore[no-untyped-def]
+        self._session, self._runs = session, runs
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._session, name)
+
+    def run_with_iobinding(self, io, *args) -> None:  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        self._session.run_with_iobinding(io, *args)
+        self._runs.append(time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -66,18 +99,23 @@ def main() -> None:
         raise SystemExit(f"{args.model} was not exported with the fused backend (no shared KV buffer)")
     ids = model.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
     rows: dict[str, list[float]] = {"graph step": [], "loop, greedy": [], "loop, router on": []}
+    inside: dict[str, list[float]] = {"loop, greedy": [], "loop, router on": []}  # share outside the graph runs
     for i in range(args.runs + 1):
         step = graph_steps(model, ids, args.tokens)
-        greedy = loop_steps(model, ids, args.tokens, {"temperature": 0})
-        routed = loop_steps(model, ids, args.tokens, ROUTER)
+        measured = {name: _loop(model, ids, args.tokens, s) for name, s in (("loop, greedy", {"temperature": 0}),
+                                                                            ("loop, router on", ROUTER))}  # fmt: skip
         if i:  # the first round warms up
             rows["graph step"].append(step)
-            rows["loop, greedy"].append(greedy)
-            rows["loop, router on"].append(routed)
+            for name, (total, graph) in measured.items():
+                rows[name].append(total)
+                inside[name].append(1 - graph / total)
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"{args.model}: {args.tokens} tokens, median of {args.runs}")
     for name, sec in med.items():
-        extra = "" if name == "graph step" else f"   overhead {100 * (1 - med['graph step'] / sec):.1f}%"
+        extra = ""
+        if name != "graph step":
+            extra = f"   overhead {100 * (1 - med['graph step'] / sec):.1f}%"
+            extra += f", in the loop {100 * statistics.median(inside[name]):.1f}%"
         print(f"  {name:16s} {1000 * sec:7.3f} ms/token  {1 / sec:7.1f} tok/s{extra}")
 
 
