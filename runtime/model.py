@@ -189,7 +189,10 @@ class Model:
             logits = binding.run(ids, cache, length, n_last)
         except Exception as e:  # onnxruntime's errors are untyped
             raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
-        cache.lengths += n
+        if b == 1:  # an item write: the first ufunc call after a graph run costs ~25 us more (cold caches)
+            cache.lengths[0] = length + n
+        else:
+            cache.lengths += n
         return logits
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -286,7 +289,10 @@ class _SharedBinding:
             self.last = self.logits[:, -1, :]
             self.keep[0] = n_last
         # a decode step writes three scalars: each NumPy call costs microseconds on caches the last run evicted
-        self.ids[...] = ids
+        if n == 1 and b == 1:
+            self.ids[0, 0] = ids[0, 0]  # an item write, not an array assignment (13 -> ~5 us cold)
+        else:
+            self.ids[...] = ids
         if b == 1:
             self.seqlens[0] = length + n - 1
         else:
