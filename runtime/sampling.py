@@ -57,8 +57,10 @@ def apply_penalties(
     if len(window) == 0 or (repetition == 1.0 and presence == 0.0 and frequency == 0.0):
         return out
     if presence == 0.0 and frequency == 0.0:  # repetition only: repeated ids read and write the same value
-        sel = out[window]
-        out[window] = np.where(sel > 0, sel / repetition, sel * repetition)
+        # on Python floats: a few dozen values, and fewer cold NumPy calls than np.where over two products. The
+        # float64 quotient/product of float32 operands rounds to the float32 NumPy would compute (53 >= 2*24+2)
+        r = float(np.float32(repetition))
+        out[window] = [v / r if v > 0 else v * r for v in out[window].tolist()]
         return out
     uniq, counts = np.unique(window, return_counts=True)
     sel = out[uniq]

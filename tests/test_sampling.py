@@ -343,6 +343,23 @@ def test_few_candidates_path_draws_what_the_general_chain_draws() -> None:
     assert shortcut > 300  # the shortcut was taken, not the fallback
 
 
+def test_repetition_penalty_is_float32_arithmetic() -> None:
+    """The repetition penalty runs on Python floats: bit for bit what float32 NumPy computes (HF's formula), for
+    positive, negative, zero, tiny, huge and infinite logits and repeated ids."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        x = (rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30)).astype(np.float32)
+        x[rng.integers(0, 5000, 20)] = rng.choice(np.array([0.0, -np.inf, 1e-45, -1e-45, 3e38], dtype=np.float32))
+        window = rng.integers(0, 5000, int(rng.integers(1, 200)))
+        rep = float(rng.choice([1.1, 1.3, 0.7, 2.0, 1.0000001]))
+        sel = x[window]
+        want = x.copy()
+        with np.errstate(over="ignore"):  # huge logits overflow to inf, in both
+            want[window] = np.where(sel > 0, sel / np.float32(rep), sel * np.float32(rep))
+            got = apply_penalties(x, window, repetition=rep)
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32)), trial
+
+
 def test_penalties_are_applied_in_place_and_undone() -> None:
     """The router writes bias, suppression and penalties into the logits it is given and puts the old values
     back: the draw equals one from a processed copy, and the caller's array is unchanged afterwards."""
