@@ -45,13 +45,8 @@ def graph_steps(model, ids: list[int], tokens: int) -> float:  # type: ignore[no
     return (time.perf_counter() - t0) / (tokens - 1)
 
 
-def loop_steps(model, ids: list[int], tokens: int, sampling: dict) -> float:  # type: ignore[no-untyped-def]
-    """Seconds per token of the Generator's decode loop (after its first token)."""
-    return _loop(model, ids, tokens, sampling)[0]
-
-
-def _loop(model, ids: list[int], tokens: int, sampling: dict) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """(seconds per token of the decode loop, of which seconds per token inside the graph runs)."""
+def loop_steps(model, ids: list[int], tokens: int, sampling: dict) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(seconds per token of the Generator's decode loop after its first token, of which inside the graph runs)."""
     import edgeroute as er
 
     cfg = er.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, sampling=er.SamplingConfig(**sampling))
@@ -102,8 +97,8 @@ def main() -> None:
     inside: dict[str, list[float]] = {"loop, greedy": [], "loop, router on": []}  # share outside the graph runs
     for i in range(args.runs + 1):
         step = graph_steps(model, ids, args.tokens)
-        measured = {name: _loop(model, ids, args.tokens, s) for name, s in (("loop, greedy", {"temperature": 0}),
-                                                                            ("loop, router on", ROUTER))}  # fmt: skip
+        configs = (("loop, greedy", {"temperature": 0}), ("loop, router on", ROUTER))
+        measured = {name: loop_steps(model, ids, args.tokens, s) for name, s in configs}
         if i:  # the first round warms up
             rows["graph step"].append(step)
             for name, (total, graph) in measured.items():
