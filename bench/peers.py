@@ -1,4 +1,4 @@
-"""edgeroute against its peers on the same prompt, token count and machine, one after another.
+"""edgeroute against its peers on the same prompt, token count and machine, the systems taking turns.
 
     python bench/peers.py --prepare        # once: edgeroute's int8/int4 folders and the peers' under models/peers/
     python bench/peers.py [--rounds 3] [--runs 3] [--tokens 128] [--json]
