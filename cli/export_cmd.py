@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+from edgeroute.export.core import BACKENDS, BLOCK_SIZES, DEVICES, DTYPES, QUANTIZE
 
 
 def _progress_printer():  # type: ignore[no-untyped-def]
@@ -27,28 +28,28 @@ def _progress_printer():  # type: ignore[no-untyped-def]
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
     "--dtype",
-    type=click.Choice(["fp32", "fp16"]),
+    type=click.Choice(DTYPES),
     default="fp32",
     show_default=True,
     help="Precision of the graph (fp16 is for CUDA).",
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["none", "int8", "int4"]),
+    type=click.Choice(QUANTIZE),
     default="none",
     show_default=True,
     help="Block-wise weight quantisation (onnxruntime MatMulNBits, 8 or 4 bits).",
 )
 @click.option(
     "--block-size",
-    type=click.Choice(["16", "32", "64", "128", "256"]),
+    type=click.Choice([str(b) for b in BLOCK_SIZES]),
     default="32",
     show_default=True,
     help="Quantisation block size.",
 )
 @click.option(
     "--device",
-    type=click.Choice(["cpu", "cuda"]),
+    type=click.Choice(DEVICES),
     default="cpu",
     show_default=True,
     help="Where PyTorch runs while exporting and validating.",
@@ -64,7 +65,7 @@ def _progress_printer():  # type: ignore[no-untyped-def]
 )
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "fused", "optimum"]),
+    type=click.Choice(BACKENDS),
     default="auto",
     show_default=True,
     help="fused: edgeroute's own graph (fused attention, shared in-place KV buffer; llama, mistral, qwen2, phi3);"

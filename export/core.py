@@ -25,6 +25,7 @@ DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("auto", "fused", "optimum")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 TMP_PREFIX = ".edgeroute-export-"
 Progress = Callable[[str, str, float], None]  # (stage, "start" | "done", elapsed seconds)
 
@@ -142,8 +143,8 @@ def export_model(
         raise ConfigError("backend", backend, "the fused backend builds fp32, int8 and int4 graphs (optimum: fp16)")
     if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
         raise ConfigError("context_length", context_length, "must be a positive integer")
-    if block_size not in (16, 32, 64, 128, 256):
-        raise ConfigError("block_size", block_size, "must be one of 16, 32, 64, 128, 256")
+    if block_size not in BLOCK_SIZES:
+        raise ConfigError("block_size", block_size, f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")

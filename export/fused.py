@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 from edgeroute.errors import ExportError
 
+from .graph import KEEP_INPUT as KEEP
+
 FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
 SEQLENS = "seqlens_k"
 TOTAL = "total_sequence_length"
-KEEP = "logits_to_keep"
 _STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
 
 

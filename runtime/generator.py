@@ -128,12 +128,14 @@ class Generator:
         and its bookkeeping) the last cached position is recomputed.
         """
         cache, chunk = self.cache, self.config.prefill_chunk
-        if self._logits is None and self._n and cache.length >= self._n:
-            cache.trim(cache.length - (self._n - 1))
-        while cache.length < self._n:
-            start = cache.length
-            stop = min(self._n, start + chunk)
-            self._logits = self.model.step_logits(self._ids[None, start:stop], cache)[0]
+        length = cache.length  # read once per run: a decode step feeds one token per token generated
+        if self._logits is None and self._n and length >= self._n:
+            cache.trim(length - (self._n - 1))
+            length = cache.length
+        while length < self._n:
+            stop = min(self._n, length + chunk)
+            self._logits = self.model.step_logits(self._ids[None, length:stop], cache)[0]
+            length = cache.length
 
     # -- generating ------------------------------------------------------------------------------------------
     def step(self) -> Step:

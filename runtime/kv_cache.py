@@ -121,23 +121,26 @@ class SharedKVCache:
 
     def row(self, i: int) -> SharedKVCache:
         """A one-row cache over row ``i``'s memory (views, no copy); its ``lengths`` are its own."""
-        other = SharedKVCache.__new__(SharedKVCache)
-        other.__dict__.update(self.__dict__)
+        other = self._unbound()
         other.batch_size = 1
         other.buffers = [b[i : i + 1] for b in self.buffers]
         other.lengths = self.lengths[i : i + 1].copy()
-        other.binding = None
         return other
 
     def copy(self) -> SharedKVCache:
         """An independent cache with the same contents."""
-        other = SharedKVCache.__new__(SharedKVCache)
-        other.__dict__.update(self.__dict__)
+        other = self._unbound()
         other.buffers = _lazy_zeros(len(self.buffers), self.buffers[0].shape, self.buffers[0].dtype)
         used = self.length
         for dst, src in zip(other.buffers, self.buffers, strict=True):
             dst[:, :, :used] = src[:, :, :used]
         other.lengths = self.lengths.copy()
+        return other
+
+    def _unbound(self) -> SharedKVCache:
+        """A shallow copy without this cache's IO binding (the caller replaces buffers and lengths)."""
+        other = SharedKVCache.__new__(SharedKVCache)
+        other.__dict__.update(self.__dict__)
         other.binding = None
         return other
 

@@ -30,9 +30,13 @@ Ids = np.ndarray | None  # candidate token ids; None = the whole vocabulary in o
 
 
 # -- level-2 processors over the full logits vector -----------------------------------------------------------
-def apply_logit_bias(logits: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """``logits`` with ``bias[j]`` added at ``ids[j]`` (``-inf`` bans). Returns a new array."""
-    out = np.array(logits, dtype=np.float32, copy=True)
+def apply_logit_bias(
+    logits: np.ndarray, ids: np.ndarray, bias: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``logits`` with ``bias[j]`` added at ``ids[j]`` (``-inf`` bans). Returns a new array (or writes into
+    ``out``, which may be ``logits`` itself)."""
+    if out is None:
+        out = np.array(logits, dtype=np.float32, copy=True)
     if len(ids):
         out[ids] += bias
     return out
@@ -306,7 +310,7 @@ class Router:
         """Steps 1-2 in place on ``out``."""
         cfg = self.cfg
         if len(self._bias_ids):
-            out[self._bias_ids] += self._bias
+            apply_logit_bias(out, self._bias_ids, self._bias, out)
         if suppress is not None and len(suppress):
             out[suppress] = -np.inf
         if self._penalise:
