@@ -341,14 +341,14 @@ def main() -> None:
             continue
         runnable[name] = python
     rounds: list[dict[str, dict[str, Any]]] = []
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         got: dict[str, dict[str, Any]] = {}
         for name, python in runnable.items():
             cmd = [python, __file__, "--worker", name, "--tokens", str(args.tokens), "--runs", str(args.runs)]
             proc = subprocess.run([*cmd, "--ids", json.dumps(ids)], capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                notes.append(f"{name}: failed: {tail}")
+                notes.append(f"{name}: failed in round {i + 1}: {tail}")
                 continue
             got[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         rounds.append(got)
