@@ -10,6 +10,8 @@ from ._version import __version__
 from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
 from .errors import (
+    ChatTemplateError,
+    ConcurrentUseError,
     ConfigError,
     ContextOverflowError,
     EdgerouteError,
@@ -32,7 +34,9 @@ from .track import Completion, Step, TokenLogprob, Usage
 __all__ = [
     "__version__",
     "ChatSession",
+    "ChatTemplateError",
     "Completion",
+    "ConcurrentUseError",
     "ConfigError",
     "ContextOverflowError",
     "Distribution",

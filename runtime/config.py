@@ -12,9 +12,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "exponential")
+# Ranges that keep every float32 step of the router finite for finite logits (README, "The router"): a temperature
+# below 1e-3 (or above 1e3) or a repetition penalty outside [0.01, 100] would scale logits past float32, a bias
+# beyond OpenAI's +-100 adds nothing a ban or +100 does not already do.
+TEMPERATURE_RANGE = (1e-3, 1e3)
+REPETITION_RANGE = (0.01, 100.0)
+BIAS_LIMIT = 100.0
 
 
 def _is_int(v: Any) -> bool:
@@ -23,6 +31,19 @@ def _is_int(v: Any) -> bool:
 
 def _is_num(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _plain(v: Any) -> Any:
+    """NumPy scalars as the Python numbers they hold (``np.float32(0.7)`` -> 0.7, ``np.int64(5)`` -> 5); NumPy
+    booleans stay what they are (and are refused where a number is asked for)."""
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    return v
+
+
+def _plain_fields(obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        object.__setattr__(obj, name, _plain(getattr(obj, name)))
 
 
 def _check(cond: bool, name: str, value: Any, reason: str) -> None:
@@ -37,18 +58,20 @@ class SamplingConfig:
     logit_bias -> penalties -> temperature -> top_k -> top_p -> min_p -> typical_p -> exploration mix -> draw.
 
     Args:
-        temperature: divides the logits; ``0`` means greedy (argmax after bias and penalties), the only greedy switch.
+        temperature: divides the logits; ``0`` means greedy (argmax after bias and penalties), the only greedy switch;
+            otherwise in [0.001, 1000].
         top_k: keep the k most likely tokens; ``0`` = off.
         top_p: nucleus: keep the smallest set whose probability reaches top_p; in (0, 1], ``1`` = off.
         min_p: drop tokens with probability below ``min_p * p_max``; in [0, 1), ``0`` = off.
         typical_p: locally typical sampling mass; in (0, 1], ``1`` = off.
         min_keep: every truncation keeps at least this many candidates (>= 1).
-        repetition_penalty: HF multiplicative penalty (>1 discourages repeats); ``1`` = off.
+        repetition_penalty: HF multiplicative penalty (>1 discourages repeats), in [0.01, 100]; ``1`` = off.
         presence_penalty: OpenAI additive penalty per token that occurred; in [-2, 2], ``0`` = off.
         frequency_penalty: OpenAI additive penalty times the token's count; in [-2, 2], ``0`` = off.
         penalty_last_n: the penalties look at the last n tokens of the sequence (prompt included);
             ``-1`` = the whole sequence, ``0`` disables the penalties.
-        logit_bias: token id -> additive bias on the raw logits; ``-inf`` bans the token (control codes).
+        logit_bias: token id -> additive bias on the raw logits, in [-100, 100] (OpenAI's range); ``-inf`` bans the
+            token (control codes). Ids must lie inside the model's vocabulary (checked when the router is built).
         explore: q, the weight of the uniform distribution in ``p' = q*uniform + (1-q)*p`` over the allowed
             vocabulary (banned and special tokens excluded); in [0, 1], ``0`` = off.
         explore_end: the value q moves to by the schedule (defaults to ``explore``).
@@ -75,8 +98,10 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        _plain_fields(self, _SAMPLING_NUMBERS)
         t = self.temperature
-        _check(_is_num(t) and t >= 0, "temperature", t, "must be a finite number >= 0 (0 = greedy)")
+        lo, hi = TEMPERATURE_RANGE
+        _check(_is_num(t) and (t == 0 or lo <= t <= hi), "temperature", t, f"must be 0 (greedy) or in [{lo:g}, {hi:g}]")
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 0 (0 = off)")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1] (1 = off)")
         _check(_is_num(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p, "must be in [0, 1) (0 = off)")
@@ -87,12 +112,9 @@ class SamplingConfig:
             "must be in (0, 1] (1 = off)",
         )
         _check(_is_int(self.min_keep) and self.min_keep >= 1, "min_keep", self.min_keep, "must be an integer >= 1")
-        _check(
-            _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-            "repetition_penalty",
-            self.repetition_penalty,
-            "must be a number > 0 (1 = off)",
-        )
+        lo, hi = REPETITION_RANGE
+        r = self.repetition_penalty
+        _check(_is_num(r) and lo <= r <= hi, "repetition_penalty", r, f"must be in [{lo:g}, {hi:g}] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             _check(_is_num(v) and -2 <= v <= 2, name, v, "must be in [-2, 2] (0 = off)")
@@ -105,9 +127,10 @@ class SamplingConfig:
         _check(isinstance(self.logit_bias, Mapping), "logit_bias", self.logit_bias, "must be a mapping id -> bias")
         bias: dict[int, float] = {}
         for k, v in self.logit_bias.items():
+            k, v = _plain(k), _plain(v)
             _check(_is_int(k) and k >= 0, "logit_bias", {k: v}, "token ids must be integers >= 0")
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and v != math.inf
-            _check(ok, "logit_bias", {k: v}, "bias must be a finite number or -inf (ban)")
+            ok = v == -math.inf or (_is_num(v) and -BIAS_LIMIT <= v <= BIAS_LIMIT)
+            _check(ok, "logit_bias", {k: v}, f"bias must be in [-{BIAS_LIMIT:g}, {BIAS_LIMIT:g}] or -inf (ban)")
             bias[int(k)] = float(v)
         object.__setattr__(self, "logit_bias", _FrozenDict(bias))
         _check(_is_num(self.explore) and 0 <= self.explore <= 1, "explore", self.explore, "must be in [0, 1]")
@@ -182,6 +205,7 @@ class GenerationConfig:
     prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
+        _plain_fields(self, ("max_new_tokens", "min_new_tokens", "logprobs", "prefill_chunk"))
         m = self.max_new_tokens
         _check(_is_int(m) and m >= 1, "max_new_tokens", m, "must be an integer >= 1")
         n = self.min_new_tokens
@@ -193,8 +217,12 @@ class GenerationConfig:
             self.stop,
             "must be a sequence of non-empty strings",
         )
+        for s in stop:
+            _check(_valid_unicode(s), "stop", s, "is not valid Unicode (it holds a lone surrogate)")
         object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids
+        if isinstance(ids, (tuple, list)):
+            ids = tuple(_plain(i) for i in ids)
         _check(
             isinstance(ids, (tuple, list)) and all(_is_int(i) and i >= 0 for i in ids),
             "stop_token_ids",
@@ -224,6 +252,33 @@ class GenerationConfig:
     def replace(self, **changes: Any) -> GenerationConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+
+_SAMPLING_NUMBERS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "min_keep",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalty_last_n",
+    "explore",
+    "explore_end",
+    "explore_steps",
+    "seed",
+)
+
+
+def _valid_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (what undecodable bytes become), which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _FrozenDict(dict):  # type: ignore[type-arg]

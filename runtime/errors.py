@@ -7,8 +7,10 @@
     │   ├── ManifestError             unknown schema version or bad field
     │   └── ProviderUnavailableError  an execution provider asked for is not installed or not working
     ├── ConfigError (ValueError)      .field and .value; raised when a config is built
+    ├── ChatTemplateError             the model's chat template failed, or ran past its time or size budget
     ├── ContextOverflowError          prompt + max_new_tokens beyond the context length
-    ├── InferenceError                onnxruntime failure, wrapped with ``raise ... from``
+    ├── ConcurrentUseError            one Generator used from two threads at once (RuntimeError)
+    ├── InferenceError                onnxruntime failure (wrapped with ``raise ... from``), non-finite logits
     └── ExportError                   (edgeroute.export) unsupported architecture, missing extra, bad checkpoint
         └── ExportValidationError     the exported graph disagrees with the source model
 """
@@ -44,6 +46,16 @@ class ConfigError(EdgerouteError, ValueError):
         super().__init__(f"{field}={value!r}: {reason}")
 
 
+class ChatTemplateError(EdgerouteError):
+    """The model's chat template could not render: it has a bug (a syntax error, ``{{ 1/0 }}``, a recursive macro,
+    an include), or it ran past its budget of time or output size. The message names the template."""
+
+
+class ConcurrentUseError(EdgerouteError, RuntimeError):
+    """A :class:`~edgeroute.Generator` was used from a second thread while a call on it was running. A Model is
+    shared between threads; each thread needs its own Generator."""
+
+
 class ContextOverflowError(EdgerouteError):
     """The prompt plus ``max_new_tokens`` does not fit into the model's context length."""
 
@@ -55,7 +67,8 @@ class ContextOverflowError(EdgerouteError):
 
 
 class InferenceError(EdgerouteError):
-    """onnxruntime failed while running the graph; the original error is the ``__cause__``."""
+    """onnxruntime failed while running the graph (the original error is the ``__cause__``), or the graph
+    returned logits that are not finite (NaN or +inf: broken weights)."""
 
 
 class ExportError(EdgerouteError):

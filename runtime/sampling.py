@@ -17,6 +17,7 @@ lies inside it, min-p is a comparison in logit space.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from itertools import accumulate
 import numpy as np
 
 from .config import SamplingConfig
+from .errors import ConfigError, EdgerouteError, InferenceError
 
 Ids = np.ndarray | None  # candidate token ids; None = the whole vocabulary in order
 
@@ -234,6 +236,8 @@ def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
     n = len(weights)
     if n <= _SMALL:
         cdf = np.cumsum(weights, dtype=np.float64)
+        if not 0 < cdf[-1] < math.inf:  # also NaN
+            raise NoCandidates("no weight to draw from")
         j = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
         return _last_positive(weights, j) if j >= n else j
     full = n - n % _BLOCK
@@ -241,6 +245,8 @@ def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
     if full < n:
         sums = np.append(sums, weights[full:].sum(dtype=np.float64))
     cdf = np.cumsum(sums)
+    if not 0 < cdf[-1] < math.inf:
+        raise NoCandidates("no weight to draw from")
     u = rng.random() * cdf[-1]
     b = min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
     while sums[b] == 0:  # u at the very top edge of a zero-weight tail: step back to the last block with mass
@@ -249,6 +255,19 @@ def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
     seg = weights[b * _BLOCK : min((b + 1) * _BLOCK, n)]
     j = int(np.searchsorted(np.cumsum(seg, dtype=np.float64), u, side="right"))
     return b * _BLOCK + (_last_positive(seg, j) if j >= len(seg) else j)
+
+
+class NoCandidates(ValueError):
+    """Nothing can be drawn: every candidate is at -inf (banned), or the logits are not finite (NaN, +inf).
+    :class:`Router` turns it into a ``ConfigError`` (bans) or an ``InferenceError`` (broken logits)."""
+
+
+def _check_top(top: float) -> None:
+    """Raise :class:`NoCandidates` unless ``top``, the best candidate's logit, is finite: -inf means everything
+    is banned, NaN or +inf that the logits are broken. NumPy's max and argmax propagate NaN, so a finite maximum
+    also proves the candidates hold no NaN."""
+    if not -math.inf < top < math.inf:
+        raise NoCandidates(f"best candidate at {top}")
 
 
 def _last_positive(weights: np.ndarray, j: int) -> int:
@@ -277,15 +296,29 @@ class Router:
     """The fixed-order chain for one request (built by :func:`make_chain`). Stateless between calls: the
     token window and the RNG are passed in by the Generator, which owns all loop state."""
 
-    def __init__(self, cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self, cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = (), banned_ids: Iterable[int] = ()
+    ) -> None:
         self.cfg = cfg
         self.vocab_size = vocab_size
-        bias = {i: b for i, b in cfg.logit_bias.items() if i < vocab_size}
+        outside = sorted(i for i in cfg.logit_bias if i >= vocab_size)
+        if outside:
+            raise ConfigError(
+                "logit_bias",
+                {outside[0]: cfg.logit_bias[outside[0]]},
+                f"token id {outside[0]} is outside the vocabulary (ids 0..{vocab_size - 1})",
+            )
+        bias = dict(cfg.logit_bias)
+        bias.update((int(i), -math.inf) for i in banned_ids)  # ids the model may not produce (no text)
         self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
         self._bias = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+        # biases that only lower values leave the argmax standing unless it is one of them (greedy shortcut)
+        self._lowering = frozenset(bias) if all(b <= 0 for b in bias.values()) else None
         banned = np.zeros(vocab_size, dtype=bool)
         banned[[i for i, b in bias.items() if b == -np.inf]] = True
         self.banned = np.flatnonzero(banned)
+        if len(self.banned) == vocab_size:
+            raise ConfigError("logit_bias", f"{len(self.banned)} bans", "bans every token of the vocabulary")
         excluded = banned.copy()
         excluded[[i for i in special_ids if 0 <= i < vocab_size]] = True
         self.allowed = np.flatnonzero(~excluded)
@@ -332,8 +365,11 @@ class Router:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def truncate(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
-        """Steps 3-4 on processed logits: temperature and truncation -> candidate ``(ids, scaled logits)``."""
-        return self._after_top_k(*self._top_k(logits))
+        """Steps 3-4 on processed logits: temperature and truncation -> candidate ``(ids, scaled logits)``.
+        Raises :class:`NoCandidates` when every candidate is banned or the logits are not finite."""
+        ids, cand = self._top_k(logits)
+        _check_top(float(cand.max()) if len(cand) else -math.inf)
+        return self._after_top_k(ids, cand)
 
     def _top_k(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
         # top-k commutes with a positive temperature: cut first, scale k values only
@@ -355,11 +391,28 @@ class Router:
         """The exact distribution the draw samples from (greedy: a point mass at the argmax, then mixed)."""
         x = self.process(logits, history, suppress)
         q = self.cfg.explore_at(step)
-        if self.cfg.greedy:
-            return Distribution(np.array([int(np.argmax(x))]), np.ones(1), q, self.allowed, self.vocab_size)
-        ids, cand = self.truncate(x)
+        try:
+            if self.cfg.greedy:
+                token = int(np.argmax(x))
+                _check_top(float(x[token]))
+                return Distribution(np.array([token]), np.ones(1), q, self.allowed, self.vocab_size)
+            ids, cand = self.truncate(x)
+        except NoCandidates:
+            raise self._no_candidates(x) from None
         ids = np.arange(len(cand)) if ids is None else ids
         return Distribution(ids, softmax(cand), q, self.allowed, self.vocab_size)
+
+    def _no_candidates(self, x: np.ndarray) -> EdgerouteError:
+        """The error for processed logits ``x`` that leave nothing to draw (the rare path: it may scan them)."""
+        if np.isnan(x).any() or np.isposinf(x).any():
+            return InferenceError(
+                "the model returned logits that are not finite (NaN or +inf): its graph or weights are broken"
+            )
+        return ConfigError(
+            "logit_bias",
+            f"{len(self.banned)} bans",
+            "leave no token to choose at this step (with the stop tokens suppressed until min_new_tokens)",
+        )
 
     def sample(
         self,
@@ -374,9 +427,14 @@ class Router:
         q = self.cfg.explore_at(step)
         if q > 0 and len(self.allowed) and rng.random() < q:
             return int(self.allowed[rng.integers(len(self.allowed))])
-        if self.cfg.greedy and not (len(self._bias_ids) or self._penalise):
-            token = int(logits.argmax())  # suppression only lowers values: the argmax stands unless suppressed
-            if suppress is None or token not in suppress.tolist():
+        if self.cfg.greedy and self._lowering is not None and not self._penalise:
+            # bans, lowering biases and suppression only lower values: the argmax stands unless it is one of them
+            token = int(logits.argmax())
+            if (
+                token not in self._lowering
+                and (suppress is None or token not in suppress.tolist())
+                and -math.inf < logits[token] < math.inf  # argmax propagates NaN: a finite max proves none
+            ):
                 return token
         if not self._edits(suppress):
             return self._pick(logits, rng)
@@ -393,15 +451,24 @@ class Router:
             logits[touched] = saved
 
     def _pick(self, x: np.ndarray, rng: np.random.Generator) -> int:
-        """Steps 3-6 (exploration already drawn) on processed logits."""
+        """Steps 3-6 (exploration already drawn) on processed logits; a typed error when nothing can be drawn."""
+        try:
+            return self._pick_checked(x, rng)
+        except NoCandidates:
+            raise self._no_candidates(x) from None
+
+    def _pick_checked(self, x: np.ndarray, rng: np.random.Generator) -> int:
         cfg = self.cfg
         if cfg.greedy:
-            return int(np.argmax(x))
+            token = int(np.argmax(x))
+            _check_top(float(x[token]))
+            return token
         ids, cand = self._top_k(x)
         if ids is not None and len(ids) <= _FEW and cfg.typical_p >= 1.0:
             token = self._pick_few(ids, cand, rng)
             if token is not None:
                 return token
+        _check_top(float(cand.max()) if len(cand) else -math.inf)
         ids, cand = self._after_top_k(ids, cand)
         j = draw(_weights(cand), rng)
         return j if ids is None else int(ids[j])
@@ -416,7 +483,8 @@ class Router:
         x = apply_temperature(logits, cfg.temperature)
         n, least = len(x), cfg.min_keep
         xl = x.tolist()  # float32 values as exact Python floats
-        top = max(xl)
+        top = max(xl, default=-math.inf)
+        _check_top(top)
         w = np.exp(np.array(xl) - top)  # = _weights(x); the top candidate survives every cut, so also the draw's
         wl = w.tolist()
         keep = sorted(range(n), key=wl.__getitem__, reverse=True)  # = argsort(-w, kind="stable")
@@ -440,6 +508,10 @@ class Router:
         return int(ids[keep[j]])
 
 
-def make_chain(cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = ()) -> Router:
-    """The router for ``cfg`` over a vocabulary of ``vocab_size`` with ``special_ids`` excluded from exploration."""
-    return Router(cfg, vocab_size, special_ids)
+def make_chain(
+    cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = (), banned_ids: Iterable[int] = ()
+) -> Router:
+    """The router for ``cfg`` over a vocabulary of ``vocab_size`` with ``special_ids`` excluded from exploration
+    and ``banned_ids`` never chosen (a graph's padding rows beyond its tokenizer). Raises ``ConfigError`` for a
+    bias outside the vocabulary or bans of every token."""
+    return Router(cfg, vocab_size, special_ids, banned_ids)

@@ -1,69 +1,26 @@
-"""Text in and out: ``tokenizer.json`` through ``tokenizers``, chat templates through jinja2, streaming text.
+"""Text in and out: ``tokenizer.json`` through ``tokenizers``, chat templates (``chat_template.py``), streaming text.
 
-The chat template is rendered exactly as transformers' ``apply_chat_template`` renders it: the same sandboxed
-environment (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, the ``{% generation %}`` tag), the same
-``tojson`` filter, ``raise_exception`` and ``strftime_now`` globals, and the same variables (``messages``,
-``tools``, ``documents``, ``add_generation_prompt`` and the special-token strings).
+The chat template is rendered exactly as transformers' ``apply_chat_template`` renders it, with the same
+variables (``messages``, ``tools``, ``documents``, ``add_generation_prompt`` and the special-token strings),
+within a budget of time and size (see ``chat_template.py``).
+
+Text must be valid Unicode: a string with a lone surrogate (what undecodable bytes become under Python's
+``surrogateescape``) is refused with a ``ConfigError`` rather than handed to the tokenizer.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
-from .errors import ConfigError, ModelLoadError
+from . import chat_template
+from .errors import ChatTemplateError, ConfigError, ModelLoadError
 
 TOKENIZER_FILE = "tokenizer.json"
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` (assistant masks in transformers): renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return str(caller())
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
 
 
 class Tokenizer:
@@ -73,14 +30,20 @@ class Tokenizer:
         tokenizer: a ``tokenizers.Tokenizer``.
         chat_template: the checkpoint's Jinja chat template, or None.
         special_tokens: token strings given to the template (``bos_token``, ``eos_token``, ...).
+        name: where the template comes from, for error messages (the model folder's manifest).
     """
 
     def __init__(
-        self, tokenizer: _HFTokenizer, chat_template: str | None = None, special_tokens: Mapping[str, Any] | None = None
+        self,
+        tokenizer: _HFTokenizer,
+        chat_template: str | None = None,
+        special_tokens: Mapping[str, Any] | None = None,
+        name: str = "this model",
     ) -> None:
         self._tok = tokenizer
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
+        self.name = name
         self.special_ids = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
 
     @classmethod
@@ -95,7 +58,7 @@ class Tokenizer:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise ModelLoadError(f"{path} is not a valid tokenizer file: {str(e).splitlines()[0]}") from e
-        return cls(tok, chat_template, special_tokens)
+        return cls(tok, chat_template, special_tokens, name=str(Path(folder) / "edgeroute.json"))
 
     @property
     def backend(self) -> _HFTokenizer:
@@ -104,12 +67,24 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return int(self._tok.get_vocab_size(with_added_tokens=True))
+        """How many ids have a token: ``0 .. vocab_size - 1`` (added tokens included)."""
+        n = int(self._tok.get_vocab_size(with_added_tokens=True))
+        if n and self._tok.id_to_token(n - 1) is not None and self._tok.id_to_token(n) is None:
+            return n
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1  # ids with holes
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text`` (the tokenizer's post-processor adds BOS where the model expects it)."""
+    def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        """Token ids of ``text`` (the tokenizer's post-processor adds BOS where the model expects it).
+
+        ``field`` names the setting in the ``ConfigError`` raised for text that is not a valid Unicode string."""
         if not isinstance(text, str):
-            raise ConfigError("prompt", text, "must be a string")
+            raise ConfigError(field, text, "must be a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                field, text[max(e.start - 8, 0) : e.end + 8], f"is not valid UTF-8 text (a lone surrogate at {e.start})"
+            ) from None
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -131,20 +106,20 @@ class Tokenizer:
         variables = {**self.special_tokens, **kwargs}
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
-        try:
-            return str(
-                _compile(self.chat_template).render(
-                    messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
-                )
-            )
-        except jinja2.exceptions.TemplateError as e:
-            raise ConfigError("messages", "chat", f"the chat template refused them: {e}") from e
+        variables.update(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt)
+        return chat_template.render(self.chat_template, self.name, variables)
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> list[int]:
-        """Token ids of the rendered chat (special tokens come from the template text, none are added)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+        """Token ids of the rendered chat (special tokens come from the template text, none are added).
+
+        Raises ``ConfigError`` (``messages``) for text that is not valid Unicode, and ``ChatTemplateError`` when the
+        template renders nothing."""
+        ids = self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), False, field="messages")
+        if not ids:
+            raise ChatTemplateError(f"the chat template of {self.name} rendered no text for {len(messages)} message(s)")
+        return ids
 
     def stream(self) -> TextStream:
         """A fresh streaming detokenizer."""
