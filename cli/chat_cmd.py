@@ -16,19 +16,22 @@ from .options import (
     sampling_options,
     verbose_option,
 )
+from .run_cmd import decode_input
 
 HELP = "commands: /reset (forget the conversation, keep the system message), /system TEXT (set it), /exit"
 
 
 def _read(interactive: bool) -> str | None:
-    """The next user line, or None at end of input (Ctrl-D)."""
+    """The next user line, or None at end of input (Ctrl-D). A line that is not UTF-8 raises ``ConfigError``."""
     if interactive:
         try:
             return input("> ")
         except EOFError:
             return None
-    line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\n")
+        except UnicodeDecodeError as e:
+            raise er.ConfigError("prompt", e.object[:16], "the line is not valid UTF-8") from None
+    line = sys.stdin.buffer.readline()
+    return None if line == b"" else decode_input(line, "the line").rstrip("\r\n")
 
 
 @click.command()
@@ -53,6 +56,9 @@ def chat(
         except KeyboardInterrupt:
             click.echo("", err=True)
             break
+        except er.ConfigError as e:
+            click.echo(f"edgeroute: error: {e}; skipped", err=True)
+            continue
         if line is None or line.strip() == "/exit":
             break
         text = line.strip()
@@ -77,7 +83,7 @@ def chat(
         except KeyboardInterrupt:
             click.echo("\n[stopped]", err=True)
             continue
-        except er.ContextOverflowError as e:
+        except (er.ContextOverflowError, er.ConfigError) as e:  # this turn's input: the conversation goes on
             click.echo(f"edgeroute: error: {e}", err=True)
             continue
         click.echo()

@@ -8,6 +8,8 @@ import sys
 import click
 from edgeroute.export.core import BACKENDS, BLOCK_SIZES, DEVICES, DTYPES, QUANTIZE
 
+from .options import verbose_option
+
 
 def _progress_printer():  # type: ignore[no-untyped-def]
     """One line per stage with its elapsed time, on a terminal only."""
@@ -77,7 +79,12 @@ def _progress_printer():  # type: ignore[no-untyped-def]
     help="int4: quantise without weighting by calibration activations (edgeroute's built-in text).",
 )
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only after the export succeeded).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT_DIR if it is an edgeroute model folder (only after the export succeeded; never the source).",
+)
+@verbose_option
 def export(
     source: str,
     out_dir: str,

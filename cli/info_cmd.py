@@ -13,11 +13,18 @@ from .options import verbose_option
 
 
 def describe(path: str) -> dict[str, Any]:
+    """What the folder holds, after checking its files: present, inside the folder, and (where the export
+    recorded them) of the recorded sizes and SHA-256 hashes; a bad file raises ``ModelLoadError`` naming it."""
+    from edgeroute.manifest import check_files
+    from edgeroute.tokenizer import Tokenizer
+
     m = er.Manifest.load(path)
+    check_files(path, m, hashes=True)
     prov = dict(m.provenance)
     val = prov.get("validation") or {}
     graph = Path(path) / m.graph
     size = sum(f.stat().st_size for f in Path(path).iterdir() if f.name.startswith(m.graph))
+    tokens = Tokenizer.from_folder(path).vocab_size
     return {
         "path": str(Path(path).resolve()),
         "architecture": prov.get("architecture", "?"),
@@ -34,6 +41,8 @@ def describe(path: str) -> dict[str, Any]:
         "head_size": m.head_size,
         "context_length": m.context_length,
         "vocab_size": m.vocab_size,
+        "tokenizer_size": tokens,
+        "files_verified": sorted(m.files) or None,
         "eos_token_ids": list(m.eos_token_ids),
         "chat_template": m.chat_template is not None,
         "generation_defaults": dict(m.generation_defaults),
@@ -72,8 +81,20 @@ def info(model_path: str, as_json: bool) -> None:
         f"geometry      {d['layers']} layers, {d['kv_heads']} KV heads x {d['head_size']}",
         f"graph form    {d['backend']} backend, KV cache {_LAYOUTS[d['kv_layout']]}",
         f"context       {d['context_length']} tokens; vocabulary {d['vocab_size']}; EOS {d['eos_token_ids']}",
+        f"tokenizer     {d['tokenizer_size']} tokens"
+        + (
+            f" (graph ids {d['tokenizer_size']}..{d['vocab_size'] - 1} have no text: never generated)"
+            if d["tokenizer_size"] < d["vocab_size"]
+            else ""
+        ),
         f"chat template {'yes' if d['chat_template'] else 'no'}",
         f"graph         {d['graph']} ({d['graph_bytes'] / 2**20:.1f} MiB with weights)",
+        "files         "
+        + (
+            f"{len(d['files_verified'])} checked against the export's sizes and SHA-256"
+            if d["files_verified"]
+            else "present (this export recorded no hashes to check them against)"
+        ),
         f"defaults      {d['generation_defaults'] or 'none (edgeroute defaults)'}",
     ]
     p = d["parity"]

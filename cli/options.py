@@ -7,6 +7,7 @@ given on the command line always wins.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,8 @@ def sampling_options(f: F) -> F:
         "logit_bias",
         multiple=True,
         metavar="TOKEN=BIAS",
-        help="Add BIAS to TOKEN (an id, or text: every token of it); BIAS -inf or 'ban' bans it. Repeatable.",
+        help="Add BIAS (in [-100, 100]) to TOKEN: an id, or text (every token of it; quote text that looks like a"
+        " number: '\"42\"=5'); BIAS -inf or 'ban' bans it. Repeatable, one bias per token.",
     )(f)
     f = click.option(
         "--explore-schedule",
@@ -172,8 +174,15 @@ def flow_kwargs(model: er.Model, flags: dict[str, Any], provider: str, threads: 
     return out
 
 
+_ID = re.compile(r"[+-]?\d+")
+
+
 def parse_logit_bias(items: tuple[str, ...], tokenizer: er.Tokenizer) -> dict[int, float]:
+    """``TOKEN=BIAS`` items -> ``{id: bias}``. TOKEN is an id when it is an integer (a negative one is an error),
+    else text, every token of it (``"..."`` quotes text that looks like a number). Two items that give one token
+    different biases are an error: which one is meant cannot be guessed."""
     out: dict[int, float] = {}
+    given: dict[int, str] = {}
     for item in items:
         token, sep, value = item.rpartition("=")
         if not sep or not token:
@@ -183,19 +192,33 @@ def parse_logit_bias(items: tuple[str, ...], tokenizer: er.Tokenizer) -> dict[in
             bias = -math.inf if v in ("ban", "-inf") else float(v)
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a number, -inf or ban", param_hint="--logit-bias") from None
-        if token.isdigit():
-            ids = [int(token)]
+        if _ID.fullmatch(token.strip()):
+            i = int(token)
+            if i < 0:
+                raise click.BadParameter(
+                    f"token id {i} is negative (ids start at 0; quote text that looks like a number: '\"{i}\"=...')",
+                    param_hint="--logit-bias",
+                )
+            ids = [i]
         else:
-            ids = tokenizer.encode(token, add_special_tokens=False)
+            text = token[1:-1] if len(token) >= 2 and token[0] == token[-1] == '"' else token
+            ids = tokenizer.encode(text, add_special_tokens=False, field="logit_bias")
             if not ids:
                 raise click.BadParameter(f"{token!r} encodes to no tokens", param_hint="--logit-bias")
         for i in ids:
-            out[i] = bias
+            if i in out and out[i] != bias:
+                raise click.BadParameter(
+                    f"{item!r} gives token {i} the bias {bias:g}, but {given[i]!r} gave it {out[i]:g}: one bias per"
+                    " token",
+                    param_hint="--logit-bias",
+                )
+            out[i], given[i] = bias, item
     return out
 
 
 def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
-    """GenerationConfig from command-line flags over the manifest's generation defaults."""
+    """GenerationConfig from command-line flags over the manifest's generation defaults (validated when the
+    manifest was loaded: a bad default is the folder's error, not a flag's)."""
     defaults = dict(model.manifest.generation_defaults)
     sampling: dict[str, Any] = {k: v for k, v in defaults.items() if k in er.SamplingConfig.__dataclass_fields__}
     for name, _, _ in SAMPLING_FLAGS:
@@ -211,9 +234,7 @@ def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
                 f"token id {bad[0]} is outside the vocabulary ({model.vocab_size})", param_hint="--logit-bias"
             )
         sampling["logit_bias"] = bias
-    gen: dict[str, Any] = {}
-    if defaults.get("max_new_tokens"):
-        gen["max_new_tokens"] = int(defaults["max_new_tokens"])
+    gen: dict[str, Any] = {k: v for k, v in defaults.items() if k in ("max_new_tokens", "min_new_tokens", "stop")}
     for name in ("max_new_tokens", "min_new_tokens"):
         if flags.get(name) is not None:
             gen[name] = flags[name]

@@ -23,14 +23,22 @@ from .options import (
 
 
 def read_prompt(prompt: str | None) -> str:
+    """PROMPT, or standard input for '-'. Either is checked by the library alike (a prompt must give a token)."""
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
             raise click.UsageError("give a PROMPT, or '-' to read it from standard input")
-        text = sys.stdin.read()
-        if not text.strip():
-            raise click.UsageError("the prompt read from standard input is empty")
-        return text
+        return decode_input(sys.stdin.buffer.read(), "standard input")
     return prompt
+
+
+def decode_input(data: bytes, where: str) -> str:
+    """``data`` as UTF-8; a ``ConfigError`` naming the first bad byte otherwise (nothing is guessed or replaced)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise er.ConfigError(
+            "prompt", data[max(e.start - 8, 0) : e.end + 8], f"{where} is not valid UTF-8 (byte {e.start})"
+        ) from None
 
 
 def prompt_ids(model: er.Model, text: str, chat: bool, system: str | None) -> list[int]:

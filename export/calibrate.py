@@ -4,7 +4,7 @@ exports: the fused graph with its shared KV buffer and optimum's). ``quant4`` we
 error by it, as llama.cpp's importance matrix does: channels that carry large activations (SmolLM2 has outlier
 channels entering the MLP projections) get the finer grid.
 
-The text is edgeroute's own, distinct from the validation text (``validate.QUALITY_TEXT``) so that the quality
+The text is edgeroute's own, distinct from the validation text (``edgeroute.quality.QUALITY_TEXT``) so that the quality
 figures the export reports are not measured on what the quantiser was fitted to.
 """
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeroute.errors import ConfigError, ExportError
+from edgeroute.manifest import MANIFEST_NAME
 
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
@@ -146,10 +147,16 @@ def export_model(
     if block_size not in BLOCK_SIZES:
         raise ConfigError("block_size", block_size, f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
     out = Path(out_dir).expanduser().resolve()
+    _check_target(out, [source] if base is None else [source, base])
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
+    if out.exists() and not (out / MANIFEST_NAME).is_file():
+        raise ExportError(
+            f"{out} is not an edgeroute model folder (it has no {MANIFEST_NAME}): --force only ever replaces one;"
+            " choose an OUT_DIR that does not exist"
+        )
     _require_stack()
     from . import sources
 
@@ -172,6 +179,21 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_target(out: Path, sources: list[Any]) -> None:
+    """Refuse an ``out`` that is a source (checkpoint, GGUF file, LoRA base) or a folder holding one: writing the
+    export there, or replacing it with ``--force``, would destroy the source (symlinks resolved)."""
+    for src in sources:
+        path = Path(src).expanduser()
+        if not path.exists():
+            continue  # a hub id or a missing path: the source check says so
+        path = path.resolve()
+        if path == out or path.is_relative_to(out):
+            raise ExportError(
+                f"OUT_DIR {out} {'is' if path == out else 'holds'} the source {path}: the export would replace it;"
+                " choose another OUT_DIR"
+            )
 
 
 def _finalise_modes(folder: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from edgeroute._version import __version__
 from edgeroute.errors import ExportError
-from edgeroute.manifest import MANIFEST_NAME, Manifest
+from edgeroute.manifest import MANIFEST_NAME, Manifest, file_entries
 
 # checkpoint generation_config keys -> SamplingConfig / GenerationConfig fields
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
@@ -117,6 +117,8 @@ def write(
                 "versions": _versions(),
                 "export_seconds": dict(times),
             },
+            # every file of the folder but the manifest: sizes are checked at load, hashes by `edgeroute info`
+            "files": file_entries(folder, [f.name for f in folder.iterdir() if f.name != MANIFEST_NAME]),
         }
     )
     manifest.save(folder)

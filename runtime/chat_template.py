@@ -237,4 +237,3 @@ def render(template: str, name: str, variables: Mapping[str, Any]) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-

@@ -8,6 +8,7 @@ each step feeds what is pending, routes the logits, and appends the chosen token
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import routing
 from .config import GenerationConfig
-from .errors import ConfigError, ContextOverflowError
+from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
 from .kv_cache import SharedKVCache
 from .track import Completion, Step, Track, Usage
 
@@ -57,6 +58,7 @@ class Generator:
     ) -> None:
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
+        self._busy = threading.Lock()  # held by a call in progress: a second thread's call raises
         self.model = model
         self.config = config
         self.cache = model.new_cache()
@@ -100,9 +102,19 @@ class Generator:
         Raises ``ContextOverflowError`` (and changes nothing) when the sequence plus ``max_new_tokens`` would not
         fit into the context.
         """
-        arr = np.asarray(list(ids), dtype=np.int64)
-        if arr.ndim != 1 or (len(arr) and (arr.min() < 0 or arr.max() >= self.model.vocab_size)):
-            raise ConfigError("ids", list(ids)[:8], f"must be token ids in [0, {self.model.vocab_size})")
+        with self._exclusive():
+            self._append(ids)
+
+    def _append(self, ids: Sequence[int]) -> None:
+        vocab = self.model.vocab_size
+        if isinstance(ids, (str, bytes, bytearray, memoryview)):
+            raise ConfigError("ids", ids[:16], "must be token ids (encode text with model.tokenizer first)")
+        try:
+            arr = np.asarray(list(ids), dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError("ids", list(ids)[:8], f"must be token ids in [0, {vocab})") from None
+        if arr.ndim != 1 or (len(arr) and (arr.min() < 0 or arr.max() >= vocab)):
+            raise ConfigError("ids", list(ids)[:8], f"must be token ids in [0, {vocab})")
         need = self._n + len(arr) + self.config.max_new_tokens
         if need > self.model.context_length:
             raise ContextOverflowError(
@@ -138,24 +150,27 @@ class Generator:
             length = cache.length
 
     # -- generating ------------------------------------------------------------------------------------------
+    def _exclusive(self) -> _Exclusive:
+        """Held while a call runs: a call from a second thread meanwhile raises ``ConcurrentUseError``."""
+        return _Exclusive(self._busy)
+
     def step(self) -> Step:
         """Generate one token. Raises ``StopIteration`` when the turn is done."""
-        if not self._queue:
-            if self._track.done:
-                raise StopIteration
-            t0 = time.perf_counter()
-            steps = self._speculate() if self._drafter is not None else None
-            if not steps:
-                steps = [self._plain()]
-            now = time.perf_counter()
-            u = self.usage
-            if u.completion_tokens == 0 and u.time_to_first_token is None:
-                u.time_to_first_token = now - self._t_turn
-            else:
-                u.decode_seconds += now - t0
-            u.completion_tokens += len(steps)
-            self._queue.extend(steps)
-        return self._queue.popleft()
+        if not self._busy.acquire(blocking=False):
+            raise ConcurrentUseError(_BUSY)
+        try:
+            if not self._queue:
+                if self._track.done:
+                    raise StopIteration
+                t0 = time.perf_counter()
+                steps = self._speculate() if self._drafter is not None else None
+                if not steps:
+                    steps = [self._plain()]
+                self.usage.record(len(steps), t0, time.perf_counter(), self._t_turn)
+                self._queue.extend(steps)
+            return self._queue.popleft()
+        finally:
+            self._busy.release()
 
     def _plain(self) -> Step:
         """One token from the (possibly mixed) logits of the current position."""
@@ -247,6 +262,10 @@ class Generator:
         removed tokens were generated in this turn, the turn's text is rebuilt from what remains. Steps already
         generated but not yet yielded (speculative rounds) are dropped.
         """
+        with self._exclusive():
+            self._rewind(n)
+
+    def _rewind(self, n: int) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self._n:
             raise ConfigError("n", n, f"must be an integer in [0, {self._n}]")
         self._queue.clear()
@@ -259,6 +278,28 @@ class Generator:
         turn = self._track.turn
         lost = min(n, len(turn.generated))
         self._track.replay(turn.generated[: len(turn.generated) - lost])
+
+
+_BUSY = (
+    "this Generator is in use by another thread: a Generator holds one sequence; give each thread its own"
+    " (model.generator(...)), the Model is shared"
+)
+
+
+class _Exclusive:
+    """``with`` over a Generator's lock without waiting: a second thread raises ``ConcurrentUseError``."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrentUseError(_BUSY)
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def _same_tokenizer(a: Model, b: Model) -> bool:
@@ -347,23 +388,24 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
     t0 = time.perf_counter()
     n = width
     logits = _prefill_batch(model, cache, prompts, ids, mask, config.prefill_chunk)
-    prefill = time.perf_counter() - t0
+    ts = time.perf_counter()  # a step runs from the end of the last one: its graph run and every row's choice
     for u in usage:
-        u.prefill_seconds = prefill
+        u.prefill_seconds = ts - t0
     while not all(t.done for t in tracks):
-        ts = time.perf_counter()
+        active = []
         for i, tr in enumerate(tracks):
             if tr.done:
                 ids[i, n] = ids[i, n - 1]
                 continue
+            t1 = time.perf_counter()
             st = tr.choose(logits[i], ids[i, starts[i] : n])
+            usage[i].router_seconds += time.perf_counter() - t1
             ids[i, n] = st.token_id
-            u = usage[i]
-            if u.time_to_first_token is None:
-                u.time_to_first_token = time.perf_counter() - t0
-            else:
-                u.decode_seconds += time.perf_counter() - ts
-            u.completion_tokens += 1
+            active.append(usage[i])
+        now = time.perf_counter()
+        for u in active:
+            u.record(1, ts, now, t0)
+        ts = now
         mask[:, n] = 1
         n += 1
         if all(t.done for t in tracks):

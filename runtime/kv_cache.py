@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .errors import ConfigError
 from .manifest import Manifest
 
 
@@ -146,7 +147,19 @@ class SharedKVCache:
 
 
 def _lazy_zeros(count: int, shape: tuple[int, ...], dtype: np.dtype) -> list[np.ndarray]:
-    """``count`` zero arrays of ``shape`` in one anonymous memory map (pages are committed when first written)."""
-    region = mmap.mmap(-1, max(count * int(np.prod(shape)) * dtype.itemsize, 1))
+    """``count`` zero arrays of ``shape`` in one anonymous memory map (pages are committed when first written).
+
+    Raises ``ConfigError`` on ``context_size`` when the system cannot reserve the map (``shape[2]`` positions)."""
+    size = count * int(np.prod(shape)) * dtype.itemsize
+    try:
+        region = mmap.mmap(-1, max(size, 1))
+    except (OSError, OverflowError, MemoryError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise ConfigError(
+            "context_size",
+            shape[2],
+            f"the KV buffer of {shape[2]} positions x {shape[0]} sequence(s) needs {size / 2**30:.1f} GiB of address"
+            f" space, which the system would not reserve ({why}); lower it (--ctx-size)",
+        ) from None
     block = np.frombuffer(region, dtype=dtype, count=count * int(np.prod(shape))).reshape((count, *shape))
     return list(block)

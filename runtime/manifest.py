@@ -8,15 +8,18 @@ anywhere: the names come from here.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError, ModelLoadError
+from .errors import ConfigError, ManifestError, ModelLoadError
 
 MANIFEST_NAME = "edgeroute.json"
 SCHEMA_VERSION = 1
+PRECISIONS = ("fp32", "fp16")
+QUANT_METHODS = ("none", "int8", "int4")
 KV_DTYPES = ("float32", "float16")
 KV_LAYOUTS = ("concat", "shared")
 SHARED_INPUTS = ("seqlens_k", "total_sequence_length", "logits_to_keep")
@@ -62,7 +65,11 @@ class Manifest:
         chat_template: a Jinja chat template, or None.
         generation_defaults: the checkpoint's defaults (``temperature``, ``top_p``, ``max_new_tokens``, ...).
         precision: ``fp32``/``fp16``; quantization: ``{"method": "none"|"int8"|"int4", ...}``.
-        provenance: where it came from and the export's parity figures (free-form).
+        provenance: where it came from and the export's parity figures (free-form, but the fields ``edgeroute
+            info`` reads are checked: ``parameters``, ``validation.max_abs_logit_diff``, ``validation.quality``...).
+        files: file name -> ``{"bytes": n, "sha256": hex}`` for every file of the model (graph, external weights,
+            tokenizer) as exported; ``Model.load`` compares the sizes, ``edgeroute info`` the hashes. Empty for
+            folders exported before edgeroute recorded them.
     """
 
     graph: str
@@ -85,6 +92,7 @@ class Manifest:
     precision: str = "fp32"
     quantization: Mapping[str, Any] = field(default_factory=lambda: {"method": "none"})
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     # -- names -----------------------------------------------------------------------------------------------
@@ -103,7 +111,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
-        for k in ("inputs", "outputs", "special_tokens", "generation_defaults", "quantization", "provenance"):
+        for k in ("inputs", "outputs", "special_tokens", "generation_defaults", "quantization", "provenance", "files"):
             d[k] = dict(getattr(self, k))
         return {"schema_version": d.pop("schema_version"), **d}
 
@@ -121,6 +129,8 @@ class Manifest:
             raise ModelLoadError(f"model folder not found: {folder}")
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing: not an edgeroute model folder (run `edgeroute export`)")
+        if not path.resolve().is_relative_to(Path(folder).resolve()):
+            raise ModelLoadError(f"{path} resolves outside the model folder (to {path.resolve()}): refusing to open it")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -199,12 +209,108 @@ class Manifest:
             raise bad("kv_dtype", f"must be one of {', '.join(KV_DTYPES)}")
         if data.get("chat_template") is not None and not isinstance(data["chat_template"], str):
             raise bad("chat_template", "must be a string or null")
-        for name in ("special_tokens", "generation_defaults", "quantization", "provenance"):
+        for name in ("special_tokens", "generation_defaults", "quantization", "provenance", "files"):
             if name in data and not isinstance(data[name], dict):
                 raise bad(name, "must be an object")
+        if not all(isinstance(v, str) for v in data.get("special_tokens", {}).values()):
+            raise bad("special_tokens", "must map names to token strings")
+        if data.get("precision", "fp32") not in PRECISIONS:
+            raise bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+        _check_quantization(data.get("quantization", {"method": "none"}), source)
+        _check_generation_defaults(data.get("generation_defaults", {}), source)
+        _check_provenance(data.get("provenance", {}), source)
+        _check_files(data.get("files", {}), source)
         kwargs = dict(data)
         kwargs.update(eos_token_ids=tuple(int(i) for i in eos), inputs=inputs, outputs=outputs)
         return cls(**kwargs)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_quantization(q: Any, source: str) -> None:
+    if q.get("method") not in QUANT_METHODS:
+        raise ManifestError(
+            f"{source}: field 'quantization.method' must be one of {', '.join(QUANT_METHODS)} (got {q.get('method')!r})"
+        )
+    if "block_size" in q and not _pos_int(q["block_size"]):
+        raise ManifestError(
+            f"{source}: field 'quantization.block_size' must be a positive integer (got {q['block_size']!r})"
+        )
+
+
+def _check_generation_defaults(defaults: dict[str, Any], source: str) -> None:
+    """The checkpoint's defaults must make valid configs: a bad one is the folder's fault, named as such (not as if
+    it were a flag the user gave)."""
+    from .config import GenerationConfig, SamplingConfig
+
+    sampling_keys = set(SamplingConfig.__dataclass_fields__) - {"logit_bias", "seed"}
+    generation_keys = {"max_new_tokens", "min_new_tokens", "stop"}
+    unknown = sorted(set(defaults) - sampling_keys - generation_keys)
+    if unknown:
+        raise ManifestError(f"{source}: field 'generation_defaults' has unknown key(s) {', '.join(unknown)}")
+    try:
+        SamplingConfig(**{k: v for k, v in defaults.items() if k in sampling_keys})
+        GenerationConfig(**{k: v for k, v in defaults.items() if k in generation_keys})
+    except ConfigError as e:
+        raise ManifestError(f"{source}: field 'generation_defaults.{e.field}' {e.reason} (got {e.value!r})") from None
+
+
+# provenance fields that edgeroute reads (``info``, ``bench``): name -> (check, what it must be)
+_PROVENANCE: dict[str, tuple[Any, str]] = {
+    "parameters": (lambda v: v is None or _pos_int(v), "a positive integer or null"),
+    "architecture": (lambda v: isinstance(v, str), "a string"),
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "backend": (lambda v: v in ("fused", "optimum"), "'fused' or 'optimum'"),
+    "versions": (lambda v: isinstance(v, dict), "an object"),
+    "validation": (lambda v: isinstance(v, dict), "an object"),
+    "validation.max_abs_logit_diff": (_is_number, "a number"),
+    "validation.greedy_identical": (lambda v: isinstance(v, bool), "true or false"),
+    "validation.greedy_tokens": (lambda v: _pos_int(v), "a positive integer"),
+    "validation.quality": (lambda v: isinstance(v, dict), "an object"),
+    **{
+        f"validation.quality.{k}": (_is_number, "a number")
+        for k in ("top1_agreement", "perplexity", "perplexity_reference", "perplexity_change_pct", "tokens")
+    },
+    "validation.quality.reference_top1": (
+        lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+        "a list of token ids",
+    ),
+}
+
+
+def _check_provenance(prov: dict[str, Any], source: str) -> None:
+    for name, (ok, what) in _PROVENANCE.items():
+        node: Any = prov
+        for part in name.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT and not ok(node):
+            raise ManifestError(f"{source}: field 'provenance.{name}' must be {what} (got {node!r})")
+
+
+def _check_files(files: dict[str, Any], source: str) -> None:
+    for name, entry in files.items():
+        ok = (
+            isinstance(name, str)
+            and name
+            and "/" not in name.replace("\\", "/")
+            and name not in (".", "..")
+            and isinstance(entry, dict)
+            and isinstance(entry.get("bytes"), int)
+            and not isinstance(entry.get("bytes"), bool)
+            and entry["bytes"] >= 0
+            and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64
+        )
+        if not ok:
+            raise ManifestError(
+                f"{source}: field 'files' must map file names in the folder to {{bytes, sha256}} (got {name!r}:"
+                f" {entry!r})"
+            )
+
+
+_ABSENT = object()
 
 
 def _pos_int(v: Any) -> bool:
@@ -222,3 +328,59 @@ def _str_map(data: dict[str, Any], name: str, source: str, allow_null: set[str] 
     ):
         raise ManifestError(f"{source}: field {name!r} must map names to graph names (got {m!r})")
     return m
+
+
+def model_files(folder: str | Path, manifest: Manifest) -> list[Path]:
+    """The files of a model folder that edgeroute reads: the manifest, the tokenizer, the graph and its external
+    weights (files named after the graph), and every file the manifest records."""
+    root = Path(folder)
+    names = {MANIFEST_NAME, "tokenizer.json", manifest.graph, *manifest.files}
+    if root.is_dir():
+        names.update(p.name for p in root.iterdir() if p.name.startswith(manifest.graph))
+    return [root / n for n in sorted(names)]
+
+
+def check_files(folder: str | Path, manifest: Manifest, hashes: bool = False) -> None:
+    """Raise ``ModelLoadError`` naming the file when a file of the folder resolves outside it (a symlink out),
+    the graph or the tokenizer is missing, or a file differs from what the export recorded: its size (cheap,
+    checked at every load) and, with ``hashes``, its SHA-256 (``edgeroute info``)."""
+    root = Path(folder).resolve()
+    for path in model_files(folder, manifest):
+        if path.is_symlink() or path.exists():
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                raise ModelLoadError(f"{path} resolves outside the model folder (to {target}): refusing to open it")
+    for name, missing in (
+        (manifest.graph, "graph file {} named by the manifest is missing"),
+        ("tokenizer.json", "{} is missing"),
+    ):
+        if not (Path(folder) / name).is_file():
+            raise ModelLoadError(missing.format(Path(folder) / name))
+    for name, entry in manifest.files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing (the export wrote it): the folder is incomplete, re-export it")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ModelLoadError(
+                f"{path} is {size} bytes but was exported as {entry['bytes']}: the file was changed or cut short"
+            )
+        if hashes:
+            if sha256_of(path) != entry["sha256"]:
+                raise ModelLoadError(f"{path} does not match the SHA-256 the export recorded: the file was changed")
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file, hex."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``files`` entries (size and SHA-256) for the named files of ``folder``."""
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_of(folder / n)} for n in sorted(names)}

@@ -15,7 +15,7 @@ import numpy as np
 from .config import GenerationConfig
 from .errors import ConfigError, ContextOverflowError, InferenceError, ModelLoadError
 from .kv_cache import KVCache, SharedKVCache
-from .manifest import Manifest
+from .manifest import Manifest, check_files
 from .session import create_session
 from .tokenizer import Tokenizer
 
@@ -59,6 +59,8 @@ class Model:
         self._out_logits = m.outputs["logits"]
         self._output_names = [self._out_logits] + [n for pair in m.present_names() for n in pair]
         self.special_ids = frozenset(tokenizer.special_ids) | frozenset(m.eos_token_ids)
+        # graph rows beyond the tokenizer (a vocabulary padded for speed) have no text: never generated
+        self.undecodable_ids = range(min(tokenizer.vocab_size, m.vocab_size), m.vocab_size)
         _check_graph(session, m)
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -85,9 +87,8 @@ class Model:
         """
         folder = Path(path)
         manifest = Manifest.load(folder)
+        check_files(folder, manifest)  # inside the folder, present, and the sizes the export recorded
         graph = folder / manifest.graph
-        if not graph.is_file():
-            raise ModelLoadError(f"graph file {graph} named by the manifest is missing")
         tokenizer = Tokenizer.from_folder(folder, manifest.chat_template, manifest.special_tokens)
         session = create_session(graph, provider, threads, spin)
         return cls(folder, manifest, session, tokenizer, provider, context_size)
@@ -208,10 +209,22 @@ class Model:
         return Generator(self, config or GenerationConfig(), **flows)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt given as text or as ids."""
+        """Token ids of a prompt given as text or as ids (a list, tuple or 1-D integer array). A prompt must give
+        at least one token; bytes are refused (decode them first: they are not token ids)."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, Sequence) and all(isinstance(i, (int, np.integer)) for i in prompt):
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise ConfigError("prompt", prompt, "encodes to no tokens: give some text")
+            return ids
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise ConfigError("prompt", bytes(prompt)[:16], "is bytes: decode it to a str (or pass token ids)")
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and prompt.dtype.kind in "iu":
+            prompt = prompt.tolist()
+        if isinstance(prompt, Sequence) and all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompt
+        ):
+            if not prompt:
+                raise ConfigError("prompt", [], "needs at least one token id")
             return [int(i) for i in prompt]
         raise ConfigError("prompt", prompt, "must be a string or a list of token ids")
 

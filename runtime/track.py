@@ -46,6 +46,17 @@ class Usage:
     draft_proposed: int = 0  # speculative decoding: draft tokens proposed
     draft_accepted: int = 0  # ... and accepted by the target
 
+    def record(self, tokens: int, start: float, now: float, turn_start: float) -> None:
+        """Count ``tokens`` produced by a step that ran from ``start`` to ``now`` (``perf_counter`` times): the
+        first token of a generator's first turn sets ``time_to_first_token`` (measured from ``turn_start``, prefill
+        included); every later step's time is decode time. Single, speculative and batched generation all count
+        through here, so the figures mean the same in every path."""
+        if self.completion_tokens == 0 and self.time_to_first_token is None:
+            self.time_to_first_token = now - turn_start
+        else:
+            self.decode_seconds += now - start
+        self.completion_tokens += tokens
+
     @property
     def acceptance_rate(self) -> float:
         """Accepted / proposed draft tokens (0 without speculative decoding)."""
@@ -115,7 +126,7 @@ class Track:
         self.model = model
         self.config = config
         self.rng = rng
-        self.router = make_chain(config.sampling, model.vocab_size, model.special_ids)
+        self.router = make_chain(config.sampling, model.vocab_size, model.special_ids, model.undecodable_ids)
         self.stop_ids = frozenset(model.manifest.eos_token_ids) | frozenset(config.stop_token_ids)
         self._stop_arr = np.array(sorted(i for i in self.stop_ids if i < model.vocab_size), dtype=np.int64)
         self.stops = config.stop
@@ -180,13 +191,14 @@ class Track:
         return Step(token, text, lp.logprob if lp else None, finish, lp.top if lp and lp.top else None)
 
     def _unflushed(self, last: str) -> str:
-        """At the end of a turn: what one-shot decoding has beyond the streamed text (incomplete UTF-8 bytes at
-        the very end, which the stream holds back and ``decode`` renders as U+FFFD)."""
+        """At the end of a turn: what one-shot decoding has beyond the streamed text, except an incomplete UTF-8
+        character at the very end (a length cut-off inside it), which ``decode`` renders as U+FFFD and the text
+        leaves out: text is never emitted as U+FFFD (the token ids are all in ``token_ids``)."""
         t = self.turn
         ids = t.generated[:-1] if t.stopped_on_token else t.generated
         full = self.model.tokenizer.decode(ids)
         streamed = "".join(t.text) + last
-        return full[len(streamed) :] if full.startswith(streamed) else ""
+        return full[len(streamed) :].rstrip("\ufffd") if full.startswith(streamed) else ""
 
     def _text(self, piece: str) -> tuple[str, str | None]:
         """Emit what can no longer be part of a stop string; detect a completed stop string."""

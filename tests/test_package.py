@@ -13,6 +13,7 @@ import edgeroute as er
 def test_all_matches_public_names() -> None:
     public = {n for n in dir(er) if not n.startswith("_")} - {
         "chat",
+        "chat_template",
         "cli",
         "config",
         "errors",
@@ -21,6 +22,7 @@ def test_all_matches_public_names() -> None:
         "kv_cache",
         "manifest",
         "model",
+        "quality",
         "routing",
         "sampling",
         "session",

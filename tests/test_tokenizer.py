@@ -35,8 +35,11 @@ def test_generated_stream_equals_decode(tiny: er.Model) -> None:
         gen.append(tiny.tokenizer.encode("日本語 🤖"))
         steps = list(gen)
         ids = [s.token_id for s in steps if s.token_id not in tiny.manifest.eos_token_ids]
-        assert "".join(s.text for s in steps) == tiny.tokenizer.decode(ids)
-        assert tiny.generate(tiny.tokenizer.encode("日本語 🤖"), cfg).text == tiny.tokenizer.decode(ids)
+        text, full = "".join(s.text for s in steps), tiny.tokenizer.decode(ids)
+        # the same text, but for an incomplete character at a length cut-off, which decode renders as U+FFFD
+        # and the stream leaves out
+        assert full.startswith(text) and set(full[len(text) :]) <= {"\ufffd"} and not text.endswith("\ufffd")
+        assert tiny.generate(tiny.tokenizer.encode("日本語 🤖"), cfg).text == text
 
 
 def test_stop_string_split_inside_a_multibyte_character_never_leaks(tiny: er.Model) -> None:
