@@ -145,6 +145,11 @@ def test_precisions(llama_ckpt: Path, tmp_path: Path, dtype: str, quantize: str)
         assert [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits] == []
     model = er.Model.load(out)
     assert len(model.generate("Hi", er.GenerationConfig(max_new_tokens=3)).token_ids) <= 3
+    from edgeroute.quality import measure
+
+    again = measure(model, q)  # what `bench --quality` measures reproduces what the export measured
+    assert again["top1_agreement"] == q["top1_agreement"] and len(q["reference_top1"]) == q["tokens"]
+    assert again["perplexity"] == pytest.approx(q["perplexity"], rel=1e-6)
 
 
 def test_calibration_importance_is_the_mean_squared_input_pytorch_sees(llama_ckpt: Path, tmp_path: Path) -> None:
@@ -274,6 +279,25 @@ def test_force_replaces_only_after_success(llama_ckpt: Path, tmp_path: Path) -> 
     assert (out / "edgeroute.json").stat().st_mtime_ns != stamp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".edgeroute-export")] == []
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_force_never_destroys_the_source(llama_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    self_src = Path(shutil.copytree(llama_ckpt, tmp_path / "selfsrc"))
+    before = sorted(p.name for p in self_src.iterdir())
+    with pytest.raises(er.ExportError, match="is the source"):
+        export_model(self_src, self_src, force=True, validate=False)
+    par = tmp_path / "par"
+    shutil.copytree(llama_ckpt, par / "ckpt")
+    (par / "notes.txt").write_text("n\n")
+    with pytest.raises(er.ExportError, match="holds the source"):
+        export_model(par / "ckpt", par, force=True, validate=False)
+    assert sorted(p.name for p in self_src.iterdir()) == before and (par / "notes.txt").is_file()
+    out = export_model(self_src, par / "ckpt" / "onnx", validate=False)  # a folder inside the source is fine
+    files = json.loads((out / "edgeroute.json").read_text())["files"]
+    assert sorted(files) == sorted(p.name for p in out.iterdir() if p.name != "edgeroute.json")
+    er.Model.load(out)  # the recorded sizes hold
 
 
 def test_failed_parity_raises_and_leaves_nothing(llama_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
