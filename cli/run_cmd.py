@@ -45,7 +45,7 @@ def prompt_ids(model: er.Model, text: str, chat: bool, system: str | None) -> li
     if not chat:
         if system:
             raise click.UsageError("--system needs --chat")
-        return model.tokenizer.encode(text)
+        return model.encode_prompt(text)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return model.tokenizer.apply_chat_template(messages)
 

@@ -280,6 +280,7 @@ class Generator:
         self._track.replay(turn.generated[: len(turn.generated) - lost])
 
 
+GUIDANCE_LIMIT = 100.0  # |w| beyond this scales the logit difference past anything useful, towards float32 overflow
 _BUSY = (
     "this Generator is in use by another thread: a Generator holds one sequence; give each thread its own"
     " (model.generator(...)), the Model is shared"
@@ -330,8 +331,8 @@ def _make_guidance(
         if negative is not None:
             raise ConfigError("negative_prompt", negative, "needs guidance (a weight w)")
         return None, [], None
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
-        raise ConfigError("guidance", scale, "must be a finite number (1 = no guidance)")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not -GUIDANCE_LIMIT <= scale <= GUIDANCE_LIMIT:
+        raise ConfigError("guidance", scale, f"must be in [-{GUIDANCE_LIMIT:g}, {GUIDANCE_LIMIT:g}] (1 = no guidance)")
     if negative is None:
         m = model.manifest
         ids = [m.bos_token_id] if m.bos_token_id is not None else [m.eos_token_ids[0]]

@@ -207,7 +207,7 @@ def typical(ids: Ids, logits: np.ndarray, mass: float, min_keep: int = 1) -> tup
         return ids, logits
     logp = log_softmax(logits).astype(np.float64)
     probs = np.exp(logp)
-    entropy = -np.sum(np.where(probs > 0, probs * logp, 0.0))
+    entropy = -np.sum(probs * np.where(probs > 0, logp, 0.0))  # 0 * log 0 = 0 (a banned token: no 0 * -inf)
     dev = np.abs(-logp - entropy)
     order = np.argsort(dev, kind="stable")
     keep = _mass_prefix(probs, order, mass * float(probs.sum()), min_keep)
