@@ -242,5 +242,7 @@ def test_tied_embedding_reads_the_quantised_lm_head(tmp_path: Path) -> None:
     g.node.insert(list(g.node).index(gbq), helper.make_node("Gather", ["dequantised_table", "input_ids"], gbq.output))
     g.node.remove(gbq)
     onnx.save(proto, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data2")
+    man.pop("files")  # the folder was edited on purpose: the sizes the export recorded no longer apply
+    (out / "edgeroute.json").write_text(json.dumps(man))
     ref = er.Model.load(out)
     assert np.allclose(got, ref.forward_last(np.array([ids]), ref.new_cache(), len(ids))[0], atol=1e-4)
