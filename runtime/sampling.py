@@ -403,7 +403,7 @@ class Router:
         return Distribution(ids, softmax(cand), q, self.allowed, self.vocab_size)
 
     def _no_candidates(self, x: np.ndarray) -> EdgerouteError:
-        """The error for processed logits ``x`` that leave nothing to draw (the rare path: it may scan them)."""
+        """The error for logits ``x`` (raw or processed) that leave nothing to draw."""
         if np.isnan(x).any() or np.isposinf(x).any():
             return InferenceError(
                 "the model returned logits that are not finite (NaN or +inf): its graph or weights are broken"
@@ -436,32 +436,32 @@ class Router:
                 and -math.inf < logits[token] < math.inf  # argmax propagates NaN: a finite max proves none
             ):
                 return token
-        if not self._edits(suppress):
-            return self._pick(logits, rng)
-        if not (logits.dtype == np.float32 and logits.flags.writeable):
-            return self._pick(self.process(logits, history, suppress), rng)
-        # steps 1-2 touch a few dozen positions: write them into ``logits`` and put the old values back after
-        # the draw, rather than copying the whole vocabulary (a full pass over cold memory per token)
-        touched = self._touched(history, suppress)
-        saved = logits[touched]
-        try:
-            self._apply(logits, history, suppress)
-            return self._pick(logits, rng)
-        finally:
-            logits[touched] = saved
+        try:  # costs nothing unless raised (the rare path may then scan the logits)
+            if not self._edits(suppress):
+                return self._pick(logits, rng)
+            if not (logits.dtype == np.float32 and logits.flags.writeable):
+                return self._pick(self.process(logits, history, suppress), rng)
+            # steps 1-2 touch a few dozen positions: write them into ``logits`` and put the old values back after
+            # the draw, rather than copying the whole vocabulary (a full pass over cold memory per token)
+            touched = self._touched(history, suppress)
+            saved = logits[touched]
+            try:
+                self._apply(logits, history, suppress)
+                return self._pick(logits, rng)
+            finally:
+                logits[touched] = saved
+        except NoCandidates:
+            # the edits only lower values and cannot make NaN: the raw logits tell broken weights from bans
+            raise self._no_candidates(logits) from None
 
     def _pick(self, x: np.ndarray, rng: np.random.Generator) -> int:
-        """Steps 3-6 (exploration already drawn) on processed logits; a typed error when nothing can be drawn."""
-        try:
-            return self._pick_checked(x, rng)
-        except NoCandidates:
-            raise self._no_candidates(x) from None
-
-    def _pick_checked(self, x: np.ndarray, rng: np.random.Generator) -> int:
+        """Steps 3-6 (exploration already drawn) on processed logits; :class:`NoCandidates` when nothing can be
+        drawn."""
         cfg = self.cfg
         if cfg.greedy:
             token = int(np.argmax(x))
-            _check_top(float(x[token]))
+            if not -math.inf < x[token] < math.inf:  # argmax propagates NaN: a finite max proves none
+                raise NoCandidates("best candidate not finite")
             return token
         ids, cand = self._top_k(x)
         if ids is not None and len(ids) <= _FEW and cfg.typical_p >= 1.0:
@@ -484,7 +484,8 @@ class Router:
         n, least = len(x), cfg.min_keep
         xl = x.tolist()  # float32 values as exact Python floats
         top = max(xl, default=-math.inf)
-        _check_top(top)
+        if not -math.inf < top < math.inf:
+            raise NoCandidates("best candidate not finite")
         w = np.exp(np.array(xl) - top)  # = _weights(x); the top candidate survives every cut, so also the draw's
         wl = w.tolist()
         keep = sorted(range(n), key=wl.__getitem__, reverse=True)  # = argsort(-w, kind="stable")
