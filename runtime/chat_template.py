@@ -38,6 +38,7 @@ MAX_CHARS = 8_000_000  # characters of output, and of any one string or list a t
 MAX_INT_ARG = 1_000_000  # the largest integer a template may pass to a call or a filter (widths, counts)
 _WIDE_SPEC = re.compile(r"%[-#0 +*.]*\d{7,}|\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")  # a width/precision of 10^6 or more
 _CHECK_EVERY = 256  # loop steps between clock reads
+_TICKING = "__edgeroute_ticking"  # the global every for-loop's iterable goes through (not a name templates use)
 
 
 class _Refused(Exception):
@@ -80,10 +81,14 @@ def _check_size(x: Any) -> Any:
 
 def _counting_range(*args: int) -> Iterator[int]:
     """jinja's sandboxed ``range`` (at most 100,000 items), counting each step against the budget."""
-    rng = safe_range(*args)
-    for i in rng:
+    return _ticking(safe_range(*args))
+
+
+def _ticking(iterable: Any) -> Iterator[Any]:
+    """``iterable``, counting each step against the budget (every ``{% for %}`` loop iterates through this)."""
+    for item in iterable:
         _BUDGET.tick()
-        yield i
+        yield item
 
 
 def _bounded(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,6 +118,14 @@ class _Environment(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"+", "*", "**", "%"})
     code_generator_class = _CodeGenerator
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> jinja2.nodes.Template:
+        """The template's syntax tree, with every ``{% for %}`` loop's iterable counted step by step (an empty loop
+        body would otherwise run unchecked: nested loops over long lists hang like nested ranges)."""
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(jinja2.nodes.For):
+            loop.iter = jinja2.nodes.Call(jinja2.nodes.Name(_TICKING, "load"), [loop.iter], [], None, None)
+        return tree
 
     @staticmethod
     def checked(value: Any) -> Any:
@@ -193,6 +206,7 @@ def _compile(template: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["range"] = _counting_range
+    env.globals[_TICKING] = _ticking
     return env.from_string(template)
 
 

@@ -114,9 +114,13 @@ def test_force_replaces_only_an_edgeroute_folder(tmp_path: Path) -> None:
 NESTED = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
 
 
-def test_a_hanging_template_is_stopped_and_named(tmp_path: Path, monkeypatch) -> None:
+LIST_LOOPS = "{% for a in messages * 100000 %}{% for b in messages * 100000 %}{% endfor %}{% endfor %}x"
+
+
+@pytest.mark.parametrize("template", [NESTED, LIST_LOOPS])
+def test_a_hanging_template_is_stopped_and_named(tmp_path: Path, monkeypatch, template: str) -> None:
     monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
-    folder = with_template(tmp_path, NESTED)
+    folder = with_template(tmp_path, template)
     model = er.Model.load(folder)
     t0 = time.monotonic()
     with pytest.raises(er.ChatTemplateError, match="took longer than 0.5 s") as e:
