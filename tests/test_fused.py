@@ -185,6 +185,23 @@ def test_cli_ctx_size_and_info(built: dict[str, Path]) -> None:
     assert info.exit_code == 0 and "fused backend" in info.output and "in-place buffer" in info.output
 
 
+def test_a_kv_buffer_too_large_to_reserve_is_one_line(built: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+    from edgeroute.cli import cli
+
+    folder = Path(shutil.copytree(built["fused"], tmp_path / "long"))
+    man = json.loads((folder / "edgeroute.json").read_text())
+    man["context_length"] = 2**40  # a long-context model: --ctx-size may ask for more than the system reserves
+    (folder / "edgeroute.json").write_text(json.dumps(man))
+    res = CliRunner().invoke(cli, ["run", str(folder), "Hi", "--ctx-size", str(2**40)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    line = res.stderr.strip()
+    assert line.startswith("edgeroute: error: context_size=") and "GiB" in line and "--ctx-size" in line
+    assert "\n" not in line
+
+
 def test_sliding_window_matches_pytorch(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "mistral", seed=1)
     cfg = json.loads((ckpt / "config.json").read_text())

@@ -634,3 +634,7 @@ def test_the_library_emits_no_runtime_warnings(tiny: er.Model) -> None:
         for s in configs:
             tiny.generate("Hello", er.GenerationConfig(max_new_tokens=12, logprobs=3, sampling=s))
         tiny.generate(["Hello", "Once"], er.GenerationConfig(max_new_tokens=6, sampling=configs[1]))
+        sampled = er.GenerationConfig(max_new_tokens=8, sampling=configs[1])
+        tiny.generate("Hello", sampled, guidance=3.0, negative_prompt="Once")
+        tiny.generate("Hello", sampled, contrast=tiny, contrast_alpha=0.5)
+        tiny.generate("Hello Hello Hello", sampled, draft="ngram")
