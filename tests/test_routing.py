@@ -52,15 +52,16 @@ def test_speculative_is_exact_in_distribution(pair, drafter: str) -> None:
     assert abs(sum(exact.values()) - 1) < 1e-9
     runs = 20_000
     counts: Counter[tuple[int, int]] = Counter()
-    proposed = accepted = 0
-    for seed in range(runs):
-        cfg = er.GenerationConfig(max_new_tokens=3, sampling=FULL_CHAIN.replace(seed=seed))
-        gen = target.generator(cfg, draft=draft if drafter == "model" else "ngram", draft_k=2)
-        gen.append(ids)
+    # one generator, rewound to the prompt after each sample: its RNG stream goes on, so the samples are
+    # independent draws like fresh seeded generators', without a new cache and a prefill of both models per sample
+    cfg = er.GenerationConfig(max_new_tokens=3, sampling=FULL_CHAIN.replace(seed=0))
+    gen = target.generator(cfg, draft=draft if drafter == "model" else "ngram", draft_k=2)
+    gen.append(ids)
+    for _ in range(runs):
         t1, t2 = gen.step().token_id, gen.step().token_id
         counts[(t1, t2)] += 1
-        proposed += gen.usage.draft_proposed
-        accepted += gen.usage.draft_accepted
+        gen.rewind(len(gen.tokens) - len(ids))
+    proposed, accepted = gen.usage.draft_proposed, gen.usage.draft_accepted
     assert set(counts) <= set(exact)  # nothing outside the target's support, ever
     assert 0 < accepted < proposed  # both branches (accept, reject -> residual) were taken
     big = sorted(k for k, p in exact.items() if p * runs >= 5)
@@ -245,6 +246,9 @@ def test_cli_flows(pair, tiny_dir: Path, tmp_path: Path) -> None:
     spec = json.loads(CliRunner().invoke(cli, base + ["--draft", str(target.path)]).stdout)
     assert spec["usage"]["draft_proposed"] > 0 and spec["usage"]["draft_accepted"] == spec["usage"]["draft_proposed"]
     res = CliRunner().invoke(cli, base + ["--contrast", str(tiny_dir), "--contrast-alpha", "0.5"])
-    assert res.exit_code == 0
+    assert res.exit_code == 0, res.output
+    greedy = er.GenerationConfig(max_new_tokens=20, sampling=er.SamplingConfig(temperature=0))
+    want = target.generate(PROMPT, greedy, contrast=er.Model.load(tiny_dir), contrast_alpha=0.5)
+    assert json.loads(res.stdout)["token_ids"] == want.token_ids  # the CLI runs the library's contrast
     bad = CliRunner().invoke(cli, base + ["--draft-k", "x", "--draft", "ngram"])
-    assert bad.exit_code == 2
+    assert bad.exit_code == 2 and "--draft-k" in bad.stderr
