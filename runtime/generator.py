@@ -12,14 +12,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import routing
 from .config import GenerationConfig
 from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
-from .kv_cache import SharedKVCache
+from .kv_cache import left_padded
 from .track import Completion, Step, Track, Usage
 
 if TYPE_CHECKING:
@@ -380,15 +380,13 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
     total = width + config.max_new_tokens
     ids = np.zeros((b, total), dtype=np.int64)
     mask = np.zeros((b, total), dtype=np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) : width] = p
-        mask[i, width - len(p) : width] = 1
+    ids[:, :width], mask[:, :width] = left_padded(prompts, width)
     starts = [width - len(p) for p in prompts]  # row i's tokens are ids[i, starts[i]:n]
     cache = model.new_cache(b)
     usage = [Usage(prompt_tokens=len(p)) for p in prompts]
     t0 = time.perf_counter()
     n = width
-    logits = _prefill_batch(model, cache, prompts, ids, mask, config.prefill_chunk)
+    logits = cache.prefill_rows(model.session, prompts, config.prefill_chunk)
     ts = time.perf_counter()  # a step runs from the end of the last one: its graph run and every row's choice
     for u in usage:
         u.prefill_seconds = ts - t0
@@ -414,28 +412,3 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
         pos = (np.sum(mask[:, :n], axis=1, keepdims=True) - 1).astype(np.int64)
         logits = model.forward(ids[:, n - 1 : n], cache, mask[:, :n], pos)
     return [tr.completion(u) for tr, u in zip(tracks, usage, strict=False)]
-
-
-def _prefill_batch(
-    model: Model, cache: Any, prompts: list[list[int]], ids: np.ndarray, mask: np.ndarray, chunk: int
-) -> np.ndarray:
-    """Prefill a batch; returns each row's last-position logits. A mask-driven cache takes the left-padded matrix;
-    a shared KV buffer has no mask, so each row is prefilled alone into its own slice of the buffer (no padding
-    enters it) and decoding then appends one position per row after each row's own length."""
-    if isinstance(cache, SharedKVCache):
-        rows = []
-        for i, p in enumerate(prompts):
-            row = cache.row(i)
-            for s in range(0, len(p), chunk):
-                last = model.forward(np.array([p[s : s + chunk]], dtype=np.int64), row)
-            cache.lengths[i] = row.lengths[0]
-            rows.append(last[0])
-        return np.stack(rows)
-    n = max(len(p) for p in prompts)
-    pos_all = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    logits = None
-    while cache.length < n:
-        s, e = cache.length, min(n, cache.length + chunk)
-        logits = model.forward(ids[:, s:e], cache, mask[:, :e], pos_all[:, s:e])
-    assert logits is not None
-    return logits

@@ -1,20 +1,78 @@
-"""Per-sequence past keys and values: the one place that knows how the KV cache is held.
+"""Per-sequence past keys and values: the one place that knows how the KV cache is held and fed to the graph.
 
-:class:`KVCache` holds host NumPy arrays ``[batch, kv_heads, length, head_size]`` per layer. The graph's
-``present.*`` outputs become the next step's ``past_key_values.*`` inputs without copies. A device-resident
-cache (IO binding on CUDA) subclasses it and overrides :meth:`feeds` / :meth:`store`; the Generator and the
-router never see the difference.
+Every cache kind implements :class:`Cache`: it owns its buffers and whatever binds them to the graph, and runs
+the graph itself (``run``, ``step``, ``prefill_rows``), so ``Model`` and the generators never branch on its kind.
+A device-resident cache or an engine's slot pool is one more class implementing it.
+
+- :class:`KVCache` (``kv_layout: "concat"``): host NumPy arrays ``[batch, kv_heads, length, head_size]`` per
+  layer; the graph's ``present.*`` outputs become the next run's ``past_key_values.*`` inputs without copies.
+- :class:`SharedKVCache` (``kv_layout: "shared"``): one preallocated buffer per layer, bound through an
+  onnxruntime IO binding as both the past input and the present output and written in place.
 """
 
 from __future__ import annotations
 
 import mmap
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, ContextOverflowError, InferenceError
 from .manifest import Manifest
+
+
+class Cache(Protocol):
+    """What every KV cache kind does. ``run`` and ``step`` append ``ids`` ``[batch, n]`` after what the cache holds
+    and return logits; the arrays they return may be buffers the cache reuses (``reuses_output``): valid until the
+    next run on this cache."""
+
+    batch_size: int
+    reuses_output: bool
+
+    @property
+    def length(self) -> int:
+        """How many positions are cached (the longest row's count in a batch)."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds or reserves."""
+        ...
+
+    def run(
+        self,
+        session: Any,
+        ids: np.ndarray,
+        n_last: int,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """One graph run: the logits of the last ``n_last`` positions, ``[batch, n_last, vocab]`` float32."""
+        ...
+
+    def step(self, session: Any, ids: np.ndarray) -> np.ndarray:
+        """One graph run for a decode loop: the last position's logits, ``[batch, vocab]``."""
+        ...
+
+    def prefill_rows(self, session: Any, prompts: list[list[int]], chunk: int) -> np.ndarray:
+        """Prefill a batch cache with one prompt per row; each row's last-position logits, ``[batch, vocab]``.
+        Decoding then appends one position per row (``run`` with the batch's attention mask and positions)."""
+        ...
+
+    def trim(self, n: int) -> None:
+        """Drop the last ``n`` cached positions (of every row)."""
+        ...
+
+    def copy(self) -> Cache:
+        """An independent cache with the same contents."""
+        ...
+
+
+def _inference_error(e: Exception) -> InferenceError:
+    """onnxruntime's errors are untyped: their first line, as an ``InferenceError`` (chain it with ``from``)."""
+    text = str(e).strip()
+    return InferenceError(f"onnxruntime failed: {text.splitlines()[0] if text else type(e).__name__}")
 
 
 def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
@@ -25,7 +83,11 @@ def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) 
 
 
 class KVCache:
-    """The past K/V of one sequence (or one batch of sequences) for a model described by ``manifest``."""
+    """The past K/V of one sequence (or one batch of sequences) for a model described by ``manifest``, for graphs
+    that take the past and return the present (``kv_layout: "concat"``): attention masks and position ids are
+    inputs, so rows of a batch may be left-padded."""
+
+    reuses_output = False
 
     def __init__(self, manifest: Manifest, batch_size: int = 1) -> None:
         self.manifest = manifest
@@ -35,6 +97,58 @@ class KVCache:
         shape = (batch_size, manifest.num_kv_heads, 0, manifest.head_size)
         empty = np.zeros(shape, dtype=np.dtype(manifest.kv_dtype))
         self._layers: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * manifest.num_layers
+        m = manifest
+        self._in = (m.inputs["input_ids"], m.inputs.get("attention_mask"), m.inputs.get("position_ids"))
+        self._in_keep = m.inputs.get("logits_to_keep") if m.logits == "keep" else None
+        self._outputs = [m.outputs["logits"], *self.output_names()]
+
+    def run(
+        self,
+        session: Any,
+        ids: np.ndarray,
+        n_last: int,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """One graph run after the cached positions; ``attention_mask`` defaults to ones over ``length + n``
+        positions and ``position_ids`` to the positions after the cache."""
+        b, n = ids.shape
+        past = self.length
+        in_ids, in_mask, in_pos = self._in
+        if attention_mask is None:
+            attention_mask = np.ones((b, past + n), dtype=np.int64)
+        feeds: dict[str, np.ndarray] = {in_ids: ids, str(in_mask): attention_mask}
+        if in_pos:
+            if position_ids is None:
+                position_ids = np.broadcast_to(np.arange(past, past + n, dtype=np.int64), (b, n))
+            feeds[in_pos] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        if self._in_keep:
+            feeds[self._in_keep] = np.array([n_last], dtype=np.int64)
+        feeds.update(self.feeds())
+        try:
+            outs = session.run(self._outputs, feeds)
+        except Exception as e:  # onnxruntime's errors are untyped
+            raise _inference_error(e) from e
+        self.store(outs[1:], n)
+        logits = outs[0]
+        if logits.ndim == 2:
+            logits = logits[:, None, :]
+        return np.asarray(logits[:, -n_last:, :], dtype=np.float32)
+
+    def step(self, session: Any, ids: np.ndarray) -> np.ndarray:
+        return self.run(session, ids, 1)[:, -1, :]
+
+    def prefill_rows(self, session: Any, prompts: list[list[int]], chunk: int) -> np.ndarray:
+        """Left-padded rows under one attention mask, in chunks of ``chunk`` positions."""
+        n = max(len(p) for p in prompts)
+        ids, mask = left_padded(prompts, n)
+        pos_all = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        logits = None
+        while self.length < n:
+            s, e = self.length, min(n, self.length + chunk)
+            logits = self.run(session, ids[:, s:e], 1, mask[:, :e], pos_all[:, s:e])
+        assert logits is not None
+        return logits[:, -1, :]
 
     @property
     def length(self) -> int:
@@ -96,6 +210,8 @@ class SharedKVCache:
     ``nbytes`` is what the capacity reserves.
     """
 
+    reuses_output = True
+
     def __init__(self, manifest: Manifest, capacity: int, batch_size: int = 1) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
@@ -103,7 +219,54 @@ class SharedKVCache:
         shape = (batch_size, manifest.num_kv_heads, capacity, manifest.head_size)
         self.buffers = _lazy_zeros(2 * manifest.num_layers, shape, np.dtype(manifest.kv_dtype))
         self.lengths = np.zeros(batch_size, dtype=np.int32)
-        self.binding: object | None = None  # the Model's IO binding over these buffers, made on first use
+        self.binding: SharedBinding | None = None  # the IO binding over these buffers, made on the first run
+
+    def run(
+        self,
+        session: Any,
+        ids: np.ndarray,
+        n_last: int,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """One run: each row appends ``n`` positions after its own ``lengths[b]`` (the graph derives positions and
+        the mask from them: ``attention_mask`` and ``position_ids`` are not used). Returns the bound logits
+        buffer itself, overwritten by the next run."""
+        b, n = ids.shape
+        if b != self.batch_size:
+            raise ConfigError("input_ids", ids.shape, f"batch {b} does not match the cache's batch {self.batch_size}")
+        length = self.length
+        if length + n > self.capacity:
+            raise ContextOverflowError(length + n, self.capacity, "KV buffer (raise context_size)")
+        binding = self.binding
+        if binding is None:
+            binding = self.binding = SharedBinding(session, self)
+        try:
+            logits = binding.run(ids, self, length, n_last)
+        except Exception as e:  # onnxruntime's errors are untyped
+            raise _inference_error(e) from e
+        if b == 1:  # an item write: the first ufunc call after a graph run costs ~25 us more (cold caches)
+            self.lengths[0] = length + n
+        else:
+            self.lengths += n
+        return logits
+
+    def step(self, session: Any, ids: np.ndarray) -> np.ndarray:
+        """A view of the bound output's last position (no copy of the vocabulary's logits per token)."""
+        self.run(session, ids, 1)
+        assert self.binding is not None and self.binding.last is not None
+        return self.binding.last
+
+    def prefill_rows(self, session: Any, prompts: list[list[int]], chunk: int) -> np.ndarray:
+        """Each row prefilled alone into its own slice of the buffer: there is no mask, so no padding enters it."""
+        rows = []
+        for i, p in enumerate(prompts):
+            row = self.row(i)
+            for s in range(0, len(p), chunk):
+                last = row.run(session, np.array([p[s : s + chunk]], dtype=np.int64), 1)
+            self.lengths[i] = row.lengths[0]
+            rows.append(last[0, -1].copy())
+        return np.stack(rows)
 
     @property
     def length(self) -> int:
@@ -144,6 +307,75 @@ class SharedKVCache:
         other.__dict__.update(self.__dict__)
         other.binding = None
         return other
+
+
+class SharedBinding:
+    """An onnxruntime IO binding over one :class:`SharedKVCache`: every layer's buffer is bound as both the past
+    input and the present output, and the small inputs live in arrays bound once and updated in place, so a
+    decode step binds nothing new."""
+
+    def __init__(self, session: Any, cache: SharedKVCache) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = session
+        m = cache.manifest
+        self.io = io = session.io_binding()
+        names = [n for pair in m.past_names() for n in pair]
+        outs = [n for pair in m.present_names() for n in pair]
+        for name, out, buf in zip(names, outs, cache.buffers, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(out, value)
+        self.names = (m.inputs["input_ids"], m.outputs["logits"])
+        self.seqlens = np.zeros(cache.batch_size, dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
+        self.keep = np.ones(1, dtype=np.int64)
+        for name, arr in (
+            (m.inputs["seqlens_k"], self.seqlens),
+            (m.inputs["total_sequence_length"], self.total),
+            (m.inputs["logits_to_keep"], self.keep),
+        ):
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        self.vocab = m.vocab_size
+        self.ids: np.ndarray | None = None
+        self.logits: np.ndarray | None = None
+        self.last: np.ndarray | None = None  # logits[:, -1, :], the view a decode loop reads
+
+    def run(self, ids: np.ndarray, cache: SharedKVCache, length: int, n_last: int) -> np.ndarray:
+        """One graph run appending ``ids`` after ``length`` cached positions (``cache.length``, read once by the
+        caller); rows of a batch start after their own ``cache.lengths``."""
+        b, n = ids.shape
+        if self.ids is None or self.ids.shape != ids.shape:
+            self.ids = np.empty((b, n), dtype=np.int64)
+            self.io.bind_ortvalue_input(self.names[0], self._ort.OrtValue.ortvalue_from_numpy(self.ids))
+        if self.logits is None or self.logits.shape[1] != n_last:
+            self.logits = np.empty((b, n_last, self.vocab), dtype=np.float32)
+            self.io.bind_ortvalue_output(self.names[1], self._ort.OrtValue.ortvalue_from_numpy(self.logits))
+            self.last = self.logits[:, -1, :]
+            self.keep[0] = n_last
+        # a decode step writes three scalars: each NumPy call costs microseconds on caches the last run evicted
+        if n == 1 and b == 1:
+            self.ids[0, 0] = ids[0, 0]  # an item write, not an array assignment (13 -> ~5 us cold)
+        else:
+            self.ids[...] = ids
+        if b == 1:
+            self.seqlens[0] = length + n - 1
+        else:
+            np.add(cache.lengths, n - 1, out=self.seqlens)
+        self.total[...] = length + n
+        self.session.run_with_iobinding(self.io)
+        return self.logits
+
+
+def left_padded(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts right-aligned in ``[batch, width]`` id and attention-mask matrices (zeros on the left)."""
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
 
 
 def _lazy_zeros(count: int, shape: tuple[int, ...], dtype: np.dtype) -> list[np.ndarray]:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 
 from .config import GenerationConfig
-from .errors import ConfigError, ContextOverflowError, InferenceError, ModelLoadError
-from .kv_cache import KVCache, SharedKVCache
+from .errors import ConfigError, ModelLoadError
+from .kv_cache import Cache, KVCache, SharedKVCache
 from .manifest import Manifest, check_files
 from .session import create_session
 from .tokenizer import Tokenizer
@@ -45,8 +45,6 @@ class Model:
         self.tokenizer = tokenizer
         self.provider = provider
         m = manifest
-        self._in_ids = m.inputs["input_ids"]
-        self._in_mask = m.inputs.get("attention_mask")
         self.shared_kv = m.kv_layout == "shared"
         if context_size is not None and (
             not isinstance(context_size, int) or isinstance(context_size, bool) or context_size < 1
@@ -54,10 +52,6 @@ class Model:
             raise ConfigError("context_size", context_size, "must be a positive integer")
         default = min(m.context_length, DEFAULT_SHARED_CONTEXT) if self.shared_kv else m.context_length
         self._context = min(context_size or default, m.context_length)
-        self._in_pos = m.inputs.get("position_ids")
-        self._in_keep = m.inputs.get("logits_to_keep") if m.logits == "keep" else None
-        self._out_logits = m.outputs["logits"]
-        self._output_names = [self._out_logits] + [n for pair in m.present_names() for n in pair]
         self.special_ids = frozenset(tokenizer.special_ids) | frozenset(m.eos_token_ids)
         # graph rows beyond the tokenizer (a vocabulary padded for speed) have no text: never generated
         self.undecodable_ids = range(min(tokenizer.vocab_size, m.vocab_size), m.vocab_size)
@@ -103,9 +97,9 @@ class Model:
     def vocab_size(self) -> int:
         return self.manifest.vocab_size
 
-    def new_cache(self, batch_size: int = 1) -> KVCache | SharedKVCache:
-        """An empty KV cache for this model (a :class:`SharedKVCache` of ``context_length`` positions when the
-        graph shares its past and present buffers)."""
+    def new_cache(self, batch_size: int = 1) -> Cache:
+        """An empty KV cache for this model: a :class:`KVCache`, or a :class:`SharedKVCache` of
+        ``context_length`` positions when the graph shares its past and present buffers."""
         if self.shared_kv:
             return SharedKVCache(self.manifest, self._context, batch_size)
         return KVCache(self.manifest, batch_size)
@@ -113,21 +107,22 @@ class Model:
     def forward(
         self,
         input_ids: np.ndarray,
-        cache: KVCache,
+        cache: Cache,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run the graph on ``input_ids`` ``[batch, n]`` after what ``cache`` holds; update the cache in place.
 
         ``attention_mask`` defaults to ones over ``cache.length + n`` positions and ``position_ids`` to the
-        positions after the cache. Returns the last position's logits, ``[batch, vocab]`` float32.
+        positions after the cache (graphs with a shared KV buffer derive both from the cache's lengths). Returns
+        the last position's logits, ``[batch, vocab]`` float32.
         """
         return self.forward_last(input_ids, cache, 1, attention_mask, position_ids)[:, -1, :]
 
     def forward_last(
         self,
         input_ids: np.ndarray,
-        cache: KVCache,
+        cache: Cache,
         n_last: int,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
@@ -137,64 +132,19 @@ class Model:
         Graphs exported by edgeroute compute only those positions (their ``logits_to_keep`` input).
         """
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        b, n = ids.shape
+        n = ids.shape[1]
         if not 1 <= n_last <= n:
             raise ConfigError("n_last", n_last, f"must be in [1, {n}] (the number of input positions)")
         if n_last > 1 and self.manifest.logits == "last":
             raise ConfigError("n_last", n_last, "this graph returns only the last position's logits")
-        if isinstance(cache, SharedKVCache):
-            return self._forward_shared(ids, cache, n_last).copy()  # the bound buffer is reused by the next run
-        past = cache.length
-        if attention_mask is None:
-            attention_mask = np.ones((b, past + n), dtype=np.int64)
-        feeds: dict[str, np.ndarray] = {self._in_ids: ids, self._in_mask: attention_mask}
-        if self._in_pos:
-            if position_ids is None:
-                position_ids = np.broadcast_to(np.arange(past, past + n, dtype=np.int64), (b, n))
-            feeds[self._in_pos] = np.ascontiguousarray(position_ids, dtype=np.int64)
-        if self._in_keep:
-            feeds[self._in_keep] = np.array([n_last], dtype=np.int64)
-        feeds.update(cache.feeds())
-        try:
-            outs = self.session.run(self._output_names, feeds)
-        except Exception as e:  # onnxruntime's errors are untyped
-            raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
-        cache.store(outs[1:], n)
-        logits = outs[0]
-        if logits.ndim == 2:
-            logits = logits[:, None, :]
-        return np.asarray(logits[:, -n_last:, :], dtype=np.float32)
+        logits = cache.run(self.session, ids, n_last, attention_mask, position_ids)
+        return logits.copy() if cache.reuses_output else logits  # a reused buffer is overwritten by the next run
 
-    def step_logits(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Like :meth:`forward` for a decode loop that consumes each result before the next run on ``cache``: over
-        a shared KV buffer it returns a view of the bound output buffer (valid until the next run on this cache)
-        instead of a copy, which saves a pass over the vocabulary's logits per token."""
-        if isinstance(cache, SharedKVCache) and input_ids.ndim == 2:
-            self._forward_shared(input_ids, cache, 1)
-            return cache.binding.last  # type: ignore[attr-defined]
-        return self.forward(input_ids, cache)
-
-    def _forward_shared(self, ids: np.ndarray, cache: SharedKVCache, n_last: int) -> np.ndarray:
-        """One run over a shared KV buffer: each row appends ``n`` positions after its own ``lengths[b]``.
-        Returns the bound logits buffer itself (overwritten by the next run)."""
-        b, n = ids.shape
-        if b != cache.batch_size:
-            raise ConfigError("input_ids", ids.shape, f"batch {b} does not match the cache's batch {cache.batch_size}")
-        length = cache.length
-        if length + n > cache.capacity:
-            raise ContextOverflowError(length + n, cache.capacity, "KV buffer (raise context_size)")
-        binding = cache.binding
-        if binding is None:
-            binding = cache.binding = _SharedBinding(self, cache)
-        try:
-            logits = binding.run(ids, cache, length, n_last)
-        except Exception as e:  # onnxruntime's errors are untyped
-            raise InferenceError(f"onnxruntime failed: {str(e).strip().splitlines()[0]}") from e
-        if b == 1:  # an item write: the first ufunc call after a graph run costs ~25 us more (cold caches)
-            cache.lengths[0] = length + n
-        else:
-            cache.lengths += n
-        return logits
+    def step_logits(self, input_ids: np.ndarray, cache: Cache) -> np.ndarray:
+        """Like :meth:`forward` for a decode loop that consumes each result before the next run on ``cache``: it
+        may return a buffer the cache reuses (a view of a shared KV buffer's bound output, valid until the next
+        run on this cache) instead of a copy, which saves a pass over the vocabulary's logits per token."""
+        return cache.step(self.session, input_ids)
 
     # -- generation ------------------------------------------------------------------------------------------
     def generator(self, config: GenerationConfig | None = None, **flows: Any) -> Generator:
@@ -254,65 +204,6 @@ class Model:
     def __repr__(self) -> str:
         m = self.manifest
         return f"Model({str(self.path)!r}, provider={self.provider!r}, layers={m.num_layers}, vocab={m.vocab_size})"
-
-
-class _SharedBinding:
-    """An onnxruntime IO binding over one :class:`SharedKVCache`: every layer's buffer is bound as both the past
-    input and the present output, and the small inputs live in arrays bound once and updated in place, so a
-    decode step binds nothing new."""
-
-    def __init__(self, model: Model, cache: SharedKVCache) -> None:
-        import onnxruntime as ort
-
-        self._ort = ort
-        self.session = model.session
-        m = model.manifest
-        self.io = io = model.session.io_binding()
-        names = [n for pair in m.past_names() for n in pair]
-        outs = [n for pair in m.present_names() for n in pair]
-        for name, out, buf in zip(names, outs, cache.buffers, strict=True):
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(out, value)
-        self.names = (m.inputs["input_ids"], m.outputs["logits"])
-        self.seqlens = np.zeros(cache.batch_size, dtype=np.int32)
-        self.total = np.zeros((), dtype=np.int32)
-        self.keep = np.ones(1, dtype=np.int64)
-        for name, arr in (
-            (m.inputs["seqlens_k"], self.seqlens),
-            (m.inputs["total_sequence_length"], self.total),
-            (m.inputs["logits_to_keep"], self.keep),
-        ):
-            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        self.vocab = m.vocab_size
-        self.ids: np.ndarray | None = None
-        self.logits: np.ndarray | None = None
-        self.last: np.ndarray | None = None  # logits[:, -1, :], the view a decode loop reads
-
-    def run(self, ids: np.ndarray, cache: SharedKVCache, length: int, n_last: int) -> np.ndarray:
-        """One graph run appending ``ids`` after ``length`` cached positions (``cache.length``, read once by the
-        caller); rows of a batch start after their own ``cache.lengths``."""
-        b, n = ids.shape
-        if self.ids is None or self.ids.shape != ids.shape:
-            self.ids = np.empty((b, n), dtype=np.int64)
-            self.io.bind_ortvalue_input(self.names[0], self._ort.OrtValue.ortvalue_from_numpy(self.ids))
-        if self.logits is None or self.logits.shape[1] != n_last:
-            self.logits = np.empty((b, n_last, self.vocab), dtype=np.float32)
-            self.io.bind_ortvalue_output(self.names[1], self._ort.OrtValue.ortvalue_from_numpy(self.logits))
-            self.last = self.logits[:, -1, :]
-            self.keep[0] = n_last
-        # a decode step writes three scalars: each NumPy call costs microseconds on caches the last run evicted
-        if n == 1 and b == 1:
-            self.ids[0, 0] = ids[0, 0]  # an item write, not an array assignment (13 -> ~5 us cold)
-        else:
-            self.ids[...] = ids
-        if b == 1:
-            self.seqlens[0] = length + n - 1
-        else:
-            np.add(cache.lengths, n - 1, out=self.seqlens)
-        self.total[...] = length + n
-        self.session.run_with_iobinding(self.io)
-        return self.logits
 
 
 def _check_graph(session: Any, m: Manifest) -> None:
