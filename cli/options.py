@@ -133,6 +133,7 @@ def flow_options(f: F) -> F:
     )(f)
     f = click.option(
         "--draft-k",
+        type=_DraftK(),
         default="4",
         show_default=True,
         metavar="K|auto",
@@ -147,29 +148,25 @@ def flow_options(f: F) -> F:
     return f
 
 
-def flow_kwargs(model: er.Model, flags: dict[str, Any], provider: str, threads: int | None) -> dict[str, Any]:
-    """Keyword arguments of ``model.generator`` for the flow flags (a second model gets the target's context)."""
-    out: dict[str, Any] = {}
-    ctx = model.context_length
-    draft, k = flags.pop("draft", None), flags.pop("draft_k", "4")
-    if k == "auto":
-        out["adaptive_k"], k = True, "4"
-    if not str(k).isdigit() or int(k) < 1:
-        raise click.BadParameter(f"{k!r} is not a positive integer or 'auto'", param_hint="--draft-k")
-    if draft is not None:
-        second = None if draft == "ngram" else load_model(draft, provider, threads, spin=False, ctx_size=ctx)
-        out["draft"] = second or "ngram"
-        out["draft_k"] = int(k)
-    guidance, negative = flags.pop("guidance", None), flags.pop("negative_prompt", None)
-    if guidance is not None:
-        out["guidance"] = guidance
-        if negative is not None:
-            out["negative_prompt"] = negative
-    elif negative is not None:
-        raise click.UsageError("--negative-prompt needs --guidance")
-    contrast, alpha = flags.pop("contrast", None), flags.pop("contrast_alpha", 0.5)
-    if contrast is not None:
-        out["contrast"] = load_model(contrast, provider, threads, spin=False, ctx_size=ctx)
+class _DraftK(click.ParamType):
+    """A positive integer or 'auto' (a usage error otherwise)."""
+
+    name = "K|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = str(value)
+        if text == "auto" or (text.isdigit() and int(text) >= 1):
+            return text if text == "auto" else int(text)
+        self.fail(f"{value!r} is not a positive integer or 'auto'", param, ctx)
+
+
+def flow_params(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flow flags as request parameters (popped from ``flags``); the defaults of unused ones are dropped."""
+    out = {k: flags.pop(k, None) for k in ("draft", "draft_k", "guidance", "negative_prompt", "contrast")}
+    alpha = flags.pop("contrast_alpha", None)
+    if out["draft"] is None:
+        out.pop("draft_k")
+    if out["contrast"] is not None:
         out["contrast_alpha"] = alpha
     return out
 
@@ -216,16 +213,10 @@ def parse_logit_bias(items: tuple[str, ...], tokenizer: er.Tokenizer) -> dict[in
     return out
 
 
-def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
-    """GenerationConfig from command-line flags over the manifest's generation defaults (validated when the
-    manifest was loaded: a bad default is the folder's error, not a flag's)."""
-    defaults = dict(model.manifest.generation_defaults)
-    sampling: dict[str, Any] = {k: v for k, v in defaults.items() if k in er.SamplingConfig.__dataclass_fields__}
-    for name, _, _ in SAMPLING_FLAGS:
-        if flags.get(name) is not None:
-            sampling[name] = flags[name]
-    if flags.get("explore_schedule"):
-        sampling["explore_schedule"] = flags["explore_schedule"]
+def request_params(model: er.Model, flags: dict[str, Any]) -> dict[str, Any]:
+    """The command line's flags as request parameters (``edgeroute.request``'s names; None = not given)."""
+    params: dict[str, Any] = {name: flags.get(name) for name, _, _ in SAMPLING_FLAGS}
+    params["explore_schedule"] = flags.get("explore_schedule")
     if flags.get("logit_bias"):
         bias = parse_logit_bias(flags["logit_bias"], model.tokenizer)
         bad = [i for i in bias if i >= model.vocab_size]
@@ -233,16 +224,32 @@ def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
             raise click.BadParameter(
                 f"token id {bad[0]} is outside the vocabulary ({model.vocab_size})", param_hint="--logit-bias"
             )
-        sampling["logit_bias"] = bias
-    gen: dict[str, Any] = {k: v for k, v in defaults.items() if k in ("max_new_tokens", "min_new_tokens", "stop")}
-    for name in ("max_new_tokens", "min_new_tokens"):
-        if flags.get(name) is not None:
-            gen[name] = flags[name]
+        params["logit_bias"] = bias
+    for name in ("max_new_tokens", "min_new_tokens", "logprobs"):
+        params[name] = flags.get(name)
     if flags.get("stop"):
-        gen["stop"] = tuple(flags["stop"])
-    if flags.get("logprobs") is not None:
-        gen["logprobs"] = flags["logprobs"] if flags["logprobs"] > 0 else True
-    return er.GenerationConfig(sampling=er.SamplingConfig(**sampling), **gen)
+        params["stop"] = list(flags["stop"])
+    return params
+
+
+def build_request(
+    model: er.Model, flags: dict[str, Any], provider: str = "cpu", threads: int | None = None
+) -> tuple[er.GenerationConfig, er.Flows]:
+    """The request's configs from command-line flags over the manifest's generation defaults (validated when the
+    manifest was loaded: a bad default is the folder's error, not a flag's), through the runtime's one
+    parameters-to-configs function. A second model (draft, contrast) gets the target's context and does not spin.
+    """
+
+    def load(path: str) -> er.Model:
+        return load_model(path, provider, threads, spin=False, ctx_size=model.context_length)
+
+    params = {**request_params(model, flags), **flow_params(flags)}
+    return er.from_params(params, model.manifest.generation_defaults, load)
+
+
+def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
+    """The GenerationConfig of a command without flows (chat, bench)."""
+    return build_request(model, flags)[0]
 
 
 def load_model(

@@ -10,8 +10,7 @@ import click
 import edgeroute as er
 
 from .options import (
-    build_config,
-    flow_kwargs,
+    build_request,
     flow_options,
     generation_options,
     load_model,
@@ -108,13 +107,12 @@ def run(
     """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'."""
     text = read_prompt(prompt)
     model = load_model(model_path, provider, threads, spin=not needs_second_model(flags), ctx_size=ctx_size)
-    flows = flow_kwargs(model, flags, provider, threads)
-    config = build_config(model, flags)
+    config, flows = build_request(model, flags, provider, threads)
     ids = prompt_ids(model, text, chat, system)
     seed = config.sampling.seed
     for i in range(samples):
         cfg = config if seed is None else config.replace(sampling=config.sampling.replace(seed=seed + i))
-        gen = model.generator(cfg, **flows)
+        gen = model.generator(cfg, flows)
         gen.append(ids)
         if as_json:
             click.echo(json.dumps(completion_json(gen.run(), i), ensure_ascii=False))

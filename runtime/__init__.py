@@ -26,6 +26,7 @@ from .generator import Generator
 from .kv_cache import KVCache
 from .manifest import Manifest
 from .model import Model
+from .request import Flows, from_params
 from .sampling import Distribution, Router, make_chain
 from .session import available_providers
 from .tokenizer import Tokenizer
@@ -43,6 +44,7 @@ __all__ = [
     "EdgerouteError",
     "ExportError",
     "ExportValidationError",
+    "Flows",
     "GenerationConfig",
     "Generator",
     "InferenceError",
@@ -59,5 +61,6 @@ __all__ = [
     "Tokenizer",
     "Usage",
     "available_providers",
+    "from_params",
     "make_chain",
 ]

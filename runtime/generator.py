@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from . import routing
 from .config import GenerationConfig
 from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
 from .kv_cache import left_padded
+from .request import Flows
 from .track import Completion, Step, Track, Usage
 
 if TYPE_CHECKING:
@@ -33,31 +34,24 @@ class Generator:
     yields :class:`Step` objects until a stop token, a stop string or the length limit; ``rewind(n)`` removes
     the last n tokens; ``usage`` sums counts and timings.
 
-    Level-1 flows (README, "Two-level routing"), at most one kind per generator:
-        draft: a second :class:`Model` with the same tokenizer, or ``"ngram"`` (prompt lookup): speculative
-            decoding with ``draft_k`` proposals per round (``adaptive_k`` adapts k to the acceptance).
-        guidance: the weight w of classifier-free guidance against ``negative_prompt`` (text or ids; default:
-            an empty context, the BOS token). ``w = 1`` is exactly single-stream generation.
-        contrast: a smaller :class:`Model` for contrastive decoding with weight ``contrast_alpha`` over the
-            plausible set ``p >= contrast_beta * p_max``.
+    Level-1 flows (README, "Two-level routing"), at most one kind per generator, come as a :class:`Flows`
+    (``flows=``), or as its fields by keyword (``draft=``, ``draft_k=``, ``adaptive_k=``, ``guidance=``,
+    ``negative_prompt=``, ``contrast=``, ``contrast_alpha=``, ``contrast_beta=``).
     """
 
-    def __init__(
-        self,
-        model: Model,
-        config: GenerationConfig,
-        *,
-        draft: Model | str | None = None,
-        draft_k: int = 4,
-        adaptive_k: bool = False,
-        guidance: float | None = None,
-        negative_prompt: str | Sequence[int] | None = None,
-        contrast: Model | None = None,
-        contrast_alpha: float = 0.5,
-        contrast_beta: float = 0.1,
-    ) -> None:
+    def __init__(self, model: Model, config: GenerationConfig, flows: Flows | None = None, **flow_fields: Any) -> None:
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
+        if flow_fields:
+            if flows is not None:
+                raise ConfigError("flows", sorted(flow_fields), "give a Flows or its fields, not both")
+            unknown = sorted(set(flow_fields) - set(Flows.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(unknown[0], flow_fields[unknown[0]], "is not a flow setting")
+            flows = Flows(**flow_fields)
+        flows = flows or Flows()
+        if not isinstance(flows, Flows):
+            raise ConfigError("flows", flows, "must be a Flows")
         self._busy = threading.Lock()  # held by a call in progress: a second thread's call raises
         self.model = model
         self.config = config
@@ -70,15 +64,10 @@ class Generator:
         self._queue: deque[Step] = deque()
         self.usage = Usage()
         self._t_turn = 0.0
-        self._drafter, self._k = _make_drafter(model, draft, draft_k, adaptive_k)
-        self._guidance, self._negative, self._neg_stream = _make_guidance(model, config, guidance, negative_prompt)
-        self._contrast = _make_contrast(model, contrast, contrast_alpha, contrast_beta)
-        if sum(x is not None for x in (self._drafter, self._guidance, self._contrast)) > 1:
-            raise ConfigError(
-                "flows",
-                "draft/guidance/contrast",
-                "use one of speculative decoding, guidance or contrast per generator",
-            )
+        self.flows = flows
+        self._drafter, self._k = _make_drafter(model, flows)
+        self._guidance, self._negative, self._neg_stream = _make_guidance(model, config, flows)
+        self._contrast = _make_contrast(model, flows)
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -280,7 +269,6 @@ class Generator:
         self._track.replay(turn.generated[: len(turn.generated) - lost])
 
 
-GUIDANCE_LIMIT = 100.0  # |w| beyond this scales the logit difference past anything useful, towards float32 overflow
 _BUSY = (
     "this Generator is in use by another thread: a Generator holds one sequence; give each thread its own"
     " (model.generator(...)), the Model is shared"
@@ -307,15 +295,12 @@ def _same_tokenizer(a: Model, b: Model) -> bool:
     return a.vocab_size == b.vocab_size and a.tokenizer.backend.get_vocab() == b.tokenizer.backend.get_vocab()
 
 
-def _make_drafter(
-    model: Model, draft: Model | str | None, k: int, adaptive: bool
-) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
-    ak = routing.AdaptiveK(k, adaptive)
+def _make_drafter(model: Model, flows: Flows) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
+    ak = routing.AdaptiveK(flows.draft_k, flows.adaptive_k)
+    draft = flows.draft
     if draft is None:
         return None, ak
-    if isinstance(draft, str):
-        if draft != "ngram":
-            raise ConfigError("draft", draft, "must be a Model or 'ngram'")
+    if isinstance(draft, str):  # "ngram" (Flows checked it)
         return routing.NgramDrafter(), ak
     if model.manifest.logits == "last":
         raise ConfigError("draft", "model", "the target graph returns only the last position's logits")
@@ -325,14 +310,11 @@ def _make_drafter(
 
 
 def _make_guidance(
-    model: Model, config: GenerationConfig, scale: float | None, negative: str | Sequence[int] | None
+    model: Model, config: GenerationConfig, flows: Flows
 ) -> tuple[float | None, list[int], routing.Stream | None]:
+    scale, negative = flows.guidance, flows.negative_prompt
     if scale is None:
-        if negative is not None:
-            raise ConfigError("negative_prompt", negative, "needs guidance (a weight w)")
         return None, [], None
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not -GUIDANCE_LIMIT <= scale <= GUIDANCE_LIMIT:
-        raise ConfigError("guidance", scale, f"must be in [-{GUIDANCE_LIMIT:g}, {GUIDANCE_LIMIT:g}] (1 = no guidance)")
     if negative is None:
         m = model.manifest
         ids = [m.bos_token_id] if m.bos_token_id is not None else [m.eos_token_ids[0]]
@@ -345,18 +327,13 @@ def _make_guidance(
     return float(scale), ids, routing.Stream(model, config.prefill_chunk)
 
 
-def _make_contrast(
-    model: Model, small: Model | None, alpha: float, beta: float
-) -> tuple[routing.Stream, float, float] | None:
+def _make_contrast(model: Model, flows: Flows) -> tuple[routing.Stream, float, float] | None:
+    small = flows.contrast
     if small is None:
         return None
     if not _same_tokenizer(model, small):
         raise ConfigError("contrast", repr(small), "the contrast model must share the target's tokenizer")
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 10):
-        raise ConfigError("contrast_alpha", alpha, "must be a number in [0, 10]")
-    if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
-        raise ConfigError("contrast_beta", beta, "must be in (0, 1]")
-    return routing.Stream(small), float(alpha), float(beta)
+    return routing.Stream(small), float(flows.contrast_alpha), float(flows.contrast_beta)
 
 
 def generate_batch(model: Model, prompts: list[list[int]], config: GenerationConfig) -> list[Completion]:

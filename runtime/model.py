@@ -21,6 +21,7 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .generator import Completion, Generator
+    from .request import Flows
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 Prompt = str | Sequence[int]
@@ -147,16 +148,18 @@ class Model:
         return cache.step(self.session, input_ids)
 
     # -- generation ------------------------------------------------------------------------------------------
-    def generator(self, config: GenerationConfig | None = None, **flows: Any) -> Generator:
+    def generator(
+        self, config: GenerationConfig | None = None, flows: Flows | None = None, **flow_fields: Any
+    ) -> Generator:
         """A new :class:`Generator` (its own KV cache, RNG and router) for ``config``.
 
-        ``flows`` choose a level-1 route: ``draft=other_model | "ngram"`` (with ``draft_k``, ``adaptive_k``) for
-        speculative decoding, ``guidance=w`` (with ``negative_prompt``), or ``contrast=small_model`` (with
-        ``contrast_alpha``, ``contrast_beta``). See :class:`Generator`.
+        ``flows`` (a :class:`Flows`, or its fields by keyword) choose a level-1 route: ``draft=other_model |
+        "ngram"`` (with ``draft_k``, ``adaptive_k``) for speculative decoding, ``guidance=w`` (with
+        ``negative_prompt``), or ``contrast=small_model`` (with ``contrast_alpha``, ``contrast_beta``).
         """
         from .generator import Generator
 
-        return Generator(self, config or GenerationConfig(), **flows)
+        return Generator(self, config or GenerationConfig(), flows, **flow_fields)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt given as text or as ids (a list, tuple or 1-D integer array). A prompt must give
@@ -179,12 +182,18 @@ class Model:
         raise ConfigError("prompt", prompt, "must be a string or a list of token ids")
 
     @overload
-    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, **flows: Any) -> Completion: ...
+    def generate(
+        self, prompt: Prompt, config: GenerationConfig | None = None, flows: Flows | None = None, **flow_fields: Any
+    ) -> Completion: ...
 
     @overload
-    def generate(self, prompt: list[str], config: GenerationConfig | None = None, **flows: Any) -> list[Completion]: ...
+    def generate(
+        self, prompt: list[str], config: GenerationConfig | None = None, flows: Flows | None = None, **flow_fields: Any
+    ) -> list[Completion]: ...
 
-    def generate(self, prompt: Any, config: GenerationConfig | None = None, **flows: Any) -> Any:
+    def generate(
+        self, prompt: Any, config: GenerationConfig | None = None, flows: Flows | None = None, **flow_fields: Any
+    ) -> Any:
         """Generate a completion for one prompt, or a list of completions for a list of text prompts.
 
         A list of prompts runs as one batch (left padding and attention masks, one graph run per step) and
@@ -194,10 +203,10 @@ class Model:
 
         config = config or GenerationConfig()
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if flows:
-                raise ConfigError("flows", sorted(flows), "batches run single-stream")
+            if flow_fields or (flows is not None and flows.active):
+                raise ConfigError("flows", sorted(flow_fields) or flows, "batches run single-stream")
             return generate_batch(self, [self.encode_prompt(p) for p in prompt], config)
-        gen = self.generator(config, **flows)
+        gen = self.generator(config, flows, **flow_fields)
         gen.append(self.encode_prompt(prompt))
         return gen.run()
 

@@ -23,6 +23,7 @@ def test_all_matches_public_names() -> None:
         "manifest",
         "model",
         "quality",
+        "request",
         "routing",
         "sampling",
         "session",
