@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import click
 from edgeroute.export.core import BACKENDS, BLOCK_SIZES, DEVICES, DTYPES, QUANTIZE
@@ -11,7 +12,7 @@ from edgeroute.export.core import BACKENDS, BLOCK_SIZES, DEVICES, DTYPES, QUANTI
 from .options import verbose_option
 
 
-def _progress_printer():  # type: ignore[no-untyped-def]
+def _progress_printer() -> Callable[[str, str, float], None] | None:
     """One line per stage with its elapsed time, on a terminal only."""
     if not sys.stderr.isatty():
         return None

@@ -124,7 +124,7 @@ def _feed(sess: Any, ids: list[int]) -> dict[str, np.ndarray]:
     """Inputs for one prefill of ``ids`` from an empty cache, every position's logits kept (so the LM head's input
     has a row per token), for the graph forms edgeroute exports."""
     t = len(ids)
-    fixed = {
+    fixed: dict[str, np.ndarray] = {
         "input_ids": np.array([ids], dtype=np.int64),
         "attention_mask": np.ones((1, t), dtype=np.int64),
         "position_ids": np.arange(t, dtype=np.int64)[None],
@@ -132,7 +132,7 @@ def _feed(sess: Any, ids: list[int]) -> dict[str, np.ndarray]:
         "total_sequence_length": np.array(t, dtype=np.int32),
         "logits_to_keep": np.array([t], dtype=np.int64),
     }
-    feed = {}
+    feed: dict[str, np.ndarray] = {}
     for i in sess.get_inputs():
         if i.name in fixed:
             feed[i.name] = fixed[i.name]

@@ -160,7 +160,7 @@ def export_model(
     _require_stack()
     from . import sources
 
-    sources.resolve(source)  # fail fast on a bad source, before anything heavy
+    sources.resolve(os.fspath(source))  # fail fast on a bad source, before anything heavy
     if device == "cuda":
         import torch
 

@@ -208,6 +208,7 @@ def build_fused(model: Any, path: Path, max_positions: int) -> dict[str, Any]:
     bld.node("Neg", [KEEP], ["keep/start"], "keep/Neg")
     for name in ("residual", "pending"):
         src = residual if name == "residual" else pending
+        assert src is not None  # the last block left its output pending
         bld.node("Slice", [src, "keep/start", "keep.end", "keep.axis"], [f"keep/{name}"], f"keep/Slice_{name}")
     residual, pending = "keep/residual", "keep/pending"
     x = norm(model.model.norm.weight, "final_norm")

@@ -130,7 +130,7 @@ def _load_checkpoint(path: Path, device: str) -> tuple[Any, Any, str]:
         model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
     except Exception as e:
         raise ExportError(f"cannot load the checkpoint {path}: {_first_line(e)} (corrupt or incomplete?)") from e
-    return model.to(device).eval(), tok, model_type
+    return model.to(device).eval(), tok, model_type  # type: ignore[arg-type]  # transformers types .to() badly
 
 
 def load_source(source: str | Path, base: str | Path | None = None, device: str = "cpu") -> Source:
@@ -202,4 +202,4 @@ def _load_gguf(path: Path, device: str) -> Source:
     # the file's own tokenizer.ggml.*_token_id metadata is authoritative.
     for role, token_id in special.items():
         setattr(tok, role, tok.convert_ids_to_tokens(token_id))
-    return Source(model.to(device).eval(), tok, "gguf", str(path), model.config.model_type)
+    return Source(model.to(device).eval(), tok, "gguf", str(path), model.config.model_type)  # type: ignore[arg-type]

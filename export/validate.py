@@ -85,7 +85,8 @@ def validate(
     strict = precision == "fp32" and not quantized
     tok = model.tokenizer
     report: dict[str, Any] = {"prompts": len(PROMPTS)}
-    diffs, greedy = [], []
+    diffs: list[float] = []
+    greedy: list[dict[str, Any]] = []
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         ref = _torch_logits(torch_model, ids)

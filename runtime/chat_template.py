@@ -202,7 +202,7 @@ def _strftime_now(fmt: str) -> str:
 def _compile(template: str) -> jinja2.Template:
     env = _Environment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.filters = {name: _bounded(f) for name, f in env.filters.items()}  # type: ignore[assignment]
+    env.filters = {name: _bounded(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["range"] = _counting_range

@@ -281,7 +281,7 @@ def _valid_unicode(text: str) -> bool:
     return True
 
 
-class _FrozenDict(dict):  # type: ignore[type-arg]
+class _FrozenDict(dict[int, float]):
     """A read-only dict, so a frozen config cannot be changed through its ``logit_bias``."""
 
     def _ro(self, *a: Any, **k: Any) -> None:

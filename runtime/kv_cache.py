@@ -98,7 +98,7 @@ class KVCache:
         empty = np.zeros(shape, dtype=np.dtype(manifest.kv_dtype))
         self._layers: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * manifest.num_layers
         m = manifest
-        self._in = (m.inputs["input_ids"], m.inputs.get("attention_mask"), m.inputs.get("position_ids"))
+        self._in = (str(m.inputs["input_ids"]), str(m.inputs["attention_mask"]), m.inputs.get("position_ids"))
         self._in_keep = m.inputs.get("logits_to_keep") if m.logits == "keep" else None
         self._outputs = [m.outputs["logits"], *self.output_names()]
 
@@ -117,7 +117,7 @@ class KVCache:
         in_ids, in_mask, in_pos = self._in
         if attention_mask is None:
             attention_mask = np.ones((b, past + n), dtype=np.int64)
-        feeds: dict[str, np.ndarray] = {in_ids: ids, str(in_mask): attention_mask}
+        feeds: dict[str, np.ndarray] = {in_ids: ids, in_mask: attention_mask}
         if in_pos:
             if position_ids is None:
                 position_ids = np.broadcast_to(np.arange(past, past + n, dtype=np.int64), (b, n))
@@ -327,16 +327,16 @@ class SharedBinding:
             value = ort.OrtValue.ortvalue_from_numpy(buf)
             io.bind_ortvalue_input(name, value)
             io.bind_ortvalue_output(out, value)
-        self.names = (m.inputs["input_ids"], m.outputs["logits"])
+        self.names = (str(m.inputs["input_ids"]), m.outputs["logits"])
         self.seqlens = np.zeros(cache.batch_size, dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
         self.keep = np.ones(1, dtype=np.int64)
-        for name, arr in (
+        for small, arr in (  # the manifest checked that shared graphs name these three
             (m.inputs["seqlens_k"], self.seqlens),
             (m.inputs["total_sequence_length"], self.total),
             (m.inputs["logits_to_keep"], self.keep),
         ):
-            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+            io.bind_ortvalue_input(str(small), ort.OrtValue.ortvalue_from_numpy(arr))
         self.vocab = m.vocab_size
         self.ids: np.ndarray | None = None
         self.logits: np.ndarray | None = None

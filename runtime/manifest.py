@@ -186,7 +186,7 @@ class Manifest:
         layout = data.get("kv_layout", "concat")
         if layout not in KV_LAYOUTS:
             raise bad("kv_layout", f"must be one of {', '.join(KV_LAYOUTS)}")
-        needed = ("input_ids", "past_key", "past_value")
+        needed: tuple[str, ...] = ("input_ids", "past_key", "past_value")
         needed += SHARED_INPUTS if layout == "shared" else ("attention_mask",)
         for key in needed:
             if not inputs.get(key):

@@ -43,10 +43,10 @@ class Stream:
         self.chunk = chunk
         self._logits: np.ndarray | None = None
 
-    def sync(self, tokens: Sequence[int]) -> np.ndarray:
-        if len(tokens) == 0:
+    def sync(self, sequence: Sequence[int] | np.ndarray) -> np.ndarray:
+        if len(sequence) == 0:
             raise ConfigError("tokens", [], "a stream needs at least one token")
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = np.asarray(sequence, dtype=np.int64)
         common = common_prefix(self.fed, tokens)
         if common == len(tokens) == len(self.fed) and self._logits is not None:
             return self._logits

@@ -465,9 +465,9 @@ class Router:
             return token
         ids, cand = self._top_k(x)
         if ids is not None and len(ids) <= _FEW and cfg.typical_p >= 1.0:
-            token = self._pick_few(ids, cand, rng)
-            if token is not None:
-                return token
+            few = self._pick_few(ids, cand, rng)
+            if few is not None:
+                return few
         _check_top(float(cand.max()) if len(cand) else -math.inf)
         ids, cand = self._after_top_k(ids, cand)
         j = draw(_weights(cand), rng)
