@@ -1,10 +1,17 @@
 """A tiny synthetic decoder as an ONNX graph, with its manifest and a byte-level BPE tokenizer.
 
-The graph has the input/output contract of optimum's ``text-generation-with-past`` export (``input_ids``,
+Two graph forms, as edgeroute's two KV layouts (``write_tiny_model(..., kv_layout=...)``):
+
+``"concat"`` (default): the input/output contract of optimum's ``text-generation-with-past`` export (``input_ids``,
 ``attention_mask``, optional ``position_ids``, ``past_key_values.N.key/value`` -> ``logits``,
 ``present.N.key/value``), real causal attention over the KV cache with padding masks, learned position
 embeddings (from ``position_ids``, or derived from the attention mask inside the graph when the graph has no
-``position_ids`` input), and deterministic random weights. Built in milliseconds with no torch.
+``position_ids`` input), and deterministic random weights.
+
+``"shared"``: the contract of edgeroute's fused export, the runtime's default decode path: onnxruntime's
+``GroupQueryAttention`` with rotary embeddings over one past/present buffer per layer that the runtime binds to
+both (``seqlens_k``, ``total_sequence_length``, ``logits_to_keep`` inputs, no mask), a packed Q|K|V projection,
+the LM head on the last ``logits_to_keep`` positions only. Both are built in milliseconds with no torch.
 """
 
 from __future__ import annotations
@@ -188,6 +195,88 @@ def build_graph(
     return model
 
 
+def build_shared_graph(
+    vocab: int,
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_size: int,
+    context_length: int,
+    seed: int,
+    logit_scale: float,
+) -> onnx.ModelProto:
+    """The shared-KV decoder graph (see the module docstring); ``head_size`` a multiple of 16 (GQA's rotary)."""
+    rng = np.random.default_rng(seed)
+    h, dh = num_kv_heads, head_size
+    d = h * dh
+    f = np.float32
+    inv = 1.0 / (10000.0 ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+    angles = np.outer(np.arange(context_length, dtype=np.float64), inv)
+    inits = [
+        _t("emb", rng.normal(0, 1, (vocab, d)).astype(f)),
+        _t("lm", (rng.normal(0, 1, (d, vocab)) * logit_scale / np.sqrt(d)).astype(f)),
+        _t("cos", np.cos(angles).astype(f)),
+        _t("sin", np.sin(angles).astype(f)),
+        _t("keep_end", np.array([2**62], np.int64)),
+        _t("axis1", np.array([1], np.int64)),
+    ]
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x0"], name="embed")]
+    ins = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
+    ]
+    outs = []
+    x = "x0"
+    for i in range(num_layers):
+        inits += [
+            _t(f"wqkv{i}", rng.normal(0, 1 / np.sqrt(d), (d, 3 * d)).astype(f)),
+            _t(f"wo{i}", rng.normal(0, 1 / np.sqrt(d), (d, d)).astype(f)),
+            _t(f"w1_{i}", rng.normal(0, 1 / np.sqrt(d), (d, 2 * d)).astype(f)),
+            _t(f"w2_{i}", rng.normal(0, 1 / np.sqrt(2 * d), (2 * d, d)).astype(f)),
+        ]
+        past, present = (
+            [f"past_key_values.{i}.{k}" for k in ("key", "value")],
+            [f"present.{i}.{k}" for k in ("key", "value")],
+        )
+        kv_dims = ["batch", h, "kv_length", dh]
+        ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in past]
+        outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in present]
+        nodes += [
+            helper.make_node("MatMul", [x, f"wqkv{i}"], [f"qkv{i}"], name=f"qkv{i}"),
+            helper.make_node(
+                "GroupQueryAttention",
+                [f"qkv{i}", "", "", *past, "seqlens_k", "total_sequence_length", "cos", "sin"],
+                [f"att{i}", *present],
+                name=f"gqa{i}",
+                domain="com.microsoft",
+                num_heads=h,
+                kv_num_heads=h,
+                do_rotary=1,
+            ),
+            helper.make_node("MatMul", [f"att{i}", f"wo{i}"], [f"o{i}"], name=f"o{i}"),
+            helper.make_node("Add", [x, f"o{i}"], [f"xa{i}"], name=f"xa{i}"),
+            helper.make_node("MatMul", [f"xa{i}", f"w1_{i}"], [f"m1_{i}"], name=f"m1_{i}"),
+            helper.make_node("Tanh", [f"m1_{i}"], [f"m1t_{i}"], name=f"m1t_{i}"),
+            helper.make_node("MatMul", [f"m1t_{i}", f"w2_{i}"], [f"m2_{i}"], name=f"m2_{i}"),
+            helper.make_node("Add", [f"xa{i}", f"m2_{i}"], [f"xm{i}"], name=f"xm{i}"),
+        ]
+        x = f"xm{i}"
+    nodes += [
+        helper.make_node("Neg", ["logits_to_keep"], ["keep_start"], name="keep_start"),
+        helper.make_node("Slice", [x, "keep_start", "keep_end", "axis1"], ["x_kept"], name="keep"),
+        helper.make_node("MatMul", ["x_kept", "lm"], ["logits"], name="lm_head"),
+    ]
+    outs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", vocab]))
+    graph = helper.make_graph(nodes, "tiny_shared_decoder", ins, outs, inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8
+    return model
+
+
 def manifest_dict(
     vocab: int,
     tok: Tokenizer,
@@ -236,10 +325,20 @@ def write_tiny_model(folder: str | Path, **kw: Any) -> Path:
     geometry = {k: kw.pop(k, v) for k, v in GEOMETRY.items()}
     weights = {k: kw.pop(k, v) for k, v in WEIGHTS.items()}
     chat_template = kw.pop("chat_template", CHATML)
+    layout = kw.pop("kv_layout", "concat")
     if kw:
         raise TypeError(f"unknown tiny-model options {sorted(kw)}")
-    onnx.save(build_graph(vocab, **geometry, **weights), str(folder / "model.onnx"))
+    if layout == "shared":
+        geometry["head_size"] = max(16, geometry["head_size"])  # GroupQueryAttention's rotary
+        shared = {k: geometry[k] for k in ("num_layers", "num_kv_heads", "head_size", "context_length")}
+        onnx.save(build_shared_graph(vocab, **shared, **weights), str(folder / "model.onnx"))
+    else:
+        onnx.save(build_graph(vocab, **geometry, **weights), str(folder / "model.onnx"))
     tok.save(str(folder / "tokenizer.json"))
     manifest = manifest_dict(vocab, tok, **geometry, chat_template=chat_template)
+    if layout == "shared":
+        none = dict.fromkeys(("attention_mask", "position_ids"))
+        names = {n: n for n in ("seqlens_k", "total_sequence_length", "logits_to_keep")}
+        manifest.update(inputs={**none, **names}, logits="keep", kv_layout="shared")
     (folder / "edgeroute.json").write_text(json.dumps(manifest, indent=2))
     return folder
