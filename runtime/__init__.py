@@ -26,11 +26,11 @@ from .generator import Generator
 from .kv_cache import KVCache
 from .manifest import Manifest
 from .model import Model
+from .output import Completion, Step, TokenLogprob, Usage
 from .request import Flows, from_params
 from .sampling import Distribution, Router, make_chain
 from .session import available_providers
 from .tokenizer import Tokenizer
-from .track import Completion, Step, TokenLogprob, Usage
 
 __all__ = [
     "__version__",

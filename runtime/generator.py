@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import routing
+from .choice import TokenChooser
 from .config import GenerationConfig
 from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
 from .kv_cache import left_padded
+from .output import Completion, Step, TurnOutput, Usage
 from .request import Flows
-from .track import Completion, Step, Track, Usage
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .protocols import ModelLike
 
 
 class Generator:
@@ -39,7 +40,9 @@ class Generator:
     ``negative_prompt=``, ``contrast=``, ``contrast_alpha=``, ``contrast_beta=``).
     """
 
-    def __init__(self, model: Model, config: GenerationConfig, flows: Flows | None = None, **flow_fields: Any) -> None:
+    def __init__(
+        self, model: ModelLike, config: GenerationConfig, flows: Flows | None = None, **flow_fields: Any
+    ) -> None:
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
         if flow_fields:
@@ -59,8 +62,9 @@ class Generator:
         self._ids = np.zeros(model.context_length, dtype=np.int64)
         self._n = 0
         self._logits: np.ndarray | None = None
-        self._track = Track(model, config, np.random.default_rng(config.sampling.seed))
-        self._track.turn.finish_reason = "length"  # nothing to generate before the first append
+        self._chooser = TokenChooser(model, config, np.random.default_rng(config.sampling.seed))
+        self._out = TurnOutput(model, config)
+        self._out.turn.finish_reason = "length"  # nothing to generate before the first append
         self._queue: deque[Step] = deque()
         self.usage = Usage()
         self._t_turn = 0.0
@@ -78,11 +82,11 @@ class Generator:
     @property
     def done(self) -> bool:
         """True when the current turn has finished (call ``append`` to start another)."""
-        return self._track.done and not self._queue
+        return self._out.done and not self._queue
 
     @property
     def finish_reason(self) -> str | None:
-        return self._track.turn.finish_reason
+        return self._out.turn.finish_reason
 
     # -- feeding ---------------------------------------------------------------------------------------------
     def append(self, ids: Sequence[int]) -> None:
@@ -116,7 +120,7 @@ class Generator:
         self._n += len(arr)
         self._logits = None if len(arr) else self._logits
         self.usage.prompt_tokens += len(arr)
-        self._track.new_turn()
+        self._out.new_turn()
         self._queue.clear()
         self._t_turn = t0
         self._feed()
@@ -149,7 +153,7 @@ class Generator:
             raise ConcurrentUseError(_BUSY)
         try:
             if not self._queue:
-                if self._track.done:
+                if self._out.done:
                     raise StopIteration
                 t0 = time.perf_counter()
                 steps = self._speculate() if self._drafter is not None else None
@@ -169,7 +173,8 @@ class Generator:
         raw = self._logits
         routed = self._mixed(raw)
         t1 = time.perf_counter()
-        st = self._track.choose(routed, self._ids[: self._n], raw)
+        token = self._chooser.choose(routed, self._ids[: self._n], self._out.index)
+        st = self._out.take(token, raw)
         self.usage.router_seconds += time.perf_counter() - t1
         self._ids[self._n] = st.token_id
         self._n += 1
@@ -180,7 +185,7 @@ class Generator:
         """Level-1 mixing of the second flow, if any, into this position's logits."""
         if self._guidance is not None:
             assert self._neg_stream is not None
-            uncond = self._neg_stream.sync(self._negative + self._track.turn.generated)
+            uncond = self._neg_stream.sync(self._negative + self._out.turn.generated)
             return routing.guidance_mix(logits, uncond, self._guidance)
         if self._contrast is not None:
             stream, alpha, beta = self._contrast
@@ -190,15 +195,15 @@ class Generator:
     def _speculate(self) -> list[Step] | None:
         """One speculative round: the draft proposes, the target scores all proposals in one pass, rejection
         sampling keeps an exact prefix plus one token. None when there is nothing to propose."""
-        tr, cache = self._track, self.cache
-        index = len(tr.turn.generated)
+        ch, out, cache = self._chooser, self._out, self.cache
+        index = out.index
         k = min(self._k.k, self.config.max_new_tokens - index - 1)
         if k < 1 or self._n == 0:
             return None
         seq = self._ids[: self._n]
         t1 = time.perf_counter()
         assert self._drafter is not None
-        proposals, q_rows = routing.propose(self._drafter, seq, k, tr.dense, tr.rng, index, self.model.vocab_size)
+        proposals, q_rows = routing.propose(self._drafter, seq, k, ch.dense, ch.rng, index, self.model.vocab_size)
         if not proposals:
             return None
         k = len(proposals)
@@ -212,15 +217,15 @@ class Generator:
             feed = np.concatenate([self._ids[cache.length : base], proposals])
             rows = list(self.model.forward_last(feed[None], cache, k + 1)[0])
         hist = np.concatenate([seq, proposals])
-        p_rows = [tr.dense(rows[i], hist[: base + i], index + i) for i in range(k + 1)]
-        accepted, token = routing.verify(p_rows, q_rows, proposals, tr.rng)
+        p_rows = [ch.dense(rows[i], hist[: base + i], index + i) for i in range(k + 1)]
+        accepted, token = routing.verify(p_rows, q_rows, proposals, ch.rng)
         self.usage.draft_proposed += k
         self.usage.draft_accepted += accepted
         self._k.update(k, accepted)
         self.usage.router_seconds += time.perf_counter() - t1
         steps = []
         for i, tok in enumerate([*proposals[:accepted], token]):
-            steps.append(tr.take(tok, rows[i]))
+            steps.append(out.take(tok, rows[i]))
             self._ids[base + i] = tok
             if steps[-1].finish_reason:
                 break
@@ -242,7 +247,7 @@ class Generator:
 
     def completion(self) -> Completion:
         """The current turn as a :class:`Completion` (what was generated since the last ``append``)."""
-        return self._track.completion(self.usage)
+        return self._out.completion(self.usage)
 
     def rewind(self, n: int) -> None:
         """Remove the last ``n`` tokens of the sequence; generation continues from there.
@@ -264,9 +269,9 @@ class Generator:
         if self.cache.length > self._n:
             self.cache.trim(self.cache.length - self._n)
         self._logits = None
-        turn = self._track.turn
+        turn = self._out.turn
         lost = min(n, len(turn.generated))
-        self._track.replay(turn.generated[: len(turn.generated) - lost])
+        self._out.replay(turn.generated[: len(turn.generated) - lost])
 
 
 _BUSY = (
@@ -291,11 +296,13 @@ class _Exclusive:
         self._lock.release()
 
 
-def _same_tokenizer(a: Model, b: Model) -> bool:
+def _same_tokenizer(a: ModelLike, b: ModelLike) -> bool:
     return a.vocab_size == b.vocab_size and a.tokenizer.backend.get_vocab() == b.tokenizer.backend.get_vocab()
 
 
-def _make_drafter(model: Model, flows: Flows) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
+def _make_drafter(
+    model: ModelLike, flows: Flows
+) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
     ak = routing.AdaptiveK(flows.draft_k, flows.adaptive_k)
     draft = flows.draft
     if draft is None:
@@ -310,7 +317,7 @@ def _make_drafter(model: Model, flows: Flows) -> tuple[routing.NgramDrafter | ro
 
 
 def _make_guidance(
-    model: Model, config: GenerationConfig, flows: Flows
+    model: ModelLike, config: GenerationConfig, flows: Flows
 ) -> tuple[float | None, list[int], routing.Stream | None]:
     scale, negative = flows.guidance, flows.negative_prompt
     if scale is None:
@@ -327,7 +334,7 @@ def _make_guidance(
     return float(scale), ids, routing.Stream(model, config.prefill_chunk)
 
 
-def _make_contrast(model: Model, flows: Flows) -> tuple[routing.Stream, float, float] | None:
+def _make_contrast(model: ModelLike, flows: Flows) -> tuple[routing.Stream, float, float] | None:
     small = flows.contrast
     if small is None:
         return None
@@ -336,7 +343,7 @@ def _make_contrast(model: Model, flows: Flows) -> tuple[routing.Stream, float, f
     return routing.Stream(small), float(flows.contrast_alpha), float(flows.contrast_beta)
 
 
-def generate_batch(model: Model, prompts: list[list[int]], config: GenerationConfig) -> list[Completion]:
+def generate_batch(model: ModelLike, prompts: list[list[int]], config: GenerationConfig) -> list[Completion]:
     """Generate for several prompts in one graph run per step (left padding, attention masks).
 
     Each row has its own router state and RNG (row i's seed is ``[seed, i]`` when a seed is given); rows that
@@ -353,7 +360,10 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
         if min(p) < 0 or max(p) >= model.vocab_size:
             raise ConfigError("prompt", p[:8], f"token ids must be in [0, {model.vocab_size})")
     seed = config.sampling.seed
-    tracks = [Track(model, config, np.random.default_rng(None if seed is None else [seed, i])) for i in range(b)]
+    choosers = [
+        TokenChooser(model, config, np.random.default_rng(None if seed is None else [seed, i])) for i in range(b)
+    ]
+    outputs = [TurnOutput(model, config) for _ in range(b)]
     total = width + config.max_new_tokens
     ids = np.zeros((b, total), dtype=np.int64)
     mask = np.zeros((b, total), dtype=np.int64)
@@ -367,14 +377,15 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
     ts = time.perf_counter()  # a step runs from the end of the last one: its graph run and every row's choice
     for u in usage:
         u.prefill_seconds = ts - t0
-    while not all(t.done for t in tracks):
+    while not all(o.done for o in outputs):
         active = []
-        for i, tr in enumerate(tracks):
-            if tr.done:
+        for i, out in enumerate(outputs):
+            if out.done:
                 ids[i, n] = ids[i, n - 1]
                 continue
             t1 = time.perf_counter()
-            st = tr.choose(logits[i], ids[i, starts[i] : n])
+            token = choosers[i].choose(logits[i], ids[i, starts[i] : n], out.index)
+            st = out.take(token, logits[i])
             usage[i].router_seconds += time.perf_counter() - t1
             ids[i, n] = st.token_id
             active.append(usage[i])
@@ -384,8 +395,8 @@ def generate_batch(model: Model, prompts: list[list[int]], config: GenerationCon
         ts = now
         mask[:, n] = 1
         n += 1
-        if all(t.done for t in tracks):
+        if all(o.done for o in outputs):
             break
         pos = (np.sum(mask[:, :n], axis=1, keepdims=True) - 1).astype(np.int64)
         logits = model.forward(ids[:, n - 1 : n], cache, mask[:, :n], pos)
-    return [tr.completion(u) for tr, u in zip(tracks, usage, strict=False)]
+    return [out.completion(u) for out, u in zip(outputs, usage, strict=True)]

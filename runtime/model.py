@@ -8,20 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 import numpy as np
 
 from .config import GenerationConfig
 from .errors import ConfigError, ModelLoadError
+from .generator import Completion, Generator, generate_batch
 from .kv_cache import Cache, KVCache, SharedKVCache
 from .manifest import Manifest, check_files
+from .request import Flows
 from .session import create_session
 from .tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from .generator import Completion, Generator
-    from .request import Flows
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 Prompt = str | Sequence[int]
@@ -157,8 +155,6 @@ class Model:
         "ngram"`` (with ``draft_k``, ``adaptive_k``) for speculative decoding, ``guidance=w`` (with
         ``negative_prompt``), or ``contrast=small_model`` (with ``contrast_alpha``, ``contrast_beta``).
         """
-        from .generator import Generator
-
         return Generator(self, config or GenerationConfig(), flows, **flow_fields)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -199,8 +195,6 @@ class Model:
         A list of prompts runs as one batch (left padding and attention masks, one graph run per step) and
         returns exactly what each prompt gets alone.
         """
-        from .generator import generate_batch
-
         config = config or GenerationConfig()
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             if flow_fields or (flows is not None and flows.active):

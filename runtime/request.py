@@ -26,7 +26,7 @@ from .config import GenerationConfig, SamplingConfig
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .protocols import ModelLike
 
 GUIDANCE_LIMIT = 100.0  # |w| beyond this scales the logit difference past anything useful, towards float32 overflow
 
@@ -46,12 +46,12 @@ class Flows:
     What needs the target model (a shared tokenizer, a negative prompt that fits) is checked by the Generator.
     """
 
-    draft: Model | str | None = None
+    draft: ModelLike | str | None = None
     draft_k: int = 4
     adaptive_k: bool = False
     guidance: float | None = None
     negative_prompt: str | Sequence[int] | None = None
-    contrast: Model | None = None
+    contrast: ModelLike | None = None
     contrast_alpha: float = 0.5
     contrast_beta: float = 0.1
 
@@ -110,7 +110,7 @@ PARAMETERS = frozenset(_SAMPLING | _GENERATION | _FLOWS | set(_ALIASES) | {"logp
 def from_params(
     params: Mapping[str, Any],
     defaults: Mapping[str, Any] | None = None,
-    load: Callable[[str], Model] | None = None,
+    load: Callable[[str], ModelLike] | None = None,
 ) -> tuple[GenerationConfig, Flows]:
     """The configs of one request: ``params`` (plain values; ``None`` means "not given") over ``defaults`` (a
     model's ``manifest.generation_defaults``), then edgeroute's defaults.
@@ -191,7 +191,7 @@ def _logprobs(logprobs: Any, top: Any) -> bool | int | None:
     raise ConfigError("logprobs", logprobs, "must be a bool or an integer in [0, 20]")
 
 
-def _flows(p: dict[str, Any], load: Callable[[str], Model] | None) -> Flows:
+def _flows(p: dict[str, Any], load: Callable[[str], ModelLike] | None) -> Flows:
     kw = {k: v for k, v in p.items() if k in _FLOWS}
     if kw.get("draft_k") == "auto":
         kw["draft_k"], kw["adaptive_k"] = 4, True

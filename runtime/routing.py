@@ -26,7 +26,7 @@ from .kv_cache import common_prefix
 from .sampling import draw
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .protocols import ModelLike
 
 
 class Stream:
@@ -36,7 +36,7 @@ class Stream:
     fed (the cache is sliced, nothing recomputed), feeds the rest, and returns the last position's logits.
     """
 
-    def __init__(self, model: Model, chunk: int = 512) -> None:
+    def __init__(self, model: ModelLike, chunk: int = 512) -> None:
         self.model = model
         self.cache = model.new_cache()
         self.fed = np.zeros(0, dtype=np.int64)

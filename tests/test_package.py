@@ -14,6 +14,7 @@ def test_all_matches_public_names() -> None:
     public = {n for n in dir(er) if not n.startswith("_")} - {
         "chat",
         "chat_template",
+        "choice",
         "cli",
         "config",
         "errors",
@@ -22,13 +23,14 @@ def test_all_matches_public_names() -> None:
         "kv_cache",
         "manifest",
         "model",
+        "output",
+        "protocols",
         "quality",
         "request",
         "routing",
         "sampling",
         "session",
         "tokenizer",
-        "track",
     }
     assert set(er.__all__) - {"__version__"} == public
     for name in er.__all__:

@@ -1,8 +1,9 @@
-"""Per-sequence token accounting: the result types, and ``Track``, which routes one row of logits to a token and
-turns tokens into text (streaming, stop strings, stop tokens, length, logprobs) for one sequence.
+"""What the tokens of one sequence turn into: the result types (:class:`Step`, :class:`Usage`,
+:class:`TokenLogprob`, :class:`Completion`) and :class:`TurnOutput`, which turns each chosen token into text,
+stops (stop tokens, stop strings, the length limit) and logprobs.
 
-Used by the Generator (one sequence) and by batched generation (one Track per row); the loop state (KV cache,
-token buffer, flows) stays in ``generator.py``.
+Used by the Generator (one sequence) and by batched generation (one per row); choosing the tokens is
+``choice.TokenChooser``'s, the loop state (KV cache, token buffer, flows) the Generator's.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import GenerationConfig
-from .sampling import log_softmax, make_chain
+from .sampling import log_softmax
 from .tokenizer import TextStream
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .protocols import ModelLike
 
 
 @dataclass(frozen=True)
@@ -116,19 +117,14 @@ class _Turn:
     stopped_on_token: bool = False
 
 
-class Track:
-    """Chooses tokens and turns them into text for one sequence: router, RNG, stops, logprobs.
+class TurnOutput:
+    """Turns the chosen tokens of one sequence into text, stops and logprobs, turn by turn (a turn is what was
+    generated since the last ``append``)."""
 
-    Shared by :class:`Generator` (one sequence) and :func:`generate_batch` (one track per row).
-    """
-
-    def __init__(self, model: Model, config: GenerationConfig, rng: np.random.Generator) -> None:
+    def __init__(self, model: ModelLike, config: GenerationConfig) -> None:
         self.model = model
         self.config = config
-        self.rng = rng
-        self.router = make_chain(config.sampling, model.vocab_size, model.special_ids, model.undecodable_ids)
-        self.stop_ids = frozenset(model.manifest.eos_token_ids) | frozenset(config.stop_token_ids)
-        self._stop_arr = np.array(sorted(i for i in self.stop_ids if i < model.vocab_size), dtype=np.int64)
+        self.stop_ids = stop_ids(model, config)
         self.stops = config.stop
         self._prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
         self._longest_stop = max((len(s) for s in self.stops), default=0)
@@ -141,24 +137,15 @@ class Track:
     def done(self) -> bool:
         return self.turn.finish_reason is not None
 
-    def _suppress(self, index: int) -> np.ndarray | None:
-        return self._stop_arr if index < self.config.min_new_tokens else None
-
-    def choose(self, logits: np.ndarray, history: np.ndarray, raw: np.ndarray | None = None) -> Step:
-        """Route ``logits`` (one row) to a token and account for it. ``raw`` are the model's own logits (for
-        logprobs) when the routed ones were mixed from several flows."""
-        n = len(self.turn.generated)
-        token = self.router.sample(logits, history, self.rng, n, self._suppress(n))
-        return self.take(token, logits if raw is None else raw)
+    @property
+    def index(self) -> int:
+        """How many tokens this turn has generated: the index of the next one."""
+        return len(self.turn.generated)
 
     def take(self, token: int, raw: np.ndarray) -> Step:
-        """Account for a token chosen elsewhere (speculative decoding); ``raw`` gives its logprob."""
+        """Account for the chosen ``token``; ``raw`` (the model's own logits at its position) gives its logprob."""
         lp = self._logprob(raw, token) if self.config.want_logprobs else None
         return self._accept(token, lp)
-
-    def dense(self, logits: np.ndarray, history: np.ndarray, index: int) -> np.ndarray:
-        """The exact routed distribution of the token at generated position ``index`` (dense, float64)."""
-        return self.router.distribution(logits, history, index, self._suppress(index)).dense()
 
     def _logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
         logp = log_softmax(logits)
@@ -239,3 +226,8 @@ class Track:
             self._accept(int(tok), None)
         self.turn.logprobs = logprobs
         self.turn.finish_reason = None
+
+
+def stop_ids(model: ModelLike, config: GenerationConfig) -> frozenset[int]:
+    """The ids that end a turn: the model's EOS ids and the request's ``stop_token_ids``."""
+    return frozenset(model.manifest.eos_token_ids) | frozenset(config.stop_token_ids)

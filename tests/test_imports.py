@@ -1,0 +1,57 @@
+"""The runtime's modules import one another without a cycle: every import counts (top-level, inside functions and
+under ``TYPE_CHECKING``), read from the source with ``ast``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
+
+
+def imports_of(path: Path) -> set[str]:
+    """The runtime modules that ``path`` imports (relative imports and ``edgeroute.X`` ones)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:  # from . import x
+                found.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("edgeroute."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("edgeroute."))
+    return found
+
+
+def test_no_import_cycle_between_runtime_modules() -> None:
+    modules = {p.stem for p in RUNTIME.glob("*.py") if p.stem != "__init__"}
+    graph = {m: imports_of(RUNTIME / f"{m}.py") & modules for m in modules}
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycle = path[path.index(n) :] + [n]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m)
+    assert graph["generator"] and "model" not in graph["generator"]  # the reader saw the imports
+
+
+def test_the_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
+    src = "from .a import x\nfrom . import b\nimport edgeroute.c\nif TYPE_CHECKING:\n    from .d import y\n"
+    src += "def f():\n    from edgeroute.e import z\n"
+    probe = tmp_path / "probe.py"
+    probe.write_text(src)
+    assert imports_of(probe) == {"a", "b", "c", "d", "e"}
