@@ -29,7 +29,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float, not a bool (the configs' test for a number; the manifest and requests use it too)."""
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
@@ -101,12 +102,14 @@ class SamplingConfig:
         _plain_fields(self, _SAMPLING_NUMBERS)
         t = self.temperature
         lo, hi = TEMPERATURE_RANGE
-        _check(_is_num(t) and (t == 0 or lo <= t <= hi), "temperature", t, f"must be 0 (greedy) or in [{lo:g}, {hi:g}]")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 0 (0 = off)")
-        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1] (1 = off)")
-        _check(_is_num(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p, "must be in [0, 1) (0 = off)")
         _check(
-            _is_num(self.typical_p) and 0 < self.typical_p <= 1,
+            is_number(t) and (t == 0 or lo <= t <= hi), "temperature", t, f"must be 0 (greedy) or in [{lo:g}, {hi:g}]"
+        )
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 0 (0 = off)")
+        _check(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1] (1 = off)")
+        _check(is_number(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p, "must be in [0, 1) (0 = off)")
+        _check(
+            is_number(self.typical_p) and 0 < self.typical_p <= 1,
             "typical_p",
             self.typical_p,
             "must be in (0, 1] (1 = off)",
@@ -114,10 +117,10 @@ class SamplingConfig:
         _check(_is_int(self.min_keep) and self.min_keep >= 1, "min_keep", self.min_keep, "must be an integer >= 1")
         lo, hi = REPETITION_RANGE
         r = self.repetition_penalty
-        _check(_is_num(r) and lo <= r <= hi, "repetition_penalty", r, f"must be in [{lo:g}, {hi:g}] (1 = off)")
+        _check(is_number(r) and lo <= r <= hi, "repetition_penalty", r, f"must be in [{lo:g}, {hi:g}] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            _check(_is_num(v) and -2 <= v <= 2, name, v, "must be in [-2, 2] (0 = off)")
+            _check(is_number(v) and -2 <= v <= 2, name, v, "must be in [-2, 2] (0 = off)")
         _check(
             _is_int(self.penalty_last_n) and self.penalty_last_n >= -1,
             "penalty_last_n",
@@ -129,14 +132,14 @@ class SamplingConfig:
         for k, v in self.logit_bias.items():
             k, v = _plain(k), _plain(v)
             _check(_is_int(k) and k >= 0, "logit_bias", {k: v}, "token ids must be integers >= 0")
-            ok = v == -math.inf or (_is_num(v) and -BIAS_LIMIT <= v <= BIAS_LIMIT)
+            ok = v == -math.inf or (is_number(v) and -BIAS_LIMIT <= v <= BIAS_LIMIT)
             _check(ok, "logit_bias", {k: v}, f"bias must be in [-{BIAS_LIMIT:g}, {BIAS_LIMIT:g}] or -inf (ban)")
             bias[int(k)] = float(v)
         object.__setattr__(self, "logit_bias", _FrozenDict(bias))
-        _check(_is_num(self.explore) and 0 <= self.explore <= 1, "explore", self.explore, "must be in [0, 1]")
+        _check(is_number(self.explore) and 0 <= self.explore <= 1, "explore", self.explore, "must be in [0, 1]")
         if self.explore_end is not None:
             e = self.explore_end
-            _check(_is_num(e) and 0 <= e <= 1, "explore_end", e, "must be in [0, 1]")
+            _check(is_number(e) and 0 <= e <= 1, "explore_end", e, "must be in [0, 1]")
         _check(
             _is_int(self.explore_steps) and self.explore_steps >= 0,
             "explore_steps",

@@ -326,9 +326,7 @@ def _make_guidance(
         m = model.manifest
         ids = [m.bos_token_id] if m.bos_token_id is not None else [m.eos_token_ids[0]]
     else:
-        ids = model.encode_prompt(negative)
-        if not ids:
-            raise ConfigError("negative_prompt", negative, "encodes to no tokens")
+        ids = model.encode_prompt(negative)  # refuses a prompt that gives no token
     if len(ids) + config.max_new_tokens > model.context_length:
         raise ContextOverflowError(len(ids) + config.max_new_tokens, model.context_length, "negative prompt")
     return float(scale), ids, routing.Stream(model, config.prefill_chunk)

@@ -8,12 +8,12 @@ anywhere: the names come from here.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import GenerationConfig, SamplingConfig, is_number
 from .errors import ConfigError, ManifestError, ModelLoadError
 
 MANIFEST_NAME = "edgeroute.json"
@@ -225,10 +225,6 @@ class Manifest:
         return cls(**kwargs)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_quantization(q: Any, source: str) -> None:
     if q.get("method") not in QUANT_METHODS:
         raise ManifestError(
@@ -243,8 +239,6 @@ def _check_quantization(q: Any, source: str) -> None:
 def _check_generation_defaults(defaults: dict[str, Any], source: str) -> None:
     """The checkpoint's defaults must make valid configs: a bad one is the folder's fault, named as such (not as if
     it were a flag the user gave)."""
-    from .config import GenerationConfig, SamplingConfig
-
     sampling_keys = set(SamplingConfig.__dataclass_fields__) - {"logit_bias", "seed"}
     generation_keys = {"max_new_tokens", "min_new_tokens", "stop"}
     unknown = sorted(set(defaults) - sampling_keys - generation_keys)
@@ -265,12 +259,12 @@ _PROVENANCE: dict[str, tuple[Any, str]] = {
     "backend": (lambda v: v in ("fused", "optimum"), "'fused' or 'optimum'"),
     "versions": (lambda v: isinstance(v, dict), "an object"),
     "validation": (lambda v: isinstance(v, dict), "an object"),
-    "validation.max_abs_logit_diff": (_is_number, "a number"),
+    "validation.max_abs_logit_diff": (is_number, "a number"),
     "validation.greedy_identical": (lambda v: isinstance(v, bool), "true or false"),
     "validation.greedy_tokens": (lambda v: _pos_int(v), "a positive integer"),
     "validation.quality": (lambda v: isinstance(v, dict), "an object"),
     **{
-        f"validation.quality.{k}": (_is_number, "a number")
+        f"validation.quality.{k}": (is_number, "a number")
         for k in ("top1_agreement", "perplexity", "perplexity_reference", "perplexity_change_pct", "tokens")
     },
     "validation.quality.reference_top1": (

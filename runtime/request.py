@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from .config import GenerationConfig, SamplingConfig
+from .config import GenerationConfig, SamplingConfig, is_number
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -65,15 +65,15 @@ class Flows:
             raise ConfigError("adaptive_k", self.adaptive_k, "must be true or false")
         w = self.guidance
         if w is not None:
-            if not _number(w) or not -GUIDANCE_LIMIT <= w <= GUIDANCE_LIMIT:
+            if not is_number(w) or not -GUIDANCE_LIMIT <= w <= GUIDANCE_LIMIT:
                 raise ConfigError("guidance", w, f"must be in [-{GUIDANCE_LIMIT:g}, {GUIDANCE_LIMIT:g}] (1 = off)")
             object.__setattr__(self, "guidance", float(w))
         elif self.negative_prompt is not None:
             raise ConfigError("negative_prompt", self.negative_prompt, "needs guidance (a weight w)")
         a, b = self.contrast_alpha, self.contrast_beta
-        if not (_number(a) and 0 <= a <= 10):
+        if not (is_number(a) and 0 <= a <= 10):
             raise ConfigError("contrast_alpha", a, "must be a number in [0, 10]")
-        if not (_number(b) and 0 < b <= 1):
+        if not (is_number(b) and 0 < b <= 1):
             raise ConfigError("contrast_beta", b, "must be in (0, 1]")
         kinds = [name for name, on in self._kinds().items() if on]
         if len(kinds) > 1:
@@ -90,10 +90,6 @@ class Flows:
     def active(self) -> bool:
         """True when a second flow is in use."""
         return any(self._kinds().values())
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
 _ALIASES = {  # OpenAI/vLLM name -> edgeroute's
