@@ -1,5 +1,6 @@
-"""Choosing the tokens of one sequence: :class:`TokenChooser` holds the request's router (``sampling.Router``) and
-its own random generator, and suppresses the stop tokens until ``min_new_tokens`` were generated."""
+"""Choosing the tokens of one sequence: :class:`TokenChooser` holds the request's router (``sampling.Router``, its
+chain suppressing the stop tokens until ``min_new_tokens`` were generated) and its own random generator, and
+tells the router which tokens the sequence commits to."""
 
 from __future__ import annotations
 
@@ -21,18 +22,30 @@ class TokenChooser:
 
     def __init__(self, model: ModelLike, config: GenerationConfig, rng: np.random.Generator) -> None:
         self.rng = rng
-        self.router = make_chain(config.sampling, model.vocab_size, model.special_ids, model.undecodable_ids)
-        stops = stop_ids(model, config)
-        self._stops = np.array(sorted(i for i in stops if i < model.vocab_size), dtype=np.int64)
-        self._min_new = config.min_new_tokens
-
-    def _suppress(self, index: int) -> np.ndarray | None:
-        return self._stops if index < self._min_new else None
+        self.router = make_chain(
+            config.sampling,
+            model.vocab_size,
+            model.special_ids,
+            model.undecodable_ids,
+            suppress_ids=stop_ids(model, config),
+            suppress_until=config.min_new_tokens,
+        )
 
     def choose(self, logits: np.ndarray, history: np.ndarray, index: int) -> int:
         """The token for ``logits`` (one row) after ``history`` (the sequence so far, prompt included)."""
-        return self.router.sample(logits, history, self.rng, index, self._suppress(index))
+        return self.router.sample(logits, history, self.rng, index)
 
     def dense(self, logits: np.ndarray, history: np.ndarray, index: int) -> np.ndarray:
         """The exact routed distribution of the token at turn position ``index`` (dense, float64)."""
-        return self.router.distribution(logits, history, index, self._suppress(index)).dense()
+        return self.router.distribution(logits, history, index).dense()
+
+    def accept(self, token: int) -> None:
+        """The sequence committed to ``token`` (the router's stateful stages advance)."""
+        self.router.accept(token)
+
+    def restart(self, kept: list[int]) -> None:
+        """The turn starts over with ``kept`` as its generated tokens so far (a new turn: none; a rewind: what
+        remains): the router's stateful stages are reset and told them again."""
+        self.router.reset()
+        for token in kept:
+            self.router.accept(token)

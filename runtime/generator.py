@@ -121,6 +121,7 @@ class Generator:
         self._logits = None if len(arr) else self._logits
         self.usage.prompt_tokens += len(arr)
         self._out.new_turn()
+        self._chooser.restart([])
         self._queue.clear()
         self._t_turn = t0
         self._feed()
@@ -174,6 +175,7 @@ class Generator:
         routed = self._mixed(raw)
         t1 = time.perf_counter()
         token = self._chooser.choose(routed, self._ids[: self._n], self._out.index)
+        self._chooser.accept(token)
         st = self._out.take(token, raw)
         self.usage.router_seconds += time.perf_counter() - t1
         self._ids[self._n] = st.token_id
@@ -225,6 +227,7 @@ class Generator:
         self.usage.router_seconds += time.perf_counter() - t1
         steps = []
         for i, tok in enumerate([*proposals[:accepted], token]):
+            ch.accept(tok)
             steps.append(out.take(tok, rows[i]))
             self._ids[base + i] = tok
             if steps[-1].finish_reason:
@@ -271,7 +274,9 @@ class Generator:
         self._logits = None
         turn = self._out.turn
         lost = min(n, len(turn.generated))
-        self._out.replay(turn.generated[: len(turn.generated) - lost])
+        kept = turn.generated[: len(turn.generated) - lost]
+        self._out.replay(kept)
+        self._chooser.restart(list(kept))
 
 
 _BUSY = (
@@ -383,6 +388,7 @@ def generate_batch(model: ModelLike, prompts: list[list[int]], config: Generatio
                 continue
             t1 = time.perf_counter()
             token = choosers[i].choose(logits[i], ids[i, starts[i] : n], out.index)
+            choosers[i].accept(token)
             st = out.take(token, logits[i])
             usage[i].router_seconds += time.perf_counter() - t1
             ids[i, n] = st.token_id

@@ -1,25 +1,29 @@
-"""The router's second level: one vector of logits -> one token, as pure NumPy functions and a fixed chain.
+"""The router's second level: one vector of logits -> one token, as pure NumPy functions and a chain of stages.
 
-Order (HF/vLLM/OpenAI semantics)::
+The chain :func:`make_chain` builds, in order (HF/vLLM/OpenAI semantics)::
 
-    1. logit_bias (and bans, and EOS suppression before min_new_tokens)
-    2. penalties: repetition (HF, multiplicative), presence and frequency (OpenAI, additive), last N tokens
-    3. temperature (0 = greedy: argmax of the result of 1-2)
-    4. truncation: top_k -> top_p -> min_p -> typical_p, each keeping at least min_keep candidates
-    5. exploration: p' = q * uniform(allowed) + (1 - q) * p, allowed = vocabulary minus banned and special ids
-    6. draw: inverse CDF with the request's own numpy Generator
+    1. processors over the whole vector: logit_bias (and bans), stop-token suppression before min_new_tokens,
+       penalties (repetition: HF, multiplicative; presence and frequency: OpenAI, additive; last N tokens),
+       then any extra processor (a grammar constraint)
+    2. truncations over a candidate set: top_k -> temperature -> top_p -> min_p -> typical_p, each keeping at
+       least min_keep candidates (temperature 0 = greedy: the argmax of the processed logits)
+    3. exploration: p' = q * uniform(allowed) + (1 - q) * p, allowed = vocabulary minus banned and special ids
+    4. the draw: inverse CDF with the request's own numpy Generator
 
 Truncations work on a *candidate set* ``(ids, logits)`` that only shrinks (``ids is None`` means the whole
 vocabulary, in order), so after top-k every later stage touches k values, not the vocabulary. Nothing sorts the
 whole vocabulary: top-k partitions, top-p selects by a probability threshold whose kept mass proves the nucleus
 lies inside it, min-p is a comparison in logit space.
+
+Adding a stage is writing a :class:`Processor` (or a :class:`Truncation`) and putting it into the chain:
+:class:`Router` reads the stage list and keeps its fast paths only where the stages allow them.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -275,6 +279,166 @@ def _last_positive(weights: np.ndarray, j: int) -> int:
     return int(np.flatnonzero(weights > 0)[-1])
 
 
+# -- the stages ---------------------------------------------------------------------------------------------
+class Processor:
+    """A stage that edits the whole logits vector in place before truncation (bias and bans, stop-token
+    suppression, penalties; a grammar constraint is one more). ``history`` is the sequence so far (prompt
+    included) and ``index`` the position of the token being chosen in the turn (0 = its first generated token).
+
+    Subclasses override :meth:`apply` and, where they can, the hints the router's fast paths use:
+
+    - ``lowers_only``: :meth:`apply` only ever lowers values, so greedy's argmax stands unless :meth:`keeps`
+      says the stage changes it;
+    - :meth:`touched`: the positions :meth:`apply` may write, so the router writes into the caller's vector and
+      puts those values back after the draw instead of copying the vocabulary (``None``: it may write anywhere,
+      the router copies);
+    - :meth:`active`: False for a step the stage leaves alone;
+    - ``stateful``, :meth:`accept`, :meth:`reset`: a stage that keeps state between tokens (a grammar matcher)
+      is told every token the sequence commits to, and reset when a turn starts or is rewound (the kept tokens
+      of the turn are then accepted again). Speculative decoding asks for distributions at proposed tokens
+      before they are committed: a stateful stage reads what it needs of them from ``history``.
+    """
+
+    lowers_only = False
+    stateful = False
+
+    def active(self, index: int) -> bool:
+        return True
+
+    def apply(self, out: np.ndarray, history: np.ndarray, index: int) -> None:
+        raise NotImplementedError
+
+    def touched(self, history: np.ndarray, index: int) -> np.ndarray | None:
+        return None
+
+    def keeps(self, token: int, history: np.ndarray, index: int) -> bool:
+        """True when :meth:`apply` leaves ``token``'s logit as it is (asked only of ``lowers_only`` stages)."""
+        return False
+
+    def accept(self, token: int) -> None:
+        """The sequence committed to ``token`` (stateful stages)."""
+
+    def reset(self) -> None:
+        """A turn starts over (stateful stages)."""
+
+
+class LogitBias(Processor):
+    """``logit_bias`` and bans: ``bias[j]`` added at ``ids[j]`` (``-inf`` bans)."""
+
+    def __init__(self, ids: np.ndarray, bias: np.ndarray) -> None:
+        self.ids, self.bias = ids, bias
+        self.lowers_only = bool((bias <= 0).all())
+        self._set = frozenset(ids.tolist())
+
+    def apply(self, out: np.ndarray, history: np.ndarray, index: int) -> None:
+        apply_logit_bias(out, self.ids, self.bias, out)
+
+    def touched(self, history: np.ndarray, index: int) -> np.ndarray:
+        return self.ids
+
+    def keeps(self, token: int, history: np.ndarray, index: int) -> bool:
+        return token not in self._set
+
+
+class Suppress(Processor):
+    """``-inf`` at ``ids`` for the first ``until`` tokens of a turn (the stop tokens before ``min_new_tokens``)."""
+
+    lowers_only = True
+
+    def __init__(self, ids: np.ndarray, until: int) -> None:
+        self.ids, self.until = ids, until
+        self._set = frozenset(ids.tolist())
+
+    def active(self, index: int) -> bool:
+        return index < self.until
+
+    def apply(self, out: np.ndarray, history: np.ndarray, index: int) -> None:
+        out[self.ids] = -np.inf
+
+    def touched(self, history: np.ndarray, index: int) -> np.ndarray:
+        return self.ids
+
+    def keeps(self, token: int, history: np.ndarray, index: int) -> bool:
+        return token not in self._set
+
+
+class Penalties(Processor):
+    """Repetition (HF), presence and frequency (OpenAI) penalties over the last ``last_n`` tokens (-1: all)."""
+
+    def __init__(self, repetition: float, presence: float, frequency: float, last_n: int) -> None:
+        self.repetition, self.presence, self.frequency, self.last_n = repetition, presence, frequency, last_n
+
+    def window(self, history: np.ndarray) -> np.ndarray:
+        return history if self.last_n < 0 else history[-self.last_n :]
+
+    def apply(self, out: np.ndarray, history: np.ndarray, index: int) -> None:
+        apply_penalties(out, self.window(history), self.repetition, self.presence, self.frequency, out)
+
+    def touched(self, history: np.ndarray, index: int) -> np.ndarray:
+        return self.window(history)
+
+
+class Truncation:
+    """A stage over the candidate set: ``(ids, logits) -> (ids, logits)``, keeping at least ``min_keep``."""
+
+    def __call__(self, ids: Ids, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TopK(Truncation):
+    k: int
+    min_keep: int = 1
+
+    def __call__(self, ids: Ids, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        return top_k(ids, logits, self.k, self.min_keep)
+
+
+@dataclass(frozen=True)
+class Temperature(Truncation):
+    """Scales the candidates' logits (keeps them all); > 0, greedy is the :class:`Router`'s argmax draw."""
+
+    temperature: float
+
+    def __call__(self, ids: Ids, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        return ids, apply_temperature(logits, self.temperature)
+
+
+@dataclass(frozen=True)
+class TopP(Truncation):
+    p: float
+    min_keep: int = 1
+
+    def __call__(self, ids: Ids, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        return top_p(ids, logits, self.p, self.min_keep)
+
+
+@dataclass(frozen=True)
+class MinP(Truncation):
+    p: float
+    min_keep: int = 1
+
+    def __call__(self, ids: Ids, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        return min_p(ids, logits, self.p, self.min_keep)
+
+
+@dataclass(frozen=True)
+class Typical(Truncation):
+    mass: float
+    min_keep: int = 1
+
+    def __call__(self, ids: Ids, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+        return typical(ids, logits, self.mass, self.min_keep)
+
+
+class Explore:
+    """Exploration: with weight ``q(index)`` (the config's schedule) a uniform draw over ``allowed`` (the
+    vocabulary minus banned and special ids), mixed over the truncated distribution."""
+
+    def __init__(self, cfg: SamplingConfig, allowed: np.ndarray) -> None:
+        self.q, self.allowed = cfg.explore_at, allowed
+
+
 # -- the chain ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Distribution:
@@ -293,117 +457,108 @@ class Distribution:
 
 
 class Router:
-    """The fixed-order chain for one request (built by :func:`make_chain`). Stateless between calls: the
-    token window and the RNG are passed in by the Generator, which owns all loop state."""
+    """One request's chain (built by :func:`make_chain`): ``processors`` in order, then ``truncations`` in order
+    (each checked to leave something drawable after the first, which is top-k when there is one), then
+    exploration and the draw (argmax when ``greedy``).
+
+    One definition of what is drawn: :meth:`process` and :meth:`truncate` are the stages, :meth:`distribution`
+    is the routed distribution (speculation and tests read it) and :meth:`sample_plain` draws from it stage by
+    stage. :meth:`sample` is what generation calls: the same token as :meth:`sample_plain` for the same RNG
+    state, through fast paths that the stage list makes valid (each pinned to :meth:`sample_plain` by a test):
+
+    - greedy over stages that only lower values: the raw argmax, unless a stage touches it;
+    - edits written into the caller's vector at the positions the stages touch and undone after the draw,
+      rather than a copy of the vocabulary;
+    - top-k leaving at most 256 candidates, followed only by temperature/top-p/min-p: those cuts and the draw on
+      Python floats (same arithmetic, same order).
+    """
 
     def __init__(
-        self, cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = (), banned_ids: Iterable[int] = ()
+        self,
+        processors: Sequence[Processor],
+        truncations: Sequence[Truncation],
+        explore: Explore,
+        greedy: bool,
+        vocab_size: int,
+        banned: np.ndarray,
     ) -> None:
-        self.cfg = cfg
+        self.processors = tuple(processors)
+        self.truncations = tuple(truncations)
+        self.explore = explore
+        self.greedy = greedy
         self.vocab_size = vocab_size
-        outside = sorted(i for i in cfg.logit_bias if i >= vocab_size)
-        if outside:
-            raise ConfigError(
-                "logit_bias",
-                {outside[0]: cfg.logit_bias[outside[0]]},
-                f"token id {outside[0]} is outside the vocabulary (ids 0..{vocab_size - 1})",
-            )
-        bias = dict(cfg.logit_bias)
-        bias.update((int(i), -math.inf) for i in banned_ids)  # ids the model may not produce (no text)
-        self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
-        self._bias = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
-        # biases that only lower values leave the argmax standing unless it is one of them (greedy shortcut)
-        self._lowering = frozenset(bias) if all(b <= 0 for b in bias.values()) else None
-        banned = np.zeros(vocab_size, dtype=bool)
-        banned[[i for i, b in bias.items() if b == -np.inf]] = True
-        self.banned = np.flatnonzero(banned)
-        if len(self.banned) == vocab_size:
-            raise ConfigError("logit_bias", f"{len(self.banned)} bans", "bans every token of the vocabulary")
-        excluded = banned.copy()
-        excluded[[i for i in special_ids if 0 <= i < vocab_size]] = True
-        self.allowed = np.flatnonzero(~excluded)
-        self._log_min_p = float(np.log(cfg.min_p)) if cfg.min_p > 0 else 0.0
-        self._penalise = cfg.penalty_last_n != 0 and (
-            cfg.repetition_penalty != 1.0 or cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0
-        )
+        self.banned = banned
+        self.allowed = explore.allowed
+        self._stateful = tuple(p for p in self.processors if p.stateful)
+        self._lowering = all(p.lowers_only for p in self.processors)
+        first = self.truncations[0] if self.truncations else None
+        self._top_k = first if isinstance(first, TopK) else None
+        rest = self.truncations[1:] if self._top_k else self.truncations
+        self._rest = rest
+        self._few = self._top_k is not None and all(isinstance(t, (Temperature, TopP, MinP)) for t in rest)
+        self._few_t = next((t.temperature for t in rest if isinstance(t, Temperature)), 1.0)
+        self._few_p = next((t.p for t in rest if isinstance(t, TopP)), 1.0)
+        few_min_p = next((t.p for t in rest if isinstance(t, MinP)), 0.0)
+        self._few_log_min_p = float(np.log(few_min_p)) if few_min_p > 0 else None
+        self._min_keep = self._top_k.min_keep if self._top_k else 1
 
-    def process(self, logits: np.ndarray, history: np.ndarray, suppress: np.ndarray | None = None) -> np.ndarray:
-        """Steps 1-2: bias, suppression (``-inf`` at ``suppress``) and penalties. Returns a new float32 vector,
-        or ``logits`` itself when none of them applies (callers never write into the result)."""
-        if not self._edits(suppress):
+    # -- the stages, one by one ----------------------------------------------------------------------------
+    def _active(self, index: int) -> list[Processor]:
+        return [p for p in self.processors if p.active(index)]
+
+    def process(self, logits: np.ndarray, history: np.ndarray, index: int = 0) -> np.ndarray:
+        """The processors: a new float32 vector, or ``logits`` itself when none applies at ``index`` (callers
+        never write into the result)."""
+        active = self._active(index)
+        if not active:
             return logits  # nothing changes the logits: no copy (they are cold in cache after the graph run)
         out = np.array(logits, dtype=np.float32, copy=True)
-        self._apply(out, history, suppress)
+        for p in active:
+            p.apply(out, history, index)
         return out
 
-    def _edits(self, suppress: np.ndarray | None) -> bool:
-        return bool(len(self._bias_ids) or (suppress is not None and len(suppress)) or self._penalise)
-
-    def _apply(self, out: np.ndarray, history: np.ndarray, suppress: np.ndarray | None) -> None:
-        """Steps 1-2 in place on ``out``."""
-        cfg = self.cfg
-        if len(self._bias_ids):
-            apply_logit_bias(out, self._bias_ids, self._bias, out)
-        if suppress is not None and len(suppress):
-            out[suppress] = -np.inf
-        if self._penalise:
-            window = self._window(history)
-            apply_penalties(out, window, cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty, out)
-
-    def _window(self, history: np.ndarray) -> np.ndarray:
-        """The last ``penalty_last_n`` tokens of ``history`` (all of it for -1)."""
-        n = self.cfg.penalty_last_n
-        return history if n < 0 else history[-n:]
-
-    def _touched(self, history: np.ndarray, suppress: np.ndarray | None) -> np.ndarray:
-        """Every position :meth:`_apply` may write (repeats allowed)."""
-        parts = [self._bias_ids] if len(self._bias_ids) else []
-        if suppress is not None and len(suppress):
-            parts.append(suppress)
-        if self._penalise:
-            parts.append(self._window(history))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
     def truncate(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
-        """Steps 3-4 on processed logits: temperature and truncation -> candidate ``(ids, scaled logits)``.
-        Raises :class:`NoCandidates` when every candidate is banned or the logits are not finite."""
-        ids, cand = self._top_k(logits)
+        """The truncations on processed logits -> candidate ``(ids, logits)`` (not greedy). Raises
+        :class:`NoCandidates` when every candidate is banned or the logits are not finite."""
+        ids, cand = self._top_k(None, logits) if self._top_k else (None, logits)
         _check_top(float(cand.max()) if len(cand) else -math.inf)
-        return self._after_top_k(ids, cand)
+        for t in self._rest:
+            ids, cand = t(ids, cand)
+        return ids, cand
 
-    def _top_k(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
-        # top-k commutes with a positive temperature: cut first, scale k values only
-        cfg = self.cfg
-        return top_k(None, logits, cfg.top_k, cfg.min_keep) if cfg.top_k else (None, logits)
-
-    def _after_top_k(self, ids: Ids, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
-        """Steps 3-4 after top-k: temperature, top-p, min-p, typical-p."""
-        cfg = self.cfg
-        logits = apply_temperature(logits, cfg.temperature)
-        ids, logits = top_p(ids, logits, cfg.top_p, cfg.min_keep)
-        ids, logits = min_p(ids, logits, cfg.min_p, cfg.min_keep)
-        ids, logits = typical(ids, logits, cfg.typical_p, cfg.min_keep)
-        return ids, logits
-
-    def distribution(
-        self, logits: np.ndarray, history: np.ndarray, step: int = 0, suppress: np.ndarray | None = None
-    ) -> Distribution:
+    def distribution(self, logits: np.ndarray, history: np.ndarray, index: int = 0) -> Distribution:
         """The exact distribution the draw samples from (greedy: a point mass at the argmax, then mixed)."""
-        x = self.process(logits, history, suppress)
-        q = self.cfg.explore_at(step)
+        x = self.process(logits, history, index)
+        q = self.explore.q(index)
         try:
-            if self.cfg.greedy:
-                token = int(np.argmax(x))
-                _check_top(float(x[token]))
+            if self.greedy:
+                token = _argmax(x)
                 return Distribution(np.array([token]), np.ones(1), q, self.allowed, self.vocab_size)
             ids, cand = self.truncate(x)
         except NoCandidates:
-            raise self._no_candidates(x) from None
+            raise self._no_candidates(logits) from None
         ids = np.arange(len(cand)) if ids is None else ids
         return Distribution(ids, softmax(cand), q, self.allowed, self.vocab_size)
 
+    def sample_plain(self, logits: np.ndarray, history: np.ndarray, rng: np.random.Generator, index: int = 0) -> int:
+        """A draw from :meth:`distribution`, stage by stage with no shortcut: exploration as the mixture it is
+        (with probability q a uniform allowed token), else the draw from the truncated candidates."""
+        q = self.explore.q(index)
+        if q > 0 and len(self.allowed) and rng.random() < q:
+            return int(self.allowed[rng.integers(len(self.allowed))])
+        try:
+            x = self.process(logits, history, index)
+            if self.greedy:
+                return _argmax(x)
+            ids, cand = self.truncate(x)
+            j = draw(_weights(cand), rng)
+        except NoCandidates:
+            raise self._no_candidates(logits) from None
+        return j if ids is None else int(ids[j])
+
     def _no_candidates(self, x: np.ndarray) -> EdgerouteError:
-        """The error for logits ``x`` (raw or processed) that leave nothing to draw."""
+        """The error for logits ``x`` that leave nothing to draw (the processors only lower values and cannot
+        make NaN: the raw logits tell broken weights from bans)."""
         if np.isnan(x).any() or np.isposinf(x).any():
             return InferenceError(
                 "the model returned logits that are not finite (NaN or +inf): its graph or weights are broken"
@@ -414,74 +569,76 @@ class Router:
             "leave no token to choose at this step (with the stop tokens suppressed until min_new_tokens)",
         )
 
-    def sample(
-        self,
-        logits: np.ndarray,
-        history: np.ndarray,
-        rng: np.random.Generator,
-        step: int = 0,
-        suppress: np.ndarray | None = None,
-    ) -> int:
-        """Pick the next token. Exploration is drawn as the mixture it is: with probability q a uniform
-        allowed token, else a draw from the truncated distribution (no dense vector is built)."""
-        q = self.cfg.explore_at(step)
+    # -- state ---------------------------------------------------------------------------------------------
+    def accept(self, token: int) -> None:
+        """The sequence committed to ``token``: stateful stages advance."""
+        for p in self._stateful:
+            p.accept(token)
+
+    def reset(self) -> None:
+        """A turn starts over: stateful stages reset."""
+        for p in self._stateful:
+            p.reset()
+
+    # -- the fast way --------------------------------------------------------------------------------------
+    def sample(self, logits: np.ndarray, history: np.ndarray, rng: np.random.Generator, index: int = 0) -> int:
+        """Pick the next token: what :meth:`sample_plain` picks for the same RNG state, faster."""
+        q = self.explore.q(index)
         if q > 0 and len(self.allowed) and rng.random() < q:
             return int(self.allowed[rng.integers(len(self.allowed))])
-        if self.cfg.greedy and self._lowering is not None and not self._penalise:
-            # bans, lowering biases and suppression only lower values: the argmax stands unless it is one of them
+        active = self._active(index)
+        if self.greedy and self._lowering:
+            # the stages only lower values: the first maximum stands unless a stage changes it
             token = int(logits.argmax())
             if (
-                token not in self._lowering
-                and (suppress is None or token not in suppress.tolist())
+                all(p.keeps(token, history, index) for p in active)
                 and -math.inf < logits[token] < math.inf  # argmax propagates NaN: a finite max proves none
             ):
                 return token
         try:  # costs nothing unless raised (the rare path may then scan the logits)
-            if not self._edits(suppress):
+            if not active:
                 return self._pick(logits, rng)
-            if not (logits.dtype == np.float32 and logits.flags.writeable):
-                return self._pick(self.process(logits, history, suppress), rng)
-            # steps 1-2 touch a few dozen positions: write them into ``logits`` and put the old values back after
+            touched = [t for t in (p.touched(history, index) for p in active) if t is not None]
+            if not (logits.dtype == np.float32 and logits.flags.writeable) or len(touched) < len(active):
+                return self._pick(self.process(logits, history, index), rng)
+            # the stages touch a few dozen positions: write them into ``logits`` and put the old values back after
             # the draw, rather than copying the whole vocabulary (a full pass over cold memory per token)
-            touched = self._touched(history, suppress)
-            saved = logits[touched]
+            where = touched[0] if len(touched) == 1 else np.concatenate(touched)
+            saved = logits[where]
             try:
-                self._apply(logits, history, suppress)
+                for p in active:
+                    p.apply(logits, history, index)
                 return self._pick(logits, rng)
             finally:
-                logits[touched] = saved
+                logits[where] = saved
         except NoCandidates:
-            # the edits only lower values and cannot make NaN: the raw logits tell broken weights from bans
             raise self._no_candidates(logits) from None
 
     def _pick(self, x: np.ndarray, rng: np.random.Generator) -> int:
-        """Steps 3-6 (exploration already drawn) on processed logits; :class:`NoCandidates` when nothing can be
-        drawn."""
-        cfg = self.cfg
-        if cfg.greedy:
-            token = int(np.argmax(x))
-            if not -math.inf < x[token] < math.inf:  # argmax propagates NaN: a finite max proves none
-                raise NoCandidates("best candidate not finite")
-            return token
-        ids, cand = self._top_k(x)
-        if ids is not None and len(ids) <= _FEW and cfg.typical_p >= 1.0:
+        """The truncations and the draw (exploration already drawn) on processed logits; :class:`NoCandidates`
+        when nothing can be drawn."""
+        if self.greedy:
+            return _argmax(x)
+        ids, cand = self._top_k(None, x) if self._top_k else (None, x)
+        if self._few and ids is not None and len(ids) <= _FEW:
             few = self._pick_few(ids, cand, rng)
             if few is not None:
                 return few
         _check_top(float(cand.max()) if len(cand) else -math.inf)
-        ids, cand = self._after_top_k(ids, cand)
+        for t in self._rest:
+            ids, cand = t(ids, cand)
         j = draw(_weights(cand), rng)
         return j if ids is None else int(ids[j])
 
     def _pick_few(self, ids: np.ndarray, logits: np.ndarray, rng: np.random.Generator) -> int | None:
-        """Steps 3-6 after top-k left a few candidates: the same arithmetic as :meth:`truncate` followed by
-        :func:`draw` (same weights, same kept set in the same order, float64 sums in the same order, so the same
-        token for the same RNG state), with the weights computed once and the cuts and the draw done on Python
-        floats: each NumPy call costs microseconds on the caches the graph run has just evicted, a loop over a
-        few dozen floats less. None when min-p would keep fewer than ``min_keep`` (the general chain decides)."""
-        cfg = self.cfg
-        x = apply_temperature(logits, cfg.temperature)
-        n, least = len(x), cfg.min_keep
+        """Temperature, top-p, min-p and the draw after top-k left a few candidates: the same arithmetic as the
+        stages followed by :func:`draw` (same weights, same kept set in the same order, float64 sums in the same
+        order, so the same token for the same RNG state), with the weights computed once and the cuts and the
+        draw done on Python floats: each NumPy call costs microseconds on the caches the graph run has just
+        evicted, a loop over a few dozen floats less. None when min-p would keep fewer than ``min_keep`` (the
+        stages decide)."""
+        x = apply_temperature(logits, self._few_t)
+        n, least = len(x), self._min_keep
         xl = x.tolist()  # float32 values as exact Python floats
         top = max(xl, default=-math.inf)
         if not -math.inf < top < math.inf:
@@ -489,15 +646,15 @@ class Router:
         w = np.exp(np.array(xl) - top)  # = _weights(x); the top candidate survives every cut, so also the draw's
         wl = w.tolist()
         keep = sorted(range(n), key=wl.__getitem__, reverse=True)  # = argsort(-w, kind="stable")
-        if cfg.top_p < 1.0 and n > least:  # top_p's few-candidates branch: count(cumsum - w < target)
-            target = cfg.top_p * float(w.sum(dtype=np.float64))
+        if self._few_p < 1.0 and n > least:  # top_p's few-candidates branch: count(cumsum - w < target)
+            target = self._few_p * float(w.sum(dtype=np.float64))
             total, cut = 0.0, 0
             for j in keep:
                 total += wl[j]
                 cut += total - wl[j] < target
             keep = keep[: max(cut, least)]
-        if cfg.min_p > 0.0:  # min_p in logit space: x >= max + log(p), compared in float64
-            floor = top + self._log_min_p
+        if self._few_log_min_p is not None:  # min_p in logit space: x >= max + log(p), compared in float64
+            floor = top + self._few_log_min_p
             keep = [j for j in keep if xl[j] >= floor]
             if len(keep) < least:
                 return None
@@ -509,10 +666,72 @@ class Router:
         return int(ids[keep[j]])
 
 
+def _argmax(x: np.ndarray) -> int:
+    """Greedy's draw: the first maximum; :class:`NoCandidates` unless it is finite (argmax propagates NaN)."""
+    token = int(np.argmax(x))
+    _check_top(float(x[token]))
+    return token
+
+
 def make_chain(
-    cfg: SamplingConfig, vocab_size: int, special_ids: Iterable[int] = (), banned_ids: Iterable[int] = ()
+    cfg: SamplingConfig,
+    vocab_size: int,
+    special_ids: Iterable[int] = (),
+    banned_ids: Iterable[int] = (),
+    suppress_ids: Iterable[int] = (),
+    suppress_until: int = 0,
+    processors: Iterable[Processor] = (),
 ) -> Router:
-    """The router for ``cfg`` over a vocabulary of ``vocab_size`` with ``special_ids`` excluded from exploration
-    and ``banned_ids`` never chosen (a graph's padding rows beyond its tokenizer). Raises ``ConfigError`` for a
-    bias outside the vocabulary or bans of every token."""
-    return Router(cfg, vocab_size, special_ids, banned_ids)
+    """The router for ``cfg`` over a vocabulary of ``vocab_size``, in the documented order:
+
+    1. :class:`LogitBias` (``cfg.logit_bias``, and ``-inf`` at ``banned_ids``: ids never chosen, such as a
+       graph's padding rows beyond its tokenizer), :class:`Suppress` (``suppress_ids`` for the first
+       ``suppress_until`` tokens of a turn: the stop tokens before ``min_new_tokens``), :class:`Penalties`,
+       then the extra ``processors`` (a grammar constraint);
+    2. :class:`TopK`, :class:`Temperature`, :class:`TopP`, :class:`MinP`, :class:`Typical` (top-k commutes with
+       a positive temperature, so it runs first and the later stages see k values); a stage that would change
+       nothing is left out; greedy (temperature 0) has no truncation and draws the argmax;
+    3. :class:`Explore` (``special_ids`` and banned ids excluded), then the draw.
+
+    Raises ``ConfigError`` for a bias outside the vocabulary or bans of every token.
+    """
+    outside = sorted(i for i in cfg.logit_bias if i >= vocab_size)
+    if outside:
+        raise ConfigError(
+            "logit_bias",
+            {outside[0]: cfg.logit_bias[outside[0]]},
+            f"token id {outside[0]} is outside the vocabulary (ids 0..{vocab_size - 1})",
+        )
+    bias = dict(cfg.logit_bias)
+    bias.update((int(i), -math.inf) for i in banned_ids)
+    banned = np.zeros(vocab_size, dtype=bool)
+    banned[[i for i, b in bias.items() if b == -np.inf]] = True
+    if banned.all():
+        raise ConfigError("logit_bias", f"{vocab_size} bans", "bans every token of the vocabulary")
+    excluded = banned.copy()
+    excluded[[i for i in special_ids if 0 <= i < vocab_size]] = True
+    stages: list[Processor] = []
+    if bias:
+        ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        stages.append(LogitBias(ids, np.fromiter(bias.values(), dtype=np.float32, count=len(bias))))
+    suppress = np.array(sorted({int(i) for i in suppress_ids if 0 <= i < vocab_size}), dtype=np.int64)
+    if len(suppress) and suppress_until > 0:
+        stages.append(Suppress(suppress, suppress_until))
+    rep, pres, freq = cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty
+    if cfg.penalty_last_n != 0 and (rep != 1.0 or pres != 0.0 or freq != 0.0):
+        stages.append(Penalties(rep, pres, freq, cfg.penalty_last_n))
+    stages.extend(processors)
+    cuts: list[Truncation] = []
+    if not cfg.greedy:
+        least = cfg.min_keep
+        if cfg.top_k > 0:
+            cuts.append(TopK(cfg.top_k, least))
+        if cfg.temperature != 1.0:
+            cuts.append(Temperature(cfg.temperature))
+        if cfg.top_p < 1.0:
+            cuts.append(TopP(cfg.top_p, least))
+        if cfg.min_p > 0.0:
+            cuts.append(MinP(cfg.min_p, least))
+        if cfg.typical_p < 1.0:
+            cuts.append(Typical(cfg.typical_p, least))
+    return Router(stages, cuts, Explore(cfg, np.flatnonzero(~excluded)), cfg.greedy, vocab_size, np.flatnonzero(banned))

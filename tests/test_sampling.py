@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import edgeroute as er
 import numpy as np
 import pytest
 from edgeroute import SamplingConfig, make_chain
 from edgeroute.sampling import (
+    Processor,
     _weights,
     apply_logit_bias,
     apply_penalties,
@@ -244,16 +246,17 @@ def test_suppression_applies_before_everything() -> None:
     router = make_chain(SamplingConfig(temperature=0), V, SPECIAL)
     best = int(np.argmax(LOGITS))
     assert router.sample(LOGITS, HISTORY, np.random.default_rng(0)) == best
-    second = router.sample(LOGITS, HISTORY, np.random.default_rng(0), suppress=np.array([best]))
-    assert second == int(np.argsort(LOGITS)[-2])
+    suppressing = make_chain(SamplingConfig(temperature=0), V, SPECIAL, suppress_ids=[best], suppress_until=2)
+    assert suppressing.sample(LOGITS, HISTORY, np.random.default_rng(0), 1) == int(np.argsort(LOGITS)[-2])
+    assert suppressing.sample(LOGITS, HISTORY, np.random.default_rng(0), 2) == best  # index 2: no longer
     # greedy's shortcut (argmax, then a look at the suppressed ids) agrees with argmax over processed logits,
     # ties included: the first maximum wins unless it is suppressed
     tied = np.array([0.0, 3.0, 1.0, 3.0, 3.0], dtype=np.float32)
-    plain = make_chain(SamplingConfig(temperature=0), 5)
-    for sup in (None, [1], [3], [1, 3], [1, 3, 4], [0, 2]):
-        s = None if sup is None else np.array(sup)
-        want = int(np.argmax(plain.process(tied, np.zeros(0, np.int64), s)))
-        assert plain.sample(tied, np.zeros(0, np.int64), np.random.default_rng(0), suppress=s) == want, sup
+    for sup in ([], [1], [3], [1, 3], [1, 3, 4], [0, 2]):
+        plain = make_chain(SamplingConfig(temperature=0), 5, suppress_ids=sup, suppress_until=1)
+        want = int(np.argmax(plain.process(tied, np.zeros(0, np.int64))))
+        assert plain.sample(tied, np.zeros(0, np.int64), np.random.default_rng(0)) == want, sup
+        assert want == plain.sample_plain(tied, np.zeros(0, np.int64), np.random.default_rng(0)), sup
 
 
 # -- properties ----------------------------------------------------------------------------------------------
@@ -362,7 +365,8 @@ def test_repetition_penalty_is_float32_arithmetic() -> None:
 
 def test_penalties_are_applied_in_place_and_undone() -> None:
     """The router writes bias, suppression and penalties into the logits it is given and puts the old values
-    back: the draw equals one from a processed copy, and the caller's array is unchanged afterwards."""
+    back: the draw equals the plain stage-by-stage draw from a processed copy, and the caller's array is
+    unchanged afterwards."""
     rng = np.random.default_rng(4)
     for trial in range(60):
         x = (rng.standard_normal(3000) * 2).astype(np.float32)
@@ -376,12 +380,157 @@ def test_penalties_are_applied_in_place_and_undone() -> None:
             presence_penalty=0.2 if trial % 2 else 0.0,
             logit_bias={int(hist[0]): 5.0, 7: -np.inf},
         )
-        router = make_chain(cfg, 3000)
-        sup = np.array([int(np.argmax(x))])
+        router = make_chain(cfg, 3000, suppress_ids=[int(np.argmax(x))], suppress_until=1)
         seed = int(rng.integers(1 << 30))
-        want = router._pick(router.process(x, hist, sup), np.random.default_rng(seed))
-        assert router.sample(x, hist, np.random.default_rng(seed), suppress=sup) == want
+        want = router.sample_plain(x, hist, np.random.default_rng(seed))
+        assert router.sample(x, hist, np.random.default_rng(seed)) == want
         assert np.array_equal(x, before)
         ro = x.copy()
         ro.flags.writeable = False  # a read-only vector takes the copying path
-        assert router.sample(ro, hist, np.random.default_rng(seed), suppress=sup) == want
+        assert router.sample(ro, hist, np.random.default_rng(seed)) == want
+
+
+# -- the stages and the fast paths ---------------------------------------------------------------------------
+class Ban(Processor):
+    """A test stage: bans ``ids`` (everywhere: ``touched`` None makes the router copy), remembers what it was
+    told."""
+
+    lowers_only = True
+    stateful = True
+
+    def __init__(self, ids: set[int]) -> None:
+        self.ids = sorted(ids)
+        self.accepted: list[int] = []
+        self.resets = 0
+
+    def apply(self, out: np.ndarray, history: np.ndarray, index: int) -> None:
+        out[self.ids] = -np.inf
+
+    def keeps(self, token: int, history: np.ndarray, index: int) -> bool:
+        return token not in self.ids
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+    def reset(self) -> None:
+        self.resets += 1
+        self.accepted.clear()
+
+
+def test_make_chain_builds_the_documented_stage_order() -> None:
+    from edgeroute.sampling import LogitBias, MinP, Penalties, Suppress, Temperature, TopK, TopP, Typical
+
+    cfg = SamplingConfig(
+        temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, typical_p=0.8, repetition_penalty=1.2, logit_bias={1: 2.0}
+    )
+    extra = Ban({3})
+    router = make_chain(cfg, 10, suppress_ids=[0], suppress_until=2, processors=[extra])
+    assert [type(p) for p in router.processors] == [LogitBias, Suppress, Penalties, Ban]
+    assert [type(t) for t in router.truncations] == [TopK, Temperature, TopP, MinP, Typical]
+    plain = make_chain(SamplingConfig(), 10)  # stages that change nothing are left out
+    assert plain.processors == () and plain.truncations == ()
+    greedy = make_chain(SamplingConfig(temperature=0, top_k=3, top_p=0.5), 10)
+    assert greedy.greedy and greedy.truncations == ()
+
+
+def test_an_added_stage_changes_sampling_and_the_distribution_alike() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(80):
+        x = (rng.standard_normal(600) * 3).astype(np.float32)
+        top = np.argsort(x)[-3:].tolist()
+        cfg = SamplingConfig(temperature=[0.0, 0.8, 1.0][trial % 3], top_k=[0, 20][trial % 2], logit_bias={5: 1.0})
+        router = make_chain(cfg, 600, processors=[Ban(set(top))])
+        hist = rng.integers(0, 600, 10)
+        dist = router.distribution(x, hist, 0).dense()
+        assert dist[top].sum() == 0
+        seed = int(rng.integers(1 << 30))
+        got = router.sample(x, hist, np.random.default_rng(seed))
+        assert got not in top and dist[got] > 0
+        assert got == router.sample_plain(x, hist, np.random.default_rng(seed))
+
+
+def _sample_settings(rng: np.random.Generator, trial: int) -> tuple[SamplingConfig, list[int], int]:
+    greedy = trial % 3 == 0
+    lowering = trial % 2 == 0
+    bias = {int(rng.integers(0, 800)): float(rng.choice([-np.inf, -2.0, -0.5])) for _ in range(int(rng.integers(0, 4)))}
+    if not lowering:
+        bias[int(rng.integers(0, 800))] = float(rng.choice([0.5, 3.0, 50.0]))
+    cfg = SamplingConfig(
+        temperature=0.0 if greedy else float(rng.choice([0.3, 0.8, 1.0, 1.7])),
+        top_k=int(rng.choice([0, 0, 5, 40, 300, 600])),
+        top_p=float(rng.choice([1.0, 0.9, 0.5])),
+        min_p=float(rng.choice([0.0, 0.05, 0.4])),
+        typical_p=float(rng.choice([1.0, 1.0, 1.0, 0.8])),
+        min_keep=int(rng.choice([1, 1, 2, 10])),
+        repetition_penalty=float(rng.choice([1.0, 1.0, 1.3])),
+        presence_penalty=float(rng.choice([0.0, 0.0, 0.5])),
+        frequency_penalty=float(rng.choice([0.0, 0.2])),
+        penalty_last_n=int(rng.choice([-1, 8, 64])),
+        logit_bias=bias,
+        explore=float(rng.choice([0.0, 0.0, 0.3])),
+    )
+    sup = rng.integers(0, 800, int(rng.integers(0, 3))).tolist()
+    return cfg, sup, int(rng.integers(0, 4))
+
+
+def test_every_fast_path_draws_what_the_plain_stages_draw() -> None:
+    """``sample`` (greedy shortcut, in-place edits, the few-candidates path) against ``sample_plain`` (the
+    stages one by one) for random chains, ties and peaked logits: the same token and the same RNG state after."""
+    rng = np.random.default_rng(11)
+    shortcuts = Counter()
+    for trial in range(1500):
+        x = (rng.standard_normal(800) * rng.uniform(0.3, 8)).astype(np.float32)
+        if trial % 5 == 0:
+            x = np.round(x)  # ties
+        cfg, sup, index = _sample_settings(rng, trial)
+        hist = rng.integers(0, 800, 30)
+        router = make_chain(cfg, 800, special_ids=[0, 1], suppress_ids=sup, suppress_until=2)
+        seed = int(rng.integers(1 << 30))
+        r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+        try:
+            want = router.sample_plain(x, hist, r1, index)
+        except er.ConfigError:
+            with pytest.raises(er.ConfigError):
+                router.sample(x, hist, r2, index)
+            continue
+        calls = {"pick": 0}
+        pick = router._pick
+
+        def counting(*a, _pick=pick, _calls=calls, **k):  # noqa: ANN002, ANN003
+            _calls["pick"] += 1
+            return _pick(*a, **k)
+
+        router._pick = counting  # type: ignore[method-assign]
+        before = x.copy()
+        assert router.sample(x, hist, r2, index) == want, (trial, cfg, sup, index)
+        assert r1.random() == r2.random() and np.array_equal(x, before)
+        if cfg.greedy and not calls["pick"]:
+            shortcuts["greedy"] += 1
+        if (
+            router._few
+            and router._pick_few(
+                *top_k(None, router.process(x, hist, index), cfg.top_k, cfg.min_keep), np.random.default_rng(seed)
+            )
+            is not None
+        ):
+            shortcuts["few"] += 1
+        if router._active(index) and not cfg.greedy:
+            shortcuts["in place"] += 1
+    assert shortcuts["greedy"] > 50 and shortcuts["few"] > 150 and shortcuts["in place"] > 400, shortcuts
+
+
+def test_the_generator_tells_stateful_stages_what_it_commits_to(tiny: er.Model) -> None:
+    m = tiny
+    gen = m.generator(er.GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(temperature=0.9, seed=3)))
+    stage = Ban({2, 3})
+    gen._chooser.router = make_chain(gen.config.sampling, m.vocab_size, m.special_ids, processors=[stage])
+    gen.append([5, 6, 7])
+    assert stage.resets == 1 and stage.accepted == []
+    first = gen.run()
+    assert stage.accepted == gen.tokens[3:] and not {2, 3} & set(first.token_ids)
+    gen.rewind(2)
+    assert stage.resets == 2 and stage.accepted == gen.tokens[3:]
+    gen.run()
+    assert stage.accepted == gen.tokens[3:]
+    gen.append([8])
+    assert stage.resets == 3 and stage.accepted == []
