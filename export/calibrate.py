@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeroute.errors import ExportError
+from edgeroute.contract import GraphContract
+from edgeroute.errors import ExportError, ModelLoadError
 
 CHUNK = 256  # tokens per graph run (each run starts from an empty cache)
 SMOOTH = 0.1  # importance = mean(x^2) + SMOOTH * its mean over channels: no channel is ignored outright
@@ -80,10 +81,13 @@ CALIBRATION_TEXT = (
 )
 
 
-def importance(graph_path: Path, activations: list[str], ids: list[int], context: int) -> dict[str, np.ndarray]:
+def importance(
+    graph_path: Path, activations: list[str], ids: list[int], context: int, contract: GraphContract
+) -> dict[str, np.ndarray]:
     """``{activation name: importance [channels]}`` for the named graph tensors (each weight MatMul's input), over
     ``ids`` in chunks of at most ``CHUNK`` tokens and ``context`` positions. ``graph_path`` stays as it is: a
-    small copy of its proto with the activations as extra outputs reads the same external weights file."""
+    small copy of its proto with the activations as extra outputs reads the same external weights file; its inputs are
+    built from ``contract``."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -99,12 +103,13 @@ def importance(graph_path: Path, activations: list[str], ids: list[int], context
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(str(probe), sess_options=so, providers=["CPUExecutionProvider"])
+        _check(contract, sess)
         chunk = max(2, min(CHUNK, context))
         sums: dict[str, np.ndarray] = {}
         rows = 0
         for start in range(0, len(ids) - 1, chunk):
             piece = ids[start : start + chunk]
-            outs = sess.run(activations, _feed(sess, piece))
+            outs = sess.run(activations, _feed(contract, piece))
             for name, a in zip(activations, outs, strict=True):
                 a = a.reshape(-1, a.shape[-1]).astype(np.float64)
                 sums[name] = sums.get(name, 0.0) + (a * a).sum(axis=0)
@@ -120,27 +125,15 @@ def importance(graph_path: Path, activations: list[str], ids: list[int], context
     return out
 
 
-def _feed(sess: Any, ids: list[int]) -> dict[str, np.ndarray]:
+def _check(contract: GraphContract, sess: Any) -> None:
+    """Refuse a graph whose inputs are not the ones ``contract`` feeds."""
+    try:
+        contract.check_session(sess)
+    except ModelLoadError as e:
+        raise ExportError(f"cannot calibrate: {e}") from None
+
+
+def _feed(contract: GraphContract, ids: list[int]) -> dict[str, np.ndarray]:
     """Inputs for one prefill of ``ids`` from an empty cache, every position's logits kept (so the LM head's input
-    has a row per token), for the graph forms edgeroute exports."""
-    t = len(ids)
-    fixed: dict[str, np.ndarray] = {
-        "input_ids": np.array([ids], dtype=np.int64),
-        "attention_mask": np.ones((1, t), dtype=np.int64),
-        "position_ids": np.arange(t, dtype=np.int64)[None],
-        "seqlens_k": np.array([t - 1], dtype=np.int32),
-        "total_sequence_length": np.array(t, dtype=np.int32),
-        "logits_to_keep": np.array([t], dtype=np.int64),
-    }
-    feed: dict[str, np.ndarray] = {}
-    for i in sess.get_inputs():
-        if i.name in fixed:
-            feed[i.name] = fixed[i.name]
-        elif "past" in i.name and len(i.shape) == 4:  # [batch, kv heads, length, head size]: an empty cache
-            dims = [1, i.shape[1], 0, i.shape[3]]
-            if not all(isinstance(d, int) for d in dims):
-                raise ExportError(f"cannot calibrate: cache input {i.name} has shape {i.shape}")
-            feed[i.name] = np.zeros(dims, dtype=np.float16 if "float16" in i.type else np.float32)
-        else:
-            raise ExportError(f"cannot calibrate: graph input {i.name!r} is not one edgeroute feeds")
-    return feed
+    has a row per token)."""
+    return contract.feeds(np.array([ids], dtype=np.int64), contract.empty_past(), len(ids))

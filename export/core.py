@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from edgeroute.contract import GraphContract
 from edgeroute.errors import ConfigError, ExportError
 from edgeroute.manifest import MANIFEST_NAME
 
@@ -243,7 +244,6 @@ def _build(
             contract = fused.build_fused(src.model, target, ctx)
     else:
         contract = _optimum_export(tmp, src, device, dtype, target, stages)
-    contract["backend"] = "fused" if use_fused else "optimum"
     quant: dict[str, Any] = {"method": "none"}
     if quantize != "none":
         with stages("quantise"):
@@ -252,13 +252,14 @@ def _build(
             if quantize == "int4" and calibrate:
                 from .calibrate import CALIBRATION_TEXT
 
-                calibration = (list(src.tokenizer.encode(CALIBRATION_TEXT)), ctx)
+                calibration = (list(src.tokenizer.encode(CALIBRATION_TEXT)), ctx, contract)
             bits = 8 if quantize == "int8" else 4
             quant = graph.quantize_weights(fp32, final, bits=bits, block_size=block_size, calibration=calibration)
             for f in tmp.iterdir():
                 if f.name.startswith("fp32.onnx"):
                     f.unlink()
-    manifest_writer.write(tmp, src, contract, dtype, quant, context_length, stages.times)
+    backend_name = "fused" if use_fused else "optimum"
+    manifest_writer.write(tmp, src, contract, backend_name, dtype, quant, context_length, stages.times)
     if validate:
         with stages("validate"):
             from .validate import validate as run_validation
@@ -267,7 +268,7 @@ def _build(
         manifest_writer.add_validation(tmp, report, stages.times)
 
 
-def _optimum_export(tmp: Path, src: Any, device: str, dtype: str, target: Path, stages: _Stages) -> dict[str, Any]:
+def _optimum_export(tmp: Path, src: Any, device: str, dtype: str, target: Path, stages: _Stages) -> GraphContract:
     """optimum's export, post-processed: last-positions logits, fp16 if asked; returns the graph's contract."""
     import warnings
 

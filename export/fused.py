@@ -24,13 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgeroute.contract import DEFAULT_OUTPUTS, SHARED_GRAPH_INPUTS, GraphContract, Name
 from edgeroute.errors import ExportError
 
-from .graph import KEEP_INPUT as KEEP
-
 FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
-SEQLENS = "seqlens_k"
-TOTAL = "total_sequence_length"
 _STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
 
 
@@ -136,7 +133,7 @@ class _Builder:
         return out
 
 
-def build_fused(model: Any, path: Path, max_positions: int) -> dict[str, Any]:
+def build_fused(model: Any, path: Path, max_positions: int) -> GraphContract:
     """Write the fused graph of ``model`` (fp32) to ``path``; return its contract for the manifest."""
     from onnx import TensorProto, helper
 
@@ -153,20 +150,25 @@ def build_fused(model: Any, path: Path, max_positions: int) -> dict[str, Any]:
     vocab = int(model.lm_head.weight.shape[0])
     inter = int(layers[0].mlp.down_proj.weight.shape[1])
     window = _window(cfg)
+    contract = GraphContract(
+        n_layers, kv_heads, head, vocab, SHARED_GRAPH_INPUTS, DEFAULT_OUTPUTS, logits="keep", kv_layout="shared"
+    )
+    ids_in, keep = str(contract.name(Name.INPUT_IDS)), str(contract.name(Name.LOGITS_TO_KEEP))
+    seqlens, total = str(contract.name(Name.SEQLENS_K)), str(contract.name(Name.TOTAL_SEQUENCE_LENGTH))
     bld = _Builder()
     cos, sin = _rotary_tables(model, max_positions)
     bld.const("rotary.cos", cos)
     bld.const("rotary.sin", sin)
     bld.const("split.gate_up", np.array([inter, inter], dtype=np.int64))
-    bld.node("Gather", [bld.const("embed_tokens.weight", _np(model.model.embed_tokens.weight)), "input_ids"],
+    bld.node("Gather", [bld.const("embed_tokens.weight", _np(model.model.embed_tokens.weight)), ids_in],
              ["embed/out"], "embed/Gather")  # fmt: skip
     residual, pending = "embed/out", None  # the residual stream, and the block output still to be added to it
     kv_dims = ["batch_size", kv_heads, "kv_length", head]
     ins = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch_size"]),
-        helper.make_tensor_value_info(TOTAL, TensorProto.INT32, []),
-        helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]),
+        helper.make_tensor_value_info(ids_in, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(seqlens, TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info(total, TensorProto.INT32, []),
+        helper.make_tensor_value_info(keep, TensorProto.INT64, [1]),
     ]
     outs = []
 
@@ -181,16 +183,16 @@ def build_fused(model: Any, path: Path, max_positions: int) -> dict[str, Any]:
             residual, pending = f"{name}/sum", None
         return f"{name}/out"
 
-    for i, layer in enumerate(layers):
+    for i, (layer, (past_k, past_v), (pres_k, pres_v)) in enumerate(
+        zip(layers, contract.past_names(), contract.present_names(), strict=True)
+    ):
         p = f"layers.{i}"
         x = norm(layer.input_layernorm.weight, f"{p}.input_layernorm")
         qkv = bld.linear(x, *_qkv(layer), f"{p}.attn.qkv_proj")
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
         ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in (past_k, past_v)]
         outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in (pres_k, pres_v)]
         bld.node("GroupQueryAttention",
-                 [qkv, "", "", past_k, past_v, SEQLENS, TOTAL, "rotary.cos", "rotary.sin"],
+                 [qkv, "", "", past_k, past_v, seqlens, total, "rotary.cos", "rotary.sin"],
                  [f"{p}.attn/out", pres_k, pres_v], f"{p}.attn/GroupQueryAttention", domain="com.microsoft",
                  num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
                  local_window_size=window)  # fmt: skip
@@ -205,7 +207,7 @@ def build_fused(model: Any, path: Path, max_positions: int) -> dict[str, Any]:
     # the LM head sees only the last logits_to_keep positions: slice before the final norm
     bld.const("keep.end", np.array([2**62], dtype=np.int64))
     bld.const("keep.axis", np.array([1], dtype=np.int64))
-    bld.node("Neg", [KEEP], ["keep/start"], "keep/Neg")
+    bld.node("Neg", [keep], ["keep/start"], "keep/Neg")
     for name in ("residual", "pending"):
         src = residual if name == "residual" else pending
         assert src is not None  # the last block left its output pending
@@ -213,8 +215,9 @@ def build_fused(model: Any, path: Path, max_positions: int) -> dict[str, Any]:
     residual, pending = "keep/residual", "keep/pending"
     x = norm(model.model.norm.weight, "final_norm")
     bld.linear(x, _np(model.lm_head.weight).T.copy(), None, "lm_head")
-    bld.node("Identity", ["lm_head/out"], ["logits"], "logits/Identity")
-    outs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "logits_length", vocab]))
+    logits = contract.outputs[Name.LOGITS]
+    bld.node("Identity", ["lm_head/out"], [logits], "logits/Identity")
+    outs.insert(0, helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch_size", "logits_length", vocab]))
     g = helper.make_graph(bld.nodes, "edgeroute-fused", ins, outs, initializer=bld.inits)
     proto = helper.make_model(
         g,
@@ -223,23 +226,4 @@ def build_fused(model: Any, path: Path, max_positions: int) -> dict[str, Any]:
     )
     proto.ir_version = 8
     graph_io.save(proto, path)
-    return {
-        "inputs": {
-            "input_ids": "input_ids",
-            "attention_mask": None,
-            "position_ids": None,
-            "seqlens_k": SEQLENS,
-            "total_sequence_length": TOTAL,
-            KEEP: KEEP,
-            "past_key": "past_key_values.{layer}.key",
-            "past_value": "past_key_values.{layer}.value",
-        },
-        "outputs": {"logits": "logits", "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"},
-        "logits": "keep",
-        "kv_layout": "shared",
-        "num_layers": n_layers,
-        "num_kv_heads": kv_heads,
-        "head_size": head,
-        "kv_dtype": "float32",
-        "vocab_size": vocab,
-    }
+    return contract

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgeroute.contract import DEFAULT_INPUTS, GraphContract, Name
 from edgeroute.errors import ExportError
 
-KEEP_INPUT = "logits_to_keep"
+KEEP_INPUT = Name.LOGITS_TO_KEEP  # the graph name edgeroute gives it, as its logical name
 DATA_SUFFIX = ".data"
 _PASSTHROUGH = {"Add", "Mul", "Div", "Sub", "Tanh", "Cast", "Identity"}
 
@@ -120,13 +121,14 @@ def quantize_weights(
     bits: int,
     block_size: int = 32,
     accuracy_level: int = 4,
-    calibration: tuple[list[int], int] | None = None,
+    calibration: tuple[list[int], int, GraphContract] | None = None,
 ) -> dict[str, Any]:
     """Block-wise weight quantisation of every MatMul with a constant weight (LM head included) to
     onnxruntime's MatMulNBits, activations quantised to int8 per block at run time (accuracy level 4).
 
     4 bits: edgeroute's own asymmetric quantiser with a searched scale per block (``quant4``), each input channel's
-    error weighted by its mean squared activation over ``calibration = (token ids, context length)`` when given
+    error weighted by its mean squared activation over ``calibration = (token ids, context length, the graph's
+    contract)`` when given
     (``calibrate.importance``; None: unweighted). 8 bits: onnxruntime's
     symmetric round-to-nearest (94.5% top-1 / +0.1% perplexity on SmolLM2 at block 32: nothing to win there).
     Why not onnxruntime's ``quantize_dynamic`` for int8: its per-tensor activation scales meet SmolLM2's
@@ -140,9 +142,9 @@ def quantize_weights(
         if calibration is not None:
             from . import calibrate
 
-            ids, context = calibration
+            ids, context, contract = calibration
             names = sorted({node.input[0] for node, _ in _weight_matmuls(model)})
-            weights = calibrate.importance(src, names, ids, context)
+            weights = calibrate.importance(src, names, ids, context, contract)
             calibrated = {"tokens": len(ids), "text": "edgeroute built-in"}
         _quantize_int4(model, block_size, accuracy_level, weights)
         weighted = " weighted by calibration activations" if weights is not None else ""
@@ -271,7 +273,7 @@ def _share_quantized_embeddings(model: Any, tied: list[tuple[str, str]], bits: i
     return done
 
 
-def describe(model: Any) -> dict[str, Any]:
+def describe(model: Any) -> GraphContract:
     """The graph's contract for the manifest: input/output names and patterns, KV geometry and dtype, vocab."""
     from onnx import TensorProto
 
@@ -302,21 +304,20 @@ def describe(model: Any) -> dict[str, Any]:
     logits_dims = outs["logits"].type.tensor_type.shape.dim
     vocab = logits_dims[-1].dim_value if logits_dims and logits_dims[-1].HasField("dim_value") else None
     inputs: dict[str, str | None] = {
-        "input_ids": "input_ids",
-        "attention_mask": "attention_mask",
-        "position_ids": "position_ids" if "position_ids" in ins else None,
-        "past_key": past_k,
-        "past_value": past_v,
+        **DEFAULT_INPUTS,
+        Name.POSITION_IDS: pos if (pos := DEFAULT_INPUTS[Name.POSITION_IDS]) in ins else None,
+        Name.PAST_KEY: past_k,
+        Name.PAST_VALUE: past_v,
     }
     if KEEP_INPUT in ins:
-        inputs[KEEP_INPUT] = KEEP_INPUT
-    return {
-        "inputs": inputs,
-        "outputs": {"logits": "logits", "present_key": pres_k, "present_value": pres_v},
-        "logits": "keep" if KEEP_INPUT in ins else "all",
-        "num_layers": layers,
-        "num_kv_heads": dims[1],
-        "head_size": dims[3],
-        "kv_dtype": kv_dtype,
-        "vocab_size": vocab,
-    }
+        inputs[Name.LOGITS_TO_KEEP] = KEEP_INPUT
+    return GraphContract(
+        num_layers=layers,
+        num_kv_heads=dims[1],
+        head_size=dims[3],
+        vocab_size=vocab,
+        inputs=inputs,
+        outputs={Name.LOGITS: "logits", Name.PRESENT_KEY: pres_k, Name.PRESENT_VALUE: pres_v},
+        logits="keep" if KEEP_INPUT in ins else "all",
+        kv_dtype=kv_dtype,
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeroute._version import __version__
+from edgeroute.contract import GraphContract
 from edgeroute.errors import ExportError
 from edgeroute.manifest import MANIFEST_NAME, Manifest, file_entries
 
@@ -67,7 +68,8 @@ def context_of(config: Any, context_length: int | None) -> int:
 def write(
     folder: Path,
     src: Any,
-    contract: dict[str, Any],
+    contract: GraphContract,
+    backend_name: str,
     dtype: str,
     quant: dict[str, Any],
     context_length: int | None,
@@ -88,15 +90,13 @@ def write(
     if isinstance(template, dict):
         template = template.get("default") or next(iter(template.values()), None)
     special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
-    contract = dict(contract)
-    backend = contract.pop("backend", "optimum")
-    vocab = contract.pop("vocab_size") or int(config.vocab_size)
+    vocab = contract.vocab_size or int(config.vocab_size)
     pad = tok.pad_token_id if tok.pad_token_id is not None else getattr(config, "pad_token_id", None)
     manifest = Manifest.from_dict(
         {
             "schema_version": 1,
             "graph": "model.onnx",
-            **contract,
+            **contract.to_fields(),
             "vocab_size": vocab,
             "context_length": ctx,
             "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id < vocab else None,
@@ -112,7 +112,7 @@ def write(
                 "source_kind": src.kind,
                 "model_type": src.model_type,
                 "architecture": type(src.model).__name__,
-                "backend": backend,
+                "backend": backend_name,
                 "parameters": int(sum(p.numel() for p in src.model.parameters())),
                 "versions": _versions(),
                 "export_seconds": dict(times),

@@ -9,6 +9,7 @@
 from ._version import __version__
 from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
+from .contract import GraphContract
 from .errors import (
     ChatTemplateError,
     ConcurrentUseError,
@@ -28,7 +29,7 @@ from .manifest import Manifest
 from .model import Model
 from .output import Completion, Step, TokenLogprob, Usage
 from .request import Flows, from_params
-from .sampling import Distribution, Router, make_chain
+from .sampling import Distribution, Processor, Router, make_chain
 from .session import available_providers
 from .tokenizer import Tokenizer
 
@@ -47,12 +48,14 @@ __all__ = [
     "Flows",
     "GenerationConfig",
     "Generator",
+    "GraphContract",
     "InferenceError",
     "KVCache",
     "Manifest",
     "ManifestError",
     "Model",
     "ModelLoadError",
+    "Processor",
     "ProviderUnavailableError",
     "Router",
     "SamplingConfig",

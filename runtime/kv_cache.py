@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .contract import Name
 from .errors import ConfigError, ContextOverflowError, InferenceError
 from .manifest import Manifest
 
@@ -92,15 +93,9 @@ class KVCache:
     def __init__(self, manifest: Manifest, batch_size: int = 1) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
-        self._past_names = manifest.past_names()
-        self._present_names = manifest.present_names()
-        shape = (batch_size, manifest.num_kv_heads, 0, manifest.head_size)
-        empty = np.zeros(shape, dtype=np.dtype(manifest.kv_dtype))
-        self._layers: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * manifest.num_layers
-        m = manifest
-        self._in = (str(m.inputs["input_ids"]), str(m.inputs["attention_mask"]), m.inputs.get("position_ids"))
-        self._in_keep = m.inputs.get("logits_to_keep") if m.logits == "keep" else None
-        self._outputs = [m.outputs["logits"], *self.output_names()]
+        self.contract = manifest.contract
+        self._layers: list[tuple[np.ndarray, np.ndarray]] = self.contract.empty_past(batch_size)
+        self._outputs = self.contract.output_names()
 
     def run(
         self,
@@ -112,19 +107,8 @@ class KVCache:
     ) -> np.ndarray:
         """One graph run after the cached positions; ``attention_mask`` defaults to ones over ``length + n``
         positions and ``position_ids`` to the positions after the cache."""
-        b, n = ids.shape
-        past = self.length
-        in_ids, in_mask, in_pos = self._in
-        if attention_mask is None:
-            attention_mask = np.ones((b, past + n), dtype=np.int64)
-        feeds: dict[str, np.ndarray] = {in_ids: ids, in_mask: attention_mask}
-        if in_pos:
-            if position_ids is None:
-                position_ids = np.broadcast_to(np.arange(past, past + n, dtype=np.int64), (b, n))
-            feeds[in_pos] = np.ascontiguousarray(position_ids, dtype=np.int64)
-        if self._in_keep:
-            feeds[self._in_keep] = np.array([n_last], dtype=np.int64)
-        feeds.update(self.feeds())
+        n = ids.shape[1]
+        feeds = self.contract.feeds(ids, self._layers, n_last, self.length, attention_mask, position_ids)
         try:
             outs = session.run(self._outputs, feeds)
         except Exception as e:  # onnxruntime's errors are untyped
@@ -160,20 +144,8 @@ class KVCache:
         """Bytes held by the cached keys and values."""
         return sum(k.nbytes + v.nbytes for k, v in self._layers)
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        """Graph inputs ``past_key_values.N.key/value`` for the next run."""
-        out: dict[str, np.ndarray] = {}
-        for (kn, vn), (k, v) in zip(self._past_names, self._layers, strict=False):
-            out[kn] = k
-            out[vn] = v
-        return out
-
-    def output_names(self) -> list[str]:
-        """Graph outputs that :meth:`store` expects, in order."""
-        return [n for pair in self._present_names for n in pair]
-
     def store(self, presents: list[np.ndarray], new_tokens: int) -> None:
-        """Take the graph's ``present.*`` outputs (in :meth:`output_names` order) as the new cache."""
+        """Take the graph's present outputs (in the contract's order) as the new cache."""
         layers = [(presents[2 * i], presents[2 * i + 1]) for i in range(self.manifest.num_layers)]
         expect = self.length + new_tokens
         got = int(layers[0][0].shape[2])
@@ -320,21 +292,23 @@ class SharedBinding:
         self._ort = ort
         self.session = session
         m = cache.manifest
+        c = m.contract
         self.io = io = session.io_binding()
-        names = [n for pair in m.past_names() for n in pair]
-        outs = [n for pair in m.present_names() for n in pair]
+        names = [n for pair in c.past_names() for n in pair]
+        outs = [n for pair in c.present_names() for n in pair]
         for name, out, buf in zip(names, outs, cache.buffers, strict=True):
             value = ort.OrtValue.ortvalue_from_numpy(buf)
             io.bind_ortvalue_input(name, value)
             io.bind_ortvalue_output(out, value)
-        self.names = (str(m.inputs["input_ids"]), m.outputs["logits"])
+        self.names = (str(c.name(Name.INPUT_IDS)), c.outputs[Name.LOGITS])
+        # the inputs GraphContract.feeds builds for the shared layout, bound once and updated in place per run
         self.seqlens = np.zeros(cache.batch_size, dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
         self.keep = np.ones(1, dtype=np.int64)
         for small, arr in (  # the manifest checked that shared graphs name these three
-            (m.inputs["seqlens_k"], self.seqlens),
-            (m.inputs["total_sequence_length"], self.total),
-            (m.inputs["logits_to_keep"], self.keep),
+            (c.name(Name.SEQLENS_K), self.seqlens),
+            (c.name(Name.TOTAL_SEQUENCE_LENGTH), self.total),
+            (c.name(Name.LOGITS_TO_KEEP), self.keep),
         ):
             io.bind_ortvalue_input(str(small), ort.OrtValue.ortvalue_from_numpy(arr))
         self.vocab = m.vocab_size

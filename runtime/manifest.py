@@ -10,33 +10,28 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from .config import GenerationConfig, SamplingConfig, is_number
+from .contract import (
+    DEFAULT_INPUTS,
+    DEFAULT_OUTPUTS,
+    KV_DTYPES,
+    KV_LAYOUTS,
+    LAYER,
+    LOGITS_FORMS,
+    SHARED_INPUTS,
+    GraphContract,
+    Name,
+)
 from .errors import ConfigError, ManifestError, ModelLoadError
 
 MANIFEST_NAME = "edgeroute.json"
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "fp16")
 QUANT_METHODS = ("none", "int8", "int4")
-KV_DTYPES = ("float32", "float16")
-KV_LAYOUTS = ("concat", "shared")
-SHARED_INPUTS = ("seqlens_k", "total_sequence_length", "logits_to_keep")
-LAYER = "{layer}"
-
-DEFAULT_INPUTS = {
-    "input_ids": "input_ids",
-    "attention_mask": "attention_mask",
-    "position_ids": "position_ids",
-    "past_key": "past_key_values.{layer}.key",
-    "past_value": "past_key_values.{layer}.value",
-}
-DEFAULT_OUTPUTS = {
-    "logits": "logits",
-    "present_key": "present.{layer}.key",
-    "present_value": "present.{layer}.value",
-}
 
 
 @dataclass(frozen=True)
@@ -95,17 +90,19 @@ class Manifest:
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    # -- names -----------------------------------------------------------------------------------------------
+    # -- the graph contract ----------------------------------------------------------------------------------
+    @cached_property
+    def contract(self) -> GraphContract:
+        """The graph's inputs, outputs, logits form, KV layout and geometry (``contract.py``)."""
+        return GraphContract.from_fields(self.__dict__)
+
     def past_names(self) -> list[tuple[str, str]]:
         """Graph input names ``(key, value)`` for every layer."""
-        k, v = self.inputs["past_key"], self.inputs["past_value"]
-        assert k is not None and v is not None
-        return [(k.format(layer=i), v.format(layer=i)) for i in range(self.num_layers)]
+        return self.contract.past_names()
 
     def present_names(self) -> list[tuple[str, str]]:
         """Graph output names ``(key, value)`` for every layer."""
-        k, v = self.outputs["present_key"], self.outputs["present_value"]
-        return [(k.format(layer=i), v.format(layer=i)) for i in range(self.num_layers)]
+        return self.contract.present_names()
 
     # -- (de)serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -180,14 +177,14 @@ class Manifest:
         for name in ("bos_token_id", "pad_token_id"):
             if data.get(name) is not None and not _id_ok(data[name], data["vocab_size"]):
                 raise bad(name, "must be a token id below vocab_size or null")
-        nullable = {"position_ids", "logits_to_keep", "attention_mask", *SHARED_INPUTS}
+        nullable = {Name.POSITION_IDS, Name.ATTENTION_MASK, *SHARED_INPUTS}
         inputs = {**DEFAULT_INPUTS, **_str_map(data, "inputs", source, allow_null=nullable)}
         outputs = {**DEFAULT_OUTPUTS, **_str_map(data, "outputs", source)}
         layout = data.get("kv_layout", "concat")
         if layout not in KV_LAYOUTS:
             raise bad("kv_layout", f"must be one of {', '.join(KV_LAYOUTS)}")
-        needed: tuple[str, ...] = ("input_ids", "past_key", "past_value")
-        needed += SHARED_INPUTS if layout == "shared" else ("attention_mask",)
+        needed: tuple[str, ...] = (Name.INPUT_IDS, Name.PAST_KEY, Name.PAST_VALUE)
+        needed += SHARED_INPUTS if layout == "shared" else (Name.ATTENTION_MASK,)
         for key in needed:
             if not inputs.get(key):
                 raise bad("inputs", f"needs a name for {key!r} (kv_layout {layout!r})")
@@ -201,9 +198,9 @@ class Manifest:
         ):
             if LAYER not in str(pat):
                 raise ManifestError(f"{source}: {where} must contain {LAYER} (got {pat!r})")
-        if data.get("logits", "all") not in ("all", "last", "keep"):
-            raise bad("logits", "must be 'all', 'last' or 'keep'")
-        if data.get("logits") == "keep" and not inputs.get("logits_to_keep"):
+        if data.get("logits", "all") not in LOGITS_FORMS:
+            raise bad("logits", f"must be one of {', '.join(LOGITS_FORMS)}")
+        if data.get("logits") == "keep" and not inputs.get(Name.LOGITS_TO_KEEP):
             raise bad("logits", "is 'keep' but inputs has no 'logits_to_keep' name")
         if data.get("kv_dtype", "float32") not in KV_DTYPES:
             raise bad("kv_dtype", f"must be one of {', '.join(KV_DTYPES)}")

@@ -13,7 +13,7 @@ from typing import Any, overload
 import numpy as np
 
 from .config import GenerationConfig
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError
 from .generator import Completion, Generator, generate_batch
 from .kv_cache import Cache, KVCache, SharedKVCache
 from .manifest import Manifest, check_files
@@ -21,7 +21,6 @@ from .request import Flows
 from .session import create_session
 from .tokenizer import Tokenizer
 
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 Prompt = str | Sequence[int]
 DEFAULT_SHARED_CONTEXT = 4096  # tokens a shared KV buffer holds unless the user asks for another size
 
@@ -54,7 +53,7 @@ class Model:
         self.special_ids = frozenset(tokenizer.special_ids) | frozenset(m.eos_token_ids)
         # graph rows beyond the tokenizer (a vocabulary padded for speed) have no text: never generated
         self.undecodable_ids = range(min(tokenizer.vocab_size, m.vocab_size), m.vocab_size)
-        _check_graph(session, m)
+        m.contract.check_session(session)
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -207,41 +206,3 @@ class Model:
     def __repr__(self) -> str:
         m = self.manifest
         return f"Model({str(self.path)!r}, provider={self.provider!r}, layers={m.num_layers}, vocab={m.vocab_size})"
-
-
-def _check_graph(session: Any, m: Manifest) -> None:
-    """Raise ``ModelLoadError`` when the graph's inputs/outputs do not match what the manifest describes."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name for o in session.get_outputs()}
-    want_in = [m.inputs["input_ids"]] + [n for p in m.past_names() for n in p]
-    for optional in ("attention_mask", "position_ids", "logits_to_keep", "seqlens_k", "total_sequence_length"):
-        if m.inputs.get(optional):
-            want_in.append(str(m.inputs[optional]))
-    missing = [n for n in want_in if n not in inputs]
-    extra = sorted(set(inputs) - set(want_in))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing inputs {missing[:4]}{'...' if len(missing) > 4 else ''}")
-        if extra:
-            parts.append(f"undescribed inputs {extra[:4]}{'...' if len(extra) > 4 else ''}")
-        raise ModelLoadError(f"graph does not match its manifest: {'; '.join(parts)}")
-    want_out = [m.outputs["logits"]] + [n for p in m.present_names() for n in p]
-    missing_out = [n for n in want_out if n not in outputs]
-    if missing_out:
-        raise ModelLoadError(f"graph does not match its manifest: missing outputs {missing_out[:4]}")
-    want_type = _ORT_TYPES[m.kv_dtype]
-    for name in (n for p in m.past_names() for n in p):
-        meta = inputs[name]
-        if meta.type != want_type:
-            raise ModelLoadError(f"graph input {name} is {meta.type}, manifest says kv_dtype {m.kv_dtype}")
-        shape = list(meta.shape)
-        if len(shape) != 4:
-            raise ModelLoadError(f"graph input {name} has rank {len(shape)}, expected 4 (batch, heads, len, dim)")
-        for got, want, what in ((shape[1], m.num_kv_heads, "num_kv_heads"), (shape[3], m.head_size, "head_size")):
-            if isinstance(got, int) and got != want:
-                raise ModelLoadError(f"graph input {name} has {got} for {what}, manifest says {want}")
-    logits_meta = next(o for o in session.get_outputs() if o.name == m.outputs["logits"])
-    last = logits_meta.shape[-1] if logits_meta.shape else None
-    if isinstance(last, int) and last != m.vocab_size:
-        raise ModelLoadError(f"graph logits have {last} entries, manifest says vocab_size {m.vocab_size}")

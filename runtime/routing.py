@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .kv_cache import common_prefix
-from .sampling import draw
+from .sampling import draw, log_softmax
 
 if TYPE_CHECKING:
     from .protocols import ModelLike
@@ -70,17 +70,11 @@ def guidance_mix(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarr
 def contrast_mix(big: np.ndarray, small: np.ndarray, alpha: float, beta: float = 0.1) -> np.ndarray:
     """Contrastive decoding: ``log p_big - alpha * log p_small`` over ``{x: p_big(x) >= beta * max p_big}``;
     tokens outside that plausible set get ``-inf``."""
-    lb = _log_softmax(big)
-    ls = _log_softmax(small)
+    lb = log_softmax(big, np.float32)
+    ls = log_softmax(small, np.float32)
     out = (lb - np.float32(alpha) * ls).astype(np.float32)
     out[lb < lb.max() + np.float32(np.log(beta))] = -np.inf
     return out
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum(dtype=np.float64)).astype(np.float32))
 
 
 # -- speculative decoding -------------------------------------------------------------------------------------

@@ -106,13 +106,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable log-softmax (float64 for small arrays, float32 for the vocabulary)."""
+def log_softmax(logits: np.ndarray, dtype: type[np.floating] | None = None) -> np.ndarray:
+    """Numerically stable log-softmax, the normaliser summed in float64. ``dtype`` None: the exponentials in
+    float64 for small arrays and in float32 for the vocabulary, the result float64 (logprobs, quality figures);
+    ``np.float32``: float32 throughout but the sum, the result float32 (the contrast mix)."""
     x = np.asarray(logits)
-    if x.size <= _SMALL:
+    if dtype is not None:
+        x = x.astype(dtype, copy=False)
+    elif x.size <= _SMALL:
         x = x.astype(np.float64, copy=False)
     m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum(dtype=np.float64)))
+    lse = np.log(np.exp(x - m).sum(dtype=np.float64))
+    return x - (m + (lse if dtype is None else lse.astype(dtype)))
 
 
 # -- truncation over a candidate set --------------------------------------------------------------------------

@@ -110,14 +110,8 @@ def test_prefill_returns_only_last_logits(llama_ckpt: Path, tmp_path: Path) -> N
     out = export_model(llama_ckpt, tmp_path / "out", validate=False, backend="optimum")
     model = er.Model.load(out)
     ids = list(range(5, 105))
-    cache = model.new_cache()
-    feeds = {
-        "input_ids": np.array([ids]),
-        "attention_mask": np.ones((1, 100), dtype=np.int64),
-        "position_ids": np.arange(100)[None],
-        "logits_to_keep": np.array([1]),
-        **cache.feeds(),
-    }
+    feeds = model.manifest.contract.feeds(np.array([ids]), model.manifest.contract.empty_past(), 1)
+    assert feeds["logits_to_keep"].tolist() == [1] and feeds["attention_mask"].shape == (1, 100)
     logits = model.session.run(["logits"], feeds)[0]
     assert logits.shape == (1, 1, model.vocab_size)  # the graph itself returns one row, not 100
     three = model.forward_last(np.array([ids]), model.new_cache(), 3)[0]
@@ -161,7 +155,8 @@ def test_calibration_importance_is_the_mean_squared_input_pytorch_sees(llama_ckp
     ids = er.Model.load(out).tokenizer.encode(calibrate.CALIBRATION_TEXT)[:300]  # two chunks of 256 and 44
     names = {"layers.0.input_layernorm/out": "model.layers.0.self_attn.q_proj",
              "layers.1.mlp/prod": "model.layers.1.mlp.down_proj", "final_norm/out": "lm_head"}  # fmt: skip
-    got = calibrate.importance(out / "model.onnx", list(names), ids, context=512)
+    contract = er.Model.load(out).manifest.contract
+    got = calibrate.importance(out / "model.onnx", list(names), ids, 512, contract)
     assert sorted(p.name for p in out.iterdir()) == [
         "edgeroute.json",
         "model.onnx",
@@ -221,15 +216,27 @@ def test_int4_calibration_is_recorded_and_optional(llama_ckpt: Path, tmp_path: P
 def test_calibration_refuses_inputs_it_cannot_feed() -> None:
     from types import SimpleNamespace
 
+    from edgeroute.contract import GraphContract
     from edgeroute.errors import ExportError
     from edgeroute.export import calibrate
 
-    sess = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name="token_type_ids", shape=[1, "n"], type="x")])
+    contract = GraphContract(num_layers=1, num_kv_heads=2, head_size=16, vocab_size=10)
+
+    def session(*inputs: tuple[str, list, str]) -> SimpleNamespace:
+        ins = [SimpleNamespace(name=n, shape=shape, type=t) for n, shape, t in inputs]
+        outs = [SimpleNamespace(name=n, shape=[1, "n", 10]) for n in contract.output_names()]
+        return SimpleNamespace(get_inputs=lambda: ins, get_outputs=lambda: outs)
+
+    kv = [(n, [1, 2, "n", 16], "tensor(float)") for pair in contract.past_names() for n in pair]
+    plain = [("input_ids", [1, "n"], "tensor(int64)"), ("attention_mask", [1, "n"], "tensor(int64)")]
+    plain.append(("position_ids", [1, "n"], "tensor(int64)"))
+    calibrate._check(contract, session(*plain, *kv))  # what the contract feeds: accepted
     with pytest.raises(ExportError, match="token_type_ids"):
-        calibrate._feed(sess, [1, 2, 3])
-    sess = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name="past.0.key", shape=[1, "h", "n", 16], type="x")])
-    with pytest.raises(ExportError, match="past.0.key"):
-        calibrate._feed(sess, [1, 2, 3])
+        calibrate._check(contract, session(*plain, *kv, ("token_type_ids", [1, "n"], "tensor(int64)")))
+    with pytest.raises(ExportError, match="past_key_values.0.value"):
+        calibrate._check(contract, session(*plain, kv[0]))
+    with pytest.raises(ExportError, match="head_size"):
+        calibrate._check(contract, session(*plain, kv[0], (kv[1][0], [1, 2, "n", 8], "tensor(float)")))
 
 
 def test_lora_adapter_is_merged(llama_ckpt: Path, tmp_path: Path) -> None:

@@ -126,3 +126,27 @@ def test_the_context_cap_sizes_the_buffer(shared_dir: Path) -> None:
     with pytest.raises(er.ContextOverflowError):
         small.forward(np.zeros((1, 24 - len(ids) + 1), dtype=np.int64), cache)
     assert cache.length == len(ids)  # a refused run changes nothing
+
+
+def test_the_bound_decode_path_feeds_what_the_contract_says(shared: er.Model) -> None:
+    """SharedBinding binds the shared layout's inputs once and updates them in place; a plain ``session.run`` of
+    ``GraphContract.feeds`` (the one definition of a run's inputs) gives the same logits, prefill and decode."""
+    c = shared.manifest.contract
+    ids = shared.tokenizer.encode(PROMPT)
+    cache = shared.new_cache()
+    bound = [shared.forward(np.array([ids]), cache)[0].copy()]
+    for t in (5, 9, 2):
+        bound.append(shared.forward(np.array([[t]]), cache)[0].copy())
+    outs = shared.session.run(c.output_names(), c.feeds(np.array([ids]), c.empty_past(), 1))
+    plain = [outs[0][0, -1]]
+    length = len(ids)
+    for t in (5, 9, 2):
+        past = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(c.num_layers)]
+        outs = shared.session.run(c.output_names(), c.feeds(np.array([[t]]), past, 1, length))
+        plain.append(outs[0][0, -1])
+        length += 1
+    for a, b in zip(bound, plain, strict=True):
+        assert np.allclose(a, b, atol=1e-5), np.abs(a - b).max()
+    feeds = c.feeds(np.array([[1, 2], [3, 4]]), c.empty_past(2, 8), 2, np.array([3, 5]))
+    assert feeds["seqlens_k"].tolist() == [4, 6] and int(feeds["total_sequence_length"]) == 7
+    assert feeds["logits_to_keep"].tolist() == [2] and "attention_mask" not in feeds

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from edgeroute.contract import SHARED_GRAPH_INPUTS
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -337,8 +338,6 @@ def write_tiny_model(folder: str | Path, **kw: Any) -> Path:
     tok.save(str(folder / "tokenizer.json"))
     manifest = manifest_dict(vocab, tok, **geometry, chat_template=chat_template)
     if layout == "shared":
-        none = dict.fromkeys(("attention_mask", "position_ids"))
-        names = {n: n for n in ("seqlens_k", "total_sequence_length", "logits_to_keep")}
-        manifest.update(inputs={**none, **names}, logits="keep", kv_layout="shared")
+        manifest.update(inputs=dict(SHARED_GRAPH_INPUTS), logits="keep", kv_layout="shared")  # the export's names
     (folder / "edgeroute.json").write_text(json.dumps(manifest, indent=2))
     return folder
