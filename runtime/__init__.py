@@ -10,6 +10,7 @@ from ._version import __version__
 from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
 from .contract import GraphContract
+from .engine import Engine, EngineClosedError, EngineStats, Request
 from .errors import (
     ChatTemplateError,
     ConcurrentUseError,
@@ -22,6 +23,7 @@ from .errors import (
     ManifestError,
     ModelLoadError,
     ProviderUnavailableError,
+    QueueFullError,
 )
 from .generator import Generator
 from .kv_cache import KVCache
@@ -43,6 +45,9 @@ __all__ = [
     "ContextOverflowError",
     "Distribution",
     "EdgerouteError",
+    "Engine",
+    "EngineClosedError",
+    "EngineStats",
     "ExportError",
     "ExportValidationError",
     "Flows",
@@ -57,6 +62,8 @@ __all__ = [
     "ModelLoadError",
     "Processor",
     "ProviderUnavailableError",
+    "QueueFullError",
+    "Request",
     "Router",
     "SamplingConfig",
     "Step",

@@ -66,6 +66,11 @@ class ContextOverflowError(EdgerouteError):
         super().__init__(f"{msg} ({detail})" if detail else msg)
 
 
+class QueueFullError(EdgerouteError, RuntimeError):
+    """An :class:`~edgeroute.Engine`'s queue holds ``max_queue`` requests already: retry later (a server answers
+    429/503)."""
+
+
 class InferenceError(EdgerouteError):
     """onnxruntime failed while running the graph (the original error is the ``__cause__``), or the graph
     returned logits that are not finite (NaN or +inf: broken weights)."""

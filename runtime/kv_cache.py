@@ -263,6 +263,15 @@ class SharedKVCache:
         other.lengths = self.lengths[i : i + 1].copy()
         return other
 
+    def head(self, k: int) -> SharedKVCache:
+        """A cache over the first ``k`` rows' memory (views, no copy) whose ``lengths`` is a view of this cache's:
+        a run on it moves these rows' lengths here too (an engine's decode step over its low slots)."""
+        other = self._unbound()
+        other.batch_size = k
+        other.buffers = [b[:k] for b in self.buffers]
+        other.lengths = self.lengths[:k]
+        return other
+
     def copy(self) -> SharedKVCache:
         """An independent cache with the same contents."""
         other = self._unbound()

@@ -17,6 +17,7 @@ def test_all_matches_public_names() -> None:
         "choice",
         "cli",
         "config",
+        "engine",
         "contract",
         "errors",
         "export",

@@ -36,3 +36,25 @@ def test_chat_session_on_smollm2(smollm2_dir: Path) -> None:
     second = "".join(s.text for s in chat.send("And of Italy?"))
     assert "Rome" in second
     assert chat.generator.usage.prompt_tokens - fed < 20  # only the new turn was prefilled
+
+
+def test_engine_batch_of_8_is_exact_on_smollm2_fp32(smollm2_dir: Path) -> None:
+    """Eight requests (greedy and seeded, different prompts and lengths) in one engine with fewer slots than
+    requests: each yields exactly its tokens alone on the fp32 graph."""
+    model = er.Model.load(smollm2_dir)
+    questions = ["What is the capital of France?", "Write a haiku about rain.", "List three colours.", "Why?",
+                 "Explain a bicycle in two sentences.", "Say hi.", "Name a planet.", "Count to five."]  # fmt: skip
+    prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    cfgs = [
+        er.GenerationConfig(
+            max_new_tokens=12 + 4 * i,
+            sampling=er.SamplingConfig(temperature=0) if i % 2 else er.SamplingConfig(temperature=0.8, seed=i),
+        )
+        for i in range(8)
+    ]
+    alone = [model.generate(p, c).token_ids for p, c in zip(prompts, cfgs, strict=True)]
+    with er.Engine(model, max_batch=6, prefill_budget=16) as engine:
+        got = [
+            r.result(timeout=300).token_ids for r in [engine.submit(p, c) for p, c in zip(prompts, cfgs, strict=True)]
+        ]
+    assert got == alone

@@ -1,0 +1,647 @@
+"""Many requests at once: a continuous-batching engine over one :class:`~edgeroute.Model`.
+
+An :class:`Engine` owns one background thread and, for graphs with a shared KV buffer, one batch cache of
+``max_batch`` rows (*slots*). Each iteration of its loop:
+
+1. drops cancelled requests (their slot is free at once);
+2. admits queued requests into free slots, preferring the free slot whose cached tokens share the longest prefix
+   with the prompt (those positions are reused, not prefilled again), else the lowest free one (a step runs rows
+   0..hi, so low slots keep it narrow; the caches of higher free slots live on until their slot is needed);
+3. prefills at most ``prefill_budget`` prompt tokens (one chunk of one or more requests, each into its own row),
+   so a long prompt arriving costs the running streams one chunk per step, not the whole prompt;
+4. chooses the next token of every decoding request from its logits (its own router, RNG, stop strings, limits,
+   logprobs: the same :class:`~edgeroute.choice.TokenChooser` and :class:`~edgeroute.output.TurnOutput` a
+   Generator uses) and hands the :class:`~edgeroute.Step` to the request;
+5. runs the graph once for every request still decoding: rows ``0..hi`` of the batch cache, each appending its
+   own token after its own length (rows in between that are not decoding get a placeholder token whose position
+   is given back, so their cached tokens are untouched).
+
+Requests with a second flow (a draft model, guidance, contrast) and every request on a graph with a concatenated
+KV cache (the optimum backend) run *solo*: each on a Generator of its own, one step per iteration, interleaved
+with the batch. ``Engine.mode`` says ``"batched"`` or ``"solo"``.
+
+Submission is thread-safe and never blocks: a full queue raises :class:`~edgeroute.QueueFullError`, a prompt that
+cannot fit raises ``ContextOverflowError``, a bad config ``ConfigError``. A failing graph run fails the requests
+it was running with ``InferenceError``; the engine keeps serving the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .choice import TokenChooser
+from .config import GenerationConfig
+from .errors import ConfigError, ContextOverflowError, EdgerouteError, InferenceError, QueueFullError
+from .generator import Generator
+from .kv_cache import SharedKVCache, common_prefix
+from .output import Completion, Step, TurnOutput, Usage
+from .request import Flows
+
+if TYPE_CHECKING:
+    from .model import Model
+
+DEFAULT_PREFILL_BUDGET = 64  # prompt tokens prefilled per iteration (see README, "Many requests at once")
+
+
+class EngineClosedError(EdgerouteError, RuntimeError):
+    """The engine was closed: it takes no new request, and requests still running when it closed end with it."""
+
+
+# -- a request --------------------------------------------------------------------------------------------------
+class Request:
+    """One submitted request: iterate it for its :class:`Step`\\ s (blocking, or ``async for``), or wait for its
+    :meth:`result`. Safe to read from any thread; several readers each see every step."""
+
+    def __init__(self, rid: int, prompt: list[int], config: GenerationConfig, flows: Flows) -> None:
+        self.id = rid
+        self.prompt = prompt
+        self.config = config
+        self.flows = flows
+        self.submitted = time.perf_counter()
+        self._cond = threading.Condition()
+        self._readers = 0  # threads waiting in _wait: a step wakes them only when there are some
+        self._ended = threading.Event()
+        self._steps: list[Step] = []
+        self._completion: Completion | None = None
+        self._error: BaseException | None = None
+        self._cancel = False
+        self._listeners: list[Any] = []
+
+    # -- the engine's side ------------------------------------------------------------------------------------
+    def _push(self, step: Step) -> None:
+        # a waiting thread woken per token would take the GIL from the engine's thread mid-step: wake only readers
+        self._steps.append(step)  # list.append is atomic; readers read under the lock
+        if self._readers or self._listeners:
+            with self._cond:
+                self._cond.notify_all()
+                listeners = list(self._listeners)
+            for notify in listeners:
+                notify()
+
+    def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
+        with self._cond:
+            if self.done:
+                return
+            self._completion, self._error = completion, error
+            self._ended.set()
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for notify in listeners:
+            notify()
+
+    # -- the caller's side ------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """True once the request finished, failed or was cancelled."""
+        return self._completion is not None or self._error is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel
+
+    def cancel(self) -> None:
+        """Stop generating: the slot is freed within one engine iteration; the result is what was generated so
+        far, with ``finish_reason == "cancelled"``."""
+        self._cancel = True
+
+    def _wait(self, i: int, timeout: float | None) -> tuple[Step | None, bool]:
+        """Step ``i`` when there is one, else ``(None, True)`` once the request is done (raising its error)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._readers += 1  # before looking: a step appended after the look sees this reader and wakes it
+            try:
+                while i >= len(self._steps) and not self.done:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"request {self.id}: no step within {timeout} s")
+                    self._cond.wait(left)
+            finally:
+                self._readers -= 1
+            if i < len(self._steps):
+                return self._steps[i], False
+            if self._error is not None:
+                raise self._error
+            return None, True
+
+    def __iter__(self) -> Iterator[Step]:
+        i = 0
+        while True:
+            step, end = self._wait(i, None)
+            if end:
+                return
+            assert step is not None
+            yield step
+            i += 1
+
+    def stream(self, timeout: float | None = None) -> Iterator[Step]:
+        """Like iterating the request, with ``timeout`` seconds at most between two steps (``TimeoutError``)."""
+        i = 0
+        while True:
+            step, end = self._wait(i, timeout)
+            if end:
+                return
+            assert step is not None
+            yield step
+            i += 1
+
+    async def __aiter__(self) -> AsyncIterator[Step]:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        with self._cond:
+            self._listeners.append(notify)
+        try:
+            i = 0
+            while True:
+                with self._cond:
+                    ready = i < len(self._steps)
+                    step = self._steps[i] if ready else None
+                    done, error = self.done, self._error
+                    if not ready:
+                        wake.clear()
+                if step is not None:
+                    yield step
+                    i += 1
+                    continue
+                if done:
+                    if error is not None:
+                        raise error
+                    return
+                await wake.wait()
+        finally:
+            with self._cond:
+                self._listeners.remove(notify)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the request to end and return its :class:`Completion` (raises its error, if it failed)."""
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._completion is not None
+        return self._completion
+
+
+# -- the engine's state per running request --------------------------------------------------------------------
+@dataclass
+class _Slot:
+    """One row of the batch cache: the tokens its cache holds (valid up to ``held``), and who runs in it."""
+
+    index: int
+    tokens: np.ndarray
+    held: int = 0
+    running: _Running | None = None
+
+
+@dataclass
+class _Running:
+    """A request in a slot: its chooser and output, its sequence so far, where its prefill stands."""
+
+    request: Request
+    slot: _Slot
+    chooser: TokenChooser
+    output: TurnOutput
+    usage: Usage
+    ids: np.ndarray  # prompt + generated tokens
+    n: int  # tokens in ``ids``
+    fed: int  # positions of ``ids`` the slot's cache holds
+    logits: np.ndarray | None = None  # of the last fed position, when the next token is to be chosen
+    last: float = 0.0  # when its last step ended (decode time runs from there)
+    reused: int = 0  # prompt positions reused from the slot's cache
+
+
+@dataclass
+class _Solo:
+    request: Request
+    generator: Generator
+    usage_start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine (the server's metrics read it)."""
+
+    mode: str
+    max_batch: int
+    active: int
+    queued: int
+    solo: int
+    submitted: int
+    finished: int
+    failed: int
+    cancelled: int
+    reused_prompt_tokens: int
+    prefilled_prompt_tokens: int
+
+
+class Engine:
+    """Continuous batching over one model (module docstring). Use as a context manager, or call :meth:`close`.
+
+    Args:
+        model: a loaded :class:`~edgeroute.Model`; its ``context_length`` is each slot's context.
+        max_batch: slots of the batch cache (rows run in one graph run per step).
+        max_queue: requests waiting for a slot at most; one more raises :class:`QueueFullError`.
+        prefill_budget: prompt tokens prefilled per iteration (the stall a new prompt costs running streams).
+        prefix_reuse: reuse a free slot's cached tokens that start a new prompt.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+        prefix_reuse: bool = True,
+    ) -> None:
+        for name, value, least in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(name, value, f"must be an integer >= {least}")
+        if not isinstance(prefill_budget, int) or isinstance(prefill_budget, bool) or prefill_budget < 1:
+            raise ConfigError("prefill_budget", prefill_budget, "must be an integer >= 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_budget = prefill_budget
+        self.prefix_reuse = prefix_reuse
+        self.mode = "batched" if model.shared_kv else "solo"
+        self._cache: SharedKVCache | None = None
+        self._slots: list[_Slot] = []
+        self._rows: list[SharedKVCache] = []
+        self._heads: dict[int, SharedKVCache] = {}
+        if self.mode == "batched":
+            cache = model.new_cache(max_batch)
+            assert isinstance(cache, SharedKVCache)
+            self._cache = cache
+            self._slots = [_Slot(i, np.zeros(model.context_length, np.int64)) for i in range(max_batch)]
+            self._rows = [cache.row(i) for i in range(max_batch)]
+        self._lock = threading.Condition()
+        self._queue: deque[Request] = deque()
+        self._solo: list[_Solo] = []
+        self._pending: list[tuple[Request, Generator]] = []  # queued requests with flows, their generator built
+        self._ids = count(1)
+        self._closed = False
+        self._counts = dict.fromkeys(("submitted", "finished", "failed", "cancelled", "reused", "prefilled"), 0)
+        self._thread = threading.Thread(target=self._loop, name="edgeroute-engine", daemon=True)
+        self._thread.start()
+
+    # -- submission -------------------------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        flows: Flows | None = None,
+        **flow_fields: Any,
+    ) -> Request:
+        """Queue a request and return its handle at once. Raises ``ConfigError`` (bad prompt, config or flows),
+        ``ContextOverflowError`` (prompt + ``max_new_tokens`` over a slot's context), :class:`QueueFullError`
+        (``max_queue`` requests already wait) or :class:`EngineClosedError`."""
+        config = config or GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise ConfigError("config", config, "must be a GenerationConfig")
+        if flow_fields:
+            if flows is not None:
+                raise ConfigError("flows", sorted(flow_fields), "give a Flows or its fields, not both")
+            unknown = sorted(set(flow_fields) - set(Flows.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(unknown[0], flow_fields[unknown[0]], "is not a flow setting")
+            flows = Flows(**flow_fields)
+        flows = flows or Flows()
+        if not isinstance(flows, Flows):
+            raise ConfigError("flows", flows, "must be a Flows")
+        ids = self.model.encode_prompt(prompt)
+        vocab = self.model.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ConfigError("prompt", ids[:8], f"token ids must be in [0, {vocab})")
+        need = len(ids) + config.max_new_tokens
+        if need > self.model.context_length:
+            raise ContextOverflowError(need, self.model.context_length, "prompt + max_new_tokens")
+        # build the router now, so that a config the vocabulary refuses fails here and not in the engine
+        TokenChooser(self.model, config, np.random.default_rng(0))
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._queue)} requests are waiting (max_queue {self.max_queue}): retry later"
+                )
+            request = Request(next(self._ids), ids, config, flows)
+            if flows.active:  # build its generator here: a bad flow is the caller's error, at submission
+                self._pending.append((request, self.model.generator(config, flows)))
+            self._queue.append(request)
+            self._counts["submitted"] += 1
+            self._lock.notify_all()
+        return request
+
+    def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **flows: Any) -> Completion:
+        """Submit and wait: the :class:`Completion` that ``Model.generate`` returns."""
+        return self.submit(prompt, config, **flows).result()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            active = sum(1 for s in self._slots if s.running is not None)
+            c = self._counts
+            return EngineStats(
+                self.mode,
+                self.max_batch,
+                active + len(self._solo),
+                len(self._queue),
+                len(self._solo),
+                c["submitted"],
+                c["finished"],
+                c["failed"],
+                c["cancelled"],
+                c["reused"],
+                c["prefilled"],
+            )
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop: queued and running requests end with :class:`EngineClosedError`; waits for the loop's thread."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._queue and not self._busy():
+                    self._lock.wait()
+                if self._closed:
+                    break
+            try:
+                self._iteration()
+            except Exception as e:  # a bug: fail everything running rather than hang every caller
+                self._fail_all(InferenceError(f"the engine failed: {type(e).__name__}: {e}"))
+        self._fail_all(EngineClosedError("the engine was closed"))
+
+    def _busy(self) -> bool:
+        return bool(self._solo) or any(s.running is not None for s in self._slots)
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        decoding = self._choose()
+        self._decode(decoding)
+        self._step_solo()
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._slots:
+            run = slot.running
+            if run is not None and run.request.cancelled:
+                self._release(run, "cancelled")
+        for solo in list(self._solo):
+            if solo.request.cancelled:
+                self._solo.remove(solo)
+                comp = solo.generator.completion()
+                solo.request._finish(_with_reason(comp, "cancelled"))
+                self._count("cancelled")
+        with self._lock:
+            for request in [r for r in self._queue if r.cancelled]:
+                self._queue.remove(request)
+                request._finish(_empty_completion(request, "cancelled"))
+                self._counts["cancelled"] += 1
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                request = self._queue[0]
+                solo = next((g for r, g in self._pending if r is request), None)
+                slot = None
+                if solo is not None or self.mode == "solo":
+                    if len(self._solo) >= self.max_batch:  # at most max_batch solo requests at once
+                        return
+                    if solo is None:
+                        solo = self.model.generator(request.config, request.flows)
+                    self._pending[:] = [(r, g) for r, g in self._pending if r is not request]
+                else:
+                    slot = self._free_slot(request.prompt)
+                    if slot is None:
+                        return
+                self._queue.popleft()
+            if slot is not None:
+                self._start(request, slot)
+            elif solo is not None:
+                self._start_solo(request, solo)
+
+    def _free_slot(self, prompt: list[int]) -> _Slot | None:
+        free = [s for s in self._slots if s.running is None]
+        if not free:
+            return None
+        if self.prefix_reuse:
+            best = max(free, key=lambda s: (common_prefix(s.tokens[: s.held], prompt), -s.index))
+            if common_prefix(best.tokens[: best.held], prompt) > 0:
+                return best
+        # else the lowest free slot: a decode step runs rows 0..hi, and each row costs (int4 SmolLM2: 6.6 ms for one
+        # row, 9.6 ms for two), more than keeping a cache for a prompt that may never come back would save
+        return free[0]
+
+    def _start(self, request: Request, slot: _Slot) -> None:
+        model, cfg = self.model, request.config
+        prompt = np.asarray(request.prompt, dtype=np.int64)
+        reuse = common_prefix(slot.tokens[: slot.held], prompt) if self.prefix_reuse else 0
+        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
+        ids = np.zeros(len(prompt) + cfg.max_new_tokens, dtype=np.int64)
+        ids[: len(prompt)] = prompt
+        seed = cfg.sampling.seed
+        run = _Running(
+            request,
+            slot,
+            TokenChooser(model, cfg, np.random.default_rng(seed)),
+            TurnOutput(model, cfg),
+            Usage(prompt_tokens=len(prompt)),
+            ids,
+            len(prompt),
+            reuse,
+            reused=reuse,
+        )
+        run.output.new_turn()
+        run.chooser.restart([])
+        slot.running = run
+        slot.held = reuse
+        slot.tokens[: len(prompt)] = prompt
+        assert self._cache is not None
+        self._cache.lengths[slot.index] = reuse
+        self._count("reused", reuse)
+
+    def _start_solo(self, request: Request, generator: Generator) -> None:
+        try:
+            generator.append(request.prompt)
+        except EdgerouteError as e:
+            request._finish(None, e)
+            self._count("failed")
+            return
+        self._solo.append(_Solo(request, generator))
+
+    def _prefill(self) -> None:
+        """Up to ``prefill_budget`` prompt tokens, oldest admission first, each request into its own row."""
+        budget = self.prefill_budget
+        cache = self._cache
+        for slot in self._slots:
+            run = slot.running
+            if budget <= 0:
+                return
+            if run is None or run.fed >= run.n:
+                continue
+            assert cache is not None
+            row = self._rows[slot.index]
+            take = min(budget, run.n - run.fed)
+            row.lengths[0] = run.fed
+            try:
+                logits = row.run(self.model.session, run.ids[None, run.fed : run.fed + take], 1)
+            except EdgerouteError as e:
+                self._release(run, None, e)
+                continue
+            run.fed += take
+            slot.held = run.fed
+            cache.lengths[slot.index] = run.fed
+            budget -= take
+            self._count("prefilled", take)
+            if run.fed == run.n:
+                run.logits = logits[0, -1].copy()
+
+    def _choose(self) -> list[_Running]:
+        """The next token of every request whose logits are at hand; returns those that go on decoding."""
+        going: list[_Running] = []
+        for slot in self._slots:
+            run = slot.running
+            if run is None or run.logits is None:
+                continue
+            t0 = time.perf_counter()
+            out = run.output
+            try:
+                token = run.chooser.choose(run.logits, run.ids[: run.n], out.index)
+            except EdgerouteError as e:
+                self._release(run, None, e)
+                continue
+            run.chooser.accept(token)
+            step = out.take(token, run.logits)
+            now = time.perf_counter()
+            run.usage.router_seconds += now - t0
+            run.usage.record(1, run.last or now, now, run.request.submitted)
+            run.last = now
+            run.ids[run.n] = token
+            run.n += 1
+            run.logits = None
+            run.request._push(step)
+            if out.done:
+                self._release(run, "done")
+            else:
+                going.append(run)
+        return going
+
+    def _decode(self, going: list[_Running]) -> None:
+        """One graph run for every request in ``going``: rows ``0..hi`` of the batch cache."""
+        if not going:
+            return
+        cache = self._cache
+        assert cache is not None
+        hi = max(r.slot.index for r in going) + 1
+        head = self._heads.get(hi)
+        if head is None:
+            head = self._heads[hi] = cache.head(hi)
+        ids = np.zeros((hi, 1), dtype=np.int64)
+        for run in going:
+            ids[run.slot.index, 0] = run.ids[run.fed]
+        saved = cache.lengths[:hi].copy()
+        try:
+            logits = head.run(self.model.session, ids, 1)
+        except EdgerouteError as e:
+            cache.lengths[:hi] = saved
+            for run in going:
+                self._release(run, None, e)
+            return
+        cache.lengths[:hi] = saved  # rows not decoding keep their length (their placeholder is overwritten later)
+        for run in going:
+            i = run.slot.index
+            cache.lengths[i] = saved[i] + 1
+            run.fed += 1
+            run.slot.held = run.fed
+            run.slot.tokens[run.fed - 1] = run.ids[run.fed - 1]
+            run.logits = logits[i, -1]
+
+    def _step_solo(self) -> None:
+        for solo in list(self._solo):
+            gen, request = solo.generator, solo.request
+            try:
+                if not gen.done:
+                    request._push(gen.step())
+            except StopIteration:
+                pass
+            except EdgerouteError as e:
+                self._solo.remove(solo)
+                request._finish(None, e)
+                self._count("failed")
+                continue
+            if gen.done:
+                self._solo.remove(solo)
+                comp = gen.completion()
+                request._finish(comp)
+                self._count("finished")
+
+    # -- ending requests --------------------------------------------------------------------------------------
+    def _release(self, run: _Running, how: str | None, error: BaseException | None = None) -> None:
+        slot = run.slot
+        slot.running = None
+        assert self._cache is not None
+        if error is not None:
+            slot.held = 0  # what the failed run left in the row is not trusted
+            self._cache.lengths[slot.index] = 0
+            run.request._finish(None, error)
+            self._count("failed")
+            return
+        self._cache.lengths[slot.index] = slot.held
+        completion = run.output.completion(run.usage)
+        if how == "cancelled":
+            run.request._finish(_with_reason(completion, "cancelled"))
+            self._count("cancelled")
+        else:
+            run.request._finish(completion)
+            self._count("finished")
+
+    def _fail_all(self, error: BaseException) -> None:
+        for slot in self._slots:
+            if slot.running is not None:
+                self._release(slot.running, None, error)
+        for solo in self._solo:
+            solo.request._finish(None, error)
+        self._solo.clear()
+        with self._lock:
+            while self._queue:
+                self._queue.popleft()._finish(None, error)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+
+def _with_reason(completion: Completion, reason: str) -> Completion:
+    from dataclasses import replace
+
+    return replace(completion, finish_reason=reason)
+
+
+def _empty_completion(request: Request, reason: str) -> Completion:
+    usage = Usage(prompt_tokens=len(request.prompt))
+    return Completion(text="", token_ids=[], finish_reason=reason, usage=usage)
