@@ -44,7 +44,7 @@ from .errors import ConfigError, ContextOverflowError, EdgerouteError, Inference
 from .generator import Generator
 from .kv_cache import SharedKVCache, common_prefix
 from .output import Completion, Step, TurnOutput, Usage
-from .request import Flows
+from .request import Flows, flows_of
 
 if TYPE_CHECKING:
     from .model import Model
@@ -133,14 +133,7 @@ class Request:
             return None, True
 
     def __iter__(self) -> Iterator[Step]:
-        i = 0
-        while True:
-            step, end = self._wait(i, None)
-            if end:
-                return
-            assert step is not None
-            yield step
-            i += 1
+        return self.stream()
 
     def stream(self, timeout: float | None = None) -> Iterator[Step]:
         """Like iterating the request, with ``timeout`` seconds at most between two steps (``TimeoutError``)."""
@@ -310,16 +303,7 @@ class Engine:
         config = config or GenerationConfig()
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
-        if flow_fields:
-            if flows is not None:
-                raise ConfigError("flows", sorted(flow_fields), "give a Flows or its fields, not both")
-            unknown = sorted(set(flow_fields) - set(Flows.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(unknown[0], flow_fields[unknown[0]], "is not a flow setting")
-            flows = Flows(**flow_fields)
-        flows = flows or Flows()
-        if not isinstance(flows, Flows):
-            raise ConfigError("flows", flows, "must be a Flows")
+        flows = flows_of(flows, flow_fields)
         ids = self.model.encode_prompt(prompt)
         vocab = self.model.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:

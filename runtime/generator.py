@@ -22,7 +22,7 @@ from .config import GenerationConfig
 from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
 from .kv_cache import left_padded
 from .output import Completion, Step, TurnOutput, Usage
-from .request import Flows
+from .request import Flows, flows_of
 
 if TYPE_CHECKING:
     from .protocols import ModelLike
@@ -45,16 +45,7 @@ class Generator:
     ) -> None:
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
-        if flow_fields:
-            if flows is not None:
-                raise ConfigError("flows", sorted(flow_fields), "give a Flows or its fields, not both")
-            unknown = sorted(set(flow_fields) - set(Flows.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(unknown[0], flow_fields[unknown[0]], "is not a flow setting")
-            flows = Flows(**flow_fields)
-        flows = flows or Flows()
-        if not isinstance(flows, Flows):
-            raise ConfigError("flows", flows, "must be a Flows")
+        flows = flows_of(flows, flow_fields)
         self._busy = threading.Lock()  # held by a call in progress: a second thread's call raises
         self.model = model
         self.config = config

@@ -103,6 +103,21 @@ _FLOWS = {f.name for f in fields(Flows)}
 PARAMETERS = frozenset(_SAMPLING | _GENERATION | _FLOWS | set(_ALIASES) | {"logprobs", "top_logprobs"})
 
 
+def flows_of(flows: Flows | None, fields: dict[str, Any]) -> Flows:
+    """A :class:`Flows`, or one built from its fields given by keyword (not both); ``ConfigError`` otherwise."""
+    if fields:
+        if flows is not None:
+            raise ConfigError("flows", sorted(fields), "give a Flows or its fields, not both")
+        unknown = sorted(set(fields) - set(Flows.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(unknown[0], fields[unknown[0]], "is not a flow setting")
+        flows = Flows(**fields)
+    flows = flows or Flows()
+    if not isinstance(flows, Flows):
+        raise ConfigError("flows", flows, "must be a Flows")
+    return flows
+
+
 def from_params(
     params: Mapping[str, Any],
     defaults: Mapping[str, Any] | None = None,
