@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,9 @@ class Request:
         self._error: BaseException | None = None
         self._cancel = False
         self._listeners: list[Any] = []
+        # what the engine built for it at submission: its own Generator (solo) or its token chooser (batched)
+        self._generator: Generator | None = None
+        self._chooser: TokenChooser | None = None
 
     # -- the engine's side ------------------------------------------------------------------------------------
     def _push(self, step: Step) -> None:
@@ -190,7 +193,8 @@ class Request:
 # -- the engine's state per running request --------------------------------------------------------------------
 @dataclass
 class _Slot:
-    """One row of the batch cache: the tokens its cache holds (valid up to ``held``), and who runs in it."""
+    """One row of the batch cache: who runs in it, and (recorded when its request ends) the tokens its cache holds,
+    valid up to ``held``, for a later prompt that starts with them."""
 
     index: int
     tokens: np.ndarray
@@ -212,14 +216,12 @@ class _Running:
     fed: int  # positions of ``ids`` the slot's cache holds
     logits: np.ndarray | None = None  # of the last fed position, when the next token is to be chosen
     last: float = 0.0  # when its last step ended (decode time runs from there)
-    reused: int = 0  # prompt positions reused from the slot's cache
 
 
 @dataclass
 class _Solo:
     request: Request
     generator: Generator
-    usage_start: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -282,7 +284,6 @@ class Engine:
         self._lock = threading.Condition()
         self._queue: deque[Request] = deque()
         self._solo: list[_Solo] = []
-        self._pending: list[tuple[Request, Generator]] = []  # queued requests with flows, their generator built
         self._ids = count(1)
         self._closed = False
         self._counts = dict.fromkeys(("submitted", "finished", "failed", "cancelled", "reused", "prefilled"), 0)
@@ -311,8 +312,12 @@ class Engine:
         need = len(ids) + config.max_new_tokens
         if need > self.model.context_length:
             raise ContextOverflowError(need, self.model.context_length, "prompt + max_new_tokens")
-        # build the router now, so that a config the vocabulary refuses fails here and not in the engine
-        TokenChooser(self.model, config, np.random.default_rng(0))
+        # build what runs it now, so that a config or flow the model refuses is the caller's error, at submission
+        generator = chooser = None
+        if flows.active or self.mode == "solo":
+            generator = self.model.generator(config, flows)
+        else:
+            chooser = TokenChooser(self.model, config, np.random.default_rng(config.sampling.seed))
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
@@ -321,8 +326,7 @@ class Engine:
                     f"{len(self._queue)} requests are waiting (max_queue {self.max_queue}): retry later"
                 )
             request = Request(next(self._ids), ids, config, flows)
-            if flows.active:  # build its generator here: a bad flow is the caller's error, at submission
-                self._pending.append((request, self.model.generator(config, flows)))
+            request._generator, request._chooser = generator, chooser
             self._queue.append(request)
             self._counts["submitted"] += 1
             self._lock.notify_all()
@@ -411,32 +415,28 @@ class Engine:
                 if not self._queue:
                     return
                 request = self._queue[0]
-                solo = next((g for r, g in self._pending if r is request), None)
-                slot = None
-                if solo is not None or self.mode == "solo":
+                solo, slot = request._generator, None
+                if solo is not None:
                     if len(self._solo) >= self.max_batch:  # at most max_batch solo requests at once
                         return
-                    if solo is None:
-                        solo = self.model.generator(request.config, request.flows)
-                    self._pending[:] = [(r, g) for r, g in self._pending if r is not request]
                 else:
                     slot = self._free_slot(request.prompt)
                     if slot is None:
                         return
                 self._queue.popleft()
-            if slot is not None:
-                self._start(request, slot)
-            elif solo is not None:
+            if solo is not None:
                 self._start_solo(request, solo)
+            elif slot is not None:
+                self._start(request, slot)
 
     def _free_slot(self, prompt: list[int]) -> _Slot | None:
         free = [s for s in self._slots if s.running is None]
         if not free:
             return None
         if self.prefix_reuse:
-            best = max(free, key=lambda s: (common_prefix(s.tokens[: s.held], prompt), -s.index))
-            if common_prefix(best.tokens[: best.held], prompt) > 0:
-                return best
+            shared, best = max((common_prefix(s.tokens[: s.held], prompt), -s.index) for s in free)
+            if shared > 0:
+                return self._slots[-best]
         # else the lowest free slot: a decode step runs rows 0..hi, and each row costs (int4 SmolLM2: 6.6 ms for one
         # row, 9.6 ms for two), more than keeping a cache for a prompt that may never come back would save
         return free[0]
@@ -448,23 +448,10 @@ class Engine:
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
         ids = np.zeros(len(prompt) + cfg.max_new_tokens, dtype=np.int64)
         ids[: len(prompt)] = prompt
-        seed = cfg.sampling.seed
-        run = _Running(
-            request,
-            slot,
-            TokenChooser(model, cfg, np.random.default_rng(seed)),
-            TurnOutput(model, cfg),
-            Usage(prompt_tokens=len(prompt)),
-            ids,
-            len(prompt),
-            reuse,
-            reused=reuse,
-        )
-        run.output.new_turn()
-        run.chooser.restart([])
+        assert request._chooser is not None  # built at submission
+        usage = Usage(prompt_tokens=len(prompt))
+        run = _Running(request, slot, request._chooser, TurnOutput(model, cfg), usage, ids, len(prompt), reuse)
         slot.running = run
-        slot.held = reuse
-        slot.tokens[: len(prompt)] = prompt
         assert self._cache is not None
         self._cache.lengths[slot.index] = reuse
         self._count("reused", reuse)
@@ -498,7 +485,6 @@ class Engine:
                 self._release(run, None, e)
                 continue
             run.fed += take
-            slot.held = run.fed
             cache.lengths[slot.index] = run.fed
             budget -= take
             self._count("prefilled", take)
@@ -561,8 +547,6 @@ class Engine:
             i = run.slot.index
             cache.lengths[i] = saved[i] + 1
             run.fed += 1
-            run.slot.held = run.fed
-            run.slot.tokens[run.fed - 1] = run.ids[run.fed - 1]
             run.logits = logits[i, -1]
 
     def _step_solo(self) -> None:
@@ -595,6 +579,8 @@ class Engine:
             run.request._finish(None, error)
             self._count("failed")
             return
+        slot.held = run.fed  # what the row holds stays there for a later prompt that starts with it
+        slot.tokens[: run.fed] = run.ids[: run.fed]
         self._cache.lengths[slot.index] = slot.held
         completion = run.output.completion(run.usage)
         if how == "cancelled":
@@ -621,8 +607,6 @@ class Engine:
 
 
 def _with_reason(completion: Completion, reason: str) -> Completion:
-    from dataclasses import replace
-
     return replace(completion, finish_reason=reason)
 
 
