@@ -283,8 +283,9 @@ def test_idle_rows_below_a_decoding_row_do_not_grow(shared: er.Model) -> None:
         max_new_tokens=ctx - 20, min_new_tokens=ctx - 20, sampling=er.SamplingConfig(temperature=0)
     )
     with er.Engine(shared, max_batch=2, prefix_reuse=False) as engine:
-        short = engine.submit("a b c d e f g h i j", er.GenerationConfig(max_new_tokens=3))
-        long = engine.submit("x y", cfg)
+        with engine._lock:  # both queued before the loop admits either: short takes slot 0, long slot 1
+            short = engine.submit("a b c d e f g h i j", er.GenerationConfig(max_new_tokens=3))
+            long = engine.submit("x y", cfg)
         short.result(timeout=30)
         done = long.result(timeout=120)
         assert len(done.token_ids) == ctx - 20
