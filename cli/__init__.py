@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "edgeroute.cli.export_cmd:export",
     "info": "edgeroute.cli.info_cmd:info",
     "run": "edgeroute.cli.run_cmd:run",
+    "serve": "edgeroute.cli.serve_cmd:serve",
 }
 
 

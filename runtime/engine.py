@@ -247,7 +247,8 @@ class Engine:
     Args:
         model: a loaded :class:`~edgeroute.Model`; its ``context_length`` is each slot's context.
         max_batch: slots of the batch cache (rows run in one graph run per step).
-        max_queue: requests waiting for a slot at most; one more raises :class:`QueueFullError`.
+        max_queue: requests waiting for a slot at most (beyond the free slots); one more raises
+            :class:`QueueFullError`. ``0`` queues nothing: a request starts at once or is refused.
         prefill_budget: prompt tokens prefilled per iteration (the stall a new prompt costs running streams).
         prefix_reuse: reuse a free slot's cached tokens that start a new prompt.
     """
@@ -321,9 +322,10 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
-            if len(self._queue) >= self.max_queue:
+            waiting = len(self._queue) - self._free()  # queued requests that the next admission leaves waiting
+            if waiting >= self.max_queue:
                 raise QueueFullError(
-                    f"{len(self._queue)} requests are waiting (max_queue {self.max_queue}): retry later"
+                    f"{max(waiting, 0)} requests are waiting for a slot (max_queue {self.max_queue}): retry later"
                 )
             request = Request(next(self._ids), ids, config, flows)
             request._generator, request._chooser = generator, chooser
@@ -380,6 +382,12 @@ class Engine:
             except Exception as e:  # a bug: fail everything running rather than hang every caller
                 self._fail_all(InferenceError(f"the engine failed: {type(e).__name__}: {e}"))
         self._fail_all(EngineClosedError("the engine was closed"))
+
+    def _free(self) -> int:
+        """Requests the next admission can start at once: free slots (batched), or room for solo requests."""
+        if self.mode == "batched":
+            return sum(1 for s in self._slots if s.running is None)
+        return self.max_batch - len(self._solo)
 
     def _busy(self) -> bool:
         return bool(self._solo) or any(s.running is not None for s in self._slots)

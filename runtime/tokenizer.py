@@ -10,7 +10,10 @@ Text must be valid Unicode: a string with a lone surrogate (what undecodable byt
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping, Sequence
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,20 @@ from . import chat_template
 from .errors import ChatTemplateError, ConfigError, ModelLoadError
 
 TOKENIZER_FILE = "tokenizer.json"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback tokens
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the printable character each byte is written as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 class Tokenizer:
@@ -90,6 +107,26 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of ``ids``."""
         return str(self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (OpenAI's logprob ``bytes``): a byte-level BPE token's bytes, a
+        SentencePiece byte token's (``<0xE2>``) byte, else the UTF-8 of the token's decoded text. Unlike
+        ``decode([id])``, a token holding part of a multi-byte character gives that part, not U+FFFD."""
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is not None and self._byte_level and token_id not in self.special_ids:
+            table = _byte_decoder()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        if piece is not None and _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """True when the decoder is (or contains) byte-level BPE's."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders") or [decoder]
+        return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of one vocabulary entry, or None."""

@@ -1,4 +1,4 @@
-"""The package ships ``py.typed``: mypy must find no error in it (runtime, export and cli), as installed."""
+"""The package ships ``py.typed``: mypy must find no error in it (runtime, export, cli and serve), as installed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LAYOUT = {"runtime": "edgeroute", "export": "edgeroute/export", "cli": "edgeroute/cli"}  # pyproject's package-dir
+LAYOUT = {  # pyproject's package-dir
+    "runtime": "edgeroute",
+    "export": "edgeroute/export",
+    "cli": "edgeroute/cli",
+    "serve": "edgeroute/serve",
+}
 
 
 def test_mypy_finds_no_error(tmp_path: Path) -> None:

@@ -1,0 +1,563 @@
+"""The OpenAI-compatible app: Starlette routes over one :class:`edgeroute.Engine`.
+
+Starlette rather than FastAPI: every request body is validated by edgeroute's own rules (``serve.protocol``, then
+the configs' ``ConfigError``, which names the parameter), so FastAPI's pydantic layer would be a second validator
+with its own messages and status codes; Starlette is the ASGI toolkit FastAPI is built on, without that layer.
+
+Every answer to user input is a 2xx or a 4xx with OpenAI's error body; a 5xx means the server failed (a graph run
+that failed, the model still loading, the server shutting down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import edgeroute as er
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import Metrics
+from .protocol import (
+    APIError,
+    Parsed,
+    TokenText,
+    fingerprint,
+    from_config_error,
+    new_id,
+    now,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+
+log = logging.getLogger("edgeroute.serve")
+MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt a context holds; a body beyond it is a 413
+PUBLIC_PATHS = ("/health",)  # answered without the API key (load balancers probe it)
+
+
+@dataclass
+class Settings:
+    """What the app serves and how: the model's public name, the API key (None: no key), the engine's slots and
+    queue, and the largest request body."""
+
+    model_name: str
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    max_body_bytes: int = MAX_BODY_BYTES
+    prefix_reuse: bool = True
+
+
+class State:
+    """The loaded model and its engine (None while loading), or why loading failed."""
+
+    def __init__(self) -> None:
+        self.model: er.Model | None = None
+        self.engine: er.Engine | None = None
+        self.error: str | None = None
+        self.loaded = threading.Event()
+        self.started = time.time()
+
+    def stats(self) -> er.EngineStats | None:
+        return self.engine.stats() if self.engine is not None else None
+
+
+def create_app(
+    model: er.Model | Callable[[], er.Model],
+    settings: Settings,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """The ASGI app. ``model`` is a loaded :class:`~edgeroute.Model`, or a callable that loads one: it runs in a
+    thread when the app starts, and ``/health`` answers 503 until it returns (``on_load_error`` hears if it
+    raises)."""
+    state = State()
+    metrics = Metrics(state.stats)
+
+    def start(m: er.Model) -> None:
+        state.engine = er.Engine(
+            m, max_batch=settings.max_batch, max_queue=settings.max_queue, prefix_reuse=settings.prefix_reuse
+        )
+        state.model = m
+        state.loaded.set()
+
+    def load() -> None:
+        try:
+            assert callable(model)
+            start(model())
+            log.info(
+                "model %s loaded: engine %s, %d slots",
+                settings.model_name,
+                state.engine and state.engine.mode,
+                settings.max_batch,
+            )
+        except BaseException as e:  # noqa: BLE001 - reported through /health and on_load_error
+            state.error = " ".join(str(e).split()) or type(e).__name__
+            log.error("loading the model failed: %s", state.error)
+            if on_load_error is not None:
+                on_load_error(e)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if isinstance(model, er.Model):
+            start(model)
+        else:
+            threading.Thread(target=load, name="edgeroute-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            if state.engine is not None:
+                await run_in_threadpool(state.engine.close)
+
+    api = _Api(state, settings, metrics)
+    routes = [
+        Route("/v1/chat/completions", api.chat, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/metrics", api.metrics_page, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error},
+    )
+    app.state.edgeroute = state
+    app.add_middleware(_Guard, settings=settings, metrics=metrics)
+    return app
+
+
+# -- errors -----------------------------------------------------------------------------------------------------
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return error_response(APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)), None, code))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s", request.url.path, exc_info=exc)
+    return error_response(APIError(500, f"internal server error: {type(exc).__name__}", None, "internal_error"))
+
+
+class _Guard:
+    """Pure ASGI middleware: counts every answer by endpoint and status, refuses oversized bodies (413, from
+    ``Content-Length``; a chunked body is counted as it is read) and checks the API key (401)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status = 500
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        try:
+            refusal = self._refusal(path, headers)
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            self.metrics.count(path, status)
+
+    def _refusal(self, path: str, headers: dict[str, bytes]) -> APIError | None:
+        if self.key is not None and path not in PUBLIC_PATHS:
+            auth = headers.get("authorization", b"")
+            scheme, _, given = auth.partition(b" ")
+            # compare_digest: the time taken does not depend on how much of the key matched
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                what = "no API key" if not auth else "an incorrect API key"
+                return APIError(
+                    401,
+                    f"{what} provided: send 'Authorization: Bearer <key>'",
+                    None,
+                    "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                return APIError(400, "Content-Length is not a number", None, "invalid_request")
+            if size > self.settings.max_body_bytes:
+                return _too_large(self.settings.max_body_bytes)
+        return None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over {limit} bytes", None, "request_too_large")
+
+
+# -- the endpoints ----------------------------------------------------------------------------------------------
+class _Api:
+    def __init__(self, state: State, settings: Settings, metrics: Metrics) -> None:
+        self.state = state
+        self.settings = settings
+        self.metrics = metrics
+        self._texts: TokenText | None = None
+
+    def _ready(self) -> tuple[er.Model, er.Engine]:
+        s = self.state
+        if s.error is not None:
+            raise APIError(503, f"the model failed to load: {s.error}", None, "model_load_failed")
+        if s.model is None or s.engine is None:
+            raise APIError(
+                503, "the model is loading: retry shortly", None, "model_loading", headers={"Retry-After": "1"}
+            )
+        return s.model, s.engine
+
+    async def health(self, request: Request) -> Response:
+        s = self.state
+        if s.error is not None:
+            return JSONResponse({"status": "error", "error": s.error}, status_code=503)
+        if s.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        st = s.engine.stats()
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.settings.model_name,
+                "active": st.active,
+                "queued": st.queued,
+                "max_batch": st.max_batch,
+            }
+        )
+
+    async def metrics_page(self, request: Request) -> Response:
+        body, media = self.metrics.render()
+        return Response(body, media_type=media)
+
+    async def models(self, request: Request) -> Response:
+        s = self.state
+        entry: dict[str, Any] = {
+            "id": self.settings.model_name,
+            "object": "model",
+            "created": int(s.started),
+            "owned_by": "edgeroute",
+        }
+        if s.model is not None:
+            entry["context_length"] = s.model.context_length
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, parse_chat)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_completion)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    async def _generate(self, request: Request, parse: Callable[[Any, er.Model, str], Parsed]) -> Response:
+        model, engine = self._ready()
+        body = await self._json(request)
+        parsed, handles = await run_in_threadpool(self._submit, parse, body, model, engine)
+        if self._texts is None:
+            self._texts = TokenText(model.tokenizer)
+        answer = _Answer(parsed, handles, model, self._texts, self.metrics)
+        if parsed.stream:
+            return StreamingResponse(
+                answer.events(),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return JSONResponse(await answer.collect(request))
+
+    async def _json(self, request: Request) -> Any:
+        limit = self.settings.max_body_bytes
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(
+                400, "the client closed the connection while sending the body", None, "client_disconnected"
+            ) from None
+        raw = b"".join(chunks)
+        if not raw.strip():
+            raise APIError(400, "the request body is empty: send a JSON object", None, "invalid_json")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+
+    def _submit(
+        self, parse: Callable[[Any, er.Model, str], Parsed], body: Any, model: er.Model, engine: er.Engine
+    ) -> tuple[Parsed, list[er.Request]]:
+        """Validate and queue every choice, in a worker thread (a chat template or a long prompt takes time). All
+        or nothing: if one choice cannot be queued, the ones queued before it are cancelled."""
+        parsed = parse(body, model, self.settings.model_name)
+        where = "messages" if parsed.kind == "chat" else "prompt"
+        handles: list[er.Request] = []
+        try:
+            for ids, configs in zip(parsed.prompts, parsed.configs, strict=True):
+                for cfg in configs:
+                    handles.append(engine.submit(ids, cfg, parsed.flows))
+        except BaseException as e:
+            for h in handles:
+                h.cancel()
+            if isinstance(e, er.QueueFullError):
+                raise APIError(
+                    429, f"the server is busy: {e}", None, "queue_full", headers={"Retry-After": "1"}
+                ) from None
+            if isinstance(e, er.ContextOverflowError):
+                raise APIError(400, str(e), where, "context_length_exceeded") from None
+            if isinstance(e, er.ConfigError):
+                raise from_config_error(e, where) from None
+            if isinstance(e, er.EngineClosedError):
+                raise APIError(503, "the server is shutting down", None, "shutting_down") from None
+            raise
+        return parsed, handles
+
+
+class _Answer:
+    """The engine's requests of one HTTP request -> OpenAI's response object, or its server-sent events."""
+
+    def __init__(
+        self, parsed: Parsed, handles: list[er.Request], model: er.Model, texts: TokenText, metrics: Metrics
+    ) -> None:
+        self.p = parsed
+        self.handles = handles
+        self.model = model
+        self.texts = texts
+        self.metrics = metrics
+        self.id = new_id(parsed.kind)
+        self.created = now()
+        self.fp = fingerprint(model)
+        self.eos = frozenset(model.manifest.eos_token_ids)
+        self.prompt_tokens = sum(len(ids) for ids in parsed.prompts)
+
+    def _stop_token(self, h: er.Request, step: er.Step) -> bool:
+        """The token that ended the request on a stop id: not part of the answer (nor of its logprobs)."""
+        return step.finish_reason == "stop" and (step.token_id in self.eos or step.token_id in h.config.stop_token_ids)
+
+    def _head(self) -> dict[str, Any]:
+        kind = "chat.completion" if self.p.kind == "chat" else "text_completion"
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.p.model,
+            "system_fingerprint": self.fp,
+        }
+
+    async def _steps(self, index: int, h: er.Request, out: asyncio.Queue[Any]) -> None:
+        """Feed ``h``'s steps into ``out`` as ``(index, step)``, then ``(index, None)``; time them."""
+        first, last = True, 0.0
+        try:
+            async for step in h:
+                t = time.perf_counter()
+                if first:
+                    self.metrics.ttft.observe(t - h.submitted)
+                    first = False
+                else:
+                    self.metrics.itl.observe(t - last)
+                last = t
+                out.put_nowait((index, step))
+            out.put_nowait((index, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            out.put_nowait((index, e))
+
+    def _end(self, gone: bool) -> None:
+        for h in self.handles:
+            if not h.done:
+                h.cancel()
+                if gone:
+                    self.metrics.cancelled.inc()
+
+    def _account(self, completions: list[er.Completion]) -> int:
+        done = sum(c.usage.completion_tokens for c in completions)
+        self.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self.metrics.completion_tokens.inc(done)
+        return done
+
+    # -- whole answers ------------------------------------------------------------------------------------------
+    async def collect(self, request: Request) -> dict[str, Any]:
+        """Wait for every choice; a client that disconnects first cancels them (their slots come back)."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._steps(i, h, queue)) for i, h in enumerate(self.handles)]
+        watcher = asyncio.ensure_future(_disconnect(request))
+        left, gone = len(tasks), False
+        try:
+            while left:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    gone = True
+                    raise APIError(499, "the client went away", None, "client_closed_request")
+                _, item = getter.result()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise _failure(item)
+        finally:
+            watcher.cancel()
+            for t in tasks:
+                t.cancel()
+            self._end(gone)
+        completions = [h.result(timeout=0) for h in self.handles]
+        done_tokens = self._account(completions)
+        choices = [self._choice(i, h, c) for i, (h, c) in enumerate(zip(self.handles, completions, strict=True))]
+        return {**self._head(), "choices": choices, "usage": usage(self.prompt_tokens, done_tokens)}
+
+    def _choice(self, index: int, h: er.Request, c: er.Completion) -> dict[str, Any]:
+        entries = [(lp.token_id, lp.logprob, lp.top) for lp in (c.logprobs or [])][: len(c.token_ids)]
+        reason = "length" if c.finish_reason == "length" else "stop"
+        if self.p.kind == "chat":
+            logprobs = None
+            if c.logprobs is not None:
+                logprobs = {"content": [self.texts.chat_entry(*e) for e in entries], "refusal": None}
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": logprobs,
+                "finish_reason": reason,
+            }
+        prefix = self.p.prompt_texts[index // self.p.n] if self.p.echo else ""
+        lp_obj = None
+        if c.logprobs is not None:
+            lp_obj = self.texts.completion_logprobs(entries, len(prefix), h.config.top_logprobs > 0)
+        return {"index": index, "text": prefix + c.text, "logprobs": lp_obj, "finish_reason": reason}
+
+    # -- streams ------------------------------------------------------------------------------------------------
+    async def events(self) -> AsyncIterator[str]:
+        """Server-sent events in the order the official client expects: (chat) a role delta per choice, content
+        deltas, a chunk with each choice's ``finish_reason``, the usage chunk (``choices: []``) when
+        ``stream_options.include_usage``, then ``data: [DONE]``. A client that disconnects stops the generator at
+        its next await: the ``finally`` cancels every choice still running."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._steps(i, h, queue)) for i, h in enumerate(self.handles)]
+        finished = False
+        try:
+            for i in range(len(self.handles)):
+                if self.p.kind == "chat":
+                    yield self._event(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                elif self.p.echo:
+                    text = self.p.prompt_texts[i // self.p.n]
+                    yield self._event([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
+            left = len(tasks)
+            offsets = [len(self.p.prompt_texts[i // self.p.n]) if self.p.echo else 0 for i in range(len(self.handles))]
+            while left:
+                i, item = await queue.get()
+                if item is None:
+                    left -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    err = _failure(item)
+                    yield "data: " + json.dumps(err.body()) + "\n\n"
+                    break
+                for chunk in self._deltas(i, self.handles[i], item, offsets):
+                    yield chunk
+            else:
+                completions = [h.result(timeout=0) for h in self.handles]
+                done_tokens = self._account(completions)
+                if self.p.include_usage:
+                    yield self._event([], usage(self.prompt_tokens, done_tokens))
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            for t in tasks:
+                t.cancel()
+            self._end(gone=not finished)
+
+    def _event(self, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> str:
+        kind = "chat.completion.chunk" if self.p.kind == "chat" else "text_completion"
+        obj = {**self._head(), "object": kind, "choices": choices}
+        if self.p.include_usage:
+            obj["usage"] = use  # null on every chunk but the last, as OpenAI sends it
+        return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+    def _deltas(self, i: int, h: er.Request, step: er.Step, offsets: list[int]) -> list[str]:
+        stop_token = self._stop_token(h, step)
+        want = h.config.want_logprobs and step.logprob is not None and not stop_token
+        out = []
+        if step.text or want:
+            if self.p.kind == "chat":
+                lp = None
+                if want:
+                    assert step.logprob is not None
+                    lp = {
+                        "content": [self.texts.chat_entry(step.token_id, step.logprob, step.top_logprobs)],
+                        "refusal": None,
+                    }
+                out.append(
+                    self._event([{"index": i, "delta": {"content": step.text}, "logprobs": lp, "finish_reason": None}])
+                )
+            else:
+                lp = None
+                if want:
+                    assert step.logprob is not None
+                    lp = self.texts.completion_logprobs(
+                        [(step.token_id, step.logprob, step.top_logprobs)], offsets[i], h.config.top_logprobs > 0
+                    )
+                offsets[i] += len(step.text)
+                out.append(self._event([{"index": i, "text": step.text, "logprobs": lp, "finish_reason": None}]))
+        if step.finish_reason is not None:
+            reason = "length" if step.finish_reason == "length" else "stop"
+            if self.p.kind == "chat":
+                out.append(self._event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+            else:
+                out.append(self._event([{"index": i, "text": "", "logprobs": None, "finish_reason": reason}]))
+        return out
+
+
+def _failure(e: BaseException) -> APIError:
+    if isinstance(e, er.EngineClosedError):
+        return APIError(503, "the server shut down while generating", None, "shutting_down")
+    log.error("generation failed: %s", e)
+    return APIError(500, f"generation failed: {e}", None, "generation_failed")
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body was read already: the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

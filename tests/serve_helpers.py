@@ -1,0 +1,81 @@
+"""Starting a real server in tests: uvicorn on 127.0.0.1 and a free port, in a thread, stopped afterwards; every
+wait bounded in time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import uvicorn
+
+
+class Running:
+    """An app served by uvicorn in a thread (``with Running(app) as srv: srv.url``)."""
+
+    def __init__(self, app: Any, ready: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.wait_ready = ready
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        wait_until(lambda: self.server.started, 20)
+        if self.wait_ready:
+            wait_until(lambda: httpx.get(self.url + "/health", timeout=5).status_code == 200, 20)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+        assert not self.thread.is_alive(), "the server did not stop"
+
+
+def wait_until(cond: Callable[[], bool], seconds: float = 10.0, show: Callable[[], Any] | None = None) -> None:
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            if cond():
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < end, f"timed out ({show() if show else ''})"
+        time.sleep(0.01)
+
+
+def sse_events(lines: Iterator[str], limit: int = 10_000) -> Iterator[str]:
+    """The ``data:`` payloads of a server-sent event stream (at most ``limit``), checking the framing: each event
+    is one ``data: ...`` line followed by a blank line."""
+    pending = None
+    for count, line in enumerate(lines):
+        assert count < 2 * limit, "too many lines"
+        if pending is None:
+            assert line.startswith("data: "), line
+            pending = line[len("data: ") :]
+        else:
+            assert line == "", f"an event is followed by a blank line, not {line!r}"
+            yield pending
+            pending = None
+    assert pending is None, "the stream ended inside an event"
+
+
+def stream_json(client: httpx.Client, path: str, body: dict[str, Any], **kw: Any) -> list[Any]:
+    """Every event of a streamed request, decoded (``[DONE]`` kept as the string)."""
+    out: list[Any] = []
+    with client.stream("POST", path, json=body, timeout=60, **kw) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for data in sse_events(r.iter_lines()):
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
