@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import verbose_option
+from .options import model_options, verbose_option
 
 
 def is_loopback(host: str) -> bool:
@@ -38,14 +38,7 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="Requests waiting for a slot at most; beyond that the server answers 429 with Retry-After.",
 )
-@click.option(
-    "--ctx-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Most tokens one request may hold (prompt + generated; default: the model's context, at most 4096).",
-)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@model_options
 @click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),

@@ -106,9 +106,10 @@ def create_app(
             )
         except BaseException as e:  # noqa: BLE001 - reported through /health and on_load_error
             state.error = " ".join(str(e).split()) or type(e).__name__
-            log.error("loading the model failed: %s", state.error)
             if on_load_error is not None:
-                on_load_error(e)
+                on_load_error(e)  # the caller reports it (the command: one line, exit 1)
+            else:
+                log.error("loading the model failed: %s", state.error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

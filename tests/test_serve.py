@@ -558,6 +558,21 @@ def test_the_command_serves_and_stops_cleanly_on_a_signal(model: er.Model, sig: 
             proc.wait(10)
 
 
+def test_a_model_that_fails_to_load_stops_the_command_with_one_line(model: er.Model, tmp_path: Path) -> None:
+    """The manifest is fine (checked before the server starts) but the graph is not: the background load fails,
+    the server stops, and the command prints one line and exits 1."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model.path, broken)
+    graph = broken / model.manifest.graph
+    graph.write_bytes(b"\0" * graph.stat().st_size)  # the recorded size, not a graph
+    out = run_cli("serve", str(broken), "--port", str(free_port()), "--log-level", "error")
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeroute: error:"), out.stderr
+
+
 def test_command_errors_are_one_line(tmp_path: Path) -> None:
     missing = run_cli("serve", str(tmp_path / "nowhere"), "--host", "0.0.0.0", "--port", str(free_port()))
     assert missing.returncode == 1
@@ -587,3 +602,37 @@ def test_the_response_objects_are_plain_json(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(model=NAME, messages=QUESTION, max_tokens=3)
     body = json.loads(raw.http_response.text)
     assert set(body) == {"id", "object", "created", "model", "choices", "usage", "system_fingerprint"}
+
+
+# -- the real model ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_through_the_server(smollm2_dir: Path) -> None:
+    """SmolLM2 fp32 through the official client: a chat answer, its stream, four concurrent streams equal to their
+    sequential answers, and a stream cut by its client that gives its slot back."""
+    real = er.Model.load(smollm2_dir)
+    questions = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello."]
+    with Running(create_app(real, Settings("smollm2", max_batch=4))) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+        def ask(q: str, stream: bool = False) -> str:
+            messages = [{"role": "user", "content": q}]
+            if not stream:
+                r = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+                return r.choices[0].message.content or ""
+            chunks = c.chat.completions.create(
+                model="smollm2", messages=messages, max_tokens=24, temperature=0, stream=True
+            )
+            return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+        sequential = [ask(q) for q in questions]
+        assert "Paris" in sequential[0]
+        assert ask(questions[0], stream=True) == sequential[0]
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda q: ask(q, True), questions, timeout=300)) == sequential
+        state = srv.server.config.app.state.edgeroute
+        body = {"prompt": "Write a long story.", "max_tokens": 400, "stream": True}
+        with httpx.Client(base_url=srv.url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
+            for i, _ in enumerate(sse_events(r.iter_lines(), limit=10)):
+                if i == 3:
+                    break
+        wait_until(lambda: state.stats().cancelled == 1 and state.stats().active == 0, 10, state.stats)
