@@ -31,6 +31,7 @@ def test_all_matches_public_names() -> None:
         "request",
         "routing",
         "sampling",
+        "serve",
         "session",
         "tokenizer",
     }
