@@ -36,6 +36,7 @@ from .protocol import (
     Parsed,
     TokenText,
     fingerprint,
+    finish,
     from_config_error,
     new_id,
     now,
@@ -85,7 +86,6 @@ def create_app(
     thread when the app starts, and ``/health`` answers 503 until it returns (``on_load_error`` hears if it
     raises)."""
     state = State()
-    metrics = Metrics(state.stats)
 
     def start(m: er.Model) -> None:
         state.engine = er.Engine(
@@ -123,7 +123,7 @@ def create_app(
             if state.engine is not None:
                 await run_in_threadpool(state.engine.close)
 
-    api = _Api(state, settings, metrics)
+    api = _Api(state, settings)
     routes = [
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
@@ -131,6 +131,7 @@ def create_app(
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),
     ]
+    metrics = api.metrics = Metrics(state.stats, [r.path for r in routes])
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -227,10 +228,11 @@ def _too_large(limit: int) -> APIError:
 
 # -- the endpoints ----------------------------------------------------------------------------------------------
 class _Api:
-    def __init__(self, state: State, settings: Settings, metrics: Metrics) -> None:
+    metrics: Metrics  # set by create_app, once the routes it counts exist
+
+    def __init__(self, state: State, settings: Settings) -> None:
         self.state = state
         self.settings = settings
-        self.metrics = metrics
         self._texts: TokenText | None = None
 
     def _ready(self) -> tuple[er.Model, er.Engine]:
@@ -356,7 +358,6 @@ class _Answer:
     ) -> None:
         self.p = parsed
         self.handles = handles
-        self.model = model
         self.texts = texts
         self.metrics = metrics
         self.id = new_id(parsed.kind)
@@ -441,7 +442,7 @@ class _Answer:
 
     def _choice(self, index: int, h: er.Request, c: er.Completion) -> dict[str, Any]:
         entries = [(lp.token_id, lp.logprob, lp.top) for lp in (c.logprobs or [])][: len(c.token_ids)]
-        reason = "length" if c.finish_reason == "length" else "stop"
+        reason = finish(c.finish_reason)
         if self.p.kind == "chat":
             logprobs = None
             if c.logprobs is not None:
@@ -541,7 +542,7 @@ class _Answer:
                 offsets[i] += len(step.text)
                 out.append(self._event([{"index": i, "text": step.text, "logprobs": lp, "finish_reason": None}]))
         if step.finish_reason is not None:
-            reason = "length" if step.finish_reason == "length" else "stop"
+            reason = finish(step.finish_reason)
             if self.p.kind == "chat":
                 out.append(self._event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]))
             else:

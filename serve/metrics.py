@@ -7,7 +7,6 @@ from collections.abc import Callable
 import edgeroute as er
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 # a decode step of a 100M-8B model on CPU or GPU: 1 ms .. seconds; a first token: 10 ms .. a minute in a queue
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -17,7 +16,8 @@ class Metrics:
     """Requests by endpoint and status, tokens, queue depth and active requests (read from the engine when
     scraped), time to first token and inter-token latency."""
 
-    def __init__(self, stats: Callable[[], er.EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], er.EngineStats | None], endpoints: list[str]) -> None:
+        self.endpoints = frozenset(endpoints)  # any other path is counted as "other" (no label per stray URL)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -60,7 +60,7 @@ class Metrics:
         Gauge("edgeroute_max_batch", "Slots of the engine", registry=r).set_function(read("max_batch"))
 
     def count(self, path: str, status: int) -> None:
-        self.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
+        self.requests.labels(path if path in self.endpoints else "other", str(status)).inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -71,7 +71,7 @@ def invalid(param: str | None, message: str, code: str = "invalid_value") -> API
 
 def from_config_error(e: er.ConfigError, fallback: str | None = None) -> APIError:
     """A ``ConfigError`` as a 400 naming the parameter (as the request spelled it)."""
-    param = e.field if e.field in PARAMETERS or e.field in CHAT_FIELDS | COMPLETION_FIELDS else fallback or e.field
+    param = e.field if e.field in CHAT_FIELDS | COMPLETION_FIELDS else fallback or e.field
     return invalid(param, f"{param}: {e.reason} (got {_short(e.value)})")
 
 
@@ -331,8 +331,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def finish(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
+def finish(reason: str) -> str:
+    """edgeroute's finish reason as OpenAI's: ``length``, else ``stop`` (a stop token or a stop string)."""
+    return "length" if reason == "length" else "stop"
 
 
 def _lp(value: float) -> float:
