@@ -630,7 +630,10 @@ def test_smollm2_through_the_server(smollm2_dir: Path) -> None:
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(lambda q: ask(q, True), questions, timeout=300)) == sequential
         state = srv.server.config.app.state.edgeroute
-        body = {"prompt": "Write a long story.", "max_tokens": 400, "stream": True}
+        # greedy with every EOS banned: the stream cannot end by itself before its client cuts it (sampled, a story
+        # can end by EOS within the few tokens read, and the request then finishes instead of being cancelled)
+        ban = {str(i): -100 for i in real.manifest.eos_token_ids}
+        body = {"prompt": "Write a long story.", "max_tokens": 400, "stream": True, "temperature": 0, "logit_bias": ban}
         with httpx.Client(base_url=srv.url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
             for i, _ in enumerate(sse_events(r.iter_lines(), limit=10)):
                 if i == 3:
