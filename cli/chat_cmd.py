@@ -10,6 +10,7 @@ import edgeroute as er
 
 from .options import (
     build_config,
+    constraint_options,
     generation_options,
     load_model,
     model_options,
@@ -38,6 +39,7 @@ def _read(interactive: bool) -> str | None:
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--system", default=None, help="System message for the conversation.")
 @generation_options
+@constraint_options
 @sampling_options
 @model_options
 @verbose_option

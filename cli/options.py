@@ -106,6 +106,50 @@ def generation_options(f: F) -> F:
     return f
 
 
+def constraint_options(f: F) -> F:
+    """Structured output: the text of each turn follows a JSON Schema, a regex or a grammar."""
+    f = click.option(
+        "--grammar",
+        default=None,
+        metavar="FILE",
+        help="The text follows this grammar: Lark (llguidance's dialect), or llama.cpp's GBNF for a .gbnf file.",
+    )(f)
+    f = click.option("--regex", default=None, metavar="PATTERN", help="The text matches this regular expression.")(f)
+    f = click.option(
+        "--schema",
+        default=None,
+        metavar="FILE|JSON",
+        help="The text is JSON valid against this JSON Schema (a file, or the schema itself).",
+    )(f)
+    return f
+
+
+def constraint_params(flags: dict[str, Any]) -> dict[str, Any]:
+    """The constraint flags as request parameters: files read, a schema given inline parsed by the library."""
+    out: dict[str, Any] = {}
+    schema, regex, grammar = flags.get("schema"), flags.get("regex"), flags.get("grammar")
+    if schema is not None:
+        text = schema.strip()
+        if not text.startswith(("{", "[")) and text not in ("true", "false"):
+            text = _read(schema, "--schema")
+        out["schema"] = text
+    if regex is not None:
+        out["regex"] = regex
+    if grammar is not None:
+        out["grammar"] = _read(grammar, "--grammar")
+        out["grammar_syntax"] = "gbnf" if grammar.lower().endswith(".gbnf") else "lark"
+    return out
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise click.BadParameter(f"cannot read {path!r}: {reason}", param_hint=flag) from None
+
+
 def flow_options(f: F) -> F:
     """Level-1 routing: speculative decoding, guidance, contrast."""
     f = click.option(
@@ -229,6 +273,7 @@ def request_params(model: er.Model, flags: dict[str, Any]) -> dict[str, Any]:
         params[name] = flags.get(name)
     if flags.get("stop"):
         params["stop"] = list(flags["stop"])
+    params.update(constraint_params(flags))
     return params
 
 

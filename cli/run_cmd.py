@@ -11,6 +11,7 @@ import edgeroute as er
 
 from .options import (
     build_request,
+    constraint_options,
     flow_options,
     generation_options,
     load_model,
@@ -88,6 +89,7 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of streaming.")
 @generation_options
+@constraint_options
 @sampling_options
 @flow_options
 @model_options

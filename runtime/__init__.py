@@ -9,6 +9,7 @@
 from ._version import __version__
 from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
+from .constraint import Constraint, Grammar, JsonObject, JsonSchema, Regex
 from .contract import GraphContract
 from .engine import Engine, EngineClosedError, EngineStats, Request
 from .errors import (
@@ -21,6 +22,7 @@ from .errors import (
     ExportValidationError,
     InferenceError,
     ManifestError,
+    MissingExtraError,
     ModelLoadError,
     ProviderUnavailableError,
     QueueFullError,
@@ -41,6 +43,7 @@ __all__ = [
     "ChatTemplateError",
     "Completion",
     "ConcurrentUseError",
+    "Constraint",
     "ConfigError",
     "ContextOverflowError",
     "Distribution",
@@ -52,17 +55,22 @@ __all__ = [
     "ExportValidationError",
     "Flows",
     "GenerationConfig",
+    "Grammar",
     "Generator",
     "GraphContract",
     "InferenceError",
+    "JsonObject",
+    "JsonSchema",
     "KVCache",
     "Manifest",
     "ManifestError",
+    "MissingExtraError",
     "Model",
     "ModelLoadError",
     "Processor",
     "ProviderUnavailableError",
     "QueueFullError",
+    "Regex",
     "Request",
     "Router",
     "SamplingConfig",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import GenerationConfig
+from .grammar import GrammarStage
 from .output import stop_ids
 from .sampling import make_chain
 
@@ -22,6 +23,7 @@ class TokenChooser:
 
     def __init__(self, model: ModelLike, config: GenerationConfig, rng: np.random.Generator) -> None:
         self.rng = rng
+        stages = () if config.constraint is None else (GrammarStage(config.constraint, model),)
         self.router = make_chain(
             config.sampling,
             model.vocab_size,
@@ -29,6 +31,7 @@ class TokenChooser:
             model.undecodable_ids,
             suppress_ids=stop_ids(model, config),
             suppress_until=config.min_new_tokens,
+            processors=stages,
         )
 
     def choose(self, logits: np.ndarray, history: np.ndarray, index: int) -> int:

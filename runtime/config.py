@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .constraint import Constraint
 from .errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "exponential")
@@ -197,6 +198,9 @@ class GenerationConfig:
             logits, OpenAI/vLLM semantics), not of the routed distribution.
         sampling: the router settings.
         prefill_chunk: the prompt is fed to the graph in chunks of at most this many tokens.
+        constraint: the shape of each turn's text (:class:`~edgeroute.JsonSchema`, :class:`~edgeroute.JsonObject`,
+            :class:`~edgeroute.Regex`, :class:`~edgeroute.Grammar`): every token the grammar forbids is at
+            ``-inf`` in the router (README, "Structured output"); the end of sequence only where it accepts.
     """
 
     max_new_tokens: int = 256
@@ -206,6 +210,7 @@ class GenerationConfig:
     logprobs: bool | int = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prefill_chunk: int = 512
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(self, ("max_new_tokens", "min_new_tokens", "logprobs", "prefill_chunk"))
@@ -243,6 +248,13 @@ class GenerationConfig:
         _check(isinstance(self.sampling, SamplingConfig), "sampling", self.sampling, "must be a SamplingConfig")
         c = self.prefill_chunk
         _check(_is_int(c) and c >= 1, "prefill_chunk", c, "must be an integer >= 1")
+        k = self.constraint
+        _check(
+            k is None or isinstance(k, Constraint),
+            "constraint",
+            k,
+            "must be a JsonSchema, JsonObject, Regex or Grammar (edgeroute's constraints)",
+        )
 
     @property
     def want_logprobs(self) -> bool:

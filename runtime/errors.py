@@ -7,6 +7,7 @@
     │   ├── ManifestError             unknown schema version or bad field
     │   └── ProviderUnavailableError  an execution provider asked for is not installed or not working
     ├── ConfigError (ValueError)      .field and .value; raised when a config is built
+    ├── MissingExtraError (ImportError) a feature's optional dependency is not installed (the message says how)
     ├── ChatTemplateError             the model's chat template failed, or ran past its time or size budget
     ├── ContextOverflowError          prompt + max_new_tokens beyond the context length
     ├── ConcurrentUseError            one Generator used from two threads at once (RuntimeError)
@@ -44,6 +45,11 @@ class ConfigError(EdgerouteError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"{field}={value!r}: {reason}")
+
+
+class MissingExtraError(EdgerouteError, ImportError):
+    """A feature needs an optional dependency that is not installed (structured output needs llguidance); the
+    message is the one-line install command."""
 
 
 class ChatTemplateError(EdgerouteError):

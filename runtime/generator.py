@@ -197,6 +197,8 @@ class Generator:
         t1 = time.perf_counter()
         assert self._drafter is not None
         proposals, q_rows = routing.propose(self._drafter, seq, k, ch.dense, ch.rng, index, self.model.vocab_size)
+        valid = ch.router.valid_prefix(seq, index, proposals)  # a constraint: no draft past a forbidden token
+        proposals, q_rows = proposals[:valid], q_rows[:valid]
         if not proposals:
             return None
         k = len(proposals)

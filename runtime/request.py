@@ -11,7 +11,10 @@ Names (OpenAI / vLLM first, then edgeroute's): ``max_tokens`` / ``max_completion
 ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``penalty_last_n``, ``logit_bias`` (token
 ids as ints or as the strings JSON object keys are), ``seed``, ``logprobs`` (a bool with ``top_logprobs``, as in
 chat completions, or an int, as in completions), ``explore``, ``explore_end``, ``explore_steps``,
-``explore_schedule``, ``prefill_chunk``; flows: ``draft`` (``"ngram"`` or a model), ``draft_k`` (an int or
+``explore_schedule``, ``prefill_chunk``; structured output (at most one): ``constraint`` (a
+:class:`~edgeroute.Constraint`), ``schema`` (a JSON Schema, as a mapping or JSON text; vLLM's ``guided_json``),
+``regex`` (``guided_regex``), ``grammar`` (Lark; ``guided_grammar``) with ``grammar_syntax`` (``"lark"`` or
+``"gbnf"``) and, for a schema, ``whitespace`` (``"spaced"``, ``"compact"``, ``"flexible"``); flows: ``draft`` (``"ngram"`` or a model), ``draft_k`` (an int or
 ``"auto"``), ``adaptive_k``, ``guidance``, ``negative_prompt``, ``contrast`` (a model), ``contrast_alpha``,
 ``contrast_beta``. A model may be given by name when ``load`` resolves names to models.
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from .config import GenerationConfig, SamplingConfig, is_number
+from .constraint import Constraint, Grammar, JsonSchema, Regex
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -96,11 +100,19 @@ _ALIASES = {  # OpenAI/vLLM name -> edgeroute's
     "max_tokens": "max_new_tokens",
     "max_completion_tokens": "max_new_tokens",
     "min_tokens": "min_new_tokens",
+    "guided_json": "schema",
+    "guided_regex": "regex",
+    "guided_grammar": "grammar",
 }
+_CONSTRAINTS = ("constraint", "schema", "regex", "grammar")
 _SAMPLING = {f.name for f in fields(SamplingConfig)}
 _GENERATION = {"max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "prefill_chunk"}
 _FLOWS = {f.name for f in fields(Flows)}
-PARAMETERS = frozenset(_SAMPLING | _GENERATION | _FLOWS | set(_ALIASES) | {"logprobs", "top_logprobs"})
+_CONSTRAINT_OPTIONS = ("grammar_syntax", "whitespace")
+PARAMETERS = frozenset(
+    _SAMPLING | _GENERATION | _FLOWS | set(_ALIASES) | {"logprobs", "top_logprobs"}
+    | set(_CONSTRAINTS) | set(_CONSTRAINT_OPTIONS)
+)
 
 
 def flows_of(flows: Flows | None, fields: dict[str, Any]) -> Flows:
@@ -170,7 +182,35 @@ def _generation(p: dict[str, Any], defaults: dict[str, Any]) -> GenerationConfig
     logprobs = _logprobs(p.get("logprobs"), p.get("top_logprobs"))
     if logprobs is not None:
         gen["logprobs"] = logprobs
+    constraint = _constraint(p)
+    if constraint is not None:
+        gen["constraint"] = constraint
     return GenerationConfig(sampling=SamplingConfig(**sampling), **gen)
+
+
+def _constraint(p: dict[str, Any]) -> Constraint | None:
+    """At most one of ``constraint``, ``schema``, ``regex``, ``grammar`` -> a Constraint (options checked)."""
+    given = [k for k in _CONSTRAINTS if k in p]
+    if len(given) > 1:
+        raise ConfigError(given[1], p[given[1]], f"conflicts with {given[0]}: give one constraint")
+    syntax, whitespace = p.get("grammar_syntax"), p.get("whitespace")
+    kind = given[0] if given else None
+    if syntax is not None and kind != "grammar":
+        raise ConfigError("grammar_syntax", syntax, "needs grammar")
+    if whitespace is not None and kind != "schema":
+        raise ConfigError("whitespace", whitespace, "needs schema")
+    if kind is None:
+        return None
+    value = p[kind]
+    if kind == "constraint":
+        if not isinstance(value, Constraint):
+            raise ConfigError("constraint", value, "must be a JsonSchema, JsonObject, Regex or Grammar")
+        return value
+    if kind == "schema":
+        return JsonSchema(value, whitespace if whitespace is not None else "spaced")
+    if not isinstance(value, str):
+        raise ConfigError(kind, value, "must be a string")
+    return Regex(value) if kind == "regex" else Grammar(value, syntax if syntax is not None else "lark")
 
 
 def _bias(bias: Any) -> dict[int, float]:

@@ -4,10 +4,12 @@ The chain :func:`make_chain` builds, in order (HF/vLLM/OpenAI semantics)::
 
     1. processors over the whole vector: logit_bias (and bans), stop-token suppression before min_new_tokens,
        penalties (repetition: HF, multiplicative; presence and frequency: OpenAI, additive; last N tokens),
-       then any extra processor (a grammar constraint)
+       then any extra processor; a grammar constraint (:class:`Constraining`) is the last: every token it
+       forbids is at -inf (it hands the truncations only the allowed ids, or bans the forbidden ones)
     2. truncations over a candidate set: top_k -> temperature -> top_p -> min_p -> typical_p, each keeping at
        least min_keep candidates (temperature 0 = greedy: the argmax of the processed logits)
     3. exploration: p' = q * uniform(allowed) + (1 - q) * p, allowed = vocabulary minus banned and special ids
+       (and minus what the grammar forbids at this step)
     4. the draw: inverse CDF with the request's own numpy Generator
 
 Truncations work on a *candidate set* ``(ids, logits)`` that only shrinks (``ids is None`` means the whole
@@ -327,6 +329,25 @@ class Processor:
         """A turn starts over (stateful stages)."""
 
 
+class Constraining(Processor):
+    """A stage that forbids tokens by a rule that follows the sequence (a grammar: ``constraint.GrammarStage``).
+    Forbidden tokens are at ``-inf``. Per step it either bans a few (through :meth:`apply` and :meth:`touched`,
+    like a logit bias) or says which few are allowed (:meth:`restriction`: the candidate set starts at them and
+    :meth:`apply` writes nothing); :meth:`keeps` tells whether one token is allowed."""
+
+    lowers_only = True
+    stateful = True
+    param = "constraint"  # the setting named in errors
+
+    def restriction(self, history: np.ndarray, index: int) -> np.ndarray | None:
+        """The allowed ids (ascending) when the step restricts the candidates to them, else None."""
+        return None
+
+    def valid_prefix(self, history: np.ndarray, index: int, tokens: Sequence[int]) -> int:
+        """How many of ``tokens``, proposed after the turn's first ``index`` tokens, the rule accepts in a row."""
+        return len(tokens)
+
+
 class LogitBias(Processor):
     """``logit_bias`` and bans: ``bias[j]`` added at ``ids[j]`` (``-inf`` bans)."""
 
@@ -495,6 +516,10 @@ class Router:
         self.banned = banned
         self.allowed = explore.allowed
         self._stateful = tuple(p for p in self.processors if p.stateful)
+        found = [p for p in self.processors if isinstance(p, Constraining)]
+        if len(found) > 1 or (found and self.processors[-1] is not found[0]):
+            raise ValueError("a router takes at most one constraint, as its last processor")
+        self._grammar = found[0] if found else None
         self._lowering = all(p.lowers_only for p in self.processors)
         first = self.truncations[0] if self.truncations else None
         self._top_k = first if isinstance(first, TopK) else None
@@ -522,10 +547,56 @@ class Router:
             p.apply(out, history, index)
         return out
 
-    def truncate(self, logits: np.ndarray) -> tuple[Ids, np.ndarray]:
+    def _start(self, x: np.ndarray, history: np.ndarray | None, index: int) -> tuple[Ids, np.ndarray]:
+        """The candidate set the truncations start from: the whole vocabulary, or the ids a constraint allows."""
+        if self._grammar is not None:
+            if history is None:
+                raise ValueError("a router with a constraint needs the history")
+            ids = self._grammar.restriction(history, index)
+            if ids is not None:
+                return ids, x[ids]
+        return None, x
+
+    def _argmax(self, x: np.ndarray, history: np.ndarray | None, index: int) -> int:
+        """Greedy's draw: the first maximum of the candidate set; :class:`NoCandidates` unless it is finite."""
+        ids, cand = self._start(x, history, index)
+        if ids is None:
+            return _argmax(x)
+        if not len(ids):
+            raise NoCandidates("the constraint allows nothing")
+        return int(ids[_argmax(cand)])
+
+    def explorable(self, history: np.ndarray | None, index: int) -> np.ndarray:
+        """Exploration's uniform support at this step: the allowed vocabulary (banned and special ids out), minus
+        what a constraint forbids."""
+        g, a = self._grammar, self.allowed
+        if g is None or history is None:
+            return a
+        ids = g.restriction(history, index)
+        if ids is not None:
+            pos = np.minimum(np.searchsorted(a, ids), len(a) - 1)
+            return ids[a[pos] == ids] if len(a) else a
+        banned = g.touched(history, index)
+        if banned is None or not len(banned):
+            return a
+        pos = np.minimum(np.searchsorted(a, banned), len(a) - 1)
+        keep = np.ones(len(a), dtype=bool)
+        keep[pos[a[pos] == banned]] = False
+        return a[keep]
+
+    def valid_prefix(self, history: np.ndarray, index: int, tokens: Sequence[int]) -> int:
+        """How many of the proposed ``tokens`` the constraint (if any) accepts in a row after the turn's first
+        ``index`` tokens (speculative decoding scores no draft past a token the grammar forbids)."""
+        return len(tokens) if self._grammar is None else self._grammar.valid_prefix(history, index, tokens)
+
+    def truncate(
+        self, logits: np.ndarray, history: np.ndarray | None = None, index: int = 0
+    ) -> tuple[Ids, np.ndarray]:
         """The truncations on processed logits -> candidate ``(ids, logits)`` (not greedy). Raises
-        :class:`NoCandidates` when every candidate is banned or the logits are not finite."""
-        ids, cand = self._top_k(None, logits) if self._top_k else (None, logits)
+        :class:`NoCandidates` when every candidate is banned or the logits are not finite. ``history`` and
+        ``index`` are needed with a constraint (it may start the candidates at the ids it allows)."""
+        ids, cand = self._start(logits, history, index)
+        ids, cand = self._top_k(ids, cand) if self._top_k else (ids, cand)
         _check_top(float(cand.max()) if len(cand) else -math.inf)
         for t in self._rest:
             ids, cand = t(ids, cand)
@@ -535,27 +606,30 @@ class Router:
         """The exact distribution the draw samples from (greedy: a point mass at the argmax, then mixed)."""
         x = self.process(logits, history, index)
         q = self.explore.q(index)
+        allowed = self.explorable(history, index)
         try:
             if self.greedy:
-                token = _argmax(x)
-                return Distribution(np.array([token]), np.ones(1), q, self.allowed, self.vocab_size)
-            ids, cand = self.truncate(x)
+                token = self._argmax(x, history, index)
+                return Distribution(np.array([token]), np.ones(1), q, allowed, self.vocab_size)
+            ids, cand = self.truncate(x, history, index)
         except NoCandidates:
             raise self._no_candidates(logits) from None
         ids = np.arange(len(cand)) if ids is None else ids
-        return Distribution(ids, softmax(cand), q, self.allowed, self.vocab_size)
+        return Distribution(ids, softmax(cand), q, allowed, self.vocab_size)
 
     def sample_plain(self, logits: np.ndarray, history: np.ndarray, rng: np.random.Generator, index: int = 0) -> int:
         """A draw from :meth:`distribution`, stage by stage with no shortcut: exploration as the mixture it is
         (with probability q a uniform allowed token), else the draw from the truncated candidates."""
         q = self.explore.q(index)
-        if q > 0 and len(self.allowed) and rng.random() < q:
-            return int(self.allowed[rng.integers(len(self.allowed))])
+        if q > 0:
+            allowed = self.explorable(history, index)
+            if len(allowed) and rng.random() < q:
+                return int(allowed[rng.integers(len(allowed))])
         try:
             x = self.process(logits, history, index)
             if self.greedy:
-                return _argmax(x)
-            ids, cand = self.truncate(x)
+                return self._argmax(x, history, index)
+            ids, cand = self.truncate(x, history, index)
             j = draw(_weights(cand), rng)
         except NoCandidates:
             raise self._no_candidates(logits) from None
@@ -567,6 +641,13 @@ class Router:
         if np.isnan(x).any() or np.isposinf(x).any():
             return InferenceError(
                 "the model returned logits that are not finite (NaN or +inf): its graph or weights are broken"
+            )
+        if self._grammar is not None:
+            return ConfigError(
+                self._grammar.param,
+                "at this step",
+                "allows only tokens that are banned here (by logit_bias, or the end of sequence suppressed until"
+                " min_new_tokens)",
             )
         return ConfigError(
             "logit_bias",
@@ -589,8 +670,10 @@ class Router:
     def sample(self, logits: np.ndarray, history: np.ndarray, rng: np.random.Generator, index: int = 0) -> int:
         """Pick the next token: what :meth:`sample_plain` picks for the same RNG state, faster."""
         q = self.explore.q(index)
-        if q > 0 and len(self.allowed) and rng.random() < q:
-            return int(self.allowed[rng.integers(len(self.allowed))])
+        if q > 0:
+            allowed = self.explorable(history, index)
+            if len(allowed) and rng.random() < q:
+                return int(allowed[rng.integers(len(allowed))])
         active = self._active(index)
         if self.greedy and self._lowering:
             # the stages only lower values: the first maximum stands unless a stage changes it
@@ -602,10 +685,10 @@ class Router:
                 return token
         try:  # costs nothing unless raised (the rare path may then scan the logits)
             if not active:
-                return self._pick(logits, rng)
+                return self._pick(logits, rng, history, index)
             touched = [t for t in (p.touched(history, index) for p in active) if t is not None]
             if not (logits.dtype == np.float32 and logits.flags.writeable) or len(touched) < len(active):
-                return self._pick(self.process(logits, history, index), rng)
+                return self._pick(self.process(logits, history, index), rng, history, index)
             # the stages touch a few dozen positions: write them into ``logits`` and put the old values back after
             # the draw, rather than copying the whole vocabulary (a full pass over cold memory per token)
             where = touched[0] if len(touched) == 1 else np.concatenate(touched)
@@ -613,18 +696,19 @@ class Router:
             try:
                 for p in active:
                     p.apply(logits, history, index)
-                return self._pick(logits, rng)
+                return self._pick(logits, rng, history, index)
             finally:
                 logits[where] = saved
         except NoCandidates:
             raise self._no_candidates(logits) from None
 
-    def _pick(self, x: np.ndarray, rng: np.random.Generator) -> int:
+    def _pick(self, x: np.ndarray, rng: np.random.Generator, history: np.ndarray, index: int) -> int:
         """The truncations and the draw (exploration already drawn) on processed logits; :class:`NoCandidates`
         when nothing can be drawn."""
         if self.greedy:
-            return _argmax(x)
-        ids, cand = self._top_k(None, x) if self._top_k else (None, x)
+            return self._argmax(x, history, index)
+        ids, cand = self._start(x, history, index)
+        ids, cand = self._top_k(ids, cand) if self._top_k else (ids, cand)
         if self._few and ids is not None and len(ids) <= _FEW:
             few = self._pick_few(ids, cand, rng)
             if few is not None:

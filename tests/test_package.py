@@ -17,11 +17,13 @@ def test_all_matches_public_names() -> None:
         "choice",
         "cli",
         "config",
+        "constraint",
         "engine",
         "contract",
         "errors",
         "export",
         "generator",
+        "grammar",
         "kv_cache",
         "manifest",
         "model",
@@ -46,7 +48,7 @@ import json, sys
 import edgeroute
 m = edgeroute.Model.load({str(tiny_dir)!r})
 m.generate("Hello", edgeroute.GenerationConfig(max_new_tokens=3))
-print(json.dumps(sorted(k for k in ("torch", "transformers", "optimum", "click") if k in sys.modules)))
+print(json.dumps(sorted(k for k in ("torch", "transformers", "optimum", "click", "llguidance") if k in sys.modules)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
