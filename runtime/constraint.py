@@ -77,6 +77,7 @@ class Constraint:
             raise ConfigError(self.param, shorten(value), first_line(error))
         object.__setattr__(self, "_grammar", grammar)
 
+
 @dataclass(frozen=True)
 class JsonSchema(Constraint):
     """JSON that validates against ``schema`` (a JSON Schema as a mapping or as JSON text; llguidance's subset:

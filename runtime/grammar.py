@@ -31,9 +31,7 @@ if TYPE_CHECKING:
 
 
 # -- the grammar's view of a tokenizer --------------------------------------------------------------------------
-_TOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, tuple[int, ...]], Any]] = (
-    weakref.WeakKeyDictionary()
-)
+_TOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, tuple[int, ...]], Any]] = weakref.WeakKeyDictionary()
 _TOKENIZERS_LOCK = threading.Lock()
 
 

@@ -6,17 +6,17 @@ defaults, and returns a :class:`~edgeroute.GenerationConfig` and the level-1 :cl
 ``ConfigError`` naming the parameter. Nothing is silently dropped: an unknown parameter is an error.
 
 Names (OpenAI / vLLM first, then edgeroute's): ``max_tokens`` / ``max_completion_tokens`` / ``max_new_tokens``,
-``min_tokens`` / ``min_new_tokens``, ``stop`` (a string or a list), ``stop_token_ids``, ``temperature``,
-``top_p``, ``top_k`` (vLLM's ``-1`` = off, like 0), ``min_p``, ``typical_p``, ``min_keep``,
-``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``penalty_last_n``, ``logit_bias`` (token
-ids as ints or as the strings JSON object keys are), ``seed``, ``logprobs`` (a bool with ``top_logprobs``, as in
-chat completions, or an int, as in completions), ``explore``, ``explore_end``, ``explore_steps``,
-``explore_schedule``, ``prefill_chunk``; structured output (at most one): ``constraint`` (a
-:class:`~edgeroute.Constraint`), ``schema`` (a JSON Schema, as a mapping or JSON text; vLLM's ``guided_json``),
-``regex`` (``guided_regex``), ``grammar`` (Lark; ``guided_grammar``) with ``grammar_syntax`` (``"lark"`` or
-``"gbnf"``) and, for a schema, ``whitespace`` (``"spaced"``, ``"compact"``, ``"flexible"``); flows: ``draft`` (``"ngram"`` or a model), ``draft_k`` (an int or
-``"auto"``), ``adaptive_k``, ``guidance``, ``negative_prompt``, ``contrast`` (a model), ``contrast_alpha``,
-``contrast_beta``. A model may be given by name when ``load`` resolves names to models.
+``min_tokens`` / ``min_new_tokens``, ``stop`` (a string or a list), ``stop_token_ids``, ``temperature``, ``top_p``,
+``top_k`` (vLLM's ``-1`` = off, like 0), ``min_p``, ``typical_p``, ``min_keep``, ``repetition_penalty``,
+``presence_penalty``, ``frequency_penalty``, ``penalty_last_n``, ``logit_bias`` (token ids as ints or as the strings
+JSON object keys are), ``seed``, ``logprobs`` (a bool with ``top_logprobs``, as in chat completions, or an int, as
+in completions), ``explore``, ``explore_end``, ``explore_steps``, ``explore_schedule``, ``prefill_chunk``;
+structured output (at most one): ``constraint`` (a :class:`~edgeroute.Constraint`), ``schema`` (a JSON Schema, as a
+mapping or JSON text; vLLM's ``guided_json``), ``regex`` (``guided_regex``), ``grammar`` (Lark; ``guided_grammar``)
+with ``grammar_syntax`` (``"lark"`` or ``"gbnf"``) and, for a schema, ``whitespace`` (``"spaced"``, ``"compact"``,
+``"flexible"``); flows: ``draft`` (``"ngram"`` or a model), ``draft_k`` (an int or ``"auto"``), ``adaptive_k``,
+``guidance``, ``negative_prompt``, ``contrast`` (a model), ``contrast_alpha``, ``contrast_beta``. A model may be
+given by name when ``load`` resolves names to models.
 """
 
 from __future__ import annotations
@@ -110,8 +110,13 @@ _GENERATION = {"max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "pr
 _FLOWS = {f.name for f in fields(Flows)}
 _CONSTRAINT_OPTIONS = ("grammar_syntax", "whitespace")
 PARAMETERS = frozenset(
-    _SAMPLING | _GENERATION | _FLOWS | set(_ALIASES) | {"logprobs", "top_logprobs"}
-    | set(_CONSTRAINTS) | set(_CONSTRAINT_OPTIONS)
+    _SAMPLING
+    | _GENERATION
+    | _FLOWS
+    | set(_ALIASES)
+    | {"logprobs", "top_logprobs"}
+    | set(_CONSTRAINTS)
+    | set(_CONSTRAINT_OPTIONS)
 )
 
 

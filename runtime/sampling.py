@@ -589,9 +589,7 @@ class Router:
         ``index`` tokens (speculative decoding scores no draft past a token the grammar forbids)."""
         return len(tokens) if self._grammar is None else self._grammar.valid_prefix(history, index, tokens)
 
-    def truncate(
-        self, logits: np.ndarray, history: np.ndarray | None = None, index: int = 0
-    ) -> tuple[Ids, np.ndarray]:
+    def truncate(self, logits: np.ndarray, history: np.ndarray | None = None, index: int = 0) -> tuple[Ids, np.ndarray]:
         """The truncations on processed logits -> candidate ``(ids, logits)`` (not greedy). Raises
         :class:`NoCandidates` when every candidate is banned or the logits are not finite. ``history`` and
         ``index`` are needed with a constraint (it may start the candidates at the ids it allows)."""

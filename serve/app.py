@@ -44,6 +44,7 @@ from .protocol import (
     parse_completion,
     usage,
 )
+from .tools import CallStream, call_id, parse_call
 
 log = logging.getLogger("edgeroute.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt a context holds; a body beyond it is a 413
@@ -365,6 +366,8 @@ class _Answer:
         self.fp = fingerprint(model)
         self.eos = frozenset(model.manifest.eos_token_ids)
         self.prompt_tokens = sum(len(ids) for ids in parsed.prompts)
+        tools = parsed.tools
+        self.calls = [CallStream(tools) for _ in handles] if tools is not None else None
 
     def _stop_token(self, h: er.Request, step: er.Step) -> bool:
         """The token that ended the request on a stop id: not part of the answer (nor of its logprobs)."""
@@ -447,12 +450,13 @@ class _Answer:
             logprobs = None
             if c.logprobs is not None:
                 logprobs = {"content": [self.texts.chat_entry(*e) for e in entries], "refusal": None}
-            return {
-                "index": index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": logprobs,
-                "finish_reason": reason,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+            call = parse_call(c.text, self.p.tools) if self.p.tools is not None and reason == "stop" else None
+            if call is not None:
+                message["content"] = None
+                message["tool_calls"] = [{"id": call_id(), "type": "function", "function": call}]
+                reason = "tool_calls"
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
         prefix = self.p.prompt_texts[index // self.p.n] if self.p.echo else ""
         lp_obj = None
         if c.logprobs is not None:
@@ -520,6 +524,8 @@ class _Answer:
         stop_token = self._stop_token(h, step)
         want = h.config.want_logprobs and step.logprob is not None and not stop_token
         out = []
+        if self.calls is not None:  # a chat with tools: the text may be a call
+            return self._tool_deltas(i, step, want)
         if step.text or want:
             if self.p.kind == "chat":
                 lp = None
@@ -547,6 +553,31 @@ class _Answer:
                 out.append(self._event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]))
             else:
                 out.append(self._event([{"index": i, "text": "", "logprobs": None, "finish_reason": reason}]))
+        return out
+
+    def _tool_deltas(self, i: int, step: er.Step, want: bool) -> list[str]:
+        """A step of a chat with tools: content deltas (with their logprobs) while the answer is text, tool-call
+        deltas once it is a call; the finish reason is ``tool_calls`` for a complete call."""
+        assert self.calls is not None
+        stream = self.calls[i]
+        deltas = stream.push(step.text)
+        reason = None
+        if step.finish_reason is not None:
+            last, reason = stream.finish(finish(step.finish_reason))
+            deltas += last
+        lp = None
+        if want and not stream.calling:
+            assert step.logprob is not None
+            lp = {"content": [self.texts.chat_entry(step.token_id, step.logprob, step.top_logprobs)], "refusal": None}
+            if not deltas:
+                deltas = [{"content": ""}]
+        out = []
+        for j, delta in enumerate(deltas):
+            out.append(
+                self._event([{"index": i, "delta": delta, "logprobs": lp if j == 0 else None, "finish_reason": None}])
+            )
+        if reason is not None:
+            out.append(self._event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]))
         return out
 
 

@@ -11,22 +11,27 @@ An unknown field is a 400 naming it: nothing is silently dropped.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import edgeroute as er
 from edgeroute.request import PARAMETERS
 
+if TYPE_CHECKING:
+    from .tools import Tools
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 16  # choices per request: each is a request of its own in the engine
 # generation parameters the server takes itself rather than passing to the router
-_GENERATION_ONLY = {"prefill_chunk"}  # an engine setting, not a request's
+_GENERATION_ONLY = {"prefill_chunk", "constraint"}  # an engine setting, and a Python object (response_format is JSON's)
 _COMMON = {"model", "n", "stream", "stream_options", "user"}
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "response_format"} | (PARAMETERS - _GENERATION_ONLY))
+_TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}
+CHAT_FIELDS = frozenset(_COMMON | {"messages", "response_format"} | _TOOLS | (PARAMETERS - _GENERATION_ONLY))
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"} | (PARAMETERS - _GENERATION_ONLY))
 MAX_TOKEN_NAMES = ("max_tokens", "max_completion_tokens", "max_new_tokens")
 
@@ -95,6 +100,7 @@ class Parsed:
     include_usage: bool
     echo: bool = False
     prompt_texts: list[str] = field(default_factory=list)
+    tools: Tools | None = None
 
 
 def _check_type(body: Mapping[str, Any], name: str, types: type | tuple[type, ...], what: str) -> Any:
@@ -186,25 +192,73 @@ def _configs(
 
 
 def parse_chat(body: Any, model: er.Model, served: str) -> Parsed:
+    from .tools import parse_tools, render_messages
+
     name, n, stream, include_usage = _common(body, CHAT_FIELDS, served)
-    fmt = _check_type(body, "response_format", dict, "an object")
-    if fmt is not None and fmt.get("type") != "text":
-        raise invalid(
-            "response_format",
-            f"response_format type {fmt.get('type')!r} is not supported yet (only 'text')",
-            "unsupported_value",
-        )
+    params = _params(body)
+    tools = parse_tools(body)
+    constraint = _response_format(body)
+    if constraint is not None:
+        if tools is not None:
+            raise invalid(
+                "response_format", "response_format with tools is not supported: use one", "unsupported_value"
+            )
+        params["constraint"] = constraint
+    elif tools is not None:
+        params["constraint"] = tools.constraint()
+    if "constraint" in params:
+        given = [
+            k for k in ("schema", "regex", "grammar", "guided_json", "guided_regex", "guided_grammar") if k in params
+        ]
+        if given:
+            which = "response_format" if constraint is not None else "tools"
+            raise invalid(given[0], f"{given[0]} conflicts with {which}: give one constraint")
     messages = _messages(body.get("messages"))
+    if any("tool_calls" in m for m in messages):
+        messages = _show_calls(messages, model.tokenizer)
     if _check_type(body, "logprobs", bool, "a boolean") is not True and body.get("top_logprobs") is not None:
         raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
     try:
-        ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if tools is not None:
+            ids = render_messages(messages, tools, model.tokenizer)
+        else:
+            ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except er.ConfigError as e:
         raise invalid("messages", f"messages: {e.reason}") from None
     except er.ChatTemplateError as e:
         raise invalid("messages", f"the model's chat template cannot render these messages: {e}") from None
-    configs, flows = _configs(model, _params(body), [ids], n, "messages")
-    return Parsed("chat", name, [ids], configs, flows, n, stream, include_usage)
+    configs, flows = _configs(model, params, [ids], n, "messages")
+    return Parsed("chat", name, [ids], configs, flows, n, stream, include_usage, tools=tools)
+
+
+def _response_format(body: Mapping[str, Any]) -> er.Constraint | None:
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object``, or ``json_schema`` with ``name``,
+    ``schema``, ``strict`` and ``description`` (the answer always follows the schema: strict or not)."""
+    fmt = _check_type(body, "response_format", dict, "an object")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return er.JsonObject()
+    if kind != "json_schema":
+        raise invalid("response_format.type", "response_format.type must be 'text', 'json_object' or 'json_schema'")
+    spec = fmt.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise invalid(where, f"{where} must be an object with a name and a schema", "invalid_type")
+    extra = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if extra:
+        raise invalid(f"{where}.{extra[0]}", f"{where}.{extra[0]} is not supported", "unknown_parameter")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid(f"{where}.name", f"{where}.name is required (a string)", "missing_required_parameter")
+    if spec.get("strict") is not None and not isinstance(spec.get("strict"), bool):
+        raise invalid(f"{where}.strict", f"{where}.strict must be a boolean", "invalid_type")
+    schema = spec.get("schema", {})
+    try:
+        return er.JsonSchema(schema, name=name)
+    except er.ConfigError as e:
+        raise invalid(f"{where}.schema", f"{where}.schema: {e.reason}") from None
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
@@ -238,13 +292,66 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             raise invalid(
                 f"{where}.content", f"{where}.content must be a string or an array of text parts", "invalid_type"
             )
-        extra = sorted(set(m) - {"role", "content", "name"})
+        allowed = {"role", "content", "name"} | ({"tool_calls"} if role == "assistant" else set())
+        allowed |= {"tool_call_id"} if role == "tool" else set()
+        extra = sorted(set(m) - allowed)
         if extra:
             raise invalid(f"{where}.{extra[0]}", f"{where}.{extra[0]} is not supported", "unsupported_value")
         msg: dict[str, Any] = {"role": role, "content": content or ""}
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
+        if m.get("tool_calls") is not None:
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            tid = m.get("tool_call_id")
+            if not isinstance(tid, str):
+                raise invalid(
+                    f"{where}.tool_call_id",
+                    f"{where}.tool_call_id is required (a string)",
+                    "missing_required_parameter",
+                )
+            msg["tool_call_id"] = tid
         out.append(msg)
+    return out
+
+
+def _show_calls(messages: list[dict[str, Any]], tokenizer: er.Tokenizer) -> list[dict[str, Any]]:
+    """For a chat template that does not render ``tool_calls``, an assistant message with calls and no content
+    shows its calls as the JSON the model writes for one (the conversation reads as it happened)."""
+    bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+    try:
+        if tokenizer.render_chat(messages) != tokenizer.render_chat(bare):
+            return messages
+    except (er.ConfigError, er.ChatTemplateError):
+        return messages  # the render below reports it
+    for m, orig in zip(bare, messages, strict=True):
+        if orig.get("tool_calls") and not m["content"]:
+            m["content"] = "\n".join(
+                json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+                for c in orig["tool_calls"]
+            )
+    return bare
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, with their JSON ``arguments`` as objects (what chat templates read)."""
+    if not isinstance(calls, list):
+        raise invalid(where, f"{where} must be an array", "invalid_type")
+    out = []
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise invalid(
+                f"{where}[{i}]",
+                f'{where}[{i}] must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}',
+                "invalid_type",
+            )
+        args = fn.get("arguments", "{}")
+        try:
+            parsed = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            raise invalid(f"{where}[{i}].function.arguments", f"{where}[{i}].function.arguments is not JSON") from None
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": parsed}})
     return out
 
 

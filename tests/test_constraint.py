@@ -10,14 +10,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import edgeroute as er
 import jsonschema
 import numpy as np
 import pytest
-from scipy import stats
-
-import edgeroute as er
 from edgeroute.choice import TokenChooser
 from edgeroute.grammar import GrammarStage
+from scipy import stats
 
 PERSON = {
     "type": "object",
@@ -350,8 +349,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_the_cli_takes_a_schema_a_regex_and_a_grammar(tiny_dir: Path, tmp_path: Path) -> None:
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
-    out = run_cli("run", str(tiny_dir), "hello", "--schema", str(schema), "--seed", "1", "--max-new-tokens", "150",
-                  "--json", "-n", "3")
+    out = run_cli(
+        "run",
+        str(tiny_dir),
+        "hello",
+        "--schema",
+        str(schema),
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "150",
+        "--json",
+        "-n",
+        "3",
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 3
@@ -382,3 +393,27 @@ def test_the_cli_refuses_a_bad_constraint_in_one_line(tiny_dir: Path, args: list
     out = run_cli("run", str(tiny_dir), "hello", *args)
     assert out.returncode == code and needle in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr and out.stdout == ""
+
+
+# -- the real model ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_answers_validate_at_temperature_one(smollm2_dir: Path) -> None:
+    """100 answers of SmolLM2 at temperature 1.0 under a nested schema (objects, an array, enums, numbers, required
+    fields), through the engine: every one that ends by EOS parses and validates; a regex and a Lark grammar too."""
+    model = er.Model.load(smollm2_dir)
+    ids = model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Describe a person as JSON: name, age, tags and their pet."}]
+    )
+    with er.Engine(model, max_batch=8, max_queue=100) as engine:
+        reqs = [engine.submit(ids, cfg(160, er.JsonSchema(PERSON), seed=s, temperature=1.0)) for s in range(100)]
+        done = [r.result(timeout=600) for r in reqs]
+    ended = [c for c in done if c.finish_reason == "stop"]
+    for c in ended:
+        jsonschema.validate(json.loads(c.text), PERSON)
+    assert len(ended) >= 80, Counter(c.finish_reason for c in done)
+    phone = model.tokenizer.apply_chat_template([{"role": "user", "content": "Give me a phone number."}])
+    lark = model.tokenizer.apply_chat_template([{"role": "user", "content": "Is the sky blue?"}])
+    for seed in range(5):
+        text = model.generate(phone, cfg(20, er.Regex(r"\+1-[0-9]{3}-[0-9]{4}"), seed=seed)).text
+        assert re.fullmatch(r"\+1-[0-9]{3}-[0-9]{4}", text)
+        assert re.fullmatch(r"yes|no|maybe [0-9]{1,2}", model.generate(lark, cfg(10, er.Grammar(LARK), seed=seed)).text)

@@ -280,7 +280,7 @@ def error_of(r: httpx.Response, status: int) -> dict:
         ({"messages": QUESTION, "top_logprobs": 3}, "top_logprobs", "invalid_value"),
         ({"messages": QUESTION, "frobnicate": 1}, "frobnicate", "unknown_parameter"),
         ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
-        ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format", "unsupported_value"),
+        ({"messages": QUESTION, "response_format": {"type": "xml"}}, "response_format.type", "invalid_value"),
         ({"messages": []}, "messages", "invalid_type"),
         ({}, "messages", "missing_required_parameter"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
