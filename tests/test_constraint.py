@@ -183,6 +183,10 @@ def test_speculation_is_checked_against_the_grammar(tiny: er.Model) -> None:
     spec = spec_gen.run()
     assert spec.token_ids == plain.token_ids and re.fullmatch("(ab|cd|ef)+", spec.text)
     assert spec.usage.draft_proposed > 0
+    own = tiny.generator(cfg(30, pattern, temperature=0), draft=tiny, draft_k=3)  # a draft model: its own router
+    own.append(tiny.encode_prompt("ab cd ab cd ab cd"))
+    drafted = own.run()
+    assert drafted.token_ids == plain.token_ids and drafted.usage.draft_proposed > 0
     for seed in range(6):  # sampled: every output is valid
         g = tiny.generator(cfg(30, pattern, seed=seed), draft="ngram", draft_k=3)
         g.append(tiny.encode_prompt("ab cd ab cd"))
