@@ -101,7 +101,7 @@ class GrammarStage(Constraining):
         self._committed = 0
         self._fresh = False  # the mask and the plan are those of the matcher's current state
         self._restrict: np.ndarray | None = None
-        self._banned = np.zeros(0, dtype=np.int64)
+        self._banned = _NONE
 
     # -- following the sequence ----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -150,16 +150,11 @@ class GrammarStage(Constraining):
         self._matcher.unsafe_compute_mask_ptr(self._ptr, self._nbytes)
         words = self._words[0]
         some = np.flatnonzero(words)  # words with at least one allowed token
-        if len(some) == 0:
-            self._restrict, self._banned = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        partial = np.flatnonzero(words != -1)  # words with at least one forbidden token
+        if len(some) <= len(partial):  # (nothing allowed: an empty restriction)
+            self._restrict, self._banned = _bits(words, some, self.vocab_size, True), _NONE
         else:
-            partial = np.flatnonzero(words != -1)  # words with at least one forbidden token
-            if len(some) <= len(partial):
-                self._restrict = _bits(words, some, self.vocab_size, True)
-                self._banned = np.zeros(0, dtype=np.int64)
-            else:
-                self._restrict = None
-                self._banned = _bits(words, partial, self.vocab_size, False)
+            self._restrict, self._banned = None, _bits(words, partial, self.vocab_size, False)
         self._fresh = True
 
     # -- the stage -----------------------------------------------------------------------------------------
@@ -197,10 +192,8 @@ class GrammarStage(Constraining):
         self._at(history, index, plan=False)
         return int(self._matcher.validate_tokens([int(t) for t in tokens])) if len(tokens) else 0
 
-    @property
-    def accepting(self) -> bool:
-        """True when the text so far is complete in the grammar (the end-of-sequence token is allowed)."""
-        return bool(self._matcher.is_accepting())
+
+_NONE = np.zeros(0, dtype=np.int64)  # no ids (read-only use: never written into)
 
 
 def _bits(words: np.ndarray, which: np.ndarray, vocab_size: int, value: bool) -> np.ndarray:

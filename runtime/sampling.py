@@ -330,7 +330,7 @@ class Processor:
 
 
 class Constraining(Processor):
-    """A stage that forbids tokens by a rule that follows the sequence (a grammar: ``constraint.GrammarStage``).
+    """A stage that forbids tokens by a rule that follows the sequence (a grammar: ``grammar.GrammarStage``).
     Forbidden tokens are at ``-inf``. Per step it either bans a few (through :meth:`apply` and :meth:`touched`,
     like a logit bias) or says which few are allowed (:meth:`restriction`: the candidate set starts at them and
     :meth:`apply` writes nothing); :meth:`keeps` tells whether one token is allowed."""
@@ -584,6 +584,16 @@ class Router:
         keep[pos[a[pos] == banned]] = False
         return a[keep]
 
+    def _explore(self, history: np.ndarray, rng: np.random.Generator, index: int) -> int | None:
+        """Exploration's draw, first in every path: with probability q a uniform token of :meth:`explorable`, else
+        None (no random number is used when q is 0 or nothing is explorable)."""
+        q = self.explore.q(index)
+        if q > 0:
+            allowed = self.explorable(history, index)
+            if len(allowed) and rng.random() < q:
+                return int(allowed[rng.integers(len(allowed))])
+        return None
+
     def valid_prefix(self, history: np.ndarray, index: int, tokens: Sequence[int]) -> int:
         """How many of the proposed ``tokens`` the constraint (if any) accepts in a row after the turn's first
         ``index`` tokens (speculative decoding scores no draft past a token the grammar forbids)."""
@@ -604,7 +614,7 @@ class Router:
         """The exact distribution the draw samples from (greedy: a point mass at the argmax, then mixed)."""
         x = self.process(logits, history, index)
         q = self.explore.q(index)
-        allowed = self.explorable(history, index)
+        allowed = self.explorable(history, index) if q > 0 else self.allowed  # (the mix reads it only when q > 0)
         try:
             if self.greedy:
                 token = self._argmax(x, history, index)
@@ -618,11 +628,9 @@ class Router:
     def sample_plain(self, logits: np.ndarray, history: np.ndarray, rng: np.random.Generator, index: int = 0) -> int:
         """A draw from :meth:`distribution`, stage by stage with no shortcut: exploration as the mixture it is
         (with probability q a uniform allowed token), else the draw from the truncated candidates."""
-        q = self.explore.q(index)
-        if q > 0:
-            allowed = self.explorable(history, index)
-            if len(allowed) and rng.random() < q:
-                return int(allowed[rng.integers(len(allowed))])
+        explored = self._explore(history, rng, index)
+        if explored is not None:
+            return explored
         try:
             x = self.process(logits, history, index)
             if self.greedy:
@@ -667,11 +675,9 @@ class Router:
     # -- the fast way --------------------------------------------------------------------------------------
     def sample(self, logits: np.ndarray, history: np.ndarray, rng: np.random.Generator, index: int = 0) -> int:
         """Pick the next token: what :meth:`sample_plain` picks for the same RNG state, faster."""
-        q = self.explore.q(index)
-        if q > 0:
-            allowed = self.explorable(history, index)
-            if len(allowed) and rng.random() < q:
-                return int(allowed[rng.integers(len(allowed))])
+        explored = self._explore(history, rng, index)
+        if explored is not None:
+            return explored
         active = self._active(index)
         if self.greedy and self._lowering:
             # the stages only lower values: the first maximum stands unless a stage changes it

@@ -206,13 +206,7 @@ def parse_chat(body: Any, model: er.Model, served: str) -> Parsed:
         params["constraint"] = constraint
     elif tools is not None:
         params["constraint"] = tools.constraint()
-    if "constraint" in params:
-        given = [
-            k for k in ("schema", "regex", "grammar", "guided_json", "guided_regex", "guided_grammar") if k in params
-        ]
-        if given:
-            which = "response_format" if constraint is not None else "tools"
-            raise invalid(given[0], f"{given[0]} conflicts with {which}: give one constraint")
+    # a guided_* field besides response_format or tools: from_params refuses the pair, naming the guided_* field
     messages = _messages(body.get("messages"))
     if any("tool_calls" in m for m in messages):
         messages = _show_calls(messages, model.tokenizer)
