@@ -71,7 +71,8 @@ def _progress_printer() -> Callable[[str, str, float], None] | None:
     type=click.Choice(BACKENDS),
     default="auto",
     show_default=True,
-    help="fused: edgeroute's own graph (fused attention, shared in-place KV buffer; llama, mistral, qwen2, phi3);"
+    help="fused: edgeroute's own graph (fused attention, shared in-place KV buffer; llama, mistral, qwen2, phi3,"
+    " qwen3, gemma3_text, smollm3);"
     " optimum: any decoder optimum exports; auto: fused where it applies.",
 )
 @click.option(

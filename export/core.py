@@ -124,7 +124,8 @@ def export_model(
         context_length: cap the manifest's context length (default: the model's maximum positions).
         block_size: quantisation block size (int8 and int4).
         backend: ``fused`` builds edgeroute's own graph (GroupQueryAttention with rotary inside, fused norms,
-            packed projections, one shared in-place KV buffer; llama, mistral, qwen2, phi3; fp32, int8, int4);
+            packed projections, one shared in-place KV buffer; llama, mistral, qwen2, phi3, qwen3, gemma3_text,
+            smollm3; fp32, int8, int4);
             ``optimum`` exports with optimum (every decoder optimum knows, fp16 included); ``auto`` (default)
             takes ``fused`` where it applies and ``optimum`` otherwise, and records which in the manifest.
         calibrate: int4 only: weigh each weight's rounding error by its input channel's mean squared activation

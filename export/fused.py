@@ -13,9 +13,20 @@ One graph serves prefill, chunked prefill, multi-token verification and decoding
   step. Its length is the runtime's context cap; ``seqlens_k`` (each row's total length - 1, int32) and
   ``total_sequence_length`` (int32 scalar) tell GroupQueryAttention what is valid.
 
+Families differ in a few places, each described by a ``_Family`` read off the checkpoint:
+
+- Qwen3 and Gemma 3 normalise queries and keys per head (RMSNorm over the head size) before the rotary
+  embedding: the packed projection is split into q, k, v, normalised, and given to GroupQueryAttention apart;
+- Gemma 3: RMSNorm weights of the form ``(1 + w)`` (folded into the constant), embeddings scaled by
+  ``sqrt(hidden_size)``, a GELU-tanh gated MLP (``FastGelu``), norms before *and after* attention and the MLP
+  (the post-norm's output is what the next fused norm adds to the residual), attention scaled by
+  ``query_pre_attn_scalar ** -0.5``, and sliding-window layers with their own rotary base (two cos/sin tables);
+- SmolLM3's NoPE layers run GroupQueryAttention without rotary;
+- sliding windows are per layer (``layer_types``), as the checkpoint's own attention masks apply them.
+
 Every MatMul has a constant weight, so ``graph.quantize_weights`` turns them all into MatMulNBits.
-Supported: llama, mistral, qwen2, phi3 with SiLU MLPs and static rotary embeddings. Anything else goes through
-the optimum backend (``backend="optimum"``).
+Supported: llama, mistral, qwen2, phi3, qwen3, gemma3_text, smollm3 with static rotary embeddings. Anything else
+goes through the optimum backend (``backend="optimum"``).
 """
 
 from __future__ import annotations
@@ -27,8 +38,15 @@ import numpy as np
 from edgeroute.contract import DEFAULT_OUTPUTS, SHARED_GRAPH_INPUTS, GraphContract, Name
 from edgeroute.errors import ExportError
 
-FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
+FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text", "smollm3")
 _STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")  # the tanh approximation, as FastGelu computes it
+
+
+def _activation(cfg: Any) -> str:
+    if cfg.model_type == "gemma3_text":
+        return str(getattr(cfg, "hidden_activation", None) or "gelu_pytorch_tanh")
+    return str(getattr(cfg, "hidden_act", "silu"))
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -36,9 +54,11 @@ def unsupported_reason(model: Any) -> str | None:
     cfg = model.config
     if cfg.model_type not in FUSED_ARCHITECTURES:
         return f"architecture {cfg.model_type!r} (fused: {', '.join(FUSED_ARCHITECTURES)})"
-    act = getattr(cfg, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        return f"activation {act!r} (fused: silu)"
+    act = _activation(cfg)
+    if act not in ("silu", "swish", *_GELU_TANH):
+        return f"activation {act!r} (fused: silu, gelu with tanh)"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention (fused: causal)"
     rope = getattr(cfg, "rope_scaling", None) or {}
     kind = rope.get("rope_type", rope.get("type"))
     if kind not in _STATIC_ROPE:
@@ -57,11 +77,10 @@ def _np(t: Any) -> np.ndarray:
     return t.detach().to("cpu").float().numpy()
 
 
-def _rotary_tables(model: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
+def _rotary_tables(rot: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin ``[length, rotary_dim / 2]`` from the checkpoint's own rotary module (scaling included)."""
     import torch
 
-    rot = model.model.rotary_emb
     pos = torch.arange(length, dtype=torch.int64)[None]
     with torch.no_grad():
         cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
@@ -69,13 +88,44 @@ def _rotary_tables(model: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
     return _np(cos[0, :, :half]).copy(), _np(sin[0, :, :half]).copy()
 
 
-def _window(cfg: Any) -> int:
-    """GroupQueryAttention's ``local_window_size`` (-1: none): the checkpoint's ``sliding_window`` as is (checked
-    against PyTorch in tests/test_fused.py; sliding_window - 1 or + 1 differ at every position past the window)."""
+def _windows(cfg: Any, n_layers: int) -> list[int]:
+    """Each layer's GroupQueryAttention ``local_window_size`` (-1: none): the checkpoint's ``sliding_window`` as is
+    (checked against PyTorch in tests/test_fused.py; sliding_window - 1 or + 1 differ at every position past the
+    window) on the layers whose mask is the sliding one (``layer_types``, as transformers builds its masks)."""
     sw = getattr(cfg, "sliding_window", None)
-    if not sw or (cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False)):
-        return -1
-    return int(sw)
+    if not sw or (cfg.model_type in ("qwen2", "qwen3", "smollm3") and not getattr(cfg, "use_sliding_window", False)):
+        return [-1] * n_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # mistral: every layer slides
+        return [int(sw)] * n_layers
+    return [int(sw) if t == "sliding_attention" else -1 for t in types]
+
+
+class _Family:
+    """What differs between the fused families, read off the checkpoint's config and modules."""
+
+    def __init__(self, model: Any) -> None:
+        cfg = model.config
+        gemma = cfg.model_type == "gemma3_text"
+        n = len(model.model.layers)
+        self.norm_offset = 1.0 if gemma else 0.0  # Gemma's RMSNorm multiplies by (1 + w)
+        self.embed_scale = float(cfg.hidden_size) ** 0.5 if gemma else None
+        self.qk_norm = hasattr(model.model.layers[0].self_attn, "q_norm")
+        self.post_norms = gemma  # post-attention and post-feed-forward norms before each residual add
+        self.gelu = _activation(cfg) in _GELU_TANH
+        self.scale = float(cfg.query_pre_attn_scalar) ** -0.5 if gemma else 0.0  # 0: 1/sqrt(head size)
+        self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)
+        self.windows = _windows(cfg, n)
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
+        # which cos/sin table each layer rotates with: "global", "local" (Gemma's sliding layers) or None (NoPE)
+        self.rotary: list[str | None] = []
+        for i, layer in enumerate(model.model.layers):
+            if not getattr(layer.self_attn, "use_rope", True):
+                self.rotary.append(None)
+            elif gemma and types[i] == "sliding_attention":
+                self.rotary.append("local")
+            else:
+                self.rotary.append("global")
 
 
 def _linear(module: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -143,25 +193,38 @@ def build_fused(model: Any, path: Path, max_positions: int) -> GraphContract:
     if why is not None:
         raise ExportError(f"the fused backend does not support {why}; use backend 'optimum'")
     cfg = model.config
+    fam = _Family(model)
     layers = model.model.layers
     n_layers, heads, kv_heads = len(layers), cfg.num_attention_heads, cfg.num_key_value_heads
     head = _head_size(cfg)
     eps = float(cfg.rms_norm_eps)
     vocab = int(model.lm_head.weight.shape[0])
     inter = int(layers[0].mlp.down_proj.weight.shape[1])
-    window = _window(cfg)
     contract = GraphContract(
         n_layers, kv_heads, head, vocab, SHARED_GRAPH_INPUTS, DEFAULT_OUTPUTS, logits="keep", kv_layout="shared"
     )
     ids_in, keep = str(contract.name(Name.INPUT_IDS)), str(contract.name(Name.LOGITS_TO_KEEP))
     seqlens, total = str(contract.name(Name.SEQLENS_K)), str(contract.name(Name.TOTAL_SEQUENCE_LENGTH))
     bld = _Builder()
-    cos, sin = _rotary_tables(model, max_positions)
-    bld.const("rotary.cos", cos)
-    bld.const("rotary.sin", sin)
+    tables = {"global": model.model.rotary_emb}
+    if "local" in fam.rotary:
+        tables["local"] = model.model.rotary_emb_local
+    for kind, rot in tables.items():
+        if kind in fam.rotary:
+            cos, sin = _rotary_tables(rot, max_positions)
+            bld.const(f"rotary.{kind}.cos", cos)
+            bld.const(f"rotary.{kind}.sin", sin)
     bld.const("split.gate_up", np.array([inter, inter], dtype=np.int64))
     bld.node("Gather", [bld.const("embed_tokens.weight", _np(model.model.embed_tokens.weight)), ids_in],
-             ["embed/out"], "embed/Gather")  # fmt: skip
+             ["embed/gather" if fam.embed_scale else "embed/out"], "embed/Gather")  # fmt: skip
+    if fam.embed_scale is not None:
+        scale = bld.const("embed.scale", np.array(fam.embed_scale, dtype=np.float32))
+        bld.node("Mul", ["embed/gather", scale], ["embed/out"], "embed/Scale")
+    if fam.qk_norm:
+        bld.const("split.qkv", np.array([heads * head, kv_heads * head, kv_heads * head], dtype=np.int64))
+        bld.const("shape.q_heads", np.array([0, 0, heads, head], dtype=np.int64))
+        bld.const("shape.kv_heads", np.array([0, 0, kv_heads, head], dtype=np.int64))
+        bld.const("shape.flat", np.array([0, 0, -1], dtype=np.int64))
     residual, pending = "embed/out", None  # the residual stream, and the block output still to be added to it
     kv_dims = ["batch_size", kv_heads, "kv_length", head]
     ins = [
@@ -172,38 +235,73 @@ def build_fused(model: Any, path: Path, max_positions: int) -> GraphContract:
     ]
     outs = []
 
-    def norm(weight: Any, name: str) -> str:
+    def weight(w: Any, name: str) -> str:
+        return bld.const(f"{name}.weight", _np(w) + np.float32(fam.norm_offset))
+
+    def norm(w: Any, name: str) -> str:
         nonlocal residual, pending
-        w = bld.const(f"{name}.weight", _np(weight))
         if pending is None:
-            bld.node("SimplifiedLayerNormalization", [residual, w], [f"{name}/out"], name, axis=-1, epsilon=eps)
+            bld.node("SimplifiedLayerNormalization", [residual, weight(w, name)], [f"{name}/out"], name, axis=-1,
+                     epsilon=eps)  # fmt: skip
         else:
-            bld.node("SkipSimplifiedLayerNormalization", [residual, pending, w],
+            bld.node("SkipSimplifiedLayerNormalization", [residual, pending, weight(w, name)],
                      [f"{name}/out", "", "", f"{name}/sum"], name, domain="com.microsoft", epsilon=eps)  # fmt: skip
             residual, pending = f"{name}/sum", None
         return f"{name}/out"
+
+    def plain_norm(x: str, w: Any, name: str) -> str:
+        bld.node("SimplifiedLayerNormalization", [x, weight(w, name)], [f"{name}/out"], name, axis=-1, epsilon=eps)
+        return f"{name}/out"
+
+    def head_norm(x: str, w: Any, shape: str, name: str) -> str:
+        """RMSNorm over each head's vector: [B, S, H*D] -> [B, S, H, D] -> norm -> [B, S, H*D]."""
+        bld.node("Reshape", [x, shape], [f"{name}/heads"], f"{name}/Reshape")
+        y = plain_norm(f"{name}/heads", w, name)
+        bld.node("Reshape", [y, "shape.flat"], [f"{name}/flat"], f"{name}/Flatten")
+        return f"{name}/flat"
 
     for i, (layer, (past_k, past_v), (pres_k, pres_v)) in enumerate(
         zip(layers, contract.past_names(), contract.present_names(), strict=True)
     ):
         p = f"layers.{i}"
+        attn = layer.self_attn
         x = norm(layer.input_layernorm.weight, f"{p}.input_layernorm")
         qkv = bld.linear(x, *_qkv(layer), f"{p}.attn.qkv_proj")
+        if fam.qk_norm:
+            q, k, v = (f"{p}.attn/{n}" for n in ("q", "k", "v"))
+            bld.node("Split", [qkv, "split.qkv"], [q, k, v], f"{p}.attn/Split", axis=-1)
+            q = head_norm(q, attn.q_norm.weight, "shape.q_heads", f"{p}.attn.q_norm")
+            k = head_norm(k, attn.k_norm.weight, "shape.kv_heads", f"{p}.attn.k_norm")
+            qkv_in = [q, k, v]
+        else:
+            qkv_in = [qkv, "", ""]
         ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in (past_k, past_v)]
         outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in (pres_k, pres_v)]
-        bld.node("GroupQueryAttention",
-                 [qkv, "", "", past_k, past_v, seqlens, total, "rotary.cos", "rotary.sin"],
+        rot = fam.rotary[i]
+        rotary_in = [f"rotary.{rot}.cos", f"rotary.{rot}.sin"] if rot else []
+        # no attention softcap: transformers' Gemma 3 reads attn_logit_softcapping but never applies it
+        extra = {"scale": fam.scale} if fam.scale else {}
+        bld.node("GroupQueryAttention", [*qkv_in, past_k, past_v, seqlens, total, *rotary_in],
                  [f"{p}.attn/out", pres_k, pres_v], f"{p}.attn/GroupQueryAttention", domain="com.microsoft",
-                 num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
-                 local_window_size=window)  # fmt: skip
-        pending = bld.linear(f"{p}.attn/out", *_linear(layer.self_attn.o_proj), f"{p}.attn.o_proj")
-        x = norm(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
+                 num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rot is not None), rotary_interleaved=0,
+                 local_window_size=fam.windows[i], **extra)  # fmt: skip
+        pending = bld.linear(f"{p}.attn/out", *_linear(attn.o_proj), f"{p}.attn.o_proj")
+        if fam.post_norms:
+            pending = plain_norm(pending, layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
+            x = norm(layer.pre_feedforward_layernorm.weight, f"{p}.pre_feedforward_layernorm")
+        else:
+            x = norm(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
         gu = bld.linear(x, *_gate_up(layer), f"{p}.mlp.gate_up_proj")
         bld.node("Split", [gu, "split.gate_up"], [f"{p}.mlp/gate", f"{p}.mlp/up"], f"{p}.mlp/Split", axis=-1)
-        bld.node("QuickGelu", [f"{p}.mlp/gate"], [f"{p}.mlp/act"], f"{p}.mlp/SiLU", domain="com.microsoft",
-                 alpha=1.0)  # fmt: skip
+        if fam.gelu:
+            bld.node("FastGelu", [f"{p}.mlp/gate"], [f"{p}.mlp/act"], f"{p}.mlp/GeluTanh", domain="com.microsoft")
+        else:
+            bld.node("QuickGelu", [f"{p}.mlp/gate"], [f"{p}.mlp/act"], f"{p}.mlp/SiLU", domain="com.microsoft",
+                     alpha=1.0)  # fmt: skip
         bld.node("Mul", [f"{p}.mlp/act", f"{p}.mlp/up"], [f"{p}.mlp/prod"], f"{p}.mlp/Mul")
         pending = bld.linear(f"{p}.mlp/prod", *_linear(layer.mlp.down_proj), f"{p}.mlp.down_proj")
+        if fam.post_norms:
+            pending = plain_norm(pending, layer.post_feedforward_layernorm.weight, f"{p}.post_feedforward_layernorm")
     # the LM head sees only the last logits_to_keep positions: slice before the final norm
     bld.const("keep.end", np.array([2**62], dtype=np.int64))
     bld.const("keep.axis", np.array([1], dtype=np.int64))
@@ -214,9 +312,15 @@ def build_fused(model: Any, path: Path, max_positions: int) -> GraphContract:
         bld.node("Slice", [src, "keep/start", "keep.end", "keep.axis"], [f"keep/{name}"], f"keep/Slice_{name}")
     residual, pending = "keep/residual", "keep/pending"
     x = norm(model.model.norm.weight, "final_norm")
-    bld.linear(x, _np(model.lm_head.weight).T.copy(), None, "lm_head")
+    head_out = bld.linear(x, _np(model.lm_head.weight).T.copy(), None, "lm_head")
+    if fam.final_softcap:  # logits = cap * tanh(logits / cap)
+        cap = bld.const("final_softcap", np.array(fam.final_softcap, dtype=np.float32))
+        bld.node("Div", [head_out, cap], ["softcap/div"], "softcap/Div")
+        bld.node("Tanh", ["softcap/div"], ["softcap/tanh"], "softcap/Tanh")
+        bld.node("Mul", ["softcap/tanh", cap], ["softcap/out"], "softcap/Mul")
+        head_out = "softcap/out"
     logits = contract.outputs[Name.LOGITS]
-    bld.node("Identity", ["lm_head/out"], [logits], "logits/Identity")
+    bld.node("Identity", [head_out], [logits], "logits/Identity")
     outs.insert(0, helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch_size", "logits_length", vocab]))
     g = helper.make_graph(bld.nodes, "edgeroute-fused", ins, outs, initializer=bld.inits)
     proto = helper.make_model(

@@ -14,8 +14,8 @@ from typing import Any
 
 from edgeroute.errors import ExportError
 
-# Families tested end to end with tiny checkpoints (tests/test_export.py) and SmolLM2 (llama).
-TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gpt2")
+# Families tested end to end with tiny checkpoints (tests/test_export.py, tests/test_families.py) and SmolLM2.
+TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text", "smollm3", "gpt2")
 WEIGHT_FILES = (
     "model.safetensors",
     "pytorch_model.bin",

@@ -39,7 +39,41 @@ def _configs(vocab: int) -> dict[str, object]:
         "qwen2": (t.Qwen2Config(vocab_size=vocab, **COMMON), t.Qwen2ForCausalLM),
         "phi3": (t.Phi3Config(vocab_size=vocab, pad_token_id=0, **COMMON), t.Phi3ForCausalLM),
         "gpt2": (t.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512), t.GPT2LMHeadModel),
+        # the families of issue 18: q/k norms; Gemma 3's sliding/global layers with two rotary bases, a query scale
+        # that is not 1/sqrt(head size) and a final logit softcap; SmolLM3's NoPE layer
+        "qwen3": (t.Qwen3Config(vocab_size=vocab, head_dim=16, **COMMON), t.Qwen3ForCausalLM),
+        "gemma3_text": (
+            t.Gemma3TextConfig(
+                vocab_size=vocab,
+                head_dim=32,
+                query_pre_attn_scalar=24,
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=8,
+                rope_theta=1_000_000.0,
+                rope_local_base_freq=10_000.0,
+                final_logit_softcapping=10.0,
+                pad_token_id=0,
+                **{**COMMON, "num_key_value_heads": 1},
+            ),
+            t.Gemma3ForCausalLM,
+        ),
+        "smollm3": (
+            t.SmolLM3Config(vocab_size=vocab, no_rope_layers=[1, 0], pad_token_id=0, **COMMON),
+            t.SmolLM3ForCausalLM,
+        ),  # fmt: skip
     }
+
+
+NEW_FAMILIES = ("qwen3", "gemma3_text", "smollm3")
+
+
+def _perturb_norms(model: object) -> None:
+    """Random norm weights: Gemma initialises its (1 + w) weights to zero and Qwen3 its q/k norms to one, which
+    would hide a wrong weight form."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # type: ignore[attr-defined]
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
 
 
 def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
@@ -55,6 +89,8 @@ def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     cfg.eos_token_id = 0
     torch.manual_seed(seed)
     model = cls(cfg).eval()
+    if arch in NEW_FAMILIES:
+        _perturb_norms(model)
     model.generation_config.do_sample = True
     model.generation_config.temperature = 0.6
     model.generation_config.top_p = 0.9
