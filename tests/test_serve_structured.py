@@ -209,7 +209,7 @@ def test_auto_answers_in_text_or_with_a_valid_call(client: openai.OpenAI) -> Non
         if c.finish_reason == "tool_calls":
             _arguments_valid(c.message.tool_calls[0], [WEATHER])
         else:
-            assert c.message.tool_calls is None and not (c.message.content or " ")[0] in "{<"
+            assert c.message.tool_calls is None and (c.message.content or " ")[0] not in "{<"
 
 
 def test_tool_choice_none_leaves_the_tools_out(client: openai.OpenAI, model: er.Model) -> None:
