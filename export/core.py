@@ -107,6 +107,7 @@ def export_model(
     block_size: int = 32,
     backend: str = "auto",
     calibrate: bool = True,
+    tokenizer: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Export a checkpoint to an edgeroute model folder and return its path.
@@ -130,6 +131,8 @@ def export_model(
             takes ``fused`` where it applies and ``optimum`` otherwise, and records which in the manifest.
         calibrate: int4 only: weigh each weight's rounding error by its input channel's mean squared activation
             over edgeroute's built-in calibration text (``export/calibrate.py``); False quantises unweighted.
+        tokenizer: a folder with the original checkpoint's ``tokenizer.json`` (and chat template) to ship instead
+            of the source's own (a GGUF's tokenizer is rebuilt from its metadata as llama.cpp reads it).
         progress: called as ``progress(stage, "start"|"done", seconds)`` for each stage.
     """
     for name, value, allowed in (
@@ -149,7 +152,7 @@ def export_model(
     if block_size not in BLOCK_SIZES:
         raise ConfigError("block_size", block_size, f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
     out = Path(out_dir).expanduser().resolve()
-    _check_target(out, [source] if base is None else [source, base])
+    _check_target(out, [p for p in (source, base, tokenizer) if p is not None])
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -163,6 +166,8 @@ def export_model(
     from . import sources
 
     sources.resolve(os.fspath(source))  # fail fast on a bad source, before anything heavy
+    if tokenizer is not None and not (Path(tokenizer).expanduser() / "tokenizer.json").is_file():
+        raise ExportError(f"--tokenizer {tokenizer}: no tokenizer.json in that folder")
     if device == "cuda":
         import torch
 
@@ -175,7 +180,7 @@ def export_model(
     try:
         with _terminate_as_interrupt():
             options = (dtype, quantize, validate, context_length, block_size, backend, calibrate)
-            _build(tmp, source, base, device, options, stages)
+            _build(tmp, source, (base, tokenizer), device, options, stages)
             _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,7 +228,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
 def _build(
     tmp: Path,
     source: Any,
-    base: Any,
+    companions: tuple[Any, Any],
     device: str,
     options: tuple[str, str, bool, int | None, int, str, bool],
     stages: _Stages,
@@ -232,7 +237,7 @@ def _build(
 
     dtype, quantize, validate, context_length, block_size, backend, calibrate = options
     with stages("load"):
-        src = sources.load_source(source, base, device)
+        src = sources.load_source(source, companions[0], device, tokenizer=companions[1])
     why_not = fused.unsupported_reason(src.model)
     if backend == "fused" and why_not:
         raise ExportError(f"the fused backend does not support {why_not}; use --backend optimum")

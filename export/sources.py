@@ -133,9 +133,20 @@ def _load_checkpoint(path: Path, device: str) -> tuple[Any, Any, str]:
     return model.to(device).eval(), tok, model_type  # type: ignore[arg-type]  # transformers types .to() badly
 
 
-def load_source(source: str | Path, base: str | Path | None = None, device: str = "cpu") -> Source:
-    """Load ``source`` into a float32 PyTorch model and a fast tokenizer."""
+def load_source(
+    source: str | Path, base: str | Path | None = None, device: str = "cpu", tokenizer: str | Path | None = None
+) -> Source:
+    """Load ``source`` into a float32 PyTorch model and a fast tokenizer (``tokenizer``: a folder whose
+    tokenizer.json replaces the source's own)."""
     offline()
+    src = _load(source, base, device, tokenizer is not None)
+    if tokenizer is not None:
+        src.tokenizer = load_tokenizer(tokenizer, src.model)
+        src.description += f" (tokenizer: {Path(tokenizer).expanduser()})"
+    return src
+
+
+def _load(source: str | Path, base: str | Path | None, device: str, own_tokenizer: bool) -> Source:
     kind, path = resolve(source)
     if kind == "checkpoint":
         model, tok, mt = _load_checkpoint(path, device)
@@ -165,41 +176,47 @@ def load_source(source: str | Path, base: str | Path | None = None, device: str 
 
             tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
         return Source(merged.eval(), tok, kind, f"{path} (LoRA) on {base_path}", mt)
-    return _load_gguf(path, device)
+    return _load_gguf(path, device, own_tokenizer)
 
 
-def _load_gguf(path: Path, device: str) -> Source:
+def _load_gguf(path: Path, device: str, own_tokenizer: bool) -> Source:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         import gguf  # noqa: F401
     except ImportError as e:
         raise ExportError("GGUF export needs gguf: pip install 'edgeroute[export]'") from e
-    try:
-        from gguf import GGUFReader
+    from . import gguf_tokenizer
 
-        fields = GGUFReader(str(path)).fields
-        special = {}
-        for role, key in (
-            ("bos_token", "bos"),
-            ("eos_token", "eos"),
-            ("pad_token", "padding"),
-            ("unk_token", "unknown"),
-        ):
-            f = fields.get(f"tokenizer.ggml.{key}_token_id")
-            if f is not None:
-                special[role] = int(f.parts[f.data[0]][0])
-    except Exception as e:
-        raise ExportError(f"{path} is not a readable GGUF file: {_first_line(e)}") from e
+    # the tokenizer as llama.cpp reads the file (transformers' GGUF conversion can disagree: Gemma's vocabulary
+    # split words into fragments, add_bos_token ignored, special tokens mislabelled), unless --tokenizer gives one
+    tok = None if own_tokenizer else gguf_tokenizer.load(path)[0]
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     except Exception as e:
         raise ExportError(f"cannot load {path} through transformers' GGUF support: {_first_line(e)}") from e
     check_architecture(model.config.model_type)
-    # transformers' GGUF tokenizer conversion can mislabel special tokens (SmolLM2: eos = <|im_start|>);
-    # the file's own tokenizer.ggml.*_token_id metadata is authoritative.
-    for role, token_id in special.items():
-        setattr(tok, role, tok.convert_ids_to_tokens(token_id))
     return Source(model.to(device).eval(), tok, "gguf", str(path), model.config.model_type)  # type: ignore[arg-type]
+
+
+def load_tokenizer(folder: str | Path, model: Any) -> Any:
+    """``--tokenizer DIR``: the fast tokenizer (and chat template) of the original checkpoint, checked against the
+    model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    path = Path(folder).expanduser()
+    if not (path / "tokenizer.json").is_file():
+        raise ExportError(f"--tokenizer {folder}: no tokenizer.json in that folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    except Exception as e:
+        raise ExportError(f"--tokenizer {folder}: cannot load it: {_first_line(e)}") from e
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    top = max(tok.get_vocab().values(), default=-1)
+    if top >= rows:
+        raise ExportError(
+            f"--tokenizer {folder}: its ids go up to {top} but the model has {rows} embedding rows: not this"
+            " model's tokenizer"
+        )
+    return tok

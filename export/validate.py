@@ -4,16 +4,22 @@
   each prompt must be token-for-token identical (a divergence is tolerated only at a near-tie of PyTorch's own
   top two logits, which random-weight test checkpoints have).
 - every precision: top-1 agreement with PyTorch fp32 over a fixed text and the perplexity change.
+- the tokenizer (every precision): the parity check compares edgeroute and PyTorch on the *same* tokenizer, so it
+  cannot see a wrong one (a GGUF's Gemma vocabulary once split ``capital`` into ``▁c ap it al``). On the quality
+  text: ``decode(encode(text)) == text``; of the words the vocabulary holds whole (``▁word`` or ``Ġword``), the
+  share that come out as that one token (a fragmenting tokenizer scores near 0, a right one ~1); characters per
+  token, reported. A failure raises ``ExportValidationError`` with the hint to pass ``--tokenizer DIR``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from edgeroute.errors import ExportValidationError
-from edgeroute.quality import next_token_figures, text_ids
+from edgeroute.quality import QUALITY_TEXT, next_token_figures, text_ids
 
 PROMPTS = (
     "The capital of France is",
@@ -22,6 +28,41 @@ PROMPTS = (
 )
 FP32_TOLERANCE = 1e-3
 NEAR_TIE = 1e-3
+WHOLE_WORD_RATE = 0.9  # below this share of whole-token words, the tokenizer is splitting words it should not
+MIN_WHOLE_WORDS = 10  # the rate is judged only over at least this many words (tiny test vocabularies hold few)
+TOKENIZER_HINT = (
+    "pass the original checkpoint's tokenizer with --tokenizer DIR (or --no-validate to keep this one anyway)"
+)
+
+
+def tokenizer_check(tok: Any, text: str = QUALITY_TEXT) -> dict[str, Any]:
+    """Figures that tell a wrong tokenizer from a right one without a reference; ``problems`` lists failures."""
+    ids = tok.encode(text, add_special_tokens=False)
+    roundtrip = tok.decode(ids, skip_special_tokens=False) == text
+    words = sorted(set(re.findall(r"(?<= )[A-Za-z]+(?=[ ,.;:])", text)))
+    whole = {}
+    for w in words:  # the word with its leading space as SentencePiece (▁) or byte-level BPE (Ġ) write it
+        i = tok.token_to_id("▁" + w)
+        i = tok.token_to_id("Ġ" + w) if i is None else i
+        if i is not None:
+            whole[w] = i
+    present = set(ids)
+    rate = sum(i in present for i in whole.values()) / len(whole) if whole else None
+    problems = []
+    if not roundtrip:
+        problems.append("decoding its own ids does not give the text back")
+    if rate is not None and len(whole) >= MIN_WHOLE_WORDS and rate < WHOLE_WORD_RATE:
+        problems.append(
+            f"only {100 * rate:.0f}% of the {len(whole)} words its vocabulary holds as one token come out as that"
+            " token (it splits words into fragments)"
+        )
+    return {
+        "roundtrip": roundtrip,
+        "chars_per_token": round(len(text) / max(len(ids), 1), 3),
+        "whole_words": len(whole),
+        "whole_word_rate": None if rate is None else round(rate, 4),
+        "problems": problems,
+    }
 
 
 def _torch_logits(model: Any, ids: list[int]) -> np.ndarray:
@@ -84,7 +125,9 @@ def validate(
     model = edgeroute.Model.load(folder, threads=threads)
     strict = precision == "fp32" and not quantized
     tok = model.tokenizer
-    report: dict[str, Any] = {"prompts": len(PROMPTS)}
+    report: dict[str, Any] = {"prompts": len(PROMPTS), "tokenizer": tokenizer_check(tok)}
+    if report["tokenizer"]["problems"]:
+        raise ExportValidationError(f"tokenizer check failed: {report['tokenizer']['problems'][0]}; {TOKENIZER_HINT}")
     diffs: list[float] = []
     greedy: list[dict[str, Any]] = []
     for prompt in PROMPTS:

@@ -1,0 +1,136 @@
+"""GGUF tokenizers as llama.cpp reads them: the ids of the exported tokenizer.json against llama-cpp-python's own
+tokenizer over the same file (SmolLM2's byte-level BPE GGUF, and SentencePiece-style GGUFs written here with and
+without the space prefix), the export's tokenizer check, and ``--tokenizer DIR``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import edgeroute as er
+import pytest
+from gguf_files import CONTROL, MIXED, USER_DEFINED, write_spm_gguf
+
+pytestmark = pytest.mark.export
+pytest.importorskip("torch")
+import llama_cpp  # noqa: E402  (the dev extra: make test installs it; llama.cpp defines what a GGUF's vocab means)
+from click.testing import CliRunner  # noqa: E402
+from conftest import smollm2_gguf  # noqa: E402
+from edgeroute.cli import cli  # noqa: E402
+from edgeroute.export import export_model, gguf_tokenizer  # noqa: E402
+from edgeroute.export.validate import tokenizer_check  # noqa: E402
+from test_export import make_checkpoint  # noqa: E402
+
+TEXTS = ["", "Hi", " leading space", "a\n\n\nb   c  ", "The capital of France is"]
+
+
+def _llama_cpp(path: Path) -> object:
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+def _assert_ids_equal(llm: object, tok: er.Tokenizer, texts: list[str]) -> None:
+    for text in texts:
+        for add in (True, False):
+            want = llm.tokenize(text.encode(), add_bos=add, special=True)  # type: ignore[attr-defined]
+            assert tok.encode(text, add_special_tokens=add) == want, (text[:40], add)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["llama-style", "gemma-style"])
+def spm_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_spm_gguf(tmp_path_factory.mktemp("gguf") / "tiny-spm.gguf", add_space_prefix=bool(request.param))
+
+
+def test_smollm2_bpe_ids_equal_llama_cpp() -> None:
+    path = smollm2_gguf()
+    hf, vocab = gguf_tokenizer.load(path)
+    assert vocab.model == "gpt2" and vocab.pre == "smollm" and vocab.add_bos is False
+    tok = er.Tokenizer(hf.backend_tokenizer)
+    specials = "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>  trailing  "
+    _assert_ids_equal(_llama_cpp(path), tok, [MIXED, MIXED + specials, *TEXTS])
+    assert tok.encode("Hi")[0] != vocab.special["bos"]  # add_bos_token false: no BOS (transformers added one)
+    assert tok.decode(tok.encode(MIXED)) == MIXED
+
+
+def test_sentencepiece_ids_equal_llama_cpp(spm_gguf: Path) -> None:
+    hf, vocab = gguf_tokenizer.load(spm_gguf)
+    assert vocab.model == "llama" and gguf_tokenizer.BYTE in vocab.types  # byte fallback pieces
+    assert {vocab.types[vocab.tokens.index(t)] for t in CONTROL} == {gguf_tokenizer.CONTROL}
+    assert {vocab.types[vocab.tokens.index(t)] for t in USER_DEFINED} == {gguf_tokenizer.USER_DEFINED}
+    tok = er.Tokenizer(hf.backend_tokenizer)
+    specials = "<start_of_turn>user\nHi<end_of_turn>\n<tool> x\n\n\ny <start_of_turn>"
+    _assert_ids_equal(_llama_cpp(spm_gguf), tok, [MIXED, MIXED + specials, *TEXTS])
+    ids = tok.encode(MIXED, add_special_tokens=False)
+    assert any(vocab.types[i] == gguf_tokenizer.BYTE for i in ids)  # emoji fell back to bytes
+    assert tok.encode("Hi")[0] == 1  # BOS added: add_bos_token
+    # text comes back, except that with a space prefix llama.cpp's rule puts a space after each special or
+    # user-defined token (MIXED holds "\n\n"), which decoding keeps
+    plain = "The capital of France is Paris. 日本語 🤖"
+    assert tok.decode(tok.encode(plain)) == plain
+    assert (tok.decode(ids) == MIXED) == (not vocab.add_space_prefix)
+
+
+def test_sentencepiece_gguf_exports_with_its_own_tokenizer(spm_gguf: Path, tmp_path: Path) -> None:
+    out = export_model(spm_gguf, tmp_path / "out")
+    man = json.loads((out / "edgeroute.json").read_text())
+    assert man["provenance"]["source_kind"] == "gguf" and man["bos_token_id"] == 1 and man["eos_token_ids"] == [2]
+    assert man["chat_template"].startswith("{% for m in messages %}<start_of_turn>")
+    t = man["provenance"]["validation"]["tokenizer"]
+    assert t["roundtrip"] and t["problems"] == [] and t["chars_per_token"] > 1
+    model = er.Model.load(out)
+    _assert_ids_equal(_llama_cpp(spm_gguf), model.tokenizer, [MIXED, *TEXTS])
+    chat = [{"role": "user", "content": "Hi"}]
+    prompt = model.tokenizer.apply_chat_template(chat)  # as transformers does: the template's text, no BOS added
+    text = model.tokenizer.render_chat(chat)
+    assert prompt[0] == model.tokenizer.token_to_id("<start_of_turn>")
+    assert prompt == _llama_cpp(spm_gguf).tokenize(text.encode(), add_bos=False, special=True)  # type: ignore[attr-defined]
+
+
+def test_the_check_catches_a_tokenizer_that_splits_words() -> None:
+    from tokenizers import Tokenizer
+
+    hf, _ = gguf_tokenizer.load(smollm2_gguf())
+    good = tokenizer_check(er.Tokenizer(hf.backend_tokenizer))
+    assert good["problems"] == [] and good["whole_word_rate"] == 1.0 and good["whole_words"] > 100
+    assert 4 < good["chars_per_token"] < 6
+    spec = json.loads(hf.backend_tokenizer.to_str())
+    spec["model"]["merges"] = spec["model"]["merges"][:300]  # most words now come out in fragments
+    bad = tokenizer_check(er.Tokenizer(Tokenizer.from_str(json.dumps(spec))))
+    assert bad["whole_word_rate"] < 0.2 and bad["chars_per_token"] < 3
+    assert "splits words into fragments" in bad["problems"][0]
+
+
+def test_unsupported_gguf_tokenizers_are_errors_with_the_hint() -> None:
+    base = dict(tokens=["a", "b", "ab"], types=[1, 1, 1], scores=[0.0, 0.0, 0.0], merges=["a b"])
+    with pytest.raises(er.ExportError, match="tokenizer model 'bert'.*--tokenizer DIR"):
+        gguf_tokenizer.build(gguf_tokenizer.Vocab(model="bert", pre=None, **base))  # type: ignore[arg-type]
+    with pytest.raises(er.ExportError, match="pre-tokenizer 'kimi-k2'.*--tokenizer DIR"):
+        gguf_tokenizer.build(gguf_tokenizer.Vocab(model="gpt2", pre="kimi-k2", **base))  # type: ignore[arg-type]
+
+
+def test_cli_tokenizer_dir(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama")
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["export", str(ckpt), str(tmp_path / "ok"), "--tokenizer", str(ckpt)])
+    assert ok.exit_code == 0, ok.output
+    assert "tokenizer: round trip yes" in ok.output
+    man = json.loads((tmp_path / "ok" / "edgeroute.json").read_text())
+    assert man["provenance"]["source"].endswith(f"(tokenizer: {ckpt})")
+    # a tokenizer that lowercases: its ids do not decode back to the text -> refused, nothing written
+    broken = Path(shutil.copytree(ckpt, tmp_path / "broken", ignore=shutil.ignore_patterns("*.safetensors")))
+    spec = json.loads((broken / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (broken / "tokenizer.json").write_text(json.dumps(spec))
+    bad = runner.invoke(cli, ["export", str(ckpt), str(tmp_path / "bad"), "--tokenizer", str(broken)])
+    assert bad.exit_code == 1 and not (tmp_path / "bad").exists()
+    line = bad.stderr.strip()
+    assert line.startswith("edgeroute: error: tokenizer check failed: decoding its own ids")
+    assert "--tokenizer DIR" in line and "\n" not in line
+    missing = runner.invoke(cli, ["export", str(ckpt), str(tmp_path / "m"), "--tokenizer", str(tmp_path)])
+    assert missing.exit_code == 1 and "no tokenizer.json" in missing.stderr
+    # a tokenizer with more ids than the model has embedding rows is another model's
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    spec["added_tokens"].append({**spec["added_tokens"][0], "id": 5000, "content": "<|far|>"})
+    (broken / "tokenizer.json").write_text(json.dumps(spec))
+    far = runner.invoke(cli, ["export", str(ckpt), str(tmp_path / "far"), "--tokenizer", str(broken)])
+    assert far.exit_code == 1 and "embedding rows" in far.stderr, far.output
