@@ -116,3 +116,36 @@ def write_spm_gguf(path: Path, add_space_prefix: bool = True, seed: int = 0) -> 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_vocab_gguf(path: Path, source: Path, pre: str) -> Path:
+    """A GGUF holding only ``source``'s byte-level BPE vocabulary (tokens, types, merges, special ids) under the
+    pre-tokenizer name ``pre``, with a tiny Llama's hyper-parameters and no tensors: enough for llama.cpp's
+    ``vocab_only`` load and for edgeroute's tokenizer builder."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(source)).fields
+
+    def get(key: str) -> object:
+        return fields[key].contents()
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(512)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_feed_forward_length(96)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(get("tokenizer.ggml.tokens"))
+    w.add_token_types(get("tokenizer.ggml.token_type"))
+    w.add_token_merges(get("tokenizer.ggml.merges"))
+    w.add_bos_token_id(int(get("tokenizer.ggml.bos_token_id")))  # type: ignore[call-overload]
+    w.add_eos_token_id(int(get("tokenizer.ggml.eos_token_id")))  # type: ignore[call-overload]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import edgeroute as er
 import pytest
-from gguf_files import CONTROL, MIXED, USER_DEFINED, write_spm_gguf
+from gguf_files import CONTROL, MIXED, USER_DEFINED, write_spm_gguf, write_vocab_gguf
 
 pytestmark = pytest.mark.export
 pytest.importorskip("torch")
@@ -50,6 +50,17 @@ def test_smollm2_bpe_ids_equal_llama_cpp() -> None:
     _assert_ids_equal(_llama_cpp(path), tok, [MIXED, MIXED + specials, *TEXTS])
     assert tok.encode("Hi")[0] != vocab.special["bos"]  # add_bos_token false: no BOS (transformers added one)
     assert tok.decode(tok.encode(MIXED)) == MIXED
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2", "starcoder"])
+def test_each_pre_tokenizer_equals_llama_cpp(pre: str, tmp_path: Path) -> None:
+    """SmolLM2's vocabulary under other pre-tokenizer names: llama.cpp's regexes (Llama 3's digit groups of three,
+    case-insensitive contractions, its BOS default and whole-word lookup; Qwen2's single digits) are reproduced."""
+    path = write_vocab_gguf(tmp_path / f"{pre}.gguf", smollm2_gguf(), pre)
+    tok = er.Tokenizer(gguf_tokenizer.load(path)[0].backend_tokenizer)
+    text = MIXED + " I'LL don't 1234567 x\r\n\r\n  \n y<|im_start|>"
+    _assert_ids_equal(_llama_cpp(path), tok, [text, *TEXTS])
+    assert (tok.encode("Hi")[0] == 1) == (pre == "llama-bpe")  # llama.cpp adds BOS by default for Llama 3 only
 
 
 def test_sentencepiece_ids_equal_llama_cpp(spm_gguf: Path) -> None:
