@@ -42,6 +42,8 @@ def _configs(vocab: int) -> dict[str, object]:
         # the families of issue 18: q/k norms; Gemma 3's sliding/global layers with two rotary bases, a query scale
         # that is not 1/sqrt(head size) and a final logit softcap; SmolLM3's NoPE layer
         "qwen3": (t.Qwen3Config(vocab_size=vocab, head_dim=16, **COMMON), t.Qwen3ForCausalLM),
+        # as a GGUF: transformers' GGUF loader takes Qwen3's head size from its default (128), not the file
+        "qwen3_head128": (t.Qwen3Config(vocab_size=vocab, head_dim=128, **COMMON), t.Qwen3ForCausalLM),
         "gemma3_text": (
             t.Gemma3TextConfig(
                 vocab_size=vocab,
@@ -89,7 +91,7 @@ def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     cfg.eos_token_id = 0
     torch.manual_seed(seed)
     model = cls(cfg).eval()
-    if arch in NEW_FAMILIES:
+    if arch in NEW_FAMILIES or arch.startswith("qwen3"):
         _perturb_norms(model)
     model.generation_config.do_sample = True
     model.generation_config.temperature = 0.6

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import edgeroute as er
 import pytest
-from gguf_files import CONTROL, MIXED, USER_DEFINED, write_spm_gguf, write_vocab_gguf
+from gguf_files import CONTROL, MIXED, USER_DEFINED, write_hf_gguf, write_spm_gguf, write_vocab_gguf
 
 pytestmark = pytest.mark.export
 pytest.importorskip("torch")
@@ -95,6 +95,26 @@ def test_sentencepiece_gguf_exports_with_its_own_tokenizer(spm_gguf: Path, tmp_p
     text = model.tokenizer.render_chat(chat)
     assert prompt[0] == model.tokenizer.token_to_id("<start_of_turn>")
     assert prompt == _llama_cpp(spm_gguf).tokenize(text.encode(), add_bos=False, special=True)  # type: ignore[attr-defined]
+
+
+def test_a_qwen3_gguf_exports_fused_and_equals_its_checkpoint(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    import transformers
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "qwen3_head128", seed=3)
+    path = write_hf_gguf(tmp_path / "qwen3.gguf", ckpt, "qwen3")
+    out = export_model(path, tmp_path / "out")
+    man = json.loads((out / "edgeroute.json").read_text())
+    assert man["provenance"]["backend"] == "fused" and man["provenance"]["model_type"] == "qwen3"
+    assert man["provenance"]["validation"]["max_abs_logit_diff"] <= 1e-4
+    model = er.Model.load(out)
+    ids = model.tokenizer.encode("Once upon a time a little robot learned to paint")
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(torch.tensor([ids])).logits[0].numpy()
+    got = model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0]
+    assert np.abs(got - ref).max() <= 1e-4  # the GGUF's weights are the checkpoint's
+    _assert_ids_equal(_llama_cpp(path), model.tokenizer, [MIXED + "<|im_start|>", *TEXTS])
 
 
 def test_the_check_catches_a_tokenizer_that_splits_words() -> None:
