@@ -166,8 +166,8 @@ def export_model(
     from . import sources
 
     sources.resolve(os.fspath(source))  # fail fast on a bad source, before anything heavy
-    if tokenizer is not None and not (Path(tokenizer).expanduser() / "tokenizer.json").is_file():
-        raise ExportError(f"--tokenizer {tokenizer}: no tokenizer.json in that folder")
+    if tokenizer is not None:
+        sources.check_tokenizer_dir(os.fspath(tokenizer))
     if device == "cuda":
         import torch
 

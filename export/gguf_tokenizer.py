@@ -74,22 +74,28 @@ class Vocab:
     chat_template: str | None = None
 
     def token(self, role: str) -> str | None:
-        i = self.special.get(role)
-        return self.tokens[i] if i is not None and 0 <= i < len(self.tokens) else None
+        i = self.special.get(role)  # read_vocab keeps only ids inside the vocabulary
+        return None if i is None else self.tokens[i]
 
 
 def read_vocab(path: str | Path) -> Vocab:
     """The ``tokenizer.ggml.*`` fields of a GGUF file (raises ``ExportError`` when they are missing)."""
     from gguf import GGUFReader
 
+    from .sources import _first_line
+
     try:
         fields = GGUFReader(str(path)).fields
     except Exception as e:
-        raise ExportError(f"{path} is not a readable GGUF file: {str(e).strip().splitlines()[0]}") from e
+        raise ExportError(f"{path} is not a readable GGUF file: {_first_line(e)}") from e
 
     def get(key: str) -> Any:
         f = fields.get(f"tokenizer.{key}")
         return None if f is None else f.contents()
+
+    def flag(key: str) -> bool | None:
+        value = get(key)
+        return None if value is None else bool(value)
 
     tokens = get("ggml.tokens")
     if not tokens:
@@ -100,17 +106,18 @@ def read_vocab(path: str | Path) -> Vocab:
         value = get(f"ggml.{role}_token_id")
         if value is not None and 0 <= int(value) < n:
             special[role] = int(value)
+    pre = get("ggml.pre")
     return Vocab(
         model=str(get("ggml.model") or "llama"),
-        pre=None if get("ggml.pre") is None else str(get("ggml.pre")),
+        pre=None if pre is None else str(pre),
         tokens=[t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)],  # llama.cpp's name for an empty token
         types=[int(t) for t in (get("ggml.token_type") or [NORMAL] * n)],
         scores=[float(s) for s in (get("ggml.scores") or [0.0] * n)],
         merges=list(get("ggml.merges") or []),
         special=special,
-        add_bos=None if get("ggml.add_bos_token") is None else bool(get("ggml.add_bos_token")),
-        add_eos=None if get("ggml.add_eos_token") is None else bool(get("ggml.add_eos_token")),
-        add_space_prefix=None if get("ggml.add_space_prefix") is None else bool(get("ggml.add_space_prefix")),
+        add_bos=flag("ggml.add_bos_token"),
+        add_eos=flag("ggml.add_eos_token"),
+        add_space_prefix=flag("ggml.add_space_prefix"),
         chat_template=get("chat_template"),
     )
 
@@ -133,20 +140,22 @@ def _spm_merges(vocab: Vocab, ids: dict[str, int]) -> list[tuple[str, str]]:
 def _added_tokens(vocab: Vocab) -> list[Any]:
     from tokenizers import AddedToken
 
-    added = []
-    for i, (text, kind) in enumerate(zip(vocab.tokens, vocab.types, strict=True)):
-        if kind in (CONTROL, USER_DEFINED, UNKNOWN) and not text.startswith("[EMPTY_"):
-            added.append((i, AddedToken(text, special=kind != USER_DEFINED, normalized=False)))
-    return [t for _, t in sorted(added, key=lambda p: p[0])]
+    return [
+        AddedToken(text, special=kind != USER_DEFINED, normalized=False)
+        for text, kind in zip(vocab.tokens, vocab.types, strict=True)
+        if kind in (CONTROL, USER_DEFINED, UNKNOWN) and not text.startswith("[EMPTY_")
+    ]
 
 
 def _post_processor(vocab: Vocab, add_bos: bool, add_eos: bool) -> Any:
+    """BOS/EOS around the text as the file asks (``build`` has checked that the asked ones exist)."""
     from tokenizers import processors
 
-    bos = [t for t in [vocab.token("bos")] if add_bos and t]
-    eos = [t for t in [vocab.token("eos")] if add_eos and t]
-    single, second = [*bos, "$A", *eos], [*bos, "$B:1", *eos]
-    specials = sorted({(t, vocab.tokens.index(t)) for t in bos + eos})
+    bos, eos = ([(vocab.tokens[vocab.special[r]], vocab.special[r])] if on else [] for r, on in
+                (("bos", add_bos), ("eos", add_eos)))  # fmt: skip
+    single = [*(t for t, _ in bos), "$A", *(t for t, _ in eos)]
+    second = [*(t for t, _ in bos), "$B:1", *(t for t, _ in eos)]
+    specials = sorted(set(bos + eos))
     return processors.TemplateProcessing(
         single=" ".join(single), pair=" ".join(single + second), special_tokens=specials
     )

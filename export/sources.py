@@ -200,14 +200,20 @@ def _load_gguf(path: Path, device: str, own_tokenizer: bool) -> Source:
     return Source(model.to(device).eval(), tok, "gguf", str(path), model.config.model_type)  # type: ignore[arg-type]
 
 
+def check_tokenizer_dir(folder: str | Path) -> Path:
+    """``--tokenizer DIR`` as a path, or ``ExportError`` when it holds no tokenizer.json."""
+    path = Path(folder).expanduser()
+    if not (path / "tokenizer.json").is_file():
+        raise ExportError(f"--tokenizer {folder}: no tokenizer.json in that folder")
+    return path
+
+
 def load_tokenizer(folder: str | Path, model: Any) -> Any:
     """``--tokenizer DIR``: the fast tokenizer (and chat template) of the original checkpoint, checked against the
     model's vocabulary."""
     from transformers import AutoTokenizer
 
-    path = Path(folder).expanduser()
-    if not (path / "tokenizer.json").is_file():
-        raise ExportError(f"--tokenizer {folder}: no tokenizer.json in that folder")
+    path = check_tokenizer_dir(folder)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:
