@@ -206,14 +206,11 @@ def build_fused(model: Any, path: Path, max_positions: int) -> GraphContract:
     ids_in, keep = str(contract.name(Name.INPUT_IDS)), str(contract.name(Name.LOGITS_TO_KEEP))
     seqlens, total = str(contract.name(Name.SEQLENS_K)), str(contract.name(Name.TOTAL_SEQUENCE_LENGTH))
     bld = _Builder()
-    tables = {"global": model.model.rotary_emb}
-    if "local" in fam.rotary:
-        tables["local"] = model.model.rotary_emb_local
-    for kind, rot in tables.items():
-        if kind in fam.rotary:
-            cos, sin = _rotary_tables(rot, max_positions)
-            bld.const(f"rotary.{kind}.cos", cos)
-            bld.const(f"rotary.{kind}.sin", sin)
+    for kind in sorted({r for r in fam.rotary if r}):  # the tables some layer rotates with
+        rot = model.model.rotary_emb_local if kind == "local" else model.model.rotary_emb
+        cos, sin = _rotary_tables(rot, max_positions)
+        bld.const(f"rotary.{kind}.cos", cos)
+        bld.const(f"rotary.{kind}.sin", sin)
     bld.const("split.gate_up", np.array([inter, inter], dtype=np.int64))
     bld.node("Gather", [bld.const("embed_tokens.weight", _np(model.model.embed_tokens.weight)), ids_in],
              ["embed/gather" if fam.embed_scale else "embed/out"], "embed/Gather")  # fmt: skip
