@@ -18,6 +18,7 @@ from edgeroute._version import __version__
 COMMANDS = {
     "bench": "edgeroute.cli.bench_cmd:bench",
     "chat": "edgeroute.cli.chat_cmd:chat",
+    "eval": "edgeroute.cli.eval_cmd:eval_cmd",
     "export": "edgeroute.cli.export_cmd:export",
     "info": "edgeroute.cli.info_cmd:info",
     "run": "edgeroute.cli.run_cmd:run",

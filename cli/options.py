@@ -151,7 +151,23 @@ def _read(path: str, flag: str) -> str:
 
 
 def flow_options(f: F) -> F:
-    """Level-1 routing: speculative decoding, guidance, contrast."""
+    """Level-1 routing: speculative decoding, guidance, contrast, and the gate of the last two."""
+    f = click.option(
+        "--gate-width",
+        type=click.FloatRange(min=0),
+        default=None,
+        metavar="NATS",
+        help="Soft gate: the mix weight ramps from 0 to 1 over this many nats around --gate; 0 = hard gate.",
+    )(f)
+    f = click.option(
+        "--gate",
+        "gate_threshold",
+        type=float,
+        default=None,
+        metavar="THETA",
+        help="Gate guidance/contrast: mix the second flow only at steps whose entropy (nats) exceeds THETA; the"
+        " others use the model alone and skip the second flow (-inf = always mix, inf = never).",
+    )(f)
     f = click.option(
         "--contrast-alpha",
         type=click.FloatRange(0, 10),
@@ -206,7 +222,8 @@ class _DraftK(click.ParamType):
 
 def flow_params(flags: dict[str, Any]) -> dict[str, Any]:
     """The flow flags as request parameters (popped from ``flags``); the defaults of unused ones are dropped."""
-    out = {k: flags.pop(k, None) for k in ("draft", "draft_k", "guidance", "negative_prompt", "contrast")}
+    names = ("draft", "draft_k", "guidance", "negative_prompt", "contrast", "gate_threshold", "gate_width")
+    out = {k: flags.pop(k, None) for k in names}
     alpha = flags.pop("contrast_alpha", None)
     if out["draft"] is None:
         out.pop("draft_k")

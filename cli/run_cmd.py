@@ -66,6 +66,10 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
     if c.usage.draft_proposed:
         out["usage"]["draft_proposed"] = c.usage.draft_proposed
         out["usage"]["draft_accepted"] = c.usage.draft_accepted
+    if c.usage.flow_steps:
+        out["usage"]["flow_steps"] = c.usage.flow_steps
+        out["usage"]["flow_skipped"] = c.usage.flow_skipped
+        out["usage"]["flow_runs"] = c.usage.flow_runs
     if c.logprobs is not None:
         out["logprobs"] = [
             {"token_id": lp.token_id, "logprob": lp.logprob, "top": [{"token_id": i, "logprob": v} for i, v in lp.top]}

@@ -63,6 +63,8 @@ class Generator:
         self._drafter, self._k = _make_drafter(model, flows)
         self._guidance, self._negative, self._neg_stream = _make_guidance(model, config, flows)
         self._contrast = _make_contrast(model, flows)
+        theta = flows.gate_threshold
+        self._gate = None if theta is None else routing.Gate(theta, flows.gate_width)
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -175,15 +177,29 @@ class Generator:
         return st
 
     def _mixed(self, logits: np.ndarray) -> np.ndarray:
-        """Level-1 mixing of the second flow, if any, into this position's logits."""
+        """Level-1 mixing of the second flow, if any, into this position's logits (as much as the gate says)."""
+        if self._guidance is None and self._contrast is None:
+            return logits
+        usage = self.usage
+        usage.flow_steps += 1
+        share = 1.0 if self._gate is None else self._gate.weight(logits)
+        if share == 0.0:  # the first flow alone: the second is not run (its stream catches up when next needed)
+            usage.flow_skipped += 1
+            return logits
         if self._guidance is not None:
-            assert self._neg_stream is not None
-            uncond = self._neg_stream.sync(self._negative + self._out.turn.generated)
-            return routing.guidance_mix(logits, uncond, self._guidance)
-        if self._contrast is not None:
+            stream = self._neg_stream
+            assert stream is not None
+            before = stream.runs
+            uncond = stream.sync(self._negative + self._out.turn.generated)
+            w = self._guidance if share == 1.0 else 1.0 + (self._guidance - 1.0) * share
+            mixed = routing.guidance_mix(logits, uncond, w)
+        else:
+            assert self._contrast is not None
             stream, alpha, beta = self._contrast
-            return routing.contrast_mix(logits, stream.sync(self._ids[: self._n]), alpha, beta)
-        return logits
+            before = stream.runs
+            mixed = routing.contrast_mix(logits, stream.sync(self._ids[: self._n]), alpha * share, beta)
+        usage.flow_runs += stream.runs - before
+        return mixed
 
     def _speculate(self) -> list[Step] | None:
         """One speculative round: the draft proposes, the target scores all proposals in one pass, rejection

@@ -46,6 +46,9 @@ class Usage:
     router_seconds: float = 0.0  # time spent choosing tokens (router + text), included in the above
     draft_proposed: int = 0  # speculative decoding: draft tokens proposed
     draft_accepted: int = 0  # ... and accepted by the target
+    flow_steps: int = 0  # guidance/contrast: steps routed with a second flow configured
+    flow_skipped: int = 0  # ... of which the gate used the first flow alone (the second flow not run)
+    flow_runs: int = 0  # graph runs of the second flow (its prefill and catch-up chunks included)
 
     def record(self, tokens: int, start: float, now: float, turn_start: float) -> None:
         """Count ``tokens`` produced by a step that ran from ``start`` to ``now`` (``perf_counter`` times): the
@@ -64,6 +67,11 @@ class Usage:
         return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
     @property
+    def gated_share(self) -> float:
+        """The share of guidance/contrast steps the gate ran on the first flow alone (0 without a gate)."""
+        return self.flow_skipped / self.flow_steps if self.flow_steps else 0.0
+
+    @property
     def tokens_per_second(self) -> float:
         """Decode speed: completion tokens after the first per second of decoding."""
         n = self.completion_tokens - 1
@@ -80,6 +88,9 @@ class Usage:
             "router_seconds": self.router_seconds,
             "draft_proposed": self.draft_proposed,
             "draft_accepted": self.draft_accepted,
+            "flow_steps": self.flow_steps,
+            "flow_skipped": self.flow_skipped,
+            "flow_runs": self.flow_runs,
         }
 
 

@@ -15,12 +15,14 @@ structured output (at most one): ``constraint`` (a :class:`~edgeroute.Constraint
 mapping or JSON text; vLLM's ``guided_json``), ``regex`` (``guided_regex``), ``grammar`` (Lark; ``guided_grammar``)
 with ``grammar_syntax`` (``"lark"`` or ``"gbnf"``) and, for a schema, ``whitespace`` (``"spaced"``, ``"compact"``,
 ``"flexible"``); flows: ``draft`` (``"ngram"`` or a model), ``draft_k`` (an int or ``"auto"``), ``adaptive_k``,
-``guidance``, ``negative_prompt``, ``contrast`` (a model), ``contrast_alpha``, ``contrast_beta``. A model may be
-given by name when ``load`` resolves names to models.
+``guidance``, ``negative_prompt``, ``contrast`` (a model), ``contrast_alpha``, ``contrast_beta``, and their gate
+``gate_threshold`` (nats; ``"inf"``/``"-inf"`` as strings too, since JSON has no infinity) and ``gate_width``. A
+model may be given by name when ``load`` resolves names to models.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,12 @@ class Flows:
             empty context, the BOS token), in [-100, 100]; ``w = 1`` is exactly single-stream generation.
         contrast: a smaller model for contrastive decoding with weight ``contrast_alpha`` (in [0, 10]) over the
             plausible set ``p >= contrast_beta * p_max`` (``contrast_beta`` in (0, 1]).
+        gate_threshold: for guidance and contrast, the gate θ (README, "The gate"): at each step the entropy H (in
+            nats) of the first flow's own distribution decides; ``H > θ`` mixes the second flow in, otherwise the
+            first flow is used alone and the second is not run. ``None`` (default) or ``-inf`` mixes at every step,
+            ``+inf`` never does.
+        gate_width: a soft gate: the mix weight (``w - 1`` of guidance, ``alpha`` of contrast) is scaled by a ramp
+            from 0 at ``H = θ - width/2`` to 1 at ``H = θ + width/2``; ``0`` (default) is the hard gate.
 
     What needs the target model (a shared tokenizer, a negative prompt that fits) is checked by the Generator.
     """
@@ -58,6 +66,8 @@ class Flows:
     contrast: ModelLike | None = None
     contrast_alpha: float = 0.5
     contrast_beta: float = 0.1
+    gate_threshold: float | None = None
+    gate_width: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.draft, str) and self.draft != "ngram":
@@ -82,6 +92,21 @@ class Flows:
         kinds = [name for name, on in self._kinds().items() if on]
         if len(kinds) > 1:
             raise ConfigError("flows", "/".join(kinds), "use one of speculative decoding, guidance or contrast")
+        self._check_gate()
+
+    def _check_gate(self) -> None:
+        theta, width = self.gate_threshold, self.gate_width
+        if theta is not None:
+            if not isinstance(theta, (int, float)) or isinstance(theta, bool) or math.isnan(theta):
+                raise ConfigError("gate_threshold", theta, "must be a number of nats (-inf = always mix, inf = never)")
+            if self.guidance is None and self.contrast is None:
+                raise ConfigError("gate_threshold", theta, "needs guidance or contrast (a second flow to gate)")
+            object.__setattr__(self, "gate_threshold", float(theta))
+        if not (is_number(width) and width >= 0):
+            raise ConfigError("gate_width", width, "must be a number >= 0 (0 = a hard gate)")
+        if width and theta is None:
+            raise ConfigError("gate_width", width, "needs gate_threshold")
+        object.__setattr__(self, "gate_width", float(width))
 
     def _kinds(self) -> dict[str, bool]:
         return {
@@ -256,6 +281,12 @@ def _flows(p: dict[str, Any], load: Callable[[str], ModelLike] | None) -> Flows:
         if not k.isdigit():
             raise ConfigError("draft_k", k, "must be a positive integer or 'auto'")
         kw["draft_k"] = int(k)
+    theta = kw.get("gate_threshold")
+    if isinstance(theta, str):  # JSON has no infinity: "inf" / "-inf" (or any number) as a string
+        try:
+            kw["gate_threshold"] = float(theta)
+        except ValueError:
+            raise ConfigError("gate_threshold", theta, "must be a number of nats, 'inf' or '-inf'") from None
     for name in ("draft", "contrast"):
         value = kw.get(name)
         if isinstance(value, str) and not (name == "draft" and value == "ngram"):

@@ -5,6 +5,10 @@
   single stream).
 - **contrast**: a second, smaller model on the same tokens; ``log p_big - alpha * log p_small`` over the big
   model's plausible set (tokens with ``p_big >= beta * max p_big``), everything else banned.
+- **the gate** (guidance and contrast): the entropy of the first flow's own distribution decides, per step,
+  whether the second flow is mixed in (``H > θ``) or the first is used alone (the second flow is not run; its
+  stream catches up on the skipped tokens in one chunk the next time it is needed); a soft gate scales the mix
+  weight by a ramp around θ instead.
 - **speculative**: a drafter (a second model, or n-gram lookup in the text so far) proposes k tokens; the target
   scores them in one pass; token i is accepted with probability ``min(1, p_i / q_i)`` where p and q are the
   target's and the draft's distributions *after the full router chain*; the first rejection draws from the
@@ -41,6 +45,7 @@ class Stream:
         self.cache = model.new_cache()
         self.fed = np.zeros(0, dtype=np.int64)
         self.chunk = chunk
+        self.runs = 0  # graph runs of this stream (a gate that skips steps saves them)
         self._logits: np.ndarray | None = None
 
     def sync(self, sequence: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -55,9 +60,40 @@ class Stream:
         self.fed = tokens[:common].copy()
         for i in range(common, len(tokens), self.chunk):
             self._logits = self.model.forward(tokens[None, i : i + self.chunk], self.cache)[0]
+            self.runs += 1
             self.fed = tokens[: i + self.chunk].copy()  # what the cache holds, even if a later chunk fails
         assert self._logits is not None
         return self._logits
+
+
+def entropy(logits: np.ndarray) -> float:
+    """The entropy (nats) of ``softmax(logits)``: the gate's signal."""
+    logp = log_softmax(logits, np.float64)
+    p = np.exp(logp)
+    return float(-np.dot(p[p > 0], logp[p > 0]))
+
+
+class Gate:
+    """Whether (and how much of) the second flow a step mixes in, from the first flow's logits.
+
+    ``weight(logits)`` is 1 (mix fully) when the entropy H exceeds θ and 0 (the first flow alone) otherwise; with
+    ``width > 0`` it ramps linearly from 0 at ``θ - width/2`` to 1 at ``θ + width/2``. θ = -inf always mixes and
+    θ = +inf never does, without computing H.
+    """
+
+    def __init__(self, threshold: float, width: float = 0.0) -> None:
+        self.threshold, self.width = float(threshold), float(width)
+
+    def weight(self, logits: np.ndarray) -> float:
+        theta = self.threshold
+        if theta == -np.inf:
+            return 1.0
+        if theta == np.inf:
+            return 0.0
+        h = entropy(logits)
+        if self.width == 0:
+            return 1.0 if h > theta else 0.0
+        return float(min(max((h - theta) / self.width + 0.5, 0.0), 1.0))
 
 
 def guidance_mix(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
