@@ -306,7 +306,16 @@ def build_request(
         return load_model(path, provider, threads, spin=False, ctx_size=model.context_length)
 
     params = {**request_params(model, flags), **flow_params(flags)}
-    return er.from_params(params, model.manifest.generation_defaults, load)
+    defaults = dict(model.manifest.generation_defaults)
+    beams = flags.get("num_beams") or 1
+    if beams > 1:  # beam search scores log-probabilities: the checkpoint's sampling defaults do not apply to it
+        for name in ("num_beams", "num_return_sequences", "length_penalty", "early_stopping"):
+            params[name] = flags.get(name)
+        defaults = {k: v for k, v in defaults.items() if k not in _SAMPLING_DEFAULTS}
+    return er.from_params(params, defaults, load)
+
+
+_SAMPLING_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 
 
 def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:

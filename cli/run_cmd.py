@@ -92,6 +92,20 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
     help="Number of samples (sample i uses seed+i when --seed is given).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of streaming.")
+@click.option(
+    "--beams",
+    "num_beams",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Beam search with B hypotheses (transformers' semantics); -n N returns the N best with their scores.",
+)
+@click.option("--length-penalty", type=float, default=None, help="Beam scores: sum log p / length ** this (1.0).")
+@click.option(
+    "--early-stopping",
+    type=click.Choice(["false", "true", "never"]),
+    default=None,
+    help="When beam search stops (transformers' early_stopping; default false).",
+)
 @generation_options
 @constraint_options
 @sampling_options
@@ -105,6 +119,9 @@ def run(
     system: str | None,
     samples: int,
     as_json: bool,
+    num_beams: int | None,
+    length_penalty: float | None,
+    early_stopping: str | None,
     provider: str,
     threads: int | None,
     ctx_size: int | None,
@@ -113,8 +130,29 @@ def run(
     """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'."""
     text = read_prompt(prompt)
     model = load_model(model_path, provider, threads, spin=not needs_second_model(flags), ctx_size=ctx_size)
-    config, flows = build_request(model, flags, provider, threads)
+    beams = {}
+    if num_beams is not None and num_beams > 1:
+        stopping = {"false": False, "true": True, "never": "never"}.get(early_stopping or "false")
+        beams = {"num_beams": num_beams, "num_return_sequences": samples, "early_stopping": stopping}
+        if length_penalty is not None:
+            beams["length_penalty"] = length_penalty
+    elif length_penalty is not None or early_stopping is not None:
+        raise click.UsageError("--length-penalty and --early-stopping need --beams B (B > 1)")
+    config, flows = build_request(model, {**flags, **beams}, provider, threads)
     ids = prompt_ids(model, text, chat, system)
+    if beams:
+        comp = model.generate(ids, config, flows)
+        if as_json:
+            out = completion_json(comp, 0)
+            out["score"] = comp.score
+            out["sequences"] = [
+                {"text": h.text, "token_ids": h.token_ids, "finish_reason": h.finish_reason, "score": h.score}
+                for h in comp.sequences or ()
+            ]
+            click.echo(json.dumps(out, ensure_ascii=False))
+        else:
+            click.echo("\n\n".join(h.text for h in comp.sequences or ()))
+        return
     seed = config.sampling.seed
     for i in range(samples):
         cfg = config if seed is None else config.replace(sampling=config.sampling.replace(seed=seed + i))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import GenerationConfig
+from .errors import ConfigError
 from .grammar import GrammarStage
 from .output import stop_ids
 from .sampling import make_chain
@@ -22,6 +23,13 @@ class TokenChooser:
     turn (0 = its first generated token): exploration schedules and the ``min_new_tokens`` suppression use it."""
 
     def __init__(self, model: ModelLike, config: GenerationConfig, rng: np.random.Generator) -> None:
+        if config.num_beams > 1:
+            raise ConfigError(
+                "num_beams",
+                config.num_beams,
+                "beam search runs through Model.generate (edgeroute run --beams): it does not stream one token at a"
+                " time, and the engine and batches do not run it",
+            )
         self.rng = rng
         stages = () if config.constraint is None else (GrammarStage(config.constraint, model),)
         self.router = make_chain(

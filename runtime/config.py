@@ -201,6 +201,14 @@ class GenerationConfig:
         constraint: the shape of each turn's text (:class:`~edgeroute.JsonSchema`, :class:`~edgeroute.JsonObject`,
             :class:`~edgeroute.Regex`, :class:`~edgeroute.Grammar`): every token the grammar forbids is at
             ``-inf`` in the router (README, "Structured output"); the end of sequence only where it accepts.
+        num_beams: beam search with this many hypotheses (``1`` = off); transformers' semantics (README, "Beam
+            search"): it scores the model's log-probabilities, so the sampling settings (temperature other than
+            0 or 1, top-k/p, min-p, typical-p, exploration) are refused with it.
+        length_penalty: a finished hypothesis scores ``sum log p / length ** length_penalty``.
+        early_stopping: ``False`` (stop when no open hypothesis can beat the finished ones at its current length),
+            ``True`` (stop when ``num_beams`` finished) or ``"never"`` (with a positive length penalty, judge
+            open hypotheses at ``max_new_tokens``).
+        num_return_sequences: how many of the best finished hypotheses to return (at most ``num_beams``).
     """
 
     max_new_tokens: int = 256
@@ -211,9 +219,16 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prefill_chunk: int = 512
     constraint: Constraint | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
-        _plain_fields(self, ("max_new_tokens", "min_new_tokens", "logprobs", "prefill_chunk"))
+        _plain_fields(
+            self,
+            ("max_new_tokens", "min_new_tokens", "logprobs", "prefill_chunk", "num_beams", "length_penalty"),
+        )
         m = self.max_new_tokens
         _check(_is_int(m) and m >= 1, "max_new_tokens", m, "must be an integer >= 1")
         n = self.min_new_tokens
@@ -255,6 +270,37 @@ class GenerationConfig:
             k,
             "must be a JsonSchema, JsonObject, Regex or Grammar (edgeroute's constraints)",
         )
+        self._check_beams()
+
+    def _check_beams(self) -> None:
+        b, n = self.num_beams, _plain(self.num_return_sequences)
+        _check(_is_int(b) and b >= 1, "num_beams", b, "must be an integer >= 1 (1 = no beam search)")
+        _check(_is_int(n) and 1 <= n <= b, "num_return_sequences", n, f"must be an integer in [1, num_beams={b}]")
+        lp = self.length_penalty
+        _check(is_number(lp), "length_penalty", lp, "must be a finite number")
+        e = self.early_stopping
+        _check(e in (True, False, "never"), "early_stopping", e, "must be true, false or 'never'")
+        if b == 1:
+            return
+        s = self.sampling
+        sampling = {
+            "temperature": s.temperature not in (0, 1),
+            "top_k": s.top_k != 0,
+            "top_p": s.top_p != 1,
+            "min_p": s.min_p != 0,
+            "typical_p": s.typical_p != 1,
+            "explore": s.explore != 0,
+        }
+        for name, on in sampling.items():
+            _check(
+                not on,
+                name,
+                getattr(s, name),
+                "is a sampling setting: beam search scores the model's log-probabilities (transformers' num_beams"
+                " with do_sample=False); leave it at its default",
+            )
+        _check(self.constraint is None, "constraint", self.constraint, "is not supported with num_beams > 1")
+        _check(not self.want_logprobs, "logprobs", self.logprobs, "are not reported with num_beams > 1")
 
     @property
     def want_logprobs(self) -> bool:

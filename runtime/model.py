@@ -12,6 +12,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from .beam import beam_search
 from .config import GenerationConfig
 from .errors import ConfigError
 from .generator import Completion, Generator, generate_batch
@@ -199,6 +200,10 @@ class Model:
             if flow_fields or (flows is not None and flows.active):
                 raise ConfigError("flows", sorted(flow_fields) or flows, "batches run single-stream")
             return generate_batch(self, [self.encode_prompt(p) for p in prompt], config)
+        if config.num_beams > 1:
+            if flow_fields or (flows is not None and flows.active):
+                raise ConfigError("num_beams", config.num_beams, "beam search runs single-stream (no flows)")
+            return beam_search(self, self.encode_prompt(prompt), config)
         gen = self.generator(config, flows, **flow_fields)
         gen.append(self.encode_prompt(prompt))
         return gen.run()

@@ -49,6 +49,7 @@ class Usage:
     flow_steps: int = 0  # guidance/contrast: steps routed with a second flow configured
     flow_skipped: int = 0  # ... of which the gate used the first flow alone (the second flow not run)
     flow_runs: int = 0  # graph runs of the second flow (its prefill and catch-up chunks included)
+    beam_rows_copied: int = 0  # beam search: KV-cache rows copied to reorder hypotheses
 
     def record(self, tokens: int, start: float, now: float, turn_start: float) -> None:
         """Count ``tokens`` produced by a step that ran from ``start`` to ``now`` (``perf_counter`` times): the
@@ -91,6 +92,7 @@ class Usage:
             "flow_steps": self.flow_steps,
             "flow_skipped": self.flow_skipped,
             "flow_runs": self.flow_runs,
+            "beam_rows_copied": self.beam_rows_copied,
         }
 
 
@@ -103,16 +105,30 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class Hypothesis:
+    """One of the best finished hypotheses of a beam search, with its length-penalised score."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    score: float | None
+
+
 @dataclass
 class Completion:
     """A finished generation: ``text`` (stop strings removed), ``token_ids`` (stop tokens excluded),
-    ``finish_reason`` (``"stop"`` or ``"length"``), ``usage``, and ``logprobs`` when asked for."""
+    ``finish_reason`` (``"stop"`` or ``"length"``), ``usage``, and ``logprobs`` when asked for. Beam search adds
+    ``score`` (transformers' ``sequences_scores``) and ``sequences``, the ``num_return_sequences`` best, this one
+    first."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
+    score: float | None = None
+    sequences: tuple[Hypothesis, ...] | None = None
 
 
 @dataclass

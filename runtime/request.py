@@ -131,7 +131,17 @@ _ALIASES = {  # OpenAI/vLLM name -> edgeroute's
 }
 _CONSTRAINTS = ("constraint", "schema", "regex", "grammar")
 _SAMPLING = {f.name for f in fields(SamplingConfig)}
-_GENERATION = {"max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "prefill_chunk"}
+_GENERATION = {
+    "max_new_tokens",
+    "min_new_tokens",
+    "stop",
+    "stop_token_ids",
+    "prefill_chunk",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "num_return_sequences",
+}
 _FLOWS = {f.name for f in fields(Flows)}
 _CONSTRAINT_OPTIONS = ("grammar_syntax", "whitespace")
 PARAMETERS = frozenset(

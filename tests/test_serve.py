@@ -251,6 +251,32 @@ def test_router_settings_as_extra_body_fields(model: er.Model, client: openai.Op
     assert bias.choices[0].text == model.generate("Once", cfg(5, temperature=0, logit_bias={7: 100})).text
 
 
+def test_gated_guidance_through_the_server(model: er.Model, client: openai.OpenAI) -> None:
+    """Guidance and its gate as extra body fields ("inf" as a string: JSON has no infinity): θ = inf is the plain
+    answer, a middle θ is what the library's gated guidance generates."""
+    plain = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=16, temperature=0.8, seed=3)
+    off = client.chat.completions.create(
+        model=NAME,
+        messages=QUESTION,
+        max_tokens=16,
+        temperature=0.8,
+        seed=3,
+        extra_body={"guidance": 2.0, "gate_threshold": "inf"},
+    )
+    assert off.choices[0].message.content == plain.choices[0].message.content
+    gated = client.chat.completions.create(
+        model=NAME,
+        messages=QUESTION,
+        max_tokens=16,
+        temperature=0.8,
+        seed=3,
+        extra_body={"guidance": 2.0, "gate_threshold": 1.0},
+    )
+    want = model.generate(chat_ids(model), cfg(16, temperature=0.8, seed=3), guidance=2.0, gate_threshold=1.0)
+    assert gated.choices[0].message.content == want.text
+    assert 0 < want.usage.flow_skipped < want.usage.flow_steps  # θ = 1 gates some steps of this answer, not all
+
+
 def test_models_endpoint(client: openai.OpenAI, model: er.Model) -> None:
     (entry,) = client.models.list().data
     assert entry.id == NAME and entry.object == "model"
@@ -286,6 +312,9 @@ def error_of(r: httpx.Response, status: int) -> dict:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
         ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", "invalid_type"),
         ({"messages": QUESTION, "draft": "other-model"}, "draft", "invalid_value"),
+        ({"messages": QUESTION, "gate_threshold": 1.0}, "gate_threshold", "invalid_value"),
+        ({"messages": QUESTION, "guidance": 2, "gate_threshold": "high"}, "gate_threshold", "invalid_value"),
+        ({"messages": QUESTION, "guidance": 2, "gate_width": 1}, "gate_width", "invalid_value"),
     ],
 )
 def test_bad_chat_values_are_400s_naming_the_parameter(http: httpx.Client, body: dict, param: str, code: str) -> None:
