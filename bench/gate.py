@@ -8,7 +8,7 @@
    signal for "the mix changed the top token" (1 = it ranks every such step above every other) says which one a
    gate should read.
 2. **The cost.** Plain decoding, ungated guidance and gated guidance at several θ on the same prompts and seeds
-   (temperature 0.7): decode tokens per second (all tokens / generation time, prefill excluded), the share of
+   (temperature 0.7): tokens per second (all tokens / generation time, prefill included), the share of
    gated steps, the second flow's graph runs. The quality/diversity side is ``edgeroute eval``'s gate family.
 """
 
@@ -74,9 +74,10 @@ def speed(model: er.Model, prompts: list[list[int]], tokens: int, w: float, thet
     )
     cases: list[tuple[str, dict]] = [("plain (no guidance)", {})]
     cases += [(f"guidance w={w} ungated", {"guidance": w})]
-    cases += [(f"guidance w={w} gate θ={t:g}", {"guidance": w, "gate_threshold": t}) for t in thetas]
+    cases += [(f"guidance w={w} gate margin θ={t:g}", {"guidance": w, "gate_threshold": t}) for t in thetas]
+    cases += [(f"guidance w={w} gate entropy θ=2", {"guidance": w, "gate_threshold": 2.0, "gate_signal": "entropy"})]
     print(f"\nspeed ({len(prompts)} prompts x {tokens} tokens, temperature 0.7, best of {runs} rounds):")
-    print(f"  {'case':34} {'tok/s':>7} {'vs plain':>8} {'gated':>6} {'2nd-flow runs':>13}")
+    print(f"  {'case':40} {'tok/s':>7} {'vs plain':>8} {'gated':>6} {'2nd-flow runs':>13}")
     base = None
     for name, flows in cases:
         best = 0.0
@@ -96,7 +97,7 @@ def speed(model: er.Model, prompts: list[list[int]], tokens: int, w: float, thet
             best = max(best, n / seconds)
         base = base or best
         share = f"{skipped / steps:.0%}" if steps else "-"
-        print(f"  {name:34} {best:7.1f} {best / base:7.2f}x {share:>6} {flow_runs:>13}")
+        print(f"  {name:40} {best:7.1f} {best / base:7.2f}x {share:>6} {flow_runs:>13}")
 
 
 def main() -> None:
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--weight", type=float, default=1.5)
-    ap.add_argument("--thetas", default="1,2,3")
+    ap.add_argument("--thetas", default="0.3,0.5,0.7", help="margin-signal thresholds to time")
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
     model = er.Model.load(need_model(args.model))

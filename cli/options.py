@@ -153,11 +153,17 @@ def _read(path: str, flag: str) -> str:
 def flow_options(f: F) -> F:
     """Level-1 routing: speculative decoding, guidance, contrast, and the gate of the last two."""
     f = click.option(
+        "--gate-signal",
+        type=click.Choice(["margin", "entropy"]),
+        default=None,
+        help="What the gate reads: 1 - (p1 - p2) (margin, default) or the entropy in nats.",
+    )(f)
+    f = click.option(
         "--gate-width",
         type=click.FloatRange(min=0),
         default=None,
-        metavar="NATS",
-        help="Soft gate: the mix weight ramps from 0 to 1 over this many nats around --gate; 0 = hard gate.",
+        metavar="WIDTH",
+        help="Soft gate: the mix weight ramps from 0 to 1 over this width of the signal around --gate; 0 = hard.",
     )(f)
     f = click.option(
         "--gate",
@@ -165,7 +171,7 @@ def flow_options(f: F) -> F:
         type=float,
         default=None,
         metavar="THETA",
-        help="Gate guidance/contrast: mix the second flow only at steps whose entropy (nats) exceeds THETA; the"
+        help="Gate guidance/contrast: mix the second flow only at steps whose gate signal exceeds THETA; the"
         " others use the model alone and skip the second flow (-inf = always mix, inf = never).",
     )(f)
     f = click.option(
@@ -222,7 +228,16 @@ class _DraftK(click.ParamType):
 
 def flow_params(flags: dict[str, Any]) -> dict[str, Any]:
     """The flow flags as request parameters (popped from ``flags``); the defaults of unused ones are dropped."""
-    names = ("draft", "draft_k", "guidance", "negative_prompt", "contrast", "gate_threshold", "gate_width")
+    names = (
+        "draft",
+        "draft_k",
+        "guidance",
+        "negative_prompt",
+        "contrast",
+        "gate_threshold",
+        "gate_width",
+        "gate_signal",
+    )
     out = {k: flags.pop(k, None) for k in names}
     alpha = flags.pop("contrast_alpha", None)
     if out["draft"] is None:

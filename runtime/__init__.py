@@ -31,7 +31,7 @@ from .generator import Generator
 from .kv_cache import KVCache
 from .manifest import Manifest
 from .model import Model
-from .output import Completion, Step, TokenLogprob, Usage
+from .output import Completion, Hypothesis, Step, TokenLogprob, Usage
 from .request import Flows, from_params
 from .sampling import Distribution, Processor, Router, make_chain
 from .session import available_providers
@@ -42,6 +42,7 @@ __all__ = [
     "ChatSession",
     "ChatTemplateError",
     "Completion",
+    "Hypothesis",
     "ConcurrentUseError",
     "Constraint",
     "ConfigError",

@@ -115,12 +115,15 @@ def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -
     top_b = np.arange(keep) < b
 
     cache = model.new_cache(b)
+    assert isinstance(cache, (KVCache, SharedKVCache))
     first = cache.row(0) if isinstance(cache, SharedKVCache) else model.new_cache(1)
+    assert isinstance(first, (KVCache, SharedKVCache))
     logits0 = None
     for s in range(0, p_len, config.prefill_chunk):
         logits0 = first.run(model.session, np.array([prompt[s : s + config.prefill_chunk]]), 1)[0, -1].copy()
     assert logits0 is not None
     if isinstance(cache, SharedKVCache):
+        assert isinstance(first, SharedKVCache)
         cache.lengths[0] = first.lengths[0]
     else:
         cache = first
@@ -128,7 +131,7 @@ def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -
     usage.prefill_seconds = time.perf_counter() - t0
     logits = np.repeat(logits0[None], b, axis=0)
     cur = p_len
-    copied = 0
+    copied: int = 0
     ts = time.perf_counter()
     while True:
         index = cur - p_len
@@ -144,9 +147,9 @@ def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -
         cand[:, cur] = ids
         hits = np.isin(ids, eos) | (cur + 1 >= max_len)
         if config.stop:
-            for j in np.flatnonzero(~hits):
-                text = tok.decode(cand[j, p_len : cur + 1].tolist())
-                hits[j] = any(s in text for s in config.stop)
+            for row in np.flatnonzero(~hits):
+                text = tok.decode(cand[row, p_len : cur + 1].tolist())
+                hits[row] = any(s in text for s in config.stop)
         # the next open hypotheses: the best B continuations that did not finish
         run_lp = top_lp + hits.astype(np.float32) * _NEG
         nxt = _topk(run_lp, b)
@@ -173,7 +176,7 @@ def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -
         unsatisfied = unsatisfied and bool(np.any(best_open > worst))
         if not (unsatisfied and not (fin_done.all() and early is True) and not hits.all()):
             break
-        copied += reorder(cache, parents)
+        copied += int(reorder(cache, parents))
         logits = model.forward(running[:, cur - 1 : cur], cache)
     usage.decode_seconds = time.perf_counter() - ts
     usage.beam_rows_copied = copied

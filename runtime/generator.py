@@ -64,7 +64,7 @@ class Generator:
         self._guidance, self._negative, self._neg_stream = _make_guidance(model, config, flows)
         self._contrast = _make_contrast(model, flows)
         theta = flows.gate_threshold
-        self._gate = None if theta is None else routing.Gate(theta, flows.gate_width)
+        self._gate = None if theta is None else routing.Gate(theta, flows.gate_width, flows.gate_signal)
 
     # -- state -----------------------------------------------------------------------------------------------
     @property

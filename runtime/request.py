@@ -16,8 +16,8 @@ mapping or JSON text; vLLM's ``guided_json``), ``regex`` (``guided_regex``), ``g
 with ``grammar_syntax`` (``"lark"`` or ``"gbnf"``) and, for a schema, ``whitespace`` (``"spaced"``, ``"compact"``,
 ``"flexible"``); flows: ``draft`` (``"ngram"`` or a model), ``draft_k`` (an int or ``"auto"``), ``adaptive_k``,
 ``guidance``, ``negative_prompt``, ``contrast`` (a model), ``contrast_alpha``, ``contrast_beta``, and their gate
-``gate_threshold`` (nats; ``"inf"``/``"-inf"`` as strings too, since JSON has no infinity) and ``gate_width``. A
-model may be given by name when ``load`` resolves names to models.
+``gate_threshold`` (``"inf"``/``"-inf"`` as strings too, since JSON has no infinity), ``gate_signal`` and
+``gate_width``. A model may be given by name when ``load`` resolves names to models.
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ class Flows:
             empty context, the BOS token), in [-100, 100]; ``w = 1`` is exactly single-stream generation.
         contrast: a smaller model for contrastive decoding with weight ``contrast_alpha`` (in [0, 10]) over the
             plausible set ``p >= contrast_beta * p_max`` (``contrast_beta`` in (0, 1]).
-        gate_threshold: for guidance and contrast, the gate θ (README, "The gate"): at each step the entropy H (in
-            nats) of the first flow's own distribution decides; ``H > θ`` mixes the second flow in, otherwise the
-            first flow is used alone and the second is not run. ``None`` (default) or ``-inf`` mixes at every step,
-            ``+inf`` never does.
+        gate_threshold: for guidance and contrast, the gate θ (README, "The gate"): at each step a signal g of the
+            first flow's own distribution decides; ``g > θ`` mixes the second flow in, otherwise the first flow is
+            used alone and the second is not run. ``None`` (default) or ``-inf`` mixes at every step, ``+inf``
+            never does.
+        gate_signal: ``"margin"`` (default): g = 1 - (p1 - p2), in [0, 1]; ``"entropy"``: g = the entropy in nats.
         gate_width: a soft gate: the mix weight (``w - 1`` of guidance, ``alpha`` of contrast) is scaled by a ramp
-            from 0 at ``H = θ - width/2`` to 1 at ``H = θ + width/2``; ``0`` (default) is the hard gate.
+            from 0 at ``g = θ - width/2`` to 1 at ``g = θ + width/2``; ``0`` (default) is the hard gate.
 
     What needs the target model (a shared tokenizer, a negative prompt that fits) is checked by the Generator.
     """
@@ -68,6 +69,7 @@ class Flows:
     contrast_beta: float = 0.1
     gate_threshold: float | None = None
     gate_width: float = 0.0
+    gate_signal: str = "margin"
 
     def __post_init__(self) -> None:
         if isinstance(self.draft, str) and self.draft != "ngram":
@@ -98,7 +100,7 @@ class Flows:
         theta, width = self.gate_threshold, self.gate_width
         if theta is not None:
             if not isinstance(theta, (int, float)) or isinstance(theta, bool) or math.isnan(theta):
-                raise ConfigError("gate_threshold", theta, "must be a number of nats (-inf = always mix, inf = never)")
+                raise ConfigError("gate_threshold", theta, "must be a number (-inf = always mix, inf = never)")
             if self.guidance is None and self.contrast is None:
                 raise ConfigError("gate_threshold", theta, "needs guidance or contrast (a second flow to gate)")
             object.__setattr__(self, "gate_threshold", float(theta))
@@ -107,6 +109,8 @@ class Flows:
         if width and theta is None:
             raise ConfigError("gate_width", width, "needs gate_threshold")
         object.__setattr__(self, "gate_width", float(width))
+        if self.gate_signal not in ("margin", "entropy"):
+            raise ConfigError("gate_signal", self.gate_signal, "must be 'margin' or 'entropy'")
 
     def _kinds(self) -> dict[str, bool]:
         return {
@@ -296,7 +300,7 @@ def _flows(p: dict[str, Any], load: Callable[[str], ModelLike] | None) -> Flows:
         try:
             kw["gate_threshold"] = float(theta)
         except ValueError:
-            raise ConfigError("gate_threshold", theta, "must be a number of nats, 'inf' or '-inf'") from None
+            raise ConfigError("gate_threshold", theta, "must be a number, 'inf' or '-inf'") from None
     for name in ("draft", "contrast"):
         value = kw.get(name)
         if isinstance(value, str) and not (name == "draft" and value == "ngram"):

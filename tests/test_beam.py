@@ -219,3 +219,25 @@ def test_smollm2_beams_equal_transformers(smollm2_dir: Path) -> None:
             np.testing.assert_allclose([h.score for h in got.sequences], out.sequences_scores.tolist(), rtol=1e-3)
             stopped += sum(h.finish_reason == "stop" for h in got.sequences)
     assert stopped
+
+
+def test_stop_strings_finish_hypotheses(model: er.Model) -> None:
+    ids = model.tokenizer.encode(PROMPTS[0])
+    cfg = er.GenerationConfig(sampling=er.SamplingConfig(temperature=0), num_beams=3, num_return_sequences=3)
+    cfg = cfg.replace(max_new_tokens=12, length_penalty=0.0)  # raw sums: a hypothesis that ends early ranks high
+    free = model.generate(ids, cfg)
+    stop = model.tokenizer.decode(free.token_ids[3:5])  # text the best path reaches after a few tokens
+    assert stop.strip()
+    got = model.generate(ids, cfg.replace(stop=(stop,)))
+    ended = [h for h in got.sequences if h.finish_reason == "stop"]
+    assert ended, "a hypothesis ends on the stop string"
+    for h in got.sequences:
+        assert stop not in h.text  # never in the output
+    for h in ended:
+        assert stop in model.tokenizer.decode(h.token_ids)  # ... and it is what ended the hypothesis:
+        n = len(h.token_ids)  # its score is the sum of log p of exactly these tokens (length_penalty 0)
+        logits = model.forward_last(np.array([ids + h.token_ids]), model.new_cache(), n + 1)[0][:n]
+        from edgeroute.sampling import log_softmax
+
+        total = sum(float(log_softmax(row.astype(np.float64))[t]) for row, t in zip(logits, h.token_ids, strict=True))
+        assert h.score == pytest.approx(total, rel=1e-4)

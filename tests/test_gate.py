@@ -32,10 +32,21 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[er.Model, er.Model]:
     return big, small
 
 
-def _entropies(model: er.Model, ids: list[int], out: list[int]) -> list[float]:
-    """The first flow's entropy at each step of ``out`` (generated after ``ids``)."""
+def _signals(model: er.Model, ids: list[int], out: list[int], kind: str = "entropy") -> list[float]:
+    """The first flow's gate signal at each step of ``out`` (generated after ``ids``)."""
     logits = model.forward_last(np.array([ids + out]), model.new_cache(), len(out) + 1)[0]
-    return [routing.entropy(row) for row in logits[: len(out)]]
+    return [_by_hand(row, kind) for row in logits[: len(out)]]
+
+
+def _by_hand(logits: np.ndarray, kind: str) -> float:
+    """The signal in float64, from its definition."""
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if kind == "entropy":
+        return float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    top = np.sort(p)[-2:]
+    return float(1 - (top[1] - top[0]))
 
 
 def _flows(kind: str, small: er.Model) -> dict:
@@ -61,7 +72,8 @@ def test_extreme_thresholds(pair, kind: str, config: er.GenerationConfig) -> Non
     assert always.usage.flow_runs >= always.usage.flow_steps  # one run per step (+ the prompt's prefill chunks)
 
 
-def test_middle_threshold_by_hand(pair) -> None:
+@pytest.mark.parametrize("kind", ["margin", "entropy"])
+def test_middle_threshold_by_hand(pair, kind: str) -> None:
     """θ between the entropies seen: at each step the tokens follow 'mix if H > θ else the model alone',
     recomputed here with full forward passes; every mixed step costs exactly one second-flow run (the stream
     catches up on the skipped tokens in the same run)."""
@@ -69,14 +81,14 @@ def test_middle_threshold_by_hand(pair) -> None:
     ids = big.tokenizer.encode(PROMPT)
     neg = big.tokenizer.encode("Hello world!")
     plain = big.generate(ids, LONG).token_ids
-    theta = float(np.median(_entropies(big, ids, plain)))
+    theta = float(np.median(_signals(big, ids, plain, kind)))
     w = 2.5
-    got = big.generate(ids, LONG, guidance=w, negative_prompt=neg, gate_threshold=theta)
+    got = big.generate(ids, LONG, guidance=w, negative_prompt=neg, gate_threshold=theta, gate_signal=kind)
     seq: list[int] = []
     mixed = 0
     for tok in got.token_ids:
         c = big.forward(np.array([ids + seq]), big.new_cache())[0]
-        if routing.entropy(c) > theta:
+        if _by_hand(c, kind) > theta:
             u = big.forward(np.array([neg + seq]), big.new_cache())[0]
             c, mixed = u + w * (c - u), mixed + 1
         assert tok == _argmax(big, c)
@@ -109,26 +121,38 @@ def test_soft_gate(pair) -> None:
     vocab = 64
     flat = np.zeros(vocab, np.float32)  # H = ln 64 = 4.159
     assert routing.entropy(flat) == pytest.approx(math.log(vocab))
+    assert routing.margin_signal(flat) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = rng.normal(0, 3, 1000).astype(np.float32)
+        assert routing.entropy(x) == pytest.approx(_by_hand(x, "entropy"), abs=1e-4)
+        assert routing.margin_signal(x) == pytest.approx(_by_hand(x, "margin"), abs=1e-5)
+    x[:10] = -np.inf  # banned tokens have no mass and break neither signal
+    assert routing.entropy(x) == pytest.approx(_by_hand(x, "entropy"), abs=1e-4)
     peaked = np.full(vocab, -1e4, np.float32)
     peaked[3] = 0
-    assert routing.entropy(peaked) == pytest.approx(0.0, abs=1e-9)
+    assert routing.entropy(peaked) == pytest.approx(0.0, abs=1e-6) and routing.margin_signal(peaked) == 0.0
     h = math.log(vocab)
-    assert routing.Gate(h - 1).weight(flat) == 1.0 and routing.Gate(h + 1).weight(flat) == 0.0
-    assert routing.Gate(h, width=2.0).weight(flat) == pytest.approx(0.5)
-    assert routing.Gate(h - 0.5, width=2.0).weight(flat) == pytest.approx(0.75)
-    assert routing.Gate(h - 3, width=2.0).weight(flat) == 1.0 and routing.Gate(h + 3, width=2.0).weight(flat) == 0.0
+    gate = lambda t, w=0.0: routing.Gate(t, w, "entropy")  # noqa: E731
+    assert gate(h - 1).weight(flat) == 1.0 and gate(h + 1).weight(flat) == 0.0
+    assert gate(h, 2.0).weight(flat) == pytest.approx(0.5)
+    assert gate(h - 0.5, 2.0).weight(flat) == pytest.approx(0.75)
+    assert gate(h - 3, 2.0).weight(flat) == 1.0 and gate(h + 3, 2.0).weight(flat) == 0.0
+    assert routing.Gate(0.5).weight(flat) == 1.0 and routing.Gate(0.5).weight(peaked) == 0.0  # margin: the default
     # a soft gate on guidance: the weight w_eff = 1 + (w - 1) * ramp(H), by hand
     big, _ = pair
     ids = big.tokenizer.encode(PROMPT)
     neg = big.tokenizer.encode("Hello world!")
     plain = big.generate(ids, LONG).token_ids
-    hs = _entropies(big, ids, plain)
+    hs = _signals(big, ids, plain)
     theta, width, w = float(np.median(hs)), float(np.ptp(hs)), 3.0
-    got = big.generate(ids, LONG, guidance=w, negative_prompt=neg, gate_threshold=theta, gate_width=width)
+    got = big.generate(
+        ids, LONG, guidance=w, negative_prompt=neg, gate_threshold=theta, gate_width=width, gate_signal="entropy"
+    )
     seq: list[int] = []
     for tok in got.token_ids:
         c = big.forward(np.array([ids + seq]), big.new_cache())[0]
-        share = min(max((routing.entropy(c) - theta) / width + 0.5, 0.0), 1.0)
+        share = min(max((_by_hand(c, "entropy") - theta) / width + 0.5, 0.0), 1.0)
         if share > 0:
             u = big.forward(np.array([neg + seq]), big.new_cache())[0]
             c = u + (1 + (w - 1) * share) * (c - u)
@@ -150,12 +174,14 @@ def test_gate_errors(pair) -> None:
     assert flows.gate_threshold == -math.inf
     with pytest.raises(er.ConfigError, match="gate_threshold"):
         er.from_params({"guidance": 2.0, "gate_threshold": "high"})
+    with pytest.raises(er.ConfigError, match="gate_signal"):
+        big.generator(GREEDY, guidance=2.0, gate_threshold=0.5, gate_signal="vibes")
 
 
 def test_engine_serves_gated_requests(pair) -> None:
     big, _ = pair
     ids = big.tokenizer.encode(PROMPT)
-    theta = float(np.median(_entropies(big, ids, big.generate(ids, GREEDY).token_ids)))
+    theta = float(np.median(_signals(big, ids, big.generate(ids, GREEDY).token_ids, "margin")))
     want = big.generate(ids, SAMPLED, guidance=2.0, gate_threshold=theta)
     with er.Engine(big) as engine:
         got = engine.submit(ids, SAMPLED, guidance=2.0, gate_threshold=theta).result(timeout=60)
@@ -175,7 +201,9 @@ def test_cli_gate(pair, tmp_path: Path) -> None:
     out = json.loads(res.stdout)
     assert out["token_ids"] == plain["token_ids"]
     assert out["usage"]["flow_skipped"] == out["usage"]["flow_steps"] > 0 and out["usage"]["flow_runs"] == 0
-    soft = CliRunner().invoke(cli, base + ["--guidance", "2", "--gate", "1.0", "--gate-width", "0.5"])
+    soft = CliRunner().invoke(
+        cli, base + ["--guidance", "2", "--gate", "1.0", "--gate-width", "0.5", "--gate-signal", "entropy"]
+    )
     assert soft.exit_code == 0, soft.output
     bad = CliRunner().invoke(cli, base + ["--gate", "1.0"])
     assert bad.exit_code == 1 and "gate_threshold" in bad.stderr and "Traceback" not in bad.output

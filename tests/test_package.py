@@ -12,6 +12,7 @@ import edgeroute as er
 
 def test_all_matches_public_names() -> None:
     public = {n for n in dir(er) if not n.startswith("_")} - {
+        "beam",
         "chat",
         "chat_template",
         "choice",
