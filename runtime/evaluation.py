@@ -15,9 +15,9 @@ seed ``seed + i * samples + j``: every setting meets the same random numbers) an
 A *setting* is a set of request parameters (``edgeroute.request``'s names) laid over a common base; a *family* is
 the settings of one sweep (:func:`parse_sweep`): ``"temperature=0.3,0.7,1.0"`` is a family of three,
 ``"explore-exp: explore=0.05,0.1 explore_schedule=exponential explore_end=0.001 explore_steps=32"`` a named one.
-Samples come from an :class:`~edgeroute.Engine` (continuous batching where the graph allows it; the tokens are the
-ones a Generator alone gives for the same seed). sacrebleu and jsonschema are the ``eval`` extra, imported when
-used; :mod:`edgeroute.evalplots` draws the figures (matplotlib, same extra).
+Samples come from an :class:`~edgeroute.Engine` (continuous batching where the graph allows it; a batched row may
+round differently from a Generator alone, which can flip a sampled token). sacrebleu and jsonschema are the
+``eval`` extra, imported when used; :mod:`edgeroute.evalplots` draws the figures (matplotlib, same extra).
 """
 
 from __future__ import annotations

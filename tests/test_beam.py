@@ -38,8 +38,10 @@ def model(request: pytest.FixtureRequest, ckpt: Path, tmp_path_factory: pytest.T
     return er.Model.load(out)
 
 
-def _hf_beams(hf, ids: list[int], **kw) -> tuple[list[list[int]], list[float]]:  # noqa: ANN001, ANN003
+def _hf_beams(hf, ids: list[int], eos: list[int] | None = None, **kw) -> tuple[list[list[int]], list[float]]:  # noqa: ANN001, ANN003
+    """transformers' beams for ``ids``: each returned sequence's generated ids up to its stop token, and scores."""
     bias = kw.pop("bias", None)
+    eos = eos or [EOS]
     with torch.no_grad():
         out = hf.generate(
             torch.tensor([ids]),
@@ -47,8 +49,8 @@ def _hf_beams(hf, ids: list[int], **kw) -> tuple[list[list[int]], list[float]]: 
             do_sample=False,
             temperature=None,
             top_p=None,
-            eos_token_id=[EOS],
-            pad_token_id=EOS,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
             return_dict_in_generate=True,
             output_scores=True,
             sequence_bias={(t,): b for t, b in (bias or {}).items()} or None,
@@ -56,7 +58,7 @@ def _hf_beams(hf, ids: list[int], **kw) -> tuple[list[list[int]], list[float]]: 
         )
     seqs = []
     for row in out.sequences[:, len(ids) :].tolist():
-        seqs.append(row[: row.index(EOS)] if EOS in row else row)
+        seqs.append(row[: next((i for i, t in enumerate(row) if t in eos), len(row))])
     return seqs, out.sequences_scores.tolist()
 
 
@@ -197,26 +199,10 @@ def test_smollm2_beams_equal_transformers(smollm2_dir: Path) -> None:
     for q in questions:
         ids = model.tokenizer.apply_chat_template([{"role": "user", "content": q}])
         for case in cases:
-            with torch.no_grad():
-                out = hf_model.generate(
-                    torch.tensor([ids]),
-                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    eos_token_id=eos,
-                    pad_token_id=eos[0],
-                    return_dict_in_generate=True,
-                    output_scores=True,
-                    **case,
-                )
-            want = []
-            for row in out.sequences[:, len(ids) :].tolist():
-                cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-                want.append(row[:cut])
+            want, scores = _hf_beams(hf_model, ids, eos, **case)
             got = model.generate(ids, er.GenerationConfig(sampling=er.SamplingConfig(temperature=0), **case))
             assert [h.token_ids for h in got.sequences] == want, (q, case)
-            np.testing.assert_allclose([h.score for h in got.sequences], out.sequences_scores.tolist(), rtol=1e-3)
+            np.testing.assert_allclose([h.score for h in got.sequences], scores, rtol=1e-3)
             stopped += sum(h.finish_reason == "stop" for h in got.sequences)
     assert stopped
 

@@ -20,6 +20,8 @@ def test_all_matches_public_names() -> None:
         "config",
         "constraint",
         "engine",
+        "evaluation",
+        "evalplots",
         "contract",
         "errors",
         "export",
