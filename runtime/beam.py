@@ -8,8 +8,8 @@ graph run of B rows. Per step, as transformers does it:
    history), and its running score is added;
 2. the best ``K = max(2, 1 + n_eos) * B`` continuations over all B x vocabulary are taken; a continuation
    *finishes* when its token is a stop token, its text now holds a stop string, or it reaches ``max_new_tokens``;
-3. the best B continuations that did not finish become the next hypotheses (the cache rows are reordered to
-   their parents: only the rows whose parent changed are copied);
+3. the best B continuations that did not finish become the next hypotheses (``cache.reorder``: only the rows
+   whose parent changed are copied);
 4. continuations that finished among the first B ranks enter the finished set with the score
    ``sum log p / generated_length ** length_penalty`` (the finishing token counted), which keeps its best B;
 5. the search ends when no open hypothesis can still beat the worst finished one (``early_stopping=False``: the
@@ -46,32 +46,6 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
         part = np.argpartition(-x, k - 1)[:k]
         return part[np.lexsort((part, -x[part]))]
     return np.lexsort((np.arange(len(x)), -x))
-
-
-def reorder(cache: KVCache | SharedKVCache, parents: np.ndarray) -> int:
-    """Make row i of ``cache`` hold what row ``parents[i]`` held; returns how many rows were copied."""
-    moved = np.flatnonzero(parents != np.arange(len(parents)))
-    if not len(moved):
-        return 0
-    if isinstance(cache, SharedKVCache):
-        used = cache.length
-        for buf in cache.buffers:
-            buf[moved, :, :used] = buf[parents[moved], :, :used]  # fancy indexing reads a copy first
-        return len(moved)
-    cache._layers = [(k[parents], v[parents]) for k, v in cache._layers]
-    return len(moved)
-
-
-def _copy_row0(cache: KVCache | SharedKVCache, b: int) -> None:
-    """Rows 1..b-1 of ``cache`` become copies of row 0 (the prompt, prefilled once)."""
-    if isinstance(cache, SharedKVCache):
-        used = int(cache.lengths[0])
-        for buf in cache.buffers:
-            buf[1:b, :, :used] = buf[0:1, :, :used]
-        cache.lengths[:] = used
-        return
-    cache._layers = [(np.repeat(k[:1], b, axis=0), np.repeat(v[:1], b, axis=0)) for k, v in cache._layers]
-    cache.batch_size = b
 
 
 def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -> Completion:
@@ -127,7 +101,7 @@ def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -
         cache.lengths[0] = first.lengths[0]
     else:
         cache = first
-    _copy_row0(cache, b)
+    cache.widen(b)
     usage.prefill_seconds = time.perf_counter() - t0
     logits = np.repeat(logits0[None], b, axis=0)
     cur = p_len
@@ -176,7 +150,7 @@ def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -
         unsatisfied = unsatisfied and bool(np.any(best_open > worst))
         if not (unsatisfied and not (fin_done.all() and early is True) and not hits.all()):
             break
-        copied += int(reorder(cache, parents))
+        copied += cache.reorder(parents)
         logits = model.forward(running[:, cur - 1 : cur], cache)
     usage.decode_seconds = time.perf_counter() - ts
     usage.beam_rows_copied = copied

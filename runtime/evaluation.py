@@ -554,7 +554,7 @@ def evaluate(
                 ]
             figs = figures(groups, nll, lengths, valid, resamples)
             gated = None
-            if flows.gate_threshold is not None or flows.guidance is not None or flows.contrast is not None:
+            if flows.guidance is not None or flows.contrast is not None:
                 steps = sum(c.usage.flow_steps for c in done)
                 gated = sum(c.usage.flow_skipped for c in done) / steps if steps else 0.0
             tokens = sum(c.usage.completion_tokens for c in done)

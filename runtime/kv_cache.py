@@ -162,6 +162,18 @@ class KVCache:
         keep = max(self.length - n, 0)
         self._layers = [(k[:, :, :keep], v[:, :, :keep]) for k, v in self._layers]
 
+    def reorder(self, parents: np.ndarray) -> int:
+        """Row i takes what row ``parents[i]`` held (beam search); returns how many rows changed."""
+        moved = int(np.count_nonzero(parents != np.arange(len(parents))))
+        if moved:
+            self._layers = [(k[parents], v[parents]) for k, v in self._layers]
+        return moved
+
+    def widen(self, rows: int) -> None:
+        """A one-row cache becomes ``rows`` copies of its row (a prompt prefilled once, shared by beams)."""
+        self._layers = [(np.repeat(k[:1], rows, axis=0), np.repeat(v[:1], rows, axis=0)) for k, v in self._layers]
+        self.batch_size = rows
+
     def copy(self) -> KVCache:
         """An independent cache with the same contents."""
         other = KVCache.__new__(KVCache)
@@ -271,6 +283,23 @@ class SharedKVCache:
         other.buffers = [b[:k] for b in self.buffers]
         other.lengths = self.lengths[:k]
         return other
+
+    def reorder(self, parents: np.ndarray) -> int:
+        """Row i takes what row ``parents[i]`` held (beam search): only the rows whose parent changed are copied,
+        inside the buffer; returns how many."""
+        moved = np.flatnonzero(parents != np.arange(len(parents)))
+        if len(moved):
+            used = self.length
+            for buf in self.buffers:
+                buf[moved, :, :used] = buf[parents[moved], :, :used]  # fancy indexing reads a copy first
+        return len(moved)
+
+    def widen(self, rows: int) -> None:
+        """Rows 1..rows-1 become copies of row 0 (a prompt prefilled once, shared by beams)."""
+        used = int(self.lengths[0])
+        for buf in self.buffers:
+            buf[1:rows, :, :used] = buf[0:1, :, :used]
+        self.lengths[:rows] = used
 
     def copy(self) -> SharedKVCache:
         """An independent cache with the same contents."""

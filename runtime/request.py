@@ -34,6 +34,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .protocols import ModelLike
 
+GATE_SIGNALS = ("margin", "entropy")  # what the gate reads (routing.gate_signal)
 GUIDANCE_LIMIT = 100.0  # |w| beyond this scales the logit difference past anything useful, towards float32 overflow
 
 
@@ -109,7 +110,7 @@ class Flows:
         if width and theta is None:
             raise ConfigError("gate_width", width, "needs gate_threshold")
         object.__setattr__(self, "gate_width", float(width))
-        if self.gate_signal not in ("margin", "entropy"):
+        if self.gate_signal not in GATE_SIGNALS:
             raise ConfigError("gate_signal", self.gate_signal, "must be 'margin' or 'entropy'")
 
     def _kinds(self) -> dict[str, bool]:

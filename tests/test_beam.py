@@ -143,14 +143,12 @@ def test_bad_beam_settings_name_the_field(changes: dict, field: str) -> None:
 
 
 def test_reordering_copies_only_rows_whose_parent_changed(model: er.Model) -> None:
-    from edgeroute.beam import reorder
-
     cache = model.new_cache(3)
     ids = np.array([model.tokenizer.encode("abc")[:2]] * 3)
     model.forward(ids, cache)
     before = [np.array(x) for x in (cache.buffers if hasattr(cache, "buffers") else [k for k, _ in cache._layers])]
-    assert reorder(cache, np.array([0, 1, 2])) == 0
-    assert reorder(cache, np.array([0, 0, 1])) == 2
+    assert cache.reorder(np.array([0, 1, 2])) == 0
+    assert cache.reorder(np.array([0, 0, 1])) == 2
     after = cache.buffers if hasattr(cache, "buffers") else [k for k, _ in cache._layers]
     for b, a in zip(before, after, strict=True):
         np.testing.assert_array_equal(a[:, :, :2][[0, 1, 2]], b[:, :, :2][[0, 0, 1]])
