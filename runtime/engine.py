@@ -356,6 +356,11 @@ class Engine:
                 c["prefilled"],
             )
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine takes requests: not closed, and its loop's thread is running (a replica's health)."""
+        return not self._closed and self._thread.is_alive()
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop: queued and running requests end with :class:`EngineClosedError`; waits for the loop's thread."""
         with self._lock:

@@ -82,10 +82,11 @@ def create_app(
     model: er.Model | Callable[[], er.Model],
     settings: Settings,
     on_load_error: Callable[[BaseException], None] | None = None,
+    health: Callable[[], dict[str, Any]] | None = None,
 ) -> Starlette:
     """The ASGI app. ``model`` is a loaded :class:`~edgeroute.Model`, or a callable that loads one: it runs in a
     thread when the app starts, and ``/health`` answers 503 until it returns (``on_load_error`` hears if it
-    raises)."""
+    raises). ``health`` adds fields to ``/health``'s answer (called in a worker thread: it may block briefly)."""
     state = State()
 
     def start(m: er.Model) -> None:
@@ -124,7 +125,7 @@ def create_app(
             if state.engine is not None:
                 await run_in_threadpool(state.engine.close)
 
-    api = _Api(state, settings)
+    api = _Api(state, settings, health)
     routes = [
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
@@ -231,9 +232,10 @@ def _too_large(limit: int) -> APIError:
 class _Api:
     metrics: Metrics  # set by create_app, once the routes it counts exist
 
-    def __init__(self, state: State, settings: Settings) -> None:
+    def __init__(self, state: State, settings: Settings, extra: Callable[[], dict[str, Any]] | None = None) -> None:
         self.state = state
         self.settings = settings
+        self.extra = extra
         self._texts: TokenText | None = None
 
     def _ready(self) -> tuple[er.Model, er.Engine]:
@@ -253,15 +255,16 @@ class _Api:
         if s.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
         st = s.engine.stats()
-        return JSONResponse(
-            {
-                "status": "ok",
-                "model": self.settings.model_name,
-                "active": st.active,
-                "queued": st.queued,
-                "max_batch": st.max_batch,
-            }
-        )
+        answer = {
+            "status": "ok",
+            "model": self.settings.model_name,
+            "active": st.active,
+            "queued": st.queued,
+            "max_batch": st.max_batch,
+        }
+        if self.extra is not None:
+            answer.update(await run_in_threadpool(self.extra))
+        return JSONResponse(answer)
 
     async def metrics_page(self, request: Request) -> Response:
         body, media = self.metrics.render()

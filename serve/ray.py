@@ -1,0 +1,481 @@
+"""edgeroute's server as a Ray Serve deployment: replicas of the same OpenAI app behind one endpoint (the ``ray``
+extra, ``pip install 'edgeroute[ray]'``).
+
+>>> from edgeroute.serve import Settings                                                     # doctest: +SKIP
+>>> from edgeroute.serve.ray import start
+>>> service = start("models/smollm2-135m", Settings("smollm2"), replicas=2)  # a local Ray cluster
+>>> service.url, service.status()["replica_states"]
+('http://127.0.0.1:8000', {'RUNNING': 2})
+>>> service.stop()
+
+Each replica is an actor that loads the exported folder (the path must exist on every node that runs one) and
+serves :func:`edgeroute.serve.create_app`'s routes through Ray Serve's ASGI ingress: the same requests, answers,
+errors and streams as ``edgeroute serve``, each replica with its own engine (``max_batch`` slots). Ray's HTTP
+proxy routes each request to a replica that has room (``max_ongoing_requests``: by default the engine's slots)
+and queues at most ``max_queued_requests`` per caller before it answers 503.
+
+What a user relies on:
+
+* a replica that dies (its process killed, its engine stopped: :meth:`Replica.check_health`) is replaced by Ray;
+  requests running on it fail with OpenAI's error body, 503 + ``Retry-After`` before their answer began, and an
+  error event then ``data: [DONE]`` in a stream that was cut (:class:`ProxyErrors`, installed in Ray's proxies),
+  while the other replicas keep serving;
+* ``GET /health`` adds the replica that answered and the deployment's state (``RUNNING``, ``UPDATING``,
+  ``UNHEALTHY``, replicas per state);
+* :meth:`Service.stop` deletes the application (and stops the cluster if it started it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+INSTALL_HINT = "serving on Ray needs the ray extra: pip install 'edgeroute[ray]'"
+
+try:
+    import ray
+    from ray import serve as ray_serve
+except ImportError as e:  # pragma: no cover - exercised by tests/test_ray.py in a subprocess
+    raise ImportError(f"{INSTALL_HINT} ({e.name} is missing)", name=e.name) from e
+
+import edgeroute as er  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
+
+from .app import Settings, create_app  # noqa: E402
+from .protocol import APIError  # noqa: E402
+
+APP_NAME = "edgeroute"
+PROXY_CALLBACK = "edgeroute.serve.ray:proxy_middlewares"
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+STATUS_TTL_S = 1.0  # /health asks the controller for the deployment's state at most this often per replica
+READY_TIMEOUT_S = 300.0  # serve.run waits this long for every replica to load
+
+
+class RayServeError(er.EdgerouteError, RuntimeError):
+    """The Ray cluster could not be started or joined, or the deployment could not be created."""
+
+
+# -- the replica ------------------------------------------------------------------------------------------------
+class _ReplicaHeaders:
+    """Pure ASGI middleware in a replica: every answer says which replica and process gave it
+    (``x-edgeroute-replica``, ``x-edgeroute-pid``)."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.headers = [(b"x-edgeroute-replica", replica.encode()), (b"x-edgeroute-pid", str(os.getpid()).encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
+class Replica:
+    """One replica: loads the model folder (the actor is not routed to until it has) and serves the OpenAI app
+    of ``edgeroute serve`` over it. Wrapped by :func:`deployment` with Ray Serve's late-bound ingress."""
+
+    def __init__(
+        self,
+        folder: str,
+        settings: Settings,
+        provider: str = "cpu",
+        threads: int | None = None,
+        context_size: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model = er.Model.load(folder, provider=provider, threads=threads, context_size=context_size)
+        context = ray_serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.app_name = context.app_name
+        self.deployment_name = context.deployment
+        self._status: tuple[float, dict[str, Any]] = (0.0, {})
+        self._status_lock = threading.Lock()
+        self._starlette: Any = None  # not ``app``: Ray's ingress wrapper owns that name
+
+    def __serve_build_asgi_app__(self) -> Any:
+        # the Starlette app itself (Ray adds exception handlers to it), our headers as its outermost middleware
+        app = create_app(self.model, self.settings, health=self._health)
+        app.add_middleware(_ReplicaHeaders, replica=self.replica_id)
+        self._starlette = app
+        return app
+
+    def check_health(self) -> None:
+        """Ray calls it every few seconds; raising marks the replica unhealthy and Ray replaces it."""
+        state = getattr(self._starlette.state, "edgeroute", None) if self._starlette is not None else None
+        if state is None:
+            return  # the app is being built
+        if state.error is not None:
+            raise RuntimeError(f"the model failed: {state.error}")
+        if state.engine is not None and not state.engine.alive:
+            raise RuntimeError("the engine stopped")
+
+    def _health(self) -> dict[str, Any]:
+        with self._status_lock:
+            at, cached = self._status
+            if time.monotonic() - at > STATUS_TTL_S:
+                try:
+                    cached = deployment_status(self.app_name, self.deployment_name)
+                except Exception as e:  # noqa: BLE001 - the controller is unreachable: say so, keep answering
+                    cached = {"status": "UNKNOWN", "message": f"{type(e).__name__}: {e}"}
+                self._status = (time.monotonic(), cached)
+        return {"replica": {"id": self.replica_id, "pid": os.getpid()}, "deployment": cached}
+
+
+def deployment_status(app_name: str = APP_NAME, deployment_name: str | None = None) -> dict[str, Any]:
+    """The application's and its deployment's state from Ray Serve's controller: ``{"application", "name",
+    "status", "message", "replica_states"}`` (``status`` is ``"NOT_FOUND"`` when the application is not there)."""
+    apps = ray_serve.status().applications
+    if app_name not in apps:
+        return {"application": "NOT_FOUND", "name": deployment_name, "status": "NOT_FOUND", "replica_states": {}}
+    app = apps[app_name]
+    deployments = app.deployments
+    name = deployment_name if deployment_name in deployments else next(iter(deployments), None)
+    d = deployments.get(name) if name is not None else None
+    return {
+        "application": str(app.status.value if hasattr(app.status, "value") else app.status),
+        "name": name,
+        "status": str(d.status.value if hasattr(d.status, "value") else d.status) if d else "NOT_FOUND",
+        "message": d.message if d else app.message,
+        "replica_states": {str(getattr(k, "value", k)): n for k, n in (d.replica_states if d else {}).items()},
+    }
+
+
+def deployment(
+    model: str | Path,
+    settings: Settings,
+    replicas: int = 1,
+    cpus_per_replica: float = 1.0,
+    threads: int | None = None,
+    provider: str = "cpu",
+    context_size: int | None = None,
+    max_ongoing_requests: int | None = None,
+    max_queued_requests: int | None = None,
+    autoscaling_config: Mapping[str, Any] | None = None,
+    ray_actor_options: Mapping[str, Any] | None = None,
+    name: str = "EdgerouteServer",
+) -> Any:
+    """The bound Ray Serve application (``serve.run`` it, or compose it): ``replicas`` actors of :class:`Replica`
+    with ``cpus_per_replica`` CPUs each (and one GPU each on ``provider="cuda"``), ``threads`` onnxruntime threads
+    each (default: the CPUs, rounded up). ``max_ongoing_requests`` defaults to the engine's slots
+    (``settings.max_batch``) and ``max_queued_requests`` to its queue (``settings.max_queue``).
+    ``autoscaling_config`` is Ray Serve's (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ...):
+    it replaces the fixed ``replicas``."""
+    folder = Path(model).resolve()
+    er.Manifest.load(folder)  # a missing or broken folder is the caller's error now, not a replica that fails
+    if replicas < 1:
+        raise er.ConfigError("replicas", replicas, "must be at least 1")
+    if cpus_per_replica <= 0:
+        raise er.ConfigError("cpus_per_replica", cpus_per_replica, "must be positive")
+    actor = {"num_cpus": cpus_per_replica, **({"num_gpus": 1} if provider == "cuda" else {})}
+    actor.update(ray_actor_options or {})
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": max_ongoing_requests or settings.max_batch,
+        "max_queued_requests": settings.max_queue if max_queued_requests is None else max_queued_requests,
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 5,
+    }
+    if autoscaling_config is not None:
+        options["autoscaling_config"] = dict(autoscaling_config)
+    else:
+        options["num_replicas"] = replicas
+    cls = ray_serve.deployment(**options)(ray_serve.ingress()(Replica))
+    return cls.bind(str(folder), settings, provider, threads or max(1, math.ceil(cpus_per_replica)), context_size)
+
+
+# -- the proxies ------------------------------------------------------------------------------------------------
+_PROXY_CODES = {404: "not_found", 408: "timeout", 429: "overloaded", 503: "overloaded", 500: "internal_error"}
+
+
+class ProxyErrors:
+    """Pure ASGI middleware in Ray Serve's HTTP proxies (installed by :func:`proxy_middlewares`): Ray's own
+    answers become OpenAI's error body, so a client sees the same errors whichever part of the service failed.
+
+    * A request whose replica died before answering gets nothing from the proxy (uvicorn would send a bare 500):
+      it becomes a 503 with ``Retry-After: 1`` and code ``replica_failed``.
+    * A stream cut mid-way (its replica died) ends with an error event and ``data: [DONE]``, as the server ends a
+      stream whose request failed, so the official client raises ``APIError`` instead of a protocol error.
+    * Ray's plain-text errors (404 for an unknown route or a deleted application, 503 when every replica's queue is
+      full, 408 on a timeout) are rewritten with their status and ``Retry-After`` kept.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = finished = False
+        stream = False
+        held: Message | None = None  # a plain-text error's start, sent once its body is known
+        body = b""
+
+        async def watch(message: Message) -> None:
+            nonlocal started, finished, stream, held, body
+            kind = message["type"]
+            if kind == "http.response.start":
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                ctype = headers.get(b"content-type", b"")
+                if message["status"] >= 400 and ctype.startswith(b"text/plain"):
+                    held = message
+                    return
+                started = True
+                stream = ctype.startswith(b"text/event-stream")
+            elif kind == "http.response.body" and held is not None:
+                body += message.get("body", b"")
+                if message.get("more_body", False):
+                    return
+                status = held["status"]
+                retry = {k.lower(): v for k, v in held.get("headers", [])}.get(b"retry-after")
+                held = None
+                error = _proxy_error(status, body.decode("utf-8", "replace"), retry)
+                await _send_error(send, error)
+                started = finished = True
+                return
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:  # noqa: BLE001 - the replica's failure, answered below
+            if started and not stream:
+                raise  # a JSON body half sent: only dropping the connection tells the client
+        if finished:
+            return
+        if not started:
+            await _send_error(send, _replica_failed())
+        elif stream:
+            event = json.dumps(_replica_failed().body())
+            await send({"type": "http.response.body", "body": f"data: {event}\n\ndata: [DONE]\n\n".encode()})
+
+
+def _replica_failed() -> APIError:
+    return APIError(
+        503,
+        "the replica serving this request stopped before it finished (it is being replaced): retry the request",
+        None,
+        "replica_failed",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _proxy_error(status: int, text: str, retry: bytes | None) -> APIError:
+    message = " ".join(text.split()) or f"HTTP {status}"
+    headers = {"Retry-After": retry.decode("latin-1")} if retry else None
+    return APIError(status, f"Ray Serve: {message}", None, _PROXY_CODES.get(status), headers=headers)
+
+
+async def _send_error(send: Send, error: APIError) -> None:
+    payload = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """Ray Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=edgeroute.serve.ray:proxy_middlewares``
+    in the environment of the node that starts Serve): the middlewares every HTTP proxy wraps its app in."""
+    return [Middleware(ProxyErrors)]
+
+
+# -- starting, joining, stopping --------------------------------------------------------------------------------
+@dataclass
+class Service:
+    """A running deployment: its URL, its state, and how to stop it."""
+
+    url: str
+    app_name: str
+    started_cluster: bool
+    startup_s: float
+    _stopped: bool = field(default=False, repr=False)
+
+    def status(self) -> dict[str, Any]:
+        return deployment_status(self.app_name)
+
+    def stop(self) -> None:
+        """Delete the application; shut Serve and Ray down if :func:`start` started the cluster, else only
+        disconnect (the cluster and its other applications live on)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            ray_serve.delete(self.app_name, _blocking=True)
+        finally:
+            if self.started_cluster:
+                ray_serve.shutdown()
+            ray.shutdown()
+
+
+def start(
+    model: str | Path,
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    ray_cpus: int | None = None,
+    replicas: int = 1,
+    cpus_per_replica: float = 1.0,
+    app_name: str = APP_NAME,
+    stop: threading.Event | None = None,
+    **options: Any,
+) -> Service:
+    """Start a local Ray cluster (``address`` None; ``ray_cpus`` CPUs, default this machine's) or join the one at
+    ``address`` (``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"``), start Serve's proxy on ``host:port`` (on
+    a joined cluster whose Serve already runs, its proxy stays where it is), deploy :func:`deployment` with
+    ``options``, and wait until every replica has loaded. ``stop`` set while it waits gives up: the application is
+    removed again and :class:`Interrupted` raised. ``ray.init`` replaces the process's SIGINT/SIGTERM handlers
+    (Ray's abort the process); the caller's are put back."""
+    began = time.monotonic()
+    app = deployment(model, settings, replicas=replicas, cpus_per_replica=cpus_per_replica, **options)
+    wanted = replicas * cpus_per_replica
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # a local cluster's proxies inherit it
+    started_cluster = address is None
+    handlers = _signal_handlers()
+    try:
+        if started_cluster:
+            cpus = ray_cpus if ray_cpus is not None else (os.cpu_count() or 1)
+            if options.get("autoscaling_config") is None and wanted > cpus:
+                raise RayServeError(
+                    f"{replicas} replicas of {cpus_per_replica:g} CPUs need {wanted:g} CPUs; the local cluster has"
+                    f" {cpus} (set --ray-cpus, or fewer --replicas or --replica-cpus)"
+                )
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except RayServeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray's many connection errors, one line
+        where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+        hint = ""
+        if address and os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (
+                " (a cluster started by `ray start` uses token authentication: Ray sends the token to an explicit"
+                " address only with RAY_AUTH_MODE=token, and the cluster's token in ~/.ray/auth_token or"
+                " $RAY_AUTH_TOKEN)"
+            )
+        raise RayServeError(f"could not {where}: {' '.join(str(e).split())}{hint}") from e
+    finally:
+        _restore(handlers)
+    try:
+        if not started_cluster and options.get("autoscaling_config") is None:
+            have = float(ray.cluster_resources().get("CPU", 0))
+            if wanted > have:
+                raise RayServeError(
+                    f"{replicas} replicas of {cpus_per_replica:g} CPUs need {wanted:g} CPUs; the"
+                    f" cluster at {address} has {have:g}"
+                )
+        ray_serve.start(
+            http_options={"host": host, "port": port},
+            controller_options={"runtime_env": {"env_vars": {PROXY_CALLBACK_ENV: os.environ[PROXY_CALLBACK_ENV]}}},
+        )
+        _run(app, app_name, stop)
+    except BaseException as e:
+        if isinstance(e, Interrupted):
+            with contextlib.suppress(Exception):
+                ray_serve.delete(app_name, _blocking=True)
+        if started_cluster:
+            with contextlib.suppress(Exception):
+                ray_serve.shutdown()
+        ray.shutdown()
+        if isinstance(e, (RayServeError, Interrupted, KeyboardInterrupt)):
+            raise
+        raise RayServeError(f"could not deploy {Path(model)}: {' '.join(str(e).split())[:500]}") from e
+    return Service(_url(host, port), app_name, started_cluster, time.monotonic() - began)
+
+
+class Interrupted(RayServeError):
+    """:func:`start` was stopped (its ``stop`` event set) before the deployment was ready."""
+
+
+def _signal_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for s, handler in handlers.items():
+        if handler is not None:
+            signal.signal(s, handler)
+
+
+def _run(app: Any, app_name: str, stop: threading.Event | None) -> None:
+    done: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ray_serve.run(app, name=app_name, route_prefix="/", blocking=False)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            done.append(e)
+
+    worker = threading.Thread(target=run, name="edgeroute-ray-deploy", daemon=True)
+    worker.start()
+    end = time.monotonic() + READY_TIMEOUT_S
+    while worker.is_alive() and time.monotonic() < end:
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopped before the deployment was ready")
+        worker.join(0.2)
+    if worker.is_alive():
+        raise RayServeError(f"the replicas did not start within {READY_TIMEOUT_S:g} s (serve.status() says why)")
+    if done:
+        raise done[0]
+
+
+def _url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def run(
+    model: str | Path,
+    settings: Settings,
+    announce: Callable[[str], None] = print,
+    **kwargs: Any,
+) -> None:
+    """:func:`start`, then serve until SIGINT or SIGTERM, then :meth:`Service.stop` (the command exits 0)."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            service = start(model, settings, stop=stop, **kwargs)
+        except Interrupted:
+            announce("edgeroute: stopped before the deployment was ready; it was removed")
+            return
+        try:
+            state = service.status()
+            announce(
+                f"edgeroute: serving {settings.model_name} at {service.url} on Ray Serve: "
+                f"{state['replica_states'].get('RUNNING', 0)} replicas running, started in {service.startup_s:.1f} s"
+                f" ({'local cluster' if service.started_cluster else 'joined cluster'})"
+            )
+            while not stop.wait(0.5):
+                pass
+            announce("edgeroute: stopping: deleting the deployment")
+        finally:
+            service.stop()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
