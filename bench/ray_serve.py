@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,28 +24,21 @@ import httpx
 from _common import REPO, need_model
 from engine import cpu_name
 
-from serve import MODEL, free_port, load
+from serve import MODEL, Server, free_port, load
 
 EDGEROUTE = str(REPO / ".venv" / "bin" / "edgeroute")
 
 
-def started(url: str, proc: Any, replicas: int | None, log: Path, deadline_s: float = 300) -> float:
-    """Seconds until /health answers 200 (and, on Ray, every replica runs); raises with the log's last line."""
+def all_running(server: Server, replicas: int | None, deadline_s: float = 300) -> None:
+    """Once /health answers: on Ray, wait until it shows every replica running."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline_s:
-        if proc.poll() is not None:
-            tail = log.read_text().strip().splitlines()
-            raise RuntimeError(f"exited: {tail[-1] if tail else '?'}")
-        try:
-            h = httpx.get(url + "/health", timeout=2)
-            if h.status_code == 200:
-                d = h.json().get("deployment")
-                if replicas is None or (d and d["replica_states"] == {"RUNNING": replicas}):
-                    return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
+    while replicas is not None:
+        d = httpx.get(server.url + "/health", timeout=5).json().get("deployment") or {}
+        if d.get("replica_states") == {"RUNNING": replicas}:
+            return
+        if time.monotonic() - t0 > deadline_s:
+            raise RuntimeError(f"{replicas} replicas not running within {deadline_s:g} s: {d}")
         time.sleep(0.1)
-    raise RuntimeError(f"not healthy within {deadline_s:g} s")
 
 
 def main() -> None:
@@ -68,27 +60,25 @@ def main() -> None:
     notes: list[str] = []
     for name, extra, replicas in setups:
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = Path(f"/tmp/bench-ray-{len(rows)}.log")
-        with log.open("w") as out:
-            proc = subprocess.Popen([*common, *extra, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-            try:
-                startup = started(url, proc, replicas, log)
-                load(url, "m", max(args.clients), 5.0, 8)  # warm-up, as wide as the widest row
-                for n in args.clients:
-                    row = load(url, "m", n, args.seconds, args.tokens)
-                    row.update(server=name, startup_s=startup)
-                    rows.append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
-            except RuntimeError as e:
-                notes.append(f"{name}: {e}")
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        t0 = time.monotonic()
+        try:
+            server = Server(f"ray-{len(rows)}", [*common, *extra, "--port", str(port)], port)
+        except RuntimeError as e:
+            notes.append(f"{name}: {e}")
+            continue
+        try:
+            all_running(server, replicas)
+            startup = time.monotonic() - t0
+            load(server.url, "m", max(args.clients), 5.0, 8)  # warm-up, as wide as the widest row
+            for n in args.clients:
+                row = load(server.url, "m", n, args.seconds, args.tokens)
+                row.update(server=name, startup_s=startup)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+        except RuntimeError as e:
+            notes.append(f"{name}: {e}")
+        finally:
+            server.stop()
     report = {"cpu": cpu_name(), "seconds": args.seconds, "tokens": args.tokens, "rows": rows, "notes": notes}
     if args.json:
         print(json.dumps(report, indent=2))

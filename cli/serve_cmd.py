@@ -130,15 +130,12 @@ def serve(
         )
     name = model_name or Path(model_path).resolve().name
     settings = Settings(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    where = {"host": host, "port": port, "provider": provider, "threads": threads, "context_size": ctx_size}
     if use_ray:
         _serve_on_ray(
             model_path,
             settings,
-            host=host,
-            port=port,
-            provider=provider,
-            threads=threads,
-            context_size=ctx_size,
+            **where,
             address=ray_address,
             ray_cpus=ray_cpus,
             replicas=replicas or 1,
@@ -146,16 +143,7 @@ def serve(
             autoscaling_config=_autoscaling(autoscaling),
         )
         return
-    run_server(
-        model_path,
-        settings,
-        host=host,
-        port=port,
-        provider=provider,
-        threads=threads,
-        context_size=ctx_size,
-        log_level=log_level,
-    )
+    run_server(model_path, settings, **where, log_level=log_level)
 
 
 def _autoscaling(text: str | None) -> dict[str, Any] | None:
