@@ -402,7 +402,7 @@ class Engine:
         self._admit()
         self._prefill()
         decoding = self._choose()
-        self._decode(decoding)
+        self._decode(decoding + self._tails(decoding))
         self._step_solo()
 
     def _drop_cancelled(self) -> None:
@@ -486,14 +486,14 @@ class Engine:
             run = slot.running
             if budget <= 0:
                 return
-            if run is None or run.fed >= run.n:
-                continue
+            if run is None or run.n - run.fed <= 1:
+                continue  # all fed, or one token left: it rides the decode step (``_tails``)
             assert cache is not None
             row = self._rows[slot.index]
-            take = min(budget, run.n - run.fed)
+            take = min(budget, run.n - run.fed - 1)
             row.lengths[0] = run.fed
             try:
-                logits = row.run(self.model.session, run.ids[None, run.fed : run.fed + take], 1)
+                row.run(self.model.session, run.ids[None, run.fed : run.fed + take], 1)
             except EdgerouteError as e:
                 self._release(run, None, e)
                 continue
@@ -501,8 +501,21 @@ class Engine:
             cache.lengths[slot.index] = run.fed
             budget -= take
             self._count("prefilled", take)
-            if run.fed == run.n:
-                run.logits = logits[0, -1].copy()
+
+    def _tails(self, decoding: list[_Running]) -> list[_Running]:
+        """Requests whose prompt has one token left to feed (a prompt whose prefix was reused, or the end of a
+        chunked prefill): that token is fed by the decode step, as a row of its graph run, like a decoding
+        request's last token (both are "one token after the row's length"). A burst of requests that reuse
+        cached prompts then costs the running streams no extra graph run, where a one-token prefill per request
+        cost a run each."""
+        going = {id(r) for r in decoding}
+        tails = []
+        for slot in self._slots:
+            run = slot.running
+            if run is not None and id(run) not in going and run.logits is None and run.n - run.fed == 1:
+                tails.append(run)
+                self._count("prefilled", 1)
+        return tails
 
     def _choose(self) -> list[_Running]:
         """The next token of every request whose logits are at hand; returns those that go on decoding."""
