@@ -130,7 +130,13 @@ def serve(
         )
     name = model_name or Path(model_path).resolve().name
     settings = Settings(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
-    where = {"host": host, "port": port, "provider": provider, "threads": threads, "context_size": ctx_size}
+    where: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "provider": provider,
+        "threads": threads,
+        "context_size": ctx_size,
+    }
     if use_ray:
         _serve_on_ray(
             model_path,
