@@ -401,8 +401,8 @@ class Engine:
         self._drop_cancelled()
         self._admit()
         self._prefill()
-        decoding = self._choose()
-        self._decode(decoding + self._tails(decoding))
+        self._choose()
+        self._decode()
         self._step_solo()
 
     def _drop_cancelled(self) -> None:
@@ -487,7 +487,7 @@ class Engine:
             if budget <= 0:
                 return
             if run is None or run.n - run.fed <= 1:
-                continue  # all fed, or one token left: it rides the decode step (``_tails``)
+                continue  # all fed, or one token left: the decode step feeds it
             assert cache is not None
             row = self._rows[slot.index]
             take = min(budget, run.n - run.fed - 1)
@@ -502,24 +502,8 @@ class Engine:
             budget -= take
             self._count("prefilled", take)
 
-    def _tails(self, decoding: list[_Running]) -> list[_Running]:
-        """Requests whose prompt has one token left to feed (a prompt whose prefix was reused, or the end of a
-        chunked prefill): that token is fed by the decode step, as a row of its graph run, like a decoding
-        request's last token (both are "one token after the row's length"). A burst of requests that reuse
-        cached prompts then costs the running streams no extra graph run, where a one-token prefill per request
-        cost a run each."""
-        going = {id(r) for r in decoding}
-        tails = []
-        for slot in self._slots:
-            run = slot.running
-            if run is not None and id(run) not in going and run.logits is None and run.n - run.fed == 1:
-                tails.append(run)
-                self._count("prefilled", 1)
-        return tails
-
-    def _choose(self) -> list[_Running]:
-        """The next token of every request whose logits are at hand; returns those that go on decoding."""
-        going: list[_Running] = []
+    def _choose(self) -> None:
+        """The next token of every request whose logits are at hand (each then has one token to feed)."""
         for slot in self._slots:
             run = slot.running
             if run is None or run.logits is None:
@@ -543,14 +527,16 @@ class Engine:
             run.request._push(step)
             if out.done:
                 self._release(run, "done")
-            else:
-                going.append(run)
-        return going
 
-    def _decode(self, going: list[_Running]) -> None:
-        """One graph run for every request in ``going``: rows ``0..hi`` of the batch cache."""
+    def _decode(self) -> None:
+        """One graph run for every request with one token to feed, rows ``0..hi`` of the batch cache: the token a
+        decoding request just chose, or the last token of a prompt (after a reused prefix or a chunked prefill),
+        which is not prefilled alone: both are "one token after the row's length", so a request whose prompt is
+        cached joins without a graph run of its own."""
+        going = [r for r in (s.running for s in self._slots) if r is not None and r.n - r.fed == 1]
         if not going:
             return
+        self._count("prefilled", sum(1 for r in going if r.n == r.usage.prompt_tokens))
         cache = self._cache
         assert cache is not None
         hi = max(r.slot.index for r in going) + 1
