@@ -52,7 +52,7 @@ import edgeroute as er  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
-from .app import Settings, create_app  # noqa: E402
+from .app import Settings, create_app, error_response  # noqa: E402
 from .protocol import APIError  # noqa: E402
 
 APP_NAME = "edgeroute"
@@ -119,12 +119,10 @@ class Replica:
 
     def check_health(self) -> None:
         """Ray calls it every few seconds; raising marks the replica unhealthy and Ray replaces it."""
-        state = getattr(self._starlette.state, "edgeroute", None) if self._starlette is not None else None
-        if state is None:
+        if self._starlette is None:
             return  # the app is being built
-        if state.error is not None:
-            raise RuntimeError(f"the model failed: {state.error}")
-        if state.engine is not None and not state.engine.alive:
+        engine = self._starlette.state.edgeroute.engine  # None until the app's lifespan started it
+        if engine is not None and not engine.alive:
             raise RuntimeError("the engine stopped")
 
     def _health(self) -> dict[str, Any]:
@@ -150,12 +148,16 @@ def deployment_status(app_name: str = APP_NAME, deployment_name: str | None = No
     name = deployment_name if deployment_name in deployments else next(iter(deployments), None)
     d = deployments.get(name) if name is not None else None
     return {
-        "application": str(app.status.value if hasattr(app.status, "value") else app.status),
+        "application": _name(app.status),
         "name": name,
-        "status": str(d.status.value if hasattr(d.status, "value") else d.status) if d else "NOT_FOUND",
+        "status": _name(d.status) if d else "NOT_FOUND",
         "message": d.message if d else app.message,
-        "replica_states": {str(getattr(k, "value", k)): n for k, n in (d.replica_states if d else {}).items()},
+        "replica_states": {_name(k): n for k, n in (d.replica_states if d else {}).items()},
     }
+
+
+def _name(state: Any) -> str:
+    return str(getattr(state, "value", state))  # Ray's status enums, as their names
 
 
 def deployment(
@@ -250,7 +252,7 @@ class ProxyErrors:
                 retry = {k.lower(): v for k, v in held.get("headers", [])}.get(b"retry-after")
                 held = None
                 error = _proxy_error(status, body.decode("utf-8", "replace"), retry)
-                await _send_error(send, error)
+                await error_response(error)(scope, receive, send)
                 started = finished = True
                 return
             elif kind == "http.response.body" and not message.get("more_body", False):
@@ -265,7 +267,7 @@ class ProxyErrors:
         if finished:
             return
         if not started:
-            await _send_error(send, _replica_failed())
+            await error_response(_replica_failed())(scope, receive, send)
         elif stream:
             event = json.dumps(_replica_failed().body())
             await send({"type": "http.response.body", "body": f"data: {event}\n\ndata: [DONE]\n\n".encode()})
@@ -285,14 +287,6 @@ def _proxy_error(status: int, text: str, retry: bytes | None) -> APIError:
     message = " ".join(text.split()) or f"HTTP {status}"
     headers = {"Retry-After": retry.decode("latin-1")} if retry else None
     return APIError(status, f"Ray Serve: {message}", None, _PROXY_CODES.get(status), headers=headers)
-
-
-async def _send_error(send: Send, error: APIError) -> None:
-    payload = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 def proxy_middlewares() -> list[Middleware]:
@@ -350,18 +344,15 @@ def start(
     (Ray's abort the process); the caller's are put back."""
     began = time.monotonic()
     app = deployment(model, settings, replicas=replicas, cpus_per_replica=cpus_per_replica, **options)
-    wanted = replicas * cpus_per_replica
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # a local cluster's proxies inherit it
     started_cluster = address is None
     handlers = _signal_handlers()
     try:
         if started_cluster:
             cpus = ray_cpus if ray_cpus is not None else (os.cpu_count() or 1)
-            if options.get("autoscaling_config") is None and wanted > cpus:
-                raise RayServeError(
-                    f"{replicas} replicas of {cpus_per_replica:g} CPUs need {wanted:g} CPUs; the local cluster has"
-                    f" {cpus} (set --ray-cpus, or fewer --replicas or --replica-cpus)"
-                )
+            if options.get("autoscaling_config") is None:
+                hint = " (set --ray-cpus, or fewer replicas)"
+                _check_cpus(replicas, cpus_per_replica, cpus, "the local cluster", hint)
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         else:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -376,17 +367,13 @@ def start(
                 " address only with RAY_AUTH_MODE=token, and the cluster's token in ~/.ray/auth_token or"
                 " $RAY_AUTH_TOKEN)"
             )
-        raise RayServeError(f"could not {where}: {' '.join(str(e).split())}{hint}") from e
+        raise RayServeError(f"could not {where}: {_line(e)}{hint}") from e
     finally:
         _restore(handlers)
     try:
         if not started_cluster and options.get("autoscaling_config") is None:
             have = float(ray.cluster_resources().get("CPU", 0))
-            if wanted > have:
-                raise RayServeError(
-                    f"{replicas} replicas of {cpus_per_replica:g} CPUs need {wanted:g} CPUs; the"
-                    f" cluster at {address} has {have:g}"
-                )
+            _check_cpus(replicas, cpus_per_replica, have, f"the cluster at {address}")
         ray_serve.start(
             http_options={"host": host, "port": port},
             controller_options={"runtime_env": {"env_vars": {PROXY_CALLBACK_ENV: os.environ[PROXY_CALLBACK_ENV]}}},
@@ -400,10 +387,22 @@ def start(
             with contextlib.suppress(Exception):
                 ray_serve.shutdown()
         ray.shutdown()
-        if isinstance(e, (RayServeError, Interrupted, KeyboardInterrupt)):
+        if isinstance(e, (RayServeError, KeyboardInterrupt)):
             raise
-        raise RayServeError(f"could not deploy {Path(model)}: {' '.join(str(e).split())[:500]}") from e
+        raise RayServeError(f"could not deploy {Path(model)}: {_line(e)[:500]}") from e
     return Service(_url(host, port), app_name, started_cluster, time.monotonic() - began)
+
+
+def _check_cpus(replicas: int, cpus_per_replica: float, have: float, where: str, hint: str = "") -> None:
+    wanted = replicas * cpus_per_replica
+    if wanted > have:
+        raise RayServeError(
+            f"{replicas} replicas of {cpus_per_replica:g} CPUs need {wanted:g} CPUs; {where} has {have:g}{hint}"
+        )
+
+
+def _line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class Interrupted(RayServeError):

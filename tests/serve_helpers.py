@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,3 +81,15 @@ def stream_json(client: httpx.Client, path: str, body: dict[str, Any], **kw: Any
         for data in sse_events(r.iter_lines()):
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeroute.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -28,7 +28,7 @@ pytest.importorskip("ray.serve", reason="the ray extra is not installed")  # mak
 
 from edgeroute.serve import Settings, create_app  # noqa: E402
 from edgeroute.serve.ray import ProxyErrors  # noqa: E402
-from serve_helpers import Running, wait_until  # noqa: E402
+from serve_helpers import Running, free_port, run_cli, wait_until  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
 openai = pytest.importorskip("openai")
@@ -132,12 +132,6 @@ def test_answers_of_the_replicas_pass_untouched() -> None:
 
 
 # -- the command's mistakes (no cluster started) ------------------------------------------------------------------
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgeroute.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("ray") / NAME, kv_layout="shared")
@@ -201,14 +195,6 @@ def test_the_deployment_takes_its_bounds_from_the_settings_and_passes_autoscalin
 
 
 # -- a local cluster: 2 replicas ------------------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Command:
     """``edgeroute serve --ray ...`` in a subprocess (its stderr read by a thread), stopped with SIGTERM (killed if
     it hangs)."""

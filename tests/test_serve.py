@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 from edgeroute.serve import Settings, create_app
-from serve_helpers import Running, sse_events, stream_json, wait_until
+from serve_helpers import Running, free_port, run_cli, sse_events, stream_json, wait_until
 
 NAME = "tiny"
 QUESTION = [{"role": "user", "content": "Tell me a story about a robot"}]
@@ -515,20 +515,6 @@ def test_shutdown_cancels_streams_that_outlive_the_grace_period(model: er.Model)
 
 
 # -- the command ------------------------------------------------------------------------------------------------
-def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgeroute.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_the_command_serves_and_stops_cleanly_on_a_signal(model: er.Model, sig: signal.Signals) -> None:
     port = free_port()
