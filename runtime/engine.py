@@ -9,12 +9,14 @@ An :class:`Engine` owns one background thread and, for graphs with a shared KV b
    0..hi, so low slots keep it narrow; the caches of higher free slots live on until their slot is needed);
 3. prefills at most ``prefill_budget`` prompt tokens (one chunk of one or more requests, each into its own row),
    so a long prompt arriving costs the running streams one chunk per step, not the whole prompt;
-4. chooses the next token of every decoding request from its logits (its own router, RNG, stop strings, limits,
-   logprobs: the same :class:`~edgeroute.choice.TokenChooser` and :class:`~edgeroute.output.TurnOutput` a
-   Generator uses) and hands the :class:`~edgeroute.Step` to the request;
-5. runs the graph once for every request still decoding: rows ``0..hi`` of the batch cache, each appending its
-   own token after its own length (rows in between that are not decoding get a placeholder token whose position
-   is given back, so their cached tokens are untouched).
+4. runs the graph once for every request with one token to feed (the token it chose last, or its prompt's last
+   token): rows ``0..hi`` of the batch cache, each appending its own token after its own length (rows in between
+   that are not decoding get a placeholder token whose position is given back, so their cached tokens are
+   untouched);
+5. chooses the next token of every request from the logits that run gave it (its own router, RNG, stop strings,
+   limits, logprobs: the same :class:`~edgeroute.choice.TokenChooser` and :class:`~edgeroute.output.TurnOutput` a
+   Generator uses) and hands the :class:`~edgeroute.Step` to the request at once, before the next iteration's
+   admissions and prefill chunk (a new request's first token does not wait for the next prompt's chunk).
 
 Requests with a second flow (a draft model, guidance, contrast) and every request on a graph with a concatenated
 KV cache (the optimum backend) run *solo*: each on a Generator of its own, one step per iteration, interleaved
@@ -401,8 +403,8 @@ class Engine:
         self._drop_cancelled()
         self._admit()
         self._prefill()
-        self._choose()
         self._decode()
+        self._choose()
         self._step_solo()
 
     def _drop_cancelled(self) -> None:

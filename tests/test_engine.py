@@ -200,6 +200,39 @@ def test_prefix_reuse_gives_the_tokens_of_a_cold_prefill(shared: er.Model) -> No
         assert engine.stats().reused_prompt_tokens == 0
 
 
+def test_a_first_token_is_handed_over_before_the_next_prefill_chunk(shared: er.Model) -> None:
+    """The token a graph run lets a request choose reaches it right after that run, not after the next iteration's
+    prefill chunk of another prompt (which would add a chunk's time to its time to first token)."""
+
+    class Watched:
+        """The model's session; records, at the start of every graph run, how many steps ``short`` has."""
+
+        def __init__(self, inner: object) -> None:
+            self.inner, self.seen, self.watch = inner, [], None
+
+        def run_with_iobinding(self, io: object) -> None:
+            self.seen.append(len(self.watch._steps) if self.watch is not None else -1)
+            self.inner.run_with_iobinding(io)  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    model = er.Model.load(shared.path)
+    watched = Watched(model.session)
+    model.session = watched
+    cfg = er.GenerationConfig(max_new_tokens=4, sampling=er.SamplingConfig(temperature=0))
+    with er.Engine(model, max_batch=2, prefill_budget=8, prefix_reuse=False) as engine:
+        with engine._lock:  # both are queued before the engine's first iteration
+            short = engine.submit([5, 6, 7], cfg)
+            long = engine.submit(list(range(10, 70)), cfg)
+            watched.watch = short
+        assert short.result(timeout=30).token_ids == shared.generate([5, 6, 7], cfg).token_ids
+        assert long.result(timeout=30).token_ids == shared.generate(list(range(10, 70)), cfg).token_ids
+    # runs: the short prompt's first 2 tokens, the long one's first chunk (6), the decode step that feeds the short
+    # prompt's last token; at the start of the 4th (the long prompt's 2nd chunk) the short request has its token
+    assert watched.seen[:4] == [0, 0, 0, 1]
+
+
 def test_a_failing_graph_run_fails_its_requests_and_the_engine_goes_on(shared: er.Model) -> None:
     class Flaky:
         """The model's session; ``run_with_iobinding`` raises while ``fail`` is set."""
