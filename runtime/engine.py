@@ -33,6 +33,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import count
@@ -241,6 +242,7 @@ class EngineStats:
     cancelled: int
     reused_prompt_tokens: int
     prefilled_prompt_tokens: int
+    incoming: int = 0  # requests announced with Engine.incoming() and not submitted yet
 
 
 class Engine:
@@ -253,6 +255,8 @@ class Engine:
             :class:`QueueFullError`. ``0`` queues nothing: a request starts at once or is refused.
         prefill_budget: prompt tokens prefilled per iteration (the stall a new prompt costs running streams).
         prefix_reuse: reuse a free slot's cached tokens that start a new prompt.
+        gather: seconds an idle engine waits, at most, for requests announced with :meth:`incoming` before it
+            starts the first one, so that requests arriving together start in one step (a server's burst).
     """
 
     def __init__(
@@ -262,6 +266,7 @@ class Engine:
         max_queue: int = 64,
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
         prefix_reuse: bool = True,
+        gather: float = 0.02,
     ) -> None:
         for name, value, least in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -271,7 +276,11 @@ class Engine:
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
+        if not isinstance(gather, (int, float)) or isinstance(gather, bool) or not 0 <= gather <= 1:
+            raise ConfigError("gather", gather, "must be a number of seconds in [0, 1]")
         self.prefill_budget = prefill_budget
+        self.gather = float(gather)
+        self._incoming = 0
         self.prefix_reuse = prefix_reuse
         self.mode = "batched" if model.shared_kv else "solo"
         self._cache: SharedKVCache | None = None
@@ -336,6 +345,21 @@ class Engine:
             self._lock.notify_all()
         return request
 
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request on its way (a server reading and parsing it) for the block's duration. An idle engine
+        that has a request to start waits (at most ``gather`` seconds) while announced ones are still outside
+        :meth:`submit`, so that a burst of requests starts in one graph run instead of one run per arrival.
+        Nothing waits while requests are running: a new one joins them at the next step, as always."""
+        with self._lock:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._incoming -= 1
+                self._lock.notify_all()
+
     def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **flows: Any) -> Completion:
         """Submit and wait: the :class:`Completion` that ``Model.generate`` returns."""
         return self.submit(prompt, config, **flows).result()
@@ -356,6 +380,7 @@ class Engine:
                 c["cancelled"],
                 c["reused"],
                 c["prefilled"],
+                self._incoming,
             )
 
     @property
@@ -382,6 +407,10 @@ class Engine:
             with self._lock:
                 while not self._closed and not self._queue and not self._busy():
                     self._lock.wait()
+                if self._incoming and not self._busy():  # a burst arriving at an idle engine: start it together
+                    end = time.monotonic() + self.gather
+                    while self._incoming and not self._closed and (left := end - time.monotonic()) > 0:
+                        self._lock.wait(left)
                 if self._closed:
                     break
             try:

@@ -291,8 +291,9 @@ class _Api:
     # -- generation ---------------------------------------------------------------------------------------------
     async def _generate(self, request: Request, parse: Callable[[Any, er.Model, str], Parsed]) -> Response:
         model, engine = self._ready()
-        body = await self._json(request)
-        parsed, handles = await run_in_threadpool(self._submit, parse, body, model, engine)
+        with engine.incoming():  # an idle engine waits for the requests of a burst still being read (Engine.gather)
+            body = await self._json(request)
+            parsed, handles = await run_in_threadpool(self._submit, parse, body, model, engine)
         if self._texts is None:
             self._texts = TokenText(model.tokenizer)
         answer = _Answer(parsed, handles, model, self._texts, self.metrics)

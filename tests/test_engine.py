@@ -233,6 +233,36 @@ def test_a_first_token_is_handed_over_before_the_next_prefill_chunk(shared: er.M
     assert watched.seen[:4] == [0, 0, 0, 1]
 
 
+def test_an_idle_engine_gathers_the_requests_announced_as_incoming(shared: er.Model) -> None:
+    """A burst starts in one step: an idle engine waits for requests announced with incoming() (a server reading
+    them), at most ``gather`` seconds; it never waits while requests run; bad values of gather are refused."""
+    cfg = er.GenerationConfig(max_new_tokens=3, sampling=er.SamplingConfig(temperature=0))
+    with er.Engine(shared, max_batch=4, gather=1.0) as engine:
+        with engine.incoming():
+            first = engine.submit("one", cfg)
+            time.sleep(0.3)
+            assert not first._steps and engine.stats().incoming == 1  # held while the other is on its way
+            second = engine.submit("two", cfg)
+        assert first.result(timeout=30).token_ids == shared.generate("one", cfg).token_ids
+        assert second.result(timeout=30).token_ids == shared.generate("two", cfg).token_ids
+        assert engine.stats().incoming == 0
+    with er.Engine(shared, max_batch=4, gather=0.05) as engine:
+        with engine.incoming():  # announced, never submitted: the wait ends after gather
+            lone = engine.submit("one", cfg)
+            assert lone.result(timeout=30).token_ids == shared.generate("one", cfg).token_ids
+    long = er.GenerationConfig(max_new_tokens=400, min_new_tokens=400, sampling=er.SamplingConfig(temperature=0))
+    with er.Engine(shared, max_batch=4, gather=1.0) as engine:
+        running = engine.submit("one", long)
+        wait_until(lambda: len(running._steps) >= 1)
+        with engine.incoming():  # requests run: a newcomer joins at the next step, announced or not
+            joining = engine.submit("two", cfg)
+            assert joining.result(timeout=30).token_ids == shared.generate("two", cfg).token_ids
+        running.cancel()
+    for bad in (-0.1, 2, "0.1", True):
+        with pytest.raises(er.ConfigError, match="gather"):
+            er.Engine(shared, gather=bad)  # type: ignore[arg-type]
+
+
 def test_a_failing_graph_run_fails_its_requests_and_the_engine_goes_on(shared: er.Model) -> None:
     class Flaky:
         """The model's session; ``run_with_iobinding`` raises while ``fail`` is set."""

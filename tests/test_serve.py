@@ -313,7 +313,7 @@ def test_bad_chat_values_are_400s_naming_the_parameter(http: httpx.Client, body:
     assert err["param"] == param and err["code"] == code and err["type"] == "invalid_request_error"
 
 
-def test_other_errors(http: httpx.Client, model: er.Model) -> None:
+def test_other_errors(http: httpx.Client, model: er.Model, server: Running) -> None:
     err = error_of(http.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "x"}), 400)
     assert err["code"] == "invalid_json"
     assert error_of(http.post("/v1/chat/completions", content=b"[1, 2]"), 400)["code"] == "invalid_type"
@@ -333,6 +333,8 @@ def test_other_errors(http: httpx.Client, model: er.Model) -> None:
     assert err["param"] == "prompt"
     err = error_of(http.post("/v1/completions", json={"prompt": "x", "logprobs": True}), 400)
     assert err["param"] == "logprobs"
+    # no refused request is still announced to the engine (an idle engine would wait for it: Engine.gather)
+    assert server.server.config.app.state.edgeroute.stats().incoming == 0
 
 
 def test_api_key_body_limit_and_full_queue(model: er.Model) -> None:
@@ -367,6 +369,7 @@ def test_api_key_body_limit_and_full_queue(model: er.Model) -> None:
             busy = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=key)
             assert error_of(busy, 429)["code"] == "queue_full" and busy.headers["retry-after"] == "1"
         wait_until(lambda: srv.server.config.app.state.edgeroute.stats().active == 0, 10)
+        assert srv.server.config.app.state.edgeroute.stats().incoming == 0  # 401, 413 and 429 left incoming()
 
 
 # -- cancellation and concurrency -------------------------------------------------------------------------------
@@ -489,6 +492,7 @@ def test_metrics(model: er.Model) -> None:
     assert "edgeroute_time_to_first_token_seconds_count 2.0" in text
     assert "edgeroute_inter_token_latency_seconds_count 10.0" in text  # 6 + 4 gaps
     assert "edgeroute_queue_depth 0.0" in text and "edgeroute_active_requests 0.0" in text
+    assert "edgeroute_incoming_requests 0.0" in text  # the 400 left the engine's incoming() block too
 
 
 def test_shutdown_cancels_streams_that_outlive_the_grace_period(model: er.Model) -> None:
