@@ -33,8 +33,8 @@ import asyncio
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import count
 from typing import TYPE_CHECKING, Any

@@ -57,9 +57,9 @@ class Metrics:
         Gauge("edgeroute_active_requests", "Requests generating now (slots in use)", registry=r).set_function(
             read("active")
         )
-        Gauge(
-            "edgeroute_incoming_requests", "Requests being read or parsed (not queued yet)", registry=r
-        ).set_function(read("incoming"))
+        Gauge("edgeroute_incoming_requests", "Requests being read or parsed (not queued yet)", registry=r).set_function(
+            read("incoming")
+        )
         Gauge("edgeroute_max_batch", "Slots of the engine", registry=r).set_function(read("max_batch"))
 
     def count(self, path: str, status: int) -> None:
