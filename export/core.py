@@ -25,6 +25,7 @@ from edgeroute.manifest import MANIFEST_NAME
 
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
+HEADS = ("int4", "int8")  # an LM head's precision, fewest bits first
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("auto", "fused", "optimum")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -109,6 +110,7 @@ def export_model(
     calibrate: bool = True,
     tokenizer: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    head: str | None = None,
 ) -> Path:
     """Export a checkpoint to an edgeroute model folder and return its path.
 
@@ -134,6 +136,9 @@ def export_model(
         tokenizer: a folder with the original checkpoint's ``tokenizer.json`` (and chat template) to ship instead
             of the source's own (a GGUF's tokenizer is rebuilt from its metadata as llama.cpp reads it).
         progress: called as ``progress(stage, "start"|"done", seconds)`` for each stage.
+        head: ``int8`` keeps the LM head (and a tied embedding, which reads the head's weights) at 8 bits in an int4
+            export, as llama.cpp's Q4_K_M keeps its token embedding at Q8_0: for models whose large vocabulary
+            makes the head a big share of the weights (Gemma 3); default (None or ``quantize``): as the layers.
     """
     for name, value, allowed in (
         ("dtype", dtype, DTYPES),
@@ -149,6 +154,13 @@ def export_model(
         raise ConfigError("backend", backend, "the fused backend builds fp32, int8 and int4 graphs (optimum: fp16)")
     if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
         raise ConfigError("context_length", context_length, "must be a positive integer")
+    if head is not None:
+        if head not in HEADS:
+            raise ConfigError("head", head, f"must be one of {', '.join(HEADS)}")
+        if quantize == "none":
+            raise ConfigError("head", head, "sets the LM head's precision in a quantised export: add --quantize")
+        if HEADS.index(head) < HEADS.index(quantize):
+            raise ConfigError("head", head, f"the LM head cannot have fewer bits than the {quantize} layers")
     if block_size not in BLOCK_SIZES:
         raise ConfigError("block_size", block_size, f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
     out = Path(out_dir).expanduser().resolve()
@@ -179,7 +191,7 @@ def export_model(
     stages = _Stages(progress)
     try:
         with _terminate_as_interrupt():
-            options = (dtype, quantize, validate, context_length, block_size, backend, calibrate)
+            options = (dtype, quantize, validate, context_length, block_size, backend, calibrate, head)
             _build(tmp, source, (base, tokenizer), device, options, stages)
             _move_into_place(tmp, out, force)
     except BaseException:
@@ -230,12 +242,12 @@ def _build(
     source: Any,
     companions: tuple[Any, Any],
     device: str,
-    options: tuple[str, str, bool, int | None, int, str, bool],
+    options: tuple[str, str, bool, int | None, int, str, bool, str | None],
     stages: _Stages,
 ) -> None:
     from . import fused, graph, manifest_writer, sources
 
-    dtype, quantize, validate, context_length, block_size, backend, calibrate = options
+    dtype, quantize, validate, context_length, block_size, backend, calibrate, head = options
     with stages("load"):
         src = sources.load_source(source, companions[0], device, tokenizer=companions[1])
     why_not = fused.unsupported_reason(src.model)
@@ -260,7 +272,10 @@ def _build(
 
                 calibration = (list(src.tokenizer.encode(CALIBRATION_TEXT)), ctx, contract)
             bits = 8 if quantize == "int8" else 4
-            quant = graph.quantize_weights(fp32, final, bits=bits, block_size=block_size, calibration=calibration)
+            head_bits = 8 if head == "int8" else bits
+            quant = graph.quantize_weights(
+                fp32, final, bits=bits, block_size=block_size, calibration=calibration, head_bits=head_bits
+            )
             for f in tmp.iterdir():
                 if f.name.startswith("fp32.onnx"):
                     f.unlink()

@@ -122,6 +122,7 @@ def quantize_weights(
     block_size: int = 32,
     accuracy_level: int = 4,
     calibration: tuple[list[int], int, GraphContract] | None = None,
+    head_bits: int | None = None,
 ) -> dict[str, Any]:
     """Block-wise weight quantisation of every MatMul with a constant weight (LM head included) to
     onnxruntime's MatMulNBits, activations quantised to int8 per block at run time (accuracy level 4).
@@ -137,6 +138,12 @@ def quantize_weights(
     model = fold_constant_transposes(load(src))
     tied = _tied_embeddings(model)
     calibrated = None
+    head_bits = head_bits or bits
+    if head_bits != bits:  # the LM head (and a tied embedding, which reads its weights) at its own precision first
+        head = _lm_head(model)
+        if head is None:
+            raise ExportError("the graph has no MatMul LM head whose precision --head could set")
+        model = _quantize_int8(model, block_size, accuracy_level, [head.name])
     if bits == 4:
         weights = None
         if calibration is not None:
@@ -150,21 +157,9 @@ def quantize_weights(
         weighted = " weighted by calibration activations" if weights is not None else ""
         scheme = f"MatMulNBits (weight-only, asymmetric, searched scales{weighted}, int8 activations)"
     else:
-        import logging
-
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-        sizes = sorted({int(init.dims[0]) for _, init in _weight_matmuls(model)})
-        if any(k % block_size for k in sizes):
-            raise ExportError(f"int8 block size {block_size} does not divide the weights' input sizes {sizes}")
-        q = MatMulNBitsQuantizer(
-            model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
-        )
-        q.process()
-        model = q.model.model
+        model = _quantize_int8(model, block_size, accuracy_level)
         scheme = "MatMulNBits (weight-only, symmetric RTN, int8 activations)"
-    shared = _share_quantized_embeddings(model, tied, bits, block_size)
+    shared = _share_quantized_embeddings(model, tied, head_bits, block_size)
     save(model, dst)
     n = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
     return {
@@ -175,9 +170,39 @@ def quantize_weights(
         "accuracy_level": accuracy_level,
         "nodes": n,
         "calibration": calibrated or "none",
-        "lm_head": "quantised",
+        "lm_head": f"int{head_bits}",
         "embedding": "shares the LM head's quantised weights" if shared else "float",
     }
+
+
+def _quantize_int8(model: Any, block_size: int, accuracy_level: int, only: list[str] | None = None) -> Any:
+    """onnxruntime's symmetric 8-bit round-to-nearest MatMulNBits for every MatMul with a constant weight (or the
+    nodes named in ``only``); returns the new model."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    chosen = [(n, i) for n, i in _weight_matmuls(model) if only is None or n.name in only]
+    sizes = sorted({int(init.dims[0]) for _, init in chosen})
+    if any(k % block_size for k in sizes):
+        raise ExportError(f"int8 block size {block_size} does not divide the weights' input sizes {sizes}")
+    others = [n.name for n, _ in _weight_matmuls(model) if only is not None and n.name not in only]
+    q = MatMulNBitsQuantizer(
+        model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, nodes_to_exclude=others
+    )
+    q.process()
+    return q.model.model
+
+
+def _lm_head(model: Any) -> Any:
+    """The MatMul with a constant weight that computes the logits: the one whose weight has the vocabulary's width
+    (the ``logits`` output's last dimension), the last such in the graph."""
+    out = next((o for o in model.graph.output if o.name == "logits"), None)
+    dims = out.type.tensor_type.shape.dim if out is not None else []
+    vocab = dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
+    heads = [n for n, init in _weight_matmuls(model) if vocab is not None and int(init.dims[1]) == vocab]
+    return heads[-1] if heads else None
 
 
 def _quantize_int4(

@@ -456,6 +456,7 @@ def test_cli_export(llama_ckpt: Path, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["export", str(llama_ckpt), str(tmp_path / "out"), "--quantize", "int4"])
     assert res.exit_code == 0, res.output
     assert "top-1 agreement" in res.output and "int4" in res.output
+    assert "warning" not in res.output  # the tiny model's int4 perplexity is within QUALITY_WARN_PCT
     exe = Path(sys.executable).parent / "edgeroute"
     again = subprocess.run([str(exe), "export", str(llama_ckpt), str(tmp_path / "out")], capture_output=True, text=True)
     assert again.returncode == 1
@@ -467,6 +468,22 @@ def test_cli_export(llama_ckpt: Path, tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "int3" in bad.stderr
+
+
+def test_a_quantised_export_that_loses_much_is_flagged() -> None:
+    """Gemma 3 270M's measured int4 figures (bench/gemma3.py) get the warning line with what to compare."""
+    from edgeroute.cli.export_cmd import quality_warning
+
+    def manifest(method: str, change: float | None) -> dict:
+        quality = None if change is None else {"perplexity_change_pct": change, "top1_agreement": 0.745}
+        return {"quantization": {"method": method}, "provenance": {"validation": {"quality": quality}}}
+
+    line = quality_warning(manifest("int4", 21.19))
+    assert line is not None and "21.2%" in line and "74.5%" in line and "--quantize int8" in line
+    assert "no quantisation" in str(quality_warning(manifest("int8", 12.0)))
+    assert quality_warning(manifest("int4", 3.0)) is None
+    assert quality_warning(manifest("none", 50.0)) is None
+    assert quality_warning(manifest("int4", None)) is None  # --no-validate
 
 
 @pytest.mark.slow

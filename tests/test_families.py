@@ -125,6 +125,41 @@ def test_quantised_exports(family: dict[str, object], quantize: str, tmp_path: P
     assert len(model.generate(TEXT, GREEDY).token_ids) == 24
 
 
+def test_an_int4_export_with_an_int8_head(tmp_path: Path) -> None:
+    """--head int8: the LM head (and Gemma's tied embedding, which reads its table) at 8 bits, every layer at 4,
+    through the command; the head's precision is refused without quantisation or below the layers' bits."""
+    import onnx
+    from click.testing import CliRunner
+    from edgeroute.cli import cli
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "gemma3_text", seed=5)
+    res = CliRunner().invoke(cli, ["export", str(ckpt), str(tmp_path / "h8"), "--quantize", "int4", "--head", "int8"])
+    assert res.exit_code == 0, res.output
+    man = json.loads((tmp_path / "h8" / "edgeroute.json").read_text())
+    assert man["quantization"]["method"] == "int4" and man["quantization"]["lm_head"] == "int8"
+    q = man["provenance"]["validation"]["quality"]
+    assert q["top1_agreement"] > 0.5 and abs(q["perplexity_change_pct"]) < 2
+    graph = onnx.load(str(tmp_path / "h8" / "model.onnx"), load_external_data=False).graph
+
+    def bits(node: onnx.NodeProto) -> int:
+        return next(a.i for a in node.attribute if a.name == "bits")
+
+    heads = {n.name: bits(n) for n in graph.node if n.op_type == "MatMulNBits"}
+    assert [b for name, b in heads.items() if name.startswith("lm_head")] == [8]
+    assert {b for name, b in heads.items() if not name.startswith("lm_head")} == {4}
+    assert [bits(n) for n in graph.node if n.op_type == "GatherBlockQuantized"] == [8]
+    model = er.Model.load(tmp_path / "h8")
+    assert len(model.generate(TEXT, GREEDY).token_ids) == 24
+    for args, needle in (
+        (["--head", "int8"], "add --quantize"),
+        (["--quantize", "int8", "--head", "int4"], "fewer bits than the int8 layers"),
+        (["--quantize", "int4", "--head", "int2"], "int2"),
+    ):
+        res = CliRunner().invoke(cli, ["export", str(ckpt), str(tmp_path / "bad"), *args])
+        assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_unsupported_variants_fall_back_with_the_reason(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "gemma3_text")
     cfg = json.loads((ckpt / "config.json").read_text())
