@@ -132,6 +132,8 @@ def quantize_weights(
     contract)`` when given
     (``calibrate.importance``; None: unweighted). 8 bits: onnxruntime's
     symmetric round-to-nearest (94.5% top-1 / +0.1% perplexity on SmolLM2 at block 32: nothing to win there).
+    ``head_bits=8`` with ``bits=4`` quantises the LM head (and so the tied embedding that reads its table) with the
+    8-bit scheme first, then every other MatMul with 4 bits (Gemma 3 270M: +17% perplexity instead of +21%).
     Why not onnxruntime's ``quantize_dynamic`` for int8: its per-tensor activation scales meet SmolLM2's
     activation outliers (MLP down_proj inputs) and measured 57% top-1 agreement / +67% perplexity.
     """

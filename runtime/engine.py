@@ -18,6 +18,9 @@ An :class:`Engine` owns one background thread and, for graphs with a shared KV b
    Generator uses) and hands the :class:`~edgeroute.Step` to the request at once, before the next iteration's
    admissions and prefill chunk (a new request's first token does not wait for the next prompt's chunk).
 
+An idle engine told that requests are on their way (:meth:`Engine.incoming`, which a server wraps around reading
+and parsing each request) waits for them, at most ``gather`` seconds, so that a burst starts in one graph run.
+
 Requests with a second flow (a draft model, guidance, contrast) and every request on a graph with a concatenated
 KV cache (the optimum backend) run *solo*: each on a Generator of its own, one step per iteration, interleaved
 with the batch. ``Engine.mode`` says ``"batched"`` or ``"solo"``.

@@ -8,6 +8,7 @@ import asyncio
 import resource
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import edgeroute as er
@@ -46,6 +47,27 @@ def wait_until(cond, seconds: float = 10.0) -> None:  # noqa: ANN001
     while not cond():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.001)
+
+
+class Spied:
+    """A model's session that calls ``before()`` at the start of every graph run (which may record or raise)."""
+
+    def __init__(self, inner: object, before: Callable[[], None]) -> None:
+        self.inner, self.before = inner, before
+
+    def run_with_iobinding(self, io: object) -> None:
+        self.before()
+        self.inner.run_with_iobinding(io)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def spied(model: er.Model, before: Callable[[], None]) -> er.Model:
+    """A second load of ``model`` whose graph runs call ``before()`` first."""
+    other = er.Model.load(model.path)
+    other.session = Spied(other.session, before)
+    return other
 
 
 @pytest.mark.parametrize(("max_batch", "budget"), [(8, 64), (3, 5), (1, 2)])
@@ -204,33 +226,20 @@ def test_a_first_token_is_handed_over_before_the_next_prefill_chunk(shared: er.M
     """The token a graph run lets a request choose reaches it right after that run, not after the next iteration's
     prefill chunk of another prompt (which would add a chunk's time to its time to first token)."""
 
-    class Watched:
-        """The model's session; records, at the start of every graph run, how many steps ``short`` has."""
-
-        def __init__(self, inner: object) -> None:
-            self.inner, self.seen, self.watch = inner, [], None
-
-        def run_with_iobinding(self, io: object) -> None:
-            self.seen.append(len(self.watch._steps) if self.watch is not None else -1)
-            self.inner.run_with_iobinding(io)  # type: ignore[attr-defined]
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.inner, name)
-
-    model = er.Model.load(shared.path)
-    watched = Watched(model.session)
-    model.session = watched
+    seen: list[int] = []  # at the start of every graph run: how many steps the short request has
+    watch: list[er.Request] = []
+    model = spied(shared, lambda: seen.append(len(watch[0]._steps) if watch else -1))
     cfg = er.GenerationConfig(max_new_tokens=4, sampling=er.SamplingConfig(temperature=0))
     with er.Engine(model, max_batch=2, prefill_budget=8, prefix_reuse=False) as engine:
         with engine._lock:  # both are queued before the engine's first iteration
             short = engine.submit([5, 6, 7], cfg)
             long = engine.submit(list(range(10, 70)), cfg)
-            watched.watch = short
+            watch.append(short)
         assert short.result(timeout=30).token_ids == shared.generate([5, 6, 7], cfg).token_ids
         assert long.result(timeout=30).token_ids == shared.generate(list(range(10, 70)), cfg).token_ids
     # runs: the short prompt's first 2 tokens, the long one's first chunk (6), the decode step that feeds the short
     # prompt's last token; at the start of the 4th (the long prompt's 2nd chunk) the short request has its token
-    assert watched.seen[:4] == [0, 0, 0, 1]
+    assert seen[:4] == [0, 0, 0, 1]
 
 
 def test_an_idle_engine_gathers_the_requests_announced_as_incoming(shared: er.Model) -> None:
@@ -264,32 +273,22 @@ def test_an_idle_engine_gathers_the_requests_announced_as_incoming(shared: er.Mo
 
 
 def test_a_failing_graph_run_fails_its_requests_and_the_engine_goes_on(shared: er.Model) -> None:
-    class Flaky:
-        """The model's session; ``run_with_iobinding`` raises while ``fail`` is set."""
+    failing = threading.Event()  # graph runs raise while it is set
 
-        def __init__(self, inner: object) -> None:
-            self.inner, self.fail = inner, False
+    def before() -> None:
+        if failing.is_set():
+            raise RuntimeError("injected failure")
 
-        def run_with_iobinding(self, io: object) -> None:
-            if self.fail:
-                raise RuntimeError("injected failure")
-            self.inner.run_with_iobinding(io)  # type: ignore[attr-defined]
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.inner, name)
-
-    model = er.Model.load(shared.path)
-    flaky = Flaky(model.session)
-    model.session = flaky
+    model = spied(shared, before)
     long = er.GenerationConfig(max_new_tokens=300, min_new_tokens=300, sampling=er.SamplingConfig(temperature=0))
     with er.Engine(model, max_batch=2) as engine:
         doomed = [engine.submit("one", long), engine.submit("two", long)]
         wait_until(lambda: all(len(r._steps) >= 2 for r in doomed))
-        flaky.fail = True
+        failing.set()
         for r in doomed:
             with pytest.raises(er.InferenceError, match="injected"):
                 r.result(timeout=30)
-        flaky.fail = False
+        failing.clear()
         cfg = configs()[1]
         assert engine.submit(TEXTS[1], cfg).result(timeout=30).token_ids == shared.generate(TEXTS[1], cfg).token_ids
         assert engine.stats().failed == 2
