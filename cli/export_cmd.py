@@ -99,8 +99,8 @@ def quality_warning(manifest: dict) -> str | None:
     default="auto",
     show_default=True,
     help="fused: edgeroute's own graph (fused attention, shared in-place KV buffer; llama, mistral, qwen2, phi3,"
-    " qwen3, gemma3_text, smollm3);"
-    " optimum: any decoder optimum exports; auto: fused where it applies.",
+    " qwen3, gemma3_text, smollm3; fp32, int8, int4, fp16);"
+    " optimum: any decoder optimum exports; auto: fused where it applies (optimum for fp16).",
 )
 @click.option(
     "--no-calibration",

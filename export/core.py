@@ -9,6 +9,7 @@ temporary folder is removed by the next export into the same parent folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -128,9 +129,10 @@ def export_model(
         block_size: quantisation block size (int8 and int4).
         backend: ``fused`` builds edgeroute's own graph (GroupQueryAttention with rotary inside, fused norms,
             packed projections, one shared in-place KV buffer; llama, mistral, qwen2, phi3, qwen3, gemma3_text,
-            smollm3; fp32, int8, int4);
+            smollm3; fp32, int8, int4, and fp16 when asked: the fp32 graph cast, logits kept float32);
             ``optimum`` exports with optimum (every decoder optimum knows, fp16 included); ``auto`` (default)
-            takes ``fused`` where it applies and ``optimum`` otherwise, and records which in the manifest.
+            takes ``fused`` where it applies and ``optimum`` otherwise (and for fp16, until the fused fp16 graph is
+            measured on a GPU), and records which in the manifest.
         calibrate: int4 only: weigh each weight's rounding error by its input channel's mean squared activation
             over edgeroute's built-in calibration text (``export/calibrate.py``); False quantises unweighted.
         tokenizer: a folder with the original checkpoint's ``tokenizer.json`` (and chat template) to ship instead
@@ -150,8 +152,6 @@ def export_model(
             raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
     if dtype == "fp16" and quantize != "none":
         raise ConfigError("quantize", quantize, "quantisation starts from fp32: use dtype fp32 with it")
-    if dtype == "fp16" and backend == "fused":
-        raise ConfigError("backend", backend, "the fused backend builds fp32, int8 and int4 graphs (optimum: fp16)")
     if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
         raise ConfigError("context_length", context_length, "must be a positive integer")
     if head is not None:
@@ -255,11 +255,19 @@ def _build(
         raise ExportError(f"the fused backend does not support {why_not}; use --backend optimum")
     use_fused = backend == "fused" or (backend == "auto" and why_not is None and dtype == "fp32")
     final = tmp / "model.onnx"
-    target = final if quantize == "none" else tmp / "fp32.onnx"
+    cast = use_fused and dtype == "fp16"  # the fused builder writes fp32; optimum's export casts by itself
+    target = final if quantize == "none" and not cast else tmp / "fp32.onnx"
     ctx = manifest_writer.context_of(src.model.config, context_length)
     if use_fused:
         with stages("export"):
             contract = fused.build_fused(src.model, target, ctx)
+        if cast:  # the fused fp32 graph cast: weights, activations and KV fp16, logits float32
+            with stages("fp16"):
+                graph.save(graph.to_fp16(graph.load(target)), final)
+                for f in tmp.iterdir():
+                    if f.name.startswith("fp32.onnx"):
+                        f.unlink()
+            contract = dataclasses.replace(contract, kv_dtype="float16")
     else:
         contract = _optimum_export(tmp, src, device, dtype, target, stages)
     quant: dict[str, Any] = {"method": "none"}

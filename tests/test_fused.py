@@ -222,11 +222,46 @@ def test_backend_errors(built: dict[str, Path], tmp_path: Path) -> None:
     gpt2 = make_checkpoint(tmp_path / "gpt2", "gpt2")
     with pytest.raises(er.ExportError, match="fused backend does not support architecture 'gpt2'"):
         export_model(gpt2, tmp_path / "out", backend="fused")
-    with pytest.raises(er.ConfigError, match="fused backend builds fp32"):
-        export_model(built["ckpt"], tmp_path / "out", backend="fused", dtype="fp16")
+    with pytest.raises(er.ConfigError, match="quantisation starts from fp32"):
+        export_model(built["ckpt"], tmp_path / "out", backend="fused", dtype="fp16", quantize="int4")
     with pytest.raises(er.ConfigError, match="backend"):
         export_model(built["ckpt"], tmp_path / "out", backend="genai")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fused_fp16_graph(built: dict[str, Path], tmp_path: Path) -> None:
+    """--backend fused --dtype fp16 (the graph CUDA is to run): the fused graph cast to fp16 with fp32 logits and an
+    fp16 shared KV buffer, validated against PyTorch fp32 within the fp16 tolerance, served by the engine; it runs
+    on the CPU provider too. auto keeps optimum for fp16 until the fused one is measured on a GPU."""
+    import onnx
+    from click.testing import CliRunner
+    from edgeroute.cli import cli
+
+    res = CliRunner().invoke(
+        cli, ["export", str(built["ckpt"]), str(tmp_path / "f16"), "--backend", "fused", "--dtype", "fp16"]
+    )
+    assert res.exit_code == 0, res.output
+    man = json.loads((tmp_path / "f16" / "edgeroute.json").read_text())
+    assert man["provenance"]["backend"] == "fused" and man["precision"] == "fp16"
+    assert man["kv_layout"] == "shared" and man["kv_dtype"] == "float16"
+    q = man["provenance"]["validation"]["quality"]
+    assert abs(q["perplexity_change_pct"]) < 0.1 and q["top1_agreement"] > 0.95
+    graph = onnx.load(str(tmp_path / "f16" / "model.onnx"), load_external_data=False).graph
+    assert "GroupQueryAttention" in {n.op_type for n in graph.node}
+    assert {o.name: o.type.tensor_type.elem_type for o in graph.output}["logits"] == onnx.TensorProto.FLOAT
+    half, full = er.Model.load(tmp_path / "f16"), er.Model.load(built["fused"])
+    ids = half.tokenizer.encode(PROMPT)
+    a = half.forward_last(np.array([ids]), half.new_cache(), len(ids))[0]
+    b = full.forward_last(np.array([ids]), full.new_cache(), len(ids))[0]
+    assert a.dtype == np.float32 and np.abs(a - b).max() < 0.05
+    cfg = er.GenerationConfig(max_new_tokens=12, sampling=er.SamplingConfig(temperature=0))
+    alone = [half.generate(p, cfg).token_ids for p in (PROMPT, "one two three")]
+    with er.Engine(half, max_batch=2) as engine:
+        assert engine.mode == "batched"
+        reqs = [engine.submit(p, cfg) for p in (PROMPT, "one two three")]
+        assert [r.result(timeout=60).token_ids for r in reqs] == alone
+    auto = export_model(built["ckpt"], tmp_path / "auto16", dtype="fp16", validate=False)
+    assert json.loads((auto / "edgeroute.json").read_text())["provenance"]["backend"] == "optimum"
 
 
 def test_tied_embedding_reads_the_quantised_lm_head(tmp_path: Path) -> None:
