@@ -61,13 +61,38 @@ _LAYOUTS = {
 }
 
 
+def nodes_line(counts: dict[str, int], provider: str) -> tuple[str, str | None]:
+    """The ``nodes`` line of ``edgeroute info --provider``, and a warning when a session on another provider ran
+    nodes on the CPU (onnxruntime's silent fallback for a node that has no kernel there)."""
+    total = sum(counts.values())
+    shown = ", ".join(f"{n} on {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    line = f"nodes         {shown} (one graph run on {provider})"
+    fallback = counts.get("CPUExecutionProvider", 0)
+    if provider != "cpu" and fallback:
+        return line, f"{fallback} of {total} nodes ran on the CPU provider, not {provider}: they copy their inputs"
+    return line, None
+
+
 @click.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Also load the graph on this provider and count the nodes each provider runs (a CUDA graph's CPU"
+    " fallbacks show).",
+)
 @verbose_option
-def info(model_path: str, as_json: bool) -> None:
+def info(model_path: str, as_json: bool, provider: str | None) -> None:
     """Describe the exported model folder MODEL."""
     d = describe(model_path)
+    warning = None
+    if provider is not None:
+        d["node_providers"] = er.Model.load(model_path, provider=provider, threads=1).node_providers()
+        line, warning = nodes_line(d["node_providers"], provider)
+        if warning:
+            d["node_provider_warning"] = warning
     if as_json:
         click.echo(json.dumps(d, indent=2, ensure_ascii=False))
         return
@@ -113,4 +138,8 @@ def info(model_path: str, as_json: bool) -> None:
             f"({qq['perplexity_change_pct']:+.2f}%)"
         )
     lines.append(f"providers     {', '.join(d['providers_available'])} available on this machine")
+    if provider is not None:
+        lines.append(line)
     click.echo("\n".join(lines))
+    if warning:
+        click.echo(f"warning: {warning}", err=True)

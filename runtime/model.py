@@ -87,6 +87,25 @@ class Model:
         return cls(folder, manifest, session, tokenizer, provider, context_size)
 
     # -- the graph -------------------------------------------------------------------------------------------
+    def node_providers(self) -> dict[str, int]:
+        """How many graph nodes each execution provider ran in one graph run of a 2-token prompt, read from
+        onnxruntime's profiler over a second session of the same graph on the same provider (so nodes that fall
+        back to the CPU on a CUDA session show): ``{"CPUExecutionProvider": 306}``."""
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edgeroute-profile-") as tmp:
+            session = create_session(self.path / self.manifest.graph, self.provider, 1, False, f"{tmp}/run")
+            ids = np.array([[self.manifest.bos_token_id or 0] * 2], dtype=np.int64)
+            self.new_cache().run(session, ids, 1)
+            events = json.loads(Path(session.end_profiling()).read_text())
+        counts: dict[str, int] = {}
+        for e in events:
+            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+                name = str(e.get("args", {}).get("provider", "?"))
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
     @property
     def context_length(self) -> int:
         """The most tokens one sequence may hold here: the model's context, or the smaller ``context_size``."""

@@ -48,7 +48,7 @@ def default_threads() -> int:
 
 
 def create_session(
-    graph: Path, provider: str = "cpu", threads: int | None = None, spin: bool = True
+    graph: Path, provider: str = "cpu", threads: int | None = None, spin: bool = True, profile: str | None = None
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` over ``graph`` on ``provider`` with explicit thread settings.
 
@@ -65,6 +65,9 @@ def create_session(
     so.inter_op_num_threads = 1
     if not spin:
         so.add_session_config_entry("session.force_spinning_stop", "1")
+    if profile is not None:  # onnxruntime's profiler: per-node events (with each node's provider) under this prefix
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3

@@ -204,6 +204,31 @@ def test_info(tiny_dir: Path) -> None:
     assert data["vocab_size"] == 320 and data["context_length"] == 512 and data["providers_available"] == ["cpu"]
 
 
+def test_info_counts_the_nodes_each_provider_runs(tiny_dir: Path, tmp_path: Path) -> None:
+    """--provider: one profiled graph run; every node of onnxruntime's optimised graph is counted once, on the
+    provider that ran it; a provider this machine lacks is a one-line error; a CUDA session's CPU nodes warn."""
+    import onnx
+    import onnxruntime as ort
+    from edgeroute.cli.info_cmd import nodes_line
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    so.intra_op_num_threads = 1
+    ort.InferenceSession(str(tiny_dir / "model.onnx"), sess_options=so, providers=["CPUExecutionProvider"])
+    nodes = len(onnx.load(str(tmp_path / "optimised.onnx"), load_external_data=False).graph.node)
+    data = json.loads(invoke("info", str(tiny_dir), "--provider", "cpu", "--json").stdout)
+    assert data["node_providers"] == {"CPUExecutionProvider": nodes} and "node_provider_warning" not in data
+    res = invoke("info", str(tiny_dir), "--provider", "cpu")
+    assert f"nodes         {nodes} on CPUExecutionProvider (one graph run on cpu)" in res.stdout
+    if "cuda" not in er.available_providers():
+        res = sh("info", str(tiny_dir), "--provider", "cuda")
+        assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1 and "cuda" in res.stderr
+    line, warning = nodes_line({"CUDAExecutionProvider": 300, "CPUExecutionProvider": 6}, "cuda")
+    assert "300 on CUDAExecutionProvider, 6 on CPUExecutionProvider" in line
+    assert warning is not None and warning.startswith("6 of 306 nodes ran on the CPU provider")
+    assert nodes_line({"CUDAExecutionProvider": 306}, "cuda")[1] is None
+
+
 def test_bench_json(tiny_dir: Path) -> None:
     res = invoke("bench", str(tiny_dir), "--runs", "2", "--warmup", "0", "--new-tokens", "6", "--json")
     data = json.loads(res.stdout)
