@@ -264,9 +264,7 @@ def _build(
         if cast:  # the fused fp32 graph cast: weights, activations and KV fp16, logits float32
             with stages("fp16"):
                 graph.save(graph.to_fp16(graph.load(target)), final)
-                for f in tmp.iterdir():
-                    if f.name.startswith("fp32.onnx"):
-                        f.unlink()
+                _drop_fp32(tmp)
             contract = dataclasses.replace(contract, kv_dtype="float16")
     else:
         contract = _optimum_export(tmp, src, device, dtype, target, stages)
@@ -284,9 +282,7 @@ def _build(
             quant = graph.quantize_weights(
                 fp32, final, bits=bits, block_size=block_size, calibration=calibration, head_bits=head_bits
             )
-            for f in tmp.iterdir():
-                if f.name.startswith("fp32.onnx"):
-                    f.unlink()
+            _drop_fp32(tmp)
     backend_name = "fused" if use_fused else "optimum"
     manifest_writer.write(tmp, src, contract, backend_name, dtype, quant, context_length, stages.times)
     if validate:
@@ -295,6 +291,13 @@ def _build(
 
             report = run_validation(tmp, src.model, dtype, quantize != "none")
         manifest_writer.add_validation(tmp, report, stages.times)
+
+
+def _drop_fp32(tmp: Path) -> None:
+    """Remove the intermediate fp32 graph (and its data file) a cast or a quantisation was made from."""
+    for f in tmp.iterdir():
+        if f.name.startswith("fp32.onnx"):
+            f.unlink()
 
 
 def _optimum_export(tmp: Path, src: Any, device: str, dtype: str, target: Path, stages: _Stages) -> GraphContract:

@@ -185,11 +185,11 @@ def _quantize_int8(model: Any, block_size: int, accuracy_level: int, only: list[
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    chosen = [(n, i) for n, i in _weight_matmuls(model) if only is None or n.name in only]
-    sizes = sorted({int(init.dims[0]) for _, init in chosen})
+    matmuls = _weight_matmuls(model)
+    sizes = sorted({int(init.dims[0]) for n, init in matmuls if only is None or n.name in only})
     if any(k % block_size for k in sizes):
         raise ExportError(f"int8 block size {block_size} does not divide the weights' input sizes {sizes}")
-    others = [n.name for n, _ in _weight_matmuls(model) if only is not None and n.name not in only]
+    others = [n.name for n, _ in matmuls if only is not None and n.name not in only]
     q = MatMulNBitsQuantizer(
         model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, nodes_to_exclude=others
     )

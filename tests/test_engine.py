@@ -8,12 +8,12 @@ import asyncio
 import resource
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import edgeroute as er
 import numpy as np
 import pytest
+from session_spy import spied
 
 TEXTS = [
     "Once upon a time",
@@ -47,27 +47,6 @@ def wait_until(cond, seconds: float = 10.0) -> None:  # noqa: ANN001
     while not cond():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.001)
-
-
-class Spied:
-    """A model's session that calls ``before()`` at the start of every graph run (which may record or raise)."""
-
-    def __init__(self, inner: object, before: Callable[[], None]) -> None:
-        self.inner, self.before = inner, before
-
-    def run_with_iobinding(self, io: object) -> None:
-        self.before()
-        self.inner.run_with_iobinding(io)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
-def spied(model: er.Model, before: Callable[[], None]) -> er.Model:
-    """A second load of ``model`` whose graph runs call ``before()`` first."""
-    other = er.Model.load(model.path)
-    other.session = Spied(other.session, before)
-    return other
 
 
 @pytest.mark.parametrize(("max_batch", "budget"), [(8, 64), (3, 5), (1, 2)])

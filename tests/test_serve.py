@@ -20,6 +20,7 @@ import openai
 import pytest
 from edgeroute.serve import Settings, create_app
 from serve_helpers import Running, free_port, run_cli, sse_events, stream_json, wait_until
+from session_spy import spied
 
 NAME = "tiny"
 QUESTION = [{"role": "user", "content": "Tell me a story about a robot"}]
@@ -38,25 +39,15 @@ def server(model: er.Model):
         yield srv
 
 
-class Slow:
-    """A model's session whose every graph run takes 10 ms more (a stream that outlives a shutdown's grace)."""
-
-    def __init__(self, inner: object) -> None:
-        self.inner = inner
-
-    def run_with_iobinding(self, io: object) -> None:
-        time.sleep(0.01)
-        self.inner.run_with_iobinding(io)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
+def slowed(model: er.Model) -> er.Model:
+    """The model with 10 ms more per graph run (a stream that outlives a shutdown's grace)."""
+    return spied(model, lambda: time.sleep(0.01))
 
 
 @pytest.fixture(scope="module")
 def slow_server(model: er.Model):
     """A server whose graph runs take 10 ms more: a long request is certain to be running when its client goes."""
-    slow = er.Model.load(model.path)
-    slow.session = Slow(slow.session)
+    slow = slowed(model)
     with Running(create_app(slow, Settings(NAME, max_batch=4, max_queue=8))) as srv:
         yield srv
 
@@ -496,8 +487,7 @@ def test_metrics(model: er.Model) -> None:
 
 
 def test_shutdown_cancels_streams_that_outlive_the_grace_period(model: er.Model) -> None:
-    slow = er.Model.load(model.path)
-    slow.session = Slow(slow.session)
+    slow = slowed(model)
     srv = Running(create_app(slow, Settings(NAME, max_batch=2)))
     with srv:
         state = srv.server.config.app.state.edgeroute
