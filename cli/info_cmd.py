@@ -66,11 +66,22 @@ def nodes_line(counts: dict[str, int], provider: str) -> tuple[str, str | None]:
     nodes on the CPU (onnxruntime's silent fallback for a node that has no kernel there)."""
     total = sum(counts.values())
     shown = ", ".join(f"{n} on {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    line = f"nodes         {shown} (one graph run on {provider})"
+    line = f"nodes         {shown} (as onnxruntime placed them on {provider})"
     fallback = counts.get("CPUExecutionProvider", 0)
     if provider != "cpu" and fallback:
         return line, f"{fallback} of {total} nodes ran on the CPU provider, not {provider}: they copy their inputs"
     return line, None
+
+
+def _placement(model_path: str, provider: str) -> dict[str, int]:
+    """Nodes per execution provider of the folder's graph on ``provider``, without the load-time refusal of compute
+    nodes on the CPU (this is the command that reports them)."""
+    from edgeroute.session import create_session, node_placement
+
+    folder = Path(model_path)
+    graph = folder / er.Manifest.load(folder).graph
+    placed = node_placement(create_session(graph, provider, threads=1, check=False))
+    return {ep: sum(ops.values()) for ep, ops in placed.items()}
 
 
 @click.command()
@@ -89,7 +100,7 @@ def info(model_path: str, as_json: bool, provider: str | None) -> None:
     d = describe(model_path)
     warning = None
     if provider is not None:
-        d["node_providers"] = er.Model.load(model_path, provider=provider, threads=1).node_providers()
+        d["node_providers"] = _placement(model_path, provider)
         line, warning = nodes_line(d["node_providers"], provider)
         if warning:
             d["node_provider_warning"] = warning

@@ -14,12 +14,13 @@ import numpy as np
 
 from .beam import beam_search
 from .config import GenerationConfig
+from .device_cache import Device, DeviceKVCache
 from .errors import ConfigError
 from .generator import Completion, Generator, generate_batch
 from .kv_cache import Cache, KVCache, SharedKVCache
 from .manifest import Manifest, check_files
 from .request import Flows
-from .session import create_session
+from .session import create_session, node_placement
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -37,6 +38,8 @@ class Model:
         tokenizer: Tokenizer,
         provider: str,
         context_size: int | None = None,
+        kv: str | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -55,6 +58,8 @@ class Model:
         # graph rows beyond the tokenizer (a vocabulary padded for speed) have no text: never generated
         self.undecodable_ids = range(min(tokenizer.vocab_size, m.vocab_size), m.vocab_size)
         m.contract.check_session(session)
+        self.kv = _kv_placement(kv, provider, self.shared_kv, cuda_graph)
+        self.device = Device(session, provider, cuda_graph) if self.kv == "device" else None
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -65,6 +70,8 @@ class Model:
         threads: int | None = None,
         spin: bool = True,
         context_size: int | None = None,
+        kv: str | None = None,
+        cuda_graph: bool = False,
     ) -> Model:
         """Load an edgeroute model folder.
 
@@ -77,34 +84,29 @@ class Model:
             context_size: the most tokens one sequence may hold (prompt + generated), at most the model's context.
                 Graphs with a shared KV buffer reserve this many positions per sequence; their default is
                 the model's context capped at 4,096 tokens. Other graphs default to the model's context.
+            kv: where a shared KV buffer lives: ``"host"`` (NumPy memory, the CPU default) or ``"device"``
+                (onnxruntime's memory on the provider's device, bound by address: the CUDA default, so nothing of
+                the cache crosses to the host; on the CPU provider it is CPU memory, the same code path).
+                Graphs with a concatenated cache (the optimum backend) are host-only.
+            cuda_graph: on CUDA with a device cache, capture each decode step once and replay it
+                (onnxruntime's ``enable_cuda_graph``; ``runtime/device_cache.py`` says when it does not apply).
         """
         folder = Path(path)
         manifest = Manifest.load(folder)
         check_files(folder, manifest)  # inside the folder, present, and the sizes the export recorded
         graph = folder / manifest.graph
         tokenizer = Tokenizer.from_folder(folder, manifest.chat_template, manifest.special_tokens)
-        session = create_session(graph, provider, threads, spin)
-        return cls(folder, manifest, session, tokenizer, provider, context_size)
+        if cuda_graph:  # before the session, whose creation is the slow part
+            _kv_placement(kv, provider, manifest.kv_layout == "shared", cuda_graph)
+        session = create_session(graph, provider, threads, spin, cuda_graph=cuda_graph)
+        return cls(folder, manifest, session, tokenizer, provider, context_size, kv, cuda_graph)
 
     # -- the graph -------------------------------------------------------------------------------------------
     def node_providers(self) -> dict[str, int]:
-        """How many graph nodes each execution provider ran in one graph run of a 2-token prompt, read from
-        onnxruntime's profiler over a second session of the same graph on the same provider (so nodes that fall
-        back to the CPU on a CUDA session show): ``{"CPUExecutionProvider": 306}``."""
-        import json
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="edgeroute-profile-") as tmp:
-            session = create_session(self.path / self.manifest.graph, self.provider, 1, False, f"{tmp}/run")
-            ids = np.array([[self.manifest.bos_token_id or 0] * 2], dtype=np.int64)
-            self.new_cache().run(session, ids, 1)
-            events = json.loads(Path(session.end_profiling()).read_text())
-        counts: dict[str, int] = {}
-        for e in events:
-            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
-                name = str(e.get("args", {}).get("provider", "?"))
-                counts[name] = counts.get(name, 0) + 1
-        return counts
+        """How many nodes of the optimised graph onnxruntime gave each execution provider (``{"CPUExecutionProvider":
+        306}``), as this session recorded it: a CUDA session's compute nodes on the CPU raise at load
+        (``ProviderUnavailableError``), its shape arithmetic there shows here."""
+        return {ep: sum(ops.values()) for ep, ops in node_placement(self.session).items()}
 
     @property
     def context_length(self) -> int:
@@ -118,6 +120,8 @@ class Model:
     def new_cache(self, batch_size: int = 1) -> Cache:
         """An empty KV cache for this model: a :class:`KVCache`, or a :class:`SharedKVCache` of
         ``context_length`` positions when the graph shares its past and present buffers."""
+        if self.device is not None:
+            return DeviceKVCache(self.manifest, self._context, batch_size, self.device)
         if self.shared_kv:
             return SharedKVCache(self.manifest, self._context, batch_size)
         return KVCache(self.manifest, batch_size)
@@ -230,3 +234,24 @@ class Model:
     def __repr__(self) -> str:
         m = self.manifest
         return f"Model({str(self.path)!r}, provider={self.provider!r}, layers={m.num_layers}, vocab={m.vocab_size})"
+
+
+KV_PLACEMENTS = ("host", "device")
+
+
+def _kv_placement(kv: str | None, provider: str, shared: bool, cuda_graph: bool) -> str:
+    """Where the KV cache lives for ``Model.load``'s ``kv`` and ``cuda_graph`` (ConfigError when they cannot)."""
+    if kv is not None and kv not in KV_PLACEMENTS:
+        raise ConfigError("kv", kv, f"must be one of {', '.join(KV_PLACEMENTS)}")
+    if kv == "device" and not shared:
+        raise ConfigError("kv", kv, "a device cache needs a shared KV buffer graph (export with the fused backend)")
+    if cuda_graph:
+        if not isinstance(cuda_graph, bool):
+            raise ConfigError("cuda_graph", cuda_graph, "must be True or False")
+        if provider != "cuda":
+            raise ConfigError("cuda_graph", cuda_graph, "CUDA graphs need provider 'cuda'")
+        if not shared or kv == "host":
+            raise ConfigError("cuda_graph", cuda_graph, "CUDA graphs need a device KV cache over a shared-buffer graph")
+    if kv is None:
+        return "device" if provider == "cuda" and shared else "host"
+    return kv

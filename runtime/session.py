@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -48,7 +49,12 @@ def default_threads() -> int:
 
 
 def create_session(
-    graph: Path, provider: str = "cpu", threads: int | None = None, spin: bool = True, profile: str | None = None
+    graph: Path,
+    provider: str = "cpu",
+    threads: int | None = None,
+    spin: bool = True,
+    cuda_graph: bool = False,
+    check: bool = True,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` over ``graph`` on ``provider`` with explicit thread settings.
 
@@ -56,6 +62,11 @@ def create_session(
     alone (spinning threads answer the next run sooner: 6-10% faster decoding here); turn it off for models
     used in turn, such as a speculative draft and its target, whose spinning pools would otherwise fight over the
     cores (SmolLM2 fp32 target + int4 draft on 2 cores: 22.5 -> 37.3 tok/s).
+
+    ``cuda_graph`` turns on the CUDA provider's graph capture (``enable_cuda_graph``): runs then name a
+    ``gpu_graph_id`` (``runtime/device_cache.py`` does). The session records which provider each node was given
+    (:func:`node_placement`); on CUDA, a compute node placed on the CPU raises :class:`ProviderUnavailableError`
+    (unless ``check`` is False: ``edgeroute info`` reports the placement instead).
     """
     full = resolve_provider(provider)
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
@@ -65,14 +76,17 @@ def create_session(
     so.inter_op_num_threads = 1
     if not spin:
         so.add_session_config_entry("session.force_spinning_stop", "1")
-    if profile is not None:  # onnxruntime's profiler: per-node events (with each node's provider) under this prefix
-        so.enable_profiling = True
-        so.profile_file_prefix = profile
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    providers: list[Any] = [full]
+    if cuda_graph:
+        if provider != "cuda":
+            raise ConfigError("cuda_graph", cuda_graph, "CUDA graphs need provider 'cuda'")
+        providers = [(full, {"enable_cuda_graph": "1"})]
     try:
-        sess = ort.InferenceSession(str(graph), sess_options=so, providers=[full])
+        sess = ort.InferenceSession(str(graph), sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for corrupt or unreadable graphs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load graph {graph}: {first}") from e
@@ -81,4 +95,44 @@ def create_session(
             f"provider {provider!r} could not be initialised (session runs on {sess.get_providers()}):"
             f" {_installed_description()}"
         )
+    if check and full != PROVIDERS["cpu"]:
+        check_placement(node_placement(sess), full)
     return sess
+
+
+# the operators that carry a layer's activations: on a GPU session, one of them on the CPU provider means its
+# kernel is missing there (or does not take these types), and every run would copy activations both ways. Other
+# CPU nodes (index and shape arithmetic, such as the Neg of logits_to_keep) are placed there by the CUDA provider
+# on purpose and are only reported (``edgeroute info --provider cuda``).
+COMPUTE_OPS = frozenset(
+    {
+        "Attention", "Conv", "Einsum", "Erf", "FastGelu", "Gelu", "Gemm", "GroupQueryAttention", "GatherBlockQuantized",
+        "LayerNormalization", "MatMul", "MatMulInteger", "MatMulNBits", "MultiHeadAttention", "Pow", "QuickGelu",
+        "ReduceMean", "RotaryEmbedding", "Sigmoid", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization", "Softmax", "Sqrt", "Tanh",
+    }
+)  # fmt: skip
+
+
+def node_placement(session: Any) -> dict[str, dict[str, int]]:
+    """``{provider: {op_type: count}}``: which execution provider onnxruntime gave each node of the optimised
+    graph (the session must record it: :func:`create_session`'s do)."""
+    placed: dict[str, dict[str, int]] = {}
+    for sub in session.get_provider_graph_assignment_info():
+        ops = placed.setdefault(sub.ep_name, {})
+        for node in sub.get_nodes():
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return placed
+
+
+def check_placement(placed: dict[str, dict[str, int]], provider: str) -> None:
+    """Raise :class:`ProviderUnavailableError` naming the compute operators a ``provider`` session runs on the
+    CPU (their kernels are missing on ``provider`` for these types): never a silent fallback."""
+    cpu = placed.get(PROVIDERS["cpu"], {})
+    missing = {op: n for op, n in sorted(cpu.items()) if op in COMPUTE_OPS}
+    if missing:
+        listed = ", ".join(f"{op} x{n}" for op, n in missing.items())
+        raise ProviderUnavailableError(
+            f"{provider} has no kernel for these nodes of the graph, which would run on the CPU: {listed}"
+            " (export for this device: edgeroute export --device cuda --dtype fp16)"
+        )
