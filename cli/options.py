@@ -42,7 +42,22 @@ def model_options(f: F) -> F:
         show_default=True,
         help="Execution provider; never falls back silently.",
     )(f)
+    f = click.option(
+        "--cuda-graph",
+        is_flag=True,
+        expose_value=False,
+        callback=_remember_cuda_graph,
+        help="With --provider cuda: capture each decode step once and replay it (onnxruntime's CUDA graphs; a"
+        " fused export, whose KV cache then stays on the GPU).",
+    )(f)
     return f
+
+
+_CUDA_GRAPH = "edgeroute.cuda_graph"
+
+
+def _remember_cuda_graph(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    ctx.meta[_CUDA_GRAPH] = value
 
 
 SAMPLING_FLAGS = [
@@ -341,7 +356,11 @@ def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
 def load_model(
     path: str, provider: str, threads: int | None, spin: bool = True, ctx_size: int | None = None
 ) -> er.Model:
-    return er.Model.load(path, provider=provider, threads=threads, spin=spin, context_size=ctx_size)
+    ctx = click.get_current_context(silent=True)
+    cuda_graph = bool(ctx and ctx.meta.get(_CUDA_GRAPH))
+    return er.Model.load(
+        path, provider=provider, threads=threads, spin=spin, context_size=ctx_size, cuda_graph=cuda_graph
+    )
 
 
 def needs_second_model(flags: dict[str, Any]) -> bool:

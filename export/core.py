@@ -118,10 +118,13 @@ def export_model(
     Args:
         source: a Hugging Face checkpoint folder, a PEFT LoRA adapter folder, or a ``.gguf`` file (local only).
         out_dir: the model folder to create (refused if it exists, unless ``force``).
-        dtype: ``fp32`` or ``fp16`` (fp16 is for CUDA; on CPU the fp32 export is cast after export).
+        dtype: ``fp32`` or ``fp16`` (fp16 is for CUDA; on CPU the fp32 export is cast after export). The fused
+            backend also casts its int8 and int4 graphs (fp16 activations and scales: CUDA's MatMulNBits).
         quantize: ``none``, ``int8`` or ``int4``: block-wise weight quantisation of every MatMul weight
             (onnxruntime MatMulNBits, int8 activations at run time); see ``graph.quantize_weights``.
-        device: ``cpu`` or ``cuda``: where PyTorch runs during export and validation.
+        device: ``cpu`` or ``cuda``: where PyTorch runs during export and validation, and the provider the graph is
+            for: with ``cuda`` an fp16 export takes the fused backend under ``auto``, and the finished graph is
+            loaded on the CUDA provider (no compute node may fall back to the CPU).
         validate: compare with PyTorch (fp32 parity raises ``ExportValidationError`` on failure).
         force: replace an existing ``out_dir`` (only once the new export succeeded).
         base: the base checkpoint folder of a LoRA adapter (default: the adapter's own reference).
@@ -150,8 +153,8 @@ def export_model(
     ):
         if value not in allowed:
             raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
-    if dtype == "fp16" and quantize != "none":
-        raise ConfigError("quantize", quantize, "quantisation starts from fp32: use dtype fp32 with it")
+    if dtype == "fp16" and quantize != "none" and backend == "optimum":
+        raise ConfigError("quantize", quantize, "optimum's graphs are quantised from fp32: use dtype fp32 with it")
     if context_length is not None and (not isinstance(context_length, int) or context_length < 1):
         raise ConfigError("context_length", context_length, "must be a positive integer")
     if head is not None:
@@ -253,19 +256,20 @@ def _build(
     why_not = fused.unsupported_reason(src.model)
     if backend == "fused" and why_not:
         raise ExportError(f"the fused backend does not support {why_not}; use --backend optimum")
-    use_fused = backend == "fused" or (backend == "auto" and why_not is None and dtype == "fp32")
+    # fp16 for CUDA (GroupQueryAttention has no fp32 CUDA kernel) and fp32 take the fused graph; fp16 for the CPU
+    # provider keeps optimum's under auto until the fused fp16 graph is measured against it on a GPU
+    fused_dtype = dtype == "fp32" or device == "cuda"
+    use_fused = backend == "fused" or (backend == "auto" and why_not is None and fused_dtype)
+    if dtype == "fp16" and quantize != "none" and not use_fused:
+        raise ExportError(f"an fp16 {quantize} export needs the fused backend, which does not support {why_not}")
     final = tmp / "model.onnx"
     cast = use_fused and dtype == "fp16"  # the fused builder writes fp32; optimum's export casts by itself
     target = final if quantize == "none" and not cast else tmp / "fp32.onnx"
+    quantized = final if not cast else tmp / "quantised.onnx"  # a quantised fp16 graph: quantise, then cast
     ctx = manifest_writer.context_of(src.model.config, context_length)
     if use_fused:
         with stages("export"):
             contract = fused.build_fused(src.model, target, ctx)
-        if cast:  # the fused fp32 graph cast: weights, activations and KV fp16, logits float32
-            with stages("fp16"):
-                graph.save(graph.to_fp16(graph.load(target)), final)
-                _drop_fp32(tmp)
-            contract = dataclasses.replace(contract, kv_dtype="float16")
     else:
         contract = _optimum_export(tmp, src, device, dtype, target, stages)
     quant: dict[str, Any] = {"method": "none"}
@@ -280,9 +284,20 @@ def _build(
             bits = 8 if quantize == "int8" else 4
             head_bits = 8 if head == "int8" else bits
             quant = graph.quantize_weights(
-                fp32, final, bits=bits, block_size=block_size, calibration=calibration, head_bits=head_bits
+                fp32, quantized, bits=bits, block_size=block_size, calibration=calibration, head_bits=head_bits
             )
             _drop_fp32(tmp)
+    if cast:  # the fused graph cast: weights (quantisation scales too), activations and KV fp16, logits float32
+        with stages("fp16"):
+            source_graph = target if quantize == "none" else quantized
+            graph.save(graph.to_fp16(graph.load(source_graph)), final)
+            for f in tmp.iterdir():
+                if f.name.startswith((source_graph.name, "fp32.onnx")) and not f.name.startswith(final.name):
+                    f.unlink()
+        contract = dataclasses.replace(contract, kv_dtype="float16")
+    if device == "cuda":
+        with stages("cuda check"):
+            check_on_cuda(final)
     backend_name = "fused" if use_fused else "optimum"
     manifest_writer.write(tmp, src, contract, backend_name, dtype, quant, context_length, stages.times)
     if validate:
@@ -291,6 +306,18 @@ def _build(
 
             report = run_validation(tmp, src.model, dtype, quantize != "none")
         manifest_writer.add_validation(tmp, report, stages.times)
+
+
+def check_on_cuda(graph_path: Path) -> None:
+    """Load ``graph_path`` on the CUDA provider: an ``ExportError`` when the provider is missing or a compute node of
+    the graph would fall back to the CPU (``edgeroute.session.check_placement``)."""
+    from edgeroute.errors import ModelLoadError
+    from edgeroute.session import create_session
+
+    try:
+        create_session(graph_path, "cuda", threads=1)
+    except ModelLoadError as e:
+        raise ExportError(f"the exported graph does not run on CUDA: {e}") from None
 
 
 def _drop_fp32(tmp: Path) -> None:

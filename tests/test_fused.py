@@ -222,8 +222,8 @@ def test_backend_errors(built: dict[str, Path], tmp_path: Path) -> None:
     gpt2 = make_checkpoint(tmp_path / "gpt2", "gpt2")
     with pytest.raises(er.ExportError, match="fused backend does not support architecture 'gpt2'"):
         export_model(gpt2, tmp_path / "out", backend="fused")
-    with pytest.raises(er.ConfigError, match="quantisation starts from fp32"):
-        export_model(built["ckpt"], tmp_path / "out", backend="fused", dtype="fp16", quantize="int4")
+    with pytest.raises(er.ConfigError, match="optimum's graphs are quantised from fp32"):
+        export_model(built["ckpt"], tmp_path / "out", backend="optimum", dtype="fp16", quantize="int4")
     with pytest.raises(er.ConfigError, match="backend"):
         export_model(built["ckpt"], tmp_path / "out", backend="genai")
     assert not (tmp_path / "out").exists()
@@ -262,6 +262,46 @@ def test_a_fused_fp16_graph(built: dict[str, Path], tmp_path: Path) -> None:
         assert [r.result(timeout=60).token_ids for r in reqs] == alone
     auto = export_model(built["ckpt"], tmp_path / "auto16", dtype="fp16", validate=False)
     assert json.loads((auto / "edgeroute.json").read_text())["provenance"]["backend"] == "optimum"
+
+
+def test_a_fused_fp16_int4_graph_for_cuda(built: dict[str, Path], tmp_path: Path) -> None:
+    """--dtype fp16 --quantize int4 (CUDA's int4 form): the fused graph quantised, then cast, so MatMulNBits and the
+    quantised embedding take fp16 activations and scales; it runs on the CPU provider, in the engine and over a
+    device KV cache like the fp32 int4 graph. The check an export for cuda runs (the graph loaded on the CUDA
+    provider) is an ExportError here, where onnxruntime has no CUDA provider."""
+    import onnx
+    from click.testing import CliRunner
+    from edgeroute.cli import cli
+    from edgeroute.export.core import check_on_cuda
+
+    out = tmp_path / "f16q4"
+    res = CliRunner().invoke(
+        cli, ["export", str(built["ckpt"]), str(out), "--backend", "fused", "--dtype", "fp16", "--quantize", "int4"]
+    )
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "edgeroute.json").read_text())
+    assert man["precision"] == "fp16" and man["quantization"]["method"] == "int4" and man["kv_dtype"] == "float16"
+    assert sorted(f.name for f in out.iterdir() if f.name.endswith((".onnx", ".data"))) == [
+        "model.onnx",
+        "model.onnx.data",
+    ]  # the fp32 and quantised intermediates are gone
+    proto = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: i.data_type for i in proto.graph.initializer}
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(inits[n.input[2]] == onnx.TensorProto.FLOAT16 for n in nbits)  # the scales
+    assert {o.name: o.type.tensor_type.elem_type for o in proto.graph.output}["logits"] == onnx.TensorProto.FLOAT
+    assert man["provenance"]["validation"]["quality"]["top1_agreement"] > 0.5
+    cfg = er.GenerationConfig(max_new_tokens=12, sampling=er.SamplingConfig(temperature=0))
+    host, device = er.Model.load(out), er.Model.load(out, kv="device")
+    alone = [host.generate(p, cfg).token_ids for p in (PROMPT, "one two three")]
+    assert [device.generate(p, cfg).token_ids for p in (PROMPT, "one two three")] == alone
+    with er.Engine(host, max_batch=2) as engine:
+        assert [r.result(timeout=60).token_ids for r in [engine.submit(p, cfg) for p in (PROMPT, "one two three")]] == (
+            alone
+        )
+    if "cuda" not in er.available_providers():
+        with pytest.raises(er.ExportError, match="does not run on CUDA: provider 'cuda' is not available"):
+            check_on_cuda(out / "model.onnx")
 
 
 def test_tied_embedding_reads_the_quantised_lm_head(tmp_path: Path) -> None:
