@@ -353,11 +353,16 @@ def build_config(model: er.Model, flags: dict[str, Any]) -> er.GenerationConfig:
     return build_request(model, flags)[0]
 
 
+def cuda_graph_flag() -> bool:
+    """Whether the running command was given --cuda-graph (model_options)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get(_CUDA_GRAPH))
+
+
 def load_model(
     path: str, provider: str, threads: int | None, spin: bool = True, ctx_size: int | None = None
 ) -> er.Model:
-    ctx = click.get_current_context(silent=True)
-    cuda_graph = bool(ctx and ctx.meta.get(_CUDA_GRAPH))
+    cuda_graph = cuda_graph_flag()
     return er.Model.load(
         path, provider=provider, threads=threads, spin=spin, context_size=ctx_size, cuda_graph=cuda_graph
     )

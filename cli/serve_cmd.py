@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .options import model_options, verbose_option
+from .options import cuda_graph_flag, model_options, verbose_option
 
 
 def is_loopback(host: str) -> bool:
@@ -111,6 +111,9 @@ def serve(
         "--autoscaling": autoscaling,
     }
     given = [flag for flag, value in ray_only.items() if value is not None]
+    cuda_graph = cuda_graph_flag()
+    if cuda_graph and use_ray:
+        raise click.UsageError("--cuda-graph is for a single server (not with --ray)")
     if given and not use_ray:
         raise click.UsageError(f"{', '.join(given)} need --ray")
     if ray_cpus is not None and ray_address is not None:
@@ -137,6 +140,8 @@ def serve(
         "threads": threads,
         "context_size": ctx_size,
     }
+    if cuda_graph:
+        where["cuda_graph"] = True
     if use_ray:
         _serve_on_ray(
             model_path,

@@ -46,6 +46,7 @@ def serve(
     context_size: int | None = None,
     grace: int = GRACE_SECONDS,
     log_level: str = "info",
+    cuda_graph: bool = False,
 ) -> None:
     """Serve ``model`` (a folder, loaded in the background, or a callable that loads one) until a signal.
 
@@ -58,7 +59,9 @@ def serve(
         er.Manifest.load(folder)  # a missing or broken folder is the caller's error now, not a 503 later
 
         def load() -> er.Model:
-            return er.Model.load(folder, provider=provider, threads=threads, context_size=context_size)
+            return er.Model.load(
+                folder, provider=provider, threads=threads, context_size=context_size, cuda_graph=cuda_graph
+            )
 
     failed: list[BaseException] = []
     server: _Server | None = None
