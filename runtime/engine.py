@@ -521,13 +521,13 @@ class Engine:
             if budget <= 0:
                 return
             if run is None or run.n - run.fed <= 1:
-                continue  # all fed, or one token left: the decode step feeds it
+                continue  # all fed, or one token left (a cached prefix): the decode step feeds it
             assert cache is not None
             row = self._rows[slot.index]
-            take = min(budget, run.n - run.fed - 1)
+            take = min(budget, run.n - run.fed)  # a last token left over is fed by this iteration's decode step
             row.lengths[0] = run.fed
             try:
-                row.run(self.model.session, run.ids[None, run.fed : run.fed + take], 1)
+                logits = row.run(self.model.session, run.ids[None, run.fed : run.fed + take], 1)
             except EdgerouteError as e:
                 self._release(run, None, e)
                 continue
@@ -535,38 +535,44 @@ class Engine:
             cache.lengths[slot.index] = run.fed
             budget -= take
             self._count("prefilled", take)
+            if run.fed == run.n:  # the whole prompt is in: its first token now, before any other prompt's chunk
+                run.logits = logits[0, -1].copy()  # the row's bound buffer: the next run on this row overwrites it
+                self._choose_one(run)
 
     def _choose(self) -> None:
         """The next token of every request whose logits are at hand (each then has one token to feed)."""
         for slot in self._slots:
             run = slot.running
-            if run is None or run.logits is None:
-                continue
-            t0 = time.perf_counter()
-            out = run.output
-            try:
-                token = run.chooser.choose(run.logits, run.ids[: run.n], out.index)
-            except EdgerouteError as e:
-                self._release(run, None, e)
-                continue
-            run.chooser.accept(token)
-            step = out.take(token, run.logits)
-            now = time.perf_counter()
-            run.usage.router_seconds += now - t0
-            run.usage.record(1, run.last or now, now, run.request.submitted)
-            run.last = now
-            run.ids[run.n] = token
-            run.n += 1
-            run.logits = None
-            run.request._push(step)
-            if out.done:
-                self._release(run, "done")
+            if run is not None and run.logits is not None:
+                self._choose_one(run)
+
+    def _choose_one(self, run: _Running) -> None:
+        t0 = time.perf_counter()
+        out = run.output
+        assert run.logits is not None
+        try:
+            token = run.chooser.choose(run.logits, run.ids[: run.n], out.index)
+        except EdgerouteError as e:
+            self._release(run, None, e)
+            return
+        run.chooser.accept(token)
+        step = out.take(token, run.logits)
+        now = time.perf_counter()
+        run.usage.router_seconds += now - t0
+        run.usage.record(1, run.last or now, now, run.request.submitted)
+        run.last = now
+        run.ids[run.n] = token
+        run.n += 1
+        run.logits = None
+        run.request._push(step)
+        if out.done:
+            self._release(run, "done")
 
     def _decode(self) -> None:
         """One graph run for every request with one token to feed, rows ``0..hi`` of the batch cache: the token a
-        decoding request just chose, or the last token of a prompt (after a reused prefix or a chunked prefill),
-        which is not prefilled alone: both are "one token after the row's length", so a request whose prompt is
-        cached joins without a graph run of its own."""
+        decoding request just chose, or the last token of a prompt after a reused prefix (or one a prefill chunk
+        left over): both are "one token after the row's length", so a request whose prompt is cached joins
+        without a graph run of its own. A prompt the prefill fed to its end chose its first token there."""
         going = [r for r in (s.running for s in self._slots) if r is not None and r.n - r.fed == 1]
         if not going:
             return

@@ -389,7 +389,7 @@ def test_bad_options(tmp_path: Path) -> None:
         export_model(tmp_path, tmp_path / "o", quantize="int3")
     assert e.value.field == "quantize"
     with pytest.raises(er.ConfigError) as e:
-        export_model(tmp_path, tmp_path / "o", dtype="fp16", quantize="int4")
+        export_model(tmp_path, tmp_path / "o", dtype="fp16", quantize="int4", backend="optimum")
     assert e.value.field == "quantize"
     assert not (tmp_path / "o").exists()
 

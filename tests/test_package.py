@@ -23,6 +23,7 @@ def test_all_matches_public_names() -> None:
         "evaluation",
         "evalplots",
         "contract",
+        "device_cache",
         "errors",
         "export",
         "generator",
