@@ -1,9 +1,9 @@
 """A shared KV buffer in onnxruntime's own memory on the session's device (CUDA), bound by address.
 
-:class:`DeviceKVCache` is a :class:`~edgeroute.kv_cache.SharedKVCache` whose buffers are one allocation made by
-onnxruntime on the device (``OrtValue.ortvalue_from_shape_and_type``) instead of host NumPy arrays. Each layer's
-keys and values are bound as both the past input and the present output by address, so the graph writes the new
-positions in place on the device and nothing of the cache crosses to the host. The small inputs (ids, each row's
+:class:`DeviceKVCache` is a :class:`~edgeroute.kv_cache.SharedKVCache` whose buffers (the keys and the values of
+each layer) are allocations onnxruntime makes on the device (``OrtValue.ortvalue_from_shape_and_type``) instead of
+host NumPy arrays. Each is bound as both the past input and the present output by address, so the graph writes
+the new positions in place on the device and nothing of the cache crosses to the host. The small inputs (ids, each row's
 length) are device buffers updated by small host-to-device copies; only the logits of the positions asked for
 (one row of floats per sequence when decoding) come back to the host for the NumPy router.
 
@@ -74,10 +74,13 @@ class Device:
                 "context_size", shape, f"cannot allocate {size / 2**30:.2f} GiB on {self.name}: {_first_line(e)}"
             ) from None
 
-    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        value = self.allocate(shape, dtype)
-        value.update_inplace(np.zeros(shape, dtype=dtype))
-        return value
+    def zeros(self, count: int, shape: tuple[int, ...], dtype: np.dtype) -> list[Any]:
+        """``count`` zeroed OrtValues of ``shape`` (one host array of zeros serves every copy)."""
+        values = [self.allocate(shape, dtype) for _ in range(count)]
+        zeros = np.zeros(shape, dtype=dtype)
+        for value in values:
+            value.update_inplace(zeros)
+        return values
 
     def graph_id(self) -> int:
         """A CUDA graph id no other binding of this session uses."""
@@ -167,12 +170,11 @@ class DeviceKVCache(SharedKVCache):
         self.layers = 2 * manifest.num_layers
         self.row_shape = (manifest.num_kv_heads, capacity, manifest.head_size)
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
-        self.rows_total = batch_size  # rows of the allocation (views keep the owner's count)
         self.first_row = 0  # this view's first row in the allocation
-        # one allocation [2 * layers, rows, kv_heads, capacity, head_size]: K and V of every layer; zeroed so a
-        # padded position never holds NaN bits that a masked-out score could still multiply
-        self.store = device.zeros((self.layers, batch_size, *self.row_shape), self.dtype)
-        self.base = int(self.store.data_ptr())
+        # one allocation [rows, kv_heads, capacity, head_size] per K and per V of each layer, zeroed as the host
+        # cache's memory map is (a position beyond a row's length is never read, but holds no stray bits either)
+        self.store = device.zeros(self.layers, (batch_size, *self.row_shape), self.dtype)
+        self.bases = [int(v.data_ptr()) for v in self.store]
         self.lengths = np.zeros(batch_size, dtype=np.int32)
         self.binding: Any = None
 
@@ -182,13 +184,12 @@ class DeviceKVCache(SharedKVCache):
 
     def address(self, layer: int, row: int) -> int:
         """Where row ``row`` (of this view) of buffer ``layer`` (2*i keys, 2*i+1 values of layer i) starts."""
-        return self.base + ((layer * self.rows_total) + self.first_row + row) * self.row_bytes
+        return self.bases[layer] + (self.first_row + row) * self.row_bytes
 
     def host_buffers(self) -> list[np.ndarray]:
         """A host copy of this view's buffers, ``[rows, kv_heads, capacity, head_size]`` per K/V of each layer."""
-        whole = np.asarray(self.store.numpy())
         rows = slice(self.first_row, self.first_row + self.batch_size)
-        return [whole[j, rows].copy() for j in range(self.layers)]
+        return [np.asarray(v.numpy())[rows].copy() for v in self.store]
 
     @property
     def nbytes(self) -> int:
