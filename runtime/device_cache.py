@@ -27,6 +27,7 @@ there (generation, the engine's batch, beam search, copies) against the host-mem
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,7 @@ class Device:
         self.hold_total = cuda_graph
         self._graph_ids = itertools.count(1)
         self._copiers: dict[int, tuple[Any, Any]] = {}
+        self._copy_lock = threading.Lock()  # generators of one model copy from several threads; a binding is one
 
     def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         """A new OrtValue of ``shape`` in this device's memory (contents undefined)."""
@@ -92,14 +94,15 @@ class Device:
         spans = [s for s in spans if s[2] > 0]
         if not spans:
             return
-        session, io = self._copier(len(spans))
-        for i, (dst, src, n) in enumerate(spans):
-            io.bind_input(f"x{i}", self.name, self.device_id, np.uint8, [n], src)
-            io.bind_output(f"y{i}", self.name, self.device_id, np.uint8, [n], dst)
-        try:
-            session.run_with_iobinding(io)
-        except Exception as e:  # onnxruntime's errors are untyped
-            raise _inference_error(e) from e
+        with self._copy_lock:
+            session, io = self._copier(len(spans))
+            for i, (dst, src, n) in enumerate(spans):
+                io.bind_input(f"x{i}", self.name, self.device_id, np.uint8, [n], src)
+                io.bind_output(f"y{i}", self.name, self.device_id, np.uint8, [n], dst)
+            try:
+                session.run_with_iobinding(io)
+            except Exception as e:  # onnxruntime's errors are untyped
+                raise _inference_error(e) from e
 
     def _copier(self, width: int) -> tuple[Any, Any]:
         """A session of ``width`` Identity nodes over 1-D byte tensors, on this device's provider."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import edgeroute as er
 import numpy as np
 import pytest
+from conftest import generate_in_threads
 from edgeroute.device_cache import DeviceKVCache, _copy_graph
 from edgeroute.kv_cache import SharedKVCache
 from edgeroute.session import check_placement, node_placement
@@ -164,3 +165,9 @@ def test_a_gpu_session_refuses_compute_nodes_on_the_cpu(host: er.Model) -> None:
     with pytest.raises(er.ProviderUnavailableError, match=r"GroupQueryAttention x\d+.*MatMul x\d+"):
         check_placement(placed, "CUDAExecutionProvider")
     check_placement({"CUDAExecutionProvider": {"MatMul": 9}, "CPUExecutionProvider": {"Neg": 1, "Slice": 1}}, "x")
+
+
+def test_generators_in_threads_share_the_device(host: er.Model, device: er.Model) -> None:
+    """One model's generators in several threads: their caches are their own, the copy graph (beams) is shared."""
+    cfg = er.GenerationConfig(max_new_tokens=10, num_beams=3)
+    assert generate_in_threads(device, TEXTS, cfg) == [host.generate(t, cfg).token_ids for t in TEXTS]
