@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peers import LONG, PROMPT, _measure, machine
+from peers import LONG, PROMPT, _measure, edgeroute_steps, genai_steps, machine
 
 ROUTER_ON = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 1}
 
@@ -45,27 +45,13 @@ def work_edgeroute(
     sampling = er.SamplingConfig(**(ROUTER_ON if router else {"temperature": 0}))
     cfg = er.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, sampling=sampling)
 
-    def first(prompt):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
-        gen = model.generator(cfg)
-        gen.append(prompt)
-        step = gen.step()
-        return (gen, [step.token_id]), time.perf_counter() - t0
-
-    def rest(state):  # type: ignore[no-untyped-def]
-        gen, out = state
-        t0 = time.perf_counter()
-        out += [s.token_id for s in gen]
-        return out, time.perf_counter() - t0
-
-    res = _measure(first, rest, runs, ids)
+    res = _measure(*edgeroute_steps(model, cfg), runs, ids)
     res["kv"] = model.kv
     res["nodes"] = model.node_providers()
     return res
 
 
 def work_genai(path: str, cuda_graph: bool, ids: list[int], tokens: int, runs: int) -> dict:
-    import numpy as np
     import onnxruntime_genai as og
 
     folder = Path(tempfile.mkdtemp(prefix="genai-"))
@@ -79,26 +65,8 @@ def work_genai(path: str, cuda_graph: bool, ids: list[int], tokens: int, runs: i
     cfg_path.unlink()
     cfg_path.write_text(json.dumps(cfg))
     model = og.Model(str(folder))  # token ids, not text: the same prompt ids as every other row
-
-    def first(prompt):  # type: ignore[no-untyped-def]
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + tokens, min_length=len(prompt) + tokens, do_sample=False)
-        t0 = time.perf_counter()
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array(prompt, dtype=np.int32))
-        gen.generate_next_token()
-        return (gen, [int(gen.get_next_tokens()[0])]), time.perf_counter() - t0
-
-    def rest(state):  # type: ignore[no-untyped-def]
-        gen, out = state
-        t0 = time.perf_counter()
-        while not gen.is_done() and len(out) < tokens:
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        return out, time.perf_counter() - t0
-
     try:
-        return _measure(first, rest, runs, ids)
+        return _measure(*genai_steps(model, tokens), runs, ids)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

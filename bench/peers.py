@@ -90,6 +90,11 @@ def work_edgeroute(path: Path, ids: list[int], tokens: int, runs: int, sampling:
     model = er.Model.load(path, threads=_threads(), context_size=LONG + tokens)
     router = er.SamplingConfig(**(sampling or {"temperature": 0}))
     cfg = er.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, sampling=router)
+    return _measure(*edgeroute_steps(model, cfg), runs, ids)
+
+
+def edgeroute_steps(model, cfg):  # type: ignore[no-untyped-def]
+    """``first``/``rest`` for ``_measure`` over one edgeroute Generator per prompt (bench/gpu.py shares them)."""
 
     def first(prompt):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
@@ -104,7 +109,7 @@ def work_edgeroute(path: Path, ids: list[int], tokens: int, runs: int, sampling:
         out += [s.token_id for s in gen]
         return out, time.perf_counter() - t0
 
-    return _measure(first, rest, runs, ids)
+    return first, rest
 
 
 def work_transformers(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
@@ -166,11 +171,17 @@ def work_optimum(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str
 
 
 def work_genai(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:
-    import numpy as np
     import onnxruntime_genai as og
 
     model = og.Model(str(path))
     # token ids, not text: its own tokenizer mis-encodes this GGUF-derived tokenizer.json
+    return _measure(*genai_steps(model, tokens), runs, ids)
+
+
+def genai_steps(model, tokens: int):  # type: ignore[no-untyped-def]
+    """``first``/``rest`` for ``_measure`` over one onnxruntime-genai Generator per prompt (greedy)."""
+    import numpy as np
+    import onnxruntime_genai as og
 
     def first(prompt):  # type: ignore[no-untyped-def]
         params = og.GeneratorParams(model)
@@ -189,7 +200,7 @@ def work_genai(path: Path, ids: list[int], tokens: int, runs: int) -> dict[str, 
             out.append(int(gen.get_next_tokens()[0]))
         return out, time.perf_counter() - t0
 
-    return _measure(first, rest, runs, ids)
+    return first, rest
 
 
 def work_llamacpp(path: Path | None, ids: list[int], tokens: int, runs: int) -> dict[str, Any]:

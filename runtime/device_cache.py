@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, ContextOverflowError
+from .errors import ConfigError
 from .kv_cache import SharedKVCache, _inference_error
 from .manifest import Manifest
 
@@ -198,32 +198,8 @@ class DeviceKVCache(SharedKVCache):
     def nbytes(self) -> int:
         return self.layers * self.batch_size * self.row_bytes
 
-    def run(
-        self,
-        session: Any,
-        ids: np.ndarray,
-        n_last: int,
-        attention_mask: np.ndarray | None = None,
-        position_ids: np.ndarray | None = None,
-    ) -> np.ndarray:
-        b, n = ids.shape
-        if b != self.batch_size:
-            raise ConfigError("input_ids", ids.shape, f"batch {b} does not match the cache's batch {self.batch_size}")
-        length = self.length
-        if length + n > self.capacity:
-            raise ContextOverflowError(length + n, self.capacity, "KV buffer (raise context_size)")
-        binding = self.binding
-        if binding is None:
-            binding = self.binding = DeviceBinding(session, self)
-        try:
-            logits = binding.run(ids, self, length, n_last)
-        except Exception as e:  # onnxruntime's errors are untyped
-            raise _inference_error(e) from e
-        self.lengths += n
-        return logits
-
-    def step(self, session: Any, ids: np.ndarray) -> np.ndarray:
-        return self.run(session, ids, 1)[:, -1, :]
+    def _bind(self, session: Any) -> DeviceBinding:
+        return DeviceBinding(session, self)
 
     def _view(self, first: int, rows: int) -> DeviceKVCache:
         other = DeviceKVCache.__new__(DeviceKVCache)

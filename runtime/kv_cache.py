@@ -203,7 +203,7 @@ class SharedKVCache:
         shape = (batch_size, manifest.num_kv_heads, capacity, manifest.head_size)
         self.buffers = _lazy_zeros(2 * manifest.num_layers, shape, np.dtype(manifest.kv_dtype))
         self.lengths = np.zeros(batch_size, dtype=np.int32)
-        self.binding: SharedBinding | None = None  # the IO binding over these buffers, made on the first run
+        self.binding: Any = None  # the IO binding over these buffers (SharedBinding), made on the first run
 
     def run(
         self,
@@ -224,7 +224,7 @@ class SharedKVCache:
             raise ContextOverflowError(length + n, self.capacity, "KV buffer (raise context_size)")
         binding = self.binding
         if binding is None:
-            binding = self.binding = SharedBinding(session, self)
+            binding = self.binding = self._bind(session)
         try:
             logits = binding.run(ids, self, length, n_last)
         except Exception as e:  # onnxruntime's errors are untyped
@@ -234,6 +234,10 @@ class SharedKVCache:
         else:
             self.lengths += n
         return logits
+
+    def _bind(self, session: Any) -> Any:
+        """The IO binding of this cache's buffers (made on the first run; a device cache binds addresses)."""
+        return SharedBinding(session, self)
 
     def step(self, session: Any, ids: np.ndarray) -> np.ndarray:
         """A view of the bound output's last position (no copy of the vocabulary's logits per token)."""
