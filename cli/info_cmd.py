@@ -76,12 +76,10 @@ def nodes_line(counts: dict[str, int], provider: str) -> tuple[str, str | None]:
 def _placement(model_path: str, provider: str) -> dict[str, int]:
     """Nodes per execution provider of the folder's graph on ``provider``, without the load-time refusal of compute
     nodes on the CPU (this is the command that reports them)."""
-    from edgeroute.session import create_session, node_placement
+    from edgeroute.session import create_session, node_counts
 
     folder = Path(model_path)
-    graph = folder / er.Manifest.load(folder).graph
-    placed = node_placement(create_session(graph, provider, threads=1, check=False))
-    return {ep: sum(ops.values()) for ep, ops in placed.items()}
+    return node_counts(create_session(folder / er.Manifest.load(folder).graph, provider, threads=1, check=False))
 
 
 @click.command()

@@ -286,14 +286,12 @@ def _build(
             quant = graph.quantize_weights(
                 fp32, quantized, bits=bits, block_size=block_size, calibration=calibration, head_bits=head_bits
             )
-            _drop_fp32(tmp)
+            _drop(tmp)
     if cast:  # the fused graph cast: weights (quantisation scales too), activations and KV fp16, logits float32
         with stages("fp16"):
             source_graph = target if quantize == "none" else quantized
             graph.save(graph.to_fp16(graph.load(source_graph)), final)
-            for f in tmp.iterdir():
-                if f.name.startswith((source_graph.name, "fp32.onnx")) and not f.name.startswith(final.name):
-                    f.unlink()
+            _drop(tmp, source_graph.name)
         contract = dataclasses.replace(contract, kv_dtype="float16")
     if device == "cuda":
         with stages("cuda check"):
@@ -320,10 +318,10 @@ def check_on_cuda(graph_path: Path) -> None:
         raise ExportError(f"the exported graph does not run on CUDA: {e}") from None
 
 
-def _drop_fp32(tmp: Path) -> None:
-    """Remove the intermediate fp32 graph (and its data file) a cast or a quantisation was made from."""
+def _drop(tmp: Path, name: str = "fp32.onnx") -> None:
+    """Remove an intermediate graph (and its data file) a cast or a quantisation was made from."""
     for f in tmp.iterdir():
-        if f.name.startswith("fp32.onnx"):
+        if f.name.startswith(name):
             f.unlink()
 
 

@@ -36,27 +36,21 @@ from .errors import ConfigError
 from .kv_cache import SharedKVCache, _inference_error
 from .manifest import Manifest
 
-# onnxruntime's OrtDevice names for the providers a device cache runs on
-DEVICE_NAMES = {"cpu": "cpu", "cuda": "cuda"}
 NO_CAPTURE = "-1"  # gpu_graph_id that runs a CUDA-graph-enabled session without capturing
 
 
 class Device:
     """Where a session's device caches live: allocation, byte copies inside device memory, CUDA graph ids.
 
-    One per ``Model`` (it holds the copy sessions and the counter of graph ids of that model's session)."""
+    One per ``Model`` (it holds the copy sessions and the counter of graph ids of that model's session), made by
+    ``Model.load`` once the provider and ``cuda_graph`` are checked. ``provider`` (``cpu``, ``cuda``) is also
+    onnxruntime's device name."""
 
-    def __init__(self, session: Any, provider: str, cuda_graph: bool = False, device_id: int = 0) -> None:
-        if provider not in DEVICE_NAMES:
-            raise ConfigError("provider", provider, f"device caches run on {', '.join(DEVICE_NAMES)}")
-        if cuda_graph and provider != "cuda":
-            raise ConfigError("cuda_graph", cuda_graph, "CUDA graphs need provider 'cuda'")
+    def __init__(self, provider: str, cuda_graph: bool = False, device_id: int = 0) -> None:
         import onnxruntime as ort
 
         self._ort = ort
-        self.session = session
-        self.provider = provider
-        self.name = DEVICE_NAMES[provider]
+        self.name = provider
         self.device_id = device_id
         self.cuda_graph = cuda_graph
         # a captured decode graph cannot see a new total_sequence_length: hold it at the capacity (tests set this
@@ -91,7 +85,6 @@ class Device:
     def copy(self, spans: list[tuple[int, int, int]]) -> None:
         """Copy byte ranges inside device memory: ``(dst_address, src_address, nbytes)`` each, in one graph run.
         Ranges must not overlap (callers stage through a scratch buffer when they would)."""
-        spans = [s for s in spans if s[2] > 0]
         if not spans:
             return
         with self._copy_lock:
@@ -107,7 +100,7 @@ class Device:
     def _copier(self, width: int) -> tuple[Any, Any]:
         """A session of ``width`` Identity nodes over 1-D byte tensors, on this device's provider."""
         if width not in self._copiers:
-            self._copiers[width] = _copy_session(self._ort, width, self.provider)
+            self._copiers[width] = _copy_session(self._ort, width, self.name)
         return self._copiers[width]
 
 
@@ -219,11 +212,9 @@ class DeviceKVCache(SharedKVCache):
         other.lengths = self.lengths[:k]
         return other
 
-    def _copy_rows(self, pairs: list[tuple[int, int]]) -> None:
-        """Row ``dst`` takes row ``src``'s whole buffer, for each pair (no pair's source is another's target)."""
-        self.device.copy(
-            [(self.address(j, d), self.address(j, s), self.row_bytes) for d, s in pairs for j in range(self.layers)]
-        )
+    def _spans(self, src: DeviceKVCache, pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """The copies that give row ``d`` of this cache row ``s`` of ``src`` (whole rows, every K/V buffer)."""
+        return [(self.address(j, d), src.address(j, s), self.row_bytes) for d, s in pairs for j in range(self.layers)]
 
     def reorder(self, parents: np.ndarray) -> int:
         moved = [int(i) for i in np.flatnonzero(parents != np.arange(len(parents)))]
@@ -231,35 +222,18 @@ class DeviceKVCache(SharedKVCache):
             sources = sorted({int(parents[i]) for i in moved})
             scratch = DeviceKVCache(self.manifest, self.capacity, len(sources), self.device)
             slot = {s: k for k, s in enumerate(sources)}
-            self.device.copy(  # stage the sources first: a row may be both a source and a target
-                [
-                    (scratch.address(j, slot[s]), self.address(j, s), self.row_bytes)
-                    for s in sources
-                    for j in range(self.layers)
-                ]
-            )
-            self.device.copy(
-                [
-                    (self.address(j, i), scratch.address(j, slot[int(parents[i])]), self.row_bytes)
-                    for i in moved
-                    for j in range(self.layers)
-                ]
-            )
+            # stage the sources first: a row may be both a source and a target
+            self.device.copy(scratch._spans(self, [(k, s) for s, k in slot.items()]))
+            self.device.copy(self._spans(scratch, [(i, slot[int(parents[i])]) for i in moved]))
         return len(moved)
 
     def widen(self, rows: int) -> None:
-        self._copy_rows([(r, 0) for r in range(1, rows)])
+        self.device.copy(self._spans(self, [(r, 0) for r in range(1, rows)]))
         self.lengths[:rows] = self.lengths[0]
 
     def copy(self) -> DeviceKVCache:
         other = DeviceKVCache(self.manifest, self.capacity, self.batch_size, self.device)
-        self.device.copy(
-            [
-                (other.address(j, r), self.address(j, r), self.row_bytes)
-                for r in range(self.batch_size)
-                for j in range(self.layers)
-            ]
-        )
+        self.device.copy(other._spans(self, [(r, r) for r in range(self.batch_size)]))
         other.lengths = self.lengths.copy()
         return other
 

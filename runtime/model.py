@@ -20,7 +20,7 @@ from .generator import Completion, Generator, generate_batch
 from .kv_cache import Cache, KVCache, SharedKVCache
 from .manifest import Manifest, check_files
 from .request import Flows
-from .session import create_session, node_placement
+from .session import create_session, node_counts
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -59,7 +59,7 @@ class Model:
         self.undecodable_ids = range(min(tokenizer.vocab_size, m.vocab_size), m.vocab_size)
         m.contract.check_session(session)
         self.kv = _kv_placement(kv, provider, self.shared_kv, cuda_graph)
-        self.device = Device(session, provider, cuda_graph) if self.kv == "device" else None
+        self.device = Device(provider, cuda_graph) if self.kv == "device" else None
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -106,7 +106,7 @@ class Model:
         """How many nodes of the optimised graph onnxruntime gave each execution provider (``{"CPUExecutionProvider":
         306}``), as this session recorded it: a CUDA session's compute nodes on the CPU raise at load
         (``ProviderUnavailableError``), its shape arithmetic there shows here."""
-        return {ep: sum(ops.values()) for ep, ops in node_placement(self.session).items()}
+        return node_counts(self.session)
 
     @property
     def context_length(self) -> int:

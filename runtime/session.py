@@ -125,6 +125,11 @@ def node_placement(session: Any) -> dict[str, dict[str, int]]:
     return placed
 
 
+def node_counts(session: Any) -> dict[str, int]:
+    """``{provider: nodes}``: :func:`node_placement` summed over operator types."""
+    return {ep: sum(ops.values()) for ep, ops in node_placement(session).items()}
+
+
 def check_placement(placed: dict[str, dict[str, int]], provider: str) -> None:
     """Raise :class:`ProviderUnavailableError` naming the compute operators a ``provider`` session runs on the
     CPU (their kernels are missing on ``provider`` for these types): never a silent fallback."""
