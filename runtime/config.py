@@ -24,6 +24,11 @@ SCHEDULES = ("constant", "linear", "exponential")
 TEMPERATURE_RANGE = (1e-3, 1e3)
 REPETITION_RANGE = (0.01, 100.0)
 BIAS_LIMIT = 100.0
+# Stop strings: OpenAI takes up to 4, vLLM any number; real ones are short ("\n\n", "</s>", "User:"). Matching is
+# linear in their total length (an Aho-Corasick automaton, held text at most the longest one), and these bounds keep
+# each request's share small: at most 16 000 automaton states, 1 000 characters held back.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1000
 
 
 def _is_int(v: Any) -> bool:
@@ -191,7 +196,10 @@ class GenerationConfig:
     Args:
         max_new_tokens: the most tokens generated after each ``append`` (a modest default, never the context).
         min_new_tokens: stop tokens (EOS and ``stop_token_ids``) are suppressed until this many were generated.
-        stop: strings that end generation; they never appear in the output text.
+        stop: strings that end generation; they never appear in the output text. At most ``MAX_STOPS`` (16) of at
+            most ``MAX_STOP_CHARS`` (1,000) characters each: OpenAI allows 4, vLLM any number; the bounds are
+            generous for real stop strings and keep a request's matching state (an automaton with a state per
+            character, the text held back while it may still become a stop string) small.
         stop_token_ids: token ids that end generation, in addition to the model's EOS ids (which always count).
         logprobs: report the chosen token's log-probability (``True`` or ``0``) and, when an int n > 0,
             also the n most likely alternatives. Log-probabilities are the model's own (log-softmax of the raw
@@ -240,7 +248,14 @@ class GenerationConfig:
             self.stop,
             "must be a sequence of non-empty strings",
         )
+        _check(len(stop) <= MAX_STOPS, "stop", stop[:2], f"holds {len(stop)} strings: at most {MAX_STOPS}")
         for s in stop:
+            _check(
+                len(s) <= MAX_STOP_CHARS,
+                "stop",
+                s[:20] + "...",
+                f"is {len(s)} characters long: at most {MAX_STOP_CHARS} per stop string",
+            )
             _check(_valid_unicode(s), "stop", s, "is not valid Unicode (it holds a lone surrogate)")
         object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,7 +139,8 @@ class _Turn:
     stream: TextStream
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    held: str = ""
+    held: str = ""  # the text's longest end that begins a stop string: not emitted while it may still match
+    state: int = 0  # the stop-string automaton's state after the text (its depth is len(held))
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stopped_on_token: bool = False
@@ -153,8 +155,7 @@ class TurnOutput:
         self.config = config
         self.stop_ids = stop_ids(model, config)
         self.stops = config.stop
-        self._prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
-        self._longest_stop = max((len(s) for s in self.stops), default=0)
+        self._matcher = _stop_matcher(self.stops) if self.stops else None
         self.turn = _Turn(model.tokenizer.stream())
 
     def new_turn(self) -> None:
@@ -192,12 +193,12 @@ class TurnOutput:
         finish = None
         if token in self.stop_ids:
             text, finish, t.stopped_on_token = t.held, "stop", True
-            t.held = ""
+            t.held, t.state = "", 0
         else:
             text, finish = self._text(t.stream.push(token))
         if finish is None and len(t.generated) >= self.config.max_new_tokens:
             text, finish = text + t.held, "length"
-            t.held = ""
+            t.held, t.state = "", 0
         if finish is not None and (t.stopped_on_token or finish == "length"):
             text += self._unflushed(text)
         t.text.append(text)
@@ -215,23 +216,20 @@ class TurnOutput:
         return full[len(streamed) :].rstrip("\ufffd") if full.startswith(streamed) else ""
 
     def _text(self, piece: str) -> tuple[str, str | None]:
-        """Emit what can no longer be part of a stop string; detect a completed stop string."""
+        """Emit what can no longer be part of a stop string; detect a completed stop string (the text ends where
+        the earliest-starting one begins). Linear: only the new piece goes through the automaton."""
         t = self.turn
-        if not self.stops:
+        m = self._matcher
+        if m is None:
             return piece, None
         buf = t.held + piece
-        hits = [(buf.find(s), s) for s in self.stops if s in buf]
-        if hits:
-            at = min(hits)[0]
-            t.held = ""
+        state, at = m.feed(t.state, piece, len(t.held))
+        if at >= 0:
+            t.held, t.state = "", 0
             return buf[:at], "stop"
-        keep = 0  # longest suffix of buf that begins a stop string
-        for i in range(max(0, len(buf) - self._longest_stop + 1), len(buf)):
-            if buf[i:] in self._prefixes:
-                keep = len(buf) - i
-                break
-        t.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], None
+        cut = len(buf) - m.depth[state]  # what follows ``cut`` begins a stop string: held back
+        t.held, t.state = buf[cut:], state
+        return buf[:cut], None
 
     def completion(self, usage: Usage) -> Completion:
         t = self.turn
@@ -253,6 +251,68 @@ class TurnOutput:
             self._accept(int(tok), None)
         self.turn.logprobs = logprobs
         self.turn.finish_reason = None
+
+
+class _StopMatcher:
+    """An Aho–Corasick automaton over the stop strings: built in time and memory linear in their total length;
+    feeding it text costs amortised O(1) per character. A state is a trie node, the longest end of the text fed so
+    far that begins a stop string (``depth[state]`` its length: what to hold back); ``match[state]`` is the length
+    of the longest stop string that ends the text there (0 if none)."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        goto: dict[int, int] = {}  # state << 21 | code point (< 2**21) -> next state
+        depth, parent, code, final = [0], [0], [0], [False]
+        for s in stops:
+            node = 0
+            for ch in s:
+                key = node << 21 | ord(ch)
+                nxt = goto.get(key)
+                if nxt is None:
+                    nxt = goto[key] = len(depth)
+                    depth.append(depth[node] + 1)
+                    parent.append(node)
+                    code.append(ord(ch))
+                    final.append(False)
+                node = nxt
+            final[node] = True
+        levels: list[list[int]] = [[] for _ in range(max(depth) + 1)]
+        for v in range(1, len(depth)):
+            levels[depth[v]].append(v)
+        fail, match = [0] * len(depth), [0] * len(depth)
+        for level in levels[1:]:  # breadth first: a state's fail link is shallower, so already known
+            for v in level:
+                u, c = parent[v], code[v]
+                f = fail[u]
+                while f and (f << 21 | c) not in goto:
+                    f = fail[f]
+                fail[v] = goto.get(f << 21 | c, 0) if u else 0
+                match[v] = depth[v] if final[v] else match[fail[v]]
+        self.goto, self.fail, self.depth, self.match = goto, fail, depth, match
+
+    def feed(self, state: int, text: str, offset: int) -> tuple[int, int]:
+        """Feed ``text`` from ``state`` (``offset``: where ``text`` starts in the caller's buffer, after the held
+        text ``state`` stands for). Returns the new state and the start (in the buffer) of the earliest-starting
+        stop string found, or -1. Once one is found, feeding goes on only while a stop string under way may still
+        start before it."""
+        goto, fail, depth, match = self.goto, self.fail, self.depth, self.match
+        best = -1
+        for e, ch in enumerate(text, offset):
+            c = ord(ch)
+            while (nxt := goto.get(state << 21 | c)) is None and state:
+                state = fail[state]
+            state = nxt or 0
+            if match[state] and (best < 0 or e - match[state] + 1 < best):
+                best = e - match[state] + 1
+            if best >= 0 and e - depth[state] + 1 >= best:
+                break
+        return state, best
+
+
+@lru_cache(maxsize=16)
+def _stop_matcher(stops: tuple[str, ...]) -> _StopMatcher:
+    """The automaton of a stop list, shared by the rows of a batch and the hypotheses of a beam (it never changes:
+    each turn keeps its own state)."""
+    return _StopMatcher(stops)
 
 
 def stop_ids(model: ModelLike, config: GenerationConfig) -> frozenset[int]:
