@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,38 @@ def is_loopback(host: str) -> bool:
     default=64,
     show_default=True,
     help="Requests waiting for a slot at most; beyond that the server answers 429 with Retry-After.",
+)
+@click.option(
+    "--no-prefix-reuse",
+    is_flag=True,
+    help="Never reuse one request's cached prompt for another: prefix reuse makes a shared prefix answer faster,"
+    " which tells a client what others sent (for mutually untrusting clients).",
+)
+@click.option(
+    "--plain-content",
+    is_flag=True,
+    help="Tokenise chat message contents as plain text: special-token text in a message stays text instead of"
+    " becoming control tokens.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=3,
+    show_default=True,
+    help="Seconds running requests get to finish after Ctrl-C or SIGTERM; then each ends with a 'shutting_down' error.",
+)
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds a client has to send a request's headers, and as many for its body; slower clients are cut off"
+    " [default: 30].",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Open connections at most; one more is closed as it arrives [default: 256].",
 )
 @model_options
 @click.option(
@@ -87,6 +120,11 @@ def serve(
     model_name: str | None,
     max_batch: int,
     max_queue: int,
+    no_prefix_reuse: bool,
+    plain_content: bool,
+    grace: float,
+    read_timeout: float | None,
+    max_connections: int | None,
     ctx_size: int | None,
     threads: int | None,
     provider: str,
@@ -123,8 +161,7 @@ def serve(
         from edgeroute.serve import serve as run_server
     except ImportError as e:
         raise click.ClickException(str(e)) from None
-    if api_key == "":
-        raise click.BadParameter("is empty", param_hint="--api-key")
+    _check_key(api_key)
     if not is_loopback(host) and not api_key:
         click.echo(
             f"edgeroute: warning: serving on {host} without an API key: anyone who can reach it can use it"
@@ -132,7 +169,18 @@ def serve(
             err=True,
         )
     name = model_name or Path(model_path).resolve().name
-    settings = Settings(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    settings = Settings(
+        model_name=name,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prefix_reuse=not no_prefix_reuse,
+        plain_content=plain_content,
+    )
+    if read_timeout is not None:
+        settings.read_timeout = read_timeout
+    if max_connections is not None:
+        settings.max_connections = max_connections
     where: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -154,7 +202,23 @@ def serve(
             autoscaling_config=_autoscaling(autoscaling),
         )
         return
-    run_server(model_path, settings, **where, log_level=log_level)
+    run_server(model_path, settings, **where, grace=grace, log_level=log_level)
+
+
+def _check_key(api_key: str | None) -> None:
+    """An API key a client can send: not empty (an empty $EDGEROUTE_API_KEY is not "no key"), no surrounding
+    whitespace (an HTTP client strips it from the header, so it would never match), printable ASCII."""
+    given = os.environ.get("EDGEROUTE_API_KEY") if api_key is None else api_key
+    source = click.get_current_context().get_parameter_source("api_key")
+    hint = "--api-key" if source == click.core.ParameterSource.COMMANDLINE else "$EDGEROUTE_API_KEY"
+    if given is None:
+        return
+    if not given:
+        raise click.BadParameter("is empty: give a key, or unset it to serve without one", param_hint=hint)
+    if given != given.strip():
+        raise click.BadParameter("has leading or trailing whitespace, which no client's header keeps", param_hint=hint)
+    if not all(" " < ch <= "~" for ch in given):
+        raise click.BadParameter("must be printable ASCII, no spaces (it is sent in an HTTP header)", param_hint=hint)
 
 
 def _autoscaling(text: str | None) -> dict[str, Any] | None:

@@ -30,6 +30,11 @@ class TokenChooser:
                 "beam search runs through Model.generate (edgeroute run --beams): it does not stream one token at a"
                 " time, and the engine and batches do not run it",
             )
+        outside = [i for i in config.stop_token_ids if not 0 <= i < model.vocab_size]
+        if outside:
+            raise ConfigError(
+                "stop_token_ids", outside[0], f"is outside the vocabulary (ids 0..{model.vocab_size - 1})"
+            )
         self.rng = rng
         stages = () if config.constraint is None else (GrammarStage(config.constraint, model),)
         self.router = make_chain(

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from itertools import count
 from typing import TYPE_CHECKING, Any
@@ -81,9 +81,11 @@ class Request:
         self._error: BaseException | None = None
         self._cancel = False
         self._listeners: list[Any] = []
-        # what the engine built for it at submission: its own Generator (solo) or its token chooser (batched)
+        # what the engine built for it at submission (never on the engine's thread, where a failure could reach
+        # other requests): its own Generator (solo), or its token chooser and text output (batched)
         self._generator: Generator | None = None
         self._chooser: TokenChooser | None = None
+        self._output: TurnOutput | None = None
 
     # -- the engine's side ------------------------------------------------------------------------------------
     def _push(self, step: Step) -> None:
@@ -316,10 +318,46 @@ class Engine:
         """Queue a request and return its handle at once. Raises ``ConfigError`` (bad prompt, config or flows),
         ``ContextOverflowError`` (prompt + ``max_new_tokens`` over a slot's context), :class:`QueueFullError`
         (``max_queue`` requests already wait) or :class:`EngineClosedError`."""
+        return self.submit_all([(prompt, config)], flows_of(flows, flow_fields))[0]
+
+    def submit_all(
+        self, items: Sequence[tuple[str | Sequence[int], GenerationConfig | None]], flows: Flows | None = None
+    ) -> list[Request]:
+        """Queue several requests (``(prompt, config)`` pairs sharing ``flows``) all or none: one that fails
+        validation, or a queue without room for every one, queues nothing. More requests than the engine can ever
+        hold (``max_batch + max_queue``) is a ``ConfigError`` (``requests``), not a :class:`QueueFullError` to
+        retry. Raises what :meth:`submit` raises otherwise."""
+        flows = flows_of(flows, {})
+        capacity = self.max_batch + self.max_queue
+        if not 1 <= len(items) <= capacity:
+            raise ConfigError(
+                "requests", len(items), f"must be 1 to {capacity} at once (max_batch + max_queue of this engine)"
+            )
+        built = [self._build(prompt, config, flows) for prompt, config in items]
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            # queued requests that the next admission leaves waiting (cancelled ones hold no place)
+            waiting = sum(1 for r in self._queue if not r.cancelled) - self._free()
+            if waiting + len(built) > self.max_queue:
+                raise QueueFullError(
+                    f"{max(waiting, 0)} requests are waiting for a slot (max_queue {self.max_queue})"
+                    + (f" and {len(built)} more do not fit" if len(built) > 1 else "")
+                    + ": retry later"
+                )
+            for request in built:
+                request.id = next(self._ids)
+                self._queue.append(request)
+            self._counts["submitted"] += len(built)
+            self._lock.notify_all()
+        return built
+
+    def _build(self, prompt: str | Sequence[int], config: GenerationConfig | None, flows: Flows) -> Request:
+        """A request and what runs it, validated (in the caller's thread: a config or flow the model refuses is the
+        caller's error, at submission)."""
         config = config or GenerationConfig()
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
-        flows = flows_of(flows, flow_fields)
         ids = self.model.encode_prompt(prompt)
         vocab = self.model.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
@@ -327,25 +365,12 @@ class Engine:
         need = len(ids) + config.max_new_tokens
         if need > self.model.context_length:
             raise ContextOverflowError(need, self.model.context_length, "prompt + max_new_tokens")
-        # build what runs it now, so that a config or flow the model refuses is the caller's error, at submission
-        generator = chooser = None
+        request = Request(0, ids, config, flows)
         if flows.active or self.mode == "solo":
-            generator = self.model.generator(config, flows)
+            request._generator = self.model.generator(config, flows)
         else:
-            chooser = TokenChooser(self.model, config, np.random.default_rng(config.sampling.seed))
-        with self._lock:
-            if self._closed:
-                raise EngineClosedError("the engine is closed")
-            waiting = len(self._queue) - self._free()  # queued requests that the next admission leaves waiting
-            if waiting >= self.max_queue:
-                raise QueueFullError(
-                    f"{max(waiting, 0)} requests are waiting for a slot (max_queue {self.max_queue}): retry later"
-                )
-            request = Request(next(self._ids), ids, config, flows)
-            request._generator, request._chooser = generator, chooser
-            self._queue.append(request)
-            self._counts["submitted"] += 1
-            self._lock.notify_all()
+            request._chooser = TokenChooser(self.model, config, np.random.default_rng(config.sampling.seed))
+            request._output = TurnOutput(self.model, config)
         return request
 
     @contextmanager
@@ -474,7 +499,12 @@ class Engine:
             if solo is not None:
                 self._start_solo(request, solo)
             elif slot is not None:
-                self._start(request, slot)
+                try:
+                    self._start(request, slot)
+                except Exception as e:
+                    slot.running = None
+                    request._finish(None, _own(e))
+                    self._count("failed")
 
     def _free_slot(self, prompt: list[int]) -> _Slot | None:
         free = [s for s in self._slots if s.running is None]
@@ -489,15 +519,15 @@ class Engine:
         return free[0]
 
     def _start(self, request: Request, slot: _Slot) -> None:
-        model, cfg = self.model, request.config
+        cfg = request.config
         prompt = np.asarray(request.prompt, dtype=np.int64)
         reuse = common_prefix(slot.tokens[: slot.held], prompt) if self.prefix_reuse else 0
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
         ids = np.zeros(len(prompt) + cfg.max_new_tokens, dtype=np.int64)
         ids[: len(prompt)] = prompt
-        assert request._chooser is not None  # built at submission
+        assert request._chooser is not None and request._output is not None  # built at submission
         usage = Usage(prompt_tokens=len(prompt))
-        run = _Running(request, slot, request._chooser, TurnOutput(model, cfg), usage, ids, len(prompt), reuse)
+        run = _Running(request, slot, request._chooser, request._output, usage, ids, len(prompt), reuse)
         slot.running = run
         assert self._cache is not None
         self._cache.lengths[slot.index] = reuse
@@ -506,8 +536,8 @@ class Engine:
     def _start_solo(self, request: Request, generator: Generator) -> None:
         try:
             generator.append(request.prompt)
-        except EdgerouteError as e:
-            request._finish(None, e)
+        except Exception as e:
+            request._finish(None, _own(e))
             self._count("failed")
             return
         self._solo.append(_Solo(request, generator))
@@ -521,23 +551,20 @@ class Engine:
             if budget <= 0:
                 return
             if run is None or run.n - run.fed <= 1:
-                continue  # all fed, or one token left (a cached prefix): the decode step feeds it
+                continue  # all fed, or only the prompt's last token left: the decode step feeds it
             assert cache is not None
             row = self._rows[slot.index]
-            take = min(budget, run.n - run.fed)  # a last token left over is fed by this iteration's decode step
+            take = min(budget, run.n - run.fed - 1)  # never the last token (see _decode)
             row.lengths[0] = run.fed
             try:
-                logits = row.run(self.model.session, run.ids[None, run.fed : run.fed + take], 1)
-            except EdgerouteError as e:
-                self._release(run, None, e)
+                row.run(self.model.session, run.ids[None, run.fed : run.fed + take], 1)
+            except Exception as e:  # a run of this request's row alone
+                self._release(run, None, _own(e))
                 continue
             run.fed += take
             cache.lengths[slot.index] = run.fed
             budget -= take
             self._count("prefilled", take)
-            if run.fed == run.n:  # the whole prompt is in: its first token now, before any other prompt's chunk
-                run.logits = logits[0, -1].copy()  # the row's bound buffer: the next run on this row overwrites it
-                self._choose_one(run)
 
     def _choose(self) -> None:
         """The next token of every request whose logits are at hand (each then has one token to feed)."""
@@ -552,11 +579,11 @@ class Engine:
         assert run.logits is not None
         try:
             token = run.chooser.choose(run.logits, run.ids[: run.n], out.index)
-        except EdgerouteError as e:
-            self._release(run, None, e)
+            run.chooser.accept(token)
+            step = out.take(token, run.logits)
+        except Exception as e:  # this request's router, grammar or stop strings: it alone fails
+            self._release(run, None, _own(e))
             return
-        run.chooser.accept(token)
-        step = out.take(token, run.logits)
         now = time.perf_counter()
         run.usage.router_seconds += now - t0
         run.usage.record(1, run.last or now, now, run.request.submitted)
@@ -570,9 +597,11 @@ class Engine:
 
     def _decode(self) -> None:
         """One graph run for every request with one token to feed, rows ``0..hi`` of the batch cache: the token a
-        decoding request just chose, or the last token of a prompt after a reused prefix (or one a prefill chunk
-        left over): both are "one token after the row's length", so a request whose prompt is cached joins
-        without a graph run of its own. A prompt the prefill fed to its end chose its first token there."""
+        decoding request just chose, or the last token of a prompt (after its prefill chunks, or after a reused
+        prefix): both are "one token after the row's length", so a request whose prompt is cached joins without a
+        graph run of its own. The first token is always chosen from this run, never from a prefill chunk's: a
+        request's logits then do not depend on whether its prompt was cached or how the budget chunked it (int8
+        and int4 kernels can give a row different logits in a run of another shape)."""
         going = [r for r in (s.running for s in self._slots) if r is not None and r.n - r.fed == 1]
         if not going:
             return
@@ -589,10 +618,10 @@ class Engine:
         saved = cache.lengths[:hi].copy()
         try:
             logits = head.run(self.model.session, ids, 1)
-        except EdgerouteError as e:
+        except Exception as e:  # the run of every decoding row
             cache.lengths[:hi] = saved
             for run in going:
-                self._release(run, None, e)
+                self._release(run, None, _own(e))
             return
         cache.lengths[:hi] = saved  # rows not decoding keep their length (their placeholder is overwritten later)
         for run in going:
@@ -606,19 +635,16 @@ class Engine:
             gen, request = solo.generator, solo.request
             try:
                 if not gen.done:
-                    request._push(gen.step())
-            except StopIteration:
-                pass
-            except EdgerouteError as e:
+                    with suppress(StopIteration):
+                        request._push(gen.step())
+                if gen.done:
+                    self._solo.remove(solo)
+                    request._finish(gen.completion())
+                    self._count("finished")
+            except Exception as e:  # this request's generator alone
                 self._solo.remove(solo)
-                request._finish(None, e)
+                request._finish(None, _own(e))
                 self._count("failed")
-                continue
-            if gen.done:
-                self._solo.remove(solo)
-                comp = gen.completion()
-                request._finish(comp)
-                self._count("finished")
 
     # -- ending requests --------------------------------------------------------------------------------------
     def _release(self, run: _Running, how: str | None, error: BaseException | None = None) -> None:
@@ -656,6 +682,12 @@ class Engine:
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
+
+
+def _own(e: Exception) -> EdgerouteError:
+    """A request's own failure as the library's error: an ``EdgerouteError`` as it is, anything else (a bug, or a
+    native library's error on this request's input) as an ``InferenceError`` that says what it was."""
+    return e if isinstance(e, EdgerouteError) else InferenceError(f"generation failed: {type(e).__name__}: {e}")
 
 
 def _with_reason(completion: Completion, reason: str) -> Completion:

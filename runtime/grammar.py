@@ -111,8 +111,15 @@ class GrammarStage(Constraining):
         self._fresh = False
 
     def accept(self, token: int) -> None:
+        """Commit ``token``, which the router chose from this matcher's own mask: a refusal now is the parser giving
+        up on the grammar (its item limit: an endless or too ambiguous grammar), the request's ``ConfigError``."""
         self._rollback(self._committed)
-        self._consume([int(token)])
+        if not self._matcher.consume_token(int(token)):
+            raise ConfigError(
+                self.param, "at this step", f"cannot be followed further: {first_line(self._matcher.get_error())}"
+            )
+        self._tokens.append(int(token))
+        self._fresh = False
         self._committed += 1
 
     def _rollback(self, keep: int) -> None:

@@ -264,12 +264,20 @@ def _bias(bias: Any) -> dict[int, float]:
         raise ConfigError("logit_bias", bias, "must map token ids to biases")
     out: dict[int, float] = {}
     for k, v in bias.items():
-        if isinstance(k, str):
-            if not k.strip().isdigit():
-                raise ConfigError("logit_bias", {k: v}, "keys must be token ids (integers >= 0)")
-            k = int(k)
-        out[k] = v
+        key = _digits(k) if isinstance(k, str) else k
+        if key is None:
+            raise ConfigError("logit_bias", {k: v}, "keys must be token ids (integers >= 0)")
+        out[key] = v
     return out
+
+
+def _digits(text: str) -> int | None:
+    """An integer >= 0 written in ASCII digits (``"²"`` and ``"٣"`` are digits to ``str.isdigit``, not to JSON), at
+    most 18 of them (an int64), else None."""
+    text = text.strip()
+    if not 0 < len(text) <= 18 or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 def _logprobs(logprobs: Any, top: Any) -> bool | int | None:
@@ -283,6 +291,8 @@ def _logprobs(logprobs: Any, top: Any) -> bool | int | None:
     if logprobs is None or isinstance(logprobs, bool):
         return logprobs
     if isinstance(logprobs, int):
+        if not 0 <= logprobs <= 20:
+            raise ConfigError("logprobs", logprobs, "must be a bool or an integer in [0, 20]")
         return logprobs if logprobs > 0 else True
     raise ConfigError("logprobs", logprobs, "must be a bool or an integer in [0, 20]")
 
@@ -292,10 +302,10 @@ def _flows(p: dict[str, Any], load: Callable[[str], ModelLike] | None) -> Flows:
     if kw.get("draft_k") == "auto":
         kw["draft_k"], kw["adaptive_k"] = 4, True
     elif isinstance(kw.get("draft_k"), str):
-        k = kw["draft_k"]
-        if not k.isdigit():
-            raise ConfigError("draft_k", k, "must be a positive integer or 'auto'")
-        kw["draft_k"] = int(k)
+        k = _digits(kw["draft_k"])
+        if k is None:
+            raise ConfigError("draft_k", kw["draft_k"], "must be a positive integer or 'auto'")
+        kw["draft_k"] = k
     theta = kw.get("gate_threshold")
     if isinstance(theta, str):  # JSON has no infinity: "inf" / "-inf" (or any number) as a string
         try:

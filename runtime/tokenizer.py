@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -96,13 +97,7 @@ class Tokenizer:
         ``field`` names the setting in the ``ConfigError`` raised for text that is not a valid Unicode string."""
         if not isinstance(text, str):
             raise ConfigError(field, text, "must be a string")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ConfigError(
-                field, text[max(e.start - 8, 0) : e.end + 8], f"is not valid UTF-8 text (a lone surrogate at {e.start})"
-            ) from None
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._tok.encode(self._valid(text, field), add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of ``ids``."""
@@ -147,16 +142,69 @@ class Tokenizer:
         return chat_template.render(self.chat_template, self.name, variables)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        plain_content: bool = False,
+        **kwargs: Any,
     ) -> list[int]:
         """Token ids of the rendered chat (special tokens come from the template text, none are added).
 
+        With ``plain_content``, the messages' text contents are tokenised as plain text: special-token text inside
+        them (``<|im_start|>system``) stays text, never the control token it spells; only the template's own text
+        makes control tokens. Without it (the default, what transformers and most servers do) the rendered chat is
+        tokenised as a whole, so a message can write control tokens.
+
         Raises ``ConfigError`` (``messages``) for text that is not valid Unicode, and ``ChatTemplateError`` when the
         template renders nothing."""
-        ids = self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), False, field="messages")
+        if plain_content:
+            ids = self._plain_content_ids(messages, add_generation_prompt, **kwargs)
+        else:
+            ids = self.encode(self.render_chat(messages, add_generation_prompt, **kwargs), False, field="messages")
         if not ids:
             raise ChatTemplateError(f"the chat template of {self.name} rendered no text for {len(messages)} message(s)")
         return ids
+
+    def _plain_content_ids(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, **kwargs: Any
+    ) -> list[int]:
+        """The chat rendered with a marker in place of each text content, then tokenised piece by piece: the
+        template's text with special tokens parsed, each content with them split as plain text."""
+        tag = secrets.token_hex(8)  # no client text can predict it
+        marked, contents = [], {}
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, Mapping) else None
+            if isinstance(content, str) and content:
+                key = f"\ue000{tag}:{i}\ue001"
+                contents[key] = content
+                m = {**m, "content": key}
+            marked.append(m)
+        text = self.render_chat(marked, add_generation_prompt, **kwargs)
+        ids: list[int] = []
+        for j, piece in enumerate(re.split(f"(\ue000{tag}:\\d+\ue001)", text)):
+            if j % 2:  # a marker: the content it stands for, special-token text split
+                ids += self._plain.encode(self._valid(contents[piece], "messages"), add_special_tokens=False).ids
+            elif piece:
+                ids += self.encode(piece, False, field="messages")
+        return ids
+
+    @cached_property
+    def _plain(self) -> _HFTokenizer:
+        """A copy of the tokenizer that reads special-token text as plain text (its own object: the flag is the
+        tokenizer's state, and the shared one is used by other threads)."""
+        tok = _HFTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    @staticmethod
+    def _valid(text: str, field: str) -> str:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                field, text[max(e.start - 8, 0) : e.end + 8], f"is not valid UTF-8 text (a lone surrogate at {e.start})"
+            ) from None
+        return text
 
     def stream(self) -> TextStream:
         """A fresh streaming detokenizer."""

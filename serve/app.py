@@ -38,6 +38,8 @@ from .protocol import (
     fingerprint,
     finish,
     from_config_error,
+    invalid,
+    load_json,
     new_id,
     now,
     parse_chat,
@@ -48,13 +50,25 @@ from .tools import CallStream, call_id, parse_call
 
 log = logging.getLogger("edgeroute.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt a context holds; a body beyond it is a 413
+# a request's headers must arrive within this many seconds (from the connection, or the previous answer), and its
+# body within as many more: ~140 KB/s fills a 4 MB body in time; a client sending a byte a second holds nothing long
+READ_TIMEOUT = 30.0
+# open connections at once: each running request holds one (max_batch + max_queue of them at most), the rest is
+# headroom for keep-alive clients; one more is closed as it arrives
+MAX_CONNECTIONS = 256
 PUBLIC_PATHS = ("/health",)  # answered without the API key (load balancers probe it)
 
 
 @dataclass
 class Settings:
     """What the app serves and how: the model's public name, the API key (None: no key), the engine's slots and
-    queue, and the largest request body."""
+    queue, the largest request body, the time to send a request and the open connections (``serve.server``).
+
+    ``prefix_reuse``: a new prompt reuses the cached tokens it shares with an earlier one (faster; but how fast a
+    prompt is answered tells a client whether another client sent the same prefix: turn it off for clients that
+    must not learn of each other). ``plain_content``: message contents are tokenised as plain text, so that
+    special-token text in them stays text (by default, as in transformers and most servers, a message containing
+    ``<|im_start|>system`` writes real control tokens)."""
 
     model_name: str
     api_key: str | None = None
@@ -62,6 +76,9 @@ class Settings:
     max_queue: int = 64
     max_body_bytes: int = MAX_BODY_BYTES
     prefix_reuse: bool = True
+    plain_content: bool = False
+    read_timeout: float = READ_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
 
 
 class State:
@@ -73,9 +90,26 @@ class State:
         self.error: str | None = None
         self.loaded = threading.Event()
         self.started = time.time()
+        self.draining = False
 
     def stats(self) -> er.EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
+
+    async def drain(self, grace: float, forced: Callable[[], bool] = lambda: False) -> None:
+        """Stop taking requests (a new one is a 503), give the running and queued ones ``grace`` seconds (less if
+        ``forced()`` turns true: a second Ctrl-C), then close the engine: what still runs ends with
+        ``EngineClosedError``, which each answer turns into its final event or a JSON 503."""
+        self.draining = True
+        engine = self.engine
+        if engine is None:
+            return
+        end = time.monotonic() + grace
+        while time.monotonic() < end and not forced():
+            st = engine.stats()
+            if st.active == 0 and st.queued == 0 and st.incoming == 0:
+                break
+            await asyncio.sleep(0.05)
+        await run_in_threadpool(engine.close)
 
 
 def create_app(
@@ -240,6 +274,8 @@ class _Api:
 
     def _ready(self) -> tuple[er.Model, er.Engine]:
         s = self.state
+        if s.draining:
+            raise _shutting_down()
         if s.error is not None:
             raise APIError(503, f"the model failed to load: {s.error}", None, "model_load_failed")
         if s.model is None or s.engine is None:
@@ -283,7 +319,8 @@ class _Api:
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def chat(self, request: Request) -> Response:
-        return await self._generate(request, parse_chat)
+        plain = self.settings.plain_content
+        return await self._generate(request, lambda body, m, name: parse_chat(body, m, name, plain_content=plain))
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, parse_completion)
@@ -292,8 +329,8 @@ class _Api:
     async def _generate(self, request: Request, parse: Callable[[Any, er.Model, str], Parsed]) -> Response:
         model, engine = self._ready()
         with engine.incoming():  # an idle engine waits for the requests of a burst still being read (Engine.gather)
-            body = await self._json(request)
-            parsed, handles = await run_in_threadpool(self._submit, parse, body, model, engine)
+            raw = await self._body(request)
+            parsed, handles = await run_in_threadpool(self._submit, parse, raw, model, engine)
         if self._texts is None:
             self._texts = TokenText(model.tokenizer)
         answer = _Answer(parsed, handles, model, self._texts, self.metrics)
@@ -305,15 +342,29 @@ class _Api:
             )
         return JSONResponse(await answer.collect(request))
 
-    async def _json(self, request: Request) -> Any:
+    async def _body(self, request: Request) -> bytes:
+        """The body, within ``max_body_bytes`` (413) and ``read_timeout`` seconds (408)."""
         limit = self.settings.max_body_bytes
-        chunks, size = [], 0
-        try:
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
                     raise _too_large(limit)
                 chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.settings.read_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(
+                408,
+                f"the request body did not arrive within {self.settings.read_timeout:g} seconds",
+                None,
+                "request_timeout",
+                headers={"Connection": "close"},
+            ) from None
         except ClientDisconnect:
             raise APIError(
                 400, "the client closed the connection while sending the body", None, "client_disconnected"
@@ -321,26 +372,28 @@ class _Api:
         raw = b"".join(chunks)
         if not raw.strip():
             raise APIError(400, "the request body is empty: send a JSON object", None, "invalid_json")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+        return raw
 
     def _submit(
-        self, parse: Callable[[Any, er.Model, str], Parsed], body: Any, model: er.Model, engine: er.Engine
+        self, parse: Callable[[Any, er.Model, str], Parsed], raw: bytes, model: er.Model, engine: er.Engine
     ) -> tuple[Parsed, list[er.Request]]:
-        """Validate and queue every choice, in a worker thread (a chat template or a long prompt takes time). All
-        or nothing: if one choice cannot be queued, the ones queued before it are cancelled."""
-        parsed = parse(body, model, self.settings.model_name)
+        """Parse, validate and queue every choice, in a worker thread (a large body, a chat template or a long
+        prompt takes time). All or nothing (``Engine.submit_all``): a request refused holds no place in the
+        queue; one with more choices than the server can ever hold at once is a 400 naming ``n``."""
+        parsed = parse(load_json(raw), model, self.settings.model_name)
         where = "messages" if parsed.kind == "chat" else "prompt"
-        handles: list[er.Request] = []
+        items = [(ids, cfg) for ids, configs in zip(parsed.prompts, parsed.configs, strict=True) for cfg in configs]
+        capacity = engine.max_batch + engine.max_queue
+        if len(items) > capacity:
+            prompts = f"{len(parsed.prompts)} prompts x " if len(parsed.prompts) > 1 else ""
+            raise invalid(
+                "n",
+                f"this request asks for {len(items)} choices ({prompts}n={parsed.n}); the server holds at most"
+                f" {capacity} at once (its batch and queue): lower n or send fewer prompts per request",
+            )
         try:
-            for ids, configs in zip(parsed.prompts, parsed.configs, strict=True):
-                for cfg in configs:
-                    handles.append(engine.submit(ids, cfg, parsed.flows))
-        except BaseException as e:
-            for h in handles:
-                h.cancel()
+            handles = engine.submit_all(items, parsed.flows)
+        except er.EdgerouteError as e:
             if isinstance(e, er.QueueFullError):
                 raise APIError(
                     429, f"the server is busy: {e}", None, "queue_full", headers={"Retry-After": "1"}
@@ -350,7 +403,7 @@ class _Api:
             if isinstance(e, er.ConfigError):
                 raise from_config_error(e, where) from None
             if isinstance(e, er.EngineClosedError):
-                raise APIError(503, "the server is shutting down", None, "shutting_down") from None
+                raise _shutting_down() from None
             raise
         return parsed, handles
 
@@ -585,9 +638,18 @@ class _Answer:
         return out
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", None, "shutting_down", headers={"Retry-After": "1"})
+
+
 def _failure(e: BaseException) -> APIError:
+    """What a request that failed while generating answers: its own settings that could not be followed (a
+    constraint that leaves no token once ``min_tokens`` holds the end back) are a 400 naming them; the server
+    closing is a 503; anything else is the server's failure (500)."""
     if isinstance(e, er.EngineClosedError):
         return APIError(503, "the server shut down while generating", None, "shutting_down")
+    if isinstance(e, er.ConfigError):
+        return from_config_error(e)
     log.error("generation failed: %s", e)
     return APIError(500, f"generation failed: {e}", None, "generation_failed")
 

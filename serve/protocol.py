@@ -34,6 +34,9 @@ _TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}
 CHAT_FIELDS = frozenset(_COMMON | {"messages", "response_format"} | _TOOLS | (PARAMETERS - _GENERATION_ONLY))
 COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"} | (PARAMETERS - _GENERATION_ONLY))
 MAX_TOKEN_NAMES = ("max_tokens", "max_completion_tokens", "max_new_tokens")
+# JSON nesting a request body (and a tool call's arguments) may have: a JSON Schema or a tool's parameters of real
+# clients nest < 20 levels; deeper input only serves to exhaust a recursive reader (json, jinja, llguidance)
+MAX_JSON_DEPTH = 64
 
 
 class APIError(Exception):
@@ -48,6 +51,7 @@ class APIError(Exception):
         kind: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -70,6 +74,15 @@ _KIND = {
 }
 
 
+def _printable(text: str) -> str:
+    """``text`` as valid Unicode: a lone surrogate the client sent (and an error message echoes) as ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param, code)
 
@@ -86,6 +99,56 @@ def _short(value: Any) -> str:
 
 
 # -- requests ---------------------------------------------------------------------------------------------------
+def load_json(raw: bytes | str, what: str = "the request body", param: str | None = None) -> Any:
+    """Parse JSON from a client: a 400 (naming ``param``) for text that is not JSON, an integer json refuses
+    (over 4,300 digits), nesting over :data:`MAX_JSON_DEPTH` or a string that is not valid Unicode (a lone
+    surrogate escape such as ``"\\ud800"``), anywhere, key or value: nothing later meets such input."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise invalid(param, f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", "invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        detail = str(e).split(";")[0]
+        raise invalid(param, f"{what} is not valid JSON: {detail}", "invalid_json") from None
+    _check_json(value, what, param)
+    return value
+
+
+def _check_json(value: Any, what: str, param: str | None) -> None:
+    """Depth and Unicode of a parsed JSON value, walked without recursion; the error names the path within."""
+    todo: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while todo:
+        item, depth, path = todo.pop()
+        if isinstance(item, str):
+            _check_text(item, path, what, param)
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                where = _clip(path.lstrip(".") or param or "body")
+                raise invalid(where, f"{what} is nested deeper than {MAX_JSON_DEPTH} levels (at {where})")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for k, v in pairs:
+                if isinstance(k, str):
+                    _check_text(k, f"{path}.{k}", what, param)
+                    todo.append((v, depth + 1, f"{path}.{k}"))
+                else:
+                    todo.append((v, depth + 1, f"{path}[{k}]"))
+
+
+def _clip(path: str, limit: int = 120) -> str:
+    return path if len(path) <= limit else path[: limit - 3] + "..."
+
+
+def _check_text(text: str, path: str, what: str, param: str | None) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = _clip(path.lstrip(".") or param or "body")
+        message = f"{where}: {what} holds a lone surrogate at character {e.start}: not valid Unicode"
+        raise invalid(where, message) from None
+
+
 @dataclass
 class Parsed:
     """One validated request: its prompts (token ids), one config per choice, and how to answer."""
@@ -191,7 +254,8 @@ def _configs(
     return out, flows
 
 
-def parse_chat(body: Any, model: er.Model, served: str) -> Parsed:
+def parse_chat(body: Any, model: er.Model, served: str, plain_content: bool = False) -> Parsed:
+    """A chat request; ``plain_content``: message contents tokenised as plain text (``Settings.plain_content``)."""
     from .tools import parse_tools, render_messages
 
     name, n, stream, include_usage = _common(body, CHAT_FIELDS, served)
@@ -216,7 +280,7 @@ def parse_chat(body: Any, model: er.Model, served: str) -> Parsed:
         if tools is not None:
             ids = render_messages(messages, tools, model.tokenizer)
         else:
-            ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, plain_content=plain_content)
     except er.ConfigError as e:
         raise invalid("messages", f"messages: {e.reason}") from None
     except er.ChatTemplateError as e:
@@ -292,7 +356,9 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         if extra:
             raise invalid(f"{where}.{extra[0]}", f"{where}.{extra[0]} is not supported", "unsupported_value")
         msg: dict[str, Any] = {"role": role, "content": content or ""}
-        if isinstance(m.get("name"), str):
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise invalid(f"{where}.name", f"{where}.name must be a string", "invalid_type")
             msg["name"] = m["name"]
         if m.get("tool_calls") is not None:
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
@@ -341,10 +407,8 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
                 "invalid_type",
             )
         args = fn.get("arguments", "{}")
-        try:
-            parsed = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
-            raise invalid(f"{where}[{i}].function.arguments", f"{where}[{i}].function.arguments is not JSON") from None
+        name = f"{where}[{i}].function.arguments"
+        parsed = load_json(args, name, name) if isinstance(args, str) else args
         out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": parsed}})
     return out
 
@@ -362,6 +426,8 @@ def parse_completion(body: Any, model: er.Model, served: str) -> Parsed:
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
         raise invalid("logprobs", "logprobs must be an integer in [0, 20] for completions", "invalid_type")
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise invalid("logprobs", f"logprobs must be an integer in [0, 20] for completions (got {logprobs})")
     if echo and logprobs is not None:
         raise invalid("echo", "echo with logprobs (the prompt's logprobs) is not supported", "unsupported_value")
     if body.get("top_logprobs") is not None:

@@ -202,9 +202,9 @@ def test_prefix_reuse_gives_the_tokens_of_a_cold_prefill(shared: er.Model) -> No
 
 
 def test_a_first_token_is_handed_over_before_the_next_prefill_chunk(shared: er.Model) -> None:
-    """The token a graph run lets a request choose reaches it right after that run, not after another prompt's
-    prefill chunk (which would add a chunk's time to its time to first token): a prompt fed to its end in a prefill
-    chunk chooses its first token from that chunk's logits, without waiting for the decode step."""
+    """The token a graph run lets a request choose reaches it right after that run, not after the next iteration's
+    prefill chunk of another prompt (which would add a chunk's time to its time to first token). A prompt's last
+    token is fed by the decode step (never a prefill chunk: tests/test_hostile.py, the same tokens cached or not)."""
 
     seen: list[int] = []  # at the start of every graph run: how many steps the short request has
     watch: list[er.Request] = []
@@ -217,9 +217,9 @@ def test_a_first_token_is_handed_over_before_the_next_prefill_chunk(shared: er.M
             watch.append(short)
         assert short.result(timeout=30).token_ids == shared.generate([5, 6, 7], cfg).token_ids
         assert long.result(timeout=30).token_ids == shared.generate(list(range(10, 70)), cfg).token_ids
-    # runs: the short prompt whole (its first token is chosen from that run's logits at once), the long one's first
-    # chunk (the 5 tokens left of the budget), the decode step of the short request's second token
-    assert seen[:3] == [0, 1, 1]
+    # runs: the short prompt's first 2 tokens, the long one's first chunk (6), the decode step that feeds the short
+    # prompt's last token; at the start of the 4th (the long prompt's 2nd chunk) the short request has its token
+    assert seen[:4] == [0, 0, 0, 1]
 
 
 def test_an_idle_engine_gathers_the_requests_announced_as_incoming(shared: er.Model) -> None:
