@@ -278,7 +278,7 @@ def parse_chat(body: Any, model: er.Model, served: str, plain_content: bool = Fa
         raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
     try:
         if tools is not None:
-            ids = render_messages(messages, tools, model.tokenizer)
+            ids = render_messages(messages, tools, model.tokenizer, plain_content)
         else:
             ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, plain_content=plain_content)
     except er.ConfigError as e:

@@ -10,6 +10,8 @@ and the answer back as ``tool_calls`` (whole, or streamed as deltas).
   tools): a call, the same call inside ``<tool_call>\\n ... \\n</tool_call>`` (the Hermes/Qwen form), or text
   that starts with neither ``{`` nor ``<`` nor whitespace; ``"none"``: the tools are left out, text only.
 - At most one call per answer (``parallel_tool_calls`` is accepted; a second call is not generated).
+- The call's schema holds each function's ``parameters`` where its arguments go, their local ``$ref`` s (``#``,
+  ``#/$defs/...``: what pydantic writes for nested models) rewritten to point there.
 """
 
 from __future__ import annotations
@@ -57,14 +59,22 @@ class Tools:
         )
 
     def call_schema(self) -> dict[str, Any]:
+        """The schema of one call: ``{"name": ..., "arguments": ...}`` per callable function (``anyOf`` them)."""
+        functions = self._callable()
         options = [
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "properties": {
+                    "name": {"const": f.name},
+                    "arguments": _moved(
+                        f.parameters,
+                        "/properties/arguments" if len(functions) == 1 else f"/anyOf/{i}/properties/arguments",
+                    ),
+                },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for f in self._callable()
+            for i, f in enumerate(functions)
         ]
         return options[0] if len(options) == 1 else {"anyOf": options}
 
@@ -106,6 +116,34 @@ class Tools:
             f"You can call functions. The functions, as JSON Schema: {listed}\n"
             f"To call one, {how}; otherwise answer in text."
         )
+
+
+_DATA = frozenset({"const", "enum", "default", "examples"})  # keywords whose values are JSON values, not schemas
+_NAMES = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})  # name -> schema
+
+
+def _moved(schema: Any, at: str) -> Any:
+    """A copy of ``schema`` to sit at the JSON pointer ``at`` of a larger schema: its local references (``#`` and
+    ``#/...``, which point into it) made to point under ``at``. Left alone: anchors (``#name``) and other URIs, the
+    inside of a subschema with its own ``$id`` (its references are relative to it), and data (``const``, ``enum``,
+    ``default``, ``examples``). Iterative: a schema's depth is bounded only when it is compiled."""
+    if not isinstance(schema, dict) or isinstance(schema.get("$id"), str):
+        return schema
+    root: dict[str, Any] = {}
+    todo: list[tuple[Any, Any, bool]] = [(schema, root, False)]  # source, copy, whether its keys are names
+    while todo:
+        src, dst, names = todo.pop()
+        for key, value in src.items() if isinstance(src, dict) else enumerate(src):
+            schema_key = isinstance(src, dict) and not names
+            if schema_key and key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+                value = "#" + at + value[1:]
+            elif isinstance(value, (dict, list)) and not (schema_key and key in _DATA):
+                if not (isinstance(value, dict) and isinstance(value.get("$id"), str)):
+                    copy: Any = {} if isinstance(value, dict) else [None] * len(value)
+                    todo.append((value, copy, schema_key and key in _NAMES))
+                    value = copy
+            dst[key] = value
+    return root
 
 
 def _lark(text: str) -> str:
@@ -177,18 +215,21 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
     return out
 
 
-def render_messages(messages: list[dict[str, Any]], tools: Tools, tokenizer: er.Tokenizer) -> list[int]:
-    """The prompt's ids: the tools through the template, or (a template that ignores them) in a system message."""
-    with_tools = tokenizer.render_chat(messages, tools=tools.template_tools())
-    if with_tools != tokenizer.render_chat(messages):
-        return tokenizer.encode(with_tools, False, field="messages")
+def render_messages(
+    messages: list[dict[str, Any]], tools: Tools, tokenizer: er.Tokenizer, plain_content: bool = False
+) -> list[int]:
+    """The prompt's ids: the tools through the template, or (a template that ignores them) in a system message.
+    ``plain_content``: message contents tokenised as plain text (``Tokenizer.apply_chat_template``)."""
+    listed = tools.template_tools()
+    if tokenizer.render_chat(messages, tools=listed) != tokenizer.render_chat(messages):
+        return tokenizer.apply_chat_template(messages, True, plain_content, tools=listed)
     text = tools.system_text()
     if messages and messages[0]["role"] in ("system", "developer"):
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}
         messages = [first, *messages[1:]]
     else:
         messages = [{"role": "system", "content": text}, *messages]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, plain_content=plain_content)
 
 
 def call_id() -> str:

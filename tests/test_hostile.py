@@ -289,6 +289,8 @@ def test_deeply_nested_values_are_400s_naming_where(http: httpx.Client) -> None:
         (COMPLETIONS, {"logprobs": 21}, "logprobs"),
         (CHAT, {"stop_token_ids": [10**9]}, "stop_token_ids"),
         (CHAT, {"stop_token_ids": [-1]}, "stop_token_ids"),
+        (CHAT, {"stop": ["x" * 65536]}, "stop"),
+        (CHAT, {"stop": [f"s{i}" for i in range(17)]}, "stop"),
     ],
 )
 def test_bad_values_are_400s_naming_the_parameter(http: httpx.Client, path: str, extra: dict, param: str) -> None:
