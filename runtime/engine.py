@@ -103,6 +103,10 @@ class Request:
             if self.done:
                 return
             self._completion, self._error = completion, error
+            # what ran it goes now, not when the handle goes: a caller may hold a finished handle long (a cancelled
+            # stream's handle sits in a reference cycle until a full collection), and a router holds arrays of the
+            # vocabulary's size
+            self._generator = self._chooser = self._output = None
             self._ended.set()
             self._cond.notify_all()
             listeners = list(self._listeners)

@@ -473,3 +473,30 @@ def test_seeded_sampling_on_int4_smollm2_repeats_with_the_prompt_cached_and_besi
             r.result(timeout=60)
     assert runs == [runs[0]] * 4
     assert beside == runs[0]
+
+
+# -- 15. a finished request lets go of what ran it -----------------------------------------------------------------
+def test_a_finished_or_cancelled_request_frees_its_router_while_its_handle_lives(model: er.Model) -> None:
+    """A cancelled stream's handle can sit in a reference cycle (the HTTP layer's CancelledError, its traceback,
+    the response) until a full collection: what ran it (router, grammar, output: arrays the vocabulary's size)
+    must not wait with it. RSS over 4,800 cancelled streams on SmolLM2 int8: +125 MB and climbing before, +49 MB
+    and flat after (bench/soak.py's notes)."""
+    import gc
+    import weakref
+
+    cfg = er.GenerationConfig(max_new_tokens=400, min_new_tokens=400)
+    with er.Engine(model, max_batch=2) as engine:
+        handles = [
+            engine.submit("cancel me", cfg),
+            engine.submit("let me finish", er.GenerationConfig(max_new_tokens=3)),
+        ]
+        routers = [weakref.ref(h._chooser.router) for h in handles]  # type: ignore[union-attr]
+        outputs = [weakref.ref(h._output) for h in handles]
+        handles[0].cancel()
+        assert [h.result(timeout=30).finish_reason for h in handles] == ["cancelled", "length"]
+        gc.disable()  # only reference counting: what a cycle would leave alive until a full collection
+        try:
+            assert all(r() is None for r in routers + outputs)
+        finally:
+            gc.enable()
+        assert all(h.done for h in handles)  # the handles themselves live on
