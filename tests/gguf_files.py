@@ -15,6 +15,10 @@ MIXED = (
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 12345 678.90\n"
     "日本語のテキスト、中文文本。한국어 🤖🚀👍🏽 café naïve — “quotes” ’s 1,000,000 3.14159 0x1F\n"
 )
+TEXTS = ["", "Hi", " leading space", "a\n\n\nb   c  ", "The capital of France is"]
+SMOLLM2_SPECIALS = "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>  trailing  "
+SPM_SPECIALS = "<start_of_turn>user\nHi<end_of_turn>\n<tool> x\n\n\ny <start_of_turn>"
+PRE_TEXT = MIXED + " I'LL don't 1234567 x\r\n\r\n  \n y<|im_start|>"  # pre-tokenizers' cases
 TRAINING = [
     "The capital of France is Paris, and the capital of Italy is Rome.",
     "Once upon a time a little robot learned to paint the sea while the wind sang over the water.",

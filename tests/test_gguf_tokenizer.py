@@ -1,6 +1,7 @@
-"""GGUF tokenizers as llama.cpp reads them: the ids of the exported tokenizer.json against llama-cpp-python's own
-tokenizer over the same file (SmolLM2's byte-level BPE GGUF, and SentencePiece-style GGUFs written here with and
-without the space prefix), the export's tokenizer check, and ``--tokenizer DIR``."""
+"""GGUF tokenizers as llama.cpp reads them: the ids of the exported tokenizer.json against llama.cpp's own ids for
+the same file (SmolLM2's byte-level BPE GGUF, SentencePiece-style GGUFs written here with and without the space
+prefix, a Qwen3 GGUF), recorded by llama-cpp-python under tests/data/gguf-vocab (``make golden``,
+tests/gguf_golden.py); the export's tokenizer check, and ``--tokenizer DIR``."""
 
 from __future__ import annotations
 
@@ -14,31 +15,26 @@ from gguf_files import CONTROL, MIXED, USER_DEFINED, write_hf_gguf, write_spm_gg
 
 pytestmark = pytest.mark.export
 pytest.importorskip("torch")
-import llama_cpp  # noqa: E402  (the dev extra: make test installs it; llama.cpp defines what a GGUF's vocab means)
 from click.testing import CliRunner  # noqa: E402
 from conftest import smollm2_gguf  # noqa: E402
 from edgeroute.cli import cli  # noqa: E402
 from edgeroute.export import export_model, gguf_tokenizer  # noqa: E402
 from edgeroute.export.validate import tokenizer_check  # noqa: E402
+from gguf_files import PRE_TEXT, SMOLLM2_SPECIALS, SPM_SPECIALS, TEXTS  # noqa: E402
+from gguf_golden import SPM_CHAT, assert_ids_equal, golden_ids  # noqa: E402
 from test_export import make_checkpoint  # noqa: E402
 
-TEXTS = ["", "Hi", " leading space", "a\n\n\nb   c  ", "The capital of France is"]
 
-
-def _llama_cpp(path: Path) -> object:
-    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-
-
-def _assert_ids_equal(llm: object, tok: er.Tokenizer, texts: list[str]) -> None:
-    for text in texts:
-        for add in (True, False):
-            want = llm.tokenize(text.encode(), add_bos=add, special=True)  # type: ignore[attr-defined]
-            assert tok.encode(text, add_special_tokens=add) == want, (text[:40], add)
+def _assert_ids_equal(case: str, gguf: Path, tok: er.Tokenizer, texts: list[str]) -> None:
+    """llama.cpp's ids for ``texts`` (tests/gguf_golden.py: recorded from llama-cpp-python by make golden)."""
+    assert_ids_equal(case, gguf, lambda text, add: tok.encode(text, add_special_tokens=add), texts)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["llama-style", "gemma-style"])
-def spm_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_spm_gguf(tmp_path_factory.mktemp("gguf") / "tiny-spm.gguf", add_space_prefix=bool(request.param))
+def spm_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    case = "spm-llama-style" if request.param else "spm-gemma-style"
+    path = write_spm_gguf(tmp_path_factory.mktemp("gguf") / "tiny-spm.gguf", add_space_prefix=bool(request.param))
+    return case, path
 
 
 def test_smollm2_bpe_ids_equal_llama_cpp() -> None:
@@ -46,8 +42,7 @@ def test_smollm2_bpe_ids_equal_llama_cpp() -> None:
     hf, vocab = gguf_tokenizer.load(path)
     assert vocab.model == "gpt2" and vocab.pre == "smollm" and vocab.add_bos is False
     tok = er.Tokenizer(hf.backend_tokenizer)
-    specials = "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>  trailing  "
-    _assert_ids_equal(_llama_cpp(path), tok, [MIXED, MIXED + specials, *TEXTS])
+    _assert_ids_equal("smollm2", path, tok, [MIXED, MIXED + SMOLLM2_SPECIALS, *TEXTS])
     assert tok.encode("Hi")[0] != vocab.special["bos"]  # add_bos_token false: no BOS (transformers added one)
     assert tok.decode(tok.encode(MIXED)) == MIXED
 
@@ -58,19 +53,18 @@ def test_each_pre_tokenizer_equals_llama_cpp(pre: str, tmp_path: Path) -> None:
     case-insensitive contractions, its BOS default and whole-word lookup; Qwen2's single digits) are reproduced."""
     path = write_vocab_gguf(tmp_path / f"{pre}.gguf", smollm2_gguf(), pre)
     tok = er.Tokenizer(gguf_tokenizer.load(path)[0].backend_tokenizer)
-    text = MIXED + " I'LL don't 1234567 x\r\n\r\n  \n y<|im_start|>"
-    _assert_ids_equal(_llama_cpp(path), tok, [text, *TEXTS])
+    _assert_ids_equal(f"pre-{pre}", path, tok, [PRE_TEXT, *TEXTS])
     assert (tok.encode("Hi")[0] == 1) == (pre == "llama-bpe")  # llama.cpp adds BOS by default for Llama 3 only
 
 
-def test_sentencepiece_ids_equal_llama_cpp(spm_gguf: Path) -> None:
-    hf, vocab = gguf_tokenizer.load(spm_gguf)
+def test_sentencepiece_ids_equal_llama_cpp(spm_gguf: tuple[str, Path]) -> None:
+    case, path = spm_gguf
+    hf, vocab = gguf_tokenizer.load(path)
     assert vocab.model == "llama" and gguf_tokenizer.BYTE in vocab.types  # byte fallback pieces
     assert {vocab.types[vocab.tokens.index(t)] for t in CONTROL} == {gguf_tokenizer.CONTROL}
     assert {vocab.types[vocab.tokens.index(t)] for t in USER_DEFINED} == {gguf_tokenizer.USER_DEFINED}
     tok = er.Tokenizer(hf.backend_tokenizer)
-    specials = "<start_of_turn>user\nHi<end_of_turn>\n<tool> x\n\n\ny <start_of_turn>"
-    _assert_ids_equal(_llama_cpp(spm_gguf), tok, [MIXED, MIXED + specials, *TEXTS])
+    _assert_ids_equal(case, path, tok, [MIXED, MIXED + SPM_SPECIALS, *TEXTS])
     ids = tok.encode(MIXED, add_special_tokens=False)
     assert any(vocab.types[i] == gguf_tokenizer.BYTE for i in ids)  # emoji fell back to bytes
     assert tok.encode("Hi")[0] == 1  # BOS added: add_bos_token
@@ -81,20 +75,21 @@ def test_sentencepiece_ids_equal_llama_cpp(spm_gguf: Path) -> None:
     assert (tok.decode(ids) == MIXED) == (not vocab.add_space_prefix)
 
 
-def test_sentencepiece_gguf_exports_with_its_own_tokenizer(spm_gguf: Path, tmp_path: Path) -> None:
-    out = export_model(spm_gguf, tmp_path / "out")
+def test_sentencepiece_gguf_exports_with_its_own_tokenizer(spm_gguf: tuple[str, Path], tmp_path: Path) -> None:
+    case, path = spm_gguf
+    out = export_model(path, tmp_path / "out")
     man = json.loads((out / "edgeroute.json").read_text())
     assert man["provenance"]["source_kind"] == "gguf" and man["bos_token_id"] == 1 and man["eos_token_ids"] == [2]
     assert man["chat_template"].startswith("{% for m in messages %}<start_of_turn>")
     t = man["provenance"]["validation"]["tokenizer"]
     assert t["roundtrip"] and t["problems"] == [] and t["chars_per_token"] > 1
     model = er.Model.load(out)
-    _assert_ids_equal(_llama_cpp(spm_gguf), model.tokenizer, [MIXED, *TEXTS])
+    _assert_ids_equal(case, path, model.tokenizer, [MIXED, *TEXTS])
     chat = [{"role": "user", "content": "Hi"}]
     prompt = model.tokenizer.apply_chat_template(chat)  # as transformers does: the template's text, no BOS added
     text = model.tokenizer.render_chat(chat)
     assert prompt[0] == model.tokenizer.token_to_id("<start_of_turn>")
-    assert prompt == _llama_cpp(spm_gguf).tokenize(text.encode(), add_bos=False, special=True)  # type: ignore[attr-defined]
+    assert text == SPM_CHAT and prompt == golden_ids(case, path)[(text, False)]
 
 
 def test_a_qwen3_gguf_exports_fused_and_equals_its_checkpoint(tmp_path: Path) -> None:
@@ -114,7 +109,7 @@ def test_a_qwen3_gguf_exports_fused_and_equals_its_checkpoint(tmp_path: Path) ->
         ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(torch.tensor([ids])).logits[0].numpy()
     got = model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0]
     assert np.abs(got - ref).max() <= 1e-4  # the GGUF's weights are the checkpoint's
-    _assert_ids_equal(_llama_cpp(path), model.tokenizer, [MIXED + "<|im_start|>", *TEXTS])
+    _assert_ids_equal("qwen3", path, model.tokenizer, [MIXED + "<|im_start|>", *TEXTS])
 
 
 def test_the_check_catches_a_tokenizer_that_splits_words() -> None:
