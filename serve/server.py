@@ -17,6 +17,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,14 @@ class _Server(uvicorn.Server):
         for sock in sockets or []:
             sock.close()
         await self.drain(lambda: self.force_exit)
+        # the answers the engine's close just ended write their last events: let them, even after a second Ctrl-C
+        # (uvicorn then waits for nothing)
+        end = time.monotonic() + FLUSH_SECONDS
+        while self.server_state.tasks and time.monotonic() < end:
+            await asyncio.sleep(0.02)
         await super().shutdown(sockets)
+        if self.force_exit:  # uvicorn skips the app's lifespan shutdown then: its task would die with a traceback
+            await self.lifespan.shutdown()
 
 
 def listen(host: str, port: int) -> socket.socket:

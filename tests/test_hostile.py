@@ -315,10 +315,13 @@ def test_empty_languages_are_refused_through_the_server(http: httpx.Client) -> N
 
 
 # -- 10. shutdown drains ---------------------------------------------------------------------------------------
-def test_sigterm_drains_streams_and_pending_requests_with_proper_endings(model: er.Model) -> None:
-    """SIGTERM with streams running and a request queued: the port closes, the grace period (``--grace 1``) passes,
-    every stream ends with a final event (an error event saying ``shutting_down``) and ``[DONE]``, the queued
-    request gets a JSON 503; exit 0, no traceback."""
+@pytest.mark.parametrize(
+    "signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)], ids=["sigterm", "sigint-twice"]
+)
+def test_a_signal_drains_streams_and_pending_requests_with_proper_endings(model: er.Model, signals: tuple) -> None:
+    """SIGTERM (or Ctrl-C twice) with streams running and a request queued: the port closes, the grace period (1 s;
+    cut short by a second Ctrl-C) passes, every stream ends with a final event (an error event saying
+    ``shutting_down``) and ``[DONE]``, the queued request gets a JSON 503; exit 0, no traceback."""
     port = free_port()
     proc = slow_server(model.path, port, grace=1)
     url = f"http://127.0.0.1:{port}"
@@ -346,7 +349,10 @@ def test_sigterm_drains_streams_and_pending_requests_with_proper_endings(model: 
         started.wait()  # both streams run
         threads[2].start()
         time.sleep(0.3)  # the whole answer is queued behind them
-        code, err = stop(proc)
+        for sig in signals[:-1]:
+            proc.send_signal(sig)
+            time.sleep(0.2)  # the second Ctrl-C ends the grace period at once
+        code, err = stop(proc, signals[-1])
         for t in threads:
             t.join(30)
     finally:
