@@ -59,7 +59,7 @@ def main() -> None:
             print(f"(target {tname}: {tpath} missing, skipped)")
             continue
         target = er.Model.load(tpath)  # spinning: fastest for the plain rows
-        paired = er.Model.load(tpath, spin=False)  # for the rows with a draft model (README, spinning)
+        paired = er.Model.load(tpath, spin=False)  # for the rows with a draft model (docs/router.md, spinning)
         for pname, prompt in PROMPTS.items():
             ids = target.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             base, plain = run(target, ids, cfg, args.runs)

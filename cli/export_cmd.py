@@ -42,7 +42,7 @@ def quality_warning(manifest: dict) -> str | None:
     return (
         f"{method} raises perplexity by {change:.1f}% on the quality text (top-1 agreement"
         f" {100 * q['top1_agreement']:.1f}%): this model loses much at this precision; compare {options}"
-        " (README, Supported models)"
+        " (docs/models.md)"
     )
 
 

@@ -369,5 +369,5 @@ def load_model(
 
 
 def needs_second_model(flags: dict[str, Any]) -> bool:
-    """A draft model or a contrast model runs in turn with the target: neither should spin (README)."""
+    """A draft model or a contrast model runs in turn with the target: neither should spin (docs/router.md)."""
     return (flags.get("draft") not in (None, "ngram")) or flags.get("contrast") is not None

@@ -18,7 +18,7 @@ from .constraint import Constraint
 from .errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "exponential")
-# Ranges that keep every float32 step of the router finite for finite logits (README, "The router"): a temperature
+# Ranges that keep every float32 step of the router finite for finite logits (docs/router.md): a temperature
 # below 1e-3 (or above 1e3) or a repetition penalty outside [0.01, 100] would scale logits past float32, a bias
 # beyond OpenAI's +-100 adds nothing a ban or +100 does not already do.
 TEMPERATURE_RANGE = (1e-3, 1e3)
@@ -60,7 +60,7 @@ def _check(cond: bool, name: str, value: Any, reason: str) -> None:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How the router picks each token. Applied in this fixed order (README, "The router"):
+    """How the router picks each token. Applied in this fixed order (docs/router.md, "The router"):
 
     logit_bias -> penalties -> temperature -> top_k -> top_p -> min_p -> typical_p -> exploration mix -> draw.
 
@@ -208,8 +208,8 @@ class GenerationConfig:
         prefill_chunk: the prompt is fed to the graph in chunks of at most this many tokens.
         constraint: the shape of each turn's text (:class:`~edgeroute.JsonSchema`, :class:`~edgeroute.JsonObject`,
             :class:`~edgeroute.Regex`, :class:`~edgeroute.Grammar`): every token the grammar forbids is at
-            ``-inf`` in the router (README, "Structured output"); the end of sequence only where it accepts.
-        num_beams: beam search with this many hypotheses (``1`` = off); transformers' semantics (README, "Beam
+            ``-inf`` in the router (docs/structured-output.md); the end of sequence only where it accepts.
+        num_beams: beam search with this many hypotheses (``1`` = off); transformers' semantics (docs/router.md, "Beam
             search"): it scores the model's log-probabilities, so the sampling settings (temperature other than
             0 or 1, top-k/p, min-p, typical-p, exploration) are refused with it.
         length_penalty: a finished hypothesis scores ``sum log p / length ** length_penalty``.

@@ -55,7 +55,7 @@ from .request import Flows, flows_of
 if TYPE_CHECKING:
     from .model import Model
 
-DEFAULT_PREFILL_BUDGET = 64  # prompt tokens prefilled per iteration (see README, "Many requests at once")
+DEFAULT_PREFILL_BUDGET = 64  # prompt tokens prefilled per iteration (see docs/engine.md)
 
 
 class EngineClosedError(EdgerouteError, RuntimeError):

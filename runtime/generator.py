@@ -35,7 +35,7 @@ class Generator:
     yields :class:`Step` objects until a stop token, a stop string or the length limit; ``rewind(n)`` removes
     the last n tokens; ``usage`` sums counts and timings.
 
-    Level-1 flows (README, "Two-level routing"), at most one kind per generator, come as a :class:`Flows`
+    Level-1 flows (docs/router.md, "Two-level routing"), at most one kind per generator, come as a :class:`Flows`
     (``flows=``), or as its fields by keyword (``draft=``, ``draft_k=``, ``adaptive_k=``, ``guidance=``,
     ``negative_prompt=``, ``contrast=``, ``contrast_alpha=``, ``contrast_beta=``).
     """

@@ -1,7 +1,7 @@
 """The router stage of a constraint (``constraint.py``): a llguidance matcher per sequence, and the grammar's
 view of a model's tokenizer (built once per tokenizer).
 
-The routed distribution (README, "The router") is the router's with every token the grammar forbids at ``-inf``
+The routed distribution (docs/router.md, "The router") is the router's with every token the grammar forbids at ``-inf``
 after the logit bias, bans, stop-token suppression and penalties; so truncation and temperature act on allowed
 tokens only, exploration's uniform covers allowed tokens the grammar also allows, greedy is the argmax over valid
 tokens, and the end-of-sequence token is allowed only where the grammar accepts the text.

@@ -40,7 +40,7 @@ GUIDANCE_LIMIT = 100.0  # |w| beyond this scales the logit difference past anyth
 
 @dataclass(frozen=True)
 class Flows:
-    """Level-1 routing of one request (README, "Two-level routing"): at most one kind.
+    """Level-1 routing of one request (docs/router.md, "Two-level routing"): at most one kind.
 
     Args:
         draft: a second model with the same tokenizer, or ``"ngram"`` (prompt lookup): speculative decoding with
@@ -49,7 +49,7 @@ class Flows:
             empty context, the BOS token), in [-100, 100]; ``w = 1`` is exactly single-stream generation.
         contrast: a smaller model for contrastive decoding with weight ``contrast_alpha`` (in [0, 10]) over the
             plausible set ``p >= contrast_beta * p_max`` (``contrast_beta`` in (0, 1]).
-        gate_threshold: for guidance and contrast, the gate θ (README, "The gate"): at each step a signal g of the
+        gate_threshold: for guidance and contrast, the gate θ (docs/router.md): at each step a signal g of the
             first flow's own distribution decides; ``g > θ`` mixes the second flow in, otherwise the first flow is
             used alone and the second is not run. ``None`` (default) or ``-inf`` mixes at every step, ``+inf``
             never does.

@@ -257,3 +257,16 @@ def test_chat_over_stdin_keeps_the_conversation(tiny: er.Model, tiny_dir: Path) 
     # /reset forgets the conversation but keeps the system message
     assert res.stdout == f"{first}\n{second}\n{third}\n"
     assert "[conversation reset]" in res.stderr and "unknown command /bogus" in res.stderr
+
+
+def test_the_cli_reference_page_is_what_help_prints() -> None:
+    """docs/cli-reference.md is generated from every command's --help: a flag added or changed without running
+    ``python docs/make_cli_reference.py`` fails here."""
+    import importlib.util
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "make_cli_reference.py"
+    spec = importlib.util.spec_from_file_location("make_cli_reference", page)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.PAGE.read_text() == module.render(), "run: python docs/make_cli_reference.py"
