@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeroute.contract import GraphContract
-from edgeroute.errors import ConfigError, ExportError
+from edgeroute.errors import ConfigError, ExportError, first_line
 from edgeroute.manifest import MANIFEST_NAME
 
 DTYPES = ("fp32", "fp16")
@@ -341,8 +341,7 @@ def _optimum_export(tmp: Path, src: Any, device: str, dtype: str, target: Path, 
         except ExportError:
             raise
         except Exception as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"optimum could not export {src.model_type}: {text}") from e
+            raise ExportError(f"optimum could not export {src.model_type}: {first_line(e)}") from e
     with stages("post-process"):
         proto = graph.load(raw / "model.onnx")
         proto = graph.add_logits_to_keep(proto)

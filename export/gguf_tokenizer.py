@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeroute.errors import ExportError
+from edgeroute.errors import ExportError, first_line
 
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -82,12 +82,10 @@ def read_vocab(path: str | Path) -> Vocab:
     """The ``tokenizer.ggml.*`` fields of a GGUF file (raises ``ExportError`` when they are missing)."""
     from gguf import GGUFReader
 
-    from .sources import _first_line
-
     try:
         fields = GGUFReader(str(path)).fields
     except Exception as e:
-        raise ExportError(f"{path} is not a readable GGUF file: {_first_line(e)}") from e
+        raise ExportError(f"{path} is not a readable GGUF file: {first_line(e)}") from e
 
     def get(key: str) -> Any:
         f = fields.get(f"tokenizer.{key}")

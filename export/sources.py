@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeroute.errors import ExportError
+from edgeroute.errors import ExportError, first_line
 
 # Families tested end to end with tiny checkpoints (tests/test_export.py, tests/test_families.py) and SmolLM2.
 TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text", "smollm3", "gpt2")
@@ -84,11 +84,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def resolve(source: str | Path) -> tuple[str, Path]:
     """Classify ``source`` as ``checkpoint``, ``lora`` or ``gguf`` (raises for anything else)."""
     path = Path(source).expanduser()
@@ -123,13 +118,13 @@ def _load_checkpoint(path: Path, device: str) -> tuple[Any, Any, str]:
     try:
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:
-        raise ExportError(f"cannot load the tokenizer from {path}: {_first_line(e)}") from e
+        raise ExportError(f"cannot load the tokenizer from {path}: {first_line(e)}") from e
     if not getattr(tok, "is_fast", False):
         raise ExportError(f"{path}: no fast tokenizer (tokenizer.json) could be made for this checkpoint")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
     except Exception as e:
-        raise ExportError(f"cannot load the checkpoint {path}: {_first_line(e)} (corrupt or incomplete?)") from e
+        raise ExportError(f"cannot load the checkpoint {path}: {first_line(e)} (corrupt or incomplete?)") from e
     return model.to(device).eval(), tok, model_type  # type: ignore[arg-type]  # transformers types .to() badly
 
 
@@ -170,7 +165,7 @@ def _load(source: str | Path, base: str | Path | None, device: str, own_tokenize
         except ImportError as e:
             raise ExportError("LoRA export needs peft: pip install 'edgeroute[export]'") from e
         except Exception as e:
-            raise ExportError(f"cannot apply the LoRA adapter {path} to {base_path}: {_first_line(e)}") from e
+            raise ExportError(f"cannot apply the LoRA adapter {path} to {base_path}: {first_line(e)}") from e
         if (path / "tokenizer.json").is_file():
             from transformers import AutoTokenizer
 
@@ -195,7 +190,7 @@ def _load_gguf(path: Path, device: str, own_tokenizer: bool) -> Source:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     except Exception as e:
-        raise ExportError(f"cannot load {path} through transformers' GGUF support: {_first_line(e)}") from e
+        raise ExportError(f"cannot load {path} through transformers' GGUF support: {first_line(e)}") from e
     check_architecture(model.config.model_type)
     return Source(model.to(device).eval(), tok, "gguf", str(path), model.config.model_type)  # type: ignore[arg-type]
 
@@ -217,7 +212,7 @@ def load_tokenizer(folder: str | Path, model: Any) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:
-        raise ExportError(f"--tokenizer {folder}: cannot load it: {_first_line(e)}") from e
+        raise ExportError(f"--tokenizer {folder}: cannot load it: {first_line(e)}") from e
     rows = int(model.get_input_embeddings().weight.shape[0])
     top = max(tok.get_vocab().values(), default=-1)
     if top >= rows:

@@ -11,13 +11,14 @@ from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
 from .constraint import Constraint, Grammar, JsonObject, JsonSchema, Regex
 from .contract import GraphContract
-from .engine import Engine, EngineClosedError, EngineStats, Request
+from .engine import Engine, EngineStats, Request
 from .errors import (
     ChatTemplateError,
     ConcurrentUseError,
     ConfigError,
     ContextOverflowError,
     EdgerouteError,
+    EngineClosedError,
     ExportError,
     ExportValidationError,
     InferenceError,

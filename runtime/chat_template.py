@@ -31,7 +31,7 @@ import jinja2.nodes
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
-from .errors import ChatTemplateError, ConfigError
+from .errors import ChatTemplateError, ConfigError, first_line
 
 RENDER_SECONDS = 5.0  # real templates render in milliseconds
 MAX_CHARS = 8_000_000  # characters of output, and of any one string or list a template builds (> any context)
@@ -219,7 +219,7 @@ def render(template: str, name: str, variables: Mapping[str, Any]) -> str:
     try:
         compiled = _compile(template)
     except Exception as e:
-        raise ChatTemplateError(f"the chat template of {name} does not compile: {_first_line(e)}") from e
+        raise ChatTemplateError(f"the chat template of {name} does not compile: {first_line(e)}") from e
     outer = _BUDGET.deadline
     _BUDGET.deadline = time.monotonic() + RENDER_SECONDS if outer is None else outer
     try:
@@ -235,19 +235,14 @@ def render(template: str, name: str, variables: Mapping[str, Any]) -> str:
     except _Refused as e:
         raise ChatTemplateError(f"the chat template of {name} {e}: rendering stopped") from None
     except jinja2.exceptions.UndefinedError as e:  # the messages lack what the template reads
-        raise ConfigError("messages", "chat", f"the chat template of {name} needs more: {_first_line(e)}") from e
+        raise ConfigError("messages", "chat", f"the chat template of {name} needs more: {first_line(e)}") from e
     except jinja2.exceptions.TemplateError as e:
         if type(e) is jinja2.exceptions.TemplateError:  # raise_exception(...) in the template
             raise ConfigError("messages", "chat", f"the chat template refused them: {e}") from e
-        raise ChatTemplateError(f"the chat template of {name} failed: {_first_line(e)}") from e
+        raise ChatTemplateError(f"the chat template of {name} failed: {first_line(e)}") from e
     except RecursionError:
         raise ChatTemplateError(f"the chat template of {name} recursed too deeply") from None
     except Exception as e:  # the template's own bug: 1/0, messages + 1, an include without a loader, ...
-        raise ChatTemplateError(f"the chat template of {name} failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise ChatTemplateError(f"the chat template of {name} failed: {type(e).__name__}: {first_line(e)}") from e
     finally:
         _BUDGET.deadline = outer
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

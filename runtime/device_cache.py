@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .kv_cache import SharedKVCache, _inference_error
 from .manifest import Manifest
 
@@ -67,7 +67,7 @@ class Device:
         except Exception as e:  # onnxruntime's allocation errors are untyped
             size = int(np.prod(shape)) * dtype.itemsize
             raise ConfigError(
-                "context_size", shape, f"cannot allocate {size / 2**30:.2f} GiB on {self.name}: {_first_line(e)}"
+                "context_size", shape, f"cannot allocate {size / 2**30:.2f} GiB on {self.name}: {first_line(e)}"
             ) from None
 
     def zeros(self, count: int, shape: tuple[int, ...], dtype: np.dtype) -> list[Any]:
@@ -146,11 +146,6 @@ def _copy_graph(width: int) -> bytes:
     graph = nodes + text(2, "edgeroute_copy") + inputs + outputs
     opset = field(8, text(1, "") + varint(2 << 3) + varint(17))  # opset_import { domain "", version 17 }
     return varint(1 << 3) + varint(8) + field(7, graph) + opset  # ir_version 8, graph, opset
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class DeviceKVCache(SharedKVCache):

@@ -46,7 +46,14 @@ import numpy as np
 
 from .choice import TokenChooser
 from .config import GenerationConfig
-from .errors import ConfigError, ContextOverflowError, EdgerouteError, InferenceError, QueueFullError
+from .errors import (
+    ConfigError,
+    ContextOverflowError,
+    EdgerouteError,
+    EngineClosedError,
+    InferenceError,
+    QueueFullError,
+)
 from .generator import Generator
 from .kv_cache import SharedKVCache, common_prefix
 from .output import Completion, Step, TurnOutput, Usage
@@ -56,10 +63,6 @@ if TYPE_CHECKING:
     from .model import Model
 
 DEFAULT_PREFILL_BUDGET = 64  # prompt tokens prefilled per iteration (see docs/engine.md)
-
-
-class EngineClosedError(EdgerouteError, RuntimeError):
-    """The engine was closed: it takes no new request, and requests still running when it closed end with it."""
 
 
 # -- a request --------------------------------------------------------------------------------------------------

@@ -11,9 +11,16 @@
     ├── ChatTemplateError             the model's chat template failed, or ran past its time or size budget
     ├── ContextOverflowError          prompt + max_new_tokens beyond the context length
     ├── ConcurrentUseError            one Generator used from two threads at once (RuntimeError)
+    ├── QueueFullError                an Engine's queue is full: retry later (RuntimeError)
+    ├── EngineClosedError             the Engine was closed; requests still running end with it (RuntimeError)
     ├── InferenceError                onnxruntime failure (wrapped with ``raise ... from``), non-finite logits
-    └── ExportError                   (edgeroute.export) unsupported architecture, missing extra, bad checkpoint
-        └── ExportValidationError     the exported graph disagrees with the source model
+    ├── ExportError                   (edgeroute.export) unsupported architecture, missing extra, bad checkpoint
+    │   └── ExportValidationError     the exported graph disagrees with the source model
+    └── RayServeError                 (edgeroute.serve.ray) a Ray Serve deployment could not start (RuntimeError)
+        └── Interrupted               start() was stopped before the deployment was ready
+
+``tests/test_package.py`` checks this tree against the classes. :func:`first_line` is the one way an error of
+another library (onnxruntime, jinja, transformers) becomes the first line of an edgeroute error's message.
 """
 
 from __future__ import annotations
@@ -77,6 +84,10 @@ class QueueFullError(EdgerouteError, RuntimeError):
     429/503)."""
 
 
+class EngineClosedError(EdgerouteError, RuntimeError):
+    """The engine was closed: it takes no new request, and requests still running when it closed end with it."""
+
+
 class InferenceError(EdgerouteError):
     """onnxruntime failed while running the graph (the original error is the ``__cause__``), or the graph
     returned logits that are not finite (NaN or +inf: broken weights)."""
@@ -88,3 +99,10 @@ class ExportError(EdgerouteError):
 
 class ExportValidationError(ExportError):
     """The exported graph does not reproduce the source model within tolerance."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (the class name when it has none): what an error of another library adds
+    to the edgeroute error that wraps it (chained with ``raise ... from``)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .contract import Name
-from .errors import ConfigError, ContextOverflowError, InferenceError
+from .errors import ConfigError, ContextOverflowError, InferenceError, first_line
 from .manifest import Manifest
 
 
@@ -72,8 +72,7 @@ class Cache(Protocol):
 
 def _inference_error(e: Exception) -> InferenceError:
     """onnxruntime's errors are untyped: their first line, as an ``InferenceError`` (chain it with ``from``)."""
-    text = str(e).strip()
-    return InferenceError(f"onnxruntime failed: {text.splitlines()[0] if text else type(e).__name__}")
+    return InferenceError(f"onnxruntime failed: {first_line(e)}")
 
 
 def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:

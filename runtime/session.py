@@ -12,7 +12,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from .errors import ConfigError, ModelLoadError, ProviderUnavailableError
+from .errors import ConfigError, ModelLoadError, ProviderUnavailableError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -88,8 +88,7 @@ def create_session(
     try:
         sess = ort.InferenceSession(str(graph), sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for corrupt or unreadable graphs
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load graph {graph}: {first}") from e
+        raise ModelLoadError(f"cannot load graph {graph}: {first_line(e)}") from e
     if full not in sess.get_providers():
         raise ProviderUnavailableError(
             f"provider {provider!r} could not be initialised (session runs on {sess.get_providers()}):"

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from . import chat_template
-from .errors import ChatTemplateError, ConfigError, ModelLoadError
+from .errors import ChatTemplateError, ConfigError, ModelLoadError, first_line
 
 TOKENIZER_FILE = "tokenizer.json"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback tokens
@@ -75,7 +75,7 @@ class Tokenizer:
         try:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
-            raise ModelLoadError(f"{path} is not a valid tokenizer file: {str(e).splitlines()[0]}") from e
+            raise ModelLoadError(f"{path} is not a valid tokenizer file: {first_line(e)}") from e
         return cls(tok, chat_template, special_tokens, name=str(Path(folder) / "edgeroute.json"))
 
     @property

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import edgeroute as er
+import pytest
 
 
 def test_all_matches_public_names() -> None:
@@ -71,3 +72,39 @@ def test_error_tree() -> None:
     assert issubclass(er.ExportValidationError, er.ExportError)
     for cls in (er.ModelLoadError, er.ContextOverflowError, er.InferenceError, er.ExportError):
         assert issubclass(cls, er.EdgerouteError)
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray[serve]'s pydantic models, imported by serve.ray
+def test_the_exception_tree_in_errors_is_the_classes() -> None:
+    """errors.py's drawing of the tree names every error class of the library (export and serve included), each
+    under its own parent, and nothing else."""
+    import re
+
+    import edgeroute.export.core  # noqa: F401  (every module that defines an error)
+    import edgeroute.serve.ray  # noqa: F401
+    from edgeroute import errors
+
+    drawn: dict[str, str] = {}  # class -> the parent the drawing puts it under
+    stack: list[tuple[int, str]] = []
+    for line in (errors.__doc__ or "").splitlines():
+        m = re.match(r"^([ │]*)(?:[├└]── )?([A-Z]\w+Error|Interrupted)\b", line)
+        if not m or "──" not in line and m.group(2) != "EdgerouteError":
+            continue
+        depth = len(m.group(1)) // 4 + ("──" in line)
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        if stack:
+            drawn[m.group(2)] = stack[-1][1]
+        stack.append((depth, m.group(2)))
+    classes = {c.__name__: c for c in _subclasses(er.EdgerouteError) if c.__module__.startswith("edgeroute")}
+    actual = {}
+    for name, cls in classes.items():
+        actual[name] = next(b.__name__ for b in cls.__mro__[1:] if issubclass(b, er.EdgerouteError))
+    assert drawn == actual
