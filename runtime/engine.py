@@ -506,12 +506,7 @@ class Engine:
             if solo is not None:
                 self._start_solo(request, solo)
             elif slot is not None:
-                try:
-                    self._start(request, slot)
-                except Exception as e:
-                    slot.running = None
-                    request._finish(None, _own(e))
-                    self._count("failed")
+                self._start(request, slot)
 
     def _free_slot(self, prompt: list[int]) -> _Slot | None:
         free = [s for s in self._slots if s.running is None]
@@ -694,7 +689,7 @@ class Engine:
 def _own(e: Exception) -> EdgerouteError:
     """A request's own failure as the library's error: an ``EdgerouteError`` as it is, anything else (a bug, or a
     native library's error on this request's input) as an ``InferenceError`` that says what it was."""
-    return e if isinstance(e, EdgerouteError) else InferenceError(f"generation failed: {type(e).__name__}: {e}")
+    return e if isinstance(e, EdgerouteError) else InferenceError(f"{type(e).__name__}: {e}")
 
 
 def _with_reason(completion: Completion, reason: str) -> Completion:

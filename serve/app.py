@@ -383,17 +383,17 @@ class _Api:
         parsed = parse(load_json(raw), model, self.settings.model_name)
         where = "messages" if parsed.kind == "chat" else "prompt"
         items = [(ids, cfg) for ids, configs in zip(parsed.prompts, parsed.configs, strict=True) for cfg in configs]
-        capacity = engine.max_batch + engine.max_queue
-        if len(items) > capacity:
-            prompts = f"{len(parsed.prompts)} prompts x " if len(parsed.prompts) > 1 else ""
-            raise invalid(
-                "n",
-                f"this request asks for {len(items)} choices ({prompts}n={parsed.n}); the server holds at most"
-                f" {capacity} at once (its batch and queue): lower n or send fewer prompts per request",
-            )
         try:
             handles = engine.submit_all(items, parsed.flows)
         except er.EdgerouteError as e:
+            if isinstance(e, er.ConfigError) and e.field == "requests":  # more than the engine can ever hold
+                prompts = f"{len(parsed.prompts)} prompts x " if len(parsed.prompts) > 1 else ""
+                raise invalid(
+                    "n",
+                    f"this request asks for {len(items)} choices ({prompts}n={parsed.n}); the server holds at most"
+                    f" {engine.max_batch + engine.max_queue} at once (its batch and queue): lower n or send fewer"
+                    " prompts per request",
+                ) from None
             if isinstance(e, er.QueueFullError):
                 raise APIError(
                     429, f"the server is busy: {e}", None, "queue_full", headers={"Retry-After": "1"}

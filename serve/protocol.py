@@ -426,8 +426,6 @@ def parse_completion(body: Any, model: er.Model, served: str) -> Parsed:
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
         raise invalid("logprobs", "logprobs must be an integer in [0, 20] for completions", "invalid_type")
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise invalid("logprobs", f"logprobs must be an integer in [0, 20] for completions (got {logprobs})")
     if echo and logprobs is not None:
         raise invalid("echo", "echo with logprobs (the prompt's logprobs) is not supported", "unsupported_value")
     if body.get("top_logprobs") is not None:
