@@ -142,7 +142,8 @@ def test_schemas_and_grammars_that_overflowed_the_native_stack_are_400s_and_the_
 # -- 3. one request's constraint fails that request only -----------------------------------------------------
 def test_an_endless_grammar_fails_only_its_own_request(server: Running) -> None:
     """``start: "a" start`` drives llguidance to its item limit mid-generation: that request gets a 400 naming
-    its grammar (an error event in a stream); four innocent streams running beside it all finish."""
+    its grammar (an error event in a stream); four innocent streams running beside it all finish (before the fix,
+    none did)."""
 
     def innocent(i: int) -> str | None:
         body = {"prompt": f"story {i}", "max_tokens": 48, "min_tokens": 48, "stream": True}
@@ -158,9 +159,8 @@ def test_an_endless_grammar_fails_only_its_own_request(server: Running) -> None:
         endless = {"prompt": "a", "max_tokens": 200, "guided_grammar": 'start: "a" start'}
         bad = httpx.post(server.url + COMPLETIONS, json=endless, timeout=60)
         assert [s.result(timeout=60) for s in streams] == ["length"] * 4
-    if bad.status_code != 200:  # the parser gave up before max_tokens (depends on the vocabulary)
-        err = error_of(bad)
-        assert err["param"] == "grammar" and "cannot be followed" in err["message"]
+    err = error_of(bad)  # the parser gives up (its item limit) before max_tokens on this vocabulary
+    assert err["param"] == "grammar" and "cannot be followed" in err["message"]
 
 
 def test_a_request_whose_constraint_cannot_meet_min_tokens_is_a_400(http: httpx.Client) -> None:
