@@ -305,7 +305,7 @@ def parse_logit_bias(items: tuple[str, ...], tokenizer: er.Tokenizer) -> dict[in
 
 
 def request_params(model: er.Model, flags: dict[str, Any]) -> dict[str, Any]:
-    """The command line's flags as request parameters (``edgeroute.request``'s names; None = not given)."""
+    """The command line's flags as request parameters (``edgeroute.params``'s names; None = not given)."""
     params: dict[str, Any] = {name: flags.get(name) for name, _, _ in SAMPLING_FLAGS}
     params["explore_schedule"] = flags.get("explore_schedule")
     if flags.get("logit_bias"):

@@ -11,7 +11,7 @@ from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
 from .constraint import Constraint, Grammar, JsonObject, JsonSchema, Regex
 from .contract import GraphContract
-from .engine import Engine, EngineStats, Request
+from .engine import Engine, EngineStats
 from .errors import (
     ChatTemplateError,
     ConcurrentUseError,
@@ -33,7 +33,8 @@ from .kv_cache import KVCache
 from .manifest import Manifest
 from .model import Model
 from .output import Completion, Hypothesis, Step, TokenLogprob, Usage
-from .request import Flows, from_params
+from .params import Flows, from_params
+from .request import Request
 from .sampling import Distribution, Processor, Router, make_chain
 from .session import available_providers
 from .tokenizer import Tokenizer

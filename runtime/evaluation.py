@@ -12,7 +12,7 @@ seed ``seed + i * samples + j``: every setting meets the same random numbers) an
 - a bootstrap 95% interval on every figure (percentile bootstrap over prompts, the unit that is sampled), the time
   taken and the tokens per second.
 
-A *setting* is a set of request parameters (``edgeroute.request``'s names) laid over a common base; a *family* is
+A *setting* is a set of request parameters (``edgeroute.params``'s names) laid over a common base; a *family* is
 the settings of one sweep (:func:`parse_sweep`): ``"temperature=0.3,0.7,1.0"`` is a family of three,
 ``"explore-exp: explore=0.05,0.1 explore_schedule=exponential explore_end=0.001 explore_steps=32"`` a named one.
 Samples come from an :class:`~edgeroute.Engine` (continuous batching where the graph allows it; a batched row may
@@ -40,7 +40,7 @@ from .constraint import JsonSchema
 from .engine import Engine
 from .errors import ConfigError, MissingExtraError
 from .output import Completion
-from .request import Flows, from_params
+from .params import Flows, from_params
 from .sampling import log_softmax
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from .config import GenerationConfig
 from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
 from .kv_cache import left_padded
 from .output import Completion, Step, TurnOutput, Usage
-from .request import Flows, flows_of
+from .params import Flows, flows_of
 
 if TYPE_CHECKING:
     from .protocols import ModelLike

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .generator import Completion, Generator, generate_batch
 from .kv_cache import Cache, KVCache, SharedKVCache
 from .manifest import Manifest, check_files
-from .request import Flows
+from .params import Flows
 from .session import create_session, node_counts
 from .tokenizer import Tokenizer
 

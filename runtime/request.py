@@ -1,321 +1,158 @@
-"""Requests to configs: plain parameters (OpenAI's names and edgeroute's own) -> validated configs.
-
-The command line, the Python API and a server build a request's settings the same way: :func:`from_params`
-takes a mapping of plain values (what a JSON body or a set of flags holds), lays it over a model's generation
-defaults, and returns a :class:`~edgeroute.GenerationConfig` and the level-1 :class:`Flows`, or raises
-``ConfigError`` naming the parameter. Nothing is silently dropped: an unknown parameter is an error.
-
-Names (OpenAI / vLLM first, then edgeroute's): ``max_tokens`` / ``max_completion_tokens`` / ``max_new_tokens``,
-``min_tokens`` / ``min_new_tokens``, ``stop`` (a string or a list), ``stop_token_ids``, ``temperature``, ``top_p``,
-``top_k`` (vLLM's ``-1`` = off, like 0), ``min_p``, ``typical_p``, ``min_keep``, ``repetition_penalty``,
-``presence_penalty``, ``frequency_penalty``, ``penalty_last_n``, ``logit_bias`` (token ids as ints or as the strings
-JSON object keys are), ``seed``, ``logprobs`` (a bool with ``top_logprobs``, as in chat completions, or an int, as
-in completions), ``explore``, ``explore_end``, ``explore_steps``, ``explore_schedule``, ``prefill_chunk``;
-structured output (at most one): ``constraint`` (a :class:`~edgeroute.Constraint`), ``schema`` (a JSON Schema, as a
-mapping or JSON text; vLLM's ``guided_json``), ``regex`` (``guided_regex``), ``grammar`` (Lark; ``guided_grammar``)
-with ``grammar_syntax`` (``"lark"`` or ``"gbnf"``) and, for a schema, ``whitespace`` (``"spaced"``, ``"compact"``,
-``"flexible"``); flows: ``draft`` (``"ngram"`` or a model), ``draft_k`` (an int or ``"auto"``), ``adaptive_k``,
-``guidance``, ``negative_prompt``, ``contrast`` (a model), ``contrast_alpha``, ``contrast_beta``, and their gate
-``gate_threshold`` (``"inf"``/``"-inf"`` as strings too, since JSON has no infinity), ``gate_signal`` and
-``gate_width``. A model may be given by name when ``load`` resolves names to models.
-"""
+"""A submitted request's handle: :class:`Request`, thread-safe, iterated (blocking or ``async for``) for its steps,
+cancelled, or waited on for its result. The :class:`~edgeroute.Engine` creates and feeds it; callers only read it."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .config import GenerationConfig, SamplingConfig, is_number
-from .constraint import Constraint, Grammar, JsonSchema, Regex
-from .errors import ConfigError
+from .config import GenerationConfig
+from .output import Completion, Step
+from .params import Flows
 
 if TYPE_CHECKING:
-    from .protocols import ModelLike
+    from .choice import TokenChooser
+    from .generator import Generator
+    from .output import TurnOutput
 
-GATE_SIGNALS = ("margin", "entropy")  # what the gate reads (routing.gate_signal)
-GUIDANCE_LIMIT = 100.0  # |w| beyond this scales the logit difference past anything useful, towards float32 overflow
 
+class Request:
+    """One submitted request: iterate it for its :class:`Step`\\ s (blocking, or ``async for``), or wait for its
+    :meth:`result`. Safe to read from any thread; several readers each see every step."""
 
-@dataclass(frozen=True)
-class Flows:
-    """Level-1 routing of one request (docs/router.md, "Two-level routing"): at most one kind.
+    def __init__(self, rid: int, prompt: list[int], config: GenerationConfig, flows: Flows) -> None:
+        self.id = rid
+        self.prompt = prompt
+        self.config = config
+        self.flows = flows
+        self.submitted = time.perf_counter()
+        self._cond = threading.Condition()
+        self._readers = 0  # threads waiting in _wait: a step wakes them only when there are some
+        self._ended = threading.Event()
+        self._steps: list[Step] = []
+        self._completion: Completion | None = None
+        self._error: BaseException | None = None
+        self._cancel = False
+        self._listeners: list[Any] = []
+        # what the engine built for it at submission (never on the engine's thread, where a failure could reach
+        # other requests): its own Generator (solo), or its token chooser and text output (batched)
+        self._generator: Generator | None = None
+        self._chooser: TokenChooser | None = None
+        self._output: TurnOutput | None = None
 
-    Args:
-        draft: a second model with the same tokenizer, or ``"ngram"`` (prompt lookup): speculative decoding with
-            ``draft_k`` proposals per round (``adaptive_k`` adapts k to the acceptance).
-        guidance: the weight w of classifier-free guidance against ``negative_prompt`` (text or ids; default: an
-            empty context, the BOS token), in [-100, 100]; ``w = 1`` is exactly single-stream generation.
-        contrast: a smaller model for contrastive decoding with weight ``contrast_alpha`` (in [0, 10]) over the
-            plausible set ``p >= contrast_beta * p_max`` (``contrast_beta`` in (0, 1]).
-        gate_threshold: for guidance and contrast, the gate θ (docs/router.md): at each step a signal g of the
-            first flow's own distribution decides; ``g > θ`` mixes the second flow in, otherwise the first flow is
-            used alone and the second is not run. ``None`` (default) or ``-inf`` mixes at every step, ``+inf``
-            never does.
-        gate_signal: ``"margin"`` (default): g = 1 - (p1 - p2), in [0, 1]; ``"entropy"``: g = the entropy in nats.
-        gate_width: a soft gate: the mix weight (``w - 1`` of guidance, ``alpha`` of contrast) is scaled by a ramp
-            from 0 at ``g = θ - width/2`` to 1 at ``g = θ + width/2``; ``0`` (default) is the hard gate.
+    # -- the engine's side ------------------------------------------------------------------------------------
+    def _push(self, step: Step) -> None:
+        # a waiting thread woken per token would take the GIL from the engine's thread mid-step: wake only readers
+        self._steps.append(step)  # list.append is atomic; readers read under the lock
+        if self._readers or self._listeners:
+            with self._cond:
+                self._cond.notify_all()
+                listeners = list(self._listeners)
+            for notify in listeners:
+                notify()
 
-    What needs the target model (a shared tokenizer, a negative prompt that fits) is checked by the Generator.
-    """
+    def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
+        with self._cond:
+            if self.done:
+                return
+            self._completion, self._error = completion, error
+            # what ran it goes now, not when the handle goes: a caller may hold a finished handle long (a cancelled
+            # stream's handle sits in a reference cycle until a full collection), and a router holds arrays of the
+            # vocabulary's size
+            self._generator = self._chooser = self._output = None
+            self._ended.set()
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for notify in listeners:
+            notify()
 
-    draft: ModelLike | str | None = None
-    draft_k: int = 4
-    adaptive_k: bool = False
-    guidance: float | None = None
-    negative_prompt: str | Sequence[int] | None = None
-    contrast: ModelLike | None = None
-    contrast_alpha: float = 0.5
-    contrast_beta: float = 0.1
-    gate_threshold: float | None = None
-    gate_width: float = 0.0
-    gate_signal: str = "margin"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.draft, str) and self.draft != "ngram":
-            raise ConfigError("draft", self.draft, "must be a Model or 'ngram'")
-        k = self.draft_k
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError("draft_k", k, "must be an integer >= 1")
-        if not isinstance(self.adaptive_k, bool):
-            raise ConfigError("adaptive_k", self.adaptive_k, "must be true or false")
-        w = self.guidance
-        if w is not None:
-            if not is_number(w) or not -GUIDANCE_LIMIT <= w <= GUIDANCE_LIMIT:
-                raise ConfigError("guidance", w, f"must be in [-{GUIDANCE_LIMIT:g}, {GUIDANCE_LIMIT:g}] (1 = off)")
-            object.__setattr__(self, "guidance", float(w))
-        elif self.negative_prompt is not None:
-            raise ConfigError("negative_prompt", self.negative_prompt, "needs guidance (a weight w)")
-        a, b = self.contrast_alpha, self.contrast_beta
-        if not (is_number(a) and 0 <= a <= 10):
-            raise ConfigError("contrast_alpha", a, "must be a number in [0, 10]")
-        if not (is_number(b) and 0 < b <= 1):
-            raise ConfigError("contrast_beta", b, "must be in (0, 1]")
-        kinds = [name for name, on in self._kinds().items() if on]
-        if len(kinds) > 1:
-            raise ConfigError("flows", "/".join(kinds), "use one of speculative decoding, guidance or contrast")
-        self._check_gate()
-
-    def _check_gate(self) -> None:
-        theta, width = self.gate_threshold, self.gate_width
-        if theta is not None:
-            if not isinstance(theta, (int, float)) or isinstance(theta, bool) or math.isnan(theta):
-                raise ConfigError("gate_threshold", theta, "must be a number (-inf = always mix, inf = never)")
-            if self.guidance is None and self.contrast is None:
-                raise ConfigError("gate_threshold", theta, "needs guidance or contrast (a second flow to gate)")
-            object.__setattr__(self, "gate_threshold", float(theta))
-        if not (is_number(width) and width >= 0):
-            raise ConfigError("gate_width", width, "must be a number >= 0 (0 = a hard gate)")
-        if width and theta is None:
-            raise ConfigError("gate_width", width, "needs gate_threshold")
-        object.__setattr__(self, "gate_width", float(width))
-        if self.gate_signal not in GATE_SIGNALS:
-            raise ConfigError("gate_signal", self.gate_signal, "must be 'margin' or 'entropy'")
-
-    def _kinds(self) -> dict[str, bool]:
-        return {
-            "draft": self.draft is not None,
-            "guidance": self.guidance is not None,
-            "contrast": self.contrast is not None,
-        }
+    # -- the caller's side ------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """True once the request finished, failed or was cancelled."""
+        return self._completion is not None or self._error is not None
 
     @property
-    def active(self) -> bool:
-        """True when a second flow is in use."""
-        return any(self._kinds().values())
+    def cancelled(self) -> bool:
+        return self._cancel
 
+    def cancel(self) -> None:
+        """Stop generating: the slot is freed within one engine iteration; the result is what was generated so
+        far, with ``finish_reason == "cancelled"``."""
+        self._cancel = True
 
-_ALIASES = {  # OpenAI/vLLM name -> edgeroute's
-    "max_tokens": "max_new_tokens",
-    "max_completion_tokens": "max_new_tokens",
-    "min_tokens": "min_new_tokens",
-    "guided_json": "schema",
-    "guided_regex": "regex",
-    "guided_grammar": "grammar",
-}
-_CONSTRAINTS = ("constraint", "schema", "regex", "grammar")
-_SAMPLING = {f.name for f in fields(SamplingConfig)}
-_GENERATION = {
-    "max_new_tokens",
-    "min_new_tokens",
-    "stop",
-    "stop_token_ids",
-    "prefill_chunk",
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "num_return_sequences",
-}
-_FLOWS = {f.name for f in fields(Flows)}
-_CONSTRAINT_OPTIONS = ("grammar_syntax", "whitespace")
-PARAMETERS = frozenset(
-    _SAMPLING
-    | _GENERATION
-    | _FLOWS
-    | set(_ALIASES)
-    | {"logprobs", "top_logprobs"}
-    | set(_CONSTRAINTS)
-    | set(_CONSTRAINT_OPTIONS)
-)
+    def _wait(self, i: int, timeout: float | None) -> tuple[Step | None, bool]:
+        """Step ``i`` when there is one, else ``(None, True)`` once the request is done (raising its error)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._readers += 1  # before looking: a step appended after the look sees this reader and wakes it
+            try:
+                while i >= len(self._steps) and not self.done:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"request {self.id}: no step within {timeout} s")
+                    self._cond.wait(left)
+            finally:
+                self._readers -= 1
+            if i < len(self._steps):
+                return self._steps[i], False
+            if self._error is not None:
+                raise self._error
+            return None, True
 
+    def __iter__(self) -> Iterator[Step]:
+        return self.stream()
 
-def flows_of(flows: Flows | None, fields: dict[str, Any]) -> Flows:
-    """A :class:`Flows`, or one built from its fields given by keyword (not both); ``ConfigError`` otherwise."""
-    if fields:
-        if flows is not None:
-            raise ConfigError("flows", sorted(fields), "give a Flows or its fields, not both")
-        unknown = sorted(set(fields) - set(Flows.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(unknown[0], fields[unknown[0]], "is not a flow setting")
-        flows = Flows(**fields)
-    flows = flows or Flows()
-    if not isinstance(flows, Flows):
-        raise ConfigError("flows", flows, "must be a Flows")
-    return flows
+    def stream(self, timeout: float | None = None) -> Iterator[Step]:
+        """Like iterating the request, with ``timeout`` seconds at most between two steps (``TimeoutError``)."""
+        i = 0
+        while True:
+            step, end = self._wait(i, timeout)
+            if end:
+                return
+            assert step is not None
+            yield step
+            i += 1
 
+    async def __aiter__(self) -> AsyncIterator[Step]:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
 
-def from_params(
-    params: Mapping[str, Any],
-    defaults: Mapping[str, Any] | None = None,
-    load: Callable[[str], ModelLike] | None = None,
-) -> tuple[GenerationConfig, Flows]:
-    """The configs of one request: ``params`` (plain values; ``None`` means "not given") over ``defaults`` (a
-    model's ``manifest.generation_defaults``), then edgeroute's defaults.
+        def notify() -> None:
+            loop.call_soon_threadsafe(wake.set)
 
-    Args:
-        params: parameter name -> value, by the names in the module docstring.
-        defaults: generation defaults that ``params`` override.
-        load: resolves a model given by name (``draft``, ``contrast``) to a Model; without it a name is an error.
-
-    Raises:
-        ConfigError: naming the parameter (as given) for an unknown one, a bad value, or two names of one setting
-            with different values (``max_tokens`` and ``max_new_tokens``).
-    """
-    given = {k: v for k, v in params.items() if v is not None}
-    unknown = sorted(set(given) - PARAMETERS)
-    if unknown:
-        raise ConfigError(unknown[0], given[unknown[0]], "is not a generation parameter")
-    merged: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for name, value in given.items():
-        key = _ALIASES.get(name, name)
-        if key in merged and merged[key] != value:
-            raise ConfigError(name, value, f"conflicts with {origin[key]}={merged[key]!r}")
-        merged[key], origin[key] = value, name
-    try:
-        return _generation(merged, dict(defaults or {})), _flows(merged, load)
-    except ConfigError as e:  # name the parameter as the request spelled it
-        if e.field in origin and origin[e.field] != e.field:
-            raise ConfigError(origin[e.field], e.value, e.reason) from None
-        raise
-
-
-def _generation(p: dict[str, Any], defaults: dict[str, Any]) -> GenerationConfig:
-    sampling = {k: v for k, v in defaults.items() if k in _SAMPLING}
-    sampling.update((k, v) for k, v in p.items() if k in _SAMPLING)
-    if sampling.get("top_k") == -1:  # vLLM's "off"
-        sampling["top_k"] = 0
-    if "logit_bias" in sampling:
-        sampling["logit_bias"] = _bias(sampling["logit_bias"])
-    gen = {k: v for k, v in defaults.items() if k in _GENERATION}
-    gen.update((k, v) for k, v in p.items() if k in _GENERATION)
-    if isinstance(gen.get("stop"), list):
-        gen["stop"] = tuple(gen["stop"])
-    if isinstance(gen.get("stop_token_ids"), list):
-        gen["stop_token_ids"] = tuple(gen["stop_token_ids"])
-    logprobs = _logprobs(p.get("logprobs"), p.get("top_logprobs"))
-    if logprobs is not None:
-        gen["logprobs"] = logprobs
-    constraint = _constraint(p)
-    if constraint is not None:
-        gen["constraint"] = constraint
-    return GenerationConfig(sampling=SamplingConfig(**sampling), **gen)
-
-
-def _constraint(p: dict[str, Any]) -> Constraint | None:
-    """At most one of ``constraint``, ``schema``, ``regex``, ``grammar`` -> a Constraint (options checked)."""
-    given = [k for k in _CONSTRAINTS if k in p]
-    if len(given) > 1:
-        raise ConfigError(given[1], p[given[1]], f"conflicts with {given[0]}: give one constraint")
-    syntax, whitespace = p.get("grammar_syntax"), p.get("whitespace")
-    kind = given[0] if given else None
-    if syntax is not None and kind != "grammar":
-        raise ConfigError("grammar_syntax", syntax, "needs grammar")
-    if whitespace is not None and kind != "schema":
-        raise ConfigError("whitespace", whitespace, "needs schema")
-    if kind is None:
-        return None
-    value = p[kind]
-    if kind == "constraint":
-        if not isinstance(value, Constraint):
-            raise ConfigError("constraint", value, "must be a JsonSchema, JsonObject, Regex or Grammar")
-        return value
-    if kind == "schema":
-        return JsonSchema(value, whitespace if whitespace is not None else "spaced")
-    if not isinstance(value, str):
-        raise ConfigError(kind, value, "must be a string")
-    return Regex(value) if kind == "regex" else Grammar(value, syntax if syntax is not None else "lark")
-
-
-def _bias(bias: Any) -> dict[int, float]:
-    """OpenAI's ``logit_bias``: token ids as ints, or as the strings JSON object keys are."""
-    if not isinstance(bias, Mapping):
-        raise ConfigError("logit_bias", bias, "must map token ids to biases")
-    out: dict[int, float] = {}
-    for k, v in bias.items():
-        key = _digits(k) if isinstance(k, str) else k
-        if key is None:
-            raise ConfigError("logit_bias", {k: v}, "keys must be token ids (integers >= 0)")
-        out[key] = v
-    return out
-
-
-def _digits(text: str) -> int | None:
-    """An integer >= 0 written in ASCII digits (``"²"`` and ``"٣"`` are digits to ``str.isdigit``, not to JSON), at
-    most 18 of them (an int64), else None."""
-    text = text.strip()
-    if not 0 < len(text) <= 18 or not text.isascii() or not text.isdigit():
-        return None
-    return int(text)
-
-
-def _logprobs(logprobs: Any, top: Any) -> bool | int | None:
-    """Chat completions' ``logprobs: bool`` + ``top_logprobs: int``, or completions' ``logprobs: int``."""
-    if top is not None:
-        if logprobs is False:
-            raise ConfigError("top_logprobs", top, "needs logprobs: true")
-        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
-            raise ConfigError("top_logprobs", top, "must be an integer in [0, 20]")
-        return top if top > 0 else True
-    if logprobs is None or isinstance(logprobs, bool):
-        return logprobs
-    if isinstance(logprobs, int):
-        if not 0 <= logprobs <= 20:
-            raise ConfigError("logprobs", logprobs, "must be a bool or an integer in [0, 20]")
-        return logprobs if logprobs > 0 else True
-    raise ConfigError("logprobs", logprobs, "must be a bool or an integer in [0, 20]")
-
-
-def _flows(p: dict[str, Any], load: Callable[[str], ModelLike] | None) -> Flows:
-    kw = {k: v for k, v in p.items() if k in _FLOWS}
-    if kw.get("draft_k") == "auto":
-        kw["draft_k"], kw["adaptive_k"] = 4, True
-    elif isinstance(kw.get("draft_k"), str):
-        k = _digits(kw["draft_k"])
-        if k is None:
-            raise ConfigError("draft_k", kw["draft_k"], "must be a positive integer or 'auto'")
-        kw["draft_k"] = k
-    theta = kw.get("gate_threshold")
-    if isinstance(theta, str):  # JSON has no infinity: "inf" / "-inf" (or any number) as a string
+        with self._cond:
+            self._listeners.append(notify)
         try:
-            kw["gate_threshold"] = float(theta)
-        except ValueError:
-            raise ConfigError("gate_threshold", theta, "must be a number, 'inf' or '-inf'") from None
-    for name in ("draft", "contrast"):
-        value = kw.get(name)
-        if isinstance(value, str) and not (name == "draft" and value == "ngram"):
-            if load is None:
-                raise ConfigError(name, value, "names a model, and this request cannot load one")
-            kw[name] = load(value)
-    return Flows(**kw)
+            i = 0
+            while True:
+                with self._cond:
+                    ready = i < len(self._steps)
+                    step = self._steps[i] if ready else None
+                    done, error = self.done, self._error
+                    if not ready:
+                        wake.clear()
+                if step is not None:
+                    yield step
+                    i += 1
+                    continue
+                if done:
+                    if error is not None:
+                        raise error
+                    return
+                await wake.wait()
+        finally:
+            with self._cond:
+                self._listeners.remove(notify)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the request to end and return its :class:`Completion` (raises its error, if it failed)."""
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._completion is not None
+        return self._completion

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import edgeroute as er
-from edgeroute.request import PARAMETERS
+from edgeroute.params import PARAMETERS
 
 if TYPE_CHECKING:
     from .tools import Tools
