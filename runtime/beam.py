@@ -35,7 +35,7 @@ from .sampling import log_softmax, make_chain
 
 if TYPE_CHECKING:
     from .config import GenerationConfig
-    from .protocols import ModelLike
+    from .graph import Graph
 
 _NEG = np.float32(-1.0e9)  # transformers' "impossible" score, added in float32 as there
 
@@ -48,7 +48,7 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
     return np.lexsort((np.arange(len(x)), -x))
 
 
-def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -> Completion:
+def beam_search(model: Graph, prompt: list[int], config: GenerationConfig) -> Completion:
     """Beam search over ``prompt`` (token ids) with ``config.num_beams`` hypotheses (module docstring)."""
     if not prompt:
         raise ConfigError("prompt", [], "needs at least one token")
@@ -164,7 +164,7 @@ def beam_search(model: ModelLike, prompt: list[int], config: GenerationConfig) -
     return best_c
 
 
-def _completion(model: ModelLike, config: GenerationConfig, ids: list[int], score: float, usage: Usage) -> Completion:
+def _completion(model: Graph, config: GenerationConfig, ids: list[int], score: float, usage: Usage) -> Completion:
     """A finished hypothesis as the Completion a Generator would give for these tokens (stop strings cut)."""
     out = TurnOutput(model, replace(config, logprobs=False))
     dummy = np.zeros(0, dtype=np.float32)

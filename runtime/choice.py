@@ -15,14 +15,14 @@ from .output import stop_ids
 from .sampling import make_chain
 
 if TYPE_CHECKING:
-    from .protocols import ModelLike
+    from .graph import Graph
 
 
 class TokenChooser:
     """Routes one row of logits at a time to a token, for one sequence. ``index`` is the token's position in the
     turn (0 = its first generated token): exploration schedules and the ``min_new_tokens`` suppression use it."""
 
-    def __init__(self, model: ModelLike, config: GenerationConfig, rng: np.random.Generator) -> None:
+    def __init__(self, model: Graph, config: GenerationConfig, rng: np.random.Generator) -> None:
         if config.num_beams > 1:
             raise ConfigError(
                 "num_beams",

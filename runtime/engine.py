@@ -1,22 +1,16 @@
 """Many requests at once: a continuous-batching engine over one :class:`~edgeroute.Model`.
 
 An :class:`Engine` owns one background thread and, for graphs with a shared KV buffer, one batch cache of
-``max_batch`` rows (*slots*). Each iteration of its loop:
+``max_batch`` rows (*slots*). Each iteration of its loop is schedule → execute → commit:
 
-1. drops cancelled requests (their slot is free at once);
-2. admits queued requests into free slots, preferring the free slot whose cached tokens share the longest prefix
-   with the prompt (those positions are reused, not prefilled again), else the lowest free one (a step runs rows
-   0..hi, so low slots keep it narrow; the caches of higher free slots live on until their slot is needed);
-3. prefills at most ``prefill_budget`` prompt tokens (one chunk of one or more requests, each into its own row),
-   so a long prompt arriving costs the running streams one chunk per step, not the whole prompt;
-4. runs the graph once for every request with one token to feed (the token it chose last, or its prompt's last
-   token): rows ``0..hi`` of the batch cache, each appending its own token after its own length (rows in between
-   that are not decoding get a placeholder token whose position is given back, so their cached tokens are
-   untouched);
-5. chooses the next token of every request from the logits that run gave it (its own router, RNG, stop strings,
-   limits, logprobs: the same :class:`~edgeroute.choice.TokenChooser` and :class:`~edgeroute.output.TurnOutput` a
-   Generator uses) and hands the :class:`~edgeroute.Step` to the request at once, before the next iteration's
-   admissions and prefill chunk (a new request's first token does not wait for the next prompt's chunk).
+1. the :class:`~edgeroute.scheduler.Scheduler` (no model inside) drops cancelled requests, admits queued ones into
+   free slots (preferring a slot whose cached tokens start the prompt), plans at most ``prefill_budget`` prompt
+   tokens of prefill and the decode step's rows, and returns a plain :class:`~edgeroute.scheduler.Plan`;
+2. the :class:`~edgeroute.executor.Executor` runs the plan's prefill chunks (each request into its own row) and one
+   decode run for every request with one token to feed (the token it chose last, or its prompt's last token);
+3. each decoded request's :class:`~edgeroute.sequence.TokenSequence` commits its next token from the logits that run
+   gave it (its own router, RNG, stop strings, limits, logprobs: what a Generator uses) and the
+   :class:`~edgeroute.Step` goes to the request at once, before the next iteration's admissions and prefill.
 
 An idle engine told that requests are on their way (:meth:`Engine.incoming`, which a server wraps around reading
 and parsing each request) waits for them, at most ``gather`` seconds, so that a burst starts in one graph run.
@@ -34,7 +28,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -43,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .choice import TokenChooser
 from .config import GenerationConfig
 from .errors import (
     ConfigError,
@@ -53,50 +45,18 @@ from .errors import (
     InferenceError,
     QueueFullError,
 )
+from .executor import Executor
 from .generator import Generator
-from .kv_cache import SharedKVCache, common_prefix
-from .output import Completion, TurnOutput, Usage
+from .output import Completion, Usage
 from .params import Flows, flows_of
 from .request import Request
+from .scheduler import Chunk, Plan, Running, Scheduler
+from .sequence import TokenSequence
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .graph import Graph
 
 DEFAULT_PREFILL_BUDGET = 64  # prompt tokens prefilled per iteration (see docs/engine.md)
-
-
-# -- the engine's state per running request --------------------------------------------------------------------
-@dataclass
-class _Slot:
-    """One row of the batch cache: who runs in it, and (recorded when its request ends) the tokens its cache holds,
-    valid up to ``held``, for a later prompt that starts with them."""
-
-    index: int
-    tokens: np.ndarray
-    held: int = 0
-    running: _Running | None = None
-
-
-@dataclass
-class _Running:
-    """A request in a slot: its chooser and output, its sequence so far, where its prefill stands."""
-
-    request: Request
-    slot: _Slot
-    chooser: TokenChooser
-    output: TurnOutput
-    usage: Usage
-    ids: np.ndarray  # prompt + generated tokens
-    n: int  # tokens in ``ids``
-    fed: int  # positions of ``ids`` the slot's cache holds
-    logits: np.ndarray | None = None  # of the last fed position, when the next token is to be chosen
-    last: float = 0.0  # when its last step ended (decode time runs from there)
-
-
-@dataclass
-class _Solo:
-    request: Request
-    generator: Generator
 
 
 @dataclass
@@ -133,7 +93,7 @@ class Engine:
 
     def __init__(
         self,
-        model: Model,
+        model: Graph,
         max_batch: int = 8,
         max_queue: int = 64,
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
@@ -155,19 +115,12 @@ class Engine:
         self._incoming = 0
         self.prefix_reuse = prefix_reuse
         self.mode = "batched" if model.shared_kv else "solo"
-        self._cache: SharedKVCache | None = None
-        self._slots: list[_Slot] = []
-        self._rows: list[SharedKVCache] = []
-        self._heads: dict[int, SharedKVCache] = {}
-        if self.mode == "batched":
-            cache = model.new_cache(max_batch)
-            assert isinstance(cache, SharedKVCache)
-            self._cache = cache
-            self._slots = [_Slot(i, np.zeros(model.context_length, np.int64)) for i in range(max_batch)]
-            self._rows = [cache.row(i) for i in range(max_batch)]
+        self._scheduler = Scheduler(
+            max_batch, max_queue, prefill_budget, prefix_reuse, model.context_length, self.mode == "batched"
+        )
+        self._executor = Executor(model, max_batch) if self.mode == "batched" else None
         self._lock = threading.Condition()
-        self._queue: deque[Request] = deque()
-        self._solo: list[_Solo] = []
+        self._generators: dict[int, Generator] = {}  # a running solo request's Generator, by request id
         self._ids = count(1)
         self._closed = False
         self._counts = dict.fromkeys(("submitted", "finished", "failed", "cancelled", "reused", "prefilled"), 0)
@@ -204,17 +157,16 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
-            # queued requests that the next admission leaves waiting (cancelled ones hold no place)
-            waiting = sum(1 for r in self._queue if not r.cancelled) - self._free()
-            if waiting + len(built) > self.max_queue:
+            waiting = self._scheduler.room(len(built))  # queued requests the next admission leaves waiting
+            if waiting is not None:
                 raise QueueFullError(
-                    f"{max(waiting, 0)} requests are waiting for a slot (max_queue {self.max_queue})"
+                    f"{waiting} requests are waiting for a slot (max_queue {self.max_queue})"
                     + (f" and {len(built)} more do not fit" if len(built) > 1 else "")
                     + ": retry later"
                 )
             for request in built:
                 request.id = next(self._ids)
-                self._queue.append(request)
+            self._scheduler.enqueue(built)
             self._counts["submitted"] += len(built)
             self._lock.notify_all()
         return built
@@ -234,10 +186,13 @@ class Engine:
             raise ContextOverflowError(need, self.model.context_length, "prompt + max_new_tokens")
         request = Request(0, ids, config, flows)
         if flows.active or self.mode == "solo":
-            request._generator = self.model.generator(config, flows)
+            request._generator = Generator(self.model, config, flows)
         else:
-            request._chooser = TokenChooser(self.model, config, np.random.default_rng(config.sampling.seed))
-            request._output = TurnOutput(self.model, config)
+            rng = np.random.default_rng(config.sampling.seed)
+            seq = TokenSequence(self.model, config, rng, len(ids) + config.max_new_tokens, Usage(len(ids)))
+            seq.extend(ids)
+            seq.turn_start = request.submitted
+            request._sequence = seq
         return request
 
     @contextmanager
@@ -261,14 +216,13 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            active = sum(1 for s in self._slots if s.running is not None)
-            c = self._counts
+            sched, c = self._scheduler, self._counts
             return EngineStats(
                 self.mode,
                 self.max_batch,
-                active + len(self._solo),
-                len(self._queue),
-                len(self._solo),
+                len(sched.running()) + len(sched.solo),
+                len(sched.queue),
+                len(sched.solo),
                 c["submitted"],
                 c["finished"],
                 c["failed"],
@@ -296,13 +250,14 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the loop ---------------------------------------------------------------------------------------------
+    # -- the loop: schedule, execute, commit --------------------------------------------------------------------
     def _loop(self) -> None:
+        sched = self._scheduler
         while True:
             with self._lock:
-                while not self._closed and not self._queue and not self._busy():
+                while not self._closed and not sched.queue and not sched.busy():
                     self._lock.wait()
-                if self._incoming and not self._busy():  # a burst arriving at an idle engine: start it together
+                if self._incoming and not sched.busy():  # a burst arriving at an idle engine: start it together
                     end = time.monotonic() + self.gather
                     while self._incoming and not self._closed and (left := end - time.monotonic()) > 0:
                         self._lock.wait(left)
@@ -314,232 +269,141 @@ class Engine:
                 self._fail_all(InferenceError(f"the engine failed: {type(e).__name__}: {e}"))
         self._fail_all(EngineClosedError("the engine was closed"))
 
-    def _free(self) -> int:
-        """Requests the next admission can start at once: free slots (batched), or room for solo requests."""
-        if self.mode == "batched":
-            return sum(1 for s in self._slots if s.running is None)
-        return self.max_batch - len(self._solo)
-
-    def _busy(self) -> bool:
-        return bool(self._solo) or any(s.running is not None for s in self._slots)
-
     def _iteration(self) -> None:
-        self._drop_cancelled()
-        self._admit()
-        self._prefill()
-        self._decode()
-        self._choose()
-        self._step_solo()
-
-    def _drop_cancelled(self) -> None:
-        for slot in self._slots:
-            run = slot.running
-            if run is not None and run.request.cancelled:
-                self._release(run, "cancelled")
-        for solo in list(self._solo):
-            if solo.request.cancelled:
-                self._solo.remove(solo)
-                comp = solo.generator.completion()
-                solo.request._finish(_with_reason(comp, "cancelled"))
-                self._count("cancelled")
         with self._lock:
-            for request in [r for r in self._queue if r.cancelled]:
-                self._queue.remove(request)
-                request._finish(_empty_completion(request, "cancelled"))
-                self._counts["cancelled"] += 1
+            plan = self._scheduler.schedule()
+        self._end_cancelled(plan)
+        for request in plan.started_solo:
+            self._start_solo(request)
+        for run, reused in plan.started:
+            self._hold(run.slot.index, reused)
+            self._count("reused", reused)
+        for chunk in plan.prefill:
+            self._prefill(chunk)
+        self._decode([r for r in plan.decode if r.slot.running is r])  # not those a failed prefill released
+        self._step_solo(plan.solo)
 
-    def _admit(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    return
-                request = self._queue[0]
-                solo, slot = request._generator, None
-                if solo is not None:
-                    if len(self._solo) >= self.max_batch:  # at most max_batch solo requests at once
-                        return
-                else:
-                    slot = self._free_slot(request.prompt)
-                    if slot is None:
-                        return
-                self._queue.popleft()
-            if solo is not None:
-                self._start_solo(request, solo)
-            elif slot is not None:
-                self._start(request, slot)
+    def _end_cancelled(self, plan: Plan) -> None:
+        for run in plan.cancelled:
+            self._hold(run.slot.index, run.slot.held)
+            run.request._finish(_with_reason(run.seq.completion(), "cancelled"))
+            self._count("cancelled")
+        for request in plan.cancelled_solo:
+            generator = self._generators.pop(request.id)
+            request._finish(_with_reason(generator.completion(), "cancelled"))
+            self._count("cancelled")
+        for request in plan.cancelled_queued:
+            request._finish(_empty_completion(request, "cancelled"))
+            self._count("cancelled")
 
-    def _free_slot(self, prompt: list[int]) -> _Slot | None:
-        free = [s for s in self._slots if s.running is None]
-        if not free:
-            return None
-        if self.prefix_reuse:
-            shared, best = max((common_prefix(s.tokens[: s.held], prompt), -s.index) for s in free)
-            if shared > 0:
-                return self._slots[-best]
-        # else the lowest free slot: a decode step runs rows 0..hi, and each row costs (int4 SmolLM2: 6.6 ms for one
-        # row, 9.6 ms for two), more than keeping a cache for a prompt that may never come back would save
-        return free[0]
-
-    def _start(self, request: Request, slot: _Slot) -> None:
-        cfg = request.config
-        prompt = np.asarray(request.prompt, dtype=np.int64)
-        reuse = common_prefix(slot.tokens[: slot.held], prompt) if self.prefix_reuse else 0
-        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
-        ids = np.zeros(len(prompt) + cfg.max_new_tokens, dtype=np.int64)
-        ids[: len(prompt)] = prompt
-        assert request._chooser is not None and request._output is not None  # built at submission
-        usage = Usage(prompt_tokens=len(prompt))
-        run = _Running(request, slot, request._chooser, request._output, usage, ids, len(prompt), reuse)
-        slot.running = run
-        assert self._cache is not None
-        self._cache.lengths[slot.index] = reuse
-        self._count("reused", reuse)
-
-    def _start_solo(self, request: Request, generator: Generator) -> None:
+    def _start_solo(self, request: Request) -> None:
+        generator = request._generator
+        assert generator is not None  # built at submission
         try:
             generator.append(request.prompt)
         except Exception as e:
+            with self._lock:
+                self._scheduler.solo.remove(request)
             request._finish(None, _own(e))
             self._count("failed")
             return
-        self._solo.append(_Solo(request, generator))
+        self._generators[request.id] = generator
 
-    def _prefill(self) -> None:
-        """Up to ``prefill_budget`` prompt tokens, oldest admission first, each request into its own row."""
-        budget = self.prefill_budget
-        cache = self._cache
-        for slot in self._slots:
-            run = slot.running
-            if budget <= 0:
-                return
-            if run is None or run.n - run.fed <= 1:
-                continue  # all fed, or only the prompt's last token left: the decode step feeds it
-            assert cache is not None
-            row = self._rows[slot.index]
-            take = min(budget, run.n - run.fed - 1)  # never the last token (see _decode)
-            row.lengths[0] = run.fed
-            try:
-                row.run(self.model.session, run.ids[None, run.fed : run.fed + take], 1)
-            except Exception as e:  # a run of this request's row alone
-                self._release(run, None, _own(e))
-                continue
-            run.fed += take
-            cache.lengths[slot.index] = run.fed
-            budget -= take
-            self._count("prefilled", take)
-
-    def _choose(self) -> None:
-        """The next token of every request whose logits are at hand (each then has one token to feed)."""
-        for slot in self._slots:
-            run = slot.running
-            if run is not None and run.logits is not None:
-                self._choose_one(run)
-
-    def _choose_one(self, run: _Running) -> None:
-        t0 = time.perf_counter()
-        out = run.output
-        assert run.logits is not None
-        try:
-            token = run.chooser.choose(run.logits, run.ids[: run.n], out.index)
-            run.chooser.accept(token)
-            step = out.take(token, run.logits)
-        except Exception as e:  # this request's router, grammar or stop strings: it alone fails
-            self._release(run, None, _own(e))
+    def _prefill(self, chunk: Chunk) -> None:
+        run = chunk.run
+        assert self._executor is not None
+        try:  # a run of this request's row alone
+            self._executor.prefill(run.slot.index, run.seq.ids[chunk.start : chunk.stop], chunk.start)
+        except Exception as e:
+            self._fail(run, _own(e))
             return
-        now = time.perf_counter()
-        run.usage.router_seconds += now - t0
-        run.usage.record(1, run.last or now, now, run.request.submitted)
-        run.last = now
-        run.ids[run.n] = token
-        run.n += 1
-        run.logits = None
-        run.request._push(step)
-        if out.done:
-            self._release(run, "done")
+        self._count("prefilled", chunk.stop - chunk.start)
 
-    def _decode(self) -> None:
-        """One graph run for every request with one token to feed, rows ``0..hi`` of the batch cache: the token a
-        decoding request just chose, or the last token of a prompt (after its prefill chunks, or after a reused
-        prefix): both are "one token after the row's length", so a request whose prompt is cached joins without a
-        graph run of its own. The first token is always chosen from this run, never from a prefill chunk's: a
-        request's logits then do not depend on whether its prompt was cached or how the budget chunked it (int8
-        and int4 kernels can give a row different logits in a run of another shape)."""
-        going = [r for r in (s.running for s in self._slots) if r is not None and r.n - r.fed == 1]
+    def _decode(self, going: list[Running]) -> None:
+        """One graph run for every request with one token to feed (the token it chose last, or its prompt's last
+        token), then each chooses its next token from the logits that run gave it and hands the step over at once."""
         if not going:
             return
-        self._count("prefilled", sum(1 for r in going if r.n == r.usage.prompt_tokens))
-        cache = self._cache
-        assert cache is not None
-        hi = max(r.slot.index for r in going) + 1
-        head = self._heads.get(hi)
-        if head is None:
-            head = self._heads[hi] = cache.head(hi)
-        ids = np.zeros((hi, 1), dtype=np.int64)
-        for run in going:
-            ids[run.slot.index, 0] = run.ids[run.fed]
-        saved = cache.lengths[:hi].copy()
-        try:
-            logits = head.run(self.model.session, ids, 1)
-        except Exception as e:  # the run of every decoding row
-            cache.lengths[:hi] = saved
+        self._count("prefilled", sum(1 for r in going if r.seq.n == r.seq.usage.prompt_tokens))
+        assert self._executor is not None
+        try:  # the run of every decoding row
+            logits = self._executor.decode({r.slot.index: int(r.seq.ids[r.fed]) for r in going})
+        except Exception as e:
             for run in going:
-                self._release(run, None, _own(e))
+                self._fail(run, _own(e))
             return
-        cache.lengths[:hi] = saved  # rows not decoding keep their length (their placeholder is overwritten later)
         for run in going:
-            i = run.slot.index
-            cache.lengths[i] = saved[i] + 1
             run.fed += 1
-            run.logits = logits[i, -1]
+            run.logits = logits[run.slot.index]
+        for run in going:
+            self._commit(run)
 
-    def _step_solo(self) -> None:
-        for solo in list(self._solo):
-            gen, request = solo.generator, solo.request
+    def _commit(self, run: Running) -> None:
+        assert run.logits is not None
+        try:
+            step = run.seq.commit(run.logits)
+        except Exception as e:  # this request's router, grammar or stop strings: it alone fails
+            self._fail(run, _own(e))
+            return
+        run.logits = None
+        run.request._push(step)
+        if run.seq.done:
+            self._release(run)
+
+    def _step_solo(self, solo: list[Request]) -> None:
+        for request in solo:
+            gen = self._generators.get(request.id)
+            if gen is None:  # its start failed
+                continue
             try:
                 if not gen.done:
                     with suppress(StopIteration):
                         request._push(gen.step())
                 if gen.done:
-                    self._solo.remove(solo)
+                    self._end_solo(request)
                     request._finish(gen.completion())
                     self._count("finished")
             except Exception as e:  # this request's generator alone
-                self._solo.remove(solo)
+                self._end_solo(request)
                 request._finish(None, _own(e))
                 self._count("failed")
 
+    def _end_solo(self, request: Request) -> None:
+        self._generators.pop(request.id, None)
+        with self._lock:
+            self._scheduler.solo.remove(request)
+
     # -- ending requests --------------------------------------------------------------------------------------
-    def _release(self, run: _Running, how: str | None, error: BaseException | None = None) -> None:
-        slot = run.slot
-        slot.running = None
-        assert self._cache is not None
-        if error is not None:
-            slot.held = 0  # what the failed run left in the row is not trusted
-            self._cache.lengths[slot.index] = 0
-            run.request._finish(None, error)
-            self._count("failed")
-            return
-        slot.held = run.fed  # what the row holds stays there for a later prompt that starts with it
-        slot.tokens[: run.fed] = run.ids[: run.fed]
-        self._cache.lengths[slot.index] = slot.held
-        completion = run.output.completion(run.usage)
-        if how == "cancelled":
-            run.request._finish(_with_reason(completion, "cancelled"))
-            self._count("cancelled")
-        else:
-            run.request._finish(completion)
-            self._count("finished")
+    def _release(self, run: Running) -> None:
+        with self._lock:
+            held = self._scheduler.release(run, failed=False)
+        self._hold(run.slot.index, held)
+        run.request._finish(run.seq.completion())
+        self._count("finished")
+
+    def _fail(self, run: Running, error: BaseException) -> None:
+        with self._lock:
+            held = self._scheduler.release(run, failed=True)  # what the failed run left in the row is not trusted
+        self._hold(run.slot.index, held)
+        run.request._finish(None, error)
+        self._count("failed")
+
+    def _hold(self, row: int, length: int) -> None:
+        assert self._executor is not None
+        self._executor.hold(row, length)
 
     def _fail_all(self, error: BaseException) -> None:
-        for slot in self._slots:
-            if slot.running is not None:
-                self._release(slot.running, None, error)
-        for solo in self._solo:
-            solo.request._finish(None, error)
-        self._solo.clear()
         with self._lock:
-            while self._queue:
-                self._queue.popleft()._finish(None, error)
+            running, solo = self._scheduler.running(), list(self._scheduler.solo)
+        for run in running:
+            self._fail(run, error)
+        for request in solo:
+            self._end_solo(request)
+            request._finish(None, error)
+        with self._lock:
+            queue = self._scheduler.queue
+            while queue:
+                queue.popleft()._finish(None, error)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import routing
-from .choice import TokenChooser
 from .config import GenerationConfig
 from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
 from .kv_cache import left_padded
-from .output import Completion, Step, TurnOutput, Usage
+from .output import Completion, Step, Usage
 from .params import Flows, flows_of
+from .sequence import TokenSequence
 
 if TYPE_CHECKING:
-    from .protocols import ModelLike
+    from .graph import Graph
 
 
 class Generator:
@@ -40,9 +40,7 @@ class Generator:
     ``negative_prompt=``, ``contrast=``, ``contrast_alpha=``, ``contrast_beta=``).
     """
 
-    def __init__(
-        self, model: ModelLike, config: GenerationConfig, flows: Flows | None = None, **flow_fields: Any
-    ) -> None:
+    def __init__(self, model: Graph, config: GenerationConfig, flows: Flows | None = None, **flow_fields: Any) -> None:
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
         flows = flows_of(flows, flow_fields)
@@ -50,15 +48,12 @@ class Generator:
         self.model = model
         self.config = config
         self.cache = model.new_cache()
-        self._ids = np.zeros(model.context_length, dtype=np.int64)
-        self._n = 0
-        self._logits: np.ndarray | None = None
-        self._chooser = TokenChooser(model, config, np.random.default_rng(config.sampling.seed))
-        self._out = TurnOutput(model, config)
-        self._out.turn.finish_reason = "length"  # nothing to generate before the first append
-        self._queue: deque[Step] = deque()
         self.usage = Usage()
-        self._t_turn = 0.0
+        rng = np.random.default_rng(config.sampling.seed)
+        self._seq = TokenSequence(model, config, rng, model.context_length, self.usage)
+        self._seq.output.turn.finish_reason = "length"  # nothing to generate before the first append
+        self._logits: np.ndarray | None = None
+        self._queue: deque[Step] = deque()
         self.flows = flows
         self._drafter, self._k = _make_drafter(model, flows)
         self._guidance, self._negative, self._neg_stream = _make_guidance(model, config, flows)
@@ -70,16 +65,16 @@ class Generator:
     @property
     def tokens(self) -> list[int]:
         """Every token of the sequence: prompts, generated tokens (stop tokens included) and appended ids."""
-        return self._ids[: self._n].tolist()
+        return self._seq.tokens.tolist()
 
     @property
     def done(self) -> bool:
         """True when the current turn has finished (call ``append`` to start another)."""
-        return self._out.done and not self._queue
+        return self._seq.done and not self._queue
 
     @property
     def finish_reason(self) -> str | None:
-        return self._out.turn.finish_reason
+        return self._seq.output.turn.finish_reason
 
     # -- feeding ---------------------------------------------------------------------------------------------
     def append(self, ids: Sequence[int]) -> None:
@@ -101,22 +96,22 @@ class Generator:
             raise ConfigError("ids", list(ids)[:8], f"must be token ids in [0, {vocab})") from None
         if arr.ndim != 1 or (len(arr) and (arr.min() < 0 or arr.max() >= vocab)):
             raise ConfigError("ids", list(ids)[:8], f"must be token ids in [0, {vocab})")
-        need = self._n + len(arr) + self.config.max_new_tokens
+        need = self._seq.n + len(arr) + self.config.max_new_tokens
         if need > self.model.context_length:
             raise ContextOverflowError(
                 need,
                 self.model.context_length,
-                f"{self._n + len(arr)} in the sequence + max_new_tokens {self.config.max_new_tokens}",
+                f"{self._seq.n + len(arr)} in the sequence + max_new_tokens {self.config.max_new_tokens}",
             )
         t0 = time.perf_counter()
-        self._ids[self._n : self._n + len(arr)] = arr
-        self._n += len(arr)
+        seq = self._seq
+        seq.extend(arr)
         self._logits = None if len(arr) else self._logits
         self.usage.prompt_tokens += len(arr)
-        self._out.new_turn()
-        self._chooser.restart([])
+        seq.output.new_turn()
+        seq.chooser.restart([])
         self._queue.clear()
-        self._t_turn = t0
+        seq.turn_start = t0
         self._feed()
         self.usage.prefill_seconds += time.perf_counter() - t0
 
@@ -126,14 +121,14 @@ class Generator:
         When the logits of the last token are not at hand (after a rewind, or an interrupt between a graph run
         and its bookkeeping) the last cached position is recomputed.
         """
-        cache, chunk = self.cache, self.config.prefill_chunk
+        cache, chunk, n = self.cache, self.config.prefill_chunk, self._seq.n
         length = cache.length  # read once per run: a decode step feeds one token per token generated
-        if self._logits is None and self._n and length >= self._n:
-            cache.trim(length - (self._n - 1))
+        if self._logits is None and n and length >= n:
+            cache.trim(length - (n - 1))
             length = cache.length
-        while length < self._n:
-            stop = min(self._n, length + chunk)
-            self._logits = self.model.step_logits(self._ids[None, length:stop], cache)[0]
+        while length < n:
+            stop = min(n, length + chunk)
+            self._logits = self.model.step_logits(self._seq.ids[None, length:stop], cache)[0]
             length = cache.length
 
     # -- generating ------------------------------------------------------------------------------------------
@@ -147,34 +142,28 @@ class Generator:
             raise ConcurrentUseError(_BUSY)
         try:
             if not self._queue:
-                if self._out.done:
+                if self._seq.done:
                     raise StopIteration
                 t0 = time.perf_counter()
                 steps = self._speculate() if self._drafter is not None else None
-                if not steps:
-                    steps = [self._plain()]
-                self.usage.record(len(steps), t0, time.perf_counter(), self._t_turn)
+                if steps:  # a speculative round counts its tokens as one step
+                    self.usage.record(len(steps), t0, time.perf_counter(), self._seq.turn_start)
+                else:
+                    steps = [self._plain(t0)]
                 self._queue.extend(steps)
             return self._queue.popleft()
         finally:
             self._busy.release()
 
-    def _plain(self) -> Step:
-        """One token from the (possibly mixed) logits of the current position."""
+    def _plain(self, start: float) -> Step:
+        """One token from the (possibly mixed) logits of the current position; the step started at ``start``."""
         self._feed()
         if self._logits is None:
             raise ConfigError("ids", [], "append a prompt before generating")
         raw = self._logits
-        routed = self._mixed(raw)
-        t1 = time.perf_counter()
-        token = self._chooser.choose(routed, self._ids[: self._n], self._out.index)
-        self._chooser.accept(token)
-        st = self._out.take(token, raw)
-        self.usage.router_seconds += time.perf_counter() - t1
-        self._ids[self._n] = st.token_id
-        self._n += 1
+        step = self._seq.commit(self._mixed(raw), raw, start)
         self._logits = None
-        return st
+        return step
 
     def _mixed(self, logits: np.ndarray) -> np.ndarray:
         """Level-1 mixing of the second flow, if any, into this position's logits (as much as the gate says)."""
@@ -190,26 +179,26 @@ class Generator:
             stream = self._neg_stream
             assert stream is not None
             before = stream.runs
-            uncond = stream.sync(self._negative + self._out.turn.generated)
+            uncond = stream.sync(self._negative + self._seq.output.turn.generated)
             w = self._guidance if share == 1.0 else 1.0 + (self._guidance - 1.0) * share
             mixed = routing.guidance_mix(logits, uncond, w)
         else:
             assert self._contrast is not None
             stream, alpha, beta = self._contrast
             before = stream.runs
-            mixed = routing.contrast_mix(logits, stream.sync(self._ids[: self._n]), alpha * share, beta)
+            mixed = routing.contrast_mix(logits, stream.sync(self._seq.tokens), alpha * share, beta)
         usage.flow_runs += stream.runs - before
         return mixed
 
     def _speculate(self) -> list[Step] | None:
         """One speculative round: the draft proposes, the target scores all proposals in one pass, rejection
         sampling keeps an exact prefix plus one token. None when there is nothing to propose."""
-        ch, out, cache = self._chooser, self._out, self.cache
-        index = out.index
+        ch, cache = self._seq.chooser, self.cache
+        index = self._seq.index
         k = min(self._k.k, self.config.max_new_tokens - index - 1)
-        if k < 1 or self._n == 0:
+        if k < 1 or self._seq.n == 0:
             return None
-        seq = self._ids[: self._n]
+        seq = self._seq.tokens
         t1 = time.perf_counter()
         assert self._drafter is not None
         proposals, q_rows = routing.propose(self._drafter, seq, k, ch.dense, ch.rng, index, self.model.vocab_size)
@@ -218,14 +207,14 @@ class Generator:
         if not proposals:
             return None
         k = len(proposals)
-        base = self._n
+        base = self._seq.n
         if cache.length == base and self._logits is not None:  # right after append: the first row is at hand
             # a copy: the next run on this cache may reuse the buffer the step's logits are a view of
             rows = [self._logits.copy(), *self.model.forward_last(np.array([proposals]), cache, k)[0]]
         else:
             if cache.length >= base:
                 cache.trim(cache.length - (base - 1))
-            feed = np.concatenate([self._ids[cache.length : base], proposals])
+            feed = np.concatenate([self._seq.ids[cache.length : base], proposals])
             rows = list(self.model.forward_last(feed[None], cache, k + 1)[0])
         hist = np.concatenate([seq, proposals])
         p_rows = [ch.dense(rows[i], hist[: base + i], index + i) for i in range(k + 1)]
@@ -236,12 +225,9 @@ class Generator:
         self.usage.router_seconds += time.perf_counter() - t1
         steps = []
         for i, tok in enumerate([*proposals[:accepted], token]):
-            ch.accept(tok)
-            steps.append(out.take(tok, rows[i]))
-            self._ids[base + i] = tok
+            steps.append(self._seq.take(tok, rows[i]))
             if steps[-1].finish_reason:
                 break
-        self._n = base + len(steps)
         keep = base + min(len(steps), accepted)  # the cache holds the proposals: keep the accepted ones
         cache.trim(cache.length - keep)
         self._logits = None
@@ -259,7 +245,7 @@ class Generator:
 
     def completion(self) -> Completion:
         """The current turn as a :class:`Completion` (what was generated since the last ``append``)."""
-        return self._out.completion(self.usage)
+        return self._seq.completion()
 
     def rewind(self, n: int) -> None:
         """Remove the last ``n`` tokens of the sequence; generation continues from there.
@@ -272,20 +258,21 @@ class Generator:
             self._rewind(n)
 
     def _rewind(self, n: int) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self._n:
-            raise ConfigError("n", n, f"must be an integer in [0, {self._n}]")
+        seq = self._seq
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= seq.n:
+            raise ConfigError("n", n, f"must be an integer in [0, {seq.n}]")
         self._queue.clear()
         if n == 0:
             return
-        self._n -= n
-        if self.cache.length > self._n:
-            self.cache.trim(self.cache.length - self._n)
+        seq.n -= n
+        if self.cache.length > seq.n:
+            self.cache.trim(self.cache.length - seq.n)
         self._logits = None
-        turn = self._out.turn
+        turn = seq.output.turn
         lost = min(n, len(turn.generated))
         kept = turn.generated[: len(turn.generated) - lost]
-        self._out.replay(kept)
-        self._chooser.restart(list(kept))
+        seq.output.replay(kept)
+        seq.chooser.restart(list(kept))
 
 
 _BUSY = (
@@ -310,13 +297,11 @@ class _Exclusive:
         self._lock.release()
 
 
-def _same_tokenizer(a: ModelLike, b: ModelLike) -> bool:
+def _same_tokenizer(a: Graph, b: Graph) -> bool:
     return a.vocab_size == b.vocab_size and a.tokenizer.backend.get_vocab() == b.tokenizer.backend.get_vocab()
 
 
-def _make_drafter(
-    model: ModelLike, flows: Flows
-) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
+def _make_drafter(model: Graph, flows: Flows) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
     ak = routing.AdaptiveK(flows.draft_k, flows.adaptive_k)
     draft = flows.draft
     if draft is None:
@@ -331,7 +316,7 @@ def _make_drafter(
 
 
 def _make_guidance(
-    model: ModelLike, config: GenerationConfig, flows: Flows
+    model: Graph, config: GenerationConfig, flows: Flows
 ) -> tuple[float | None, list[int], routing.Stream | None]:
     scale, negative = flows.guidance, flows.negative_prompt
     if scale is None:
@@ -346,7 +331,7 @@ def _make_guidance(
     return float(scale), ids, routing.Stream(model, config.prefill_chunk)
 
 
-def _make_contrast(model: ModelLike, flows: Flows) -> tuple[routing.Stream, float, float] | None:
+def _make_contrast(model: Graph, flows: Flows) -> tuple[routing.Stream, float, float] | None:
     small = flows.contrast
     if small is None:
         return None
@@ -355,7 +340,7 @@ def _make_contrast(model: ModelLike, flows: Flows) -> tuple[routing.Stream, floa
     return routing.Stream(small), float(flows.contrast_alpha), float(flows.contrast_beta)
 
 
-def generate_batch(model: ModelLike, prompts: list[list[int]], config: GenerationConfig) -> list[Completion]:
+def generate_batch(model: Graph, prompts: list[list[int]], config: GenerationConfig) -> list[Completion]:
     """Generate for several prompts in one graph run per step (left padding, attention masks).
 
     Each row has its own router state and RNG (row i's seed is ``[seed, i]`` when a seed is given); rows that
@@ -372,44 +357,33 @@ def generate_batch(model: ModelLike, prompts: list[list[int]], config: Generatio
         if min(p) < 0 or max(p) >= model.vocab_size:
             raise ConfigError("prompt", p[:8], f"token ids must be in [0, {model.vocab_size})")
     seed = config.sampling.seed
-    choosers = [
-        TokenChooser(model, config, np.random.default_rng(None if seed is None else [seed, i])) for i in range(b)
-    ]
-    outputs = [TurnOutput(model, config) for _ in range(b)]
+    seqs = []
+    for i, prompt in enumerate(prompts):
+        rng = np.random.default_rng(None if seed is None else [seed, i])
+        seq = TokenSequence(model, config, rng, len(prompt) + config.max_new_tokens, Usage(prompt_tokens=len(prompt)))
+        seq.extend(prompt)
+        seqs.append(seq)
     total = width + config.max_new_tokens
-    ids = np.zeros((b, total), dtype=np.int64)
     mask = np.zeros((b, total), dtype=np.int64)
-    ids[:, :width], mask[:, :width] = left_padded(prompts, width)
-    starts = [width - len(p) for p in prompts]  # row i's tokens are ids[i, starts[i]:n]
+    feed, mask[:, :width] = left_padded(prompts, width)
+    feed = feed[:, -1:].copy()  # each row's next token to feed (a finished row feeds its last one again)
     cache = model.new_cache(b)
-    usage = [Usage(prompt_tokens=len(p)) for p in prompts]
     t0 = time.perf_counter()
     n = width
     logits = cache.prefill_rows(model.session, prompts, config.prefill_chunk)
     ts = time.perf_counter()  # a step runs from the end of the last one: its graph run and every row's choice
-    for u in usage:
-        u.prefill_seconds = ts - t0
-    while not all(o.done for o in outputs):
-        active = []
-        for i, out in enumerate(outputs):
-            if out.done:
-                ids[i, n] = ids[i, n - 1]
-                continue
-            t1 = time.perf_counter()
-            token = choosers[i].choose(logits[i], ids[i, starts[i] : n], out.index)
-            choosers[i].accept(token)
-            st = out.take(token, logits[i])
-            usage[i].router_seconds += time.perf_counter() - t1
-            ids[i, n] = st.token_id
-            active.append(usage[i])
-        now = time.perf_counter()
-        for u in active:
-            u.record(1, ts, now, t0)
-        ts = now
+    for seq in seqs:
+        seq.usage.prefill_seconds = ts - t0
+        seq.turn_start = t0
+    while True:
+        for i, seq in enumerate(seqs):
+            if not seq.done:
+                feed[i, 0] = seq.commit(logits[i], start=ts).token_id
+        ts = time.perf_counter()
         mask[:, n] = 1
         n += 1
-        if all(o.done for o in outputs):
+        if all(seq.done for seq in seqs):
             break
         pos = (np.sum(mask[:, :n], axis=1, keepdims=True) - 1).astype(np.int64)
-        logits = model.forward(ids[:, n - 1 : n], cache, mask[:, :n], pos)
-    return [out.completion(u) for out, u in zip(outputs, usage, strict=True)]
+        logits = model.forward(feed, cache, mask[:, :n], pos)
+    return [seq.completion() for seq in seqs]

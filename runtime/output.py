@@ -20,7 +20,7 @@ from .sampling import log_softmax
 from .tokenizer import TextStream
 
 if TYPE_CHECKING:
-    from .protocols import ModelLike
+    from .graph import Graph
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class TurnOutput:
     """Turns the chosen tokens of one sequence into text, stops and logprobs, turn by turn (a turn is what was
     generated since the last ``append``)."""
 
-    def __init__(self, model: ModelLike, config: GenerationConfig) -> None:
+    def __init__(self, model: Graph, config: GenerationConfig) -> None:
         self.model = model
         self.config = config
         self.stop_ids = stop_ids(model, config)
@@ -315,6 +315,6 @@ def _stop_matcher(stops: tuple[str, ...]) -> _StopMatcher:
     return _StopMatcher(stops)
 
 
-def stop_ids(model: ModelLike, config: GenerationConfig) -> frozenset[int]:
+def stop_ids(model: Graph, config: GenerationConfig) -> frozenset[int]:
     """The ids that end a turn: the model's EOS ids and the request's ``stop_token_ids``."""
     return frozenset(model.manifest.eos_token_ids) | frozenset(config.stop_token_ids)

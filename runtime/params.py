@@ -32,7 +32,7 @@ from .constraint import Constraint, Grammar, JsonSchema, Regex
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .protocols import ModelLike
+    from .graph import Graph
 
 GATE_SIGNALS = ("margin", "entropy")  # what the gate reads (routing.gate_signal)
 GUIDANCE_LIMIT = 100.0  # |w| beyond this scales the logit difference past anything useful, towards float32 overflow
@@ -60,12 +60,12 @@ class Flows:
     What needs the target model (a shared tokenizer, a negative prompt that fits) is checked by the Generator.
     """
 
-    draft: ModelLike | str | None = None
+    draft: Graph | str | None = None
     draft_k: int = 4
     adaptive_k: bool = False
     guidance: float | None = None
     negative_prompt: str | Sequence[int] | None = None
-    contrast: ModelLike | None = None
+    contrast: Graph | None = None
     contrast_alpha: float = 0.5
     contrast_beta: float = 0.1
     gate_threshold: float | None = None
@@ -178,7 +178,7 @@ def flows_of(flows: Flows | None, fields: dict[str, Any]) -> Flows:
 def from_params(
     params: Mapping[str, Any],
     defaults: Mapping[str, Any] | None = None,
-    load: Callable[[str], ModelLike] | None = None,
+    load: Callable[[str], Graph] | None = None,
 ) -> tuple[GenerationConfig, Flows]:
     """The configs of one request: ``params`` (plain values; ``None`` means "not given") over ``defaults`` (a
     model's ``manifest.generation_defaults``), then edgeroute's defaults.
@@ -297,7 +297,7 @@ def _logprobs(logprobs: Any, top: Any) -> bool | int | None:
     raise ConfigError("logprobs", logprobs, "must be a bool or an integer in [0, 20]")
 
 
-def _flows(p: dict[str, Any], load: Callable[[str], ModelLike] | None) -> Flows:
+def _flows(p: dict[str, Any], load: Callable[[str], Graph] | None) -> Flows:
     kw = {k: v for k, v in p.items() if k in _FLOWS}
     if kw.get("draft_k") == "auto":
         kw["draft_k"], kw["adaptive_k"] = 4, True

@@ -14,9 +14,8 @@ from .output import Completion, Step
 from .params import Flows
 
 if TYPE_CHECKING:
-    from .choice import TokenChooser
     from .generator import Generator
-    from .output import TurnOutput
+    from .sequence import TokenSequence
 
 
 class Request:
@@ -38,10 +37,9 @@ class Request:
         self._cancel = False
         self._listeners: list[Any] = []
         # what the engine built for it at submission (never on the engine's thread, where a failure could reach
-        # other requests): its own Generator (solo), or its token chooser and text output (batched)
+        # other requests): its own Generator (solo), or its token sequence (batched: ids, chooser, text output, usage)
         self._generator: Generator | None = None
-        self._chooser: TokenChooser | None = None
-        self._output: TurnOutput | None = None
+        self._sequence: TokenSequence | None = None
 
     # -- the engine's side ------------------------------------------------------------------------------------
     def _push(self, step: Step) -> None:
@@ -62,7 +60,7 @@ class Request:
             # what ran it goes now, not when the handle goes: a caller may hold a finished handle long (a cancelled
             # stream's handle sits in a reference cycle until a full collection), and a router holds arrays of the
             # vocabulary's size
-            self._generator = self._chooser = self._output = None
+            self._generator = self._sequence = None
             self._ended.set()
             self._cond.notify_all()
             listeners = list(self._listeners)

@@ -32,7 +32,7 @@ from .kv_cache import common_prefix
 from .sampling import draw, log_softmax
 
 if TYPE_CHECKING:
-    from .protocols import ModelLike
+    from .graph import Graph
 
 
 class Stream:
@@ -42,7 +42,7 @@ class Stream:
     fed (the cache is sliced, nothing recomputed), feeds the rest, and returns the last position's logits.
     """
 
-    def __init__(self, model: ModelLike, chunk: int = 512) -> None:
+    def __init__(self, model: Graph, chunk: int = 512) -> None:
         self.model = model
         self.cache = model.new_cache()
         self.fed = np.zeros(0, dtype=np.int64)

@@ -331,5 +331,5 @@ def test_idle_rows_below_a_decoding_row_do_not_grow(shared: er.Model) -> None:
         short.result(timeout=30)
         done = long.result(timeout=120)
         assert len(done.token_ids) == ctx - 20
-        held = engine._cache.lengths.tolist()
+        held = engine._executor.cache.lengths.tolist()
     assert held[0] <= len(short.prompt) + 3 and held[1] == len(long.prompt) + ctx - 20 - 1, held

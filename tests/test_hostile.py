@@ -204,7 +204,7 @@ def test_submission_is_all_or_nothing_and_a_refused_request_holds_no_place(model
             queued = engine.submit_all([("b", cfg), ("c", cfg)])
             with pytest.raises(er.QueueFullError):
                 engine.submit_all([("d", cfg)])
-            assert len(engine._queue) == 3  # the refused request was never queued
+            assert len(engine._scheduler.queue) == 3  # the refused request was never queued
             with pytest.raises(er.ConfigError, match="requests"):
                 engine.submit_all([("e", cfg)] * 4)  # more than max_batch + max_queue: never
             queued[0].cancel()  # a cancelled request gives its place back at once

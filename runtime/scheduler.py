@@ -1,0 +1,200 @@
+"""The engine's decisions, with no model inside: which request runs in which slot, what is prefilled this
+iteration, which rows the decode step runs. :meth:`Scheduler.schedule` returns a :class:`Plan` (plain data: slots,
+positions, requests) that the executor runs through the batch cache; its rules are tested without any graph
+(``tests/test_scheduler.py``).
+
+The rules (docs/engine.md):
+
+- cancelled requests leave first: a running one frees its slot at once (what its row holds stays for a later
+  prompt), a queued one leaves the queue;
+- admission is in submission order: a request with a second flow (or any request of an engine without a batch
+  cache) runs *solo*, at most ``max_batch`` of them at once; any other takes a free slot: the one whose cached
+  tokens share the longest prefix with its prompt (those positions are reused), else the lowest free one (a decode
+  step runs rows ``0..hi``, so low slots keep it narrow);
+- at most ``prefill_budget`` prompt tokens are prefilled per iteration, in slot order, each request into its own
+  row — never a prompt's last token: it rides the decode step, so a request's first token is always chosen from a
+  decode run's logits, whatever was cached or how the budget chunked the prompt;
+- the decode step runs every request with exactly one token to feed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .kv_cache import common_prefix
+
+if TYPE_CHECKING:
+    from .request import Request
+    from .sequence import TokenSequence
+
+
+@dataclass
+class Slot:
+    """One row of the batch cache: who runs in it, and (recorded when its request ends) the tokens its cache holds,
+    valid up to ``held``, for a later prompt that starts with them."""
+
+    index: int
+    tokens: np.ndarray
+    held: int = 0
+    running: Running | None = None
+
+
+@dataclass
+class Running:
+    """A request in a slot: its sequence (prompt, then generated tokens) and how much of it the row's cache holds."""
+
+    request: Request
+    slot: Slot
+    seq: TokenSequence
+    fed: int  # positions of ``seq.ids`` the slot's cache holds
+    logits: np.ndarray | None = None  # of the last fed position, when the next token is to be chosen
+
+
+@dataclass
+class Chunk:
+    """Prefill ``run.seq.ids[start:stop]`` into ``run``'s row."""
+
+    run: Running
+    start: int
+    stop: int
+
+
+@dataclass
+class Plan:
+    """One iteration's work: what ended, what starts, what is prefilled, what the decode step runs."""
+
+    cancelled: list[Running] = field(default_factory=list)  # rows freed (their requests end as cancelled)
+    cancelled_solo: list[Request] = field(default_factory=list)
+    cancelled_queued: list[Request] = field(default_factory=list)
+    started: list[tuple[Running, int]] = field(default_factory=list)  # admitted rows and the prompt tokens reused
+    started_solo: list[Request] = field(default_factory=list)
+    prefill: list[Chunk] = field(default_factory=list)
+    decode: list[Running] = field(default_factory=list)  # rows with one token to feed, in slot order
+    solo: list[Request] = field(default_factory=list)  # solo requests to step (after the batch)
+
+
+class Scheduler:
+    """The slots, the queue and the rules of the module docstring. Not thread-safe: the engine calls it under its
+    lock. ``batched=False`` (a graph without a shared KV buffer) has no slots: every request runs solo."""
+
+    def __init__(
+        self, max_batch: int, max_queue: int, prefill_budget: int, prefix_reuse: bool, context: int, batched: bool
+    ) -> None:
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_budget = prefill_budget
+        self.prefix_reuse = prefix_reuse
+        self.slots = [Slot(i, np.zeros(context, np.int64)) for i in range(max_batch)] if batched else []
+        self.batched = batched
+        self.queue: deque[Request] = deque()
+        self.solo: list[Request] = []
+
+    # -- what the engine asks ---------------------------------------------------------------------------------
+    def running(self) -> list[Running]:
+        return [s.running for s in self.slots if s.running is not None]
+
+    def busy(self) -> bool:
+        return bool(self.solo) or any(s.running is not None for s in self.slots)
+
+    def free(self) -> int:
+        """Requests the next admission can start at once: free slots (batched), or room for solo requests."""
+        if self.batched:
+            return sum(1 for s in self.slots if s.running is None)
+        return self.max_batch - len(self.solo)
+
+    def room(self, n: int) -> int | None:
+        """``None`` when ``n`` more requests fit in the queue after the next admission, else the number waiting."""
+        waiting = sum(1 for r in self.queue if not r.cancelled) - self.free()
+        return None if waiting + n <= self.max_queue else max(waiting, 0)
+
+    def enqueue(self, requests: Iterable[Request]) -> None:
+        self.queue.extend(requests)
+
+    # -- one iteration ----------------------------------------------------------------------------------------
+    def schedule(self) -> Plan:
+        plan = Plan()
+        self._drop_cancelled(plan)
+        self._admit(plan)
+        self._plan_prefill(plan)
+        plan.decode = [r for r in self.running() if r.seq.n - r.fed == 1]
+        plan.solo = list(self.solo)
+        return plan
+
+    def _drop_cancelled(self, plan: Plan) -> None:
+        for run in self.running():
+            if run.request.cancelled:
+                self.release(run, failed=False)
+                plan.cancelled.append(run)
+        for request in [r for r in self.solo if r.cancelled]:
+            self.solo.remove(request)
+            plan.cancelled_solo.append(request)
+        for request in [r for r in self.queue if r.cancelled]:
+            self.queue.remove(request)
+            plan.cancelled_queued.append(request)
+
+    def _admit(self, plan: Plan) -> None:
+        while self.queue:
+            request = self.queue[0]
+            if request._sequence is None:  # a solo request (it brought its own Generator)
+                if len(self.solo) >= self.max_batch:
+                    return
+                self.queue.popleft()
+                self.solo.append(request)
+                plan.started_solo.append(request)
+                continue
+            slot = self._free_slot(request.prompt)
+            if slot is None:
+                return
+            self.queue.popleft()
+            plan.started.append(self._start(request, request._sequence, slot))
+
+    def _free_slot(self, prompt: list[int]) -> Slot | None:
+        free = [s for s in self.slots if s.running is None]
+        if not free:
+            return None
+        if self.prefix_reuse:
+            shared, best = max((common_prefix(s.tokens[: s.held], prompt), -s.index) for s in free)
+            if shared > 0:
+                return self.slots[-best]
+        # else the lowest free slot: each row a decode step runs costs more than keeping a cache for a prompt that
+        # may never come back would save (bench/README.md, "Engine")
+        return free[0]
+
+    def _start(self, request: Request, seq: TokenSequence, slot: Slot) -> tuple[Running, int]:
+        prompt = request.prompt
+        reuse = common_prefix(slot.tokens[: slot.held], prompt) if self.prefix_reuse else 0
+        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
+        run = Running(request, slot, seq, reuse)
+        slot.running = run
+        return run, reuse
+
+    def _plan_prefill(self, plan: Plan) -> None:
+        budget = self.prefill_budget
+        for slot in self.slots:
+            run = slot.running
+            if budget <= 0:
+                return
+            if run is None or run.seq.n - run.fed <= 1:
+                continue  # all fed, or only the prompt's last token left: the decode step feeds it
+            take = min(budget, run.seq.n - run.fed - 1)  # never the last token
+            plan.prefill.append(Chunk(run, run.fed, run.fed + take))
+            run.fed += take
+            budget -= take
+
+    # -- ending -----------------------------------------------------------------------------------------------
+    def release(self, run: Running, failed: bool) -> int:
+        """Free ``run``'s slot; returns what the row holds from now on (a failed run's row is not trusted: 0)."""
+        slot = run.slot
+        if slot.running is run:
+            slot.running = None
+        if failed:
+            slot.held = 0
+        else:
+            slot.held = run.fed  # what the row holds stays there for a later prompt that starts with it
+            slot.tokens[: run.fed] = run.seq.ids[: run.fed]
+        return slot.held
