@@ -23,7 +23,8 @@ from pathlib import Path
 import edgeroute as er
 import numpy as np
 from _common import DEFAULT_MODEL, need_model
-from edgeroute import evaluation, routing
+from edgeroute import routing
+from edgeroute.eval import PROMPTS
 from edgeroute.sampling import softmax
 
 
@@ -110,7 +111,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
     model = er.Model.load(need_model(args.model))
-    texts = [p for _, p in evaluation.PROMPTS][: args.prompts]
+    texts = [p for _, p in PROMPTS][: args.prompts]
     prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     print(f"{model!r} on {platform.processor() or platform.machine()}")
     signals(model, prompts, args.tokens, args.weight)

@@ -107,7 +107,7 @@ def eval_cmd(
     **flags: Any,
 ) -> None:
     """Measure how router settings trade diversity for quality on MODEL (an exported folder)."""
-    from edgeroute import evaluation as ev
+    from edgeroute import eval as ev
 
     specs = list(sweeps) + (ev.read_sweep_file(sweep_file) if sweep_file else [])
     settings = ev.parse_sweeps(specs or [DEFAULT_SWEEP])
@@ -149,7 +149,7 @@ def eval_cmd(
     if out:
         written = report.write(out)
         if not no_plots:
-            from edgeroute.evalplots import write_plots
+            from edgeroute.eval import write_plots
 
             written += write_plots(data, out)
         for path in written:

@@ -12,7 +12,7 @@ import edgeroute as er
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from edgeroute import evaluation as ev
+from edgeroute import eval as ev
 from edgeroute.cli import cli
 from edgeroute.sampling import log_softmax
 

@@ -1,5 +1,6 @@
-"""The runtime's modules import one another without a cycle: every import counts (top-level, inside functions and
-under ``TYPE_CHECKING``), read from the source with ``ast``."""
+"""The runtime's modules import one another without a cycle, and none imports a subpackage of its own folder (export,
+cli, serve, eval): every import counts (top-level, inside functions and under ``TYPE_CHECKING``), read from the
+source with ``ast``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def imports_of(path: Path) -> set[str]:
             if node.level == 1 and node.module:
                 found.add(node.module.split(".")[0])
             elif node.level == 1:  # from . import x
+                found.update(a.name for a in node.names)
+            elif node.level == 0 and node.module == "edgeroute":  # from edgeroute import x
                 found.update(a.name for a in node.names)
             elif node.module and node.module.startswith("edgeroute."):
                 found.add(node.module.split(".")[1])
@@ -49,9 +52,17 @@ def test_no_import_cycle_between_runtime_modules() -> None:
     assert graph["generator"] and "model" not in graph["generator"]  # the reader saw the imports
 
 
+def test_the_runtime_imports_no_subpackage() -> None:
+    """The core package stands alone: edgeroute.export, .cli, .serve and .eval (folders of their own, with their
+    extras) import the runtime, never the other way."""
+    subpackages = {"export", "cli", "serve", "eval"}
+    found = {p.name: imports_of(p) & subpackages for p in sorted(RUNTIME.glob("*.py"))}
+    assert {name: sorted(subs) for name, subs in found.items() if subs} == {}
+
+
 def test_the_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
     src = "from .a import x\nfrom . import b\nimport edgeroute.c\nif TYPE_CHECKING:\n    from .d import y\n"
-    src += "def f():\n    from edgeroute.e import z\n"
+    src += "def f():\n    from edgeroute.e import z\n    from edgeroute import f\n"
     probe = tmp_path / "probe.py"
     probe.write_text(src)
-    assert imports_of(probe) == {"a", "b", "c", "d", "e"}
+    assert imports_of(probe) == {"a", "b", "c", "d", "e", "f"}

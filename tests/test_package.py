@@ -26,7 +26,20 @@ import json, sys
 import edgeroute
 m = edgeroute.Model.load({str(tiny_dir)!r})
 m.generate("Hello", edgeroute.GenerationConfig(max_new_tokens=3))
-print(json.dumps(sorted(k for k in ("torch", "transformers", "optimum", "click", "llguidance") if k in sys.modules)))
+heavy = ("torch", "transformers", "optimum", "click", "llguidance", "edgeroute.eval", "sacrebleu", "matplotlib")
+print(json.dumps(sorted(k for k in heavy if k in sys.modules)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_eval_imports_its_extra_only_when_used() -> None:
+    """edgeroute.eval imports without the eval extra's libraries (sacrebleu, jsonschema, matplotlib): the command
+    checks for them (require) and names the install line before any is imported."""
+    code = """
+import json, sys
+import edgeroute.eval
+print(json.dumps(sorted(k for k in ("sacrebleu", "jsonschema", "matplotlib") if k in sys.modules)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

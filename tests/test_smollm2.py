@@ -84,7 +84,9 @@ def test_eval_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
     # guidance gated off is plain sampling: each sample equals the model's own at its seed (both run alone on a
     # Generator; the plain setting runs batched in the engine, whose rows may round differently)
     model = er.Model.load(smollm2_dir)
-    prompts = [p for _, p in __import__("edgeroute.evaluation", fromlist=["PROMPTS"]).PROMPTS[:2]]
+    from edgeroute.eval import PROMPTS
+
+    prompts = [p for _, p in PROMPTS[:2]]
     for i, text in enumerate(prompts):
         ids = model.tokenizer.apply_chat_template([{"role": "user", "content": text}])
         for j in range(3):

@@ -1,4 +1,4 @@
-"""The package ships ``py.typed``: mypy must find no error in it (runtime, export, cli and serve), as installed."""
+"""The package ships ``py.typed``: mypy finds no error in it (runtime, export, cli, serve and eval), as installed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ LAYOUT = {  # pyproject's package-dir
     "export": "edgeroute/export",
     "cli": "edgeroute/cli",
     "serve": "edgeroute/serve",
+    "eval": "edgeroute/eval",
 }
 
 

@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtraError
-from .evaluation import INSTALL_HINT
+from edgeroute.errors import MissingExtraError
+
+from .extra import INSTALL_HINT
 
 
 def _pyplot() -> Any:
