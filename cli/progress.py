@@ -157,7 +157,7 @@ class Steps:
                 self._bar.update(n)
                 return
             now = time.perf_counter()
-            if now - self._said >= PLAIN_EVERY:
+            if now - self._said >= PLAIN_EVERY and self._n != self._total:  # the last: the done line says it
                 self._said = now
                 self._line(f"{self._label}: {self._count()}, {now - self._t0:.0f} s")
 
