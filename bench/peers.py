@@ -351,18 +351,23 @@ def main() -> None:
             notes.append(f"{name}: skipped, {spec['path']} is missing (python bench/peers.py --prepare)")
             continue
         runnable[name] = python
+    from edgeroute.cli.progress import Steps  # here: a worker may run in another environment's python
+
     rounds: list[dict[str, dict[str, Any]]] = []
-    for i in range(args.rounds):
-        got: dict[str, dict[str, Any]] = {}
-        for name, python in runnable.items():
-            cmd = [python, __file__, "--worker", name, "--tokens", str(args.tokens), "--runs", str(args.runs)]
-            proc = subprocess.run([*cmd, "--ids", json.dumps(ids)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                notes.append(f"{name}: failed in round {i + 1}: {tail}")
-                continue
-            got[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        rounds.append(got)
+    with Steps("peers") as steps:  # on stderr: a bar on a terminal, plain lines otherwise
+        steps.start(f"{args.rounds} rounds of {len(runnable)} systems", total=args.rounds * len(runnable), unit="runs")
+        for i in range(args.rounds):
+            got: dict[str, dict[str, Any]] = {}
+            for name, python in runnable.items():
+                cmd = [python, __file__, "--worker", name, "--tokens", str(args.tokens), "--runs", str(args.runs)]
+                proc = subprocess.run([*cmd, "--ids", json.dumps(ids)], capture_output=True, text=True)
+                steps.advance()
+                if proc.returncode != 0:
+                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    notes.append(f"{name}: failed in round {i + 1}: {tail}")
+                    continue
+                got[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            rounds.append(got)
     results = _combine(rounds)
     ref = results.get("transformers, PyTorch fp32", {}).get("token_ids")
     for name, r in results.items():

@@ -6,12 +6,14 @@ import json
 import resource
 import statistics
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 import edgeroute as er
 
 from .options import build_config, load_model, model_options, sampling_options, verbose_option
+from .progress import Steps
 
 BENCH_PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -33,8 +35,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
 
 
-def run_bench(model: er.Model, config: er.GenerationConfig, ids: list[int], runs: int, warmup: int) -> dict[str, Any]:
-    """Median figures over ``runs`` generations of exactly ``config.max_new_tokens`` tokens."""
+def run_bench(
+    model: er.Model,
+    config: er.GenerationConfig,
+    ids: list[int],
+    runs: int,
+    warmup: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Median figures over ``runs`` generations of exactly ``config.max_new_tokens`` tokens; ``progress(1)`` after
+    each generation (warm-up included)."""
     rows = []
     tokens: list[int] = []
     for i in range(warmup + runs):
@@ -52,6 +62,8 @@ def run_bench(model: er.Model, config: er.GenerationConfig, ids: list[int], runs
                 }
             )
         tokens = comp.token_ids
+        if progress is not None:
+            progress(1)
     med = {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
     return {
         **med,
@@ -108,14 +120,17 @@ def bench(
         ids = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     else:
         ids = model.tokenizer.encode(prompt)
-    result = run_bench(model, config, ids, runs, warmup)
+    with Steps("bench") as steps:
+        steps.start(f"generating {new_tokens} tokens", total=warmup + runs, unit="runs")
+        result = run_bench(model, config, ids, runs, warmup, steps.advance)
+        if quality:
+            from edgeroute.quality import measure
+
+            steps.start("measuring the quality text")
+            result["quality"] = measure(model, (model.manifest.provenance.get("validation") or {}).get("quality"))
     result["provider"] = provider
     result["precision"] = model.manifest.precision
     result["quantization"] = model.manifest.quantization.get("method", "none")
-    if quality:
-        from edgeroute.quality import measure
-
-        result["quality"] = measure(model, (model.manifest.provenance.get("validation") or {}).get("quality"))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from typing import Any
 
 import click
 import edgeroute as er
 
 from .options import constraint_options, constraint_params, load_model, model_options, verbose_option
+from .progress import Steps
 
 DEFAULT_SWEEP = "temperature=0.7,1.0,1.3"
 COLUMNS = (
@@ -129,7 +129,8 @@ def eval_cmd(
     ev.setting_configs(settings, base_params, max_new_tokens, load)  # every setting checked before the long work
 
     total = len(settings) * len(prompts) * samples
-    with click.progressbar(length=total, label=f"eval: {len(settings)} settings", file=sys.stderr) as bar:
+    with Steps("eval") as steps:
+        steps.start(f"measuring {len(settings)} settings", total=total, unit="samples")
         report = ev.evaluate(
             model,
             settings,
@@ -142,7 +143,7 @@ def eval_cmd(
             chat=chat,
             base=base_params,
             load=load,
-            progress=bar.update,
+            progress=steps.advance,
             max_batch=batch,
         )
     data = report.as_dict()

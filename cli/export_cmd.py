@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
+from pathlib import Path
 
 import click
 from edgeroute.export.core import BACKENDS, BLOCK_SIZES, DEVICES, DTYPES, HEADS, QUANTIZE
 
 from .options import verbose_option
+from .progress import Steps
 
 
-def _progress_printer() -> Callable[[str, str, float], None] | None:
-    """One line per stage with its elapsed time, on a terminal only."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(stage: str, event: str, seconds: float) -> None:
-        if event == "start":
-            click.echo(f"  {stage} ...", err=True, nl=False)
-        else:
-            click.echo(f"\r  {stage} done in {seconds:.1f}s", err=True)
-
-    return show
+def step_labels(source: str, quantize: str) -> dict[str, str]:
+    """What each step of the export (``edgeroute.export.steps``) is called on stderr."""
+    return {
+        "load": f"loading {Path(source).name or source}",
+        "export": "building the graph",
+        "post-process": "post-processing optimum's graph",
+        "calibrate": "calibrating",
+        "quantise": f"quantising {quantize}",
+        "fp16": "casting to fp16",
+        "cuda check": "checking the graph on CUDA",
+        "validate": "validating against PyTorch",
+    }
 
 
 QUALITY_WARN_PCT = 10.0  # a quantised export whose perplexity rises more than this is flagged
@@ -140,24 +140,26 @@ def export(
 ) -> None:
     """Export SOURCE (checkpoint folder, LoRA adapter folder or .gguf file) to the model folder OUT_DIR."""
     from edgeroute.export import export_model
+    from edgeroute.export.steps import UNITS
 
-    path = export_model(
-        source,
-        out_dir,
-        dtype=dtype,
-        quantize=quantize,
-        device=device,
-        validate=not no_validate,
-        force=force,
-        base=base,
-        context_length=context_length,
-        block_size=int(block_size),
-        backend=backend,
-        calibrate=not no_calibration,
-        tokenizer=tokenizer,
-        progress=_progress_printer(),
-        head=head,
-    )
+    with Steps("export") as steps:
+        path = export_model(
+            source,
+            out_dir,
+            dtype=dtype,
+            quantize=quantize,
+            device=device,
+            validate=not no_validate,
+            force=force,
+            base=base,
+            context_length=context_length,
+            block_size=int(block_size),
+            backend=backend,
+            calibrate=not no_calibration,
+            tokenizer=tokenizer,
+            progress=steps.callback(step_labels(source, quantize), UNITS),
+            head=head,
+        )
     manifest = json.loads((path / "edgeroute.json").read_text())
     v = manifest["provenance"].get("validation")
     click.echo(

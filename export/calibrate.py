@@ -18,6 +18,8 @@ import numpy as np
 from edgeroute.contract import GraphContract
 from edgeroute.errors import ExportError, ModelLoadError
 
+from .steps import NO_STEP, Step
+
 CHUNK = 256  # tokens per graph run (each run starts from an empty cache)
 SMOOTH = 0.1  # importance = mean(x^2) + SMOOTH * its mean over channels: no channel is ignored outright
 # ~1,000 tokens (SmolLM2): instructions, answers, lists, code, numbers and narrative, as an assistant sees them.
@@ -82,12 +84,17 @@ CALIBRATION_TEXT = (
 
 
 def importance(
-    graph_path: Path, activations: list[str], ids: list[int], context: int, contract: GraphContract
+    graph_path: Path,
+    activations: list[str],
+    ids: list[int],
+    context: int,
+    contract: GraphContract,
+    step: Step = NO_STEP,
 ) -> dict[str, np.ndarray]:
     """``{activation name: importance [channels]}`` for the named graph tensors (each weight MatMul's input), over
     ``ids`` in chunks of at most ``CHUNK`` tokens and ``context`` positions. ``graph_path`` stays as it is: a
     small copy of its proto with the activations as extra outputs reads the same external weights file; its inputs are
-    built from ``contract``."""
+    built from ``contract``. ``step`` counts the chunks."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -107,13 +114,16 @@ def importance(
         chunk = max(2, min(CHUNK, context))
         sums: dict[str, np.ndarray] = {}
         rows = 0
-        for start in range(0, len(ids) - 1, chunk):
+        starts = range(0, len(ids) - 1, chunk)
+        step.total(len(starts))
+        for start in starts:
             piece = ids[start : start + chunk]
             outs = sess.run(activations, _feed(contract, piece))
             for name, a in zip(activations, outs, strict=True):
                 a = a.reshape(-1, a.shape[-1]).astype(np.float64)
                 sums[name] = sums.get(name, 0.0) + (a * a).sum(axis=0)
             rows += len(piece)
+            step.advance()
     finally:
         probe.unlink(missing_ok=True)
     if not rows:

@@ -15,14 +15,15 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from edgeroute.contract import GraphContract
 from edgeroute.errors import ConfigError, ExportError, first_line
 from edgeroute.manifest import MANIFEST_NAME
+
+from .steps import Progress, Stages
 
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
@@ -31,7 +32,6 @@ DEVICES = ("cpu", "cuda")
 BACKENDS = ("auto", "fused", "optimum")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 TMP_PREFIX = ".edgeroute-export-"
-Progress = Callable[[str, str, float], None]  # (stage, "start" | "done", elapsed seconds)
 
 
 def _require_stack() -> None:
@@ -45,22 +45,6 @@ def _require_stack() -> None:
         raise ExportError(
             f"the export needs {', '.join(missing)}, which is not installed: pip install 'edgeroute[export]'"
         )
-
-
-class _Stages:
-    def __init__(self, progress: Progress | None) -> None:
-        self.progress = progress
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        if self.progress:
-            self.progress(name, "start", 0.0)
-        yield
-        self.times[name] = round(time.perf_counter() - t0, 3)
-        if self.progress:
-            self.progress(name, "done", self.times[name])
 
 
 @contextlib.contextmanager
@@ -140,7 +124,10 @@ def export_model(
             over edgeroute's built-in calibration text (``export/calibrate.py``); False quantises unweighted.
         tokenizer: a folder with the original checkpoint's ``tokenizer.json`` (and chat template) to ship instead
             of the source's own (a GGUF's tokenizer is rebuilt from its metadata as llama.cpp reads it).
-        progress: called as ``progress(stage, "start"|"done", seconds)`` for each stage.
+        progress: called as ``progress(step, event, value)`` as the export goes: each step's ``"start"``, its
+            ``"total"`` units of work where it knows them (GGUF tensors read, layers built, calibration chunks,
+            weights quantised, texts validated), ``"advance"`` as they finish, and ``"done"`` with its seconds
+            (``edgeroute.export.steps``).
         head: ``int8`` keeps the LM head (and a tied embedding, which reads the head's weights) at 8 bits in an int4
             export, as llama.cpp's Q4_K_M keeps its token embedding at Q8_0: for models whose large vocabulary
             makes the head a big share of the weights (Gemma 3); default (None or ``quantize``): as the layers.
@@ -191,7 +178,7 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-{os.getpid()}-", dir=out.parent))
-    stages = _Stages(progress)
+    stages = Stages(progress)
     try:
         with _terminate_as_interrupt():
             options = (dtype, quantize, validate, context_length, block_size, backend, calibrate, head)
@@ -246,13 +233,13 @@ def _build(
     companions: tuple[Any, Any],
     device: str,
     options: tuple[str, str, bool, int | None, int, str, bool, str | None],
-    stages: _Stages,
+    stages: Stages,
 ) -> None:
     from . import fused, graph, manifest_writer, sources
 
     dtype, quantize, validate, context_length, block_size, backend, calibrate, head = options
-    with stages("load"):
-        src = sources.load_source(source, companions[0], device, tokenizer=companions[1])
+    with stages("load") as step:
+        src = sources.load_source(source, companions[0], device, tokenizer=companions[1], step=step)
     why_not = fused.unsupported_reason(src.model)
     if backend == "fused" and why_not:
         raise ExportError(f"the fused backend does not support {why_not}; use --backend optimum")
@@ -268,25 +255,25 @@ def _build(
     quantized = final if not cast else tmp / "quantised.onnx"  # a quantised fp16 graph: quantise, then cast
     ctx = manifest_writer.context_of(src.model.config, context_length)
     if use_fused:
-        with stages("export"):
-            contract = fused.build_fused(src.model, target, ctx)
+        with stages("export") as step:
+            contract = fused.build_fused(src.model, target, ctx, step)
     else:
         contract = _optimum_export(tmp, src, device, dtype, target, stages)
     quant: dict[str, Any] = {"method": "none"}
-    if quantize != "none":
-        with stages("quantise"):
-            fp32 = tmp / "fp32.onnx"
-            calibration = None
-            if quantize == "int4" and calibrate:
-                from .calibrate import CALIBRATION_TEXT
+    if quantize != "none":  # steps "calibrate" (int4) and "quantise"
+        fp32 = tmp / "fp32.onnx"
+        calibration = None
+        if quantize == "int4" and calibrate:
+            from .calibrate import CALIBRATION_TEXT
 
-                calibration = (list(src.tokenizer.encode(CALIBRATION_TEXT)), ctx, contract)
-            bits = 8 if quantize == "int8" else 4
-            head_bits = 8 if head == "int8" else bits
-            quant = graph.quantize_weights(
-                fp32, quantized, bits=bits, block_size=block_size, calibration=calibration, head_bits=head_bits
-            )
-            _drop(tmp)
+            calibration = (list(src.tokenizer.encode(CALIBRATION_TEXT)), ctx, contract)
+        bits = 8 if quantize == "int8" else 4
+        head_bits = 8 if head == "int8" else bits
+        quant = graph.quantize_weights(
+            fp32, quantized, bits=bits, block_size=block_size, calibration=calibration, head_bits=head_bits,
+            stages=stages,
+        )  # fmt: skip
+        _drop(tmp)
     if cast:  # the fused graph cast: weights (quantisation scales too), activations and KV fp16, logits float32
         with stages("fp16"):
             source_graph = target if quantize == "none" else quantized
@@ -299,10 +286,10 @@ def _build(
     backend_name = "fused" if use_fused else "optimum"
     manifest_writer.write(tmp, src, contract, backend_name, dtype, quant, context_length, stages.times)
     if validate:
-        with stages("validate"):
+        with stages("validate") as step:
             from .validate import validate as run_validation
 
-            report = run_validation(tmp, src.model, dtype, quantize != "none")
+            report = run_validation(tmp, src.model, dtype, quantize != "none", step=step)
         manifest_writer.add_validation(tmp, report, stages.times)
 
 
@@ -325,7 +312,7 @@ def _drop(tmp: Path, name: str = "fp32.onnx") -> None:
             f.unlink()
 
 
-def _optimum_export(tmp: Path, src: Any, device: str, dtype: str, target: Path, stages: _Stages) -> GraphContract:
+def _optimum_export(tmp: Path, src: Any, device: str, dtype: str, target: Path, stages: Stages) -> GraphContract:
     """optimum's export, post-processed: last-positions logits, fp16 if asked; returns the graph's contract."""
     import warnings
 

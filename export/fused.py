@@ -38,6 +38,8 @@ import numpy as np
 from edgeroute.contract import DEFAULT_OUTPUTS, SHARED_GRAPH_INPUTS, GraphContract, Name
 from edgeroute.errors import ExportError
 
+from .steps import NO_STEP, Step
+
 FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text", "smollm3")
 _STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")  # the tanh approximation, as FastGelu computes it
@@ -183,8 +185,9 @@ class _Builder:
         return out
 
 
-def build_fused(model: Any, path: Path, max_positions: int) -> GraphContract:
-    """Write the fused graph of ``model`` (fp32) to ``path``; return its contract for the manifest."""
+def build_fused(model: Any, path: Path, max_positions: int, step: Step = NO_STEP) -> GraphContract:
+    """Write the fused graph of ``model`` (fp32) to ``path``; return its contract for the manifest. ``step`` counts
+    the layers built."""
     from onnx import TensorProto, helper
 
     from . import graph as graph_io
@@ -231,6 +234,7 @@ def build_fused(model: Any, path: Path, max_positions: int) -> GraphContract:
         helper.make_tensor_value_info(keep, TensorProto.INT64, [1]),
     ]
     outs = []
+    step.total(n_layers)
 
     def weight(w: Any, name: str) -> str:
         return bld.const(f"{name}.weight", _np(w) + np.float32(fam.norm_offset))
@@ -299,6 +303,7 @@ def build_fused(model: Any, path: Path, max_positions: int) -> GraphContract:
         pending = bld.linear(f"{p}.mlp/prod", *_linear(layer.mlp.down_proj), f"{p}.mlp.down_proj")
         if fam.post_norms:
             pending = plain_norm(pending, layer.post_feedforward_layernorm.weight, f"{p}.post_feedforward_layernorm")
+        step.advance()
     # the LM head sees only the last logits_to_keep positions: slice before the final norm
     bld.const("keep.end", np.array([2**62], dtype=np.int64))
     bld.const("keep.axis", np.array([1], dtype=np.int64))

@@ -3,6 +3,7 @@ graph's contract (names, KV geometry) for the manifest. Needs ``onnx`` (and onnx
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import numpy as np
 from edgeroute.contract import DEFAULT_INPUTS, GraphContract, Name
 from edgeroute.errors import ExportError
+
+from .steps import NO_STEP, Stages, Step
 
 KEEP_INPUT = Name.LOGITS_TO_KEEP  # the graph name edgeroute gives it, as its logical name
 DATA_SUFFIX = ".data"
@@ -123,6 +126,7 @@ def quantize_weights(
     accuracy_level: int = 4,
     calibration: tuple[list[int], int, GraphContract] | None = None,
     head_bits: int | None = None,
+    stages: Stages | None = None,
 ) -> dict[str, Any]:
     """Block-wise weight quantisation of every MatMul with a constant weight (LM head included) to
     onnxruntime's MatMulNBits, activations quantised to int8 per block at run time (accuracy level 4).
@@ -136,33 +140,43 @@ def quantize_weights(
     8-bit scheme first, then every other MatMul with 4 bits (Gemma 3 270M: +17% perplexity instead of +21%).
     Why not onnxruntime's ``quantize_dynamic`` for int8: its per-tensor activation scales meet SmolLM2's
     activation outliers (MLP down_proj inputs) and measured 57% top-1 agreement / +67% perplexity.
+    ``stages`` reports the steps (``edgeroute.export.steps``): ``calibrate`` (with calibration: reading the graph
+    and its calibration chunks) and ``quantise`` (the weights quantised, the graph written).
     """
-    model = fold_constant_transposes(load(src))
-    tied = _tied_embeddings(model)
+    stages = stages or Stages()
+    calibrating = bits == 4 and calibration is not None
     calibrated = None
     head_bits = head_bits or bits
-    if head_bits != bits:  # the LM head (and a tied embedding, which reads its weights) at its own precision first
-        head = _lm_head(model)
-        if head is None:
-            raise ExportError("the graph has no MatMul LM head whose precision --head could set")
-        model = _quantize_int8(model, block_size, accuracy_level, [head.name])
-    if bits == 4:
+    with contextlib.ExitStack() as stack:  # reading the graph belongs to the first step: calibrate or quantise
+        step = stack.enter_context(stages("calibrate" if calibrating else "quantise"))
+        model = fold_constant_transposes(load(src))
+        tied = _tied_embeddings(model)
+        if head_bits != bits:  # the LM head (and a tied embedding, which reads its weights) at its precision first
+            head = _lm_head(model)
+            if head is None:
+                raise ExportError("the graph has no MatMul LM head whose precision --head could set")
+            model = _quantize_int8(model, block_size, accuracy_level, [head.name])
         weights = None
-        if calibration is not None:
+        if calibrating and calibration is not None:
             from . import calibrate
 
             ids, context, contract = calibration
             names = sorted({node.input[0] for node, _ in _weight_matmuls(model)})
-            weights = calibrate.importance(src, names, ids, context, contract)
+            weights = calibrate.importance(src, names, ids, context, contract, step)
             calibrated = {"tokens": len(ids), "text": "edgeroute built-in"}
-        _quantize_int4(model, block_size, accuracy_level, weights)
-        weighted = " weighted by calibration activations" if weights is not None else ""
-        scheme = f"MatMulNBits (weight-only, asymmetric, searched scales{weighted}, int8 activations)"
-    else:
-        model = _quantize_int8(model, block_size, accuracy_level)
-        scheme = "MatMulNBits (weight-only, symmetric RTN, int8 activations)"
-    shared = _share_quantized_embeddings(model, tied, head_bits, block_size)
-    save(model, dst)
+            stack.close()  # calibrated: the quantise step starts
+            step = stack.enter_context(stages("quantise"))
+        if bits == 4:
+            _quantize_int4(model, block_size, accuracy_level, weights, step)
+            weighted = " weighted by calibration activations" if weights is not None else ""
+            scheme = f"MatMulNBits (weight-only, asymmetric, searched scales{weighted}, int8 activations)"
+        else:
+            step.total(len(_weight_matmuls(model)))  # onnxruntime's quantiser does them all in one call
+            model = _quantize_int8(model, block_size, accuracy_level)
+            step.advance(sum(1 for node in model.graph.node if node.op_type == "MatMulNBits"))
+            scheme = "MatMulNBits (weight-only, symmetric RTN, int8 activations)"
+        shared = _share_quantized_embeddings(model, tied, head_bits, block_size)
+        save(model, dst)
     n = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
     return {
         "method": f"int{bits}",
@@ -208,16 +222,22 @@ def _lm_head(model: Any) -> Any:
 
 
 def _quantize_int4(
-    model: Any, block_size: int, accuracy_level: int, importance: dict[str, np.ndarray] | None = None
+    model: Any,
+    block_size: int,
+    accuracy_level: int,
+    importance: dict[str, np.ndarray] | None = None,
+    step: Step = NO_STEP,
 ) -> None:
     """Replace every MatMul with a constant 2-D weight by a 4-bit MatMulNBits (``quant4`` layout), in place;
-    ``importance`` maps a MatMul's input tensor to its per-channel error weights."""
+    ``importance`` maps a MatMul's input tensor to its per-channel error weights; ``step`` counts the weights."""
     from onnx import helper, numpy_helper
 
     from . import quant4
 
     g = model.graph
-    for node, init in _weight_matmuls(model):
+    matmuls = _weight_matmuls(model)
+    step.total(len(matmuls))
+    for node, init in matmuls:
         w = numpy_helper.to_array(init)
         k, n = w.shape
         h = None if importance is None else importance[node.input[0]]
@@ -237,6 +257,7 @@ def _quantize_int4(
         g.node.remove(node)
         if not any(name in other.input for other in g.node):
             g.initializer.remove(init)
+        step.advance()
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 

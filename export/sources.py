@@ -6,13 +6,17 @@ clear error instead of a download.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeroute.errors import ExportError, first_line
+
+from .steps import NO_STEP, Step
 
 # Families tested end to end with tiny checkpoints (tests/test_export.py, tests/test_families.py) and SmolLM2.
 TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text", "smollm3", "gpt2")
@@ -129,19 +133,23 @@ def _load_checkpoint(path: Path, device: str) -> tuple[Any, Any, str]:
 
 
 def load_source(
-    source: str | Path, base: str | Path | None = None, device: str = "cpu", tokenizer: str | Path | None = None
+    source: str | Path,
+    base: str | Path | None = None,
+    device: str = "cpu",
+    tokenizer: str | Path | None = None,
+    step: Step = NO_STEP,
 ) -> Source:
     """Load ``source`` into a float32 PyTorch model and a fast tokenizer (``tokenizer``: a folder whose
-    tokenizer.json replaces the source's own)."""
+    tokenizer.json replaces the source's own); ``step`` counts a GGUF file's tensors as they are read."""
     offline()
-    src = _load(source, base, device, tokenizer is not None)
+    src = _load(source, base, device, tokenizer is not None, step)
     if tokenizer is not None:
         src.tokenizer = load_tokenizer(tokenizer, src.model)
         src.description += f" (tokenizer: {Path(tokenizer).expanduser()})"
     return src
 
 
-def _load(source: str | Path, base: str | Path | None, device: str, own_tokenizer: bool) -> Source:
+def _load(source: str | Path, base: str | Path | None, device: str, own_tokenizer: bool, step: Step) -> Source:
     kind, path = resolve(source)
     if kind == "checkpoint":
         model, tok, mt = _load_checkpoint(path, device)
@@ -171,10 +179,39 @@ def _load(source: str | Path, base: str | Path | None, device: str, own_tokenize
 
             tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
         return Source(merged.eval(), tok, kind, f"{path} (LoRA) on {base_path}", mt)
-    return _load_gguf(path, device, own_tokenizer)
+    return _load_gguf(path, device, own_tokenizer, step)
 
 
-def _load_gguf(path: Path, device: str, own_tokenizer: bool) -> Source:
+@contextlib.contextmanager
+def _gguf_tensors_counted(step: Step) -> Iterator[None]:
+    """transformers reads a GGUF file's tensors under its own tqdm bar (``modeling_gguf_pytorch_utils.tqdm``, which
+    ``disable_progress_bar`` does not reach): for the load, that loop reports to ``step`` instead and draws nothing.
+    A transformers without that name keeps its bar."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        yield
+        return
+    own = getattr(reader, "tqdm", None)
+    if own is None:
+        yield
+        return
+
+    def counted(items: Iterable[Any], *args: Any, **kwargs: Any) -> Iterator[Any]:
+        if isinstance(items, Sized):
+            step.total(len(items))
+        for item in items:
+            yield item
+            step.advance()
+
+    reader.tqdm = counted
+    try:
+        yield
+    finally:
+        reader.tqdm = own
+
+
+def _load_gguf(path: Path, device: str, own_tokenizer: bool, step: Step = NO_STEP) -> Source:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -188,7 +225,10 @@ def _load_gguf(path: Path, device: str, own_tokenizer: bool) -> Source:
     # split words into fragments, add_bos_token ignored, special tokens mislabelled), unless --tokenizer gives one
     tok = None if own_tokenizer else gguf_tokenizer.load(path)[0]
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+        with _gguf_tensors_counted(step):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+            )
     except Exception as e:
         raise ExportError(f"cannot load {path} through transformers' GGUF support: {first_line(e)}") from e
     check_architecture(model.config.model_type)

@@ -21,6 +21,8 @@ import numpy as np
 from edgeroute.errors import ExportValidationError
 from edgeroute.quality import QUALITY_TEXT, next_token_figures, text_ids
 
+from .steps import NO_STEP, Step
+
 PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):\n    ",
@@ -119,9 +121,16 @@ def quality(ref: np.ndarray, got: np.ndarray, ids: list[int]) -> dict[str, Any]:
 
 
 def validate(
-    folder: Path, torch_model: Any, precision: str, quantized: bool, greedy_tokens: int = 64, threads: int | None = None
+    folder: Path,
+    torch_model: Any,
+    precision: str,
+    quantized: bool,
+    greedy_tokens: int = 64,
+    threads: int | None = None,
+    step: Step = NO_STEP,
 ) -> dict[str, Any]:
-    """Run the checks; returns the figures for the manifest. Raises ``ExportValidationError`` for fp32."""
+    """Run the checks; returns the figures for the manifest. Raises ``ExportValidationError`` for fp32. ``step``
+    counts the texts compared with PyTorch (each prompt, then the quality text)."""
     import edgeroute
 
     model = edgeroute.Model.load(folder, threads=threads)
@@ -132,6 +141,7 @@ def validate(
         raise ExportValidationError(f"tokenizer check failed: {report['tokenizer']['problems'][0]}; {TOKENIZER_HINT}")
     diffs: list[float] = []
     greedy: list[dict[str, Any]] = []
+    step.total(len(PROMPTS) + 1)
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         ref = _torch_logits(torch_model, ids)
@@ -149,6 +159,7 @@ def validate(
                     "margin_at_divergence": None if first is None else margins[first],
                 }
             )
+        step.advance()
     report["max_abs_logit_diff"] = max(diffs)
     if greedy:
         report["greedy_tokens"] = greedy_tokens
@@ -158,6 +169,7 @@ def validate(
     report["quality"] = quality(
         _torch_logits(torch_model, ids), model.forward_last(np.array([ids]), model.new_cache(), len(ids))[0], ids
     )
+    step.advance()
     change = report["quality"]["perplexity_change_pct"]
     if precision == "fp16" and not quantized and abs(change) > FP16_PERPLEXITY_TOLERANCE_PCT:
         raise ExportValidationError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -448,15 +449,30 @@ def test_interrupted_export_leaves_nothing(llama_ckpt: Path, tmp_path: Path, sig
     assert leftovers == []
 
 
-def test_cli_export(llama_ckpt: Path, tmp_path: Path) -> None:
+def test_cli_export(llama_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
-    from edgeroute.cli import cli
+    from edgeroute.cli import cli, progress
 
+    monkeypatch.setattr(progress, "PLAIN_EVERY", float("inf"))  # a slow machine's "where it stands" lines: none
     runner = CliRunner()
     res = runner.invoke(cli, ["export", str(llama_ckpt), str(tmp_path / "out"), "--quantize", "int4"])
     assert res.exit_code == 0, res.output
     assert "top-1 agreement" in res.output and "int4" in res.output
     assert "warning" not in res.output  # the tiny model's int4 perplexity is within QUALITY_WARN_PCT
+    # not a terminal: each step's start and end as a plain line on stderr, with its count, no carriage return
+    assert "\r" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("export: ")]
+    steps = [  # label, count (a regular expression)
+        (f"loading {llama_ckpt.name}", ""),
+        ("building the graph", r" \(2 layers\)"),
+        ("calibrating", r" \(\d+ chunks\)"),
+        ("quantising int4", r" \(9 weights\)"),  # 2 layers x (qkv, o, gate|up, down) + the LM head
+        ("validating against PyTorch", r" \(4 texts\)"),
+    ]
+    assert len(lines) == 2 * len(steps), lines
+    for (label, count), start, end in zip(steps, lines[::2], lines[1::2], strict=True):
+        assert start == f"export: {label} ..."
+        assert re.fullmatch(rf"export: {re.escape(label)} done in \d+\.\d s{count}", end), end
     exe = Path(sys.executable).parent / "edgeroute"
     again = subprocess.run([str(exe), "export", str(llama_ckpt), str(tmp_path / "out")], capture_output=True, text=True)
     assert again.returncode == 1

@@ -75,9 +75,25 @@ def test_sentencepiece_ids_equal_llama_cpp(spm_gguf: tuple[str, Path]) -> None:
     assert (tok.decode(ids) == MIXED) == (not vocab.add_space_prefix)
 
 
-def test_sentencepiece_gguf_exports_with_its_own_tokenizer(spm_gguf: tuple[str, Path], tmp_path: Path) -> None:
+def test_sentencepiece_gguf_exports_with_its_own_tokenizer(
+    spm_gguf: tuple[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     case, path = spm_gguf
-    out = export_model(path, tmp_path / "out")
+    events: list[tuple[str, str, float]] = []
+    out = export_model(path, tmp_path / "out", progress=lambda *e: events.append(e))
+    # the steps one after another, each counting what it knows; the GGUF's tensors are the load step's count (not
+    # transformers' own bar on stderr)
+    import gguf
+
+    assert "Converting" not in capfd.readouterr().err
+    names = [name for name, event, _ in events if event == "start"]
+    assert names == ["load", "export", "validate"]
+    ends = [(n, e) for n, e, _ in events if e in ("start", "done")]
+    assert ends == [(n, e) for n in names for e in ("start", "done")]  # never nested
+    totals = {name: value for name, event, value in events if event == "total"}
+    assert totals == {"load": len(gguf.GGUFReader(path).tensors), "export": 2, "validate": 4}
+    for name, total in totals.items():
+        assert sum(v for n, e, v in events if n == name and e == "advance") == total
     man = json.loads((out / "edgeroute.json").read_text())
     assert man["provenance"]["source_kind"] == "gguf" and man["bos_token_id"] == 1 and man["eos_token_ids"] == [2]
     assert man["chat_template"].startswith("{% for m in messages %}<start_of_turn>")
@@ -149,9 +165,10 @@ def test_cli_tokenizer_dir(tmp_path: Path) -> None:
     (broken / "tokenizer.json").write_text(json.dumps(spec))
     bad = runner.invoke(cli, ["export", str(ckpt), str(tmp_path / "bad"), "--tokenizer", str(broken)])
     assert bad.exit_code == 1 and not (tmp_path / "bad").exists()
-    line = bad.stderr.strip()
+    *steps, line = bad.stderr.strip().splitlines()  # the steps' plain lines, then the error on one line
+    assert all(s.startswith("export: ") for s in steps)
     assert line.startswith("edgeroute: error: tokenizer check failed: decoding its own ids")
-    assert "--tokenizer DIR" in line and "\n" not in line
+    assert "--tokenizer DIR" in line
     missing = runner.invoke(cli, ["export", str(ckpt), str(tmp_path / "m"), "--tokenizer", str(tmp_path)])
     assert missing.exit_code == 1 and "no tokenizer.json" in missing.stderr
     # a tokenizer with more ids than the model has embedding rows is another model's
