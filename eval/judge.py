@@ -11,17 +11,17 @@ from edgeroute.output import Completion
 from edgeroute.sampling import log_softmax
 
 if TYPE_CHECKING:
-    from edgeroute.protocols import ModelLike
+    from edgeroute.graph import Graph
 
 
 class Judge:
     """Scores text under a model: the negative log-likelihood of a continuation given its context."""
 
-    def __init__(self, model: ModelLike, generator_model: ModelLike) -> None:
+    def __init__(self, model: Graph, generator_model: Graph) -> None:
         if model.manifest.logits == "last":
             raise ConfigError("judge", model_name(model), "needs a graph with logits for every position")
         self.model = model
-        self.same_vocab = _same_tokenizer(model, generator_model)
+        self.same_vocab = model is generator_model or model.shares_tokenizer(generator_model)
 
     def nll(self, context: list[int], continuation: list[int]) -> tuple[float, int]:
         """(sum of -log p, tokens) of ``continuation`` after ``context`` (at least one token)."""
@@ -55,9 +55,3 @@ class Judge:
 def model_name(model: Any) -> str:
     """How a report names a model: its folder (else its repr)."""
     return str(getattr(model, "path", model))
-
-
-def _same_tokenizer(a: ModelLike, b: ModelLike) -> bool:
-    from edgeroute.generator import _same_tokenizer as same
-
-    return a is b or same(a, b)

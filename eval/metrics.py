@@ -16,7 +16,7 @@ from edgeroute.errors import MissingExtraError
 from .extra import INSTALL_HINT
 
 if TYPE_CHECKING:
-    from edgeroute.protocols import ModelLike
+    from edgeroute.graph import Graph
 
 
 def words(text: str) -> list[str]:
@@ -54,7 +54,7 @@ def self_bleu(texts: Sequence[str]) -> float | None:
     return float(BLEU(max_ngram_order=4).corpus_score(list(texts), refs).score) / 100.0
 
 
-def is_valid(constraint: Any, text: str, model: ModelLike) -> bool:
+def is_valid(constraint: Any, text: str, model: Graph) -> bool:
     """Whether ``text`` is in the constraint's language: a JSON Schema is checked by ``jsonschema`` on the parsed
     text, a regex or grammar by a fresh llguidance matcher that consumes the text's tokens and must accept."""
     if isinstance(constraint, JsonSchema):

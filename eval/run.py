@@ -23,8 +23,8 @@ from .report import Report, SettingResult, json_number
 from .sweep import Setting, setting_configs
 
 if TYPE_CHECKING:
+    from edgeroute.graph import Graph
     from edgeroute.model import Model
-    from edgeroute.protocols import ModelLike
 
 
 def evaluate(
@@ -152,7 +152,7 @@ def reference_figures(
     return figures(groups, nll, lengths, None, resamples)
 
 
-def _prompt_ids(model: ModelLike, text: str, chat: bool) -> list[int]:
+def _prompt_ids(model: Graph, text: str, chat: bool) -> list[int]:
     if chat:
         return model.tokenizer.apply_chat_template([{"role": "user", "content": text}])
     return model.encode_prompt(text)

@@ -297,10 +297,6 @@ class _Exclusive:
         self._lock.release()
 
 
-def _same_tokenizer(a: Graph, b: Graph) -> bool:
-    return a.vocab_size == b.vocab_size and a.tokenizer.backend.get_vocab() == b.tokenizer.backend.get_vocab()
-
-
 def _make_drafter(model: Graph, flows: Flows) -> tuple[routing.NgramDrafter | routing.Stream | None, routing.AdaptiveK]:
     ak = routing.AdaptiveK(flows.draft_k, flows.adaptive_k)
     draft = flows.draft
@@ -310,7 +306,7 @@ def _make_drafter(model: Graph, flows: Flows) -> tuple[routing.NgramDrafter | ro
         return routing.NgramDrafter(), ak
     if model.manifest.logits == "last":
         raise ConfigError("draft", "model", "the target graph returns only the last position's logits")
-    if not _same_tokenizer(model, draft):
+    if not model.shares_tokenizer(draft):
         raise ConfigError("draft", repr(draft), "the draft model must share the target's tokenizer")
     return routing.Stream(draft), ak
 
@@ -335,7 +331,7 @@ def _make_contrast(model: Graph, flows: Flows) -> tuple[routing.Stream, float, f
     small = flows.contrast
     if small is None:
         return None
-    if not _same_tokenizer(model, small):
+    if not model.shares_tokenizer(small):
         raise ConfigError("contrast", repr(small), "the contrast model must share the target's tokenizer")
     return routing.Stream(small), float(flows.contrast_alpha), float(flows.contrast_beta)
 

@@ -168,6 +168,13 @@ class Graph:
         run on this cache) instead of a copy, which saves a pass over the vocabulary's logits per token."""
         return cache.step(self.session, input_ids)
 
+    def shares_tokenizer(self, other: Graph) -> bool:
+        """Whether ``other`` has this graph's vocabulary (a draft or contrast model must; a judge may not)."""
+        return (
+            self.vocab_size == other.vocab_size
+            and self.tokenizer.backend.get_vocab() == other.tokenizer.backend.get_vocab()
+        )
+
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt given as text or as ids (a list, tuple or 1-D integer array). A prompt must give
         at least one token; bytes are refused (decode them first: they are not token ids)."""
