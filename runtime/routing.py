@@ -69,8 +69,8 @@ class Stream:
 
 
 def entropy(logits: np.ndarray) -> float:
-    """The entropy (nats) of ``softmax(logits)``, in float32: a float64 pass over 49k logits cost ~6 ms and slowed
-    the next graph run by as much again."""
+    """The entropy (nats) of ``softmax(logits)``, in float32: a float64 pass over a vocabulary's logits costs as much
+    again in the next graph run (docs/router.md, "Two-level routing")."""
     x = np.asarray(logits, dtype=np.float32)
     z = np.maximum(x - x.max(), np.float32(-1e30))  # -inf (no mass) as a finite value: 0 * z stays 0
     e = np.exp(z)

@@ -59,9 +59,9 @@ def create_session(
     """An ``InferenceSession`` over ``graph`` on ``provider`` with explicit thread settings.
 
     ``spin=False`` makes the intra-op threads stop spinning when a run returns. Keep the default for a model used
-    alone (spinning threads answer the next run sooner: 6-10% faster decoding here); turn it off for models
-    used in turn, such as a speculative draft and its target, whose spinning pools would otherwise fight over the
-    cores (SmolLM2 fp32 target + int4 draft on 2 cores: 22.5 -> 37.3 tok/s).
+    alone (spinning threads answer the next run sooner); turn it off for models used in turn, such as a
+    speculative draft and its target, whose spinning pools would otherwise fight over the cores (docs/router.md
+    has the measurements).
 
     ``cuda_graph`` turns on the CUDA provider's graph capture (``enable_cuda_graph``): runs then name a
     ``gpu_graph_id`` (``runtime/device_cache.py`` does). The session records which provider each node was given
