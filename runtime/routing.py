@@ -70,7 +70,7 @@ class Stream:
 
 def entropy(logits: np.ndarray) -> float:
     """The entropy (nats) of ``softmax(logits)``, in float32: a float64 pass over a vocabulary's logits costs as much
-    again in the next graph run (docs/router.md, "Two-level routing")."""
+    again in the next graph run (bench/results/gate-smollm2-fp32-2026-12-02.md)."""
     x = np.asarray(logits, dtype=np.float32)
     z = np.maximum(x - x.max(), np.float32(-1e30))  # -inf (no mass) as a finite value: 0 * z stays 0
     e = np.exp(z)

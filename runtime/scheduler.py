@@ -162,7 +162,7 @@ class Scheduler:
             if shared > 0:
                 return self.slots[-best]
         # else the lowest free slot: each row a decode step runs costs more than keeping a cache for a prompt that
-        # may never come back would save (bench/README.md, "Engine")
+        # may never come back would save (bench/results/engine-smollm2-int4-fp32-2026-12-02.md)
         return free[0]
 
     def _start(self, request: Request, seq: TokenSequence, slot: Slot) -> tuple[Running, int]:

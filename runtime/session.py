@@ -60,8 +60,8 @@ def create_session(
 
     ``spin=False`` makes the intra-op threads stop spinning when a run returns. Keep the default for a model used
     alone (spinning threads answer the next run sooner); turn it off for models used in turn, such as a
-    speculative draft and its target, whose spinning pools would otherwise fight over the cores (docs/router.md
-    has the measurements).
+    speculative draft and its target, whose spinning pools would otherwise fight over the cores
+    (bench/results/speculative-smollm2-2026-11-23.md).
 
     ``cuda_graph`` turns on the CUDA provider's graph capture (``enable_cuda_graph``): runs then name a
     ``gpu_graph_id`` (``runtime/device_cache.py`` does). The session records which provider each node was given
