@@ -177,12 +177,12 @@ def test_an_exception_of_one_request_in_the_engine_loop_fails_it_alone(model: er
         with engine._lock:
             good = [engine.submit(f"good {i}", cfg) for i in range(3)]
             bad = engine.submit("bad", cfg)
-            assert bad._output is not None  # built at submission, not on the engine's thread
+            assert bad._sequence is not None  # built at submission, not on the engine's thread
 
             def broken(token: int, raw: np.ndarray) -> er.Step:
                 raise KeyError("planted")
 
-            bad._output.take = broken  # type: ignore[method-assign]
+            bad._sequence.output.take = broken  # type: ignore[method-assign]
         assert all(r.result(timeout=30).finish_reason == "length" for r in good)
         with pytest.raises(er.InferenceError, match="KeyError"):
             bad.result(timeout=30)
@@ -496,8 +496,8 @@ def test_a_finished_or_cancelled_request_frees_its_router_while_its_handle_lives
             engine.submit("cancel me", cfg),
             engine.submit("let me finish", er.GenerationConfig(max_new_tokens=3)),
         ]
-        routers = [weakref.ref(h._chooser.router) for h in handles]  # type: ignore[union-attr]
-        outputs = [weakref.ref(h._output) for h in handles]
+        routers = [weakref.ref(h._sequence.chooser.router) for h in handles]  # type: ignore[union-attr]
+        outputs = [weakref.ref(h._sequence) for h in handles]
         handles[0].cancel()
         assert [h.result(timeout=30).finish_reason for h in handles] == ["cancelled", "length"]
         gc.disable()  # only reference counting: what a cycle would leave alive until a full collection

@@ -570,7 +570,7 @@ def test_a_cut_inside_a_character_never_emits_u_fffd(tiny: er.Model) -> None:
         gen.append(tiny.tokenizer.encode("x"))
         steps = []
         for t in target[:cut]:
-            gen._chooser.router = er.make_chain(
+            gen._seq.chooser.router = er.make_chain(
                 er.SamplingConfig(temperature=0, logit_bias={t: 100.0}), tiny.vocab_size
             )
             steps.append(gen.step())
