@@ -332,6 +332,7 @@ def make_chain(
     suppress_ids: Iterable[int] = (),
     suppress_until: int = 0,
     processors: Iterable[Processor] = (),
+    truncations: Iterable[Truncation] = (),
 ) -> Router:
     """The router for ``cfg`` over a vocabulary of ``vocab_size``, in the documented order:
 
@@ -340,8 +341,9 @@ def make_chain(
        ``suppress_until`` tokens of a turn: the stop tokens before ``min_new_tokens``), :class:`Penalties`,
        then the extra ``processors`` (a grammar constraint);
     2. :class:`TopK`, :class:`Temperature`, :class:`TopP`, :class:`MinP`, :class:`Typical` (top-k commutes with
-       a positive temperature, so it runs first and the later stages see k values); a stage that would change
-       nothing is left out; greedy (temperature 0) has no truncation and draws the argmax;
+       a positive temperature, so it runs first and the later stages see k values), then the extra
+       ``truncations`` (XTC, top-n-sigma, ...); a stage that would change nothing is left out; greedy
+       (temperature 0) has no truncation, the extra ones included, and draws the argmax;
     3. :class:`Explore` (``special_ids`` and banned ids excluded), then the draw.
 
     Raises ``ConfigError`` for a bias outside the vocabulary or bans of every token.
@@ -385,4 +387,5 @@ def make_chain(
             cuts.append(MinP(cfg.min_p, least))
         if cfg.typical_p < 1.0:
             cuts.append(Typical(cfg.typical_p, least))
+        cuts.extend(truncations)
     return Router(stages, cuts, Explore(cfg, np.flatnonzero(~excluded)), cfg.greedy, vocab_size, np.flatnonzero(banned))
