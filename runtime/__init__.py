@@ -35,7 +35,7 @@ from .model import Model
 from .output import Completion, Hypothesis, Step, TokenLogprob, Usage
 from .params import Flows, from_params
 from .request import Request
-from .sampling import Distribution, Processor, Router, make_chain
+from .sampling import Distribution, Processor, Router, Truncation, make_chain
 from .session import available_providers
 from .tokenizer import Tokenizer
 
@@ -80,6 +80,7 @@ __all__ = [
     "Step",
     "TokenLogprob",
     "Tokenizer",
+    "Truncation",
     "Usage",
     "available_providers",
     "from_params",

@@ -10,14 +10,16 @@ from pathlib import Path
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 
 
-def imports_of(path: Path) -> set[str]:
-    """The runtime modules that ``path`` imports (relative imports and ``edgeroute.X`` ones)."""
+def imports_of(path: Path, depth: int = 0) -> set[str]:
+    """The runtime modules that ``path`` imports (relative imports and ``edgeroute.X`` ones); ``depth`` is how far
+    below runtime/ the file lies (1 inside a subpackage such as ``sampling/``: its ``..x`` imports are runtime
+    modules, its ``.x`` ones are siblings, counted with ``depth`` 0 for the subpackage's own graph)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
+            if node.level == depth + 1 and node.module:
                 found.add(node.module.split(".")[0])
-            elif node.level == 1:  # from . import x
+            elif node.level == depth + 1:  # from . import x
                 found.update(a.name for a in node.names)
             elif node.level == 0 and node.module == "edgeroute":  # from edgeroute import x
                 found.update(a.name for a in node.names)
@@ -28,9 +30,17 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
-def test_no_import_cycle_between_runtime_modules() -> None:
-    modules = {p.stem for p in RUNTIME.glob("*.py") if p.stem != "__init__"}
-    graph = {m: imports_of(RUNTIME / f"{m}.py") & modules for m in modules}
+def runtime_graph() -> dict[str, set[str]]:
+    """Each runtime module (a subpackage counts as one, its files' imports together) -> the ones it imports."""
+    packages = {p.parent.name: p.parent for p in RUNTIME.glob("*/__init__.py")}
+    modules = {p.stem for p in RUNTIME.glob("*.py") if p.stem != "__init__"} | set(packages)
+    graph = {m: imports_of(RUNTIME / f"{m}.py") & modules for m in modules - set(packages)}
+    for name, folder in packages.items():
+        graph[name] = set().union(*(imports_of(f, 1) for f in folder.rglob("*.py"))) & modules - {name}
+    return graph
+
+
+def assert_acyclic(graph: dict[str, set[str]]) -> None:
     state: dict[str, int] = {}  # 1: on the path, 2: done
     path: list[str] = []
 
@@ -46,10 +56,22 @@ def test_no_import_cycle_between_runtime_modules() -> None:
         path.pop()
         state[m] = 2
 
-    for m in sorted(modules):
+    for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+def test_no_import_cycle_between_runtime_modules() -> None:
+    graph = runtime_graph()
+    assert_acyclic(graph)
     assert graph["generator"] and "model" not in graph["generator"]  # the reader saw the imports
+    assert "sampling" in graph["choice"] and "config" in graph["sampling"]  # and those of a subpackage
+
+
+def test_no_import_cycle_inside_a_subpackage() -> None:
+    for init in RUNTIME.glob("*/__init__.py"):
+        files = {p.stem: p for p in init.parent.glob("*.py") if p.stem != "__init__"}
+        assert_acyclic({m: imports_of(f) & set(files) for m, f in files.items()})
 
 
 def test_the_runtime_imports_no_subpackage() -> None:

@@ -507,7 +507,7 @@ def test_every_fast_path_draws_what_the_plain_stages_draw() -> None:
         if cfg.greedy and not calls["pick"]:
             shortcuts["greedy"] += 1
         if (
-            router._few
+            router._few is not None
             and router._pick_few(
                 *top_k(None, router.process(x, hist, index), cfg.top_k, cfg.min_keep), np.random.default_rng(seed)
             )
