@@ -26,7 +26,7 @@ from .errors import ConfigError, InferenceError
 from .sampling import Constraining
 
 if TYPE_CHECKING:
-    from .protocols import ModelLike
+    from .graph import Graph
     from .tokenizer import Tokenizer
 
 
@@ -54,7 +54,7 @@ class _Vocabulary:
         return self._tok.encode(text, add_special_tokens=False)
 
 
-def grammar_tokenizer(model: ModelLike) -> Any:
+def grammar_tokenizer(model: Graph) -> Any:
     """The llguidance tokenizer of ``model`` (built once per tokenizer, vocabulary size and EOS ids: ~0.5 s for a
     49k vocabulary)."""
     llg = load_llguidance()
@@ -87,7 +87,7 @@ class GrammarStage(Constraining):
     consumes the proposed tokens of ``history`` for that step; the next call rolls them back as needed.
     """
 
-    def __init__(self, constraint: Constraint, model: ModelLike) -> None:
+    def __init__(self, constraint: Constraint, model: Graph) -> None:
         llg = load_llguidance()
         self.constraint = constraint
         self.param = constraint.param

@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .sampling import log_softmax
 
 if TYPE_CHECKING:
-    from .protocols import ModelLike
+    from .graph import Graph
 
 # ~950 tokens (SmolLM2) of plain prose (history, science, daily life, a little dialogue and numbers). A short text gave
 # figures far off the mark: SmolLM2 int4 measured +10.7% perplexity over 110 tokens and +44% over 1,500.
@@ -81,7 +81,7 @@ def next_token_figures(logits: np.ndarray, ids: list[int]) -> tuple[np.ndarray, 
     return logits[:-1].argmax(-1), float(np.exp(-logp[np.arange(len(nxt)), nxt].mean()))
 
 
-def text_ids(model: ModelLike, tokens: int | None = None) -> list[int]:
+def text_ids(model: Graph, tokens: int | None = None) -> list[int]:
     """The quality text's ids for ``model``: ``tokens + 1`` of them (the count a reference was measured over), or
     as many as the context holds."""
     ids = model.tokenizer.encode(QUALITY_TEXT)
@@ -95,7 +95,7 @@ def text_ids(model: ModelLike, tokens: int | None = None) -> list[int]:
     return ids
 
 
-def measure(model: ModelLike, reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def measure(model: Graph, reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run ``model`` over the quality text and return its perplexity and, against a ``reference`` recorded by the
     export (its ``validation.quality``), the top-1 agreement and the perplexity change."""
     ref = dict(reference or {})

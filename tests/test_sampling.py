@@ -523,7 +523,7 @@ def test_the_generator_tells_stateful_stages_what_it_commits_to(tiny: er.Model) 
     m = tiny
     gen = m.generator(er.GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(temperature=0.9, seed=3)))
     stage = Ban({2, 3})
-    gen._chooser.router = make_chain(gen.config.sampling, m.vocab_size, m.special_ids, processors=[stage])
+    gen._seq.chooser.router = make_chain(gen.config.sampling, m.vocab_size, m.special_ids, processors=[stage])
     gen.append([5, 6, 7])
     assert stage.resets == 1 and stage.accepted == []
     first = gen.run()
