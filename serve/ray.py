@@ -18,8 +18,8 @@ What a user relies on:
 
 * a replica that dies (its process killed, its engine stopped: :meth:`Replica.check_health`) is replaced by Ray;
   requests running on it fail with OpenAI's error body, 503 + ``Retry-After`` before their answer began, and an
-  error event then ``data: [DONE]`` in a stream that was cut (:class:`ProxyErrors`, installed in Ray's proxies),
-  while the other replicas keep serving;
+  error event then ``data: [DONE]`` in a stream that was cut (:class:`~edgeroute.serve.asgi.ProxyErrors`,
+  installed in Ray's proxies), while the other replicas keep serving;
 * ``GET /health`` adds the replica that answered and the deployment's state (``RUNNING``, ``UPDATING``,
   ``UNHEALTHY``, replicas per state);
 * :meth:`Service.stop` deletes the application (and stops the cluster if it started it).
@@ -28,7 +28,6 @@ What a user relies on:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -50,10 +49,9 @@ except ImportError as e:  # pragma: no cover - exercised by tests/test_ray.py in
 
 import edgeroute as er  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
-from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
-from .app import Settings, create_app, error_response  # noqa: E402
-from .protocol import APIError  # noqa: E402
+from .app import Settings, create_app  # noqa: E402
+from .asgi import ProxyErrors, ReplicaHeaders  # noqa: E402  (pure ASGI, importable without Ray)
 
 APP_NAME = "edgeroute"
 PROXY_CALLBACK = "edgeroute.serve.ray:proxy_middlewares"
@@ -67,27 +65,6 @@ class RayServeError(er.EdgerouteError, RuntimeError):
 
 
 # -- the replica ------------------------------------------------------------------------------------------------
-class _ReplicaHeaders:
-    """Pure ASGI middleware in a replica: every answer says which replica and process gave it
-    (``x-edgeroute-replica``, ``x-edgeroute-pid``)."""
-
-    def __init__(self, app: ASGIApp, replica: str) -> None:
-        self.app = app
-        self.headers = [(b"x-edgeroute-replica", replica.encode()), (b"x-edgeroute-pid", str(os.getpid()).encode())]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def tagged(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
-            await send(message)
-
-        await self.app(scope, receive, tagged)
-
-
 class Replica:
     """One replica: loads the model folder (the actor is not routed to until it has) and serves the OpenAI app
     of ``edgeroute serve`` over it. Wrapped by :func:`deployment` with Ray Serve's late-bound ingress."""
@@ -113,7 +90,7 @@ class Replica:
     def __serve_build_asgi_app__(self) -> Any:
         # the Starlette app itself (Ray adds exception handlers to it), our headers as its outermost middleware
         app = create_app(self.model, self.settings, health=self._health)
-        app.add_middleware(_ReplicaHeaders, replica=self.replica_id)
+        app.add_middleware(ReplicaHeaders, replica=self.replica_id)
         self._starlette = app
         return app
 
@@ -206,89 +183,6 @@ def deployment(
 
 
 # -- the proxies ------------------------------------------------------------------------------------------------
-_PROXY_CODES = {404: "not_found", 408: "timeout", 429: "overloaded", 503: "overloaded", 500: "internal_error"}
-
-
-class ProxyErrors:
-    """Pure ASGI middleware in Ray Serve's HTTP proxies (installed by :func:`proxy_middlewares`): Ray's own
-    answers become OpenAI's error body, so a client sees the same errors whichever part of the service failed.
-
-    * A request whose replica died before answering gets nothing from the proxy (uvicorn would send a bare 500):
-      it becomes a 503 with ``Retry-After: 1`` and code ``replica_failed``.
-    * A stream cut mid-way (its replica died) ends with an error event and ``data: [DONE]``, as the server ends a
-      stream whose request failed, so the official client raises ``APIError`` instead of a protocol error.
-    * Ray's plain-text errors (404 for an unknown route or a deleted application, 503 when every replica's queue is
-      full, 408 on a timeout) are rewritten with their status and ``Retry-After`` kept.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = finished = False
-        stream = False
-        held: Message | None = None  # a plain-text error's start, sent once its body is known
-        body = b""
-
-        async def watch(message: Message) -> None:
-            nonlocal started, finished, stream, held, body
-            kind = message["type"]
-            if kind == "http.response.start":
-                headers = {k.lower(): v for k, v in message.get("headers", [])}
-                ctype = headers.get(b"content-type", b"")
-                if message["status"] >= 400 and ctype.startswith(b"text/plain"):
-                    held = message
-                    return
-                started = True
-                stream = ctype.startswith(b"text/event-stream")
-            elif kind == "http.response.body" and held is not None:
-                body += message.get("body", b"")
-                if message.get("more_body", False):
-                    return
-                status = held["status"]
-                retry = {k.lower(): v for k, v in held.get("headers", [])}.get(b"retry-after")
-                held = None
-                error = _proxy_error(status, body.decode("utf-8", "replace"), retry)
-                await error_response(error)(scope, receive, send)
-                started = finished = True
-                return
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                finished = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        except Exception:  # noqa: BLE001 - the replica's failure, answered below
-            if started and not stream:
-                raise  # a JSON body half sent: only dropping the connection tells the client
-        if finished:
-            return
-        if not started:
-            await error_response(_replica_failed())(scope, receive, send)
-        elif stream:
-            event = json.dumps(_replica_failed().body())
-            await send({"type": "http.response.body", "body": f"data: {event}\n\ndata: [DONE]\n\n".encode()})
-
-
-def _replica_failed() -> APIError:
-    return APIError(
-        503,
-        "the replica serving this request stopped before it finished (it is being replaced): retry the request",
-        None,
-        "replica_failed",
-        headers={"Retry-After": "1"},
-    )
-
-
-def _proxy_error(status: int, text: str, retry: bytes | None) -> APIError:
-    message = " ".join(text.split()) or f"HTTP {status}"
-    headers = {"Retry-After": retry.decode("latin-1")} if retry else None
-    return APIError(status, f"Ray Serve: {message}", None, _PROXY_CODES.get(status), headers=headers)
-
-
 def proxy_middlewares() -> list[Middleware]:
     """Ray Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=edgeroute.serve.ray:proxy_middlewares``
     in the environment of the node that starts Serve): the middlewares every HTTP proxy wraps its app in."""

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import edgeroute as er  # noqa: E402
+from checkpoints import build_once, make_checkpoint  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
 
@@ -58,23 +61,62 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct exported (fp32, validated) once into models/, reused by later runs and the demo."""
-    if not (SMOLLM2_DIR / "edgeroute.json").is_file():
-        from edgeroute.export import export_model
-
-        export_model(smollm2_gguf(), SMOLLM2_DIR)
-    return SMOLLM2_DIR
+    """SmolLM2-135M-Instruct exported (fp32, validated) once into models/, reused by later runs and the demo (a
+    second xdist worker, or another run, waits for the export under models/smollm2-135m.lock)."""
+    return build_once(SMOLLM2_DIR, lambda d: _export_smollm2(d), done="edgeroute.json")
 
 
 @pytest.fixture(scope="session")
 def smollm2_int4_dir(smollm2_dir: Path) -> Path:
     """The int4 export of SmolLM2 (the speculative draft), exported once into models/ and reused."""
-    folder = REPO / "models" / "smollm2-135m-int4"
-    if not (folder / "edgeroute.json").is_file():
+    return build_once(
+        REPO / "models" / "smollm2-135m-int4", lambda d: _export_smollm2(d, "int4"), done="edgeroute.json"
+    )
+
+
+def _export_smollm2(folder: Path, quantize: str = "none") -> None:
+    from edgeroute.export import export_model
+
+    export_model(smollm2_gguf(), folder, quantize=quantize)
+
+
+# -- tiny checkpoints and their exports, built once per run and shared by every module (and xdist worker) --------
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This run's folder for builds shared across modules: under xdist, the run's temporary root (the workers'
+    folders are inside it), so both workers see one copy."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return root / "shared"
+
+
+@pytest.fixture(scope="session")
+def checkpoint(shared_dir: Path) -> Callable[..., Path]:
+    """``checkpoint(arch="llama", seed=0)``: the tiny random checkpoint of ``make_checkpoint``, made once per run.
+    Shared: copy it before changing it."""
+
+    def get(arch: str = "llama", seed: int = 0) -> Path:
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+        return build_once(shared_dir / "ckpt" / f"{arch}-{seed}", lambda d: make_checkpoint(d, arch, seed))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(shared_dir: Path, checkpoint: Callable[..., Path]) -> Callable[..., Path]:
+    """``exported(arch="llama", seed=0, **options)``: ``export_model(checkpoint(arch, seed), ..., **options)``, made
+    once per run. Shared: copy it before changing it."""
+
+    def get(arch: str = "llama", seed: int = 0, **options: object) -> Path:
         from edgeroute.export import export_model
 
-        export_model(smollm2_gguf(), folder, quantize="int4")
-    return folder
+        ckpt = checkpoint(arch, seed)
+        key = "-".join(f"{k}={options[k]}" for k in sorted(options)) or "defaults"
+        folder = shared_dir / "export" / f"{arch}-{seed}" / key
+        return build_once(folder, lambda d: export_model(ckpt, d, **options), done="edgeroute.json")
+
+    return get
 
 
 def generate_in_threads(model: er.Model, prompts: list[str], cfg: er.GenerationConfig) -> list[list[int]]:

@@ -4,6 +4,7 @@ cache kinds (the fused graph's shared KV buffer and optimum's concatenated cache
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import edgeroute as er
@@ -15,16 +16,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("optimum.exporters.onnx")
 
-from edgeroute.export import export_model  # noqa: E402
-from test_export import make_checkpoint  # noqa: E402
-
 PROMPTS = ["The capital of France is", "Once upon a time a little robot", "Hello"]
 EOS = 0
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("beam") / "llama", seed=1)
+def ckpt(checkpoint: Callable[..., Path]) -> Path:
+    return checkpoint("llama", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +31,8 @@ def hf(ckpt: Path):
 
 
 @pytest.fixture(scope="module", params=["fused", "optimum"])
-def model(request: pytest.FixtureRequest, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> er.Model:
-    out = export_model(ckpt, tmp_path_factory.mktemp("beam-out") / request.param, backend=request.param)
-    return er.Model.load(out)
+def model(request: pytest.FixtureRequest, exported: Callable[..., Path]) -> er.Model:
+    return er.Model.load(exported("llama", seed=1, backend=request.param))
 
 
 def _hf_beams(hf, ids: list[int], eos: list[int] | None = None, **kw) -> tuple[list[list[int]], list[float]]:  # noqa: ANN001, ANN003

@@ -94,13 +94,6 @@ def test_from_params_takes_one_constraint_by_name() -> None:
         assert e.value.field == field, params
 
 
-def test_without_llguidance_a_constraint_names_the_extra(tmp_path: Path) -> None:
-    code = "import sys; sys.modules['llguidance'] = None\nimport edgeroute as er\ntry:\n    er.Regex('a')\n"
-    code += "except er.MissingExtraError as e:\n    print(e)\n"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "structured output needs llguidance: pip install 'edgeroute[grammar]'"
-
-
 # -- generation --------------------------------------------------------------------------------------------------
 def test_generation_follows_a_regex_and_ends_where_it_accepts(tiny: er.Model) -> None:
     for seed in range(20):

@@ -1,4 +1,5 @@
-"""Export: tiny random checkpoints of five families, LoRA, precisions, atomic output, errors, the CLI."""
+"""Export: tiny random checkpoints (tests/checkpoints.py) of five families, LoRA, precisions, atomic output,
+errors, the CLI."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import edgeroute as er
@@ -22,89 +24,10 @@ pytest.importorskip("optimum.exporters.onnx")
 
 from edgeroute.export import export_model  # noqa: E402
 
-COMMON = dict(  # head size 16: the smallest GroupQueryAttention's rotary takes (fused backend)
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-)
-
-
-def _configs(vocab: int) -> dict[str, object]:
-    t = transformers
-    return {
-        "llama": (t.LlamaConfig(vocab_size=vocab, **COMMON), t.LlamaForCausalLM),
-        "mistral": (t.MistralConfig(vocab_size=vocab, sliding_window=None, **COMMON), t.MistralForCausalLM),
-        "qwen2": (t.Qwen2Config(vocab_size=vocab, **COMMON), t.Qwen2ForCausalLM),
-        "phi3": (t.Phi3Config(vocab_size=vocab, pad_token_id=0, **COMMON), t.Phi3ForCausalLM),
-        "gpt2": (t.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512), t.GPT2LMHeadModel),
-        # the families of issue 18: q/k norms; Gemma 3's sliding/global layers with two rotary bases, a query scale
-        # that is not 1/sqrt(head size) and a final logit softcap; SmolLM3's NoPE layer
-        "qwen3": (t.Qwen3Config(vocab_size=vocab, head_dim=16, **COMMON), t.Qwen3ForCausalLM),
-        # as a GGUF: transformers' GGUF loader takes Qwen3's head size from its default (128), not the file
-        "qwen3_head128": (t.Qwen3Config(vocab_size=vocab, head_dim=128, **COMMON), t.Qwen3ForCausalLM),
-        "gemma3_text": (
-            t.Gemma3TextConfig(
-                vocab_size=vocab,
-                head_dim=32,
-                query_pre_attn_scalar=24,
-                layer_types=["sliding_attention", "full_attention"],
-                sliding_window=8,
-                rope_theta=1_000_000.0,
-                rope_local_base_freq=10_000.0,
-                final_logit_softcapping=10.0,
-                pad_token_id=0,
-                **{**COMMON, "num_key_value_heads": 1},
-            ),
-            t.Gemma3ForCausalLM,
-        ),
-        "smollm3": (
-            t.SmolLM3Config(vocab_size=vocab, no_rope_layers=[1, 0], pad_token_id=0, **COMMON),
-            t.SmolLM3ForCausalLM,
-        ),  # fmt: skip
-    }
-
-
-NEW_FAMILIES = ("qwen3", "gemma3_text", "smollm3")
-
-
-def _perturb_norms(model: object) -> None:
-    """Random norm weights: Gemma initialises its (1 + w) weights to zero and Qwen3 its q/k norms to one, which
-    would hide a wrong weight form."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # type: ignore[attr-defined]
-            if "norm" in name:
-                param.add_(0.3 * torch.randn_like(param))
-
-
-def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A tiny random-weight checkpoint with a real (byte-level BPE) tokenizer and a chat template."""
-    from tiny_model import CHATML, build_tokenizer
-
-    tok = build_tokenizer()
-    hf_tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
-    )
-    hf_tok.chat_template = CHATML
-    cfg, cls = _configs(tok.get_vocab_size())[arch]
-    cfg.eos_token_id = 0
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    if arch in NEW_FAMILIES or arch.startswith("qwen3"):
-        _perturb_norms(model)
-    model.generation_config.do_sample = True
-    model.generation_config.temperature = 0.6
-    model.generation_config.top_p = 0.9
-    model.save_pretrained(folder)
-    hf_tok.save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
-def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama")
+def llama_ckpt(checkpoint: Callable[..., Path]) -> Path:
+    return checkpoint("llama")  # shared with the other modules' tests (read only)
 
 
 def _torch_logits(ckpt: Path, ids: list[int]) -> np.ndarray:
@@ -118,8 +41,8 @@ FAMILIES += [("llama", "optimum"), ("mistral", "optimum"), ("qwen2", "optimum"),
 
 
 @pytest.mark.parametrize(("arch", "backend"), FAMILIES)
-def test_export_each_family(arch: str, backend: str, tmp_path: Path) -> None:
-    ckpt = make_checkpoint(tmp_path / "ckpt", arch)
+def test_export_each_family(arch: str, backend: str, tmp_path: Path, checkpoint: Callable[..., Path]) -> None:
+    ckpt = checkpoint(arch)
     out = export_model(ckpt, tmp_path / "out", backend=backend)
     man = json.loads((out / "edgeroute.json").read_text())
     fused = backend == "auto" and arch != "gpt2"
@@ -404,17 +327,6 @@ def test_corrupt_weights(llama_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(er.ExportError, match="cannot load the checkpoint"):
         export_model(bad, tmp_path / "o")
     assert not (tmp_path / "o").exists()
-
-
-def test_missing_extra_names_the_pip_command(tmp_path: Path) -> None:
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "from edgeroute.export import export_model\n"
-        f"export_model({str(tmp_path)!r}, {str(tmp_path / 'o')!r})\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "pip install 'edgeroute[export]'" in out.stderr
 
 
 SLOW_EXPORT = """

@@ -7,6 +7,7 @@ speculative decoding, int8/int4."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import edgeroute as er
@@ -17,19 +18,20 @@ pytestmark = pytest.mark.export
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from checkpoints import NEW_FAMILIES, make_checkpoint  # noqa: E402
 from edgeroute.export import export_model  # noqa: E402
-from test_export import NEW_FAMILIES, make_checkpoint  # noqa: E402
 
 TEXT = "Once upon a time a little robot learned to paint the sea while the wind sang over the water"
 GREEDY = er.GenerationConfig(max_new_tokens=24, min_new_tokens=24, sampling=er.SamplingConfig(temperature=0))
 
 
 @pytest.fixture(scope="module", params=NEW_FAMILIES)
-def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def family(
+    request: pytest.FixtureRequest, checkpoint: Callable[..., Path], exported: Callable[..., Path]
+) -> dict[str, object]:
     arch = str(request.param)
-    root = tmp_path_factory.mktemp(arch)
-    ckpt = make_checkpoint(root / "ckpt", arch, seed=3)
-    out = export_model(ckpt, root / "fused")  # auto: these families take the fused backend
+    ckpt = checkpoint(arch, seed=3)
+    out = exported(arch, seed=3)  # auto: these families take the fused backend
     return {
         "arch": arch,
         "ckpt": ckpt,
@@ -125,14 +127,14 @@ def test_quantised_exports(family: dict[str, object], quantize: str, tmp_path: P
     assert len(model.generate(TEXT, GREEDY).token_ids) == 24
 
 
-def test_an_int4_export_with_an_int8_head(tmp_path: Path) -> None:
+def test_an_int4_export_with_an_int8_head(tmp_path: Path, checkpoint: Callable[..., Path]) -> None:
     """--head int8: the LM head (and Gemma's tied embedding, which reads its table) at 8 bits, every layer at 4,
     through the command; the head's precision is refused without quantisation or below the layers' bits."""
     import onnx
     from click.testing import CliRunner
     from edgeroute.cli import cli
 
-    ckpt = make_checkpoint(tmp_path / "ckpt", "gemma3_text", seed=5)
+    ckpt = checkpoint("gemma3_text", seed=5)
     res = CliRunner().invoke(cli, ["export", str(ckpt), str(tmp_path / "h8"), "--quantize", "int4", "--head", "int8"])
     assert res.exit_code == 0, res.output
     man = json.loads((tmp_path / "h8" / "edgeroute.json").read_text())

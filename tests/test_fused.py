@@ -5,6 +5,7 @@ context cap, sliding windows and errors."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import edgeroute as er
@@ -17,22 +18,20 @@ pytestmark = pytest.mark.export
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from checkpoints import make_checkpoint  # noqa: E402
 from edgeroute.export import export_model  # noqa: E402
-from test_export import make_checkpoint  # noqa: E402
 
 PROMPT = "Once upon a time a little robot learned to paint the sea"
 GREEDY = er.GenerationConfig(max_new_tokens=40, sampling=er.SamplingConfig(temperature=0))
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fused")
-    ckpt = make_checkpoint(root / "ckpt", "llama", seed=3)
-    return {
-        "ckpt": ckpt,
-        "fused": export_model(ckpt, root / "fused", backend="fused"),
-        "optimum": export_model(ckpt, root / "optimum", backend="optimum", validate=False),
-        "int4": export_model(ckpt, root / "int4", quantize="int4", validate=False),
+def built(checkpoint: Callable[..., Path], exported: Callable[..., Path]) -> dict[str, Path]:
+    return {  # shared (read only): copy a folder before changing it
+        "ckpt": checkpoint("llama", seed=3),
+        "fused": exported("llama", seed=3, backend="fused"),
+        "optimum": exported("llama", seed=3, backend="optimum", validate=False),
+        "int4": exported("llama", seed=3, quantize="int4", validate=False),
     }
 
 
@@ -218,8 +217,8 @@ def test_sliding_window_matches_pytorch(tmp_path: Path) -> None:
         assert np.allclose(model.forward(np.array([ids[i : i + 1]]), cache)[0], full[i], atol=1e-4)
 
 
-def test_backend_errors(built: dict[str, Path], tmp_path: Path) -> None:
-    gpt2 = make_checkpoint(tmp_path / "gpt2", "gpt2")
+def test_backend_errors(built: dict[str, Path], tmp_path: Path, checkpoint: Callable[..., Path]) -> None:
+    gpt2 = checkpoint("gpt2")
     with pytest.raises(er.ExportError, match="fused backend does not support architecture 'gpt2'"):
         export_model(gpt2, tmp_path / "out", backend="fused")
     with pytest.raises(er.ConfigError, match="optimum's graphs are quantised from fp32"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import edgeroute as er
@@ -22,7 +23,6 @@ from edgeroute.export import export_model, gguf_tokenizer  # noqa: E402
 from edgeroute.export.validate import tokenizer_check  # noqa: E402
 from gguf_files import PRE_TEXT, SMOLLM2_SPECIALS, SPM_SPECIALS, TEXTS  # noqa: E402
 from gguf_golden import SPM_CHAT, assert_ids_equal, golden_ids  # noqa: E402
-from test_export import make_checkpoint  # noqa: E402
 
 
 def _assert_ids_equal(case: str, gguf: Path, tok: er.Tokenizer, texts: list[str]) -> None:
@@ -108,12 +108,12 @@ def test_sentencepiece_gguf_exports_with_its_own_tokenizer(
     assert text == SPM_CHAT and prompt == golden_ids(case, path)[(text, False)]
 
 
-def test_a_qwen3_gguf_exports_fused_and_equals_its_checkpoint(tmp_path: Path) -> None:
+def test_a_qwen3_gguf_exports_fused_and_equals_its_checkpoint(tmp_path: Path, checkpoint: Callable[..., Path]) -> None:
     import numpy as np
     import torch
     import transformers
 
-    ckpt = make_checkpoint(tmp_path / "ckpt", "qwen3_head128", seed=3)
+    ckpt = checkpoint("qwen3_head128", seed=3)
     path = write_hf_gguf(tmp_path / "qwen3.gguf", ckpt, "qwen3")
     out = export_model(path, tmp_path / "out")
     man = json.loads((out / "edgeroute.json").read_text())
@@ -150,8 +150,8 @@ def test_unsupported_gguf_tokenizers_are_errors_with_the_hint() -> None:
         gguf_tokenizer.build(gguf_tokenizer.Vocab(model="gpt2", pre="kimi-k2", **base))  # type: ignore[arg-type]
 
 
-def test_cli_tokenizer_dir(tmp_path: Path) -> None:
-    ckpt = make_checkpoint(tmp_path / "ckpt", "llama")
+def test_cli_tokenizer_dir(tmp_path: Path, checkpoint: Callable[..., Path]) -> None:
+    ckpt = checkpoint("llama")  # read only: the broken tokenizers are copies
     runner = CliRunner()
     ok = runner.invoke(cli, ["export", str(ckpt), str(tmp_path / "ok"), "--tokenizer", str(ckpt)])
     assert ok.exit_code == 0, ok.output

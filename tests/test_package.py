@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import types
@@ -18,31 +17,6 @@ def test_all_matches_public_names() -> None:
     assert set(er.__all__) - {"__version__"} == public
     for name in er.__all__:
         assert getattr(er, name) is not None
-
-
-def test_import_and_model_pull_no_heavy_modules(tiny_dir: Path) -> None:
-    code = f"""
-import json, sys
-import edgeroute
-m = edgeroute.Model.load({str(tiny_dir)!r})
-m.generate("Hello", edgeroute.GenerationConfig(max_new_tokens=3))
-heavy = ("torch", "transformers", "optimum", "click", "llguidance", "edgeroute.eval", "sacrebleu", "matplotlib")
-print(json.dumps(sorted(k for k in heavy if k in sys.modules)))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
-
-
-def test_eval_imports_its_extra_only_when_used() -> None:
-    """edgeroute.eval imports without the eval extra's libraries (sacrebleu, jsonschema, matplotlib): the command
-    checks for them (require) and names the install line before any is imported."""
-    code = """
-import json, sys
-import edgeroute.eval
-print(json.dumps(sorted(k for k in ("sacrebleu", "jsonschema", "matplotlib") if k in sys.modules)))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_console_script_version() -> None:

@@ -1,13 +1,12 @@
 """edgeroute's server as a Ray Serve deployment (``edgeroute serve --ray``, ``edgeroute.serve.ray``).
 
-The proxy middleware is tested alone with fake ASGI apps; the command is tested for real: a local Ray cluster with
-2 CPUs, 2 replicas of the tiny shared-KV model, the official client, a replica killed mid-stream, and a joined
-cluster (``ray start --head``) whose deployment is removed on SIGTERM while the cluster lives on. Every wait is
-bounded in time."""
+The proxy's error middleware is pure ASGI and tested without Ray (``tests/test_asgi.py``); the command is tested
+for real: a local Ray cluster with 2 CPUs, 2 replicas of the tiny shared-KV model, the official client, a replica
+killed mid-stream, and a joined cluster (``ray start --head``) whose deployment is removed on SIGTERM while the
+cluster lives on. Every wait is bounded in time."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -27,108 +26,12 @@ import pytest
 pytest.importorskip("ray.serve", reason="the ray extra is not installed")  # make test installs it
 
 from edgeroute.serve import Settings, create_app  # noqa: E402
-from edgeroute.serve.ray import ProxyErrors  # noqa: E402
 from serve_helpers import Running, free_port, run_cli, wait_until  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.ray
 NAME = "tiny"
-
-
-# -- the proxy's middleware, with fake inner apps -----------------------------------------------------------------
-def call(inner: Any) -> tuple[list[dict[str, Any]], BaseException | None]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    async def go() -> BaseException | None:
-        try:
-            await ProxyErrors(inner)({"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
-        except Exception as e:  # noqa: BLE001 - returned for the test to check
-            return e
-        return None
-
-    return sent, asyncio.run(go())
-
-
-def start(status: int, ctype: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
-    return {"type": "http.response.start", "status": status, "headers": [(b"content-type", ctype), *(extra or [])]}
-
-
-def body(data: bytes, more: bool = False) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": data, "more_body": more}
-
-
-def test_a_replica_that_died_before_answering_is_a_503_with_openai_body() -> None:
-    async def died(scope: Any, receive: Any, send: Any) -> None:
-        return None  # what Ray's proxy does when the replica's actor died: nothing sent
-
-    sent, error = call(died)
-    assert error is None
-    assert sent[0]["status"] == 503
-    headers = dict(sent[0]["headers"])
-    assert headers[b"retry-after"] == b"1" and headers[b"content-type"] == b"application/json"
-    err = json.loads(sent[1]["body"])["error"]
-    assert err["code"] == "replica_failed" and err["type"] == "server_error" and "retry" in err["message"]
-
-
-def test_a_stream_cut_mid_way_ends_with_an_error_event_and_done() -> None:
-    async def cut(scope: Any, receive: Any, send: Any) -> None:
-        await send(start(200, b"text/event-stream"))
-        await send(body(b'data: {"choices": []}\n\n', more=True))
-        raise RuntimeError("the actor died")
-
-    sent, error = call(cut)
-    assert error is None
-    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body", "http.response.body"]
-    tail = sent[2]["body"].decode()
-    assert sent[2].get("more_body", False) is False
-    event, done = [e for e in tail.split("\n\n") if e]
-    assert json.loads(event.removeprefix("data: "))["error"]["code"] == "replica_failed"
-    assert done == "data: [DONE]"
-
-
-def test_rays_plain_text_errors_become_openai_errors_with_their_status() -> None:
-    async def busy(scope: Any, receive: Any, send: Any) -> None:
-        await send(start(503, b"text/plain; charset=utf-8", [(b"retry-after", b"2")]))
-        await send(body(b"Request dropped due to backpressure ", more=True))
-        await send(body(b"(num_queued_requests=3, max_queued_requests=2)."))
-
-    sent, error = call(busy)
-    assert error is None and sent[0]["status"] == 503 and dict(sent[0]["headers"])[b"retry-after"] == b"2"
-    err = json.loads(sent[1]["body"])["error"]
-    assert err["code"] == "overloaded" and "backpressure" in err["message"] and err["type"] == "server_error"
-
-    async def missing(scope: Any, receive: Any, send: Any) -> None:
-        await send(start(404, b"text/plain"))
-        await send(body(b"Path '/v1/x' not found."))
-
-    sent, _ = call(missing)
-    assert sent[0]["status"] == 404 and json.loads(sent[1]["body"])["error"]["code"] == "not_found"
-
-
-def test_answers_of_the_replicas_pass_untouched() -> None:
-    messages = [start(400, b"application/json"), body(b'{"error": {"message": "bad"}}')]
-
-    async def answer(scope: Any, receive: Any, send: Any) -> None:
-        for m in messages:
-            await send(m)
-
-    sent, error = call(answer)
-    assert error is None and sent == messages
-
-    async def half(scope: Any, receive: Any, send: Any) -> None:
-        await send(start(200, b"application/json"))
-        await send(body(b'{"id": ', more=True))
-        raise RuntimeError("the actor died")
-
-    sent, error = call(half)  # half a JSON body: only dropping the connection tells the client
-    assert isinstance(error, RuntimeError) and len(sent) == 2
 
 
 # -- the command's mistakes (no cluster started) ------------------------------------------------------------------
@@ -159,22 +62,6 @@ def test_a_missing_folder_is_refused_before_a_cluster_starts(tmp_path: Path) -> 
     assert r.returncode == 1 and "edgeroute: error:" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 30  # no Ray cluster was started for it
-
-
-def test_without_the_ray_extra_the_command_says_how_to_install_it(folder: Path) -> None:
-    code = (
-        "import sys; sys.modules['ray'] = None; from edgeroute.cli import main; "
-        f"sys.argv = ['edgeroute', 'serve', {str(folder)!r}, '--ray']; main()"
-    )
-    hint = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert hint.returncode == 1 and "pip install 'edgeroute[ray]'" in hint.stderr
-    assert len(hint.stderr.strip().splitlines()) == 1
-
-
-def test_the_server_package_does_not_import_ray() -> None:
-    code = "import edgeroute.serve, edgeroute.cli.serve_cmd, sys; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_the_deployment_takes_its_bounds_from_the_settings_and_passes_autoscaling_through(folder: Path) -> None:

@@ -51,7 +51,9 @@ def test_stop_string_split_inside_a_multibyte_character_never_leaks(tiny: er.Mod
     gen.append(tiny.tokenizer.encode("x"))
     out = []
     for t in target:  # bias each step towards the next target token, via a fresh router each step
-        gen._seq.chooser.router = er.make_chain(er.SamplingConfig(temperature=0, logit_bias={t: 100.0}), tiny.vocab_size)
+        gen._seq.chooser.router = er.make_chain(
+            er.SamplingConfig(temperature=0, logit_bias={t: 100.0}), tiny.vocab_size
+        )
         st = gen.step()
         assert st.token_id == t
         out.append(st)

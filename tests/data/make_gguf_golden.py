@@ -17,9 +17,9 @@ TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
 import llama_cpp  # noqa: E402  (pip install 'edgeroute[llamacpp]')
+from checkpoints import make_checkpoint  # noqa: E402
 from conftest import smollm2_gguf  # noqa: E402
 from gguf_golden import GOLDEN, cases, vocab_digest  # noqa: E402
-from test_export import make_checkpoint  # noqa: E402
 
 
 def main() -> None:
