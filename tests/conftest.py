@@ -15,6 +15,22 @@ from checkpoints import build_once, make_checkpoint  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker (and what it starts: CLI commands, servers) runs on its own share of the
+    CPUs: onnxruntime's default threads follow the affinity (``session.default_threads``), and torch's follow
+    ``OMP_NUM_THREADS``, so two workers on two cores do not fight over both with spinning thread pools."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and count and hasattr(os, "sched_setaffinity")):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    n = int(count)
+    if len(cpus) < n:
+        return
+    mine = cpus[int(worker.removeprefix("gw")) % n :: n]
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny model folder (position_ids, fp32 KV, logits for every position)."""

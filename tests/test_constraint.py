@@ -395,19 +395,22 @@ def test_the_cli_refuses_a_bad_constraint_in_one_line(tiny_dir: Path, args: list
 # -- the real model ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_answers_validate_at_temperature_one(smollm2_dir: Path) -> None:
-    """100 answers of SmolLM2 at temperature 1.0 under a nested schema (objects, an array, enums, numbers, required
-    fields), through the engine: every one that ends by EOS parses and validates; a regex and a Lark grammar too."""
+    """40 answers of SmolLM2 at temperature 1.0 under a nested schema (objects, an array, enums, numbers, required
+    fields), through the engine: every one that ends by EOS parses and validates; a regex and a Lark grammar too.
+    (It drew 100 until 2026-12: the mask and the distribution under it are pinned on the tiny model above,
+    test_the_first_two_constrained_tokens_follow_the_documented_distribution; this test is for SmolLM2's real
+    tokenizer, which 40 answers cover.)"""
     model = er.Model.load(smollm2_dir)
     ids = model.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Describe a person as JSON: name, age, tags and their pet."}]
     )
     with er.Engine(model, max_batch=8, max_queue=100) as engine:
-        reqs = [engine.submit(ids, cfg(160, er.JsonSchema(PERSON), seed=s, temperature=1.0)) for s in range(100)]
+        reqs = [engine.submit(ids, cfg(160, er.JsonSchema(PERSON), seed=s, temperature=1.0)) for s in range(40)]
         done = [r.result(timeout=600) for r in reqs]
     ended = [c for c in done if c.finish_reason == "stop"]
     for c in ended:
         jsonschema.validate(json.loads(c.text), PERSON)
-    assert len(ended) >= 80, Counter(c.finish_reason for c in done)
+    assert len(ended) >= 32, Counter(c.finish_reason for c in done)
     phone = model.tokenizer.apply_chat_template([{"role": "user", "content": "Give me a phone number."}])
     lark = model.tokenizer.apply_chat_template([{"role": "user", "content": "Is the sky blue?"}])
     for seed in range(5):

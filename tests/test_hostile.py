@@ -497,7 +497,7 @@ def test_a_finished_or_cancelled_request_frees_its_router_while_its_handle_lives
             engine.submit("let me finish", er.GenerationConfig(max_new_tokens=3)),
         ]
         routers = [weakref.ref(h._sequence.chooser.router) for h in handles]  # type: ignore[union-attr]
-        outputs = [weakref.ref(h._sequence) for h in handles]
+        outputs = [weakref.ref(h._sequence.output) for h in handles]  # type: ignore[union-attr]
         handles[0].cancel()
         assert [h.result(timeout=30).finish_reason for h in handles] == ["cancelled", "length"]
         gc.disable()  # only reference counting: what a cycle would leave alive until a full collection

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -154,3 +155,18 @@ def test_unknown_provider_and_bad_threads(tiny_dir: Path) -> None:
     with pytest.raises(er.ConfigError) as e:
         er.Model.load(tiny_dir, threads=0)
     assert e.value.field == "threads"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_default_threads_follow_the_cpus_the_process_may_use() -> None:
+    """A process confined to some CPUs (taskset, a container's cpuset, an xdist worker) gets that many intra-op
+    threads by default, not the machine's count."""
+    from edgeroute.session import default_threads
+
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert default_threads() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert default_threads() == len(before)

@@ -44,8 +44,11 @@ def _first_two_exact(target: er.Model, ids: list[int], sampling: er.SamplingConf
     return out
 
 
-@pytest.mark.parametrize("drafter", ["model", "ngram"])
-def test_speculative_is_exact_in_distribution(pair, drafter: str) -> None:
+def test_speculative_is_exact_in_distribution(pair) -> None:
+    """The first two tokens of draft-model speculation under the full chain follow the target's routed
+    distribution. (An n-gram drafter ran the same 20,000 draws until 2026-12: it shares every step but the q rows,
+    which for it are one-hot, and those are pinned by test_verify_by_hand; its proposals by test_ngram_drafter,
+    and its tokens under greedy by test_greedy_speculation_equals_greedy[ngram].)"""
     target, draft = pair
     ids = target.tokenizer.encode(PROMPT + " the sea")
     exact = _first_two_exact(target, ids, FULL_CHAIN)
@@ -55,7 +58,7 @@ def test_speculative_is_exact_in_distribution(pair, drafter: str) -> None:
     # one generator, rewound to the prompt after each sample: its RNG stream goes on, so the samples are
     # independent draws like fresh seeded generators', without a new cache and a prefill of both models per sample
     cfg = er.GenerationConfig(max_new_tokens=3, sampling=FULL_CHAIN.replace(seed=0))
-    gen = target.generator(cfg, draft=draft if drafter == "model" else "ngram", draft_k=2)
+    gen = target.generator(cfg, draft=draft, draft_k=2)
     gen.append(ids)
     for _ in range(runs):
         t1, t2 = gen.step().token_id, gen.step().token_id
