@@ -39,10 +39,11 @@ $(DEMO_MODEL)/edgeroute.json: | $(DEMO_STAMP)  # order-only: a reinstall does no
 demo: $(DEMO_MODEL)/edgeroute.json
 	$(BIN)/edgeroute run $(DEMO_MODEL) --chat --temperature 0 "$(QUESTION)"
 
-# Two runs: the suite less Ray on two xdist workers (whole files per worker, so a module's fixtures are built once),
-# then the Ray tests alone (each starts a local cluster that wants both cores).
-test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not ray"
+# The slow tests use the demo's export (models/smollm2-135m, made here by the command as a user runs it, or reused).
+# Two runs: the suite less Ray on two xdist workers (worksteal: an idle worker takes tests from the busy one), then
+# the Ray tests alone (each starts a local cluster that wants both cores).
+test: $(TEST_STAMP) $(DEMO_MODEL)/edgeroute.json
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not ray"
 	$(BIN)/python -m pytest -m ray
 
 golden: $(TEST_STAMP)
