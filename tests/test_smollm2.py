@@ -20,12 +20,13 @@ def test_speculative_greedy_equals_greedy_for_256_tokens(smollm2_dir: Path, smol
     cfg = er.GenerationConfig(max_new_tokens=256, min_new_tokens=256, sampling=er.SamplingConfig(temperature=0))
     plain = target.generate(ids, cfg)
     assert len(plain.token_ids) == 256
+    rates = []
     for flows in ({"draft": draft, "draft_k": 4}, {"draft": "ngram", "draft_k": 4, "adaptive_k": True}):
         spec = target.generate(ids, cfg, **flows)
         assert spec.token_ids == plain.token_ids, flows
         assert spec.usage.draft_proposed > 0
-    with_draft = target.generate(ids, cfg, draft=draft, draft_k=4)
-    assert with_draft.usage.acceptance_rate > 0.3  # the int4 draft agrees with its fp32 target most of the time
+        rates.append(spec.usage.acceptance_rate)
+    assert rates[0] > 0.3  # the int4 draft agrees with its fp32 target most of the time
 
 
 def test_chat_session_on_smollm2(smollm2_dir: Path) -> None:
