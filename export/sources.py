@@ -129,7 +129,7 @@ def _load_checkpoint(path: Path, device: str) -> tuple[Any, Any, str]:
         model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
     except Exception as e:
         raise ExportError(f"cannot load the checkpoint {path}: {first_line(e)} (corrupt or incomplete?)") from e
-    return model.to(device).eval(), tok, model_type  # type: ignore[arg-type]  # transformers types .to() badly
+    return model.to(device).eval(), tok, model_type
 
 
 def load_source(
@@ -232,7 +232,7 @@ def _load_gguf(path: Path, device: str, own_tokenizer: bool, step: Step = NO_STE
     except Exception as e:
         raise ExportError(f"cannot load {path} through transformers' GGUF support: {first_line(e)}") from e
     check_architecture(model.config.model_type)
-    return Source(model.to(device).eval(), tok, "gguf", str(path), model.config.model_type)  # type: ignore[arg-type]
+    return Source(model.to(device).eval(), tok, "gguf", str(path), model.config.model_type)
 
 
 def check_tokenizer_dir(folder: str | Path) -> Path:
