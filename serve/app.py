@@ -156,6 +156,7 @@ def create_app(
     routes = [
         *(Route(e.path, api.generation(e), methods=["POST"]) for e in encoders),
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),
     ]
@@ -295,7 +296,7 @@ class _Api:
         body, media = self.metrics.render()
         return Response(body, media_type=media)
 
-    async def models(self, request: Request) -> Response:
+    def _model_entry(self) -> dict[str, Any]:
         s = self.state
         entry: dict[str, Any] = {
             "id": self.settings.model_name,
@@ -305,7 +306,19 @@ class _Api:
         }
         if s.model is not None:
             entry["context_length"] = s.model.context_length
-        return JSONResponse({"object": "list", "data": [entry]})
+        return entry
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_entry()]})
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (the clients' ``models.retrieve``): the served model, or a 404."""
+        wanted = request.path_params["model_id"]
+        if wanted != self.settings.model_name:
+            served = self.settings.model_name
+            message = f"The model '{wanted}' does not exist (this server serves '{served}')"
+            return error_response(APIError(404, message, "model", "model_not_found"))
+        return JSONResponse(self._model_entry())
 
     def generation(self, encoder: Encoder[Any]) -> Callable[[Request], Awaitable[Response]]:
         """The route of a generating endpoint: ``encoder``'s requests through the transport (``serve.transport``)."""

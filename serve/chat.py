@@ -143,17 +143,60 @@ def parse_chat(body: Any, model: er.Model, served: str, plain_content: bool = Fa
         messages = _show_calls(messages, model.tokenizer)
     if check_type(body, "logprobs", bool, "a boolean") is not True and body.get("top_logprobs") is not None:
         raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+    variables = template_variables(body, model.tokenizer)
     try:
         if tools is not None:
-            ids = render_messages(messages, tools, model.tokenizer, plain_content)
+            ids = render_messages(messages, tools, model.tokenizer, plain_content, variables)
         else:
-            ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, plain_content=plain_content)
+            ids = model.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, plain_content=plain_content, **variables
+            )
     except er.ConfigError as e:
         raise invalid("messages", f"messages: {e.reason}") from None
     except er.ChatTemplateError as e:
         raise invalid("messages", f"the model's chat template cannot render these messages: {e}") from None
     configs, flows = choice_configs(model, params, [ids], n, "messages")
     return ChatRequest(name, [ids], configs, flows, n, stream, include_usage, tools=tools)
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# the template's own names, which chat_template_kwargs may not replace
+_RESERVED = {"messages", "add_generation_prompt", "tools", "documents"}
+
+
+def template_variables(body: Mapping[str, Any], tokenizer: er.Tokenizer) -> dict[str, Any]:
+    """The chat template's extra variables: ``chat_template_kwargs`` (vLLM's, e.g. ``{"enable_thinking": false}``)
+    and ``reasoning_effort``, which sets the template's thinking switch where it has one (``enable_thinking``:
+    off for ``none`` and ``minimal``, on otherwise; unless ``chat_template_kwargs`` sets it) and is passed as
+    ``reasoning_effort`` to a template that reads that name. A template with neither cannot honour it: a 400."""
+    kwargs = check_type(body, "chat_template_kwargs", dict, "an object") or {}
+    for key in kwargs:
+        if not key.isidentifier() or key in _RESERVED or key in tokenizer.special_tokens:
+            where = f"chat_template_kwargs.{key if key.isidentifier() else short(key)}"
+            raise invalid(
+                where,
+                f"{where}: not a variable a request may set"
+                f" (not {', '.join(sorted(_RESERVED))} or a special token's name)",
+                "unsupported_value",
+            )
+    variables = dict(kwargs)
+    effort = check_type(body, "reasoning_effort", str, "a string")
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise invalid("reasoning_effort", f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
+        template = tokenizer.chat_template or ""
+        switch, named = "enable_thinking" in template, "reasoning_effort" in template
+        if not (switch or named):
+            raise invalid(
+                "reasoning_effort",
+                "reasoning_effort: this model's chat template has no thinking switch (enable_thinking)",
+                "unsupported_value",
+            )
+        if switch:
+            variables.setdefault("enable_thinking", effort not in ("none", "minimal"))
+        if named:
+            variables.setdefault("reasoning_effort", effort)
+    return variables
 
 
 def _response_format(body: Mapping[str, Any]) -> er.Constraint | None:
@@ -217,11 +260,13 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             raise invalid(
                 f"{where}.content", f"{where}.content must be a string or an array of text parts", "invalid_type"
             )
-        allowed = {"role", "content", "name"} | ({"tool_calls"} if role == "assistant" else set())
+        allowed = {"role", "content", "name"} | (_ASSISTANT if role == "assistant" else set())
         allowed |= {"tool_call_id"} if role == "tool" else set()
         extra = sorted(set(m) - allowed)
         if extra:
             raise invalid(f"{where}.{extra[0]}", f"{where}.{extra[0]} is not supported", "unsupported_value")
+        if role == "assistant":
+            content = _answer_back(m, content, where)
         msg: dict[str, Any] = {"role": role, "content": content or ""}
         if m.get("name") is not None:
             if not isinstance(m["name"], str):
@@ -240,6 +285,27 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             msg["tool_call_id"] = tid
         out.append(msg)
     return out
+
+
+# what an assistant message of a chat answer can carry when a client passes it back (the SDK's own message object,
+# ``messages.append(response.choices[0].message)``)
+_ASSISTANT = {"tool_calls", "refusal", "annotations", "audio", "function_call"}
+
+
+def _answer_back(m: Mapping[str, Any], content: str | None, where: str) -> str | None:
+    """An assistant message's content, given the fields an answer carries besides it: ``refusal`` (a refusal's text
+    is what the assistant said when there is no content), ``annotations`` (citations: no text of their own),
+    ``audio`` and the deprecated ``function_call``, which must be null (this server never answers with them)."""
+    refusal = m.get("refusal")
+    for name, kind, what in (("refusal", str, "a string"), ("annotations", list, "an array")):
+        if m.get(name) is not None and not isinstance(m[name], kind):
+            raise invalid(f"{where}.{name}", f"{where}.{name} must be {what} or null", "invalid_type")
+    for name, instead in (("audio", "text"), ("function_call", "tool_calls")):
+        if m.get(name) is not None:
+            raise invalid(
+                f"{where}.{name}", f"{where}.{name} is not supported: use {instead} (or null)", "unsupported_value"
+            )
+    return content if content or not refusal else refusal
 
 
 def _show_calls(messages: list[dict[str, Any]], tokenizer: er.Tokenizer) -> list[dict[str, Any]]:

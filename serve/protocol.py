@@ -29,8 +29,23 @@ MAX_N = 16  # choices per request: each is a request of its own in the engine
 _GENERATION_ONLY = {"prefill_chunk", "constraint"}  # an engine setting, and a Python object (response_format is JSON's)
 _COMMON = {"model", "n", "stream", "stream_options", "user"}
 _TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "response_format"} | _TOOLS | (PARAMETERS - _GENERATION_ONLY))
-COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"} | (PARAMETERS - _GENERATION_ONLY))
+# what today's OpenAI SDKs and frameworks send that does not change an answer: each is checked for its type and
+# otherwise left alone (nothing is stored; ``modalities`` must be ["text"])
+INERT = {
+    "metadata": dict,
+    "store": bool,
+    "service_tier": str,
+    "prompt_cache_key": str,
+    "safety_identifier": str,
+    "verbosity": str,
+    "modalities": list,
+}
+# vLLM's extras that serving benchmarks and eval clients send (both endpoints); the chat template's own variables
+_VLLM = {"ignore_eos", "skip_special_tokens"}
+_TEMPLATE = {"chat_template_kwargs", "reasoning_effort"}
+_ROUTER = PARAMETERS - _GENERATION_ONLY
+CHAT_FIELDS = frozenset(_COMMON | {"messages", "response_format"} | _TOOLS | set(INERT) | _VLLM | _TEMPLATE | _ROUTER)
+COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"} | _VLLM | _ROUTER)
 MAX_TOKEN_NAMES = ("max_tokens", "max_completion_tokens", "max_new_tokens")
 # JSON nesting a request body (and a tool call's arguments) may have: a JSON Schema or a tool's parameters of real
 # clients nest < 20 levels; deeper input only serves to exhaust a recursive reader (json, jinja, llguidance)
@@ -188,6 +203,17 @@ def parse_common(body: Any, allowed: frozenset[str], served: str) -> tuple[str, 
             404, f"The model '{model}' does not exist (this server serves '{served}')", "model", "model_not_found"
         )
     check_type(body, "user", str, "a string")
+    for name, kind in INERT.items():
+        check_type(body, name, kind, f"a{'n' if kind in (dict, list) else ''} {_KIND_NAMES[kind]}")
+    if body.get("modalities") is not None and body["modalities"] != ["text"]:
+        raise invalid("modalities", 'modalities: this server answers in text only (["text"])', "unsupported_value")
+    if body.get("skip_special_tokens") is not None:
+        if check_type(body, "skip_special_tokens", bool, "a boolean") is False:
+            raise invalid(
+                "skip_special_tokens",
+                "skip_special_tokens: false is not supported (special tokens are never part of the text)",
+                "unsupported_value",
+            )
     n = check_type(body, "n", int, "an integer")
     n = 1 if n is None else n
     if not 1 <= n <= MAX_N:
@@ -212,8 +238,19 @@ def parse_common(body: Any, allowed: frozenset[str], served: str) -> tuple[str, 
     return model or served, n, stream, include_usage
 
 
+_KIND_NAMES = {dict: "object", list: "array", bool: "boolean", str: "string"}
+
+
 def generation_params(body: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k in PARAMETERS}
+    """The router's and generation's parameters of ``body``; vLLM's ``ignore_eos`` (true: generate ``max_tokens``
+    tokens, the end-of-sequence token suppressed as under ``min_tokens``; stop strings still end the answer) is
+    kept under its name for :func:`choice_configs`."""
+    params = {k: v for k, v in body.items() if k in PARAMETERS}
+    if check_type(body, "ignore_eos", bool, "a boolean"):
+        if params.get("stop_token_ids"):
+            raise invalid("ignore_eos", "ignore_eos with stop_token_ids is not supported: use one", "unsupported_value")
+        params["ignore_eos"] = True
+    return params
 
 
 def choice_configs(
@@ -221,6 +258,8 @@ def choice_configs(
 ) -> tuple[list[list[er.GenerationConfig]], er.Flows]:
     """One config per prompt and choice: ``max_tokens`` not given means up to the model's default (256) that fits
     the context; choice i of a seeded request uses ``seed + i`` (same seed, same choices)."""
+    params = dict(params)
+    ignore_eos = params.pop("ignore_eos", False)
     try:
         config, flows = er.from_params(params, model.manifest.generation_defaults)
     except er.ConfigError as e:
@@ -247,6 +286,8 @@ def choice_configs(
                 cfg = cfg.replace(max_new_tokens=room)
             except er.ConfigError as e:  # min_tokens above what fits
                 raise from_config_error(e) from None
+        if ignore_eos:
+            cfg = cfg.replace(min_new_tokens=cfg.max_new_tokens)
         seed = cfg.sampling.seed
         row = [cfg if seed is None else cfg.replace(sampling=cfg.sampling.replace(seed=seed + i)) for i in range(n)]
         out.append(row)

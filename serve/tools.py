@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,20 +217,26 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
 
 
 def render_messages(
-    messages: list[dict[str, Any]], tools: Tools, tokenizer: er.Tokenizer, plain_content: bool = False
+    messages: list[dict[str, Any]],
+    tools: Tools,
+    tokenizer: er.Tokenizer,
+    plain_content: bool = False,
+    variables: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """The prompt's ids: the tools through the template, or (a template that ignores them) in a system message.
-    ``plain_content``: message contents tokenised as plain text (``Tokenizer.apply_chat_template``)."""
+    ``plain_content``: message contents tokenised as plain text (``Tokenizer.apply_chat_template``); ``variables``:
+    the template's extra variables (``chat_template_kwargs``)."""
     listed = tools.template_tools()
-    if tokenizer.render_chat(messages, tools=listed) != tokenizer.render_chat(messages):
-        return tokenizer.apply_chat_template(messages, True, plain_content, tools=listed)
+    extra = dict(variables or {})
+    if tokenizer.render_chat(messages, tools=listed, **extra) != tokenizer.render_chat(messages, **extra):
+        return tokenizer.apply_chat_template(messages, True, plain_content, tools=listed, **extra)
     text = tools.system_text()
     if messages and messages[0]["role"] in ("system", "developer"):
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}
         messages = [first, *messages[1:]]
     else:
         messages = [{"role": "system", "content": text}, *messages]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, plain_content=plain_content)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, plain_content=plain_content, **extra)
 
 
 def call_id() -> str:
