@@ -11,7 +11,7 @@ from typing import Any
 
 import edgeroute as er
 
-from .encoder import ChoiceStream, Encoder, Reply, logprob_entries
+from .encoder import ChoiceStream, Encoder, Reply, is_stop_entry, logprob_entries
 from .protocol import (
     CHAT_FIELDS,
     Parsed,
@@ -54,7 +54,8 @@ class ChatEncoder(Encoder[ChatRequest]):
         reason = finish(c.finish_reason)
         logprobs = None
         if c.logprobs is not None:
-            logprobs = {"content": [reply.texts.chat_entry(*e) for e in logprob_entries(c)], "refusal": None}
+            entries = [reply.texts.chat_entry(*e, stop=is_stop_entry(c, i)) for i, e in enumerate(logprob_entries(c))]
+            logprobs = {"content": entries, "refusal": None}
         message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
         call = parse_call(c.text, tools) if tools is not None and reason == "stop" else None
         if call is not None:
@@ -80,7 +81,8 @@ class _TextStream(ChoiceStream):
 
     def _logprobs(self, step: er.Step) -> dict[str, Any]:
         assert step.logprob is not None
-        entry = self.reply.texts.chat_entry(step.token_id, step.logprob, step.top_logprobs)
+        stop = self.reply.stop_token(self.index, step)
+        entry = self.reply.texts.chat_entry(step.token_id, step.logprob, step.top_logprobs, stop)
         return {"content": [entry], "refusal": None}
 
     def step(self, step: er.Step, logprobs: bool) -> list[dict[str, Any]]:

@@ -47,7 +47,7 @@ class CompletionsEncoder(Encoder[CompletionRequest]):
         lp_obj = None
         if c.logprobs is not None:
             want_top = reply.configs[index].top_logprobs > 0
-            lp_obj = reply.texts.completion_logprobs(logprob_entries(c), len(prefix), want_top)
+            lp_obj = reply.texts.completion_logprobs(logprob_entries(c), len(prefix), want_top, len(c.token_ids))
         return {"index": index, "text": prefix + c.text, "logprobs": lp_obj, "finish_reason": finish(c.finish_reason)}
 
     def opening(self, reply: Reply[CompletionRequest], index: int) -> dict[str, Any] | None:
@@ -81,7 +81,8 @@ class _TextStream(ChoiceStream):
                 assert step.logprob is not None
                 want_top = self.reply.configs[self.index].top_logprobs > 0
                 entries = [(step.token_id, step.logprob, step.top_logprobs)]
-                lp = self.reply.texts.completion_logprobs(entries, self.offset, want_top)
+                stop = self.reply.stop_token(self.index, step)
+                lp = self.reply.texts.completion_logprobs(entries, self.offset, want_top, 0 if stop else None)
             self.offset += len(step.text)
             out.append({"index": self.index, "text": step.text, "logprobs": lp, "finish_reason": None})
         if step.finish_reason is not None:

@@ -136,7 +136,7 @@ class Reply(Generic[P]):
         stream = self._streams.get(index)
         if stream is None:
             stream = self._streams[index] = self.encoder.stream(self, index)
-        want = self.configs[index].want_logprobs and step.logprob is not None and not self.stop_token(index, step)
+        want = self.configs[index].want_logprobs and step.logprob is not None
         return [self.event([entry]) for entry in stream.step(step, want)]
 
     def usage_event(self, completions: Sequence[er.Completion]) -> dict[str, Any] | None:
@@ -151,6 +151,11 @@ def completion_tokens(completions: Sequence[er.Completion]) -> int:
 
 
 def logprob_entries(completion: er.Completion) -> list[Entry]:
-    """A whole answer's tokens with their logprobs (the stop token that ended it, if any, left out)."""
-    entries: list[Entry] = [(lp.token_id, lp.logprob, lp.top) for lp in (completion.logprobs or [])]
-    return entries[: len(completion.token_ids)]
+    """A whole answer's tokens with their logprobs, one per token counted in ``usage.completion_tokens``: the stop
+    token that ended it included (its entry's text is empty: it is not part of the answer)."""
+    return [(lp.token_id, lp.logprob, lp.top) for lp in (completion.logprobs or [])]
+
+
+def is_stop_entry(completion: er.Completion, position: int) -> bool:
+    """Whether entry ``position`` of :func:`logprob_entries` is the stop token that ended the answer."""
+    return position >= len(completion.token_ids)

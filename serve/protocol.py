@@ -338,8 +338,12 @@ class TokenText:
             self._cache[token_id] = got
         return got
 
-    def chat_entry(self, token_id: int, logprob: float, top: Sequence[tuple[int, float]] | None) -> dict[str, Any]:
-        text, raw = self(token_id)
+    def chat_entry(
+        self, token_id: int, logprob: float, top: Sequence[tuple[int, float]] | None, stop: bool = False
+    ) -> dict[str, Any]:
+        """One entry of a chat answer's ``logprobs.content``; ``stop``: the token that ended the answer (counted in
+        the usage, not part of the text: its ``token`` is empty)."""
+        text, raw = ("", []) if stop else self(token_id)
         alts = []
         for t, v in top or ():
             s, b = self(t)
@@ -347,11 +351,17 @@ class TokenText:
         return {"token": text, "logprob": _lp(logprob), "bytes": raw, "top_logprobs": alts}
 
     def completion_logprobs(
-        self, entries: Sequence[tuple[int, float, Sequence[tuple[int, float]] | None]], offset: int, want_top: bool
+        self,
+        entries: Sequence[tuple[int, float, Sequence[tuple[int, float]] | None]],
+        offset: int,
+        want_top: bool,
+        text_tokens: int | None = None,
     ) -> dict[str, Any]:
+        """A completion's ``logprobs`` object; entries from ``text_tokens`` on (the stop token that ended the
+        answer) have an empty token text."""
         tokens, lps, tops, offsets = [], [], [], []
-        for token_id, logprob, top in entries:
-            text, _ = self(token_id)
+        for i, (token_id, logprob, top) in enumerate(entries):
+            text = "" if text_tokens is not None and i >= text_tokens else self(token_id)[0]
             offsets.append(offset)
             offset += len(text)
             tokens.append(text)

@@ -214,6 +214,50 @@ def test_reasoning_effort_without_a_thinking_switch_and_reserved_names_are_refus
     assert refused(server, {"messages": [USER], "chat_template_kwargs": [1]})["param"] == "chat_template_kwargs"
 
 
+# -- logprobs and usage agree --------------------------------------------------------------------------------------
+def test_logprobs_have_one_entry_per_completion_token(model: er.Model, client: openai.OpenAI) -> None:
+    """An answer that ends on the end-of-sequence token counts it in ``usage.completion_tokens`` and lists it in
+    the logprobs, with an empty token text: the entries' texts still join to the content."""
+    eos = sorted(model.manifest.eos_token_ids)[0]
+    alone_ids = model.tokenizer.apply_chat_template([USER], add_generation_prompt=True)
+    want = model.generate(alone_ids, er.GenerationConfig(max_new_tokens=8, sampling=er.SamplingConfig(temperature=0)))
+    third = want.token_ids[2]  # bias the end in after two tokens of the greedy answer: it ends by EOS
+    bias = {str(eos): 30, str(third): -100}
+    for stream in (False, True):
+        r = client.chat.completions.create(
+            model=NAME,
+            messages=[USER],
+            max_tokens=8,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            logit_bias=bias,
+            stream=stream,
+            stream_options={"include_usage": True} if stream else None,
+        )
+        if stream:
+            chunks = list(r)  # type: ignore[arg-type]
+            entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            used = chunks[-1].usage.completion_tokens  # type: ignore[union-attr]
+        else:
+            entries = r.choices[0].logprobs.content  # type: ignore[union-attr]
+            content, finish, used = (
+                r.choices[0].message.content,
+                [r.choices[0].finish_reason],
+                r.usage.completion_tokens,
+            )
+        assert finish == ["stop"] and len(entries) == used >= 1, (stream, len(entries), used)
+        assert entries[-1].token == "" and entries[-1].bytes == [] and entries[-1].logprob < 0
+        assert "".join(e.token for e in entries) == content
+    comp = client.completions.create(
+        model=NAME, prompt="Once upon", max_tokens=8, temperature=0, logprobs=1, logit_bias={str(eos): 100}
+    )
+    lp = comp.choices[0].logprobs
+    assert comp.usage.completion_tokens == len(lp.tokens) == 1 and lp.tokens == [""]  # type: ignore[union-attr]
+
+
 # -- models.retrieve ------------------------------------------------------------------------------------------------
 def test_models_retrieve(client: openai.OpenAI, model: er.Model) -> None:
     got = client.models.retrieve(NAME)

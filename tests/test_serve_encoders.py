@@ -128,7 +128,9 @@ def test_chat_stream_events_are_the_whole_answer_in_pieces(tiny: er.Model) -> No
         assert all(len(entry["top_logprobs"]) == 2 for entry in streamed)
 
 
-def test_a_stop_token_is_neither_content_nor_a_logprob(tiny: er.Model) -> None:
+def test_a_stop_token_is_no_content_and_its_logprob_entry_has_no_text(tiny: er.Model) -> None:
+    """The token that ends an answer is counted in the usage, so it has a logprob entry (as many entries as
+    completion tokens), with an empty token: it is not part of the content."""
     enc = ChatEncoder()
     parsed = enc.parse({"messages": QUESTION, "logprobs": True, "stream": True}, tiny, NAME)
     reply = reply_for(tiny, enc, parsed)
@@ -157,7 +159,18 @@ def test_a_stop_token_is_neither_content_nor_a_logprob(tiny: er.Model) -> None:
         ]
     ]
     assert [e["choices"] for e in reply.step(0, er.Step(eos, "", -0.1, "stop"))] == [
-        [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
+        [
+            {
+                "index": 0,
+                "delta": {"content": ""},
+                "logprobs": {
+                    "content": [{"token": "", "logprob": -0.1, "bytes": [], "top_logprobs": []}],
+                    "refusal": None,
+                },
+                "finish_reason": None,
+            }
+        ],
+        [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
     ]
 
 
