@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import tokens
 from .chat import ChatEncoder
 from .completions import CompletionsEncoder
 from .encoder import Encoder
@@ -157,6 +158,10 @@ def create_app(
         *(Route(e.path, api.generation(e), methods=["POST"]) for e in encoders),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
+        # vLLM's tokenizer routes at the root, where lm-eval's local-completions probes them (serve.tokens)
+        Route("/tokenizer_info", api.tokenizer_info, methods=["GET"]),
+        Route("/tokenize", api.tokenizer_route(tokens.tokenize), methods=["POST"]),
+        Route("/detokenize", api.tokenizer_route(tokens.detokenize), methods=["POST"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),
     ]
@@ -319,6 +324,22 @@ class _Api:
             message = f"The model '{wanted}' does not exist (this server serves '{served}')"
             return error_response(APIError(404, message, "model", "model_not_found"))
         return JSONResponse(self._model_entry())
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        model, _ = self._ready()
+        return JSONResponse(tokens.tokenizer_info(model))
+
+    def tokenizer_route(
+        self, handle: Callable[[Any, er.Model, str], dict[str, Any]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """The route of ``/tokenize`` or ``/detokenize``: the body read within the limits, ``handle`` in a thread."""
+
+        async def route(request: Request) -> Response:
+            model, _ = self._ready()
+            body = await self.transport.read_json(request)
+            return JSONResponse(await run_in_threadpool(handle, body, model, self.settings.model_name))
+
+        return route
 
     def generation(self, encoder: Encoder[Any]) -> Callable[[Request], Awaitable[Response]]:
         """The route of a generating endpoint: ``encoder``'s requests through the transport (``serve.transport``)."""

@@ -140,7 +140,7 @@ def parse_chat(body: Any, model: er.Model, served: str, plain_content: bool = Fa
     elif tools is not None:
         params["constraint"] = tools.constraint()
     # a guided_* field besides response_format or tools: from_params refuses the pair, naming the guided_* field
-    messages = _messages(body.get("messages"))
+    messages = parse_messages(body.get("messages"))
     if any("tool_calls" in m for m in messages):
         messages = _show_calls(messages, model.tokenizer)
     if check_type(body, "logprobs", bool, "a boolean") is not True and body.get("top_logprobs") is not None:
@@ -231,7 +231,7 @@ def _response_format(body: Mapping[str, Any]) -> er.Constraint | None:
         raise invalid(f"{where}.schema", f"{where}.schema: {e.reason}") from None
 
 
-def _messages(messages: Any) -> list[dict[str, Any]]:
+def parse_messages(messages: Any) -> list[dict[str, Any]]:
     if messages is None:
         raise invalid("messages", "messages is required", "missing_required_parameter")
     if not isinstance(messages, list) or not messages:

@@ -191,17 +191,23 @@ def check_type(body: Mapping[str, Any], name: str, types: type | tuple[type, ...
     return value
 
 
+def parse_model(body: Mapping[str, Any], served: str) -> str | None:
+    """The body's ``model``: absent, or the served name (another is a 404 ``model_not_found``)."""
+    model = check_type(body, "model", str, "a string")
+    if model is not None and model != served:
+        raise APIError(
+            404, f"The model '{model}' does not exist (this server serves '{served}')", "model", "model_not_found"
+        )
+    return model
+
+
 def parse_common(body: Any, allowed: frozenset[str], served: str) -> tuple[str, int, bool, bool]:
     if not isinstance(body, dict):
         raise invalid(None, "the request body must be a JSON object", "invalid_type")
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise invalid(unknown[0], f"{unknown[0]} is not a parameter of this endpoint", "unknown_parameter")
-    model = check_type(body, "model", str, "a string")
-    if model is not None and model != served:
-        raise APIError(
-            404, f"The model '{model}' does not exist (this server serves '{served}')", "model", "model_not_found"
-        )
+    model = parse_model(body, served)
     check_type(body, "user", str, "a string")
     for name, kind in INERT.items():
         check_type(body, name, kind, f"a{'n' if kind in (dict, list) else ''} {_KIND_NAMES[kind]}")

@@ -50,6 +50,10 @@ class Transport:
             return StreamingResponse(answer.events(), media_type="text/event-stream", headers=SSE_HEADERS)
         return JSONResponse(await answer.collect(request))
 
+    async def read_json(self, request: Request) -> Any:
+        """The body as JSON, read within the same limits as a generating request's."""
+        return load_json(await self._body(request))
+
     async def _body(self, request: Request) -> bytes:
         """The body, within ``max_body_bytes`` (413) and ``read_timeout`` seconds (408)."""
         limit = self.max_body_bytes

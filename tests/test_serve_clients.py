@@ -266,3 +266,57 @@ def test_models_retrieve(client: openai.OpenAI, model: er.Model) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("other-model")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"  # type: ignore[index]
+
+
+# -- vLLM's tokenizer routes at the root (lm-eval's local-completions probes them) ---------------------------------
+def test_the_tokenizer_routes_answer_in_vllms_shape(model: er.Model, server: Running) -> None:
+    tok = model.tokenizer
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        info = http.get("/tokenizer_info").json()
+        assert info["eos_token"] == tok.special_tokens["eos_token"] and info["bos_token"] == tok.special_tokens.get(
+            "bos_token"
+        )
+        assert info["chat_template"] == tok.chat_template and info["model_max_length"] == model.context_length
+        text = "Hello world! The capital of France is Paris."
+        got = http.post("/tokenize", json={"model": NAME, "prompt": text, "add_special_tokens": False}).json()
+        assert got["tokens"] == tok.encode(text, add_special_tokens=False) and got["count"] == len(got["tokens"])
+        assert got["max_model_len"] == model.context_length and got["token_strs"] is None
+        plain = http.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+        assert plain["tokens"] == tok.encode(text) and len(plain["token_strs"]) == plain["count"]
+        assert "".join(plain["token_strs"]).endswith("Paris.")
+        chat = http.post("/tokenize", json={"messages": [USER]}).json()
+        assert chat["tokens"] == tok.apply_chat_template([USER], add_generation_prompt=True)
+        back = http.post("/detokenize", json={"tokens": chat["tokens"]}).json()
+        assert back == {"prompt": tok.decode(chat["tokens"], skip_special_tokens=False)}
+        assert "<|im_start|>" in back["prompt"] and USER["content"] in back["prompt"]
+        assert http.post("/detokenize", json={"tokens": got["tokens"]}).json()["prompt"] == text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/tokenize", {"prompt": "x", "temperature": 0}, 400, "temperature"),
+        ("/tokenize", {}, 400, "prompt"),
+        ("/tokenize", {"prompt": 3}, 400, "prompt"),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": "no"}, 400, "add_special_tokens"),
+        ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+        ("/tokenize", {"prompt": "x", "model": "other"}, 404, "model"),
+        ("/detokenize", {"tokens": [1, True]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+        ("/detokenize", {"tokens": "1 2"}, 400, "tokens"),
+        ("/detokenize", {"tokens": [1], "skip": 1}, 400, "skip"),
+    ],
+)
+def test_the_tokenizer_routes_name_what_is_wrong(
+    server: Running, path: str, body: dict[str, Any], status: int, param: str
+) -> None:
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_tokenizer_routes_need_the_key_when_the_server_has_one(model: er.Model) -> None:
+    with Running(create_app(model, Settings(NAME, api_key="s3cret"))) as srv:
+        assert httpx.post(srv.url + "/tokenize", json={"prompt": "x"}, timeout=60).status_code == 401
+        assert httpx.get(srv.url + "/tokenizer_info", timeout=60).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(srv.url + "/tokenize", json={"prompt": "x"}, headers=auth, timeout=60).status_code == 200
