@@ -36,6 +36,7 @@ from .output import Completion, Hypothesis, Step, TokenLogprob, Usage
 from .params import Flows, from_params
 from .request import Request
 from .sampling import Distribution, Processor, Router, Truncation, make_chain
+from .scoring import Score, TokenScore
 from .session import available_providers
 from .tokenizer import Tokenizer
 
@@ -77,8 +78,10 @@ __all__ = [
     "Request",
     "Router",
     "SamplingConfig",
+    "Score",
     "Step",
     "TokenLogprob",
+    "TokenScore",
     "Tokenizer",
     "Truncation",
     "Usage",

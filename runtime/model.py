@@ -2,6 +2,8 @@
 session, tokenizer, KV caches) with the convenience calls on top: :meth:`Model.generator` (a stateful
 :class:`~edgeroute.Generator`) and :meth:`Model.generate` (one prompt, a batch of prompts, or beam search).
 
+:meth:`Model.score` scores continuations of a context (log-likelihood evaluation).
+
 A Model may be used from several threads at once, each with its own Generator: it holds no per-request state.
 """
 
@@ -17,12 +19,23 @@ from .generator import Generator, generate_batch
 from .graph import Graph
 from .output import Completion
 from .params import Flows
+from .scoring import Score, score
 
 Prompt = str | Sequence[int]
 
 
 class Model(Graph):
     """An exported model folder ready to generate. Build it with :meth:`Model.load`."""
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def score(self, context: Prompt, continuations: Sequence[Prompt], top_logprobs: int = 0) -> list[Score]:
+        """The log-likelihood of each continuation given ``context``, token by token from the raw logits (no
+        router), with greedy flags and the ``top_logprobs`` most likely alternatives per position (0 to 20).
+
+        The context is computed once and shared by the continuations (``edgeroute.scoring``). Texts are split as
+        lm-evaluation-harness splits them; token ids are used as given.
+        """
+        return score(self, context, continuations, top_logprobs)
 
     # -- generation ------------------------------------------------------------------------------------------
     def generator(

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import edgeroute as er
+from edgeroute.scoring import prompt_scores
 
 from .encoder import ChoiceStream, Encoder, Reply, logprob_entries
 from .protocol import (
     COMPLETION_FIELDS,
     MAX_N,
+    MAX_TOKEN_NAMES,
     Parsed,
     check_type,
     choice_configs,
@@ -27,6 +29,8 @@ from .protocol import (
 class CompletionRequest(Parsed):
     echo: bool = False
     prompt_texts: list[str] = field(default_factory=list)  # [prompt]: the text of each (echoed)
+    # [prompt]: each prompt token after the first scored from the raw logits (echo with logprobs), else empty
+    prompt_scores: list[list[er.TokenScore]] = field(default_factory=list)
 
 
 class CompletionsEncoder(Encoder[CompletionRequest]):
@@ -48,12 +52,16 @@ class CompletionsEncoder(Encoder[CompletionRequest]):
         if c.logprobs is not None:
             want_top = reply.configs[index].top_logprobs > 0
             lp_obj = reply.texts.completion_logprobs(logprob_entries(c), len(prefix), want_top, len(c.token_ids))
+            echoed = _echoed_logprobs(reply, index)
+            if echoed is not None:
+                lp_obj = {k: None if echoed[k] is None else echoed[k] + lp_obj[k] for k in lp_obj}
         return {"index": index, "text": prefix + c.text, "logprobs": lp_obj, "finish_reason": finish(c.finish_reason)}
 
     def opening(self, reply: Reply[CompletionRequest], index: int) -> dict[str, Any] | None:
         if not reply.p.echo:
             return None
-        return {"index": index, "text": _echoed(reply, index), "logprobs": None, "finish_reason": None}
+        lp = _echoed_logprobs(reply, index)
+        return {"index": index, "text": _echoed(reply, index), "logprobs": lp, "finish_reason": None}
 
     def stream(self, reply: Reply[CompletionRequest], index: int) -> ChoiceStream:
         return _TextStream(reply, index)
@@ -62,6 +70,16 @@ class CompletionsEncoder(Encoder[CompletionRequest]):
 def _echoed(reply: Reply[CompletionRequest], index: int) -> str:
     """The prompt's text that choice ``index`` starts with (``echo``), else ``""``."""
     return reply.p.prompt_texts[reply.prompt_index(index)] if reply.p.echo else ""
+
+
+def _echoed_logprobs(reply: Reply[CompletionRequest], index: int) -> dict[str, Any] | None:
+    """The echoed prompt's part of choice ``index``'s logprobs (``echo`` with ``logprobs``), else None: one entry
+    per prompt token, ``null`` first (the first token has no context), each from the raw logits."""
+    if not (reply.p.echo and reply.p.prompt_scores):
+        return None
+    p = reply.prompt_index(index)
+    want_top = reply.configs[index].top_logprobs > 0
+    return reply.texts.prompt_logprobs(reply.p.prompts[p], reply.p.prompt_scores[p], want_top)
 
 
 class _TextStream(ChoiceStream):
@@ -105,15 +123,20 @@ def parse_completion(body: Any, model: er.Model, served: str) -> CompletionReque
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
         raise invalid("logprobs", "logprobs must be an integer in [0, 20] for completions", "invalid_type")
-    if echo and logprobs is not None:
-        raise invalid("echo", "echo with logprobs (the prompt's logprobs) is not supported", "unsupported_value")
     if body.get("top_logprobs") is not None:
         raise invalid(
             "top_logprobs", "top_logprobs is a chat parameter: completions take logprobs: int", "unknown_parameter"
         )
     prompts, texts = _prompts(body.get("prompt"), model)
-    configs, flows = choice_configs(model, generation_params(body), prompts, n, "prompt")
-    return CompletionRequest(name, prompts, configs, flows, n, stream, include_usage, echo, texts)
+    params = generation_params(body)
+    if echo and any(params.get(k) == 0 for k in MAX_TOKEN_NAMES):
+        # the prompt's logprobs alone, as older eval clients ask for them: one token is generated (vLLM's rule)
+        params = {k: 1 if k in MAX_TOKEN_NAMES and v == 0 else v for k, v in params.items()}
+    configs, flows = choice_configs(model, params, prompts, n, "prompt")
+    scores = []
+    if echo and logprobs is not None:  # lm-eval's log-likelihood contract: every prompt token's logprob
+        scores = [prompt_scores(model, ids, logprobs) for ids in prompts]
+    return CompletionRequest(name, prompts, configs, flows, n, stream, include_usage, echo, texts, scores)
 
 
 def _prompts(prompt: Any, model: er.Model) -> tuple[list[list[int]], list[str]]:

@@ -356,6 +356,23 @@ class TokenText:
             alts.append({"token": s, "logprob": _lp(v), "bytes": b})
         return {"token": text, "logprob": _lp(logprob), "bytes": raw, "top_logprobs": alts}
 
+    def prompt_logprobs(self, ids: Sequence[int], scores: Sequence[er.TokenScore], want_top: bool) -> dict[str, Any]:
+        """The echoed prompt's part of a completion's ``logprobs``: every prompt token, the first with ``null``
+        logprob and top alternatives (nothing comes before it), offsets from the echoed text's start."""
+        tokens, offsets, offset = [], [], 0
+        for token_id in ids:
+            text, _ = self(token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        tops: list[Any] = [None] + [{self(t)[0]: _lp(v) for t, v in s.top} for s in scores]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None] + [_lp(s.logprob) for s in scores],
+            "top_logprobs": tops if want_top else None,
+            "text_offset": offsets,
+        }
+
     def completion_logprobs(
         self,
         entries: Sequence[tuple[int, float, Sequence[tuple[int, float]] | None]],

@@ -270,7 +270,7 @@ def test_a_streamed_echo_opens_with_the_prompt(tiny: er.Model) -> None:
         (ChatEncoder(), {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_value"),
         (ChatEncoder(), {"messages": QUESTION, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
         (ChatEncoder(), {"messages": QUESTION, "tool_choice": "auto"}, "tool_choice", "invalid_value"),
-        (CompletionsEncoder(), {"prompt": "x", "echo": True, "logprobs": 1}, "echo", "unsupported_value"),
+        (CompletionsEncoder(), {"prompt": "x", "echo": "yes", "logprobs": 1}, "echo", "invalid_type"),
         (CompletionsEncoder(), {"prompt": "x", "n": 17}, "n", "invalid_value"),
         (CompletionsEncoder(), {"prompt": [1, 99999]}, "prompt", "invalid_value"),
         (CompletionsEncoder(), {"prompt": "x", "messages": QUESTION}, "messages", "unknown_parameter"),

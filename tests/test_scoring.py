@@ -1,0 +1,163 @@
+"""Scoring (``Model.score``, ``edgeroute.scoring``) and the server's log-likelihood contract (``echo`` with
+``logprobs`` on ``/v1/completions``, as lm-evaluation-harness's ``local-completions`` reads it), on tiny models,
+against a token-by-token reference computed from the full sequence's logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import edgeroute as er
+import httpx
+import numpy as np
+import openai
+import pytest
+from edgeroute import scoring
+from edgeroute.sampling import log_softmax
+from edgeroute.serve import Settings, create_app
+from serve_helpers import Running
+from tiny_model import write_tiny_model
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> er.Model:
+    return er.Model.load(write_tiny_model(tmp_path_factory.mktemp("score") / "model", kv_layout="shared"))
+
+
+def reference(model: er.Model, ids: list[int]) -> np.ndarray:
+    """log p(ids[i] | ids[:i]) for i >= 1 from one run over the whole sequence with every position's logits."""
+    logits = model.forward_last(np.asarray([ids], dtype=np.int64), model.new_cache(1), len(ids))[0]
+    return np.array([log_softmax(logits[i - 1])[ids[i]] for i in range(1, len(ids))])
+
+
+@pytest.mark.parametrize("kind", ["concat", "shared"])
+def test_score_equals_the_full_logits_reference(tiny: er.Model, shared: er.Model, kind: str) -> None:
+    model = tiny if kind == "concat" else shared
+    ctx = model.tokenizer.encode("The capital of France is")
+    endings = [" Paris.", " a robot that paints the sea and the sky", " Rome"]
+    conts = [model.tokenizer.encode(e, add_special_tokens=False) for e in endings]
+    got = model.score(ctx, conts, top_logprobs=3)
+    assert len(got) == 3
+    for cont, s in zip(conts, got, strict=True):
+        want = reference(model, ctx + cont)[len(ctx) - 1 :]
+        assert s.token_ids == cont
+        np.testing.assert_allclose([t.logprob for t in s.tokens], want, atol=1e-5)
+        assert s.logprob == pytest.approx(float(want.sum()), abs=1e-4)
+        for t in s.tokens:
+            assert len(t.top) == 3 and t.top[0][1] >= t.top[1][1] >= t.top[2][1]
+            assert t.greedy == (t.top[0][0] == t.token_id) and (not t.greedy or t.top[0][1] == t.logprob)
+
+
+def test_long_continuations_cross_chunks_and_the_context_is_fed_once(shared: er.Model, monkeypatch) -> None:
+    """Feeds of more than CHUNK positions are cut into chunks of kept logits; the context's positions are run once
+    for all continuations."""
+    monkeypatch.setattr(scoring, "CHUNK", 5)
+    ids = shared.tokenizer.encode("Once upon a time a little robot learned to paint the sea and the sky. " * 2)
+    ctx, rest = ids[:7], ids[7:]
+    fed: list[int] = []
+    forward = er.Model.forward_last
+
+    def spy(self: er.Model, input_ids: np.ndarray, cache: Any, n_last: int, *a: Any, **k: Any) -> np.ndarray:
+        fed.append(input_ids.shape[1])
+        assert n_last <= 5
+        return forward(self, input_ids, cache, n_last, *a, **k)
+
+    monkeypatch.setattr(er.Model, "forward_last", spy)
+    got = shared.score(ctx, [rest, rest[:3]])
+    assert sum(fed) == (len(ctx) - 1) + len(rest) + 3  # the context once, each continuation after it
+    monkeypatch.setattr(er.Model, "forward_last", forward)
+    np.testing.assert_allclose([t.logprob for t in got[0].tokens], reference(shared, ids)[len(ctx) - 1 :], atol=1e-5)
+    assert [t.logprob for t in got[1].tokens] == [t.logprob for t in got[0].tokens[:3]]
+
+
+def test_text_pairs_are_split_as_lm_eval_splits_them(tiny: er.Model) -> None:
+    tok = tiny.tokenizer
+    (s,) = tiny.score("The capital of France is ", ["Paris"])  # the trailing space moves to the continuation
+    whole, ctx = tok.encode("The capital of France is Paris"), tok.encode("The capital of France is")
+    assert s.token_ids == whole[len(ctx) :]
+    bos = tok.token_to_id(tok.special_tokens["bos_token"])
+    (empty,) = tiny.score("", ["Hello world"])  # an empty context: the BOS token stands for it
+    np.testing.assert_allclose(
+        [t.logprob for t in empty.tokens], reference(tiny, [bos, *tok.encode("Hello world", False)]), atol=1e-5
+    )
+
+
+def test_scoring_mistakes_are_config_errors(tiny: er.Model) -> None:
+    cases: list[tuple[Any, Any, int, str]] = [
+        ([1, 2], [[3]], 21, "top"),
+        ([1, 2], [], 0, "continuations"),
+        ([1, 2], "abc", 0, "continuations"),
+        ([1, 2], [[]], 0, "continuations"),
+        ([], [[3]], 0, "context"),
+        ("text", [[3]], 0, "continuations"),
+        ([1, 2], [[10**6]], 0, "continuations"),
+        ([1] * 400, [[2] * 200], 0, "continuations"),  # more positions than the context holds
+    ]
+    for context, conts, top, field in cases:
+        with pytest.raises(er.ConfigError) as e:
+            tiny.score(context, conts, top_logprobs=top)
+        assert e.value.field == field, (context, conts, top)
+
+
+# -- the server: echo with logprobs (lm-eval's local-completions) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def server(shared: er.Model):
+    with Running(create_app(shared, Settings(NAME, max_batch=4, max_queue=8))) as srv:
+        yield srv
+
+
+def test_echo_logprobs_follow_lm_evals_contract(shared: er.Model, server: Running) -> None:
+    """What lm-eval sends (token-id prompts in a list, echo, logprobs 1, max_tokens 1) and reads: one choice per
+    prompt by index; token_logprobs null first then one per prompt token (raw logits, whatever the sampling), then
+    the generated token; a non-empty top_logprobs dict whose best value is the same float as a greedy token's."""
+    tok = shared.tokenizer
+    prompts = [tok.encode("The capital of France is Paris."), tok.encode("Once upon a time a little robot")]
+    body = {"model": NAME, "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    body |= {"seed": 1234, "repetition_penalty": 1.5, "top_k": 3}  # the router must not touch the prompt's scores
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1]
+    for ids, choice in zip(prompts, choices, strict=True):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1 == len(lp["tokens"]) == len(lp["text_offset"])
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1 : len(ids)], reference(shared, ids), atol=1e-5)
+        ctxlen = 2
+        for value, top in zip(lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1], strict=True):
+            assert isinstance(top, dict) and len(top) == 1
+            assert (value == max(top.values())) == (value >= max(top.values()) - 1e-12)  # greedy: the same float
+        assert choice["text"].startswith(tok.decode(ids))
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_echo_through_the_official_client_with_max_tokens_zero_and_text(shared: er.Model, server: Running) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    text = "The capital of France is Paris."
+    ids = shared.tokenizer.encode(text)
+    for max_tokens in (0, 1):  # older clients sent 0: one token is generated, as vLLM does
+        r = client.completions.create(
+            model=NAME, prompt=text, echo=True, logprobs=2, max_tokens=max_tokens, temperature=0
+        )
+        lp = r.choices[0].logprobs
+        assert lp is not None and len(lp.token_logprobs) == len(ids) + 1  # type: ignore[arg-type]
+        np.testing.assert_allclose(lp.token_logprobs[1 : len(ids)], reference(shared, ids), atol=1e-5)  # type: ignore[index]
+        # two alternatives each (fewer where two tokens have one text, as byte pieces of the tiny vocabulary do)
+        assert all(0 < len(t) <= 2 for t in lp.top_logprobs[1:]) and lp.top_logprobs[0] is None  # type: ignore[union-attr,index]
+    streamed = list(
+        client.completions.create(model=NAME, prompt=[ids], echo=True, logprobs=0, max_tokens=2, stream=True)
+    )
+    first = streamed[0].choices[0]
+    assert first.text == shared.tokenizer.decode(ids) and first.logprobs is not None
+    assert first.logprobs.token_logprobs[0] is None and len(first.logprobs.token_logprobs) == len(ids)  # type: ignore[index,arg-type]
+    assert first.logprobs.top_logprobs is None  # logprobs 0: no alternatives
+
+
+def test_id_prompts_get_no_bos_and_max_tokens_zero_needs_echo(shared: er.Model, server: Running) -> None:
+    ids = shared.tokenizer.encode("capital of France", add_special_tokens=False)
+    body = {"model": NAME, "prompt": [ids], "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0}
+    lp = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1  # no BOS added in front of an id prompt
+    r = httpx.post(server.url + "/v1/completions", json={**body, "echo": False, "max_tokens": 0}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] in ("max_tokens", "max_new_tokens"), r.text
