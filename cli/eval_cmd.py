@@ -81,6 +81,15 @@ def table(report: dict[str, Any]) -> str:
 @click.option("--no-plots", is_flag=True, help="With --out: no PNGs (no matplotlib needed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Requests generated at once.")
+@click.option(
+    "--choices",
+    "choices_file",
+    type=click.Path(),
+    default=None,
+    help="Multiple-choice items (JSONL: context, choices, answer): report acc and acc_norm as lm-eval does"
+    " instead of sweeping.",
+)
+@click.option("--delimiter", default=" ", show_default=True, help="With --choices: put between context and choice.")
 @constraint_options
 @model_options
 @verbose_option
@@ -101,6 +110,8 @@ def eval_cmd(
     no_plots: bool,
     as_json: bool,
     batch: int,
+    choices_file: str | None,
+    delimiter: str,
     provider: str,
     threads: int | None,
     ctx_size: int | None,
@@ -109,6 +120,11 @@ def eval_cmd(
     """Measure how router settings trade diversity for quality on MODEL (an exported folder)."""
     from edgeroute import eval as ev
 
+    if choices_file is not None:
+        if sweeps or sweep_file or base or prompts_file or constraint_params(flags):
+            raise click.UsageError("--choices scores a multiple-choice file: give no sweep, prompts or constraint")
+        _choices(choices_file, delimiter, model_path, provider, threads, ctx_size, num_prompts, out, as_json)
+        return
     specs = list(sweeps) + (ev.read_sweep_file(sweep_file) if sweep_file else [])
     settings = ev.parse_sweeps(specs or [DEFAULT_SWEEP])
     base_params = dict(ev.parse_sweep(base)[0].params) if base else {}
@@ -164,3 +180,41 @@ def eval_cmd(
             f"{data['seeds']['last']}, judge {data['judge']}, 95% bootstrap intervals over prompts;"
             f" {data['seconds']:.1f} s"
         )
+
+
+def _choices(
+    path: str,
+    delimiter: str,
+    model_path: str,
+    provider: str,
+    threads: int | None,
+    ctx_size: int | None,
+    limit: int | None,
+    out: str | None,
+    as_json: bool,
+) -> None:
+    """``edgeroute eval MODEL --choices FILE``: acc and acc_norm of a multiple-choice file (lm-eval's figures)."""
+    from pathlib import Path
+
+    from edgeroute.eval.choices import evaluate_choices, read_items
+
+    items = read_items(path)[:limit] if limit else read_items(path)
+    model = load_model(model_path, provider, threads, ctx_size=ctx_size)
+    with Steps("eval") as steps:
+        steps.start(f"scoring {len(items)} items", total=len(items), unit="items")
+        data = evaluate_choices(model, items, delimiter, progress=steps.advance).as_dict()
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "choices.json"
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.replace(target)  # never half-written
+        click.echo(f"wrote {target}", err=True)
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False))
+        return
+    for name in ("acc", "acc_norm"):
+        fig = data[name]
+        click.echo(f"{name:<9}{fig['value']:.4f} ± {fig['stderr']:.4f}")
+    click.echo(f"{data['items']} items in {data['seconds']:.1f} s ({data['items_per_second']:.2f} items/s)")

@@ -161,3 +161,63 @@ def test_id_prompts_get_no_bos_and_max_tokens_zero_needs_echo(shared: er.Model, 
     assert len(lp["tokens"]) == len(ids) + 1  # no BOS added in front of an id prompt
     r = httpx.post(server.url + "/v1/completions", json={**body, "echo": False, "max_tokens": 0}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] in ("max_tokens", "max_new_tokens"), r.text
+
+
+# -- edgeroute eval --choices: lm-eval's acc and acc_norm from a local file ------------------------------------------
+ITEMS = [
+    {"context": "The capital of France is", "choices": ["Paris.", "a robot.", "Rome and the sea"], "answer": 0},
+    {"context": "Once upon a time a little robot", "choices": ["learned to paint", "the"], "answer": 1},
+    {"query": "Hello world!", "choices": ["edgeroute routes tokens", "sky"], "gold": 0},
+]
+
+
+def test_eval_choices_reports_lm_evals_accuracies(tiny: er.Model, tiny_dir, tmp_path) -> None:  # noqa: ANN001
+    import json as _json
+
+    from click.testing import CliRunner
+    from edgeroute.cli import cli
+    from edgeroute.eval.choices import evaluate_choices, read_items
+
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(_json.dumps(i) for i in ITEMS) + "\n\n", encoding="utf-8")
+    items = read_items(path)
+    report = evaluate_choices(tiny, items).as_dict()
+    acc = acc_norm = 0
+    for item, sample in zip(items, report["samples"], strict=True):
+        lls = [s.logprob for s in tiny.score(item.context, [" " + c for c in item.choices])]
+        assert sample["loglikelihoods"] == lls
+        acc += int(np.argmax(lls)) == item.answer
+        acc_norm += int(np.argmax([ll / len(c) for ll, c in zip(lls, item.choices, strict=True)])) == item.answer
+    assert report["acc"]["value"] == acc / 3 and report["acc_norm"]["value"] == acc_norm / 3
+    res = CliRunner().invoke(cli, ["eval", str(tiny_dir), "--choices", str(path), "--json", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = _json.loads(res.stdout)
+    assert data["acc"] == report["acc"] and data["items"] == 3
+    assert _json.loads((tmp_path / "choices.json").read_text(encoding="utf-8"))["samples"] == report["samples"]
+    table = CliRunner().invoke(cli, ["eval", str(tiny_dir), "--choices", str(path)])
+    assert table.exit_code == 0 and table.stdout.startswith("acc ") and "items/s" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"context": "x", "choices": ["a"], "answer": 0}', "2 to 26"),
+        ('{"context": "x", "choices": ["a", "b"], "answer": 2}', "0 to 1"),
+        ('{"choices": ["a", "b"], "answer": 0}', '"context"'),
+        ("not json", "not valid JSON"),
+    ],
+)
+def test_eval_choices_names_the_bad_line(tiny_dir, tmp_path, line: str, needle: str) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    path = tmp_path / "items.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-m", "edgeroute.cli", "eval", str(tiny_dir), "--choices", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and needle in out.stderr and "line 1" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
