@@ -163,7 +163,7 @@ def test_id_prompts_get_no_bos_and_max_tokens_zero_needs_echo(shared: er.Model, 
     assert r.status_code == 400 and r.json()["error"]["param"] in ("max_tokens", "max_new_tokens"), r.text
 
 
-# -- edgeroute eval --choices: lm-eval's acc and acc_norm from a local file ------------------------------------------
+# -- edgeroute eval --choices: lm-eval's acc and acc_norm from a local file ---------------------------------------
 ITEMS = [
     {"context": "The capital of France is", "choices": ["Paris.", "a robot.", "Rome and the sea"], "answer": 0},
     {"context": "Once upon a time a little robot", "choices": ["learned to paint", "the"], "answer": 1},
@@ -221,3 +221,27 @@ def test_eval_choices_names_the_bad_line(tiny_dir, tmp_path, line: str, needle: 
     )
     assert out.returncode == 1 and needle in out.stderr and "line 1" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+# -- exact against PyTorch ---------------------------------------------------------------------------------------
+@pytest.mark.export
+def test_score_equals_pytorch_on_an_exported_checkpoint(checkpoint, exported) -> None:  # noqa: ANN001
+    """fp32 scores of an exported Llama-family checkpoint equal transformers' log-softmax of the same tokens to
+    1e-4 (what lm-eval's --model hf computes)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder = exported("llama")
+    model = er.Model.load(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("llama")).eval()
+    rng = np.random.default_rng(0)
+    ctx = rng.integers(3, model.vocab_size, 90).tolist()  # more than a chunk of context
+    conts = [rng.integers(3, model.vocab_size, n).tolist() for n in (1, 5, 70)]
+    got = model.score(ctx, conts, top_logprobs=1)
+    for cont, s in zip(conts, got, strict=True):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ctx + cont])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        want = [float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)]
+        np.testing.assert_allclose([t.logprob for t in s.tokens], want, atol=1e-4)
+        greedy = [int(logp[len(ctx) - 1 + i].argmax()) == t for i, t in enumerate(cont)]
+        assert [t.greedy for t in s.tokens] == greedy
