@@ -24,6 +24,8 @@ from .protocol import (
     parse_common,
     short,
 )
+from .reasoning import ThinkSplit, opens_thinking, thinks
+from .reasoning import split as reasoning_split
 from .tools import CallStream, Tools, call_id, parse_call, parse_tools, render_messages
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -32,6 +34,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 @dataclass
 class ChatRequest(Parsed):
     tools: Tools | None = None  # None: no tools in play (none given, or tool_choice "none")
+    # a reasoning model (serve.reasoning): whether its answer starts inside the thinking block; None: it does not think
+    think: bool | None = None
 
 
 class ChatEncoder(Encoder[ChatRequest]):
@@ -56,8 +60,11 @@ class ChatEncoder(Encoder[ChatRequest]):
         if c.logprobs is not None:
             entries = [reply.texts.chat_entry(*e, stop=is_stop_entry(c, i)) for i, e in enumerate(logprob_entries(c))]
             logprobs = {"content": entries, "refusal": None}
-        message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
-        call = parse_call(c.text, tools) if tools is not None and reason == "stop" else None
+        reasoning, content = (None, c.text) if reply.p.think is None else reasoning_split(c.text, reply.p.think)
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if reasoning is not None:
+            message["reasoning_content"] = message["reasoning"] = reasoning
+        call = parse_call(content or "", tools) if tools is not None and reason == "stop" else None
         if call is not None:
             message["content"] = None
             message["tool_calls"] = [{"id": call_id(), "type": "function", "function": call}]
@@ -73,11 +80,23 @@ class ChatEncoder(Encoder[ChatRequest]):
 
 
 class _TextStream(ChoiceStream):
-    """A streamed chat choice without tools: content deltas, then the finish reason."""
+    """A streamed chat choice without tools: content deltas (a reasoning model's thinking as ``reasoning_content``
+    and ``reasoning`` deltas first), then the finish reason."""
 
     def __init__(self, reply: Reply[ChatRequest], index: int) -> None:
         self.reply = reply
         self.index = index
+        self.think = None if reply.p.think is None else ThinkSplit(reply.p.think)
+
+    def _deltas(self, step: er.Step) -> list[dict[str, Any]]:
+        if self.think is None:
+            return [{"content": step.text}] if step.text else []
+        pieces = self.think.push(step.text)
+        if step.finish_reason is not None:
+            pieces += self.think.flush()
+        return [
+            {"reasoning_content": p, "reasoning": p} if kind == "reasoning" else {"content": p} for kind, p in pieces
+        ]
 
     def _logprobs(self, step: er.Step) -> dict[str, Any]:
         assert step.logprob is not None
@@ -86,10 +105,14 @@ class _TextStream(ChoiceStream):
         return {"content": [entry], "refusal": None}
 
     def step(self, step: er.Step, logprobs: bool) -> list[dict[str, Any]]:
-        out = []
-        if step.text or logprobs:
-            lp = self._logprobs(step) if logprobs else None
-            out.append({"index": self.index, "delta": {"content": step.text}, "logprobs": lp, "finish_reason": None})
+        deltas = self._deltas(step)
+        if logprobs and not deltas:
+            deltas = [{"content": ""}]
+        lp = self._logprobs(step) if logprobs else None
+        out: list[dict[str, Any]] = [
+            {"index": self.index, "delta": delta, "logprobs": lp if j == 0 else None, "finish_reason": None}
+            for j, delta in enumerate(deltas)
+        ]
         if step.finish_reason is not None:
             reason = finish(step.finish_reason)
             out.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason})
@@ -158,7 +181,8 @@ def parse_chat(body: Any, model: er.Model, served: str, plain_content: bool = Fa
     except er.ChatTemplateError as e:
         raise invalid("messages", f"the model's chat template cannot render these messages: {e}") from None
     configs, flows = choice_configs(model, params, [ids], n, "messages")
-    return ChatRequest(name, [ids], configs, flows, n, stream, include_usage, tools=tools)
+    think = opens_thinking(model.tokenizer, ids) if thinks(model.tokenizer) else None
+    return ChatRequest(name, [ids], configs, flows, n, stream, include_usage, tools=tools, think=think)
 
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
