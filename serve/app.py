@@ -38,6 +38,7 @@ from .completions import CompletionsEncoder
 from .encoder import Encoder
 from .metrics import Metrics
 from .protocol import APIError
+from .responses import ResponsesEncoder
 from .transport import Transport, shutting_down, too_large
 
 log = logging.getLogger("edgeroute.serve")
@@ -152,7 +153,11 @@ def create_app(
                 await run_in_threadpool(state.engine.close)
 
     # the generating endpoints: adding one is adding its encoder here (``serve.encoder``)
-    encoders: list[Encoder[Any]] = [ChatEncoder(plain_content=settings.plain_content), CompletionsEncoder()]
+    encoders: list[Encoder[Any]] = [
+        ChatEncoder(plain_content=settings.plain_content),
+        CompletionsEncoder(),
+        ResponsesEncoder(plain_content=settings.plain_content),
+    ]
     api = _Api(state, settings, health)
     routes = [
         *(Route(e.path, api.generation(e), methods=["POST"]) for e in encoders),

@@ -139,6 +139,11 @@ class Reply(Generic[P]):
         want = self.configs[index].want_logprobs and step.logprob is not None
         return [self.event([entry]) for entry in stream.step(step, want)]
 
+    def closing(self, completions: Sequence[er.Completion]) -> list[dict[str, Any]]:
+        """The events after every choice's last step, before ``[DONE]``: the usage event when asked for."""
+        last = self.usage_event(completions)
+        return [] if last is None else [last]
+
     def usage_event(self, completions: Sequence[er.Completion]) -> dict[str, Any] | None:
         """The last event before ``[DONE]`` (``choices: []`` and the usage) when the client asked for it."""
         if not self.p.include_usage:

@@ -207,9 +207,8 @@ class Answer:
                 for event in self.reply.step(i, item):
                     yield sse(event)
             else:
-                last = self.reply.usage_event(self._results())
-                if last is not None:
-                    yield sse(last)
+                for event in self.reply.closing(self._results()):
+                    yield sse(event)
             yield "data: [DONE]\n\n"
             finished = True
         finally:
