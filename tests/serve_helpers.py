@@ -93,3 +93,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def openai_client(server: Running, api_key: str = "unused") -> Any:
+    """The official client on ``server``'s ``/v1``: no retries, a bounded timeout."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=60)

@@ -6,14 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import edgeroute as er
-import openai
 import pytest
 from edgeroute.serve import Settings, create_app
 from edgeroute.serve.chat import ChatEncoder
 from edgeroute.serve.encoder import Reply
 from edgeroute.serve.protocol import TokenText, fingerprint
 from edgeroute.serve.reasoning import ThinkSplit, split
-from serve_helpers import Running
+from serve_helpers import Running, openai_client
 from tiny_model import CHATML
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]
@@ -87,7 +86,7 @@ def test_a_served_reasoning_model_answers_with_reasoning_content(make_tiny: Any)
     alone = model.generate(ids, er.GenerationConfig(max_new_tokens=10, sampling=er.SamplingConfig(temperature=0)))
     assert "</think>" not in alone.text
     with Running(create_app(model, Settings("m"))) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(srv)
         r = client.chat.completions.create(model="m", messages=USER, max_tokens=10, temperature=0)  # type: ignore[arg-type]
         message = r.choices[0].message.model_dump()
         assert message["content"] is None and message["reasoning_content"] == alone.text.strip()

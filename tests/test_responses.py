@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from edgeroute.serve import Settings, create_app
-from serve_helpers import Running
+from serve_helpers import Running, openai_client
 from tiny_model import write_tiny_model
 
 NAME = "tiny"
@@ -42,7 +42,7 @@ def server(model: er.Model):
 
 @pytest.fixture(scope="module")
 def client(server: Running) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def alone(model: er.Model, messages: list[dict[str, Any]], tokens: int = 12) -> er.Completion:

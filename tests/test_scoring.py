@@ -9,12 +9,11 @@ from typing import Any
 import edgeroute as er
 import httpx
 import numpy as np
-import openai
 import pytest
 from edgeroute import scoring
 from edgeroute.sampling import log_softmax
 from edgeroute.serve import Settings, create_app
-from serve_helpers import Running
+from serve_helpers import Running, openai_client
 from tiny_model import write_tiny_model
 
 NAME = "tiny"
@@ -133,7 +132,7 @@ def test_echo_logprobs_follow_lm_evals_contract(shared: er.Model, server: Runnin
 
 
 def test_echo_through_the_official_client_with_max_tokens_zero_and_text(shared: er.Model, server: Running) -> None:
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai_client(server)
     text = "The capital of France is Paris."
     ids = shared.tokenizer.encode(text)
     for max_tokens in (0, 1):  # older clients sent 0: one token is generated, as vLLM does

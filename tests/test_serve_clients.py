@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from edgeroute.serve import Settings, create_app
-from serve_helpers import Running
+from serve_helpers import Running, openai_client
 from tiny_model import CHATML, write_tiny_model
 
 NAME = "org/tiny"  # a served name with a slash, as Hugging Face ids have
@@ -41,7 +41,7 @@ def server(model: er.Model):
 
 @pytest.fixture(scope="module")
 def client(server: Running) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def alone(model: er.Model, messages: list[dict[str, Any]], tokens: int = 12, **template: Any) -> er.Completion:
@@ -179,7 +179,7 @@ def test_chat_template_kwargs_and_reasoning_effort_set_the_thinking_switch(think
     on = thinker.tokenizer.apply_chat_template([USER], add_generation_prompt=True)
     assert len(off) > len(on)  # the template writes an empty thinking block when thinking is off
     with Running(create_app(thinker, Settings(NAME))) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(srv)
 
         def ask(**extra: Any) -> Any:
             return client.chat.completions.create(
