@@ -21,18 +21,16 @@ transformers==4.57.6``).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from serve import Server, free_port  # bench/serve.py
 
-TASK = """task: edgeroute_mc
+TASK = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -46,31 +44,46 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """
+NAME = "edgeroute_mc"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def write_task(folder: Path, items: Path) -> Path:
+    """An lm-eval task folder for a multiple-choice JSONL file (``--include_path`` it, ``--tasks`` :data:`NAME`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{NAME}.yaml").write_text(TASK.format(name=NAME, items=items.resolve()), encoding="utf-8")
+    return folder
 
 
-def lm_eval(python: str, tasks: Path, model: str, args: str, out: Path) -> dict[int, list[float]]:
-    cmd = [python, "-m", "lm_eval", "--model", model, "--tasks", "edgeroute_mc", "--include_path", str(tasks)]
-    cmd += ["--model_args", args, "--log_samples", "--output_path", str(out)]
-    if model == "hf":
-        cmd += ["--device", "cpu"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
-    print(f"lm_eval --model {model}: {time.perf_counter() - t0:.1f} s")
-    (samples,) = glob.glob(f"{out}/**/samples_edgeroute_mc_*.jsonl", recursive=True)
+def lm_eval(python: str, tasks: Path, model: str, args: str, out: Path, samples: bool = True) -> list[str]:
+    """The lm_eval command line for ``model`` (with ``--model_args args``) over the task folder ``tasks``."""
+    cmd = [python, "-m", "lm_eval", "--model", model, "--tasks", NAME, "--include_path", str(tasks)]
+    cmd += ["--model_args", args, "--output_path", str(out)] + (["--log_samples"] if samples else [])
+    return cmd + (["--device", "cpu"] if model == "hf" else [])
+
+
+def accuracy(out: Path) -> tuple[float, float]:
+    """(acc, acc_norm) of an lm_eval run's results under ``out``."""
+    (results,) = out.glob("**/results_*.json")
+    r = json.loads(results.read_text(encoding="utf-8"))["results"][NAME]
+    return r["acc,none"], r["acc_norm,none"]
+
+
+def loglikelihoods(out: Path) -> dict[int, list[float]]:
+    """Each item's choices' log-likelihoods from an lm_eval run's logged samples under ``out``."""
+    (samples,) = out.glob(f"**/samples_{NAME}_*.jsonl")
     lls = {}
-    for line in Path(samples).read_text(encoding="utf-8").splitlines():
+    for line in samples.read_text(encoding="utf-8").splitlines():
         s = json.loads(line)
         lls[s["doc_id"]] = [float(r[0]) for r in s["filtered_resps"]]
-    (results,) = glob.glob(f"{out}/**/results_*.json", recursive=True)
-    r = json.loads(Path(results).read_text(encoding="utf-8"))["results"]["edgeroute_mc"]
-    print(f"  acc {r['acc,none']:.4f}  acc_norm {r['acc_norm,none']:.4f}")
     return lls
+
+
+def run_lm_eval(python: str, tasks: Path, model: str, args: str, out: Path) -> dict[int, list[float]]:
+    t0 = time.perf_counter()
+    subprocess.run(lm_eval(python, tasks, model, args, out), check=True, capture_output=True, text=True, timeout=3600)
+    acc, norm = accuracy(out)
+    print(f"lm_eval --model {model}: {time.perf_counter() - t0:.1f} s, acc {acc:.4f}  acc_norm {norm:.4f}")
+    return loglikelihoods(out)
 
 
 def main() -> None:
@@ -81,29 +94,16 @@ def main() -> None:
     ap.add_argument("--lm-eval-python", required=True)
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lm-eval-check-"))
-    (work / "tasks").mkdir()
-    (work / "tasks" / "edgeroute_mc.yaml").write_text(TASK.format(items=Path(a.items).resolve()), encoding="utf-8")
-    port = free_port()
+    tasks = write_task(work / "tasks", Path(a.items))
     exe = Path(sys.executable).parent / "edgeroute"
-    server = subprocess.Popen(
-        [str(exe), "serve", a.export, "--port", str(port), "--model-name", "m"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = free_port()
+    server = Server("lm-eval-check", [str(exe), "serve", a.export, "--port", str(port), "--model-name", "m"], port)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        served = lm_eval(a.lm_eval_python, work / "tasks", "local-completions", f"model=m,base_url={url}", work / "s")
+        args = f"model=m,base_url={server.url}/v1/completions"
+        served = run_lm_eval(a.lm_eval_python, tasks, "local-completions", args, work / "s")
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-    hf = lm_eval(a.lm_eval_python, work / "tasks", "hf", f"pretrained={a.checkpoint},dtype=float32", work / "h")
+        server.stop()
+    hf = run_lm_eval(a.lm_eval_python, tasks, "hf", f"pretrained={a.checkpoint},dtype=float32", work / "h")
     ours = subprocess.run(
         [str(exe), "eval", a.export, "--choices", a.items, "--json"], check=True, capture_output=True, text=True
     )

@@ -24,29 +24,15 @@ import argparse
 import json
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from lm_eval_check import accuracy, lm_eval, write_task
 
-TASK = """task: edgeroute_bench_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {items}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
+from serve import Server, free_port, gguf_path  # bench/serve.py
 
 
 def make_items(n: int, seed: int = 0) -> list[dict[str, object]]:
@@ -72,10 +58,7 @@ def prepare_hf(export: Path, folder: Path) -> None:
     """SmolLM2's GGUF as a PyTorch folder with the export's tokenizer."""
     import transformers
 
-    script = Path(__file__).parent / "smollm2_gguf.py"
-    gguf = Path(
-        subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout.strip()
-    )
+    gguf = Path(gguf_path())
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     model.save_pretrained(folder)
     manifest = json.loads((export / "edgeroute.json").read_text(encoding="utf-8"))
@@ -94,12 +77,6 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
     return time.perf_counter() - t0, rss, out.stdout
 
 
-def lm_eval_accuracy(folder: Path) -> tuple[float, float]:
-    (results,) = folder.glob("**/results_*.json")
-    r = json.loads(results.read_text(encoding="utf-8"))["results"]["edgeroute_bench_mc"]
-    return r["acc,none"], r["acc_norm,none"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("export", type=Path)
@@ -113,8 +90,7 @@ def main() -> None:
     items = make_items(a.items)
     path = work / "items.jsonl"
     path.write_text("\n".join(json.dumps(i) for i in items) + "\n", encoding="utf-8")
-    (work / "tasks").mkdir()
-    (work / "tasks" / "task.yaml").write_text(TASK.format(items=path), encoding="utf-8")
+    tasks = write_task(work / "tasks", path)
     if a.prepare_hf is not None:
         prepare_hf(a.export, a.prepare_hf)
         a.hf = a.prepare_hf
@@ -124,53 +100,20 @@ def main() -> None:
     data = json.loads(out)
     rows.append(("edgeroute eval --choices", secs, rss, data["acc"]["value"], data["acc_norm"]["value"]))
     if a.lm_eval_python:
-        base = [
-            a.lm_eval_python,
-            "-m",
-            "lm_eval",
-            "--tasks",
-            "edgeroute_bench_mc",
-            "--include_path",
-            str(work / "tasks"),
-        ]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen(
-            [str(exe), "serve", str(a.export), "--port", str(port), "--model-name", "m"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        port = free_port()
+        server = Server("scoring", [str(exe), "serve", str(a.export), "--port", str(port), "--model-name", "m"], port)
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            url = f"http://127.0.0.1:{port}/v1/completions"
-            args = f"model=m,base_url={url},num_concurrent={a.concurrent},max_length=2048"
-            secs, rss, _ = timed(
-                [*base, "--model", "local-completions", "--model_args", args, "--output_path", str(work / "lc")]
-            )
-            rows.append(
-                (
-                    f"lm-eval local-completions -> edgeroute serve (x{a.concurrent})",
-                    secs,
-                    rss,
-                    *lm_eval_accuracy(work / "lc"),
-                )
-            )
+            args = f"model=m,base_url={server.url}/v1/completions,num_concurrent={a.concurrent},max_length=2048"
+            cmd = lm_eval(a.lm_eval_python, tasks, "local-completions", args, work / "lc", samples=False)
+            secs, rss, _ = timed(cmd)
+            name = f"lm-eval local-completions -> edgeroute serve (x{a.concurrent})"
+            rows.append((name, secs, rss, *accuracy(work / "lc")))
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            server.stop()
         if a.hf is not None:
-            args = f"pretrained={a.hf},dtype=float32"
-            secs, rss, _ = timed(
-                [*base, "--model", "hf", "--model_args", args, "--device", "cpu", "--output_path", str(work / "hf")]
-            )
-            rows.append(("lm-eval hf (PyTorch fp32)", secs, rss, *lm_eval_accuracy(work / "hf")))
+            cmd = lm_eval(a.lm_eval_python, tasks, "hf", f"pretrained={a.hf},dtype=float32", work / "hf", samples=False)
+            secs, rss, _ = timed(cmd)
+            rows.append(("lm-eval hf (PyTorch fp32)", secs, rss, *accuracy(work / "hf")))
     print(f"{a.items} items x 4 choices, {a.export}")
     print(f"{'system':<52}{'s':>8}{'items/s':>9}{'peak RSS MB':>13}{'acc':>7}{'acc_norm':>10}")
     for name, secs, rss, acc, norm in rows:

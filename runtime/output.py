@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import GenerationConfig
-from .sampling import log_softmax
+from .sampling import log_softmax, top_logprobs
 from .tokenizer import TextStream
 
 if TYPE_CHECKING:
@@ -177,13 +177,7 @@ class TurnOutput:
 
     def _logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
         logp = log_softmax(logits)
-        k = self.config.top_logprobs
-        top: tuple[tuple[int, float], ...] = ()
-        if k:
-            part = np.argpartition(logp, len(logp) - k)[len(logp) - k :]
-            part = part[np.argsort(-logp[part], kind="stable")]
-            top = tuple((int(i), float(logp[i])) for i in part)
-        return TokenLogprob(int(token), float(logp[token]), top)
+        return TokenLogprob(int(token), float(logp[token]), top_logprobs(logp, self.config.top_logprobs))
 
     def _accept(self, token: int, lp: TokenLogprob | None) -> Step:
         t = self.turn

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import ConfigError
 from .graph import Graph, Prompt
 from .kv_cache import Cache
-from .sampling import log_softmax
+from .sampling import log_softmax, top_logprobs
 
 CHUNK = 64  # positions per graph run while scoring: 64 x 49,152 float32 logits (SmolLM2) are 12.6 MB
 MAX_TOP = 20  # alternatives per position, as OpenAI's logprobs allow
@@ -121,13 +121,7 @@ def _token_score(row: np.ndarray, target: int, top: int) -> TokenScore:
         raise ConfigError("continuations", target, f"is not a token id of this model's vocabulary ({len(row)})")
     logp = log_softmax(row)
     value = float(logp[target])
-    best = float(logp.max())
-    alternatives: tuple[tuple[int, float], ...] = ()
-    if top:
-        part = np.argpartition(logp, len(logp) - top)[len(logp) - top :]
-        part = part[np.argsort(-logp[part], kind="stable")]
-        alternatives = tuple((int(i), float(logp[i])) for i in part)
-    return TokenScore(int(target), value, value == best, alternatives)
+    return TokenScore(int(target), value, value == float(logp.max()), top_logprobs(logp, top))
 
 
 def _feed(graph: Graph, cache: Cache, ids: list[int]) -> None:
@@ -162,8 +156,8 @@ def _pair(graph: Graph, context: Prompt, continuation: Prompt) -> tuple[list[int
     whole = graph.tokenizer.encode(stripped + continuation)
     ctx = graph.tokenizer.encode(stripped) if stripped else []
     if not ctx:  # an empty context: the model's BOS, else its end-of-sequence token, as lm-eval prefixes it
-        prefix = graph.tokenizer.token_to_id(graph.tokenizer.special_tokens.get("bos_token") or "")
-        prefix = prefix if prefix is not None else graph.manifest.eos_token_ids[0]
+        bos = graph.manifest.bos_token_id
+        prefix = bos if bos is not None else graph.manifest.eos_token_ids[0]
         return [prefix], graph.tokenizer.encode(continuation, add_special_tokens=False)
     return ctx, whole[len(ctx) :]
 

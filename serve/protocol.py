@@ -43,9 +43,11 @@ INERT = {
 # vLLM's extras that serving benchmarks and eval clients send (both endpoints); the chat template's own variables
 _VLLM = {"ignore_eos", "skip_special_tokens"}
 _TEMPLATE = {"chat_template_kwargs", "reasoning_effort"}
-_ROUTER = PARAMETERS - _GENERATION_ONLY
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "response_format"} | _TOOLS | set(INERT) | _VLLM | _TEMPLATE | _ROUTER)
-COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"} | _VLLM | _ROUTER)
+ROUTER_FIELDS = PARAMETERS - _GENERATION_ONLY  # the router's and generation's fields a request may send
+CHAT_FIELDS = frozenset(
+    _COMMON | {"messages", "response_format"} | _TOOLS | set(INERT) | _VLLM | _TEMPLATE | ROUTER_FIELDS
+)
+COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"} | _VLLM | ROUTER_FIELDS)
 MAX_TOKEN_NAMES = ("max_tokens", "max_completion_tokens", "max_new_tokens")
 # JSON nesting a request body (and a tool call's arguments) may have: a JSON Schema or a tool's parameters of real
 # clients nest < 20 levels; deeper input only serves to exhaust a recursive reader (json, jinja, llguidance)
@@ -201,12 +203,18 @@ def parse_model(body: Mapping[str, Any], served: str) -> str | None:
     return model
 
 
-def parse_common(body: Any, allowed: frozenset[str], served: str) -> tuple[str, int, bool, bool]:
+def check_fields(body: Any, allowed: frozenset[str] | set[str]) -> dict[str, Any]:
+    """``body`` as a JSON object with no field outside ``allowed`` (else a 400 naming the first unknown one)."""
     if not isinstance(body, dict):
         raise invalid(None, "the request body must be a JSON object", "invalid_type")
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise invalid(unknown[0], f"{unknown[0]} is not a parameter of this endpoint", "unknown_parameter")
+    return body
+
+
+def parse_common(body: Any, allowed: frozenset[str], served: str) -> tuple[str, int, bool, bool]:
+    body = check_fields(body, allowed)
     model = parse_model(body, served)
     check_type(body, "user", str, "a string")
     for name, kind in INERT.items():
@@ -359,38 +367,30 @@ class TokenText:
     def prompt_logprobs(self, ids: Sequence[int], scores: Sequence[er.TokenScore], want_top: bool) -> dict[str, Any]:
         """The echoed prompt's part of a completion's ``logprobs``: every prompt token, the first with ``null``
         logprob and top alternatives (nothing comes before it), offsets from the echoed text's start."""
-        tokens, offsets, offset = [], [], 0
-        for token_id in ids:
-            text, _ = self(token_id)
-            tokens.append(text)
-            offsets.append(offset)
-            offset += len(text)
-        tops: list[Any] = [None] + [{self(t)[0]: _lp(v) for t, v in s.top} for s in scores]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [None] + [_lp(s.logprob) for s in scores],
-            "top_logprobs": tops if want_top else None,
-            "text_offset": offsets,
-        }
+        entries = [(ids[0], None, None), *((s.token_id, s.logprob, s.top) for s in scores)]
+        return self.completion_logprobs(entries, 0, want_top)
 
     def completion_logprobs(
         self,
-        entries: Sequence[tuple[int, float, Sequence[tuple[int, float]] | None]],
+        entries: Sequence[tuple[int, float | None, Sequence[tuple[int, float]] | None]],
         offset: int,
         want_top: bool,
         text_tokens: int | None = None,
     ) -> dict[str, Any]:
         """A completion's ``logprobs`` object; entries from ``text_tokens`` on (the stop token that ended the
-        answer) have an empty token text."""
-        tokens, lps, tops, offsets = [], [], [], []
+        answer) have an empty token text; an entry without a logprob (a prompt's first token) has ``null`` ones."""
+        tokens: list[str] = []
+        lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for i, (token_id, logprob, top) in enumerate(entries):
             text = "" if text_tokens is not None and i >= text_tokens else self(token_id)[0]
             offsets.append(offset)
             offset += len(text)
             tokens.append(text)
-            lps.append(_lp(logprob))
+            lps.append(None if logprob is None else _lp(logprob))
             if want_top:
-                tops.append({self(t)[0]: _lp(v) for t, v in top or ()})
+                tops.append(None if logprob is None else {self(t)[0]: _lp(v) for t, v in top or ()})
         return {
             "tokens": tokens,
             "token_logprobs": lps,

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 import edgeroute as er
-from edgeroute.params import PARAMETERS
 
 from .chat import ChatEncoder, ChatRequest, parse_chat
 from .encoder import ChoiceStream, Encoder, Reply
-from .protocol import APIError, TokenText, check_type, invalid, short
+from .protocol import MAX_TOKEN_NAMES, ROUTER_FIELDS, APIError, TokenText, check_fields, check_type, invalid, short
 
 _FIELDS = {
     "model",
@@ -45,7 +44,11 @@ _FIELDS = {
     "safety_identifier",
     "prompt_cache_key",
 }
-_ROUTER = PARAMETERS - {"prefill_chunk", "constraint", "max_tokens", "max_completion_tokens", "max_new_tokens"}
+# the router's extra fields as chat takes them (the length is max_output_tokens here)
+_ROUTER = ROUTER_FIELDS - set(MAX_TOKEN_NAMES)
+# fields chat takes under the same name and meaning
+_AS_IN_CHAT = {"model", "stream", "user", "metadata", "store", "service_tier", "safety_identifier"}
+_AS_IN_CHAT |= {"prompt_cache_key", "temperature", "top_p", "parallel_tool_calls"}
 # chat's parameter names in its errors -> this endpoint's
 _RENAMED = (("messages", "input"), ("response_format.json_schema", "text.format"), ("max_tokens", "max_output_tokens"))
 
@@ -86,11 +89,7 @@ class ResponsesEncoder(Encoder[ResponsesRequest]):
 
 def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The chat request a Responses request stands for, and the request fields the response repeats."""
-    if not isinstance(body, dict):
-        raise invalid(None, "the request body must be a JSON object", "invalid_type")
-    unknown = sorted(set(body) - _FIELDS - _ROUTER)
-    if unknown:
-        raise invalid(unknown[0], f"{unknown[0]} is not a parameter of this endpoint", "unknown_parameter")
+    body = check_fields(body, _FIELDS | _ROUTER)
     if body.get("previous_response_id") is not None:
         raise invalid(
             "previous_response_id",
@@ -99,15 +98,9 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     if body.get("truncation") not in (None, "disabled"):
         raise invalid("truncation", "truncation: only 'disabled' (a prompt that does not fit is a 400)")
-    chat: dict[str, Any] = {k: v for k, v in body.items() if k in _ROUTER}
-    for k in ("model", "stream", "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"):
-        if k in body:
-            chat[k] = body[k]
+    chat: dict[str, Any] = {k: v for k, v in body.items() if k in _ROUTER | _AS_IN_CHAT}
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
-    for k in ("temperature", "top_p", "parallel_tool_calls"):
-        if k in body:
-            chat[k] = body[k]
     reasoning = check_type(body, "reasoning", dict, "an object")
     if reasoning:
         extra = sorted(set(reasoning) - {"effort", "summary"})
@@ -237,7 +230,6 @@ class ResponsesReply(Reply[ResponsesRequest]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sequence = 0
-        self.text = ""  # what has been generated so far (streamed)
         self.live = self.p.tools is None and self.p.think is None  # text deltas as they come
         self.msg_id = "msg_" + uuid.uuid4().hex[:24]
         self.opened = False
@@ -329,7 +321,6 @@ class ResponsesReply(Reply[ResponsesRequest]):
         ]
 
     def step(self, index: int, step: er.Step) -> list[dict[str, Any]]:
-        self.text += step.text
         if not self.live or not step.text:
             return []
         out = [] if self.opened else self._open()

@@ -10,7 +10,7 @@ from typing import Any
 import edgeroute as er
 
 from .chat import parse_messages, template_variables
-from .protocol import check_type, invalid, parse_model
+from .protocol import check_fields, check_type, invalid, parse_model
 
 MAX_DETOKENIZE = 131_072  # ids per /detokenize request
 _PROMPT = {"model", "prompt", "add_special_tokens", "return_token_strs"}
@@ -83,9 +83,4 @@ def detokenize(body: Any, model: er.Model, served: str) -> dict[str, Any]:
 
 
 def _fields(body: Any, allowed: set[str], served: str) -> None:
-    if not isinstance(body, dict):
-        raise invalid(None, "the request body must be a JSON object", "invalid_type")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise invalid(unknown[0], f"{unknown[0]} is not a parameter of this endpoint", "unknown_parameter")
-    parse_model(body, served)
+    parse_model(check_fields(body, allowed), served)

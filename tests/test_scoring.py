@@ -75,8 +75,9 @@ def test_text_pairs_are_split_as_lm_eval_splits_them(tiny: er.Model) -> None:
     (s,) = tiny.score("The capital of France is ", ["Paris"])  # the trailing space moves to the continuation
     whole, ctx = tok.encode("The capital of France is Paris"), tok.encode("The capital of France is")
     assert s.token_ids == whole[len(ctx) :]
-    bos = tok.token_to_id(tok.special_tokens["bos_token"])
-    (empty,) = tiny.score("", ["Hello world"])  # an empty context: the BOS token stands for it
+    bos = tiny.manifest.bos_token_id
+    bos = bos if bos is not None else tiny.manifest.eos_token_ids[0]
+    (empty,) = tiny.score("", ["Hello world"])  # an empty context: BOS (else EOS) stands for it, as in lm-eval
     np.testing.assert_allclose(
         [t.logprob for t in empty.tokens], reference(tiny, [bos, *tok.encode("Hello world", False)]), atol=1e-5
     )

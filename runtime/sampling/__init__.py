@@ -23,6 +23,7 @@ from .ops import (
     min_p,
     softmax,
     top_k,
+    top_logprobs,
     top_p,
     typical,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "min_p",
     "softmax",
     "top_k",
+    "top_logprobs",
     "top_p",
     "typical",
 ]

@@ -103,6 +103,18 @@ def log_softmax(logits: np.ndarray, dtype: type[np.floating] | None = None) -> n
 
 
 # -- truncation over a candidate set --------------------------------------------------------------------------
+
+
+def top_logprobs(logp: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The ``k`` most likely ids of a log-probability vector with their values, most likely first (ties in id
+    order): the top alternatives of OpenAI's logprobs and of scoring."""
+    if k <= 0:
+        return ()
+    part = np.argpartition(logp, len(logp) - k)[len(logp) - k :]
+    part = part[np.argsort(-logp[part], kind="stable")]
+    return tuple((int(i), float(logp[i])) for i in part)
+
+
 def _take(ids: Ids, logits: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (keep if ids is None else ids[keep]), logits[keep]
 
