@@ -12,7 +12,8 @@ from .config import GenerationConfig
 from .errors import ConfigError
 from .grammar import GrammarStage
 from .output import stop_ids
-from .sampling import make_chain
+from .sampling import Constraining, make_chain
+from .thinking import ThinkFirst
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -36,7 +37,11 @@ class TokenChooser:
                 "stop_token_ids", outside[0], f"is outside the vocabulary (ids 0..{model.vocab_size - 1})"
             )
         self.rng = rng
-        stages = () if config.constraint is None else (GrammarStage(config.constraint, model),)
+        stages: tuple[Constraining, ...] = ()
+        if config.constraint is not None:
+            grammar = GrammarStage(config.constraint, model)
+            # think_first: the constraint applies after a reasoning model's thinking block (thinking.py)
+            stages = (ThinkFirst(grammar, model.tokenizer, stop_ids(model, config)) if config.think_first else grammar,)
         self.router = make_chain(
             config.sampling,
             model.vocab_size,

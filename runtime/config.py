@@ -209,6 +209,10 @@ class GenerationConfig:
         constraint: the shape of each turn's text (:class:`~edgeroute.JsonSchema`, :class:`~edgeroute.JsonObject`,
             :class:`~edgeroute.Regex`, :class:`~edgeroute.Grammar`): every token the grammar forbids is at
             ``-inf`` in the router (docs/structured-output.md); the end of sequence only where it accepts.
+        think_first: with a constraint, a reasoning model thinks freely in ``<think>…</think>`` first and the
+            constraint applies from the token after ``</think>`` (the turn's end tokens are banned while it
+            thinks: the answer must follow); ``edgeroute serve`` sets it for models whose template thinks.
+            Without a constraint it changes nothing (``edgeroute.thinking``).
         num_beams: beam search with this many hypotheses (``1`` = off); transformers' semantics (docs/router.md, "Beam
             search"): it scores the model's log-probabilities, so the sampling settings (temperature other than
             0 or 1, top-k/p, min-p, typical-p, exploration) are refused with it.
@@ -227,6 +231,7 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prefill_chunk: int = 512
     constraint: Constraint | None = None
+    think_first: bool = False
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -285,6 +290,7 @@ class GenerationConfig:
             k,
             "must be a JsonSchema, JsonObject, Regex or Grammar (edgeroute's constraints)",
         )
+        _check(isinstance(self.think_first, bool), "think_first", self.think_first, "must be a boolean")
         self._check_beams()
 
     def _check_beams(self) -> None:

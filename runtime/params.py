@@ -142,6 +142,7 @@ _GENERATION = {
     "stop",
     "stop_token_ids",
     "prefill_chunk",
+    "think_first",
     "num_beams",
     "length_penalty",
     "early_stopping",

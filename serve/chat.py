@@ -88,15 +88,17 @@ class _TextStream(ChoiceStream):
         self.index = index
         self.think = None if reply.p.think is None else ThinkSplit(reply.p.think)
 
-    def _deltas(self, step: er.Step) -> list[dict[str, Any]]:
+    def _split(self, step: er.Step) -> list[tuple[str, str]]:
+        """The step's text as ``("reasoning" | "content", piece)`` pieces."""
         if self.think is None:
-            return [{"content": step.text}] if step.text else []
+            return [("content", step.text)] if step.text else []
         pieces = self.think.push(step.text)
         if step.finish_reason is not None:
             pieces += self.think.flush()
-        return [
-            {"reasoning_content": p, "reasoning": p} if kind == "reasoning" else {"content": p} for kind, p in pieces
-        ]
+        return pieces
+
+    def _deltas(self, step: er.Step) -> list[dict[str, Any]]:
+        return [{"content": p} if kind == "content" else _reasoning(p) for kind, p in self._split(step)]
 
     def _logprobs(self, step: er.Step) -> dict[str, Any]:
         assert step.logprob is not None
@@ -128,7 +130,9 @@ class _ToolStream(_TextStream):
         self.calls = CallStream(tools)
 
     def step(self, step: er.Step, logprobs: bool) -> list[dict[str, Any]]:
-        deltas = self.calls.push(step.text)
+        deltas: list[dict[str, Any]] = []
+        for kind, piece in self._split(step):  # a reasoning model's thinking first, then the answer: text or a call
+            deltas += self.calls.push(piece) if kind == "content" else [_reasoning(piece)]
         reason = None
         if step.finish_reason is not None:
             last, reason = self.calls.finish(finish(step.finish_reason))
@@ -145,6 +149,10 @@ class _ToolStream(_TextStream):
         if reason is not None:
             out.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason})
         return out
+
+
+def _reasoning(piece: str) -> dict[str, Any]:
+    return {"reasoning_content": piece, "reasoning": piece}
 
 
 # -- the request ------------------------------------------------------------------------------------------------
@@ -180,8 +188,10 @@ def parse_chat(body: Any, model: er.Model, served: str, plain_content: bool = Fa
         raise invalid("messages", f"messages: {e.reason}") from None
     except er.ChatTemplateError as e:
         raise invalid("messages", f"the model's chat template cannot render these messages: {e}") from None
-    configs, flows = choice_configs(model, params, [ids], n, "messages")
     think = opens_thinking(model.tokenizer, ids) if thinks(model.tokenizer) else None
+    if think is not None and params.get("think_first") is None:  # a constraint applies to the answer only
+        params["think_first"] = True  # (edgeroute.thinking); without one it changes nothing
+    configs, flows = choice_configs(model, params, [ids], n, "messages")
     return ChatRequest(name, [ids], configs, flows, n, stream, include_usage, tools=tools, think=think)
 
 

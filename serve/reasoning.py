@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import edgeroute as er
-
-OPEN, CLOSE = "<think>", "</think>"
+from edgeroute.thinking import CLOSE, OPEN, THINKING, phase_of_prompt
 
 
 def thinks(tokenizer: er.Tokenizer) -> bool:
@@ -23,8 +22,7 @@ def thinks(tokenizer: er.Tokenizer) -> bool:
 
 def opens_thinking(tokenizer: er.Tokenizer, prompt: Sequence[int]) -> bool:
     """Whether ``prompt`` ends inside an open thinking block (the answer starts as reasoning)."""
-    text = tokenizer.decode(prompt, skip_special_tokens=False)
-    return text.rfind(OPEN) > text.rfind(CLOSE)
+    return phase_of_prompt(tokenizer, prompt) == THINKING
 
 
 def split(text: str, inside: bool) -> tuple[str | None, str | None]:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from edgeroute.contract import SHARED_GRAPH_INPUTS
 from onnx import TensorProto, helper, numpy_helper
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 CHATML = (
     "{% for message in messages %}"
@@ -322,6 +322,8 @@ def write_tiny_model(folder: str | Path, **kw: Any) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(kw.pop("tokenizer_vocab", 320))
+    if kw.pop("thinking_tokens", False):  # <think> and </think> as one token each, not special (Qwen3's)
+        tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
     vocab = tok.get_vocab_size()
     geometry = {k: kw.pop(k, v) for k, v in GEOMETRY.items()}
     weights = {k: kw.pop(k, v) for k, v in WEIGHTS.items()}
