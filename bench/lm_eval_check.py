@@ -28,30 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgeroute.eval.choices import LM_EVAL_TASK, read_items, write_lm_eval_task
+
 from serve import Server, free_port  # bench/serve.py
 
-TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {items}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-NAME = "edgeroute_mc"
+NAME = LM_EVAL_TASK
 
 
 def write_task(folder: Path, items: Path) -> Path:
     """An lm-eval task folder for a multiple-choice JSONL file (``--include_path`` it, ``--tasks`` :data:`NAME`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{NAME}.yaml").write_text(TASK.format(name=NAME, items=items.resolve()), encoding="utf-8")
-    return folder
+    return write_lm_eval_task(folder, read_items(items))
 
 
 def lm_eval(python: str, tasks: Path, model: str, args: str, out: Path, samples: bool = True) -> list[str]:

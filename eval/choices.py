@@ -119,3 +119,36 @@ def evaluate_choices(
             progress(1)
     report.seconds = time.perf_counter() - start
     return report
+
+
+# -- the same items as an lm-evaluation-harness task --------------------------------------------------------------
+LM_EVAL_TASK = "edgeroute_mc"
+_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def write_lm_eval_task(folder: str | Path, items: Sequence[Item]) -> Path:
+    """``items`` as a local lm-evaluation-harness task named :data:`LM_EVAL_TASK` in ``folder`` (give lm_eval
+    ``--include_path FOLDER --tasks edgeroute_mc``): lm-eval scores it as :func:`evaluate_choices` does (the
+    context, then ``" " + choice``; acc and acc_norm), so the two can be compared item by item."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{LM_EVAL_TASK}.jsonl"
+    lines = [json.dumps({"context": i.context, "choices": list(i.choices), "answer": i.answer}) for i in items]
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / f"{LM_EVAL_TASK}.yaml").write_text(
+        _TASK_YAML.format(name=LM_EVAL_TASK, items=data.resolve()), encoding="utf-8"
+    )
+    return folder
