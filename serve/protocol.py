@@ -36,6 +36,7 @@ INERT = {
     "store": bool,
     "service_tier": str,
     "prompt_cache_key": str,
+    "prompt_cache_retention": str,
     "safety_identifier": str,
     "verbosity": str,
     "modalities": list,

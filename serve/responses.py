@@ -43,12 +43,18 @@ _FIELDS = {
     "service_tier",
     "safety_identifier",
     "prompt_cache_key",
+    "prompt_cache_retention",
+    "include",
+    "top_logprobs",
 }
 # the router's extra fields as chat takes them (the length is max_output_tokens here)
 _ROUTER = ROUTER_FIELDS - set(MAX_TOKEN_NAMES)
 # fields chat takes under the same name and meaning
 _AS_IN_CHAT = {"model", "stream", "user", "metadata", "store", "service_tier", "safety_identifier"}
-_AS_IN_CHAT |= {"prompt_cache_key", "temperature", "top_p", "parallel_tool_calls"}
+_AS_IN_CHAT |= {"prompt_cache_key", "prompt_cache_retention", "temperature", "top_p", "parallel_tool_calls"}
+# what ``include`` may ask: the answer's logprobs; reasoning's encrypted content, which this server never makes
+# (reasoning items come back in clear: there is nothing to encrypt for a later stateless turn)
+INCLUDES = ("message.output_text.logprobs", "reasoning.encrypted_content")
 # chat's parameter names in its errors -> this endpoint's
 _RENAMED = (("messages", "input"), ("response_format.json_schema", "text.format"), ("max_tokens", "max_output_tokens"))
 
@@ -101,6 +107,7 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     chat: dict[str, Any] = {k: v for k, v in body.items() if k in _ROUTER | _AS_IN_CHAT}
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
+    _logprobs(body, chat)
     reasoning = check_type(body, "reasoning", dict, "an object")
     if reasoning:
         extra = sorted(set(reasoning) - {"effort", "summary"})
@@ -116,7 +123,7 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     fmt = _format(body)
     if fmt is not None:
         chat["response_format"] = fmt
-    if body.get("tools") is not None:
+    if body.get("tools") is not None and body["tools"] != []:  # [] is no tools here (OpenAI's agents SDK sends it)
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         choice = body["tool_choice"]
@@ -136,6 +143,22 @@ def to_chat(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         "store": False,  # stored: nothing
     }
     return chat, echo
+
+
+def _logprobs(body: dict[str, Any], chat: dict[str, Any]) -> None:
+    """``include: ["message.output_text.logprobs"]`` (or ``top_logprobs``) -> chat's logprobs and top_logprobs."""
+    include = check_type(body, "include", list, "an array") or []
+    for i, value in enumerate(include):
+        if value not in INCLUDES:
+            raise invalid(
+                f"include[{i}]",
+                f"include[{i}]: {short(value)} is not supported (only {', '.join(INCLUDES)})",
+                "unsupported_value",
+            )
+    top = check_type(body, "top_logprobs", int, "an integer")
+    if INCLUDES[0] in include or top is not None:
+        chat["logprobs"] = True
+        chat["top_logprobs"] = top or 0
 
 
 def _input(items: Any) -> list[dict[str, Any]]:
@@ -187,8 +210,13 @@ def _text(content: Any, where: str) -> Any:
 
 
 def _format(body: dict[str, Any]) -> dict[str, Any] | None:
-    text = check_type(body, "text", dict, "an object")
-    fmt = (text or {}).get("format")
+    text = check_type(body, "text", dict, "an object") or {}
+    extra = sorted(set(text) - {"format", "verbosity"})
+    if extra:
+        raise invalid(f"text.{extra[0]}", f"text.{extra[0]} is not supported", "unknown_parameter")
+    if text.get("verbosity") not in (None, "low", "medium", "high"):  # accepted, as chat's: it changes nothing
+        raise invalid("text.verbosity", "text.verbosity must be 'low', 'medium' or 'high'")
+    fmt = text.get("format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict):
@@ -233,6 +261,7 @@ class ResponsesReply(Reply[ResponsesRequest]):
         self.live = self.p.tools is None and self.p.think is None  # text deltas as they come
         self.msg_id = "msg_" + uuid.uuid4().hex[:24]
         self.opened = False
+        self.pending: list[dict[str, Any]] = []  # logprob entries of streamed tokens whose text is still to come
 
     def _event(self, kind: str, **data: Any) -> dict[str, Any]:
         self.sequence += 1
@@ -267,7 +296,8 @@ class ResponsesReply(Reply[ResponsesRequest]):
         return obj
 
     def _items(self, completion: er.Completion) -> list[dict[str, Any]]:
-        message = self.encoder.choice(self, 0, completion)["message"]
+        choice = self.encoder.choice(self, 0, completion)
+        message = choice["message"]
         done = "incomplete" if completion.finish_reason == "length" else "completed"
         items: list[dict[str, Any]] = []
         if message.get("reasoning_content") is not None:
@@ -292,11 +322,12 @@ class ResponsesReply(Reply[ResponsesRequest]):
                 }
             )
         if not message.get("tool_calls") and message.get("content") is not None:
-            items.append(self._message(message["content"], done))
+            logprobs = choice["logprobs"]  # chat's entries: the shape of the Responses API's
+            items.append(self._message(message["content"], done, logprobs["content"] if logprobs else []))
         return items
 
-    def _message(self, text: str, status: str) -> dict[str, Any]:
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def _message(self, text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
         return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant", "content": [part]}
 
     # -- whole -------------------------------------------------------------------------------------------------
@@ -321,11 +352,17 @@ class ResponsesReply(Reply[ResponsesRequest]):
         ]
 
     def step(self, index: int, step: er.Step) -> list[dict[str, Any]]:
-        if not self.live or not step.text:
+        if not self.live:
+            return []
+        if self.configs[index].want_logprobs and step.logprob is not None:
+            stop = self.stop_token(index, step)
+            self.pending.append(self.texts.chat_entry(step.token_id, step.logprob, step.top_logprobs, stop))
+        if not step.text:
             return []
         out = [] if self.opened else self._open()
         ids = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
-        out.append(self._event("response.output_text.delta", delta=step.text, logprobs=[], **ids))
+        logprobs, self.pending = self.pending, []
+        out.append(self._event("response.output_text.delta", delta=step.text, logprobs=logprobs, **ids))
         return out
 
     def closing(self, completions: Sequence[er.Completion]) -> list[dict[str, Any]]:
@@ -349,19 +386,21 @@ class ResponsesReply(Reply[ResponsesRequest]):
         return [*out, self._event(done, response=obj)]
 
     def _close_message(self, item: dict[str, Any], n: int) -> list[dict[str, Any]]:
-        text = item["content"][0]["text"]
+        part = item["content"][0]
+        text = part["text"]
         ids = {"item_id": self.msg_id, "output_index": n, "content_index": 0}
         out = []
         if not self.opened:  # not streamed: added now, its text as one delta
             self.opened = True
             out += [
                 self._event("response.output_item.added", output_index=n, item={**item, "content": []}),
-                self._event("response.content_part.added", part={**item["content"][0], "text": ""}, **ids),
+                self._event("response.content_part.added", part={**part, "text": "", "logprobs": []}, **ids),
             ]
             if text:
-                out.append(self._event("response.output_text.delta", delta=text, logprobs=[], **ids))
+                delta = self._event("response.output_text.delta", delta=text, logprobs=part["logprobs"], **ids)
+                out.append(delta)
         return out + [
-            self._event("response.output_text.done", text=text, logprobs=[], **ids),
+            self._event("response.output_text.done", text=text, logprobs=part["logprobs"], **ids),
             self._event("response.content_part.done", part=item["content"][0], **ids),
             self._event("response.output_item.done", output_index=n, item=item),
         ]

@@ -162,8 +162,47 @@ def test_a_streamed_response_is_openais_event_sequence(model: er.Model, client: 
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
         ({"input": "x", "truncation": "auto"}, "truncation"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "x", "include": ["file_search_call.results"]}, "include[0]"),
+        ({"input": "x", "include": "message.output_text.logprobs"}, "include"),
+        ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
+        ({"input": "x", "text": {"verbosity": "loud"}}, "text.verbosity"),
+        ({"input": "x", "text": {"colour": "red"}}, "text.colour"),
     ],
 )
 def test_mistakes_are_400s_naming_the_field(server: Running, body: dict[str, Any], param: str) -> None:
     r = httpx.post(server.url + "/v1/responses", json={"model": NAME, **body}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_logprobs_through_include_whole_and_streamed(model: er.Model, client: openai.OpenAI) -> None:
+    """``include: ["message.output_text.logprobs"]`` with ``top_logprobs`` (what OpenAI's agents SDK sends; it sends
+    ``include: []`` by default): the output text's logprobs are the model's own, an entry per counted token, as
+    chat gives them; streamed, each text delta carries its tokens' entries. ``reasoning.encrypted_content`` and
+    the Responses fields clients send that change nothing (``text.verbosity``, ``prompt_cache_retention``) are
+    accepted."""
+    common: dict[str, Any] = dict(model=NAME, input="Tell me a story", max_output_tokens=12, temperature=0)
+    r = client.responses.create(
+        include=["message.output_text.logprobs", "reasoning.encrypted_content"],
+        top_logprobs=2,
+        text={"verbosity": "low"},
+        prompt_cache_retention="in-memory",
+        **common,
+    )
+    want = model.generate(
+        model.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Tell me a story"}], add_generation_prompt=True
+        ),
+        er.GenerationConfig(max_new_tokens=12, logprobs=2, sampling=er.SamplingConfig(temperature=0)),
+    )
+    part = r.output[0].content[0]
+    assert part.text == want.text and len(part.logprobs) == r.usage.output_tokens == want.usage.completion_tokens
+    assert [e.logprob for e in part.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in part.logprobs)
+    bare = client.responses.create(include=[], tools=[], **common)  # the agents SDK's defaults: no tools, no include
+    assert bare.output[0].content[0].logprobs == [] and bare.output_text == want.text
+    events = list(client.responses.create(include=["message.output_text.logprobs"], stream=True, **common))
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    done = [ev for ev in events if ev.type == "response.output_text.done"][0]
+    assert [e.logprob for e in done.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    assert [e.token for e in streamed] == [e.token for e in done.logprobs][: len(streamed)]
+    assert "".join(e.token for e in streamed) == want.text

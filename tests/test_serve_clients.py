@@ -103,6 +103,7 @@ def test_fields_that_do_not_change_the_answer_are_accepted(model: er.Model, clie
         "store": False,
         "service_tier": "auto",
         "prompt_cache_key": "story",
+        "prompt_cache_retention": "24h",
         "safety_identifier": "user-1",
         "modalities": ["text"],
         "verbosity": "low",
