@@ -2,20 +2,26 @@
 one run, with each run's accuracy and peak RSS.
 
 The items are made from the quality text's sentences (``edgeroute.quality.QUALITY_TEXT``): the context is the
-first part of a sentence, the right choice its rest, the three others the rests of other sentences (seeded), 4
-choices an item, ``--items`` items (200).
+first part of a sentence (no two items share one), the right choice its rest, the three others the rests of other
+sentences at the same cut (seeded), 4 choices an item, ``--items`` items (200).
 
 Systems (each in its own process, one after another):
 
 - ``edgeroute eval EXPORT --choices items.jsonl`` (the context computed once for its 4 choices);
 - ``lm_eval --model local-completions`` against ``edgeroute serve EXPORT`` (``--concurrent`` requests at once);
-- ``lm_eval --model hf`` on a PyTorch folder of the same weights (``--hf``), if given.
+- ``lm_eval --model hf`` on a PyTorch folder of the same weights (``--hf``), if given;
+- ``lm_eval --model onnxruntime`` (lm-eval 0.4.13's in-process onnxruntime backend: one request at a time, the full
+  sequence's logits, no cache reuse) on an onnxruntime-genai Model Builder export of that folder (``--ort``),
+  fitted to the backend by :func:`prepare_ort`; build it in the genai environment of ``bench/README.md``:
+  ``.venv-genai/bin/python -m onnxruntime_genai.models.builder -i HF -o DIR -p fp32 -e cpu``;
+- ``edgeroute eval`` on an int4 export (``--int4``), if given.
 
-lm-eval runs from its own environment (``--lm-eval-python``). For SmolLM2 from its GGUF, ``--prepare-hf DIR`` writes
+lm-eval runs from ``--lm-eval-python`` (the dev extra installs lm-eval 0.4.13: ``.venv/bin/python``). For SmolLM2 from its GGUF, ``--prepare-hf DIR`` writes
 the PyTorch folder first: the GGUF dequantised by transformers, with the export's tokenizer (transformers' own GGUF
 tokenizer adds a BOS the GGUF says not to add, which would make the two sides score other tokens).
 
-    python bench/scoring.py models/smollm2-135m --prepare-hf /tmp/smollm2-hf --lm-eval-python /tmp/lmeval/bin/python
+    python bench/scoring.py models/smollm2-135m --prepare-hf /tmp/smollm2-hf --lm-eval-python .venv/bin/python \\
+        --ort /tmp/genai-fp32 --int4 models/smollm2-135m-int4
 """
 
 from __future__ import annotations
@@ -36,22 +42,29 @@ from serve import Server, free_port, gguf_path  # bench/serve.py
 
 
 def make_items(n: int, seed: int = 0) -> list[dict[str, object]]:
+    """``n`` items, no two with the same context: sentence after sentence, cut at 3, 5, 7, ... words on each pass
+    (lm-eval's hf backend mis-scores a run that holds the same request twice: its one-token-continuation logits
+    cache, ``logits_cache=True`` by default, hands one request another's log-likelihood; found with the earlier
+    items of this script, which repeated sentences)."""
     from edgeroute.quality import QUALITY_TEXT
 
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", QUALITY_TEXT) if len(s.split()) >= 8]
+    sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+", QUALITY_TEXT) if len(s.split()) >= 8]
     rng = random.Random(seed)
-    items = []
-    for i in range(n):
-        words = sentences[i % len(sentences)].split()
-        cut = max(3, int(len(words) * rng.uniform(0.35, 0.65)))
-        others = rng.sample([s for j, s in enumerate(sentences) if j != i % len(sentences)], 3)
-        wrong = [" ".join(o.split()[cut:]) or o.split()[-1] for o in others]
-        choices = [" ".join(words[cut:]), *wrong]
-        rng.shuffle(choices)
-        items.append(
-            {"context": " ".join(words[:cut]), "choices": choices, "answer": choices.index(" ".join(words[cut:]))}
-        )
-    return items
+    items: list[dict[str, object]] = []
+    for cut in range(3, max(len(w) for w in sentences) - 2, 2):
+        for i, words in enumerate(sentences):
+            if len(items) == n:
+                return items
+            if cut > len(words) - 3:
+                continue
+            others = rng.sample([w for j, w in enumerate(sentences) if j != i], 3)
+            wrong = [" ".join(o[cut:]) or o[-1] for o in others]
+            choices = [" ".join(words[cut:]), *wrong]
+            rng.shuffle(choices)
+            items.append(
+                {"context": " ".join(words[:cut]), "choices": choices, "answer": choices.index(" ".join(words[cut:]))}
+            )
+    raise SystemExit(f"the quality text gives {len(items)} distinct items, fewer than {n}")
 
 
 def prepare_hf(export: Path, folder: Path) -> None:
@@ -65,6 +78,30 @@ def prepare_hf(export: Path, folder: Path) -> None:
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(export / "tokenizer.json"))
     tok.eos_token = manifest.get("special_tokens", {}).get("eos_token") or "<|im_end|>"
     tok.save_pretrained(folder)
+
+
+def prepare_ort(folder: Path, hf: Path) -> None:
+    """Fit an onnxruntime-genai Model Builder export (0.18) to lm-eval 0.4.13's ``onnxruntime`` backend: the
+    builder writes the KV head size as a symbolic dimension (``kv_cache_dim``), which the backend binds to 1 for
+    its empty past (onnxruntime then refuses the run), so it is pinned to the head size; and its
+    ``tokenizer_config.json`` names a transformers 5 class (``TokenizersBackend``), so the PyTorch folder's (the
+    same tokenizer, written by transformers 4.57) replaces it. Idempotent."""
+    import shutil
+
+    import onnx
+
+    head = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]["head_size"]
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    pinned = 0
+    for value in [*graph.graph.input, *graph.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "kv_cache_dim":
+                dim.ClearField("dim_param")
+                dim.dim_value = head
+                pinned += 1
+    if pinned:
+        onnx.save(graph, str(folder / "model.onnx"))
+    shutil.copy(hf / "tokenizer_config.json", folder / "tokenizer_config.json")
 
 
 def timed(cmd: list[str]) -> tuple[float, float, str]:
@@ -85,6 +122,8 @@ def main() -> None:
     ap.add_argument("--hf", type=Path, default=None, help="a PyTorch folder of the same weights (lm-eval --model hf)")
     ap.add_argument("--prepare-hf", type=Path, default=None, help="write that folder from SmolLM2's GGUF first")
     ap.add_argument("--concurrent", type=int, default=1, help="lm-eval local-completions' num_concurrent")
+    ap.add_argument("--ort", type=Path, default=None, help="an onnxruntime-genai Model Builder export of --hf (fp32)")
+    ap.add_argument("--int4", type=Path, default=None, help="an int4 edgeroute export of the same model, also run")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
     items = make_items(a.items)
@@ -99,6 +138,10 @@ def main() -> None:
     secs, rss, out = timed([str(exe), "eval", str(a.export), "--choices", str(path), "--json"])
     data = json.loads(out)
     rows.append(("edgeroute eval --choices", secs, rss, data["acc"]["value"], data["acc_norm"]["value"]))
+    if a.int4 is not None:
+        secs, rss, out = timed([str(exe), "eval", str(a.int4), "--choices", str(path), "--json"])
+        data = json.loads(out)
+        rows.append(("edgeroute eval --choices (int4)", secs, rss, data["acc"]["value"], data["acc_norm"]["value"]))
     if a.lm_eval_python:
         port = free_port()
         server = Server("scoring", [str(exe), "serve", str(a.export), "--port", str(port), "--model-name", "m"], port)
@@ -114,6 +157,13 @@ def main() -> None:
             cmd = lm_eval(a.lm_eval_python, tasks, "hf", f"pretrained={a.hf},dtype=float32", work / "hf", samples=False)
             secs, rss, _ = timed(cmd)
             rows.append(("lm-eval hf (PyTorch fp32)", secs, rss, *accuracy(work / "hf")))
+            if a.ort is not None:
+                prepare_ort(a.ort, a.hf)
+                cmd = lm_eval(
+                    a.lm_eval_python, tasks, "onnxruntime", f"pretrained={a.ort}", work / "ort", samples=False
+                )
+                secs, rss, _ = timed(cmd)
+                rows.append(("lm-eval onnxruntime (Model Builder fp32)", secs, rss, *accuracy(work / "ort")))
     print(f"{a.items} items x 4 choices, {a.export}")
     print(f"{'system':<52}{'s':>8}{'items/s':>9}{'peak RSS MB':>13}{'acc':>7}{'acc_norm':>10}")
     for name, secs, rss, acc, norm in rows:

@@ -1,7 +1,7 @@
 """Multiple-choice evaluation from a local JSON Lines file, as lm-evaluation-harness scores its ``multiple_choice``
 tasks (HellaSwag, ARC, PIQA, ...): each choice is the continuation ``delimiter + choice`` of the item's context,
-scored by its log-likelihood under the model (:meth:`edgeroute.Model.score`: the context computed once for all its
-choices); ``acc`` is the share of items whose most likely choice is the answer, ``acc_norm`` the same with each
+scored by its log-likelihood under the model (:meth:`edgeroute.Model.score_items`: short items' choices as rows of
+batched graph runs, long ones with the context computed once for all its choices); ``acc`` is the share of items whose most likely choice is the answer, ``acc_norm`` the same with each
 log-likelihood divided by the choice's length in characters. Both with lm-eval's standard error (the sample
 standard deviation over the square root of the count).
 
@@ -111,12 +111,10 @@ def evaluate_choices(
     """Score every item's choices (``delimiter + choice`` after the context) and report the accuracies."""
     report = ChoiceReport(list(items))
     start = time.perf_counter()
-    for item in items:
-        scores = model.score(item.context, [delimiter + c for c in item.choices])
+    pairs = [(item.context, [delimiter + c for c in item.choices]) for item in items]
+    for scores in model.score_items(pairs, progress=progress):  # short items as rows of batched graph runs
         report.loglikelihoods.append([s.logprob for s in scores])
         report.greedy.append([s.greedy for s in scores])
-        if progress is not None:
-            progress(1)
     report.seconds = time.perf_counter() - start
     return report
 

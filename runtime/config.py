@@ -209,6 +209,10 @@ class GenerationConfig:
         constraint: the shape of each turn's text (:class:`~edgeroute.JsonSchema`, :class:`~edgeroute.JsonObject`,
             :class:`~edgeroute.Regex`, :class:`~edgeroute.Grammar`): every token the grammar forbids is at
             ``-inf`` in the router (docs/structured-output.md); the end of sequence only where it accepts.
+        prompt_logprobs: score each prompt token after the first from the raw logits of the prefill itself (vLLM's
+            ``prompt_logprobs``), with this many top alternatives (0 to 20): ``Completion.prompt_logprobs``.
+            ``None`` (default): off. The prompt is then fed whole (the engine reuses no cached prefix for it: a
+            reused position has no logits to score); batches of prompts and beam search do not take it.
         think_first: with a constraint, a reasoning model thinks freely in ``<think>…</think>`` first and the
             constraint applies from the token after ``</think>`` (the turn's end tokens are banned while it
             thinks: the answer must follow); ``edgeroute serve`` sets it for models whose template thinks.
@@ -232,6 +236,7 @@ class GenerationConfig:
     prefill_chunk: int = 512
     constraint: Constraint | None = None
     think_first: bool = False
+    prompt_logprobs: int | None = None
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -291,6 +296,14 @@ class GenerationConfig:
             "must be a JsonSchema, JsonObject, Regex or Grammar (edgeroute's constraints)",
         )
         _check(isinstance(self.think_first, bool), "think_first", self.think_first, "must be a boolean")
+        pl = _plain(self.prompt_logprobs)
+        _check(
+            pl is None or (_is_int(pl) and 0 <= pl <= 20),
+            "prompt_logprobs",
+            pl,
+            "must be None or an integer in [0, 20]",
+        )
+        object.__setattr__(self, "prompt_logprobs", None if pl is None else int(pl))
         self._check_beams()
 
     def _check_beams(self) -> None:
@@ -321,6 +334,9 @@ class GenerationConfig:
                 " with do_sample=False); leave it at its default",
             )
         _check(self.constraint is None, "constraint", self.constraint, "is not supported with num_beams > 1")
+        _check(
+            self.prompt_logprobs is None, "prompt_logprobs", self.prompt_logprobs, "is not supported with num_beams > 1"
+        )
         _check(not self.want_logprobs, "logprobs", self.logprobs, "are not reported with num_beams > 1")
 
     @property

@@ -312,12 +312,21 @@ class Engine:
     def _prefill(self, chunk: Chunk) -> None:
         run = chunk.run
         assert self._executor is not None
+        seq = run.seq
+        scored = run.request.config.prompt_logprobs is not None  # every position's logits score the next token
         try:  # a run of this request's row alone
-            self._executor.prefill(run.slot.index, run.seq.ids[chunk.start : chunk.stop], chunk.start)
+            ids = seq.ids[chunk.start : chunk.stop]
+            logits = self._executor.prefill(run.slot.index, ids, chunk.start, len(ids) if scored else 1)
+            if scored:
+                targets = seq.ids[chunk.start + 1 : min(chunk.stop + 1, seq.n)].tolist()
+                seq.output.score_prompt(logits[: len(targets)], targets)
         except Exception as e:
             self._fail(run, _own(e))
             return
         self._count("prefilled", chunk.stop - chunk.start)
+        if scored and chunk.stop == seq.n:  # a scored prompt's last chunk (scheduler): it chooses the first token
+            run.logits = logits[-1]
+            self._commit(run)
 
     def _decode(self, going: list[Running]) -> None:
         """One graph run for every request with one token to feed (the token it chose last, or its prompt's last

@@ -29,12 +29,14 @@ class Executor:
         """Row ``row`` holds ``length`` positions from now on (a start after a reused prefix, a release)."""
         self.cache.lengths[row] = length
 
-    def prefill(self, row: int, ids: np.ndarray, start: int) -> None:
-        """Run ``ids`` (1-D) after the first ``start`` positions of row ``row``, this row alone."""
+    def prefill(self, row: int, ids: np.ndarray, start: int, keep: int = 1) -> np.ndarray:
+        """Run ``ids`` (1-D) after the first ``start`` positions of row ``row``, this row alone; the logits of its
+        last ``keep`` positions, ``[keep, vocab]`` (a copy: a prompt's scores are read from them)."""
         view = self._rows[row]
         view.lengths[0] = start
-        view.run(self.session, ids[None], 1)
+        logits = view.run(self.session, ids[None], keep)
         self.cache.lengths[row] = start + len(ids)
+        return logits[0].copy() if keep > 1 else logits[0]
 
     def decode(self, tokens: dict[int, int]) -> np.ndarray:
         """One graph run of rows ``0..hi`` (``hi`` the highest row in ``tokens``): each row in ``tokens`` appends its

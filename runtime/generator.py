@@ -112,23 +112,31 @@ class Generator:
         seq.chooser.restart([])
         self._queue.clear()
         seq.turn_start = t0
-        self._feed()
+        self._feed(score=self.config.prompt_logprobs is not None)
         self.usage.prefill_seconds += time.perf_counter() - t0
 
-    def _feed(self) -> None:
-        """Run the graph over pending tokens in chunks; leaves the last position's logits.
+    def _feed(self, score: bool = False) -> None:
+        """Run the graph over pending tokens in chunks; leaves the last position's logits. ``score``: the pending
+        tokens are a prompt whose tokens after the first are scored (``prompt_logprobs``) from every position's
+        logits of the same runs.
 
         When the logits of the last token are not at hand (after a rewind, or an interrupt between a graph run
         and its bookkeeping) the last cached position is recomputed.
         """
-        cache, chunk, n = self.cache, self.config.prefill_chunk, self._seq.n
+        cache, chunk, n, ids = self.cache, self.config.prefill_chunk, self._seq.n, self._seq.ids
         length = cache.length  # read once per run: a decode step feeds one token per token generated
         if self._logits is None and n and length >= n:
             cache.trim(length - (n - 1))
             length = cache.length
         while length < n:
             stop = min(n, length + chunk)
-            self._logits = self.model.step_logits(self._seq.ids[None, length:stop], cache)[0]
+            if score:  # row k (position length + k) scores the token after it, while that is a prompt token
+                logits = self.model.forward_last(ids[None, length:stop], cache, stop - length)[0]
+                targets = ids[length + 1 : min(stop + 1, n)]
+                self._seq.output.score_prompt(logits[: len(targets)], targets.tolist())
+                self._logits = logits[-1]
+            else:
+                self._logits = self.model.step_logits(ids[None, length:stop], cache)[0]
             length = cache.length
 
     # -- generating ------------------------------------------------------------------------------------------
@@ -344,6 +352,10 @@ def generate_batch(model: Graph, prompts: list[list[int]], config: GenerationCon
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompt", prompts, "every prompt needs at least one token")
+    if config.prompt_logprobs is not None:
+        raise ConfigError(
+            "prompt_logprobs", config.prompt_logprobs, "a batch of prompts does not score them: one prompt at a time"
+        )
     b = len(prompts)
     width = max(len(p) for p in prompts)
     need = width + config.max_new_tokens

@@ -117,13 +117,14 @@ class Graph:
     def vocab_size(self) -> int:
         return self.manifest.vocab_size
 
-    def new_cache(self, batch_size: int = 1) -> Cache:
-        """An empty KV cache for this model: a :class:`KVCache`, or a :class:`SharedKVCache` of
-        ``context_length`` positions when the graph shares its past and present buffers."""
+    def new_cache(self, batch_size: int = 1, capacity: int | None = None) -> Cache:
+        """An empty KV cache for this model: a :class:`KVCache`, or a :class:`SharedKVCache` of ``capacity``
+        positions (default: the context size) when the graph shares its past and present buffers."""
+        positions = self._context if capacity is None else min(int(capacity), self._context)
         if self.device is not None:
-            return DeviceKVCache(self.manifest, self._context, batch_size, self.device)
+            return DeviceKVCache(self.manifest, positions, batch_size, self.device)
         if self.shared_kv:
-            return SharedKVCache(self.manifest, self._context, batch_size)
+            return SharedKVCache(self.manifest, positions, batch_size)
         return KVCache(self.manifest, batch_size)
 
     def forward(

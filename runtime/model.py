@@ -9,7 +9,7 @@ A Model may be used from several threads at once, each with its own Generator: i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 from .beam import beam_search
@@ -19,7 +19,7 @@ from .generator import Generator, generate_batch
 from .graph import Graph
 from .output import Completion
 from .params import Flows
-from .scoring import Score, score
+from .scoring import Score, score, score_items
 
 Prompt = str | Sequence[int]
 
@@ -36,6 +36,17 @@ class Model(Graph):
         lm-evaluation-harness splits them; token ids are used as given.
         """
         return score(self, context, continuations, top_logprobs)
+
+    def score_items(
+        self,
+        items: Sequence[tuple[Prompt, Sequence[Prompt]]],
+        top_logprobs: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[Score]]:
+        """:meth:`score` for many ``(context, continuations)`` items, the same scores in fewer graph runs: short
+        items' continuations run as rows of batched runs (``edgeroute.scoring.score_items``); ``progress(n)`` is
+        told as items finish. What ``edgeroute eval --choices`` uses."""
+        return score_items(self, items, top_logprobs, progress)
 
     # -- generation ------------------------------------------------------------------------------------------
     def generator(

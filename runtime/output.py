@@ -116,12 +116,32 @@ class Hypothesis:
     score: float | None
 
 
+@dataclass(frozen=True)
+class TokenScore:
+    """One scored token: its log-probability given everything before it, whether it is the most likely token
+    there (``greedy``), and the ``top`` most likely tokens there with theirs (most likely first; the same floats
+    as ``logprob`` where the token is among them)."""
+
+    token_id: int
+    logprob: float
+    greedy: bool
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_score(row: np.ndarray, target: int, top: int) -> TokenScore:
+    """``target``'s score from one row of raw logits, with the ``top`` most likely alternatives."""
+    logp = log_softmax(row)
+    value = float(logp[target])
+    return TokenScore(int(target), value, value == float(logp.max()), top_logprobs(logp, top))
+
+
 @dataclass
 class Completion:
     """A finished generation: ``text`` (stop strings removed), ``token_ids`` (stop tokens excluded),
     ``finish_reason`` (``"stop"`` or ``"length"``), ``usage``, and ``logprobs`` when asked for. Beam search adds
     ``score`` (transformers' ``sequences_scores``) and ``sequences``, the ``num_return_sequences`` best, this one
-    first."""
+    first. ``prompt_logprobs`` (``GenerationConfig.prompt_logprobs``): each prompt token after the first that the
+    turn fed, scored from the raw logits of the prefill itself."""
 
     text: str
     token_ids: list[int]
@@ -130,6 +150,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None
     sequences: tuple[Hypothesis, ...] | None = None
+    prompt_logprobs: list[TokenScore] | None = None
 
 
 @dataclass
@@ -144,6 +165,7 @@ class _Turn:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stopped_on_token: bool = False
+    prompt_scores: list[TokenScore] = field(default_factory=list)
 
 
 class TurnOutput:
@@ -169,6 +191,11 @@ class TurnOutput:
     def index(self) -> int:
         """How many tokens this turn has generated: the index of the next one."""
         return len(self.turn.generated)
+
+    def score_prompt(self, logits: np.ndarray, targets: Sequence[int]) -> None:
+        """Score prompt tokens ``targets`` from the raw logits of the positions before each (one row each)."""
+        top = self.config.prompt_logprobs or 0
+        self.turn.prompt_scores += [token_score(row, int(t), top) for row, t in zip(logits, targets, strict=True)]
 
     def take(self, token: int, raw: np.ndarray) -> Step:
         """Account for the chosen ``token``; ``raw`` (the model's own logits at its position) gives its logprob."""
@@ -234,6 +261,7 @@ class TurnOutput:
             finish_reason=t.finish_reason or "length",
             usage=usage,
             logprobs=list(t.logprobs) if self.config.want_logprobs else None,
+            prompt_logprobs=list(t.prompt_scores) if self.config.prompt_logprobs is not None else None,
         )
 
     def replay(self, ids: Sequence[int]) -> None:

@@ -143,6 +143,7 @@ _GENERATION = {
     "stop_token_ids",
     "prefill_chunk",
     "think_first",
+    "prompt_logprobs",
     "num_beams",
     "length_penalty",
     "early_stopping",

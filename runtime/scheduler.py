@@ -167,7 +167,9 @@ class Scheduler:
 
     def _start(self, request: Request, seq: TokenSequence, slot: Slot) -> tuple[Running, int]:
         prompt = request.prompt
-        reuse = common_prefix(slot.tokens[: slot.held], prompt) if self.prefix_reuse else 0
+        # a request that scores its prompt (prompt_logprobs) reuses nothing: a reused position has no logits
+        scored = request.config.prompt_logprobs is not None
+        reuse = common_prefix(slot.tokens[: slot.held], prompt) if self.prefix_reuse and not scored else 0
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
         run = Running(request, slot, seq, reuse)
         slot.running = run
@@ -179,9 +181,15 @@ class Scheduler:
             run = slot.running
             if budget <= 0:
                 return
-            if run is None or run.seq.n - run.fed <= 1:
-                continue  # all fed, or only the prompt's last token left: the decode step feeds it
-            take = min(budget, run.seq.n - run.fed - 1)  # never the last token
+            if run is None:
+                continue
+            # the prompt's last token is left to the decode step (its logits choose the first token with the other
+            # rows'), but a scored prompt (prompt_logprobs) is prefilled whole: its chunks keep every position's
+            # logits anyway, and the last one chooses the first token (engine._prefill): one graph run fewer
+            last = 0 if run.request.config.prompt_logprobs is not None and run.fed < len(run.request.prompt) else 1
+            if run.seq.n - run.fed <= last:
+                continue  # all fed, or only the token the decode step feeds left
+            take = min(budget, run.seq.n - run.fed - last)
             plan.prefill.append(Chunk(run, run.fed, run.fed + take))
             run.fed += take
             budget -= take

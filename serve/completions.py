@@ -52,7 +52,7 @@ class CompletionsEncoder(Encoder[CompletionRequest]):
         if c.logprobs is not None:
             want_top = reply.configs[index].top_logprobs > 0
             lp_obj = reply.texts.completion_logprobs(logprob_entries(c), len(prefix), want_top, len(c.token_ids))
-            echoed = _echoed_logprobs(reply, index)
+            echoed = _echoed_logprobs(reply, index, c.prompt_logprobs)
             if echoed is not None:
                 lp_obj = {k: None if echoed[k] is None else echoed[k] + lp_obj[k] for k in lp_obj}
         return {"index": index, "text": prefix + c.text, "logprobs": lp_obj, "finish_reason": finish(c.finish_reason)}
@@ -72,14 +72,20 @@ def _echoed(reply: Reply[CompletionRequest], index: int) -> str:
     return reply.p.prompt_texts[reply.prompt_index(index)] if reply.p.echo else ""
 
 
-def _echoed_logprobs(reply: Reply[CompletionRequest], index: int) -> dict[str, Any] | None:
+def _echoed_logprobs(
+    reply: Reply[CompletionRequest], index: int, scored: list[er.TokenScore] | None = None
+) -> dict[str, Any] | None:
     """The echoed prompt's part of choice ``index``'s logprobs (``echo`` with ``logprobs``), else None: one entry
-    per prompt token, ``null`` first (the first token has no context), each from the raw logits."""
-    if not (reply.p.echo and reply.p.prompt_scores):
+    per prompt token, ``null`` first (the first token has no context), each from the raw logits: the scores of
+    the request's parse (a stream) or the engine's (``scored``, the completion's ``prompt_logprobs``)."""
+    if not reply.p.echo:
         return None
     p = reply.prompt_index(index)
+    scores = reply.p.prompt_scores[p] if reply.p.prompt_scores else scored
+    if scores is None:
+        return None
     want_top = reply.configs[index].top_logprobs > 0
-    return reply.texts.prompt_logprobs(reply.p.prompts[p], reply.p.prompt_scores[p], want_top)
+    return reply.texts.prompt_logprobs(reply.p.prompts[p], scores, want_top)
 
 
 class _TextStream(ChoiceStream):
@@ -132,10 +138,13 @@ def parse_completion(body: Any, model: er.Model, served: str) -> CompletionReque
     if echo and any(params.get(k) == 0 for k in MAX_TOKEN_NAMES):
         # the prompt's logprobs alone, as older eval clients ask for them: one token is generated (vLLM's rule)
         params = {k: 1 if k in MAX_TOKEN_NAMES and v == 0 else v for k, v in params.items()}
-    configs, flows = choice_configs(model, params, prompts, n, "prompt")
     scores = []
     if echo and logprobs is not None:  # lm-eval's log-likelihood contract: every prompt token's logprob
-        scores = [prompt_scores(model, ids, logprobs) for ids in prompts]
+        if stream:  # the echoed prompt's logprobs open the stream, before the engine runs: scored here
+            scores = [prompt_scores(model, ids, logprobs) for ids in prompts]
+        else:  # scored by the engine from the prefill that generation runs anyway (one pass over the prompt)
+            params["prompt_logprobs"] = logprobs
+    configs, flows = choice_configs(model, params, prompts, n, "prompt")
     return CompletionRequest(name, prompts, configs, flows, n, stream, include_usage, echo, texts, scores)
 
 

@@ -26,7 +26,8 @@ from edgeroute.params import PARAMETERS
 
 MAX_N = 16  # choices per request: each is a request of its own in the engine
 # generation parameters the server takes itself rather than passing to the router
-_GENERATION_ONLY = {"prefill_chunk", "constraint"}  # an engine setting, and a Python object (response_format is JSON's)
+# an engine setting, a Python object (response_format is JSON's), what echo sets (completions) and the server's own
+_GENERATION_ONLY = {"prefill_chunk", "constraint", "prompt_logprobs", "think_first"}
 _COMMON = {"model", "n", "stream", "stream_options", "user"}
 _TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}
 # what today's OpenAI SDKs and frameworks send that does not change an answer: each is checked for its type and

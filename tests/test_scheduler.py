@@ -23,8 +23,8 @@ class Tokens:
         self.n += 1
 
 
-def request(prompt: list[int], solo: bool = False) -> Request:
-    r = Request(0, prompt, er.GenerationConfig(), er.Flows())
+def request(prompt: list[int], solo: bool = False, config: er.GenerationConfig | None = None) -> Request:
+    r = Request(0, prompt, config or er.GenerationConfig(), er.Flows())
     if not solo:
         r._sequence = Tokens(prompt)  # type: ignore[assignment]
     return r
@@ -148,3 +148,29 @@ def test_queue_room_counts_what_the_next_admission_leaves_waiting(queued: int, a
     s.schedule()  # the one slot is taken
     s.enqueue([request([1]) for _ in range(queued)])
     assert s.room(ask) == room
+
+
+def test_a_scored_prompt_is_prefilled_whole_reuses_nothing_then_decodes() -> None:
+    """``prompt_logprobs``: no cached prefix is reused (a reused position has no logits to score), the prefill takes
+    the prompt's last token too (in the budget's chunks), the request is not in that iteration's decode step (the
+    engine chooses its first token from the prefill's last logits), and its generated tokens decode as usual."""
+    s = scheduler(budget=4)
+    first = request([1, 2, 3, 4, 5])
+    s.enqueue([first])
+    plan = s.schedule()
+    for _ in range(2):
+        plan = s.schedule()
+        decoded(s, plan)
+    s.release(s.slots[0].running, failed=False)  # type: ignore[arg-type]
+    scored = request([1, 2, 3, 4, 5, 6], config=er.GenerationConfig(prompt_logprobs=1))
+    s.enqueue([scored])
+    plan = s.schedule()
+    assert slots_of(plan) == [(0, 0)]  # the slot holding [1..5] is taken, nothing reused
+    assert [(c.start, c.stop) for c in plan.prefill] == [(0, 4)] and not plan.decode
+    plan = s.schedule()
+    assert [(c.start, c.stop) for c in plan.prefill] == [(4, 6)] and not plan.decode  # the last token too
+    run = s.slots[0].running
+    assert run is not None and run.fed == 6
+    run.seq.generate(9)  # type: ignore[attr-defined]  (the engine's choice from the prefill's logits)
+    plan = s.schedule()
+    assert not plan.prefill and plan.decode == [run]

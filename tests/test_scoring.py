@@ -70,6 +70,86 @@ def test_long_continuations_cross_chunks_and_the_context_is_fed_once(shared: er.
     assert [t.logprob for t in got[1].tokens] == [t.logprob for t in got[0].tokens[:3]]
 
 
+@pytest.mark.parametrize("kind", ["concat", "shared"])
+def test_score_items_equals_score_item_by_item_in_fewer_runs(
+    tiny: er.Model, shared: er.Model, kind: str, monkeypatch
+) -> None:
+    """Many items at once (``Model.score_items``, what ``edgeroute eval --choices`` runs): the scores of
+    ``Model.score`` item by item, with short items' continuations as rows of batched runs (bounded by
+    ROW_POSITIONS) and a long item scored with its context shared; progress counts every item once."""
+    model = tiny if kind == "concat" else shared
+    monkeypatch.setattr(scoring, "ROW_POSITIONS", 60)  # several batches
+    text = "Once upon a time a little robot learned to paint the sea and the sky. "
+    items: list[tuple[Any, list[Any]]] = [
+        ("The capital of France is", [" Paris.", " a robot", " Rome, the capital of Italy"]),
+        ("Hello world!", [" edgeroute routes tokens", " El niño"]),
+        ("", ["Paris", "Das Mädchen läuft schnell."]),  # an empty context: the model's BOS or EOS first
+        (text * 12, [" Paris", " the sea"]),  # longer than SHORT_ROW: the context once, shared
+        (model.tokenizer.encode("The capital of"), [model.tokenizer.encode(" Italy is Rome")[:3], [5]]),  # ids
+    ]
+    runs: list[tuple[int, int]] = []
+    forward = er.Model.forward_last
+
+    def spy(self: er.Model, input_ids: np.ndarray, *a: Any, **k: Any) -> np.ndarray:
+        runs.append(input_ids.shape)
+        return forward(self, input_ids, *a, **k)
+
+    monkeypatch.setattr(er.Model, "forward_last", spy)
+    told: list[int] = []
+    got = model.score_items(items, top_logprobs=2, progress=told.append)
+    batched = [shape for shape in runs if shape[0] > 1]
+    monkeypatch.setattr(er.Model, "forward_last", forward)
+    assert sum(told) == len(items) and len(got) == len(items)
+    assert len(batched) >= 2 and all(rows * width <= 60 for rows, width in batched)
+    for (ctx, conts), scores in zip(items, got, strict=True):
+        want = model.score(ctx, conts, top_logprobs=2)
+        assert [s.token_ids for s in scores] == [w.token_ids for w in want]
+        for s, w in zip(scores, want, strict=True):
+            np.testing.assert_allclose([t.logprob for t in s.tokens], [t.logprob for t in w.tokens], atol=1e-5)
+            assert [t.greedy for t in s.tokens] == [t.greedy for t in w.tokens]
+            assert [[i for i, _ in t.top] for t in s.tokens] == [[i for i, _ in t.top] for t in w.tokens]
+    with pytest.raises(er.ConfigError, match="continuations"):
+        model.score_items([("The capital", [])])
+
+
+@pytest.mark.parametrize("kind", ["concat", "shared"])
+def test_prompt_logprobs_come_from_the_prefill_of_generation(tiny: er.Model, shared: er.Model, kind: str) -> None:
+    """``GenerationConfig(prompt_logprobs=N)``: the Generator (in chunks) and the engine (beside another request,
+    and a second time with the same prompt, which a free slot holds: nothing is reused for it) score each prompt
+    token after the first as ``Model.score`` does, and generate the same tokens as without it."""
+    model = tiny if kind == "concat" else shared
+    ids = model.tokenizer.encode("Once upon a time a little robot learned to paint the sea and the sky.")
+    want = scoring.prompt_scores(model, ids, 2)
+    greedy = er.SamplingConfig(temperature=0)
+    config = er.GenerationConfig(max_new_tokens=6, prompt_logprobs=2, prefill_chunk=5, sampling=greedy)
+    plain = model.generate(ids, er.GenerationConfig(max_new_tokens=6, sampling=greedy))
+    assert plain.prompt_logprobs is None
+
+    def same(got: er.Completion) -> None:
+        assert got.token_ids == plain.token_ids and got.prompt_logprobs is not None
+        assert [t.token_id for t in got.prompt_logprobs] == ids[1:]
+        np.testing.assert_allclose([t.logprob for t in got.prompt_logprobs], [t.logprob for t in want], atol=1e-5)
+        assert [[i for i, _ in t.top] for t in got.prompt_logprobs] == [[i for i, _ in t.top] for t in want]
+
+    same(model.generate(ids, config))
+    if kind == "shared":  # the engine runs shared-KV graphs
+        with er.Engine(model, max_batch=2) as engine:
+            other = engine.submit(model.tokenizer.encode("Hello world!"), er.GenerationConfig(max_new_tokens=12))
+            same(engine.submit(ids, config).result())
+            other.result()
+            same(engine.submit(ids, config).result())
+            assert engine.stats().reused_prompt_tokens == 0
+    for bad, field in (
+        (dict(prompt_logprobs=21), "prompt_logprobs"),
+        (dict(prompt_logprobs=1, num_beams=2), "prompt_logprobs"),
+    ):
+        with pytest.raises(er.ConfigError) as e:
+            er.GenerationConfig(**bad)  # type: ignore[arg-type]
+        assert e.value.field == field
+    with pytest.raises(er.ConfigError, match="prompt_logprobs"):
+        model.generate(["Hello", "world"], er.GenerationConfig(prompt_logprobs=0))
+
+
 def test_text_pairs_are_split_as_lm_eval_splits_them(tiny: er.Model) -> None:
     tok = tiny.tokenizer
     (s,) = tiny.score("The capital of France is ", ["Paris"])  # the trailing space moves to the continuation
@@ -185,7 +265,7 @@ def test_eval_choices_reports_lm_evals_accuracies(tiny: er.Model, tiny_dir, tmp_
     acc = acc_norm = 0
     for item, sample in zip(items, report["samples"], strict=True):
         lls = [s.logprob for s in tiny.score(item.context, [" " + c for c in item.choices])]
-        assert sample["loglikelihoods"] == lls
+        assert sample["loglikelihoods"] == pytest.approx(lls, abs=1e-5)  # batched runs: float noise only
         acc += int(np.argmax(lls)) == item.answer
         acc_norm += int(np.argmax([ll / len(c) for ll, c in zip(lls, item.choices, strict=True)])) == item.answer
     assert report["acc"]["value"] == acc / 3 and report["acc_norm"]["value"] == acc_norm / 3
