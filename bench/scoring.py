@@ -16,9 +16,10 @@ Systems (each in its own process, one after another):
   ``.venv-genai/bin/python -m onnxruntime_genai.models.builder -i HF -o DIR -p fp32 -e cpu``;
 - ``edgeroute eval`` on an int4 export (``--int4``), if given.
 
-lm-eval runs from ``--lm-eval-python`` (the dev extra installs lm-eval 0.4.13: ``.venv/bin/python``). For SmolLM2 from its GGUF, ``--prepare-hf DIR`` writes
-the PyTorch folder first: the GGUF dequantised by transformers, with the export's tokenizer (transformers' own GGUF
-tokenizer adds a BOS the GGUF says not to add, which would make the two sides score other tokens).
+lm-eval runs from ``--lm-eval-python`` (the dev extra installs lm-eval 0.4.13: ``.venv/bin/python``). For SmolLM2
+from its GGUF, ``--prepare-hf DIR`` writes the PyTorch folder first: the GGUF dequantised by transformers, with the
+export's tokenizer (transformers' own GGUF tokenizer adds a BOS the GGUF says not to add, which would make the two
+sides score other tokens). lm-eval's hf backend runs with ``logits_cache=False`` (see ``main``).
 
     python bench/scoring.py models/smollm2-135m --prepare-hf /tmp/smollm2-hf --lm-eval-python .venv/bin/python \\
         --ort /tmp/genai-fp32 --int4 models/smollm2-135m-int4
@@ -41,11 +42,10 @@ from lm_eval_check import accuracy, lm_eval, write_task
 from serve import Server, free_port, gguf_path  # bench/serve.py
 
 
-def make_items(n: int, seed: int = 0) -> list[dict[str, object]]:
-    """``n`` items, no two with the same context: sentence after sentence, cut at 3, 5, 7, ... words on each pass
-    (lm-eval's hf backend mis-scores a run that holds the same request twice: its one-token-continuation logits
-    cache, ``logits_cache=True`` by default, hands one request another's log-likelihood; found with the earlier
-    items of this script, which repeated sentences)."""
+def make_items(n: int, seed: int = 0, shots: int = 0) -> list[dict[str, object]]:
+    """``n`` items, no two with the same context: sentence after sentence, cut at 3, 5, 7, ... words on each pass;
+    ``shots``: the context starts with that many other sentences, whole (a few-shot prompt's length, as HellaSwag's
+    and MMLU's contexts are long next to their endings)."""
     from edgeroute.quality import QUALITY_TEXT
 
     sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+", QUALITY_TEXT) if len(s.split()) >= 8]
@@ -61,9 +61,9 @@ def make_items(n: int, seed: int = 0) -> list[dict[str, object]]:
             wrong = [" ".join(o[cut:]) or o[-1] for o in others]
             choices = [" ".join(words[cut:]), *wrong]
             rng.shuffle(choices)
-            items.append(
-                {"context": " ".join(words[:cut]), "choices": choices, "answer": choices.index(" ".join(words[cut:]))}
-            )
+            before = [" ".join(sentences[(i + k + 1) % len(sentences)]) for k in range(shots)]
+            context = " ".join([*before, " ".join(words[:cut])])
+            items.append({"context": context, "choices": choices, "answer": choices.index(" ".join(words[cut:]))})
     raise SystemExit(f"the quality text gives {len(items)} distinct items, fewer than {n}")
 
 
@@ -118,6 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("export", type=Path)
     ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--shots", type=int, default=0, help="whole sentences before each context (long contexts)")
     ap.add_argument("--lm-eval-python", default=None)
     ap.add_argument("--hf", type=Path, default=None, help="a PyTorch folder of the same weights (lm-eval --model hf)")
     ap.add_argument("--prepare-hf", type=Path, default=None, help="write that folder from SmolLM2's GGUF first")
@@ -126,7 +127,7 @@ def main() -> None:
     ap.add_argument("--int4", type=Path, default=None, help="an int4 edgeroute export of the same model, also run")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
-    items = make_items(a.items)
+    items = make_items(a.items, shots=a.shots)
     path = work / "items.jsonl"
     path.write_text("\n".join(json.dumps(i) for i in items) + "\n", encoding="utf-8")
     tasks = write_task(work / "tasks", path)
@@ -154,7 +155,11 @@ def main() -> None:
         finally:
             server.stop()
         if a.hf is not None:
-            cmd = lm_eval(a.lm_eval_python, tasks, "hf", f"pretrained={a.hf},dtype=float32", work / "hf", samples=False)
+            # logits_cache=False: lm-eval 0.4.13's one-token-continuation cache hands requests whose context +
+            # continuation tokens match another request's at another split that request's log-likelihood (measured
+            # on these items: 167 of 200 items scored wrong, acc 0.115 for 0.430); it only saves one-token work
+            hf_args = f"pretrained={a.hf},dtype=float32,logits_cache=False"
+            cmd = lm_eval(a.lm_eval_python, tasks, "hf", hf_args, work / "hf", samples=False)
             secs, rss, _ = timed(cmd)
             rows.append(("lm-eval hf (PyTorch fp32)", secs, rss, *accuracy(work / "hf")))
             if a.ort is not None:
@@ -164,7 +169,7 @@ def main() -> None:
                 )
                 secs, rss, _ = timed(cmd)
                 rows.append(("lm-eval onnxruntime (Model Builder fp32)", secs, rss, *accuracy(work / "ort")))
-    print(f"{a.items} items x 4 choices, {a.export}")
+    print(f"{a.items} items x 4 choices, {a.shots} sentences before each context, {a.export}")
     print(f"{'system':<52}{'s':>8}{'items/s':>9}{'peak RSS MB':>13}{'acc':>7}{'acc_norm':>10}")
     for name, secs, rss, acc, norm in rows:
         print(f"{name:<52}{secs:>8.1f}{a.items / secs:>9.2f}{rss:>13.0f}{acc:>7.3f}{norm:>10.3f}")

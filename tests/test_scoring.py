@@ -84,7 +84,7 @@ def test_score_items_equals_score_item_by_item_in_fewer_runs(
         ("The capital of France is", [" Paris.", " a robot", " Rome, the capital of Italy"]),
         ("Hello world!", [" edgeroute routes tokens", " El niño"]),
         ("", ["Paris", "Das Mädchen läuft schnell."]),  # an empty context: the model's BOS or EOS first
-        (text * 12, [" Paris", " the sea"]),  # longer than SHORT_ROW: the context once, shared
+        (text * 12, [" Paris", " the sea"]),  # a context longer than SHORT_CONTEXT: the context once, shared
         (model.tokenizer.encode("The capital of"), [model.tokenizer.encode(" Italy is Rome")[:3], [5]]),  # ids
     ]
     runs: list[tuple[int, int]] = []
