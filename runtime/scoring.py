@@ -245,6 +245,10 @@ def _pair(graph: Graph, context: Prompt, continuation: Prompt) -> tuple[list[int
 
 def _ids(graph: Graph, prompt: Prompt, field: str) -> list[int]:
     try:
-        return graph.encode_prompt(prompt)
+        ids = graph.encode_prompt(prompt)
     except ConfigError as e:
         raise ConfigError(field, prompt, e.reason) from None
+    outside = [i for i in ids if not 0 <= i < graph.vocab_size]
+    if outside:  # before any graph run (fed, it would be onnxruntime's error)
+        raise ConfigError(field, outside[0], f"is not a token id of this model's vocabulary ({graph.vocab_size})")
+    return ids

@@ -172,11 +172,16 @@ def test_scoring_mistakes_are_config_errors(tiny: er.Model) -> None:
         ([], [[3]], 0, "context"),
         ("text", [[3]], 0, "continuations"),
         ([1, 2], [[10**6]], 0, "continuations"),
+        ([1, 2], [[5, 10**6, 3]], 0, "continuations"),  # an id that would be fed to the graph
+        ([1, -4], [[3]], 0, "context"),
         ([1] * 400, [[2] * 200], 0, "continuations"),  # more positions than the context holds
     ]
     for context, conts, top, field in cases:
         with pytest.raises(er.ConfigError) as e:
             tiny.score(context, conts, top_logprobs=top)
+        assert e.value.field == field, (context, conts, top)
+        with pytest.raises(er.ConfigError) as e:
+            tiny.score_items([(context, conts)], top)
         assert e.value.field == field, (context, conts, top)
 
 
