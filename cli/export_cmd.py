@@ -162,6 +162,15 @@ def export(
         )
     manifest = json.loads((path / "edgeroute.json").read_text())
     v = manifest["provenance"].get("validation")
+    if manifest.get("task") == "embedding":
+        norm = ", normalised" if manifest["normalize"] else ""
+        click.echo(
+            f"exported {source} -> {path} (embedding, {manifest['precision']}, {manifest['hidden_size']} dimensions,"
+            f" {manifest['pooling']} pooling{norm}, at most {manifest['max_length']} tokens)"
+        )
+        if v:
+            click.echo(f"  pooled embeddings' cosine with PyTorch: min {v['min_cosine']:.6f} over {v['texts']} texts")
+        return
     click.echo(
         f"exported {source} -> {path} ({manifest['precision']}, quantisation {manifest['quantization']['method']},"
         f" {manifest['provenance'].get('backend', 'optimum')} graph)"

@@ -95,6 +95,11 @@ def _placement(model_path: str, provider: str) -> dict[str, int]:
 @verbose_option
 def info(model_path: str, as_json: bool, provider: str | None) -> None:
     """Describe the exported model folder MODEL."""
+    from edgeroute.encoder import is_encoder_folder
+
+    if is_encoder_folder(model_path):
+        _info_encoder(model_path, as_json, provider)
+        return
     d = describe(model_path)
     warning = None
     if provider is not None:
@@ -152,3 +157,38 @@ def info(model_path: str, as_json: bool, provider: str | None) -> None:
     click.echo("\n".join(lines))
     if warning:
         click.echo(f"warning: {warning}", err=True)
+
+
+def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
+    """``info`` of an encoder folder: its task, pooling, dimensions and maximum length (the model is loaded: its
+    manifest and files are checked)."""
+    model = er.EncoderModel.load(model_path, provider or "cpu", threads=1)
+    m = model.manifest
+    val = (m.get("provenance") or {}).get("validation") or {}
+    d = {
+        "path": str(Path(model_path).resolve()),
+        "task": model.task,
+        "architecture": m.get("architecture"),
+        "precision": m.get("precision"),
+        "dimensions": model.dimension,
+        "pooling": model.pooling,
+        "normalize": model.normalize,
+        "max_length": model.max_length,
+        "validation": val or None,
+        "providers_available": er.available_providers(),
+    }
+    if as_json:
+        click.echo(json.dumps(d, indent=2, ensure_ascii=False))
+        return
+    lines = [
+        f"model         {d['path']}",
+        f"task          {d['task']} ({d['architecture']}, {d['precision']})",
+        f"embedding     {d['dimensions']} dimensions, {d['pooling']} pooling"
+        + (", L2-normalised" if d["normalize"] else ""),
+        f"inputs        at most {d['max_length']} tokens (longer texts are refused unless truncated on request)",
+    ]
+    if val:
+        lines.append(
+            f"validation    pooled cosine with PyTorch {val['min_cosine']:.6f} (min over {val['texts']} texts)"
+        )
+    click.echo("\n".join(lines))

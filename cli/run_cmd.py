@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 import edgeroute as er
+import numpy as np
+from edgeroute.encoder import is_encoder_folder
 
 from .options import (
     build_request,
@@ -93,6 +95,9 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of streaming.")
 @click.option(
+    "--truncate", is_flag=True, help="An embedding model: cut a text over its maximum length (default: refuse it)."
+)
+@click.option(
     "--beams",
     "num_beams",
     type=click.IntRange(min=1),
@@ -119,6 +124,7 @@ def run(
     system: str | None,
     samples: int,
     as_json: bool,
+    truncate: bool,
     num_beams: int | None,
     length_penalty: float | None,
     early_stopping: str | None,
@@ -127,8 +133,25 @@ def run(
     ctx_size: int | None,
     **flags: Any,
 ) -> None:
-    """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'."""
+    """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'; an embedding model
+    prints PROMPT's embedding (a summary, or the whole vector with --json)."""
     text = read_prompt(prompt)
+    if is_encoder_folder(model_path):
+        ctx = click.get_current_context()
+        shared = ("model_path", "prompt", "as_json", "truncate", "provider", "threads", "verbose")
+        given = [
+            name
+            for name in ctx.params
+            if name not in shared and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(
+                f"--{given[0].replace('_', '-')} is a generation option: {model_path} is an embedding model"
+            )
+        _embed(er.EncoderModel.load(model_path, provider, threads), text, as_json, truncate)
+        return
+    if truncate:
+        raise click.UsageError("--truncate is for embedding models: a prompt over a decoder's context is refused")
     model = load_model(model_path, provider, threads, spin=not needs_second_model(flags), ctx_size=ctx_size)
     beams = {}
     if num_beams is not None and num_beams > 1:
@@ -173,3 +196,18 @@ def run(
             for lp in comp.logprobs or []:
                 alts = " ".join(f"{model.tokenizer.decode([t], False)!r}:{v:.3f}" for t, v in lp.top)
                 click.echo(f"{model.tokenizer.decode([lp.token_id], False)!r}\t{lp.logprob:.4f}\t{alts}", err=True)
+
+
+def _embed(model: er.EncoderModel, text: str, as_json: bool, truncate: bool) -> None:
+    """An embedding model's answer to ``edgeroute run``: the text's embedding."""
+    result = model.embed([text], truncate=truncate)
+    vector = result.vectors[0]
+    if as_json:
+        out = {"embedding": [float(x) for x in vector], "tokens": result.tokens[0], "truncated": result.truncated[0]}
+        click.echo(json.dumps(out))
+        return
+    head = ", ".join(f"{x:+.4f}" for x in vector[:6])
+    click.echo(
+        f"embedding: {len(vector)} dimensions, L2 norm {float(np.linalg.norm(vector)):.4f}, {result.tokens[0]} tokens"
+        f" ({model.pooling} pooling{', truncated' if result.truncated[0] else ''}); first values [{head}, ...]"
+    )

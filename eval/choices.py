@@ -1,8 +1,9 @@
 """Multiple-choice evaluation from a local JSON Lines file, as lm-evaluation-harness scores its ``multiple_choice``
 tasks (HellaSwag, ARC, PIQA, ...): each choice is the continuation ``delimiter + choice`` of the item's context,
 scored by its log-likelihood under the model (:meth:`edgeroute.Model.score_items`: short items' choices as rows of
-batched graph runs, long ones with the context computed once for all its choices); ``acc`` is the share of items whose most likely choice is the answer, ``acc_norm`` the same with each
-log-likelihood divided by the choice's length in characters. Both with lm-eval's standard error (the sample
+batched graph runs, long ones with the context computed once for all its choices); ``acc`` is the share of items
+whose most likely choice is the answer, ``acc_norm`` the same with each log-likelihood divided by the choice's
+length in characters. Both with lm-eval's standard error (the sample
 standard deviation over the square root of the count).
 
 One item per line: ``{"context": str, "choices": [str, ...], "answer": int}`` (``"query"``/``"question"`` and

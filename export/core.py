@@ -100,7 +100,9 @@ def export_model(
     """Export a checkpoint to an edgeroute model folder and return its path.
 
     Args:
-        source: a Hugging Face checkpoint folder, a PEFT LoRA adapter folder, or a ``.gguf`` file (local only).
+        source: a Hugging Face checkpoint folder, a PEFT LoRA adapter folder, or a ``.gguf`` file (local only);
+            or a sentence-transformers embedding folder (``modules.json``): an encoder export (``export/encoder.py``:
+            fp32 on the CPU, none of the decoder options).
         out_dir: the model folder to create (refused if it exists, unless ``force``).
         dtype: ``fp32`` or ``fp16`` (fp16 is for CUDA; on CPU the fp32 export is cast after export). The fused
             backend also casts its int8 and int4 graphs (fp16 activations and scales: CUDA's MatMulNBits).
@@ -165,9 +167,19 @@ def export_model(
             " choose an OUT_DIR that does not exist"
         )
     _require_stack()
-    from . import sources
+    from . import encoder, sources
 
-    sources.resolve(os.fspath(source))  # fail fast on a bad source, before anything heavy
+    embedding = encoder.is_sentence_transformers(Path(source).expanduser())
+    if embedding:  # an encoder: the options of decoder exports do not apply (yet: int8 and fp16 are issue 36's)
+        given = {"dtype": dtype != "fp32", "quantize": quantize != "none", "base": base is not None}
+        given |= {"context_length": context_length is not None, "tokenizer": tokenizer is not None}
+        given |= {"head": head is not None, "backend": backend != "auto", "device": device != "cpu"}
+        for name, on in given.items():
+            if on:
+                reason = "is not available for encoder exports yet (they are fp32, exported on the CPU)"
+                raise ConfigError(name, locals()[name], reason)
+    else:
+        sources.resolve(os.fspath(source))  # fail fast on a bad source, before anything heavy
     if tokenizer is not None:
         sources.check_tokenizer_dir(os.fspath(tokenizer))
     if device == "cuda":
@@ -181,8 +193,11 @@ def export_model(
     stages = Stages(progress)
     try:
         with _terminate_as_interrupt():
-            options = (dtype, quantize, validate, context_length, block_size, backend, calibrate, head)
-            _build(tmp, source, (base, tokenizer), device, options, stages)
+            if embedding:
+                encoder.export_embedding(Path(source).expanduser(), tmp, validate, stages)
+            else:
+                options = (dtype, quantize, validate, context_length, block_size, backend, calibrate, head)
+                _build(tmp, source, (base, tokenizer), device, options, stages)
             _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
 from .constraint import Constraint, Grammar, JsonObject, JsonSchema, Regex
 from .contract import GraphContract
+from .encoder import Embeddings, EncoderModel
 from .engine import Engine, EngineStats
 from .errors import (
     ChatTemplateError,
@@ -31,7 +32,7 @@ from .errors import (
 from .generator import Generator
 from .kv_cache import KVCache
 from .manifest import Manifest
-from .model import Model
+from .model import Model, load
 from .output import Completion, Hypothesis, Step, TokenLogprob, Usage
 from .params import Flows, from_params
 from .request import Request
@@ -70,6 +71,9 @@ __all__ = [
     "ManifestError",
     "MissingExtraError",
     "Model",
+    "load",
+    "EncoderModel",
+    "Embeddings",
     "ModelLoadError",
     "Processor",
     "ProviderUnavailableError",

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .device_cache import Device, DeviceKVCache
-from .errors import ConfigError
+from .encoder import is_encoder_folder
+from .errors import ConfigError, ModelLoadError
 from .kv_cache import Cache, KVCache, SharedKVCache
 from .manifest import Manifest, check_files
 from .session import create_session, node_counts
@@ -92,6 +93,11 @@ class Graph:
                 (onnxruntime's ``enable_cuda_graph``; ``runtime/device_cache.py`` says when it does not apply).
         """
         folder = Path(path)
+        if is_encoder_folder(folder):
+            raise ModelLoadError(
+                f"{folder} is an encoder model (an embedding export): load it with edgeroute.load() or"
+                " edgeroute.EncoderModel.load()"
+            )
         manifest = Manifest.load(folder)
         check_files(folder, manifest)  # inside the folder, present, and the sizes the export recorded
         graph = folder / manifest.graph

@@ -10,10 +10,12 @@ A Model may be used from several threads at once, each with its own Generator: i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, overload
 
 from .beam import beam_search
 from .config import GenerationConfig
+from .encoder import EncoderModel, is_encoder_folder
 from .errors import ConfigError
 from .generator import Generator, generate_batch
 from .graph import Graph
@@ -90,3 +92,15 @@ class Model(Graph):
         gen = self.generator(config, flows, **flow_fields)
         gen.append(self.encode_prompt(prompt))
         return gen.run()
+
+
+def load(path: str | Path, provider: str = "cpu", threads: int | None = None, **options: Any) -> Model | EncoderModel:
+    """Load an edgeroute model folder as what its manifest says it is: a decoder (:class:`Model`, ``options`` as
+    :meth:`Model.load` takes them) or an encoder (:class:`~edgeroute.encoder.EncoderModel`: ``embed``)."""
+    if is_encoder_folder(path):
+        if options:
+            raise ConfigError(
+                sorted(options)[0], options[sorted(options)[0]], "is a decoder option: an encoder takes none"
+            )
+        return EncoderModel.load(path, provider, threads)
+    return Model.load(path, provider, threads, **options)

