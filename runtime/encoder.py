@@ -119,14 +119,14 @@ class EncoderModel:
             raise ModelLoadError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file: {e}") from e
         return cls(folder, manifest, create_session(graph, provider, threads), tokenizer)
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize(self, texts: Sequence[str | Sequence[int]], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Padded ``(input_ids, attention_mask)`` of ``texts`` in order (one batch: for checks and references)."""
         encoded, _ = self._encode(texts, truncate)
         return _padded(encoded, self._pad)
 
     def embed(
         self,
-        texts: str | Sequence[str],
+        texts: str | Sequence[str | Sequence[int]],
         normalize: bool | None = None,
         dimensions: int | None = None,
         truncate: bool = False,
@@ -143,9 +143,11 @@ class EncoderModel:
         """
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(texts, Sequence) or not texts or not all(isinstance(t, str) for t in texts):
+        if not isinstance(texts, Sequence) or not texts or not all(_is_input(t) for t in texts):
             raise ConfigError(
-                "texts", texts if not isinstance(texts, Sequence) else len(texts), "must be a non-empty list of strings"
+                "texts",
+                texts if not isinstance(texts, Sequence) else len(texts),
+                "must be a non-empty list of strings (or of token-id lists)",
             )
         if len(texts) > MAX_TEXTS:
             raise ConfigError("texts", len(texts), f"holds more than {MAX_TEXTS} texts: split the call")
@@ -174,8 +176,30 @@ class EncoderModel:
             out = _normalized(out) if norm else out
         return Embeddings(out, [len(e) for e in encoded], cut)
 
-    def _encode(self, texts: Sequence[str], truncate: bool) -> tuple[list[list[int]], list[bool]]:
-        encoded = [list(e.ids) for e in self._tok.encode_batch(list(texts))]
+    def count_tokens(self, texts: Sequence[str | Sequence[int]]) -> list[int]:
+        """Each input's token count as :meth:`embed` would run it uncut (special tokens included; token-id lists
+        as given)."""
+        return [len(e) for e in self._tokens(texts)]
+
+    def _tokens(self, texts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        """Texts tokenised (special tokens added); token-id lists as given, checked against the vocabulary."""
+        strings = [t for t in texts if isinstance(t, str)]
+        encoded = iter([list(e.ids) for e in self._tok.encode_batch(strings)] if strings else [])
+        out = []
+        vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        for i, t in enumerate(texts):
+            if isinstance(t, str):
+                out.append(next(encoded))
+                continue
+            ids = [int(x) for x in t]
+            bad = [x for x in ids if not 0 <= x < vocab]
+            if bad:
+                raise ConfigError(f"texts[{i}]", bad[0], f"is not a token id of this model's vocabulary ({vocab})")
+            out.append(ids)
+        return out
+
+    def _encode(self, texts: Sequence[str | Sequence[int]], truncate: bool) -> tuple[list[list[int]], list[bool]]:
+        encoded = self._tokens(texts)
         cut = [len(e) > self.max_length for e in encoded]
         if any(cut):
             if not truncate:
@@ -189,7 +213,10 @@ class EncoderModel:
             self._tok.enable_truncation(self.max_length)
             try:
                 for i in (i for i, c in enumerate(cut) if c):
-                    encoded[i] = list(self._tok.encode(texts[i]).ids)
+                    text = texts[i]
+                    encoded[i] = (
+                        list(self._tok.encode(text).ids) if isinstance(text, str) else encoded[i][: self.max_length]
+                    )
             finally:
                 self._tok.no_truncation()
         return encoded, cut
@@ -202,6 +229,17 @@ class EncoderModel:
 
     def __repr__(self) -> str:
         return f"EncoderModel({str(self.path)!r}, task={self.task!r}, pooling={self.pooling!r}, dim={self.dimension})"
+
+
+def _is_input(t: Any) -> bool:
+    """A text, or a non-empty list of token ids."""
+    if isinstance(t, str):
+        return True
+    return (
+        isinstance(t, (list, tuple))
+        and len(t) > 0
+        and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in t)
+    )
 
 
 def _padded(encoded: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:

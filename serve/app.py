@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import edgeroute as er
 from starlette.applications import Starlette
@@ -204,11 +204,17 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(APIError(500, f"internal server error: {type(exc).__name__}", None, "internal_error"))
 
 
+class Counting(Protocol):
+    """What the guard tells of each answer (``Metrics``; the embedding app keeps its own counts)."""
+
+    def count(self, path: str, status: int) -> None: ...
+
+
 class _Guard:
     """Pure ASGI middleware: counts every answer by endpoint and status, refuses oversized bodies (413, from
     ``Content-Length``; a chunked body is counted as it is read) and checks the API key (401)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Counting) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics

@@ -24,6 +24,7 @@ from typing import Any
 
 import edgeroute as er
 import uvicorn
+from edgeroute.encoder import is_encoder_folder
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from .app import Settings, create_app
@@ -140,6 +141,9 @@ def serve(
 
     Raises ``OSError`` when ``host:port`` cannot be bound, and what loading raised (``ModelLoadError``,
     ``ProviderUnavailableError``, ...) after the server stopped, when the model could not be loaded."""
+    if not callable(model) and is_encoder_folder(model):  # an embedding model: its own small app (serve.embeddings)
+        _serve_encoder(Path(model), settings, host, port, provider, threads, log_level)
+        return
     if callable(model):
         load = model
     else:
@@ -177,3 +181,29 @@ def serve(
         sock.close()
     if failed:
         raise failed[0]
+
+
+def _serve_encoder(
+    folder: Path, settings: Settings, host: str, port: int, provider: str, threads: int | None, log_level: str
+) -> None:
+    """Serve an embedding model (``serve.embeddings``) until a signal: loaded before the socket opens."""
+    from .embeddings import create_embedding_app
+
+    model = er.EncoderModel.load(folder, provider, threads)
+    sock = listen(host, port)
+    app = create_embedding_app(model, settings)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=FLUSH_SECONDS,
+        lifespan="on",
+        access_log=False,
+        http=guarded_protocol(AutoHTTPProtocol, settings.read_timeout, settings.max_connections),
+    )
+    async def drain(forced: Callable[[], bool]) -> None:  # the queue finishes what it holds (its close joins it)
+        await asyncio.to_thread(app.state.embed_queue.close)
+
+    try:
+        _Server(config, drain).run(sockets=[sock])
+    finally:
+        sock.close()

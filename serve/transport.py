@@ -31,7 +31,7 @@ class Transport:
     """Answers a generating endpoint's requests for one app: ``served`` is the model's public name, the body is
     read within ``max_body_bytes`` (413) and ``read_timeout`` seconds (408)."""
 
-    def __init__(self, served: str, max_body_bytes: int, read_timeout: float, metrics: Metrics) -> None:
+    def __init__(self, served: str, max_body_bytes: int, read_timeout: float, metrics: Metrics | None) -> None:
         self.served = served
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
@@ -45,6 +45,7 @@ class Transport:
         if self._texts is None:
             self._texts = TokenText(model.tokenizer)
         reply = encoder.reply(parsed, self._texts, frozenset(model.manifest.eos_token_ids), fingerprint(model))
+        assert self.metrics is not None  # (a generating app's transport has them)
         answer = Answer(reply, handles, self.metrics)
         if parsed.stream:
             return StreamingResponse(answer.events(), media_type="text/event-stream", headers=SSE_HEADERS)

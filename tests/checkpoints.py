@@ -13,6 +13,7 @@ torch and transformers are imported when a checkpoint is made, not when this mod
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -141,4 +142,51 @@ def build_once(folder: Path, build: Callable[[Path], object], done: str | None =
         shutil.rmtree(scratch, ignore_errors=True)
         build(scratch)
         scratch.rename(folder)
+    return folder
+
+
+def write_sentence_transformers(folder: Path, pooling: str = "mean", normalize: bool = True) -> Path:
+    """A tiny random BERT as a sentence-transformers folder: WordPiece tokenizer, Pooling, [Normalize]."""
+    import torch
+    import transformers
+    from tokenizers import BertWordPieceTokenizer, processors
+
+    folder.mkdir(parents=True)
+    tok = BertWordPieceTokenizer(lowercase=True)
+    from tiny_model import CORPUS
+
+    tok.train_from_iterator(CORPUS, vocab_size=160, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]")}
+    tok._tokenizer.post_processor = processors.BertProcessing(("[SEP]", ids["[SEP]"]), ("[CLS]", ids["[CLS]"]))
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok._tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=fast.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).eval().save_pretrained(folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir()
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    keys = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens"}
+    keys["last"] = "lasttoken"
+    pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{v}": k == pooling for k, v in keys.items()}}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
     return folder

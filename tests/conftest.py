@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import edgeroute as er  # noqa: E402
-from checkpoints import build_once, make_checkpoint  # noqa: E402
+from checkpoints import build_once, make_checkpoint, write_sentence_transformers  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
 
@@ -133,6 +133,22 @@ def exported(shared_dir: Path, checkpoint: Callable[..., Path]) -> Callable[...,
         return build_once(folder, lambda d: export_model(ckpt, d, **options), done="edgeroute.json")
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_st(shared_dir: Path) -> Path:
+    """A tiny random BERT as a sentence-transformers folder (``write_sentence_transformers``: mean pooling,
+    normalised, 32 tokens at most), made once per run. Shared: copy it before changing it."""
+    pytest.importorskip("torch")
+    return build_once(shared_dir / "st" / "tiny", write_sentence_transformers)
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(shared_dir: Path, tiny_st: Path) -> Path:
+    """``tiny_st`` exported (``edgeroute.export.export_model``: an embedding model folder), once per run."""
+    from edgeroute.export import export_model
+
+    return build_once(shared_dir / "st" / "export", lambda d: export_model(tiny_st, d), done="edgeroute.json")
 
 
 def generate_in_threads(model: er.Model, prompts: list[str], cfg: er.GenerationConfig) -> list[list[int]]:

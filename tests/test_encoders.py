@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 from edgeroute.cli import cli
 from edgeroute.encoder import POOLINGS, pool
-from tiny_model import CORPUS
 
 pytestmark = pytest.mark.export
 
@@ -28,67 +28,13 @@ TEXTS = [
     "El niño comió una manzana.",
     "a",
 ]
-MAX_SEQ = 32
-
-
-def write_sentence_transformers(folder: Path, pooling: str = "mean", normalize: bool = True) -> Path:
-    """A tiny random BERT as a sentence-transformers folder: WordPiece tokenizer, Pooling, [Normalize]."""
-    import torch
-    import transformers
-    from tokenizers import BertWordPieceTokenizer, processors
-
-    folder.mkdir(parents=True)
-    tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(CORPUS, vocab_size=160, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]")}
-    tok._tokenizer.post_processor = processors.BertProcessing(("[SEP]", ids["[SEP]"]), ("[CLS]", ids["[CLS]"]))
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok._tokenizer,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=fast.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    transformers.BertModel(config).eval().save_pretrained(folder)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
-    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (folder / "2_Normalize").mkdir()
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir()
-    keys = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens"}
-    keys["last"] = "lasttoken"
-    pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{v}": k == pooling for k, v in keys.items()}}
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_SEQ, "do_lower_case": False}))
-    return folder
+MAX_SEQ = 32  # the tiny folder's max_seq_length (tests/checkpoints.py)
 
 
 @pytest.fixture(scope="module")
-def tiny_st(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_sentence_transformers(tmp_path_factory.mktemp("st") / "tiny-st")
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_st: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("st-export") / "model"
-    res = CliRunner().invoke(cli, ["export", str(tiny_st), str(out)])
-    assert res.exit_code == 0, res.output
-    assert "embedding, fp32, 32 dimensions, mean pooling, normalised" in res.output
-    assert "cosine with PyTorch: min 1.0000" in res.output or "cosine with PyTorch: min 0.9999" in res.output
-    return out
+def exported(tiny_st: Path, encoder_dir: Path) -> Path:
+    """The tiny sentence-transformers folder exported (once per run, by conftest's ``encoder_dir``)."""
+    return encoder_dir
 
 
 def reference(source: Path, texts: list[str], **kw: Any) -> np.ndarray:
@@ -189,12 +135,11 @@ def test_the_command_line_on_an_embedding_model(tiny_st: Path, exported: Path, t
     assert res.exit_code == 0 and "task          embedding (bert, fp32)" in res.output
     res = run(cli, ["export", str(tiny_st), str(tmp_path / "q"), "--quantize", "int8"])
     assert res.exit_code != 0 and "quantize" in res.output and not (tmp_path / "q").exists()
-    (tiny_st / "1_Pooling" / "config.json").rename(tiny_st / "1_Pooling" / "moved.json")
-    try:
-        res = run(cli, ["export", str(tiny_st), str(tmp_path / "broken")])
-        assert res.exit_code != 0 and "Traceback" not in res.output and not (tmp_path / "broken").exists()
-    finally:
-        (tiny_st / "1_Pooling" / "moved.json").rename(tiny_st / "1_Pooling" / "config.json")
+    broken = tmp_path / "broken-st"
+    shutil.copytree(tiny_st, broken)  # (the shared folder is read by other tests meanwhile)
+    (broken / "1_Pooling" / "config.json").unlink()
+    res = run(cli, ["export", str(broken), str(tmp_path / "broken")])
+    assert res.exit_code != 0 and "Traceback" not in res.output and not (tmp_path / "broken").exists()
 
 
 def minilm_folder(tmp: Path) -> Path:

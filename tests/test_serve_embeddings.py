@@ -1,0 +1,141 @@
+"""``edgeroute serve`` for an embedding model (``serve/embeddings.py``): OpenAI's ``/v1/embeddings`` through the
+official client (strings, token arrays, base64, dimensions), text-embeddings-inference's ``/embed``, requests of
+several clients batched into shared runs, and the 4xx of every bad request."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from pathlib import Path
+from typing import Any
+
+import edgeroute as er
+import httpx
+import numpy as np
+import pytest
+from edgeroute.serve import Settings
+from edgeroute.serve.embeddings import MAX_INPUTS, create_embedding_app
+from serve_helpers import Running, openai_client
+
+pytestmark = pytest.mark.export
+NAME = "tiny-embed"
+TEXTS = ["The capital of France is Paris.", "Hello world!", "a"]
+
+
+@pytest.fixture(scope="module")
+def model(encoder_dir: Path) -> er.EncoderModel:
+    return er.EncoderModel.load(encoder_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model: er.EncoderModel):
+    with Running(create_embedding_app(model, Settings(NAME))) as srv:
+        yield srv
+
+
+def test_openai_embeddings_through_the_official_client(model: er.EncoderModel, server: Running) -> None:
+    client = openai_client(server)
+    want = model.embed(TEXTS).vectors
+    r = client.embeddings.create(model=NAME, input=TEXTS)
+    assert [d.index for d in r.data] == [0, 1, 2] and r.model == NAME
+    np.testing.assert_allclose([d.embedding for d in r.data], want, atol=1e-6)
+    assert r.usage.prompt_tokens == sum(model.count_tokens(TEXTS))
+    one = client.embeddings.create(model=NAME, input="Hello world!", dimensions=8)
+    np.testing.assert_allclose(one.data[0].embedding, model.embed(["Hello world!"], dimensions=8).vectors[0], atol=1e-6)
+    ids = model.tokenize(["Hello world!"])[0][0].tolist()  # a token array is embedded as given
+    by_ids = client.embeddings.create(model=NAME, input=[ids])
+    np.testing.assert_allclose(by_ids.data[0].embedding, want[1], atol=1e-6)
+    raw = httpx.post(
+        server.url + "/v1/embeddings", json={"input": TEXTS[:1], "encoding_format": "base64"}, timeout=30
+    ).json()
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, want[0], atol=1e-6)
+
+
+def test_text_embeddings_inference_embed(model: er.EncoderModel, server: Running) -> None:
+    r = httpx.post(server.url + "/embed", json={"inputs": TEXTS}, timeout=30)
+    assert r.status_code == 200
+    np.testing.assert_allclose(r.json(), model.embed(TEXTS).vectors, atol=1e-6)
+    raw = httpx.post(server.url + "/embed", json={"inputs": "a", "normalize": False}, timeout=30).json()
+    np.testing.assert_allclose(raw[0], model.embed(["a"], normalize=False).vectors[0], atol=1e-6)
+    long = " ".join(["the sea and the sky"] * 20)
+    cut = httpx.post(server.url + "/embed", json={"inputs": long, "truncate": True}, timeout=30).json()
+    np.testing.assert_allclose(cut[0], model.embed([long], truncate=True).vectors[0], atol=1e-6)
+
+
+def test_requests_of_several_clients_share_runs(model: er.EncoderModel, server: Running) -> None:
+    """16 clients at once: each gets its own rows, equal to embedding them alone, in fewer graph calls than
+    requests (the queue joins waiting requests)."""
+    texts = [f"{t} number {i}" for i in range(16) for t in TEXTS[:2]]
+    want = model.embed(texts).vectors
+    before = httpx.get(server.url + "/health", timeout=10).json()
+    answers: dict[int, Any] = {}
+
+    def client(i: int) -> None:
+        body = {"input": texts[2 * i : 2 * i + 2]}
+        answers[i] = httpx.post(server.url + "/v1/embeddings", json=body, timeout=60).json()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i in range(16):
+        np.testing.assert_allclose([d["embedding"] for d in answers[i]["data"]], want[2 * i : 2 * i + 2], atol=1e-5)
+    after = httpx.get(server.url + "/health", timeout=10).json()
+    assert after["requests"] - before["requests"] == 16 and after["runs"] - before["runs"] < 16
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/embeddings", {"input": []}, 400, "input"),
+        ("/v1/embeddings", {"input": ""}, 400, "input[0]"),
+        ("/v1/embeddings", {"input": ["ok", 3]}, 400, "input[1]"),
+        ("/v1/embeddings", {"input": ["x"] * (MAX_INPUTS + 1)}, 400, "input"),
+        ("/v1/embeddings", {"input": [" ".join(["word"] * 60)]}, 400, "input[0]"),
+        ("/v1/embeddings", {"input": [[10**7]]}, 400, "input[0]"),
+        ("/v1/embeddings", {"input": "x", "dimensions": 0}, 400, "dimensions"),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ("/v1/embeddings", {"input": "x", "model": "other"}, 404, "model"),
+        ("/v1/embeddings", {"input": "x", "temperature": 1}, 400, "temperature"),
+        ("/embed", {"inputs": "x", "truncation_direction": "left"}, 400, "truncation_direction"),
+        ("/embed", {"input": "x"}, 400, "input"),
+    ],
+)
+def test_mistakes_are_4xx_naming_the_parameter(
+    server: Running, path: str, body: dict[str, Any], status: int, param: str
+) -> None:
+    r = httpx.post(server.url + path, json=body, timeout=30)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"  # the server lives on
+
+
+def test_the_command_serves_an_embedding_model_behind_its_key(model: er.EncoderModel, encoder_dir: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from serve_helpers import free_port, wait_until
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "edgeroute.cli", "serve", str(encoder_dir), "--port", str(port)]
+    cmd += ["--model-name", "e", "--log-level", "warning"]
+    env = {**os.environ, "EDGEROUTE_API_KEY": "k"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 60)
+        assert httpx.post(url + "/v1/embeddings", json={"input": "x"}, timeout=10).status_code == 401
+        r = httpx.post(url + "/v1/embeddings", json={"input": "Hello world!"}, headers={"Authorization": "Bearer k"})
+        np.testing.assert_allclose(
+            r.json()["data"][0]["embedding"], model.embed(["Hello world!"]).vectors[0], atol=1e-6
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert "Traceback" not in proc.communicate(timeout=5)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
