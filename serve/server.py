@@ -200,6 +200,7 @@ def _serve_encoder(
         access_log=False,
         http=guarded_protocol(AutoHTTPProtocol, settings.read_timeout, settings.max_connections),
     )
+
     async def drain(forced: Callable[[], bool]) -> None:  # the queue finishes what it holds (its close joins it)
         await asyncio.to_thread(app.state.embed_queue.close)
 
