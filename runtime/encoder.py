@@ -96,6 +96,7 @@ class EncoderModel:
         self._tok = tokenizer
         self._tok.no_truncation()
         self._tok.no_padding()
+        self._vocab = int(tokenizer.get_vocab_size(with_added_tokens=True))  # (milliseconds to ask: once)
         self._inputs = [i.name for i in session.get_inputs()]
         self._pad = int(tokenizer.token_to_id("[PAD]") or tokenizer.token_to_id("<pad>") or 0)
 
@@ -186,7 +187,7 @@ class EncoderModel:
         strings = [t for t in texts if isinstance(t, str)]
         encoded = iter([list(e.ids) for e in self._tok.encode_batch(strings)] if strings else [])
         out = []
-        vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._vocab
         for i, t in enumerate(texts):
             if isinstance(t, str):
                 out.append(next(encoded))

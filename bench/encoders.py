@@ -1,0 +1,145 @@
+"""Embedding speed (issue 36, first part): edgeroute's ``EncoderModel.embed`` against sentence-transformers on
+PyTorch and on its own ONNX backend (``backend="onnx"``: optimum's export, onnxruntime), on the same
+sentence-transformers folder, each system in its own process, one after another.
+
+Per system: throughput (texts/s and tokens/s) on short texts (~16 tokens) and long ones (~256 tokens) at batch
+1 and 32, single-text latency p50/p95 (short texts), and the process's peak RSS. Also the largest difference
+between edgeroute's vectors and sentence-transformers' (cosine) on the same texts.
+
+    python bench/encoders.py /tmp/minilm --export /tmp/minilm-er
+
+``--export`` is the edgeroute export of the folder (``edgeroute export FOLDER OUT``). fastembed is not installed
+here (its models download from a hub at run time), so it has no row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORDS = (
+    "the bees carry pollen from flower to flower while the little robot paints the sea and the sky in the evening "
+    "light and the historians debate the causes of the industrial revolution in great britain"
+).split()
+
+
+def texts(n: int, words: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
+
+
+def child(system: str, folder: str, export: str) -> None:
+    """One system's figures, as one JSON line."""
+    import numpy as np
+
+    if system == "edgeroute":
+        import edgeroute as er
+
+        model = er.EncoderModel.load(export)
+
+        def embed(batch: list[str]) -> np.ndarray:
+            return model.embed(batch).vectors
+
+        def count(batch: list[str]) -> int:
+            return sum(model.count_tokens(batch))
+    else:
+        from sentence_transformers import SentenceTransformer
+
+        kw = {"backend": "onnx"} if system == "st-onnx" else {}
+        st = SentenceTransformer(folder, device="cpu", **kw)
+
+        def embed(batch: list[str]) -> np.ndarray:
+            return st.encode(batch, batch_size=32, convert_to_numpy=True)
+
+        def count(batch: list[str]) -> int:
+            return sum(len(x) for x in st.tokenizer(batch)["input_ids"])
+
+    out: dict[str, object] = {"system": system}
+    for name, words in (("short", 12), ("long", 200)):
+        pool = texts(64, words, 1)
+        embed(pool[:4])  # warm-up
+        for batch in (1, 32):
+            chunks = [pool[i : i + batch] for i in range(0, len(pool), batch)]
+            t0 = time.perf_counter()
+            for c in chunks:
+                embed(c)
+            dt = time.perf_counter() - t0
+            out[f"{name}_b{batch}_texts_s"] = len(pool) / dt
+            out[f"{name}_b{batch}_tokens_s"] = count(pool) / dt
+        out[f"{name}_tokens_per_text"] = count(pool) / len(pool)
+    lat = []
+    for t in texts(60, 12, 2):
+        t0 = time.perf_counter()
+        embed([t])
+        lat.append(time.perf_counter() - t0)
+    out["p50_ms"] = 1000 * statistics.median(lat)
+    out["p95_ms"] = 1000 * sorted(lat)[int(0.95 * len(lat)) - 1]
+    probe = texts(8, 40, 3)
+    np.save(f"/tmp/bench-encoders-{system}.npy", embed(probe))
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return re.sub(r"\s+", " ", line.split(":", 1)[1]).strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder", help="a sentence-transformers folder")
+    ap.add_argument("--export", required=True, help="its edgeroute export")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.folder, a.export)
+        return
+    import numpy as np
+
+    rows = []
+    for system in ("edgeroute", "st-torch", "st-onnx"):
+        cmd = [sys.executable, __file__, a.folder, "--export", a.export, "--child", system]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+        if run.returncode != 0 or not line:
+            print(f"{system}: failed: {run.stderr.strip().splitlines()[-1:]}")
+            continue
+        rows.append(json.loads(line[0][len("RESULT ") :]))
+    print(f"{cpu_name()}; {a.folder}")
+    cols = ["short_b1", "short_b32", "long_b1", "long_b32"]
+    print(
+        f"{'system':<12}" + "".join(f"{c + ' texts/s':>20}" for c in cols) + f"{'p50 ms':>9}{'p95 ms':>9}{'RSS MB':>9}"
+    )
+    for r in rows:
+        cells = "".join(f"{r[c + '_texts_s']:>20.1f}" for c in cols)
+        print(f"{r['system']:<12}{cells}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['rss_mb']:>9.0f}")
+    if rows:
+        print(
+            f"tokens per text: short {rows[0]['short_tokens_per_text']:.1f}, long {rows[0]['long_tokens_per_text']:.1f}"
+        )
+    ours = np.load("/tmp/bench-encoders-edgeroute.npy")
+    for other in ("st-torch", "st-onnx"):
+        path = Path(f"/tmp/bench-encoders-{other}.npy")
+        if path.exists():
+            theirs = np.load(path)
+            cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+            print(f"cosine edgeroute vs {other}: min {cos.min():.6f}")
+
+
+if __name__ == "__main__":
+    main()
