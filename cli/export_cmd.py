@@ -171,6 +171,18 @@ def export(
         if v:
             click.echo(f"  pooled embeddings' cosine with PyTorch: min {v['min_cosine']:.6f} over {v['texts']} texts")
         return
+    if manifest.get("task") == "classification":
+        labels = manifest["labels"]
+        click.echo(
+            f"exported {source} -> {path} (classification, {manifest['precision']}, {manifest['problem_type']},"
+            f" {len(labels)} labels: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''})"
+        )
+        if v:
+            click.echo(
+                f"  logits' max |difference| with PyTorch {v['max_abs_logit_diff']:.2e}; best labels the same:"
+                f" {'yes' if v['same_labels'] else 'no'} over {v['texts']} texts"
+            )
+        return
     click.echo(
         f"exported {source} -> {path} ({manifest['precision']}, quantisation {manifest['quantization']['method']},"
         f" {manifest['provenance'].get('backend', 'optimum')} graph)"

@@ -160,8 +160,8 @@ def info(model_path: str, as_json: bool, provider: str | None) -> None:
 
 
 def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
-    """``info`` of an encoder folder: its task, pooling, dimensions and maximum length (the model is loaded: its
-    manifest and files are checked)."""
+    """``info`` of an encoder folder: its task, what it gives (dimensions and pooling, or labels) and maximum length
+    (the model is loaded: its manifest and files are checked)."""
     model = er.EncoderModel.load(model_path, provider or "cpu", threads=1)
     m = model.manifest
     val = (m.get("provenance") or {}).get("validation") or {}
@@ -171,8 +171,10 @@ def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
         "architecture": m.get("architecture"),
         "precision": m.get("precision"),
         "dimensions": model.dimension,
-        "pooling": model.pooling,
+        "pooling": model.pooling or None,
         "normalize": model.normalize,
+        "labels": model.labels or None,
+        "problem_type": model.problem_type or None,
         "max_length": model.max_length,
         "validation": val or None,
         "providers_available": er.available_providers(),
@@ -180,15 +182,19 @@ def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
     if as_json:
         click.echo(json.dumps(d, indent=2, ensure_ascii=False))
         return
-    lines = [
-        f"model         {d['path']}",
-        f"task          {d['task']} ({d['architecture']}, {d['precision']})",
-        f"embedding     {d['dimensions']} dimensions, {d['pooling']} pooling"
-        + (", L2-normalised" if d["normalize"] else ""),
-        f"inputs        at most {d['max_length']} tokens (longer texts are refused unless truncated on request)",
-    ]
-    if val:
+    lines = [f"model         {d['path']}", f"task          {d['task']} ({d['architecture']}, {d['precision']})"]
+    if model.task == "embedding":
+        norm = ", L2-normalised" if d["normalize"] else ""
+        lines.append(f"embedding     {d['dimensions']} dimensions, {d['pooling']} pooling{norm}")
+    else:
+        lines.append(f"labels        {', '.join(model.labels)} ({model.problem_type})")
+    lines.append(
+        f"inputs        at most {d['max_length']} tokens (longer texts are refused unless truncated on request)"
+    )
+    if "min_cosine" in val:
         lines.append(
             f"validation    pooled cosine with PyTorch {val['min_cosine']:.6f} (min over {val['texts']} texts)"
         )
+    elif val:
+        lines.append(f"validation    logits' max |difference| with PyTorch {val['max_abs_logit_diff']:.2e}")
     click.echo("\n".join(lines))

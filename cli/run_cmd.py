@@ -95,7 +95,7 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of streaming.")
 @click.option(
-    "--truncate", is_flag=True, help="An embedding model: cut a text over its maximum length (default: refuse it)."
+    "--truncate", is_flag=True, help="An encoder model: cut a text over its maximum length (default: refuse it)."
 )
 @click.option(
     "--beams",
@@ -134,7 +134,7 @@ def run(
     **flags: Any,
 ) -> None:
     """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'; an embedding model
-    prints PROMPT's embedding (a summary, or the whole vector with --json)."""
+    prints PROMPT's embedding (a summary, or the whole vector with --json), a classifier its labels and scores."""
     text = read_prompt(prompt)
     if is_encoder_folder(model_path):
         ctx = click.get_current_context()
@@ -146,12 +146,16 @@ def run(
         ]
         if given:
             raise click.UsageError(
-                f"--{given[0].replace('_', '-')} is a generation option: {model_path} is an embedding model"
+                f"--{given[0].replace('_', '-')} is a generation option: {model_path} is an encoder model"
             )
-        _embed(er.EncoderModel.load(model_path, provider, threads), text, as_json, truncate)
+        encoder = er.EncoderModel.load(model_path, provider, threads)
+        if encoder.task == "classification":
+            _classify(encoder, text, as_json, truncate)
+        else:
+            _embed(encoder, text, as_json, truncate)
         return
     if truncate:
-        raise click.UsageError("--truncate is for embedding models: a prompt over a decoder's context is refused")
+        raise click.UsageError("--truncate is for encoder models: a prompt over a decoder's context is refused")
     model = load_model(model_path, provider, threads, spin=not needs_second_model(flags), ctx_size=ctx_size)
     beams = {}
     if num_beams is not None and num_beams > 1:
@@ -211,3 +215,14 @@ def _embed(model: er.EncoderModel, text: str, as_json: bool, truncate: bool) -> 
         f"embedding: {len(vector)} dimensions, L2 norm {float(np.linalg.norm(vector)):.4f}, {result.tokens[0]} tokens"
         f" ({model.pooling} pooling{', truncated' if result.truncated[0] else ''}); first values [{head}, ...]"
     )
+
+
+def _classify(model: er.EncoderModel, text: str, as_json: bool, truncate: bool) -> None:
+    """A classifier's answer to ``edgeroute run``: every label with its score, best first."""
+    labels = model.classify([text], top_k=None, truncate=truncate)[0]
+    if as_json:
+        rows = [{"label": x.label, "score": x.score} for x in labels]
+        click.echo(json.dumps({"labels": rows, "truncated": labels[0].truncated}))
+        return
+    for x in labels:
+        click.echo(f"{x.label}\t{x.score:.4f}")

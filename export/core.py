@@ -170,7 +170,10 @@ def export_model(
     from . import encoder, sources
 
     embedding = encoder.is_sentence_transformers(Path(source).expanduser())
-    if embedding:  # an encoder: the options of decoder exports do not apply (yet: int8 and fp16 are issue 36's)
+    classifier = not embedding and encoder.is_sequence_classifier(Path(source).expanduser())
+    if (
+        embedding or classifier
+    ):  # an encoder: the options of decoder exports do not apply (yet: int8 and fp16 are issue 36's)
         given = {"dtype": dtype != "fp32", "quantize": quantize != "none", "base": base is not None}
         given |= {"context_length": context_length is not None, "tokenizer": tokenizer is not None}
         given |= {"head": head is not None, "backend": backend != "auto", "device": device != "cpu"}
@@ -195,6 +198,8 @@ def export_model(
         with _terminate_as_interrupt():
             if embedding:
                 encoder.export_embedding(Path(source).expanduser(), tmp, validate, stages)
+            elif classifier:
+                encoder.export_classifier(Path(source).expanduser(), tmp, validate, stages)
             else:
                 options = (dtype, quantize, validate, context_length, block_size, backend, calibrate, head)
                 _build(tmp, source, (base, tokenizer), device, options, stages)

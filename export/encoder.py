@@ -124,3 +124,82 @@ def _validate(folder: Path, source: Path, torch: Any, transformers: Any) -> floa
     want = pool(hidden, mask, model.pooling, model.normalize)
     cos = (ours * want).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(want, axis=1))
     return float(cos.min())
+
+
+# -- sequence classification ---------------------------------------------------------------------------------------
+MAX_LOGIT_DIFF = 1e-3
+
+
+def is_sequence_classifier(folder: Path) -> bool:
+    """A Hugging Face checkpoint folder of a ``*ForSequenceClassification`` model (not a sentence-transformers one)."""
+    config = folder / "config.json"
+    if not folder.is_dir() or not config.is_file() or (folder / "modules.json").exists():
+        return False
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in archs)
+
+
+def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages) -> None:
+    """Export a ``*ForSequenceClassification`` checkpoint into ``stage`` (fp32): the graph gives the logits; the
+    labels (``id2label`` in id order), the problem type (``problem_type``, else regression for one label and
+    single-label otherwise, as transformers reads it) and the maximum length go into the manifest; validated
+    against PyTorch's logits (max |difference| and the same best label)."""
+    import torch
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    if not (source / "tokenizer.json").is_file():
+        raise ExportError(f"{source} has no tokenizer.json (a fast tokenizer is needed)")
+    config = transformers.AutoConfig.from_pretrained(source)
+    labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+    problem = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    tok_config = source / "tokenizer_config.json"
+    limit = json.loads(tok_config.read_text(encoding="utf-8")).get("model_max_length") if tok_config.is_file() else None
+    max_length = min(int(limit), positions) if isinstance(limit, int) and limit > 0 else positions
+    with stages("export"), tempfile.TemporaryDirectory(prefix="edgeroute-encoder-") as tmp:
+        onnx_dir = Path(tmp) / "onnx"
+        main_export(str(source), output=str(onnx_dir), task="text-classification", library_name="transformers")
+        for produced in onnx_dir.glob("model.onnx*"):
+            shutil.copy(produced, stage / produced.name)
+    shutil.copy(source / "tokenizer.json", stage / "tokenizer.json")
+    manifest: dict[str, Any] = {
+        "schema_version": ENCODER_MANIFEST_VERSION,
+        "task": "classification",
+        "graph": "model.onnx",
+        "architecture": config.model_type,
+        "hidden_size": int(config.hidden_size),
+        "max_length": max_length,
+        "labels": labels,
+        "problem_type": problem,
+        "precision": "fp32",
+        "provenance": {"source": str(source), "validation": None},
+    }
+    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    if not validate:
+        return
+    with stages("validate") as step:
+        step.total(len(VALIDATION_TEXTS))
+        model = EncoderModel.load(stage)
+        ours, _, _ = model._batched(VALIDATION_TEXTS, False, 8192, len(labels), lambda x, m: x)
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(source).eval()
+        ids, mask = model.tokenize(VALIDATION_TEXTS)
+        with torch.no_grad():
+            want = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        step.advance(len(VALIDATION_TEXTS))
+    diff = float(np.abs(ours - want).max())
+    same = bool((ours.argmax(1) == want.argmax(1)).all())
+    if diff > MAX_LOGIT_DIFF or not same:
+        raise ExportValidationError(
+            f"the exported logits differ from PyTorch's by {diff:.2e} (limit {MAX_LOGIT_DIFF}); best labels"
+            f" {'agree' if same else 'differ'}"
+        )
+    manifest["provenance"]["validation"] = {
+        "max_abs_logit_diff": diff,
+        "same_labels": same,
+        "texts": len(VALIDATION_TEXTS),
+    }
+    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -19,7 +19,7 @@ budget whatever the number of texts; results come back in input order.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,10 @@ from .errors import ConfigError, ManifestError, ModelLoadError
 from .session import create_session
 
 ENCODER_MANIFEST_VERSION = 1
-ENCODER_TASKS = ("embedding",)
+ENCODER_TASKS = ("embedding", "classification")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+FUNCTIONS = ("softmax", "sigmoid", "none")
+_DEFAULT_FUNCTION = {PROBLEM_TYPES[0]: "softmax", PROBLEM_TYPES[1]: "sigmoid", PROBLEM_TYPES[2]: "none"}
 POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last")
 MAX_BATCH_TOKENS = 8192  # padded positions per graph run by default (SmolLM-sized encoders: tens of MB of activations)
 MAX_TEXTS = 4096  # texts per call
@@ -44,6 +47,26 @@ def is_encoder_folder(folder: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("task") in ENCODER_TASKS
+
+
+@dataclass(frozen=True)
+class Label:
+    """A label of a classified text and its score; ``truncated``: the text was cut to the model's length."""
+
+    label: str
+    score: float
+    truncated: bool = False
+
+
+def _apply(function: str, logits: np.ndarray) -> np.ndarray:
+    """transformers' text-classification pipeline's functions, in float64 (its softmax shifts by the max)."""
+    x = logits.astype(np.float64)
+    if function == "softmax":
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    if function == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    return x
 
 
 @dataclass(frozen=True)
@@ -89,10 +112,14 @@ class EncoderModel:
         self.manifest = manifest
         self.session = session
         self.task: str = manifest["task"]
-        self.pooling: str = manifest["pooling"]
-        self.normalize: bool = manifest["normalize"]
         self.max_length: int = manifest["max_length"]
         self.dimension: int = manifest["hidden_size"]
+        # embedding models
+        self.pooling: str = manifest.get("pooling", "")
+        self.normalize: bool = bool(manifest.get("normalize", False))
+        # classification models
+        self.labels: list[str] = list(manifest.get("labels", []))
+        self.problem_type: str = manifest.get("problem_type", "")
         self._tok = tokenizer
         self._tok.no_truncation()
         self._tok.no_padding()
@@ -142,6 +169,62 @@ class EncoderModel:
                 text is a ``ConfigError`` naming it.
             max_batch_tokens: the padded positions one graph run may hold.
         """
+        self._need("embedding", "embed")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= self.dimension
+        ):
+            raise ConfigError("dimensions", dimensions, f"must be an integer in [1, {self.dimension}]")
+        norm = self.normalize if normalize is None else bool(normalize)
+
+        def reduce(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            return pool(hidden, mask, self.pooling, norm and dimensions is None)
+
+        out, tokens, cut = self._batched(texts, truncate, max_batch_tokens, self.dimension, reduce)
+        if dimensions is not None:
+            out = out[:, :dimensions]
+            out = _normalized(out) if norm else out
+        return Embeddings(out, tokens, cut)
+
+    def classify(
+        self,
+        texts: str | Sequence[str | Sequence[int]],
+        top_k: int | None = 1,
+        function: str | None = None,
+        truncate: bool = False,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+    ) -> list[list[Label]]:
+        """Each text's labels, most likely first, as transformers' ``text-classification`` pipeline scores them:
+        ``function`` ``None`` follows the model's ``problem_type`` (single-label: softmax; multi-label: sigmoid;
+        regression: the raw value), or ``"softmax"``, ``"sigmoid"``, ``"none"``; ``top_k`` labels per text
+        (``None``: all). ``truncate`` and ``max_batch_tokens`` as in :meth:`embed`."""
+        self._need("classification", "classify")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ConfigError("top_k", top_k, "must be None (all labels) or an integer >= 1")
+        if function not in (None, *FUNCTIONS):
+            raise ConfigError("function", function, f"must be None (the model's problem type) or one of {FUNCTIONS}")
+        fn = function or _DEFAULT_FUNCTION[self.problem_type]
+        logits, _, cut = self._batched(texts, truncate, max_batch_tokens, len(self.labels), lambda x, m: x)
+        scores = _apply(fn, logits)
+        out = []
+        for i, row in enumerate(scores):
+            order = np.argsort(-row, kind="stable")[: top_k or len(row)]
+            out.append([Label(self.labels[j], float(row[j]), cut[i]) for j in order])
+        return out
+
+    def _need(self, task: str, call: str) -> None:
+        if self.task != task:
+            raise ConfigError("task", self.task, f"this {self.task} model has no {call}(): it is a {task} call")
+
+    def _batched(
+        self,
+        texts: Any,
+        truncate: bool,
+        max_batch_tokens: int,
+        width: int,
+        reduce: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    ) -> tuple[np.ndarray, list[int], list[bool]]:
+        """The graph over ``texts`` in input order: sorted by length, batched within ``max_batch_tokens`` padded
+        positions; ``reduce(output, mask)`` -> rows of ``width`` values."""
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, Sequence) or not texts or not all(_is_input(t) for t in texts):
@@ -152,15 +235,10 @@ class EncoderModel:
             )
         if len(texts) > MAX_TEXTS:
             raise ConfigError("texts", len(texts), f"holds more than {MAX_TEXTS} texts: split the call")
-        if dimensions is not None and (
-            isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= self.dimension
-        ):
-            raise ConfigError("dimensions", dimensions, f"must be an integer in [1, {self.dimension}]")
         if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ConfigError("max_batch_tokens", max_batch_tokens, "must be an integer >= 1")
         encoded, cut = self._encode(texts, truncate)
-        norm = self.normalize if normalize is None else bool(normalize)
-        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        out = np.zeros((len(texts), width), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         start = 0
         while start < len(order):  # batches of similar lengths within the token budget
@@ -169,13 +247,9 @@ class EncoderModel:
                 end += 1
             rows = order[start:end]
             ids, mask = _padded([encoded[i] for i in rows], self._pad)
-            hidden = self._run(ids, mask)
-            out[rows] = pool(hidden, mask, self.pooling, norm and dimensions is None)
+            out[rows] = reduce(self._run(ids, mask), mask)
             start = end
-        if dimensions is not None:
-            out = out[:, :dimensions]
-            out = _normalized(out) if norm else out
-        return Embeddings(out, [len(e) for e in encoded], cut)
+        return out, [len(e) for e in encoded], cut
 
     def count_tokens(self, texts: Sequence[str | Sequence[int]]) -> list[int]:
         """Each input's token count as :meth:`embed` would run it uncut (special tokens included; token-id lists
@@ -229,7 +303,8 @@ class EncoderModel:
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
 
     def __repr__(self) -> str:
-        return f"EncoderModel({str(self.path)!r}, task={self.task!r}, pooling={self.pooling!r}, dim={self.dimension})"
+        what = f"pooling={self.pooling!r}" if self.task == "embedding" else f"labels={len(self.labels)}"
+        return f"EncoderModel({str(self.path)!r}, task={self.task!r}, {what}, dim={self.dimension})"
 
 
 def _is_input(t: Any) -> bool:
@@ -263,13 +338,20 @@ def _check_manifest(m: Any, source: str) -> None:
         raise bad("schema_version", f"must be {ENCODER_MANIFEST_VERSION}")
     if m.get("task") not in ENCODER_TASKS:
         raise bad("task", f"must be one of {', '.join(ENCODER_TASKS)}")
-    if m.get("pooling") not in POOLINGS:
-        raise bad("pooling", f"must be one of {', '.join(POOLINGS)}")
+    if m["task"] == "embedding":
+        if m.get("pooling") not in POOLINGS:
+            raise bad("pooling", f"must be one of {', '.join(POOLINGS)}")
+        if not isinstance(m.get("normalize"), bool):
+            raise bad("normalize", "must be true or false")
+    else:
+        labels = m.get("labels")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise bad("labels", "must be a non-empty list of strings")
+        if m.get("problem_type") not in PROBLEM_TYPES:
+            raise bad("problem_type", f"must be one of {', '.join(PROBLEM_TYPES)}")
     for field in ("hidden_size", "max_length"):
         v = m.get(field)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise bad(field, "must be an integer >= 1")
-    if not isinstance(m.get("normalize"), bool):
-        raise bad("normalize", "must be true or false")
     if not isinstance(m.get("graph"), str):
         raise bad("graph", "must be a file name")

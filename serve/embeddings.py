@@ -1,5 +1,6 @@
-"""``edgeroute serve`` for an embedding model (issue 36, first part): OpenAI's ``POST /v1/embeddings`` and
-text-embeddings-inference's ``POST /embed``, with ``/v1/models`` and ``/health``.
+"""``edgeroute serve`` for an encoder model (issue 36, first part): for an embedding model OpenAI's
+``POST /v1/embeddings`` and text-embeddings-inference's ``POST /embed``; for a classifier TEI's ``POST /predict``
+(every label with its score, best first; ``raw_scores`` for the logits); both with ``/v1/models`` and ``/health``.
 
 Requests are batched across clients: each request's texts go to one queue, and a worker thread takes the waiting
 requests with the same options (normalise, dimensions, truncation) together, up to :data:`BATCH_TEXTS` texts, into
@@ -20,7 +21,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import edgeroute as er
@@ -39,23 +40,24 @@ BATCH_TEXTS = 256
 MAX_QUEUED = 256
 _OPENAI_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user", "truncate"})
 _TEI_FIELDS = frozenset({"inputs", "normalize", "dimensions", "truncate", "truncation_direction"})
+_PREDICT_FIELDS = frozenset({"inputs", "raw_scores", "truncate"})
 
 
 class EmbedQueue:
     """The worker that batches requests across clients (module docstring)."""
 
-    def __init__(self, model: er.EncoderModel) -> None:
-        self.model = model
+    def __init__(self, run: Callable[[list[Any], tuple[Any, ...]], Any]) -> None:
+        self.run = run  # (texts, options) -> one result per text
         self._lock = threading.Condition()
-        self._waiting: deque[tuple[tuple[Any, ...], list[Any], concurrent.futures.Future[np.ndarray]]] = deque()
+        self._waiting: deque[tuple[tuple[Any, ...], list[Any], concurrent.futures.Future[Any]]] = deque()
         self._closed = False
         self.requests = 0
         self.runs = 0
         self._thread = threading.Thread(target=self._work, name="edgeroute-embed", daemon=True)
         self._thread.start()
 
-    def submit(self, inputs: list[Any], options: tuple[Any, ...]) -> concurrent.futures.Future[np.ndarray]:
-        future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
+    def submit(self, inputs: list[Any], options: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise APIError(503, "the server is shutting down", None, "shutting_down")
@@ -88,9 +90,8 @@ class EmbedQueue:
                         batch.append((item[1], item[2]))
                         count += len(item[1])
             texts = [t for inputs, _ in batch for t in inputs]
-            normalize, dimensions, truncate = options
             try:
-                vectors = self.model.embed(texts, normalize=normalize, dimensions=dimensions, truncate=truncate).vectors
+                vectors = self.run(texts, options)
             except Exception as e:  # noqa: BLE001 - each request of the run hears it
                 for _, f in batch:
                     f.set_exception(e)
@@ -107,7 +108,14 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
     from .app import _api_error, _Guard, _http_error, _server_error
     from .transport import Transport
 
-    queue = EmbedQueue(model)
+    def run(texts: list[Any], options: tuple[Any, ...]) -> Any:  # one result per text (rows, label lists)
+        if model.task == "classification":
+            raw, truncate = options
+            return model.classify(texts, top_k=None, function="none" if raw else None, truncate=truncate)
+        normalize, dimensions, truncate = options
+        return model.embed(texts, normalize=normalize, dimensions=dimensions, truncate=truncate).vectors
+
+    queue = EmbedQueue(run)
     transport = Transport(settings.model_name, settings.max_body_bytes, settings.read_timeout, None)
     served = settings.model_name
     started = int(time.time())
@@ -130,7 +138,7 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
             total += min(n, model.max_length)
         return total
 
-    async def embed(inputs: list[Any], options: tuple[Any, ...]) -> np.ndarray:
+    async def embed(inputs: list[Any], options: tuple[Any, ...]) -> Any:
         future = queue.submit(inputs, options)
         try:
             return await run_in_threadpool(future.result)
@@ -165,6 +173,18 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         vectors = await embed(inputs, (True if normalize is None else normalize, dimensions, truncate))
         return JSONResponse([[float(x) for x in v] for v in vectors])
 
+    async def predict(request: Request) -> Response:
+        """TEI's ``/predict``: each input's labels with their scores, best first (``raw_scores``: the logits)."""
+        body = check_fields(await transport.read_json(request), _PREDICT_FIELDS)
+        single = isinstance(body.get("inputs"), str)
+        inputs = _inputs(body.get("inputs"), "inputs")
+        raw = bool(check_type(body, "raw_scores", bool, "a boolean"))
+        truncate = bool(check_type(body, "truncate", bool, "a boolean"))
+        await run_in_threadpool(lengths, inputs, truncate, "inputs")
+        results = await embed(inputs, (raw, truncate))
+        answers = [[{"label": x.label, "score": x.score} for x in labels] for labels in results]
+        return JSONResponse(answers[0] if single else answers)
+
     async def models(request: Request) -> Response:
         entry = {"id": served, "object": "model", "created": started, "owned_by": "edgeroute"}
         return JSONResponse({"object": "list", "data": [entry]})
@@ -173,12 +193,11 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         answer = {"status": "ok", "model": served, "task": model.task, "requests": queue.requests, "runs": queue.runs}
         return JSONResponse(answer)
 
-    routes = [
-        Route("/v1/embeddings", openai, methods=["POST"]),
-        Route("/embed", tei, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ]
+    if model.task == "classification":
+        routes = [Route("/predict", predict, methods=["POST"])]
+    else:
+        routes = [Route("/v1/embeddings", openai, methods=["POST"]), Route("/embed", tei, methods=["POST"])]
+    routes += [Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
 
     class _Metrics:  # the guard counts answers; this app keeps its counts in /health
         def count(self, path: str, status: int) -> None:

@@ -145,15 +145,13 @@ def build_once(folder: Path, build: Callable[[Path], object], done: str | None =
     return folder
 
 
-def write_sentence_transformers(folder: Path, pooling: str = "mean", normalize: bool = True) -> Path:
-    """A tiny random BERT as a sentence-transformers folder: WordPiece tokenizer, Pooling, [Normalize]."""
-    import torch
+def write_bert_tokenizer(folder: Path) -> Any:
+    """A tiny WordPiece tokenizer (BERT's: [CLS] ... [SEP]) saved into ``folder``; returns transformers' view."""
     import transformers
+    from tiny_model import CORPUS
     from tokenizers import BertWordPieceTokenizer, processors
 
-    folder.mkdir(parents=True)
     tok = BertWordPieceTokenizer(lowercase=True)
-    from tiny_model import CORPUS
 
     tok.train_from_iterator(CORPUS, vocab_size=160, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]")}
@@ -167,6 +165,40 @@ def write_sentence_transformers(folder: Path, pooling: str = "mean", normalize: 
         mask_token="[MASK]",
     )
     fast.save_pretrained(folder)
+    return fast
+
+
+def write_sequence_classifier(folder: Path, problem_type: str = "single_label_classification", labels: int = 3) -> Path:
+    """A tiny random ``BertForSequenceClassification`` checkpoint with the tiny WordPiece tokenizer."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True)
+    fast = write_bert_tokenizer(folder)
+    torch.manual_seed(1)
+    config = transformers.BertConfig(
+        vocab_size=fast.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=labels,
+        problem_type=problem_type,
+        id2label={i: f"LABEL_{chr(65 + i)}" for i in range(labels)},
+        label2id={f"LABEL_{chr(65 + i)}": i for i in range(labels)},
+    )
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(folder)
+    return folder
+
+
+def write_sentence_transformers(folder: Path, pooling: str = "mean", normalize: bool = True) -> Path:
+    """A tiny random BERT as a sentence-transformers folder: WordPiece tokenizer, Pooling, [Normalize]."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True)
+    fast = write_bert_tokenizer(folder)
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=fast.vocab_size,

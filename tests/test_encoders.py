@@ -166,3 +166,53 @@ def test_all_minilm_l6_v2_equals_sentence_transformers(tmp_path: Path) -> None:
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cosine.min() >= 0.9999, cosine
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# -- sequence classification ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["single_label_classification", "multi_label_classification", "regression"])
+def classifier(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, export) of a tiny BertForSequenceClassification of each problem type (regression: one label)."""
+    from checkpoints import write_sequence_classifier
+
+    problem = request.param
+    ckpt = write_sequence_classifier(
+        tmp_path_factory.mktemp("cls") / problem, problem, 1 if problem == "regression" else 3
+    )
+    out = tmp_path_factory.mktemp("cls-export") / "model"
+    res = CliRunner().invoke(cli, ["export", str(ckpt), str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"(classification, fp32, {problem}" in res.output and "best labels the same: yes" in res.output
+    return ckpt, out
+
+
+def test_classify_equals_transformers_pipeline(classifier: tuple[Path, Path]) -> None:
+    """Every label's score, in the pipeline's order, for the model's problem type (softmax, sigmoid, none), and
+    with each function forced; top_k as the pipeline's."""
+    import transformers
+
+    ckpt, out = classifier
+    model = er.load(out)
+    assert isinstance(model, er.EncoderModel) and model.task == "classification"
+    pipe = transformers.pipeline("text-classification", model=str(ckpt), device="cpu")
+    for function in (None, "softmax", "sigmoid", "none"):
+        kw = {} if function is None else {"function_to_apply": function}
+        want = pipe(TEXTS, top_k=None, **kw)
+        got = model.classify(TEXTS, top_k=None, function=function)
+        for g, w in zip(got, want, strict=True):
+            assert [x.label for x in g] == [x["label"] for x in w]
+            np.testing.assert_allclose([x.score for x in g], [x["score"] for x in w], atol=1e-5)
+    top = model.classify(TEXTS[:2])
+    assert [len(t) for t in top] == [1, 1] and top[0][0].label == pipe(TEXTS[0])[0]["label"]
+    with pytest.raises(er.ConfigError) as e:
+        model.embed(TEXTS)
+    assert e.value.field == "task"
+    for kw, field in (({"top_k": 0}, "top_k"), ({"function": "relu"}, "function")):
+        with pytest.raises(er.ConfigError) as e:
+            model.classify(TEXTS, **kw)  # type: ignore[arg-type]
+        assert e.value.field == field
+    res = CliRunner().invoke(cli, ["run", str(out), "Hello world!"])
+    assert res.exit_code == 0 and res.output.split()[0] == model.classify(["Hello world!"])[0][0].label, res.output
+    data = json.loads(CliRunner().invoke(cli, ["run", str(out), "Hello world!", "--json"]).output)
+    assert [x["label"] for x in data["labels"]] == [x.label for x in model.classify(["Hello world!"], top_k=None)[0]]
+    info = CliRunner().invoke(cli, ["info", str(out)]).output
+    assert "task          classification" in info and "LABEL_A" in info

@@ -139,3 +139,30 @@ def test_the_command_serves_an_embedding_model_behind_its_key(model: er.EncoderM
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_classifier_answers_predict(tmp_path: Path) -> None:
+    """A classifier's server: TEI's ``/predict`` (one text, several, ``raw_scores``), equal to ``classify``; its
+    embedding routes are absent, every bad request a 4xx naming the parameter."""
+    from checkpoints import write_sequence_classifier
+    from edgeroute.export import export_model
+
+    folder = export_model(write_sequence_classifier(tmp_path / "ckpt"), tmp_path / "model")
+    model = er.EncoderModel.load(folder)
+    with Running(create_embedding_app(model, Settings("cls"))) as srv:
+        one = httpx.post(srv.url + "/predict", json={"inputs": TEXTS[0]}, timeout=30).json()
+        want = model.classify(TEXTS, top_k=None)
+        assert [x["label"] for x in one] == [x.label for x in want[0]]
+        np.testing.assert_allclose([x["score"] for x in one], [x.score for x in want[0]], atol=1e-6)
+        many = httpx.post(srv.url + "/predict", json={"inputs": TEXTS}, timeout=30).json()
+        assert [[x["label"] for x in r] for r in many] == [[x.label for x in w] for w in want]
+        raw = httpx.post(srv.url + "/predict", json={"inputs": "a", "raw_scores": True}, timeout=30).json()
+        np.testing.assert_allclose(
+            [x["score"] for x in raw],
+            [x.score for x in model.classify(["a"], top_k=None, function="none")[0]],
+            atol=1e-5,
+        )
+        assert httpx.post(srv.url + "/v1/embeddings", json={"input": "a"}, timeout=30).status_code == 404
+        for body, param in (({"inputs": []}, "inputs"), ({"inputs": "a", "top_k": 2}, "top_k")):
+            r = httpx.post(srv.url + "/predict", json=body, timeout=30)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
