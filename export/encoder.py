@@ -74,7 +74,6 @@ def export_embedding(source: Path, stage: Path, validate: bool, stages: Stages) 
     (``export_model`` builds into a temporary folder and moves it into place). Steps: ``export``, ``validate``."""
     import torch
     import transformers
-    from optimum.exporters.onnx import main_export
 
     settings = read_sentence_transformers(source)
     if not (source / "tokenizer.json").is_file():
@@ -82,25 +81,10 @@ def export_embedding(source: Path, stage: Path, validate: bool, stages: Stages) 
     config = transformers.AutoConfig.from_pretrained(source)
     positions = int(getattr(config, "max_position_embeddings", 512) or 512)
     max_length = min(int(settings["max_length"] or positions), positions)
-    with stages("export"), tempfile.TemporaryDirectory(prefix="edgeroute-encoder-") as tmp:
-        onnx_dir = Path(tmp) / "onnx"
-        main_export(str(source), output=str(onnx_dir), task="feature-extraction", library_name="transformers")
-        for produced in onnx_dir.glob("model.onnx*"):  # the graph and any external data beside it
-            shutil.copy(produced, stage / produced.name)
-    shutil.copy(source / "tokenizer.json", stage / "tokenizer.json")
-    manifest: dict[str, Any] = {
-        "schema_version": ENCODER_MANIFEST_VERSION,
-        "task": "embedding",
-        "graph": "model.onnx",
-        "architecture": config.model_type,
-        "hidden_size": int(config.hidden_size),
-        "max_length": max_length,
-        "pooling": settings["pooling"],
-        "normalize": settings["normalize"],
-        "precision": "fp32",
-        "provenance": {"source": str(source), "validation": None},
-    }
-    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    with stages("export"):
+        _graph(source, stage, "feature-extraction")
+    fields = {"pooling": settings["pooling"], "normalize": settings["normalize"]}
+    manifest = _manifest(stage, source, config, "embedding", max_length, fields)
     if not validate:
         return
     with stages("validate") as step:
@@ -149,7 +133,6 @@ def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages)
     against PyTorch's logits (max |difference| and the same best label)."""
     import torch
     import transformers
-    from optimum.exporters.onnx import main_export
 
     if not (source / "tokenizer.json").is_file():
         raise ExportError(f"{source} has no tokenizer.json (a fast tokenizer is needed)")
@@ -160,25 +143,11 @@ def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages)
     tok_config = source / "tokenizer_config.json"
     limit = json.loads(tok_config.read_text(encoding="utf-8")).get("model_max_length") if tok_config.is_file() else None
     max_length = min(int(limit), positions) if isinstance(limit, int) and limit > 0 else positions
-    with stages("export"), tempfile.TemporaryDirectory(prefix="edgeroute-encoder-") as tmp:
-        onnx_dir = Path(tmp) / "onnx"
-        main_export(str(source), output=str(onnx_dir), task="text-classification", library_name="transformers")
-        for produced in onnx_dir.glob("model.onnx*"):
-            shutil.copy(produced, stage / produced.name)
-    shutil.copy(source / "tokenizer.json", stage / "tokenizer.json")
-    manifest: dict[str, Any] = {
-        "schema_version": ENCODER_MANIFEST_VERSION,
-        "task": "classification",
-        "graph": "model.onnx",
-        "architecture": config.model_type,
-        "hidden_size": int(config.hidden_size),
-        "max_length": max_length,
-        "labels": labels,
-        "problem_type": problem,
-        "precision": "fp32",
-        "provenance": {"source": str(source), "validation": None},
-    }
-    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    with stages("export"):
+        _graph(source, stage, "text-classification")
+    manifest = _manifest(
+        stage, source, config, "classification", max_length, {"labels": labels, "problem_type": problem}
+    )
     if not validate:
         return
     with stages("validate") as step:
@@ -203,3 +172,35 @@ def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages)
         "texts": len(VALIDATION_TEXTS),
     }
     (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def _graph(source: Path, stage: Path, task: str) -> None:
+    """optimum's export of ``source`` for ``task`` into ``stage`` (the graph and any external data), with the
+    tokenizer."""
+    from optimum.exporters.onnx import main_export
+
+    with tempfile.TemporaryDirectory(prefix="edgeroute-encoder-") as tmp:
+        onnx_dir = Path(tmp) / "onnx"
+        main_export(str(source), output=str(onnx_dir), task=task, library_name="transformers")
+        for produced in onnx_dir.glob("model.onnx*"):
+            shutil.copy(produced, stage / produced.name)
+    shutil.copy(source / "tokenizer.json", stage / "tokenizer.json")
+
+
+def _manifest(
+    stage: Path, source: Path, config: Any, task: str, max_length: int, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """Write (and return) an encoder manifest: the common fields, then the task's ``fields``; validation later."""
+    manifest: dict[str, Any] = {
+        "schema_version": ENCODER_MANIFEST_VERSION,
+        "task": task,
+        "graph": "model.onnx",
+        "architecture": config.model_type,
+        "hidden_size": int(config.hidden_size),
+        "max_length": max_length,
+        **fields,
+        "precision": "fp32",
+        "provenance": {"source": str(source), "validation": None},
+    }
+    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return manifest

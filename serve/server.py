@@ -165,14 +165,7 @@ def serve(
             server.should_exit = True
 
     app = create_app(load, settings, on_load_error)
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        timeout_graceful_shutdown=FLUSH_SECONDS,
-        lifespan="on",
-        access_log=False,
-        http=guarded_protocol(AutoHTTPProtocol, settings.read_timeout, settings.max_connections),
-    )
+    config = _config(app, settings, log_level)
     state = app.state.edgeroute
     server = _Server(config, lambda forced: state.drain(grace, forced))
     try:
@@ -181,6 +174,18 @@ def serve(
         sock.close()
     if failed:
         raise failed[0]
+
+
+def _config(app: Any, settings: Settings, log_level: str) -> uvicorn.Config:
+    """uvicorn's configuration for one of the apps: its own request-read guard, no access log."""
+    return uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=FLUSH_SECONDS,
+        lifespan="on",
+        access_log=False,
+        http=guarded_protocol(AutoHTTPProtocol, settings.read_timeout, settings.max_connections),
+    )
 
 
 def _serve_encoder(
@@ -192,14 +197,7 @@ def _serve_encoder(
     model = er.EncoderModel.load(folder, provider, threads)
     sock = listen(host, port)
     app = create_embedding_app(model, settings)
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        timeout_graceful_shutdown=FLUSH_SECONDS,
-        lifespan="on",
-        access_log=False,
-        http=guarded_protocol(AutoHTTPProtocol, settings.read_timeout, settings.max_connections),
-    )
+    config = _config(app, settings, log_level)
 
     async def drain(forced: Callable[[], bool]) -> None:  # the queue finishes what it holds (its close joins it)
         await asyncio.to_thread(app.state.embed_queue.close)

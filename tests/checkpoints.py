@@ -145,6 +145,11 @@ def build_once(folder: Path, build: Callable[[Path], object], done: str | None =
     return folder
 
 
+TINY_BERT = dict(  # the tiny encoders' geometry
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+)
+
+
 def write_bert_tokenizer(folder: Path) -> Any:
     """A tiny WordPiece tokenizer (BERT's: [CLS] ... [SEP]) saved into ``folder``; returns transformers' view."""
     import transformers
@@ -178,11 +183,7 @@ def write_sequence_classifier(folder: Path, problem_type: str = "single_label_cl
     torch.manual_seed(1)
     config = transformers.BertConfig(
         vocab_size=fast.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
+        **TINY_BERT,
         num_labels=labels,
         problem_type=problem_type,
         id2label={i: f"LABEL_{chr(65 + i)}" for i in range(labels)},
@@ -200,14 +201,7 @@ def write_sentence_transformers(folder: Path, pooling: str = "mean", normalize: 
     folder.mkdir(parents=True)
     fast = write_bert_tokenizer(folder)
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=fast.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    config = transformers.BertConfig(vocab_size=fast.vocab_size, **TINY_BERT)
     transformers.BertModel(config).eval().save_pretrained(folder)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
     modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
