@@ -171,10 +171,11 @@ def export(
         if v:
             click.echo(f"  pooled embeddings' cosine with PyTorch: min {v['min_cosine']:.6f} over {v['texts']} texts")
         return
-    if manifest.get("task") == "classification":
+    if manifest.get("task") in ("classification", "token-classification"):
         labels = manifest["labels"]
+        kind = manifest.get("problem_type", "a tag per token")
         click.echo(
-            f"exported {source} -> {path} (classification, {manifest['precision']}, {manifest['problem_type']},"
+            f"exported {source} -> {path} ({manifest['task']}, {manifest['precision']}, {kind},"
             f" {len(labels)} labels: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''})"
         )
         if v:

@@ -187,7 +187,8 @@ def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
         norm = ", L2-normalised" if d["normalize"] else ""
         lines.append(f"embedding     {d['dimensions']} dimensions, {d['pooling']} pooling{norm}")
     else:
-        lines.append(f"labels        {', '.join(model.labels)} ({model.problem_type})")
+        kind = model.problem_type or "a tag per token"
+        lines.append(f"labels        {', '.join(model.labels)} ({kind})")
     lines.append(
         f"inputs        at most {d['max_length']} tokens (longer texts are refused unless truncated on request)"
     )

@@ -151,6 +151,8 @@ def run(
         encoder = er.EncoderModel.load(model_path, provider, threads)
         if encoder.task == "classification":
             _classify(encoder, text, as_json, truncate)
+        elif encoder.task == "token-classification":
+            _tag(encoder, text, as_json, truncate)
         else:
             _embed(encoder, text, as_json, truncate)
         return
@@ -226,3 +228,14 @@ def _classify(model: er.EncoderModel, text: str, as_json: bool, truncate: bool) 
         return
     for x in labels:
         click.echo(f"{x.label}\t{x.score:.4f}")
+
+
+def _tag(model: er.EncoderModel, text: str, as_json: bool, truncate: bool) -> None:
+    """A token classifier's answer to ``edgeroute run``: the entities (simple aggregation) with their offsets."""
+    found = model.entities([text], truncate=truncate)[0]
+    if as_json:
+        rows = [{"label": e.label, "score": e.score, "word": e.word, "start": e.start, "end": e.end} for e in found]
+        click.echo(json.dumps({"entities": rows}))
+        return
+    for e in found:
+        click.echo(f"{e.label}\t{e.score:.4f}\t{text[e.start : e.end]}\t[{e.start}:{e.end}]")

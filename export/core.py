@@ -171,9 +171,9 @@ def export_model(
 
     embedding = encoder.is_sentence_transformers(Path(source).expanduser())
     classifier = not embedding and encoder.is_sequence_classifier(Path(source).expanduser())
-    if (
-        embedding or classifier
-    ):  # an encoder: the options of decoder exports do not apply (yet: int8 and fp16 are issue 36's)
+    tagger = not embedding and encoder.is_sequence_classifier(Path(source).expanduser(), "ForTokenClassification")
+    # an encoder: the options of decoder exports do not apply (yet: int8 and fp16 are issue 36's)
+    if embedding or classifier or tagger:
         given = {"dtype": dtype != "fp32", "quantize": quantize != "none", "base": base is not None}
         given |= {"context_length": context_length is not None, "tokenizer": tokenizer is not None}
         given |= {"head": head is not None, "backend": backend != "auto", "device": device != "cpu"}
@@ -198,8 +198,8 @@ def export_model(
         with _terminate_as_interrupt():
             if embedding:
                 encoder.export_embedding(Path(source).expanduser(), tmp, validate, stages)
-            elif classifier:
-                encoder.export_classifier(Path(source).expanduser(), tmp, validate, stages)
+            elif classifier or tagger:
+                encoder.export_classifier(Path(source).expanduser(), tmp, validate, stages, tokens=tagger)
             else:
                 options = (dtype, quantize, validate, context_length, block_size, backend, calibrate, head)
                 _build(tmp, source, (base, tokenizer), device, options, stages)

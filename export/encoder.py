@@ -114,8 +114,9 @@ def _validate(folder: Path, source: Path, torch: Any, transformers: Any) -> floa
 MAX_LOGIT_DIFF = 1e-3
 
 
-def is_sequence_classifier(folder: Path) -> bool:
-    """A Hugging Face checkpoint folder of a ``*ForSequenceClassification`` model (not a sentence-transformers one)."""
+def is_sequence_classifier(folder: Path, head: str = "ForSequenceClassification") -> bool:
+    """A Hugging Face checkpoint folder of a ``*ForSequenceClassification`` (``head``) model (not a
+    sentence-transformers one)."""
     config = folder / "config.json"
     if not folder.is_dir() or not config.is_file() or (folder / "modules.json").exists():
         return False
@@ -123,10 +124,10 @@ def is_sequence_classifier(folder: Path) -> bool:
         archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
     except (OSError, ValueError):
         return False
-    return any(str(a).endswith("ForSequenceClassification") for a in archs)
+    return any(str(a).endswith(head) for a in archs)
 
 
-def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages) -> None:
+def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages, tokens: bool = False) -> None:
     """Export a ``*ForSequenceClassification`` checkpoint into ``stage`` (fp32): the graph gives the logits; the
     labels (``id2label`` in id order), the problem type (``problem_type``, else regression for one label and
     single-label otherwise, as transformers reads it) and the maximum length go into the manifest; validated
@@ -144,23 +145,32 @@ def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages)
     limit = json.loads(tok_config.read_text(encoding="utf-8")).get("model_max_length") if tok_config.is_file() else None
     max_length = min(int(limit), positions) if isinstance(limit, int) and limit > 0 else positions
     with stages("export"):
-        _graph(source, stage, "text-classification")
-    manifest = _manifest(
-        stage, source, config, "classification", max_length, {"labels": labels, "problem_type": problem}
-    )
+        _graph(source, stage, "token-classification" if tokens else "text-classification")
+    if tokens:  # a tag per token: the labels are the tag set
+        manifest = _manifest(stage, source, config, "token-classification", max_length, {"labels": labels})
+    else:
+        fields = {"labels": labels, "problem_type": problem}
+        manifest = _manifest(stage, source, config, "classification", max_length, fields)
     if not validate:
         return
     with stages("validate") as step:
         step.total(len(VALIDATION_TEXTS))
         model = EncoderModel.load(stage)
-        ours, _, _ = model._batched(VALIDATION_TEXTS, False, 8192, len(labels), lambda x, m: x)
-        hf = transformers.AutoModelForSequenceClassification.from_pretrained(source).eval()
         ids, mask = model.tokenize(VALIDATION_TEXTS)
+        auto = (
+            transformers.AutoModelForTokenClassification if tokens else transformers.AutoModelForSequenceClassification
+        )
+        hf = auto.from_pretrained(source).eval()
         with torch.no_grad():
             want = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        if tokens:  # every real position's logits
+            ours = model._run(ids, mask)[mask.astype(bool)]
+            want = want[mask.astype(bool)]
+        else:
+            ours, _, _ = model._batched(VALIDATION_TEXTS, False, 8192, len(labels), lambda x, m: x)
         step.advance(len(VALIDATION_TEXTS))
     diff = float(np.abs(ours - want).max())
-    same = bool((ours.argmax(1) == want.argmax(1)).all())
+    same = bool((ours.argmax(-1) == want.argmax(-1)).all())
     if diff > MAX_LOGIT_DIFF or not same:
         raise ExportValidationError(
             f"the exported logits differ from PyTorch's by {diff:.2e} (limit {MAX_LOGIT_DIFF}); best labels"

@@ -173,6 +173,28 @@ def write_bert_tokenizer(folder: Path) -> Any:
     return fast
 
 
+def write_token_classifier(folder: Path, labels: tuple[str, ...] = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")) -> Path:
+    """A tiny random ``BertForTokenClassification`` checkpoint (BIO tags) with the tiny WordPiece tokenizer."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True)
+    fast = write_bert_tokenizer(folder)
+    torch.manual_seed(2)
+    config = transformers.BertConfig(
+        vocab_size=fast.vocab_size,
+        **TINY_BERT,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={x: i for i, x in enumerate(labels)},
+    )
+    model = transformers.BertForTokenClassification(config).eval()
+    with torch.no_grad():  # a wider spread of tags than a random head gives, so that every strategy has entities
+        model.classifier.weight.mul_(8.0)
+    model.save_pretrained(folder)
+    return folder
+
+
 def write_sequence_classifier(folder: Path, problem_type: str = "single_label_classification", labels: int = 3) -> Path:
     """A tiny random ``BertForSequenceClassification`` checkpoint with the tiny WordPiece tokenizer."""
     import torch
