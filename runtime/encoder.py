@@ -19,7 +19,7 @@ budget whatever the number of texts; results come back in input order.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,11 @@ import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import ConfigError, ManifestError, ModelLoadError
+from .ner import AGGREGATIONS, Entity, aggregate
 from .session import create_session
 
 ENCODER_MANIFEST_VERSION = 1
 ENCODER_TASKS = ("embedding", "classification", "token-classification")
-AGGREGATIONS = ("none", "simple", "first", "average", "max")  # transformers' token-classification strategies
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 FUNCTIONS = ("softmax", "sigmoid", "none")
 _DEFAULT_FUNCTION = {PROBLEM_TYPES[0]: "softmax", PROBLEM_TYPES[1]: "sigmoid", PROBLEM_TYPES[2]: "none"}
@@ -68,20 +68,6 @@ def _apply(function: str, logits: np.ndarray) -> np.ndarray:
     if function == "sigmoid":
         return 1.0 / (1.0 + np.exp(-x))
     return x
-
-
-@dataclass(frozen=True)
-class Entity:
-    """A token (aggregation ``"none"``: ``index`` is its position) or a group of tokens with one label: ``label``
-    (the tag, or with aggregation the entity type: ``B-PER`` tokens make a ``PER`` group), ``score``, ``word``,
-    and ``start``/``end`` character offsets into the text."""
-
-    label: str
-    score: float
-    word: str
-    start: int
-    end: int
-    index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -241,131 +227,32 @@ class EncoderModel:
         self._need("token-classification", "entities")
         if aggregation not in AGGREGATIONS:
             raise ConfigError("aggregation", aggregation, f"must be one of {', '.join(AGGREGATIONS)}")
-        single = isinstance(texts, str)
-        items = [texts] if isinstance(texts, str) else texts
-        if not isinstance(items, Sequence) or not items or not all(isinstance(t, str) and t for t in items):
-            raise ConfigError(
-                "texts", items if not isinstance(items, Sequence) else len(items), "must be non-empty strings"
-            )
-        if len(items) > MAX_TEXTS:
-            raise ConfigError("texts", len(items), f"holds more than {MAX_TEXTS} texts: split the call")
-        encoded, _ = self._encode(items, truncate)
+        items = _inputs([texts] if isinstance(texts, str) else texts, text_only=True)
         encodings = self._encodings(items, truncate)
-        logits = self._per_token(encoded, max_batch_tokens)
-        out = [
-            self._aggregate(t, e, lg, aggregation, set(ignore_labels))
+        encoded = [list(e.ids) for e in encodings]
+        logits: list[np.ndarray] = [np.zeros(0)] * len(items)
+        for rows, output, _mask in self._runs(encoded, max_batch_tokens):
+            for r, i in enumerate(rows):
+                logits[i] = output[r, : len(encoded[i])]
+        ignore = set(ignore_labels)
+        return [
+            aggregate(t, e, lg, aggregation, ignore, self._tok, self.labels)
             for t, e, lg in zip(items, encodings, logits, strict=True)
         ]
-        return out[:1] if single else out
 
     def _encodings(self, texts: Sequence[str], truncate: bool) -> list[Any]:
-        """The tokenizer's encodings (offsets, special-token mask) of ``texts`` (cut as ``_encode`` cut them)."""
-        if truncate:
+        """The tokenizer's encodings (ids, offsets, special-token mask) of ``texts``, those over ``max_length``
+        refused or cut as :meth:`_encode` does."""
+        encodings = list(self._tok.encode_batch(list(texts)))
+        cut = self._over([len(e.ids) for e in encodings], truncate)
+        if any(cut):
             self._tok.enable_truncation(self.max_length)
-        try:
-            return list(self._tok.encode_batch(list(texts)))
-        finally:
-            self._tok.no_truncation()
-
-    def _per_token(self, encoded: list[list[int]], max_batch_tokens: int) -> list[np.ndarray]:
-        """Every position's logits per text (input order), batches sorted by length within the token budget."""
-        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            raise ConfigError("max_batch_tokens", max_batch_tokens, "must be an integer >= 1")
-        out: list[np.ndarray] = [np.zeros(0)] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(encoded[order[end]]) <= max_batch_tokens:
-                end += 1
-            rows = order[start:end]
-            ids, mask = _padded([encoded[i] for i in rows], self._pad)
-            logits = self._run(ids, mask)
-            for r, i in enumerate(rows):
-                out[i] = logits[r, : len(encoded[i])]
-            start = end
-        return out
-
-    def _aggregate(self, text: str, enc: Any, logits: np.ndarray, strategy: str, ignore: set[str]) -> list[Entity]:
-        """transformers' ``TokenClassificationPipeline.postprocess`` for one text (its algorithm, step by step)."""
-        x = logits.astype(np.float32)
-        shifted = np.exp(x - x.max(axis=-1, keepdims=True))
-        scores = shifted / shifted.sum(axis=-1, keepdims=True)
-        prefix = getattr(self._tok.model, "continuing_subword_prefix", None)
-        unk = getattr(self._tok.model, "unk_token", None)
-        unk_id = self._tok.token_to_id(unk) if unk else None
-        pre = []
-        for idx, (token_id, (start, end), special) in enumerate(
-            zip(enc.ids, enc.offsets, enc.special_tokens_mask, strict=True)
-        ):
-            if special:
-                continue
-            word = self._tok.id_to_token(token_id) or ""
-            ref = text[start:end]
-            sub = len(word) != len(ref) if prefix else start > 0 and " " not in text[start - 1 : start + 1]
-            if token_id == unk_id:
-                word, sub = ref, False
-            pre.append({"word": word, "scores": scores[idx], "start": start, "end": end, "index": idx, "sub": sub})
-        tokens: list[dict[str, Any]] = []
-        if strategy in ("none", "simple"):
-            for p in pre:
-                i = int(p["scores"].argmax())
-                tokens.append({"entity": self.labels[i], "score": float(p["scores"][i]), **_keep(p)})
-        else:
-            group: list[dict[str, Any]] = []
-            for p in pre:
-                if group and not p["sub"]:
-                    tokens.append(self._word(group, strategy))
-                    group = []
-                group.append(p)
-            if group:
-                tokens.append(self._word(group, strategy))
-        if strategy == "none":
-            found = [Entity(t["entity"], t["score"], t["word"], t["start"], t["end"], t["index"]) for t in tokens]
-        else:
-            found = self._groups(tokens)
-        return [e for e in found if e.label not in ignore]
-
-    def _word(self, group: list[dict[str, Any]], strategy: str) -> dict[str, Any]:
-        if strategy == "first":
-            scores = group[0]["scores"]
-        elif strategy == "max":
-            scores = max(group, key=lambda p: p["scores"].max())["scores"]
-        else:  # average
-            scores = np.nanmean(np.stack([p["scores"] for p in group]), axis=0)
-        i = int(scores.argmax())
-        word = self._join([p["word"] for p in group])
-        return {
-            "entity": self.labels[i],
-            "score": float(scores[i]),
-            "word": word,
-            "start": group[0]["start"],
-            "end": group[-1]["end"],
-        }
-
-    def _groups(self, tokens: list[dict[str, Any]]) -> list[Entity]:
-        out: list[Entity] = []
-        group: list[dict[str, Any]] = []
-        for t in tokens:
-            if group:
-                bi, tag = _tag(t["entity"])
-                if not (tag == _tag(group[-1]["entity"])[1] and bi != "B"):
-                    out.append(self._group(group))
-                    group = []
-            group.append(t)
-        if group:
-            out.append(self._group(group))
-        return out
-
-    def _group(self, group: list[dict[str, Any]]) -> Entity:
-        label = group[0]["entity"].split("-", 1)[-1]
-        score = float(np.nanmean([t["score"] for t in group]))
-        return Entity(label, score, self._join([t["word"] for t in group]), group[0]["start"], group[-1]["end"])
-
-    def _join(self, tokens: list[str]) -> str:
-        """transformers' ``convert_tokens_to_string``: the tokenizer's decoder over the tokens."""
-        decoder = self._tok.decoder
-        return str(decoder.decode(tokens)) if decoder is not None else " ".join(tokens)
+            try:
+                for i in (i for i, c in enumerate(cut) if c):
+                    encodings[i] = self._tok.encode(texts[i])
+            finally:
+                self._tok.no_truncation()
+        return encodings
 
     def _need(self, task: str, call: str) -> None:
         if self.task != task:
@@ -379,33 +266,31 @@ class EncoderModel:
         width: int,
         reduce: Callable[[np.ndarray, np.ndarray], np.ndarray],
     ) -> tuple[np.ndarray, list[int], list[bool]]:
-        """The graph over ``texts`` in input order: sorted by length, batched within ``max_batch_tokens`` padded
-        positions; ``reduce(output, mask)`` -> rows of ``width`` values."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, Sequence) or not texts or not all(_is_input(t) for t in texts):
-            raise ConfigError(
-                "texts",
-                texts if not isinstance(texts, Sequence) else len(texts),
-                "must be a non-empty list of strings (or of token-id lists)",
-            )
-        if len(texts) > MAX_TEXTS:
-            raise ConfigError("texts", len(texts), f"holds more than {MAX_TEXTS} texts: split the call")
+        """The graph over ``texts`` in input order (:meth:`_runs`); ``reduce(output, mask)`` -> rows of ``width``
+        values."""
+        encoded, cut = self._encode(_inputs([texts] if isinstance(texts, str) else texts), truncate)
+        out = np.zeros((len(encoded), width), dtype=np.float32)
+        for rows, output, mask in self._runs(encoded, max_batch_tokens):
+            out[rows] = reduce(output, mask)
+        return out, [len(e) for e in encoded], cut
+
+    def _runs(
+        self, encoded: list[list[int]], max_batch_tokens: int
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+        """``(rows, output, mask)`` per graph run: the texts sorted by length, batched within ``max_batch_tokens``
+        padded positions (a longer text runs alone)."""
         if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             raise ConfigError("max_batch_tokens", max_batch_tokens, "must be an integer >= 1")
-        encoded, cut = self._encode(texts, truncate)
-        out = np.zeros((len(texts), width), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         start = 0
-        while start < len(order):  # batches of similar lengths within the token budget
+        while start < len(order):
             end = start + 1
             while end < len(order) and (end - start + 1) * len(encoded[order[end]]) <= max_batch_tokens:
                 end += 1
             rows = order[start:end]
             ids, mask = _padded([encoded[i] for i in rows], self._pad)
-            out[rows] = reduce(self._run(ids, mask), mask)
+            yield rows, self._run(ids, mask), mask
             start = end
-        return out, [len(e) for e in encoded], cut
 
     def count_tokens(self, texts: Sequence[str | Sequence[int]]) -> list[int]:
         """Each input's token count as :meth:`embed` would run it uncut (special tokens included; token-id lists
@@ -430,17 +315,10 @@ class EncoderModel:
         return out
 
     def _encode(self, texts: Sequence[str | Sequence[int]], truncate: bool) -> tuple[list[list[int]], list[bool]]:
+        """Each input's tokens, those over ``max_length`` refused or cut (:meth:`_over`), and which were cut."""
         encoded = self._tokens(texts)
-        cut = [len(e) > self.max_length for e in encoded]
+        cut = self._over([len(e) for e in encoded], truncate)
         if any(cut):
-            if not truncate:
-                i = cut.index(True)
-                raise ConfigError(
-                    f"texts[{i}]",
-                    f"{len(encoded[i])} tokens",
-                    f"is over the model's {self.max_length}: shorten it, or cut it at the end (truncate=True;"
-                    " edgeroute run --truncate)",
-                )
             self._tok.enable_truncation(self.max_length)
             try:
                 for i in (i for i, c in enumerate(cut) if c):
@@ -451,6 +329,19 @@ class EncoderModel:
             finally:
                 self._tok.no_truncation()
         return encoded, cut
+
+    def _over(self, lengths: list[int], truncate: bool) -> list[bool]:
+        """Which inputs are over ``max_length`` tokens: a ``ConfigError`` naming the first unless ``truncate``."""
+        cut = [n > self.max_length for n in lengths]
+        if any(cut) and not truncate:
+            i = cut.index(True)
+            raise ConfigError(
+                f"texts[{i}]",
+                f"{lengths[i]} tokens",
+                f"is over the model's {self.max_length}: shorten it, or cut it at the end (truncate=True;"
+                " edgeroute run --truncate)",
+            )
+        return cut
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask}
@@ -463,15 +354,18 @@ class EncoderModel:
         return f"EncoderModel({str(self.path)!r}, task={self.task!r}, {what}, dim={self.dimension})"
 
 
-def _keep(p: dict[str, Any]) -> dict[str, Any]:
-    return {k: p[k] for k in ("word", "start", "end", "index")}
-
-
-def _tag(name: str) -> tuple[str, str]:
-    """transformers' ``get_tag``: (B or I, the type); a label without a prefix continues (I)."""
-    if name.startswith(("B-", "I-")):
-        return name[0], name[2:]
-    return "I", name
+def _inputs(texts: Any, text_only: bool = False) -> Sequence[Any]:
+    """``texts`` checked: a non-empty list (at most :data:`MAX_TEXTS`) of strings, or of token-id lists unless
+    ``text_only``."""
+    ok = (lambda t: isinstance(t, str) and t != "") if text_only else _is_input
+    if not isinstance(texts, Sequence) or not texts or not all(ok(t) for t in texts):
+        what = "non-empty strings" if text_only else "strings (or token-id lists)"
+        raise ConfigError(
+            "texts", texts if not isinstance(texts, Sequence) else len(texts), f"must be a list of {what}"
+        )
+    if len(texts) > MAX_TEXTS:
+        raise ConfigError("texts", len(texts), f"holds more than {MAX_TEXTS} texts: split the call")
+    return texts
 
 
 def _is_input(t: Any) -> bool:

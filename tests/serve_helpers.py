@@ -100,3 +100,12 @@ def openai_client(server: Running, api_key: str = "unused") -> Any:
     import openai
 
     return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def alone(model: Any, messages: list[dict[str, Any]], tokens: int = 12, **template: Any) -> Any:
+    """What the model answers ``messages`` alone, greedy, ``tokens`` at most (``template``: the chat template's
+    variables): what a served answer must equal."""
+    import edgeroute as er
+
+    ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template)
+    return model.generate(ids, er.GenerationConfig(max_new_tokens=tokens, sampling=er.SamplingConfig(temperature=0)))

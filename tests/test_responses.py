@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from edgeroute.serve import Settings, create_app
-from serve_helpers import Running, openai_client
+from serve_helpers import Running, alone, openai_client
 from tiny_model import write_tiny_model
 
 NAME = "tiny"
@@ -43,11 +43,6 @@ def server(model: er.Model):
 @pytest.fixture(scope="module")
 def client(server: Running) -> openai.OpenAI:
     return openai_client(server)
-
-
-def alone(model: er.Model, messages: list[dict[str, Any]], tokens: int = 12) -> er.Completion:
-    ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return model.generate(ids, er.GenerationConfig(max_new_tokens=tokens, sampling=er.SamplingConfig(temperature=0)))
 
 
 def test_a_text_response_is_the_chat_answer(model: er.Model, client: openai.OpenAI) -> None:

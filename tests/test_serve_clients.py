@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from edgeroute.serve import Settings, create_app
-from serve_helpers import Running, openai_client
+from serve_helpers import Running, alone, openai_client
 from tiny_model import CHATML, write_tiny_model
 
 NAME = "org/tiny"  # a served name with a slash, as Hugging Face ids have
@@ -42,11 +42,6 @@ def server(model: er.Model):
 @pytest.fixture(scope="module")
 def client(server: Running) -> openai.OpenAI:
     return openai_client(server)
-
-
-def alone(model: er.Model, messages: list[dict[str, Any]], tokens: int = 12, **template: Any) -> er.Completion:
-    ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template)
-    return model.generate(ids, er.GenerationConfig(max_new_tokens=tokens, sampling=er.SamplingConfig(temperature=0)))
 
 
 def refused(server: Running, body: dict[str, Any], path: str = "/v1/chat/completions") -> dict[str, Any]:
