@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 import edgeroute as er
-import numpy as np
 from edgeroute.encoder import is_encoder_folder
 
+from .encoder_run import ENCODER_PARAMS, encoder_options, run_encoder
 from .options import (
     build_request,
     constraint_options,
@@ -95,9 +95,6 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sample instead of streaming.")
 @click.option(
-    "--truncate", is_flag=True, help="An encoder model: cut a text over its maximum length (default: refuse it)."
-)
-@click.option(
     "--beams",
     "num_beams",
     type=click.IntRange(min=1),
@@ -111,6 +108,7 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
     default=None,
     help="When beam search stops (transformers' early_stopping; default false).",
 )
+@encoder_options
 @generation_options
 @constraint_options
 @sampling_options
@@ -124,7 +122,6 @@ def run(
     system: str | None,
     samples: int,
     as_json: bool,
-    truncate: bool,
     num_beams: int | None,
     length_penalty: float | None,
     early_stopping: str | None,
@@ -133,31 +130,29 @@ def run(
     ctx_size: int | None,
     **flags: Any,
 ) -> None:
-    """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'; an embedding model
-    prints PROMPT's embedding (a summary, or the whole vector with --json), a classifier its labels and scores."""
-    text = read_prompt(prompt)
+    """Generate from MODEL (an exported folder) for PROMPT, or for standard input with '-'. An encoder model
+    answers by its task: a token classifier its entities, a classifier its labels and scores, an embedding model
+    a summary of PROMPT's embedding (the whole vector with --json); --input FILE runs a JSONL file of inputs."""
+    ctx = click.get_current_context()
+    given = [n for n in ctx.params if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+    encoder_flags = {n: flags.pop(n) for n in ENCODER_PARAMS}
     if is_encoder_folder(model_path):
-        ctx = click.get_current_context()
-        shared = ("model_path", "prompt", "as_json", "truncate", "provider", "threads", "verbose")
-        given = [
-            name
-            for name in ctx.params
-            if name not in shared and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-        ]
-        if given:
+        shared = ("model_path", "prompt", "as_json", "provider", "threads", "verbose", *ENCODER_PARAMS)
+        other = [n for n in given if n not in shared]
+        if other:
             raise click.UsageError(
-                f"--{given[0].replace('_', '-')} is a generation option: {model_path} is an encoder model"
+                f"--{other[0].replace('_', '-')} is a generation option: {model_path} is an encoder model"
             )
+        if encoder_flags["input_file"] is not None and prompt is not None:
+            raise click.UsageError("give a PROMPT or --input FILE, not both")
+        text = None if encoder_flags["input_file"] is not None else read_prompt(prompt)
         encoder = er.EncoderModel.load(model_path, provider, threads)
-        if encoder.task == "classification":
-            _classify(encoder, text, as_json, truncate)
-        elif encoder.task == "token-classification":
-            _tag(encoder, text, as_json, truncate)
-        else:
-            _embed(encoder, text, as_json, truncate)
+        run_encoder(encoder, text, as_json, encoder_flags)
         return
-    if truncate:
-        raise click.UsageError("--truncate is for encoder models: a prompt over a decoder's context is refused")
+    mine = [n for n in given if n in ENCODER_PARAMS]
+    if mine:
+        raise click.UsageError(f"--{mine[0].replace('_', '-')} is for encoder models ({model_path} is a decoder)")
+    text = read_prompt(prompt)
     model = load_model(model_path, provider, threads, spin=not needs_second_model(flags), ctx_size=ctx_size)
     beams = {}
     if num_beams is not None and num_beams > 1:
@@ -202,40 +197,3 @@ def run(
             for lp in comp.logprobs or []:
                 alts = " ".join(f"{model.tokenizer.decode([t], False)!r}:{v:.3f}" for t, v in lp.top)
                 click.echo(f"{model.tokenizer.decode([lp.token_id], False)!r}\t{lp.logprob:.4f}\t{alts}", err=True)
-
-
-def _embed(model: er.EncoderModel, text: str, as_json: bool, truncate: bool) -> None:
-    """An embedding model's answer to ``edgeroute run``: the text's embedding."""
-    result = model.embed([text], truncate=truncate)
-    vector = result.vectors[0]
-    if as_json:
-        out = {"embedding": [float(x) for x in vector], "tokens": result.tokens[0], "truncated": result.truncated[0]}
-        click.echo(json.dumps(out))
-        return
-    head = ", ".join(f"{x:+.4f}" for x in vector[:6])
-    click.echo(
-        f"embedding: {len(vector)} dimensions, L2 norm {float(np.linalg.norm(vector)):.4f}, {result.tokens[0]} tokens"
-        f" ({model.pooling} pooling{', truncated' if result.truncated[0] else ''}); first values [{head}, ...]"
-    )
-
-
-def _classify(model: er.EncoderModel, text: str, as_json: bool, truncate: bool) -> None:
-    """A classifier's answer to ``edgeroute run``: every label with its score, best first."""
-    labels = model.classify([text], top_k=None, truncate=truncate)[0]
-    if as_json:
-        rows = [{"label": x.label, "score": x.score} for x in labels]
-        click.echo(json.dumps({"labels": rows, "truncated": labels[0].truncated}))
-        return
-    for x in labels:
-        click.echo(f"{x.label}\t{x.score:.4f}")
-
-
-def _tag(model: er.EncoderModel, text: str, as_json: bool, truncate: bool) -> None:
-    """A token classifier's answer to ``edgeroute run``: the entities (simple aggregation) with their offsets."""
-    found = model.entities([text], truncate=truncate)[0]
-    if as_json:
-        rows = [{"label": e.label, "score": e.score, "word": e.word, "start": e.start, "end": e.end} for e in found]
-        click.echo(json.dumps({"entities": rows}))
-        return
-    for e in found:
-        click.echo(f"{e.label}\t{e.score:.4f}\t{text[e.start : e.end]}\t[{e.start}:{e.end}]")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from edgeroute.encoder import ENCODER_MANIFEST_VERSION, EncoderModel, pool
 from edgeroute.errors import ExportError, ExportValidationError
+from edgeroute.ner import scheme_of
 
 from .steps import Stages
 
@@ -147,7 +148,8 @@ def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages,
     with stages("export"):
         _graph(source, stage, "token-classification" if tokens else "text-classification")
     if tokens:  # a tag per token: the labels are the tag set
-        manifest = _manifest(stage, source, config, "token-classification", max_length, {"labels": labels})
+        fields = {"labels": labels, "scheme": scheme_of(labels)}
+        manifest = _manifest(stage, source, config, "token-classification", max_length, fields)
     else:
         fields = {"labels": labels, "problem_type": problem}
         manifest = _manifest(stage, source, config, "classification", max_length, fields)
@@ -167,7 +169,7 @@ def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages,
             ours = model._run(ids, mask)[mask.astype(bool)]
             want = want[mask.astype(bool)]
         else:
-            ours, _, _ = model._batched(VALIDATION_TEXTS, False, 8192, len(labels), lambda x, m: x)
+            ours = model._scores(VALIDATION_TEXTS, "refuse", 8192, "none", "mean")[0]
         step.advance(len(VALIDATION_TEXTS))
     diff = float(np.abs(ours - want).max())
     same = bool((ours.argmax(-1) == want.argmax(-1)).all())

@@ -1,44 +1,73 @@
-"""Encoder models (issue 36, first part): sentence embeddings from an exported encoder, the pooling in NumPy.
+"""Encoder models (issue 36): embeddings, labels, entities and rerank scores from an exported encoder, everything
+after the graph in NumPy.
 
-The graph computes ``last_hidden_state`` only; :class:`EncoderModel` tokenises (the folder's ``tokenizer.json``,
-special tokens added), batches, runs the graph and pools outside it: ``mean`` (over the attention mask), ``cls``
-(the first position), ``max`` (over unmasked positions), ``mean_sqrt_len`` (sentence-transformers' mean times the
-square root of the length: the sum over sqrt(length)), ``last`` (the last unmasked position); then the L2
-normalisation the manifest records, and Matryoshka ``dimensions`` (the first d values, renormalised when the model
-normalises).
+The graph computes ``last_hidden_state`` (embedding models) or logits (classifiers, token classifiers) only;
+:class:`EncoderModel` tokenises (the folder's ``tokenizer.json``, special tokens added, text pairs where the model
+takes them), batches, runs the graph and turns its output into the answer: pooling (``encoder_math.pool``) and
+normalisation, the classification functions, entity aggregation (``edgeroute.ner``), rerank scores.
 
-**Long texts are never cut silently.** A text over the model's ``max_length`` tokens is refused (``ConfigError``
-naming ``texts`` with its index and token count) unless ``truncate=True``: then it is cut at the end (special
-tokens kept) and its result says so (:attr:`Embeddings.truncated`).
+**Long texts are never cut silently** (``overflow``): a text over the model's ``max_length`` tokens is refused
+(``ConfigError`` naming ``texts`` with its index and token count) by default; ``"truncate"`` cuts it at the end
+(special tokens kept); ``"chunk"`` runs it in windows of ``max_length`` tokens (embeddings: the token-weighted mean
+of the windows' embeddings; labels: the mean of the windows' scores; rerank: the best window; entities:
+overlapping windows, ``stride`` tokens shared, merged). Every result says what happened (``truncated``,
+``windows``).
 
-**Batches by a token budget.** Texts are sorted by length and batched so that each batch's padded cost (rows x the
-longest row) stays within ``max_batch_tokens`` (a text longer than the budget runs alone): memory is bounded by the
-budget whatever the number of texts; results come back in input order.
+**Batches by a token budget.** Inputs (or their windows) are sorted by length and batched so that each batch's
+padded cost (rows x the longest row) stays within ``max_batch_tokens`` (a longer input runs alone): memory is
+bounded by the budget whatever the number of inputs; results come back in input order.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .encoder_math import (
+    ENCODER_MANIFEST_VERSION,
+    ENCODER_TASKS,
+    MAX_TEXTS,
+    POOLINGS,
+    Embeddings,
+    Label,
+    Ranked,
+    apply_function,
+    check_inputs,
+    check_manifest,
+    normalized,
+    padded,
+    pool,
+)
 from .errors import ConfigError, ManifestError, ModelLoadError
-from .ner import AGGREGATIONS, Entity, aggregate
+from .ner import AGGREGATIONS, DECODES, SCHEMES, WORDS, Entities, aggregate, merge_overlapping, scheme_of
 from .session import create_session
 
-ENCODER_MANIFEST_VERSION = 1
-ENCODER_TASKS = ("embedding", "classification", "token-classification")
+__all__ = [
+    "ENCODER_MANIFEST_VERSION",
+    "ENCODER_TASKS",
+    "MAX_TEXTS",
+    "POOLINGS",
+    "Embeddings",
+    "EncoderModel",
+    "Label",
+    "Ranked",
+    "is_encoder_folder",
+    "pool",
+]
+
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 FUNCTIONS = ("softmax", "sigmoid", "none")
 _DEFAULT_FUNCTION = {PROBLEM_TYPES[0]: "softmax", PROBLEM_TYPES[1]: "sigmoid", PROBLEM_TYPES[2]: "none"}
-POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "last")
-MAX_BATCH_TOKENS = 8192  # padded positions per graph run by default (SmolLM-sized encoders: tens of MB of activations)
-MAX_TEXTS = 4096  # texts per call
+OVERFLOWS = ("refuse", "truncate", "chunk")
+MAX_BATCH_TOKENS = 8192  # padded positions per graph run by default (MiniLM-sized encoders: tens of MB of activations)
+MAX_WINDOWS = 256  # windows one input may run in with overflow="chunk"
+
+_Row = tuple[list[int], list[int] | None]  # token ids, token type ids (None: all zero)
 
 
 def is_encoder_folder(folder: str | Path) -> bool:
@@ -50,63 +79,9 @@ def is_encoder_folder(folder: str | Path) -> bool:
     return isinstance(data, dict) and data.get("task") in ENCODER_TASKS
 
 
-@dataclass(frozen=True)
-class Label:
-    """A label of a classified text and its score; ``truncated``: the text was cut to the model's length."""
-
-    label: str
-    score: float
-    truncated: bool = False
-
-
-def _apply(function: str, logits: np.ndarray) -> np.ndarray:
-    """transformers' text-classification pipeline's functions, in float64 (its softmax shifts by the max)."""
-    x = logits.astype(np.float64)
-    if function == "softmax":
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    if function == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    return x
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """``vectors[i]`` is text i's embedding (input order); ``tokens[i]`` the tokens it ran with (special tokens
-    included); ``truncated[i]`` whether it was cut to the model's ``max_length`` (only with ``truncate=True``)."""
-
-    vectors: np.ndarray
-    tokens: list[int]
-    truncated: list[bool]
-
-
-def pool(hidden: np.ndarray, mask: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
-    """Pool ``hidden`` ``[batch, positions, dim]`` under ``mask`` ``[batch, positions]`` (1 = a real token)."""
-    h = np.asarray(hidden, dtype=np.float32)
-    m = np.asarray(mask, dtype=np.float32)[:, :, None]
-    lengths = m.sum(1)
-    if pooling == "cls":
-        out = h[:, 0]
-    elif pooling == "mean":
-        out = (h * m).sum(1) / np.maximum(lengths, 1e-9)
-    elif pooling == "mean_sqrt_len":
-        out = (h * m).sum(1) / np.sqrt(np.maximum(lengths, 1e-9))
-    elif pooling == "max":
-        out = np.where(m > 0, h, -1e9).max(1)
-    elif pooling == "last":
-        last = np.asarray(mask).sum(1).astype(np.int64) - 1
-        out = h[np.arange(len(h)), last]
-    else:
-        raise ConfigError("pooling", pooling, f"must be one of {', '.join(POOLINGS)}")
-    return _normalized(out) if normalize else out
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 class EncoderModel:
-    """An exported encoder (``edgeroute export`` of a sentence-transformers folder): :meth:`embed`."""
+    """An exported encoder: :meth:`embed` (embedding models), :meth:`classify` and :meth:`rerank` (classifiers;
+    rerank for one-score models such as cross-encoders), :meth:`entities` (token classifiers)."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], session: Any, tokenizer: _HFTokenizer) -> None:
         self.path = folder
@@ -118,15 +93,17 @@ class EncoderModel:
         # embedding models
         self.pooling: str = manifest.get("pooling", "")
         self.normalize: bool = bool(manifest.get("normalize", False))
-        # classification models
+        # classifiers and token classifiers
         self.labels: list[str] = list(manifest.get("labels", []))
         self.problem_type: str = manifest.get("problem_type", "")
+        self.scheme: str = manifest.get("scheme") or scheme_of(self.labels)
         self._tok = tokenizer
         self._tok.no_truncation()
         self._tok.no_padding()
         self._vocab = int(tokenizer.get_vocab_size(with_added_tokens=True))  # (milliseconds to ask: once)
         self._inputs = [i.name for i in session.get_inputs()]
         self._pad = int(tokenizer.token_to_id("[PAD]") or tokenizer.token_to_id("<pad>") or 0)
+        self._specials = int(tokenizer.num_special_tokens_to_add(False))
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None) -> EncoderModel:
@@ -138,7 +115,7 @@ class EncoderModel:
             manifest = json.loads(source.read_text(encoding="utf-8"))
         except ValueError as e:
             raise ManifestError(f"{source} is not valid JSON: {e}") from e
-        _check_manifest(manifest, str(source))
+        check_manifest(manifest, str(source), PROBLEM_TYPES)
         graph = folder / manifest["graph"]
         if not graph.resolve().is_relative_to(folder.resolve()) or not graph.is_file():
             raise ModelLoadError(f"{graph} is missing or outside the model folder")
@@ -148,26 +125,22 @@ class EncoderModel:
             raise ModelLoadError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file: {e}") from e
         return cls(folder, manifest, create_session(graph, provider, threads), tokenizer)
 
-    def tokenize(self, texts: Sequence[str | Sequence[int]], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Padded ``(input_ids, attention_mask)`` of ``texts`` in order (one batch: for checks and references)."""
-        encoded, _ = self._encode(texts, truncate)
-        return _padded(encoded, self._pad)
-
+    # -- the calls ------------------------------------------------------------------------------------------------
     def embed(
         self,
         texts: str | Sequence[str | Sequence[int]],
         normalize: bool | None = None,
         dimensions: int | None = None,
-        truncate: bool = False,
+        overflow: str = "refuse",
         max_batch_tokens: int = MAX_BATCH_TOKENS,
     ) -> Embeddings:
-        """The embeddings of ``texts`` (one text or a list), in input order.
+        """The embeddings of ``texts`` (one text, a list of texts, or of token-id lists), in input order.
 
         Args:
             normalize: L2-normalise (default: as the model's sentence-transformers folder said).
             dimensions: keep the first ``dimensions`` values (Matryoshka models), renormalised when normalising.
-            truncate: cut texts over ``max_length`` tokens at the end (and say so in the result); by default such a
-                text is a ``ConfigError`` naming it.
+            overflow: a text over ``max_length`` tokens is ``"refuse"`` d (a ``ConfigError`` naming it),
+                ``"truncate"`` d at the end, or ``"chunk"`` ed: the token-weighted mean of its windows' embeddings.
             max_batch_tokens: the padded positions one graph run may hold.
         """
         self._need("embedding", "embed")
@@ -176,177 +149,309 @@ class EncoderModel:
         ):
             raise ConfigError("dimensions", dimensions, f"must be an integer in [1, {self.dimension}]")
         norm = self.normalize if normalize is None else bool(normalize)
-
-        def reduce(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            return pool(hidden, mask, self.pooling, norm and dimensions is None)
-
-        out, tokens, cut = self._batched(texts, truncate, max_batch_tokens, self.dimension, reduce)
+        rows, owners, cut = self._rows(check_inputs(texts), overflow)
+        pooled = np.zeros((len(rows), self.dimension), dtype=np.float32)
+        for index, output, mask in self._runs(rows, max_batch_tokens):
+            pooled[index] = pool(output, mask, self.pooling, False)
+        weights = np.array([len(r[0]) for r in rows], dtype=np.float32)
+        out = _per_owner(pooled, owners, weights)
         if dimensions is not None:
             out = out[:, :dimensions]
-            out = _normalized(out) if norm else out
-        return Embeddings(out, tokens, cut)
+        out = normalized(out) if norm else out
+        tokens = [int(weights[owners == i].sum()) for i in range(len(cut))]
+        return Embeddings(out, tokens, cut, _windows(owners, len(cut)))
 
     def classify(
         self,
         texts: str | Sequence[str | Sequence[int]],
         top_k: int | None = 1,
         function: str | None = None,
-        truncate: bool = False,
+        pairs: Sequence[str] | None = None,
+        overflow: str = "refuse",
         max_batch_tokens: int = MAX_BATCH_TOKENS,
     ) -> list[list[Label]]:
         """Each text's labels, most likely first, as transformers' ``text-classification`` pipeline scores them:
         ``function`` ``None`` follows the model's ``problem_type`` (single-label: softmax; multi-label: sigmoid;
         regression: the raw value), or ``"softmax"``, ``"sigmoid"``, ``"none"``; ``top_k`` labels per text
-        (``None``: all). ``truncate`` and ``max_batch_tokens`` as in :meth:`embed`."""
+        (``None``: all); ``pairs``: a second text for each (the pipeline's ``text_pair``). ``overflow``
+        (``"chunk"``: the mean of the windows' scores) and ``max_batch_tokens`` as in :meth:`embed`."""
         self._need("classification", "classify")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ConfigError("top_k", top_k, "must be None (all labels) or an integer >= 1")
         if function not in (None, *FUNCTIONS):
             raise ConfigError("function", function, f"must be None (the model's problem type) or one of {FUNCTIONS}")
         fn = function or _DEFAULT_FUNCTION[self.problem_type]
-        logits, _, cut = self._batched(texts, truncate, max_batch_tokens, len(self.labels), lambda x, m: x)
-        scores = _apply(fn, logits)
+        scores, cut, windows = self._scores(self._paired(texts, pairs), overflow, max_batch_tokens, fn, "mean")
         out = []
         for i, row in enumerate(scores):
             order = np.argsort(-row, kind="stable")[: top_k or len(row)]
-            out.append([Label(self.labels[j], float(row[j]), cut[i]) for j in order])
+            out.append([Label(self.labels[j], float(row[j]), cut[i], windows[i]) for j in order])
         return out
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        raw_scores: bool = False,
+        top_n: int | None = None,
+        overflow: str = "refuse",
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+    ) -> list[Ranked]:
+        """The ``documents`` ranked for ``query`` by a one-score classifier (a cross-encoder): each (query,
+        document) pair's sigmoid score (``raw_scores``: the logit), best first, ``top_n`` of them (``None``: all).
+        ``overflow="chunk"`` runs a long document in windows (the query in each) and keeps its best window."""
+        self._need("classification", "rerank")
+        if not isinstance(query, str) or not query:
+            raise ConfigError("query", query, "must be a non-empty string")
+        docs = check_inputs(documents, text_only=True, name="documents")
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise ConfigError("top_n", top_n, "must be None (all documents) or an integer >= 1")
+        scored = self.score_pairs([(query, d) for d in docs], raw_scores, overflow, max_batch_tokens)
+        return sorted(scored, key=lambda r: -r.score)[: top_n or len(docs)]
+
+    def score_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        raw_scores: bool = False,
+        overflow: str = "refuse",
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+    ) -> list[Ranked]:
+        """Each (query, document) pair's rerank score in input order (``index``: the pair's); :meth:`rerank`."""
+        self._need("classification", "score_pairs")
+        if len(self.labels) != 1:
+            raise ConfigError(
+                "task", self.task, f"rerank needs a one-score model (a cross-encoder), not {len(self.labels)} labels"
+            )
+        if not pairs or not all(_is_pair(p) and p[0] and p[1] for p in pairs):
+            raise ConfigError("pairs", len(pairs), "must be a list of (query, document) pairs of non-empty strings")
+        fn = "none" if raw_scores else "sigmoid"
+        scores, cut, windows = self._scores(check_inputs(list(pairs)), overflow, max_batch_tokens, fn, "max")
+        return [Ranked(i, float(scores[i, 0]), cut[i], windows[i]) for i in range(len(pairs))]
 
     def entities(
         self,
         texts: str | Sequence[str],
         aggregation: str = "simple",
         ignore_labels: Sequence[str] = ("O",),
-        truncate: bool = False,
+        words: str = "pipeline",
+        scheme: str | None = None,
+        decode: str = "argmax",
+        stride: int | None = None,
+        overflow: str = "refuse",
         max_batch_tokens: int = MAX_BATCH_TOKENS,
-    ) -> list[list[Entity]]:
-        """Each text's entities, as transformers' ``token-classification`` pipeline gives them for
-        ``aggregation_strategy`` ``"none"``, ``"simple"``, ``"first"``, ``"average"`` or ``"max"`` (per-token
-        softmax; sub-words by the tokenizer's continuing-subword prefix where it has one, else the pipeline's
-        space heuristic; groups of adjacent tokens of one type; ``ignore_labels`` dropped)."""
+    ) -> list[Entities]:
+        """Each text's entities (``edgeroute.ner``): by default as transformers' ``token-classification`` pipeline
+        gives them for ``aggregation`` (its ``aggregation_strategy``: none, simple, first, average, max).
+
+        Args:
+            words: ``"pipeline"`` (its sub-word test and decoded words) or ``"text"`` (the tokenizer's word ids,
+                ``word`` = ``text[start:end]``, windows merged per token).
+            scheme: the tag scheme (BIO, BIOES, BILOU, IO; default: the model's).
+            decode: ``"argmax"`` or ``"viterbi"`` (the best valid tag sequence).
+            stride: run a long text in overlapping windows sharing ``stride`` tokens (implies
+                ``overflow="chunk"``; with ``"chunk"`` alone a quarter of a window).
+            overflow: ``"refuse"``, ``"truncate"`` or ``"chunk"`` a text over ``max_length`` tokens.
+        """
         self._need("token-classification", "entities")
-        if aggregation not in AGGREGATIONS:
-            raise ConfigError("aggregation", aggregation, f"must be one of {', '.join(AGGREGATIONS)}")
-        items = _inputs([texts] if isinstance(texts, str) else texts, text_only=True)
-        encodings = self._encodings(items, truncate)
-        encoded = [list(e.ids) for e in encodings]
-        logits: list[np.ndarray] = [np.zeros(0)] * len(items)
-        for rows, output, _mask in self._runs(encoded, max_batch_tokens):
-            for r, i in enumerate(rows):
-                logits[i] = output[r, : len(encoded[i])]
+        for name, value, allowed in (
+            ("aggregation", aggregation, AGGREGATIONS),
+            ("words", words, WORDS),
+            ("decode", decode, DECODES),
+            ("overflow", overflow, OVERFLOWS),
+        ):
+            if value not in allowed:
+                raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
+        if scheme is not None and scheme not in SCHEMES:
+            raise ConfigError("scheme", scheme, f"must be one of {', '.join(SCHEMES)}")
+        if stride is not None or overflow == "chunk":
+            overflow = "chunk"
+            room = self.max_length - self._specials
+            stride = room // 4 if stride is None else stride
+            if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride < room:
+                raise ConfigError("stride", stride, f"must be an integer in [0, {room}) (a window holds {room} tokens)")
+            if aggregation == "none" and words == "pipeline":
+                raise ConfigError(
+                    "stride", stride, 'with aggregation "none" windows are merged per token: use words="text"'
+                )
+        items = check_inputs([texts] if isinstance(texts, str) else texts, text_only=True)
+        full = list(self._tok.encode_batch(list(items)))
+        cut = self._over([len(e.ids) for e in full], overflow)
+        windows: list[list[Any]] = []
+        for i, enc in enumerate(full):
+            windows.append(self._windowed(items[i], stride or 0, overflow == "chunk") if cut[i] else [enc])
+        rows = [(list(w.ids), None) for ws in windows for w in ws]
+        logits: list[np.ndarray] = [np.zeros(0)] * len(rows)
+        for index, output, _mask in self._runs(rows, max_batch_tokens):
+            for r, i in enumerate(index):
+                logits[i] = output[r, : len(rows[i][0])]
+        chosen = self.scheme if scheme is None else scheme
+        options = dict(words=words, scheme=chosen, decode=decode)
         ignore = set(ignore_labels)
-        return [
-            aggregate(t, e, lg, aggregation, ignore, self._tok, self.labels)
-            for t, e, lg in zip(items, encodings, logits, strict=True)
-        ]
+        out = []
+        at = 0
+        for i, text in enumerate(items):
+            ws, lg = windows[i], logits[at : at + len(windows[i])]
+            at += len(ws)
+            chunked = overflow == "chunk" and cut[i]
+            if chunked and words == "text":  # one sequence: each token's scores from its most central window
+                found = aggregate(
+                    text, full[i], _merged(full[i], ws, lg), aggregation, ignore, self._tok, self.labels, **options
+                )
+            else:
+                found = [
+                    e
+                    for w, g in zip(ws, lg, strict=True)
+                    for e in aggregate(text, w, g, aggregation, ignore, self._tok, self.labels, **options)
+                ]
+                found = merge_overlapping(found) if len(ws) > 1 else found
+            out.append(Entities(found, truncated=cut[i] and not chunked, windows=len(ws)))
+        return out
 
-    def _encodings(self, texts: Sequence[str], truncate: bool) -> list[Any]:
-        """The tokenizer's encodings (ids, offsets, special-token mask) of ``texts``, those over ``max_length``
-        refused or cut as :meth:`_encode` does."""
-        encodings = list(self._tok.encode_batch(list(texts)))
-        cut = self._over([len(e.ids) for e in encodings], truncate)
-        if any(cut):
-            self._tok.enable_truncation(self.max_length)
-            try:
-                for i in (i for i, c in enumerate(cut) if c):
-                    encodings[i] = self._tok.encode(texts[i])
-            finally:
-                self._tok.no_truncation()
-        return encodings
+    def tokenize(self, texts: Sequence[str | Sequence[int]], overflow: str = "refuse") -> tuple[np.ndarray, np.ndarray]:
+        """Padded ``(input_ids, attention_mask)`` of ``texts`` in order (one batch: for checks and references)."""
+        rows, _, _ = self._rows(check_inputs(texts), overflow)
+        return padded([r[0] for r in rows], self._pad)
 
+    def encodings(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[Any]:
+        """The tokenizer's encodings of ``texts`` (``tokenizers.Encoding``: ids, tokens, character offsets,
+        special-token mask, word ids), uncut."""
+        items = list(check_inputs(texts, text_only=True))
+        return list(self._tok.encode_batch(items, add_special_tokens=add_special_tokens))
+
+    def count_tokens(self, texts: Sequence[Any]) -> list[int]:
+        """Each input's token count as it would run uncut (special tokens included; token-id lists as given;
+        (text, pair) tuples as one sequence)."""
+        return [len(e[0]) for e in self._tokens(texts)]
+
+    # -- inputs, windows, runs ------------------------------------------------------------------------------------
     def _need(self, task: str, call: str) -> None:
         if self.task != task:
             raise ConfigError("task", self.task, f"this {self.task} model has no {call}(): it is a {task} call")
 
-    def _batched(
-        self,
-        texts: Any,
-        truncate: bool,
-        max_batch_tokens: int,
-        width: int,
-        reduce: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    ) -> tuple[np.ndarray, list[int], list[bool]]:
-        """The graph over ``texts`` in input order (:meth:`_runs`); ``reduce(output, mask)`` -> rows of ``width``
-        values."""
-        encoded, cut = self._encode(_inputs([texts] if isinstance(texts, str) else texts), truncate)
-        out = np.zeros((len(encoded), width), dtype=np.float32)
-        for rows, output, mask in self._runs(encoded, max_batch_tokens):
-            out[rows] = reduce(output, mask)
-        return out, [len(e) for e in encoded], cut
+    def _paired(self, texts: Any, pairs: Sequence[str] | None) -> Sequence[Any]:
+        items = check_inputs([texts] if isinstance(texts, str) else texts)
+        if pairs is None:
+            return items
+        if isinstance(pairs, str) or not isinstance(pairs, Sequence) or len(pairs) != len(items):
+            raise ConfigError("pairs", pairs, f"must be a list of {len(items)} texts, one for each text")
+        if not all(isinstance(t, str) for t in items) or not all(isinstance(p, str) and p for p in pairs):
+            raise ConfigError("pairs", pairs, "pairs are texts (non-empty strings) beside texts")
+        return list(zip(items, pairs, strict=True))
 
-    def _runs(
-        self, encoded: list[list[int]], max_batch_tokens: int
-    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
-        """``(rows, output, mask)`` per graph run: the texts sorted by length, batched within ``max_batch_tokens``
-        padded positions (a longer text runs alone)."""
-        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            raise ConfigError("max_batch_tokens", max_batch_tokens, "must be an integer >= 1")
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(encoded[order[end]]) <= max_batch_tokens:
-                end += 1
-            rows = order[start:end]
-            ids, mask = _padded([encoded[i] for i in rows], self._pad)
-            yield rows, self._run(ids, mask), mask
-            start = end
+    def _scores(
+        self, items: Sequence[Any], overflow: str, max_batch_tokens: int, function: str, combine: str
+    ) -> tuple[np.ndarray, list[bool], list[int]]:
+        """Each input's scores under ``function`` (windows combined by ``combine``: mean or max), whether it was
+        cut, and its windows."""
+        rows, owners, cut = self._rows(items, overflow)
+        logits = np.zeros((len(rows), len(self.labels)), dtype=np.float32)
+        for index, output, _mask in self._runs(rows, max_batch_tokens):
+            logits[index] = output
+        scores = apply_function(function, logits)
+        if combine == "max":
+            out = np.full((len(cut), scores.shape[1]), -np.inf)
+            np.maximum.at(out, owners, scores)
+        else:
+            out = _per_owner(scores, owners, np.ones(len(rows)))
+        return out, cut, _windows(owners, len(cut))
 
-    def count_tokens(self, texts: Sequence[str | Sequence[int]]) -> list[int]:
-        """Each input's token count as :meth:`embed` would run it uncut (special tokens included; token-id lists
-        as given)."""
-        return [len(e) for e in self._tokens(texts)]
+    def _rows(self, items: Sequence[Any], overflow: str) -> tuple[list[_Row], np.ndarray, list[bool]]:
+        """Each input's rows (one, or its windows with ``overflow="chunk"``), the input each row belongs to, and
+        which inputs were over ``max_length`` (refused, cut or chunked by ``overflow``)."""
+        if overflow not in OVERFLOWS:
+            raise ConfigError("overflow", overflow, f"must be one of {', '.join(OVERFLOWS)}")
+        rows = self._tokens(items)
+        cut = self._over([len(r[0]) for r in rows], overflow)
+        out: list[_Row] = []
+        owners: list[int] = []
+        for i, row in enumerate(rows):
+            if not cut[i]:
+                parts = [row]
+            elif isinstance(items[i], str) or _is_pair(items[i]):
+                parts = [(list(w.ids), list(w.type_ids)) for w in self._windowed(items[i], 0, overflow == "chunk")]
+            else:  # token ids as given: cut, or split into windows, as they are
+                ids = row[0]
+                step = self.max_length if overflow == "chunk" else len(ids)
+                parts = [(ids[s : s + self.max_length], None) for s in range(0, len(ids), step)]
+            if len(parts) > MAX_WINDOWS:
+                raise ConfigError(f"texts[{i}]", f"{len(parts)} windows", f"is over {MAX_WINDOWS} windows: split it")
+            out += parts
+            owners += [i] * len(parts)
+        return out, np.array(owners, dtype=np.int64), cut
 
-    def _tokens(self, texts: Sequence[str | Sequence[int]]) -> list[list[int]]:
-        """Texts tokenised (special tokens added); token-id lists as given, checked against the vocabulary."""
-        strings = [t for t in texts if isinstance(t, str)]
-        encoded = iter([list(e.ids) for e in self._tok.encode_batch(strings)] if strings else [])
-        out = []
-        vocab = self._vocab
-        for i, t in enumerate(texts):
-            if isinstance(t, str):
-                out.append(next(encoded))
+    def _windowed(self, item: Any, stride: int, chunk: bool) -> list[Any]:
+        """The tokenizer's encoding of a long text (or (text, pair): the pair is cut) cut at ``max_length``, and
+        with ``chunk`` every overflowing window after it (``stride`` tokens shared)."""
+        pair = _is_pair(item)
+        self._tok.enable_truncation(self.max_length, stride=stride, strategy="only_second" if pair else "longest_first")
+        try:
+            enc = self._tok.encode(*item) if pair else self._tok.encode(item)
+        except Exception as e:  # tokenizers: the first text alone is over the length
+            raise ConfigError("texts", "a text pair", f"cannot be cut to {self.max_length} tokens: {e}") from None
+        finally:
+            self._tok.no_truncation()
+        return [enc, *enc.overflowing] if chunk else [enc]
+
+    def _tokens(self, items: Sequence[Any]) -> list[_Row]:
+        """Texts (and (text, pair) tuples) tokenised, special tokens added; token-id lists as given, checked
+        against the vocabulary."""
+        texts = [t for t in items if isinstance(t, str) or _is_pair(t)]
+        encoded = iter(self._tok.encode_batch(list(texts)) if texts else [])
+        out: list[_Row] = []
+        for i, t in enumerate(items):
+            if isinstance(t, str) or _is_pair(t):
+                e = next(encoded)
+                out.append((list(e.ids), list(e.type_ids) if _is_pair(t) else None))
                 continue
             ids = [int(x) for x in t]
-            bad = [x for x in ids if not 0 <= x < vocab]
+            bad = [x for x in ids if not 0 <= x < self._vocab]
             if bad:
-                raise ConfigError(f"texts[{i}]", bad[0], f"is not a token id of this model's vocabulary ({vocab})")
-            out.append(ids)
+                raise ConfigError(
+                    f"texts[{i}]", bad[0], f"is not a token id of this model's vocabulary ({self._vocab})"
+                )
+            out.append((ids, None))
         return out
 
-    def _encode(self, texts: Sequence[str | Sequence[int]], truncate: bool) -> tuple[list[list[int]], list[bool]]:
-        """Each input's tokens, those over ``max_length`` refused or cut (:meth:`_over`), and which were cut."""
-        encoded = self._tokens(texts)
-        cut = self._over([len(e) for e in encoded], truncate)
-        if any(cut):
-            self._tok.enable_truncation(self.max_length)
-            try:
-                for i in (i for i, c in enumerate(cut) if c):
-                    text = texts[i]
-                    encoded[i] = (
-                        list(self._tok.encode(text).ids) if isinstance(text, str) else encoded[i][: self.max_length]
-                    )
-            finally:
-                self._tok.no_truncation()
-        return encoded, cut
-
-    def _over(self, lengths: list[int], truncate: bool) -> list[bool]:
-        """Which inputs are over ``max_length`` tokens: a ``ConfigError`` naming the first unless ``truncate``."""
+    def _over(self, lengths: list[int], overflow: str) -> list[bool]:
+        """Which inputs are over ``max_length`` tokens: a ``ConfigError`` naming the first when refused."""
+        if overflow not in OVERFLOWS:
+            raise ConfigError("overflow", overflow, f"must be one of {', '.join(OVERFLOWS)}")
         cut = [n > self.max_length for n in lengths]
-        if any(cut) and not truncate:
+        if any(cut) and overflow == "refuse":
             i = cut.index(True)
             raise ConfigError(
                 f"texts[{i}]",
                 f"{lengths[i]} tokens",
-                f"is over the model's {self.max_length}: shorten it, or cut it at the end (truncate=True;"
-                " edgeroute run --truncate)",
+                f"is over the model's {self.max_length}: shorten it, cut it at the end (overflow='truncate'), or"
+                " run it in windows (overflow='chunk')",
             )
         return cut
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _runs(self, rows: list[_Row], max_batch_tokens: int) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+        """``(indices, output, mask)`` per graph run: the rows sorted by length, batched within ``max_batch_tokens``
+        padded positions (a longer row runs alone)."""
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+            raise ConfigError("max_batch_tokens", max_batch_tokens, "must be an integer >= 1")
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(rows[order[end]][0]) <= max_batch_tokens:
+                end += 1
+            index = order[start:end]
+            ids, mask = padded([rows[i][0] for i in index], self._pad)
+            types = np.zeros_like(ids)
+            for r, i in enumerate(index):
+                given = rows[i][1]
+                if given is not None:
+                    types[r, : len(given)] = given
+            yield index, self._run(ids, mask, types), mask
+            start = end
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None = None) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
-            feeds["token_type_ids"] = np.zeros_like(ids)
+            feeds["token_type_ids"] = np.zeros_like(ids) if types is None else types
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
 
     def __repr__(self) -> str:
@@ -354,69 +459,42 @@ class EncoderModel:
         return f"EncoderModel({str(self.path)!r}, task={self.task!r}, {what}, dim={self.dimension})"
 
 
-def _inputs(texts: Any, text_only: bool = False) -> Sequence[Any]:
-    """``texts`` checked: a non-empty list (at most :data:`MAX_TEXTS`) of strings, or of token-id lists unless
-    ``text_only``."""
-    ok = (lambda t: isinstance(t, str) and t != "") if text_only else _is_input
-    if not isinstance(texts, Sequence) or not texts or not all(ok(t) for t in texts):
-        what = "non-empty strings" if text_only else "strings (or token-id lists)"
-        raise ConfigError(
-            "texts", texts if not isinstance(texts, Sequence) else len(texts), f"must be a list of {what}"
-        )
-    if len(texts) > MAX_TEXTS:
-        raise ConfigError("texts", len(texts), f"holds more than {MAX_TEXTS} texts: split the call")
-    return texts
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)
 
 
-def _is_input(t: Any) -> bool:
-    """A text, or a non-empty list of token ids."""
-    if isinstance(t, str):
-        return True
-    return (
-        isinstance(t, (list, tuple))
-        and len(t) > 0
-        and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in t)
-    )
+def _per_owner(values: np.ndarray, owners: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The ``weights``-weighted mean of ``values``' rows per owner (rows of one owner are adjacent)."""
+    count = int(owners.max()) + 1 if len(owners) else 0
+    total = np.zeros((count, values.shape[1]), dtype=np.float64)
+    np.add.at(total, owners, values.astype(np.float64) * weights[:, None])
+    norm = np.zeros(count, dtype=np.float64)
+    np.add.at(norm, owners, weights)
+    return (total / norm[:, None]).astype(values.dtype)
 
 
-def _padded(encoded: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(e) for e in encoded)
-    ids = np.full((len(encoded), width), pad, dtype=np.int64)
-    mask = np.zeros((len(encoded), width), dtype=np.int64)
-    for r, e in enumerate(encoded):
-        ids[r, : len(e)] = e
-        mask[r, : len(e)] = 1
-    return ids, mask
+def _windows(owners: np.ndarray, count: int) -> list[int]:
+    return [int(x) for x in np.bincount(owners, minlength=count)]
 
 
-def _check_manifest(m: Any, source: str) -> None:
-    def bad(field: str, why: str) -> ManifestError:
-        return ManifestError(f"{source}: {field} {why}")
-
-    if not isinstance(m, dict):
-        raise ManifestError(f"{source} must hold a JSON object")
-    if m.get("schema_version") != ENCODER_MANIFEST_VERSION:
-        raise bad("schema_version", f"must be {ENCODER_MANIFEST_VERSION}")
-    if m.get("task") not in ENCODER_TASKS:
-        raise bad("task", f"must be one of {', '.join(ENCODER_TASKS)}")
-    if m["task"] == "embedding":
-        if m.get("pooling") not in POOLINGS:
-            raise bad("pooling", f"must be one of {', '.join(POOLINGS)}")
-        if not isinstance(m.get("normalize"), bool):
-            raise bad("normalize", "must be true or false")
-    elif m["task"] == "token-classification":
-        labels = m.get("labels")
-        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-            raise bad("labels", "must be a non-empty list of strings")
-    else:
-        labels = m.get("labels")
-        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-            raise bad("labels", "must be a non-empty list of strings")
-        if m.get("problem_type") not in PROBLEM_TYPES:
-            raise bad("problem_type", f"must be one of {', '.join(PROBLEM_TYPES)}")
-    for field in ("hidden_size", "max_length"):
-        v = m.get(field)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise bad(field, "must be an integer >= 1")
-    if not isinstance(m.get("graph"), str):
-        raise bad("graph", "must be a file name")
+def _merged(full: Any, windows: list[Any], logits: list[np.ndarray]) -> np.ndarray:
+    """One text's logits over its whole (uncut) encoding from its overlapping windows' logits: each token's from
+    the window where it sits farthest from a cut edge (a window's edge that is not the text's)."""
+    positions = [i for i, s in enumerate(full.special_tokens_mask) if not s]
+    offsets = [tuple(full.offsets[i]) for i in positions]
+    out = np.zeros((len(full.ids), logits[0].shape[-1]), dtype=np.float32)
+    margin = np.full(len(full.ids), -1)
+    at = 0
+    for k, (w, lg) in enumerate(zip(windows, logits, strict=True)):
+        inner = [i for i, s in enumerate(w.special_tokens_mask) if not s]
+        first = tuple(w.offsets[inner[0]])
+        while at < len(offsets) and (offsets[at] != first or full.ids[positions[at]] != w.ids[inner[0]]):
+            at += 1
+        for j, i in enumerate(inner):
+            left = j if k > 0 else len(inner)
+            right = len(inner) - 1 - j if k < len(windows) - 1 else len(inner)
+            p = positions[at + j]
+            if min(left, right) > margin[p]:
+                margin[p] = min(left, right)
+                out[p] = lg[i]
+    return out

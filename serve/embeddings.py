@@ -1,16 +1,22 @@
-"""``edgeroute serve`` for an encoder model (issue 36, first part): for an embedding model OpenAI's
-``POST /v1/embeddings`` and text-embeddings-inference's ``POST /embed``; for a classifier TEI's ``POST /predict``
-(every label with its score, best first; ``raw_scores`` for the logits); both with ``/v1/models`` and ``/health``.
+"""``edgeroute serve`` for an encoder model (issue 36): OpenAI's ``POST /v1/embeddings`` and
+text-embeddings-inference's ``POST /embed`` (embedding models), TEI's ``POST /predict`` (classifiers: every label
+with its score, best first; ``raw_scores`` for the logits; texts or [text, pair] arrays) and ``POST /rerank``
+(one-score classifiers such as cross-encoders), ``POST /ner`` (token classifiers: entities shaped as transformers'
+pipeline and the Hugging Face inference API give them: ``aggregation_strategy``, ``ignore_labels``, ``stride``,
+and edgeroute's ``words``, ``scheme``, ``decode``), TEI's ``POST /tokenize`` (tokens with character offsets), and
+``/v1/models``, ``/health``. A route the model's task does not answer is a 400 naming ``model``.
 
-Requests are batched across clients: each request's texts go to one queue, and a worker thread takes the waiting
-requests with the same options (normalise, dimensions, truncation) together, up to :data:`BATCH_TEXTS` texts, into
-one :meth:`~edgeroute.EncoderModel.embed` call (which sorts them by length and runs them in token-budget batches);
-each request gets its own rows back. A request is checked before it is queued (its inputs, their token counts
-against the model's maximum length), so one client's bad input never fails another's.
+Requests are batched across clients: each request's inputs go to one queue, and a worker thread takes the waiting
+requests of the same kind and options together, up to :data:`BATCH_TEXTS` inputs, into one library call (which
+sorts them by length and runs them in token-budget batches); each request gets its own results back. A request is
+checked before it is queued (its inputs, their token counts against the model's maximum length), so one client's
+bad input never fails another's.
 
-Bounds: at most :data:`MAX_INPUTS` inputs per request (OpenAI's 2,048), each at most the model's maximum length
-unless the request asks to truncate (``truncate: true``, TEI's; vLLM's ``truncate_prompt_tokens`` is not taken),
-the body within the server's size limit; the queue holds at most :data:`MAX_QUEUED` requests (then a 429).
+Long inputs: refused by default (a 400 naming the input and its token count); TEI's ``truncate: true`` cuts them
+at the end; edgeroute's ``overflow``: ``"refuse"``, ``"truncate"`` or ``"chunk"`` (windows, as the library runs
+them). Bounds: at most :data:`MAX_INPUTS` inputs per request (OpenAI's 2,048), the body within the server's size
+limit, a chunked input at most ``edgeroute.encoder.MAX_WINDOWS`` windows; the queue holds at most
+:data:`MAX_QUEUED` requests (then a 429).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 import edgeroute as er
 import numpy as np
+from edgeroute.ner import AGGREGATIONS
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -38,9 +45,15 @@ from .protocol import APIError, check_fields, check_type, invalid, parse_model
 MAX_INPUTS = 2048
 BATCH_TEXTS = 256
 MAX_QUEUED = 256
-_OPENAI_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user", "truncate"})
-_TEI_FIELDS = frozenset({"inputs", "normalize", "dimensions", "truncate", "truncation_direction"})
-_PREDICT_FIELDS = frozenset({"inputs", "raw_scores", "truncate"})
+_CUT = frozenset({"truncate", "truncation_direction", "overflow"})
+_OPENAI_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"}) | _CUT
+_TEI_FIELDS = frozenset({"inputs", "normalize", "dimensions"}) | _CUT
+_PREDICT_FIELDS = frozenset({"inputs", "raw_scores"}) | _CUT
+_RERANK_FIELDS = frozenset({"query", "texts", "raw_scores", "return_text"}) | _CUT
+_NER_FIELDS = (
+    frozenset({"inputs", "aggregation_strategy", "ignore_labels", "stride", "words", "decode", "scheme"}) | _CUT
+)
+_TOKENIZE_FIELDS = frozenset({"inputs", "add_special_tokens"})
 
 
 class EmbedQueue:
@@ -104,24 +117,37 @@ class EmbedQueue:
 
 
 def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
-    """The ASGI app of an embedding model (``settings``: ``serve.Settings``: the name, key, body limit)."""
+    """The ASGI app of an encoder model (``settings``: ``serve.Settings``: the name, key, body limit)."""
     from .app import _api_error, _Guard, _http_error, _server_error
     from .transport import Transport
 
-    def run(texts: list[Any], options: tuple[Any, ...]) -> Any:  # one result per text (rows, label lists)
-        if model.task == "classification":
-            raw, truncate = options
-            return model.classify(texts, top_k=None, function="none" if raw else None, truncate=truncate)
-        normalize, dimensions, truncate = options
-        return model.embed(texts, normalize=normalize, dimensions=dimensions, truncate=truncate).vectors
+    def run(items: list[Any], options: tuple[Any, ...]) -> Any:  # one result per input, by the request's kind
+        kind, *rest = options
+        if kind == "predict":
+            raw, overflow = rest
+            return model.classify(items, top_k=None, function="none" if raw else None, overflow=overflow)
+        if kind == "rerank":
+            raw, overflow = rest
+            return model.score_pairs(items, raw_scores=raw, overflow=overflow)
+        if kind == "ner":
+            return model.entities(items, **dict(rest))
+        normalize, dimensions, overflow = rest
+        r = model.embed(items, normalize=normalize, dimensions=dimensions, overflow=overflow)
+        return list(r.vectors)
 
     queue = EmbedQueue(run)
     transport = Transport(settings.model_name, settings.max_body_bytes, settings.read_timeout, None)
     served = settings.model_name
     started = int(time.time())
+    ranks = model.task == "classification" and len(model.labels) == 1
 
-    def lengths(inputs: Sequence[Any], truncate: bool, where: str) -> int:
-        """Check each input's token count (a 400 naming it when over the maximum); the tokens of the request."""
+    def need(ok: bool, route: str, what: str) -> None:
+        if not ok:
+            raise invalid("model", f"{route} needs {what}: the model '{served}' is a {model.task} model")
+
+    def lengths(inputs: Sequence[Any], overflow: str, where: str) -> int:
+        """Check each input's token count (a 400 naming it when over the maximum and refused); the request's
+        tokens."""
         try:
             counts = model.count_tokens(inputs)
         except er.ConfigError as e:  # a token id outside the vocabulary: named as the request names it
@@ -129,24 +155,28 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
             raise invalid(param, f"{param}: {e.value} {e.reason}") from None
         total = 0
         for i, n in enumerate(counts):
-            if n > model.max_length and not truncate:
+            if n > model.max_length and overflow == "refuse":
                 raise invalid(
                     f"{where}[{i}]",
-                    f"{where}[{i}] is {n} tokens, over the model's {model.max_length}: shorten it, or send"
-                    ' "truncate": true to cut it at the end',
+                    f"{where}[{i}] is {n} tokens, over the model's {model.max_length}: shorten it, send"
+                    ' "truncate": true to cut it at the end, or "overflow": "chunk" to run it in windows',
                 )
-            total += min(n, model.max_length)
+            total += n if overflow == "chunk" else min(n, model.max_length)
         return total
 
-    async def embed(inputs: list[Any], options: tuple[Any, ...]) -> Any:
+    async def submit(inputs: list[Any], options: tuple[Any, ...]) -> Any:
         future = queue.submit(inputs, options)
         try:
             return await run_in_threadpool(future.result)
         except er.ConfigError as e:
             raise invalid(e.field, f"{e.field}: {e.reason}") from None
 
+    async def body_of(request: Request, fields: frozenset[str]) -> dict[str, Any]:
+        return check_fields(await transport.read_json(request), fields)
+
     async def openai(request: Request) -> Response:
-        body = check_fields(await transport.read_json(request), _OPENAI_FIELDS)
+        body = await body_of(request, _OPENAI_FIELDS)
+        need(model.task == "embedding", "/v1/embeddings", "an embedding model")
         parse_model(body, served)
         check_type(body, "user", str, "a string")
         inputs = _inputs(body.get("input"), "input")
@@ -154,36 +184,114 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         if fmt not in ("float", "base64"):
             raise invalid("encoding_format", "encoding_format must be 'float' or 'base64'")
         dimensions = _dimensions(body, model)
-        truncate = bool(check_type(body, "truncate", bool, "a boolean"))
-        tokens = await run_in_threadpool(lengths, inputs, truncate, "input")
-        vectors = await embed(inputs, (None, dimensions, truncate))
+        overflow = _overflow(body)
+        tokens = await run_in_threadpool(lengths, inputs, overflow, "input")
+        vectors = await submit(inputs, ("embed", None, dimensions, overflow))
         data = [{"object": "embedding", "index": i, "embedding": _encoded(v, fmt)} for i, v in enumerate(vectors)]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": served, "usage": usage})
 
     async def tei(request: Request) -> Response:
-        body = check_fields(await transport.read_json(request), _TEI_FIELDS)
+        body = await body_of(request, _TEI_FIELDS)
+        need(model.task == "embedding", "/embed", "an embedding model")
         inputs = _inputs(body.get("inputs"), "inputs")
-        if body.get("truncation_direction") not in (None, "right", "Right"):
-            raise invalid("truncation_direction", "truncation_direction: only 'right' (the end is cut)")
         normalize = check_type(body, "normalize", bool, "a boolean")
         dimensions = _dimensions(body, model)
-        truncate = bool(check_type(body, "truncate", bool, "a boolean"))
-        await run_in_threadpool(lengths, inputs, truncate, "inputs")
-        vectors = await embed(inputs, (True if normalize is None else normalize, dimensions, truncate))
+        overflow = _overflow(body)
+        await run_in_threadpool(lengths, inputs, overflow, "inputs")
+        vectors = await submit(inputs, ("embed", True if normalize is None else normalize, dimensions, overflow))
         return JSONResponse([[float(x) for x in v] for v in vectors])
 
     async def predict(request: Request) -> Response:
-        """TEI's ``/predict``: each input's labels with their scores, best first (``raw_scores``: the logits)."""
-        body = check_fields(await transport.read_json(request), _PREDICT_FIELDS)
-        single = isinstance(body.get("inputs"), str)
-        inputs = _inputs(body.get("inputs"), "inputs")
+        """TEI's ``/predict``: each input's labels with their scores, best first (``raw_scores``: the logits); an
+        input is a text or a [text, pair] array."""
+        body = await body_of(request, _PREDICT_FIELDS)
+        need(model.task == "classification", "/predict", "a classifier")
+        value = body.get("inputs")
+        single = isinstance(value, str) or (isinstance(value, list) and len(value) == 2 and _is_pair(value))
+        inputs = _pairs_or_texts([value] if single else value, "inputs")
         raw = bool(check_type(body, "raw_scores", bool, "a boolean"))
-        truncate = bool(check_type(body, "truncate", bool, "a boolean"))
-        await run_in_threadpool(lengths, inputs, truncate, "inputs")
-        results = await embed(inputs, (raw, truncate))
+        overflow = _overflow(body)
+        await run_in_threadpool(lengths, inputs, overflow, "inputs")
+        results = await submit(inputs, ("predict", raw, overflow))
         answers = [[{"label": x.label, "score": x.score} for x in labels] for labels in results]
         return JSONResponse(answers[0] if single else answers)
+
+    async def rerank(request: Request) -> Response:
+        """TEI's ``/rerank``: the texts by their score for the query, best first (``index`` into ``texts``)."""
+        body = await body_of(request, _RERANK_FIELDS)
+        need(ranks, "/rerank", "a one-score classifier (a cross-encoder)")
+        query = body.get("query")
+        if not isinstance(query, str) or not query:
+            raise invalid("query", "query must be a non-empty string")
+        texts = _inputs(body.get("texts"), "texts", text_only=True)
+        raw = bool(check_type(body, "raw_scores", bool, "a boolean"))
+        with_text = bool(check_type(body, "return_text", bool, "a boolean"))
+        overflow = _overflow(body)
+        pairs = [(query, t) for t in texts]
+        await run_in_threadpool(lengths, pairs, overflow, "texts")
+        scored = await submit(pairs, ("rerank", raw, overflow))
+        answers = []
+        for r in sorted(scored, key=lambda r: -r.score):
+            answers.append({"index": r.index, "score": r.score} | ({"text": texts[r.index]} if with_text else {}))
+        return JSONResponse(answers)
+
+    async def ner(request: Request) -> Response:
+        """Entities, shaped as transformers' pipeline and the Hugging Face inference API give them."""
+        body = await body_of(request, _NER_FIELDS)
+        need(model.task == "token-classification", "/ner", "a token classifier")
+        single = isinstance(body.get("inputs"), str)
+        inputs = _inputs(body.get("inputs"), "inputs", text_only=True)
+        options = {"overflow": _overflow(body)}
+        for name, param, kind in (
+            ("aggregation", "aggregation_strategy", str),
+            ("words", "words", str),
+            ("decode", "decode", str),
+            ("scheme", "scheme", str),
+            ("stride", "stride", int),
+        ):
+            value = check_type(body, param, kind, "a string" if kind is str else "an integer")
+            if value is not None:
+                options[name] = value
+        if options.get("aggregation", "simple") not in AGGREGATIONS:
+            raise invalid("aggregation_strategy", f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}")
+        ignore = body.get("ignore_labels")
+        if ignore is not None:
+            if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+                raise invalid("ignore_labels", "ignore_labels must be an array of strings")
+            options["ignore_labels"] = tuple(ignore)
+        check = dict(options)
+        if "stride" in check:
+            check["overflow"] = "chunk"
+        await run_in_threadpool(lengths, inputs, check["overflow"], "inputs")
+        found = await submit(inputs, ("ner", *sorted(options.items())))
+        group = "entity" if options.get("aggregation") == "none" else "entity_group"
+        answers = [
+            [
+                {group: e.label, "score": e.score, "word": e.word, "start": e.start, "end": e.end}
+                | ({"index": e.index} if e.index is not None else {})
+                for e in entities
+            ]
+            for entities in found
+        ]
+        return JSONResponse(answers[0] if single else answers)
+
+    async def tokenize(request: Request) -> Response:
+        """TEI's ``/tokenize``: each text's tokens with their character offsets (special tokens: null)."""
+        body = await body_of(request, _TOKENIZE_FIELDS)
+        inputs = _inputs(body.get("inputs"), "inputs", text_only=True)
+        specials = check_type(body, "add_special_tokens", bool, "a boolean")
+        encodings = await run_in_threadpool(model.encodings, inputs, specials is not False)
+        answers = []
+        for text, enc in zip(inputs, encodings, strict=True):
+            answers.append(
+                [
+                    {"id": i, "text": text[a:b] if not s else tok, "special": bool(s)}
+                    | ({"start": None, "stop": None} if s else {"start": a, "stop": b})
+                    for i, tok, (a, b), s in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask, strict=True)
+                ]
+            )
+        return JSONResponse(answers)
 
     async def models(request: Request) -> Response:
         entry = {"id": served, "object": "model", "created": started, "owned_by": "edgeroute"}
@@ -193,11 +301,16 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         answer = {"status": "ok", "model": served, "task": model.task, "requests": queue.requests, "runs": queue.runs}
         return JSONResponse(answer)
 
-    if model.task == "classification":
-        routes = [Route("/predict", predict, methods=["POST"])]
-    else:
-        routes = [Route("/v1/embeddings", openai, methods=["POST"]), Route("/embed", tei, methods=["POST"])]
-    routes += [Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
+    routes = [
+        Route("/v1/embeddings", openai, methods=["POST"]),
+        Route("/embed", tei, methods=["POST"]),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/rerank", rerank, methods=["POST"]),
+        Route("/ner", ner, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
 
     class _Metrics:  # the guard counts answers; this app keeps its counts in /health
         def count(self, path: str, status: int) -> None:
@@ -220,11 +333,52 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
     return app
 
 
-def _inputs(value: Any, name: str) -> list[Any]:
-    """A string, a list of strings, a list of token ids, or a list of lists of token ids -> a list of inputs."""
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, list) and len(x) == 2 and all(isinstance(t, str) and t for t in x)
+
+
+def _pairs_or_texts(value: Any, name: str) -> list[Any]:
+    """TEI's ``/predict`` inputs: texts, or [text, pair] arrays -> strings and (text, pair) tuples."""
+    if not isinstance(value, list) or not value:
+        raise invalid(name, f"{name} must be a non-empty string or array", "invalid_type")
+    if len(value) > MAX_INPUTS:
+        raise invalid(name, f"{name} holds {len(value)} inputs: at most {MAX_INPUTS} per request")
+    out: list[Any] = []
+    for i, x in enumerate(value):
+        if _is_pair(x):
+            out.append((x[0], x[1]))
+        elif isinstance(x, str) and x:
+            out.append(x)
+        else:
+            raise invalid(f"{name}[{i}]", f"{name}[{i}] must be a non-empty string or a [text, pair] array")
+    return out
+
+
+def _overflow(body: dict[str, Any]) -> str:
+    """The request's handling of long inputs: TEI's ``truncate`` (true: cut at the end) or edgeroute's
+    ``overflow`` (refuse, truncate, chunk); refuse by default."""
+    if body.get("truncation_direction") not in (None, "right", "Right"):
+        raise invalid("truncation_direction", "truncation_direction: only 'right' (the end is cut)")
+    truncate = check_type(body, "truncate", bool, "a boolean")
+    overflow = check_type(body, "overflow", str, "a string")
+    if overflow is not None and overflow not in ("refuse", "truncate", "chunk"):
+        raise invalid("overflow", "overflow must be 'refuse', 'truncate' or 'chunk'")
+    if truncate is not None and overflow is not None and (overflow == "truncate") != truncate:
+        raise invalid("truncate", f"truncate: {str(truncate).lower()} contradicts overflow: {overflow!r}")
+    return overflow or ("truncate" if truncate else "refuse")
+
+
+def _inputs(value: Any, name: str, text_only: bool = False) -> list[Any]:
+    """A string, a list of strings, a list of token ids, or a list of lists of token ids (``text_only``: strings
+    only) -> a list of inputs."""
     if isinstance(value, str):
         value = [value]
-    elif isinstance(value, list) and value and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+    elif (
+        not text_only
+        and isinstance(value, list)
+        and value
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    ):
         value = [value]
     if not isinstance(value, list) or not value:
         raise invalid(name, f"{name} must be a non-empty string or array", "invalid_type")
@@ -232,10 +386,14 @@ def _inputs(value: Any, name: str) -> list[Any]:
         raise invalid(name, f"{name} holds {len(value)} inputs: at most {MAX_INPUTS} per request")
     for i, x in enumerate(value):
         ok = (isinstance(x, str) and x != "") or (
-            isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+            not text_only
+            and isinstance(x, list)
+            and x
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
         )
         if not ok:
-            raise invalid(f"{name}[{i}]", f"{name}[{i}] must be a non-empty string or array of token ids")
+            what = "string" if text_only else "string or array of token ids"
+            raise invalid(f"{name}[{i}]", f"{name}[{i}] must be a non-empty {what}")
     return value
 
 

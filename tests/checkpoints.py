@@ -150,8 +150,10 @@ TINY_BERT = dict(  # the tiny encoders' geometry
 )
 
 
-def write_bert_tokenizer(folder: Path) -> Any:
-    """A tiny WordPiece tokenizer (BERT's: [CLS] ... [SEP]) saved into ``folder``; returns transformers' view."""
+def write_bert_tokenizer(folder: Path, model_max_length: int | None = None, token_types: bool = True) -> Any:
+    """A tiny WordPiece tokenizer (BERT's: [CLS] ... [SEP]) saved into ``folder``; returns transformers' view.
+    ``model_max_length`` goes into its tokenizer_config.json (by default transformers' "no limit");
+    ``token_types=False``: it gives no ``token_type_ids`` (DistilBERT's)."""
     import transformers
     from tiny_model import CORPUS
     from tokenizers import BertWordPieceTokenizer, processors
@@ -161,6 +163,9 @@ def write_bert_tokenizer(folder: Path) -> Any:
     tok.train_from_iterator(CORPUS, vocab_size=160, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]")}
     tok._tokenizer.post_processor = processors.BertProcessing(("[SEP]", ids["[SEP]"]), ("[CLS]", ids["[CLS]"]))
+    limit = {} if model_max_length is None else {"model_max_length": model_max_length}
+    if not token_types:
+        limit["model_input_names"] = ["input_ids", "attention_mask"]
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok._tokenizer,
         unk_token="[UNK]",
@@ -168,50 +173,218 @@ def write_bert_tokenizer(folder: Path) -> Any:
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
+        **limit,
     )
     fast.save_pretrained(folder)
     return fast
 
 
-def write_token_classifier(folder: Path, labels: tuple[str, ...] = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")) -> Path:
-    """A tiny random ``BertForTokenClassification`` checkpoint (BIO tags) with the tiny WordPiece tokenizer."""
+# -- more encoder architectures: DistilBERT, XLM-RoBERTa, DeBERTa-v2, ModernBERT ------------------------------------
+ENCODER_ARCHS = ("bert", "distilbert", "xlm-roberta", "deberta-v2", "modernbert")
+BIO_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+TINY_MAX_LENGTH = 64  # the tokens a tiny encoder takes, special tokens included (TINY_BERT's positions)
+_CLASS_PREFIX = {
+    "bert": "Bert",
+    "distilbert": "DistilBert",
+    "xlm-roberta": "XLMRoberta",
+    "deberta-v2": "DebertaV2",
+    "modernbert": "ModernBert",
+}
+# the Unigram (SentencePiece) tokenizers' special tokens in id order, the one that is unknown, and the last one
+# (the mask, appended after the pieces as the real vocabularies have it)
+_SPM_SPECIALS = {
+    "xlm-roberta": (("<s>", "<pad>", "</s>", "<unk>"), "<unk>", "<mask>"),
+    "deberta-v2": (("[PAD]", "[CLS]", "[SEP]", "[UNK]"), "[UNK]", "[MASK]"),
+}
+UNIGRAM_SUFFIXES = ("s", "es", "ed", "er", "ing", "ian", "ly", "al", "ity")  # the sub-words of unseen words
+
+
+def unigram_pieces() -> list[tuple[str, float]]:
+    """A hand-made SentencePiece vocabulary (piece, log probability): every word and punctuation mark of
+    ``tiny_model.CORPUS`` whole (``▁word``), a few suffixes, and single characters (ASCII letters, digits and
+    punctuation, the corpus's other characters), so that a word not in the corpus splits into sub-words (``▁Paris``
+    ``ian``) and a character in none of them (an emoji other than the corpus's) is unknown."""
+    import re
+    import string
+
+    from tiny_model import CORPUS
+
+    words = sorted({w for line in CORPUS for w in re.findall(r"\w+|[^\w\s]", line)})
+    ascii = string.ascii_letters + string.digits + string.punctuation
+    chars = sorted(set(ascii) | {c for line in CORPUS for c in line if not c.isspace()})
+    pieces = [("▁", -3.0)] + [(f"▁{w}", -4.0) for w in words] + [(x, -5.0) for x in UNIGRAM_SUFFIXES]
+    known = {p for p, _ in pieces}
+    return pieces + [(c, -6.0) for c in chars if c not in known]
+
+
+def write_unigram_tokenizer(folder: Path, style: str = "xlm-roberta", model_max_length: int | None = None) -> Any:
+    """A tiny SentencePiece-style Unigram tokenizer (:func:`unigram_pieces`) saved into ``folder`` as the slow-to-fast
+    converter of transformers makes them; returns transformers' fast view (``AutoTokenizer`` loads the folder).
+
+    ``style`` ``"xlm-roberta"``: ``<s>``=0 ``<pad>``=1 ``</s>``=2 ``<unk>``=3 ... ``<mask>`` (last), ``<s> $A </s>``,
+    the normaliser NFKC (for the real charsmap), right strip, runs of spaces to ``▁``; ``"deberta-v2"`` (v3's
+    vocabulary): ``[PAD]``=0 ``[CLS]``=1 ``[SEP]``=2 ``[UNK]``=3 ... ``[MASK]``, ``[CLS] $A [SEP]``, strip, NFKC,
+    runs of spaces to one. Both: a Metaspace pre-tokenizer and decoder (``▁`` prepended always)."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    specials, unk, mask = _SPM_SPECIALS[style]
+    vocab = [(t, 0.0) for t in specials] + unigram_pieces() + [(mask, 0.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=specials.index(unk), byte_fallback=False))
+    tok.add_special_tokens([*specials, mask])
+    nfkc = normalizers.NFKC()
+    if style == "xlm-roberta":
+        steps = [nfkc, normalizers.Strip(left=False, right=True), normalizers.Replace(Regex(" {2,}"), "▁")]
+        cls, sep, pair = "<s>", "</s>", "<s> $A </s> </s> $B </s>"
+    else:
+        steps = [normalizers.Strip(), nfkc, normalizers.Replace(Regex(" {2,}"), " ")]
+        cls, sep, pair = "[CLS]", "[SEP]", "[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1"
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=pair,
+        special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
+    )
+    limit = {} if model_max_length is None else {"model_max_length": model_max_length}
+    if style == "xlm-roberta":
+        fast = transformers.XLMRobertaTokenizerFast(tokenizer_object=tok, **limit)
+    else:
+        fast = transformers.DebertaV2TokenizerFast(tokenizer_object=tok, **limit)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def write_byte_bpe_tokenizer(folder: Path, model_max_length: int | None = None) -> Any:
+    """A tiny byte-level BPE tokenizer as ModernBERT's (``[CLS] $A [SEP]``, the special tokens after the merges,
+    no unknown token) saved into ``folder``; returns transformers' fast view."""
+    import transformers
+    from tiny_model import CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=480, initial_alphabet=alphabet, show_progress=False))
+    tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]")}
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=list(ids.items())
+    )
+    limit = {} if model_max_length is None else {"model_max_length": model_max_length}
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "attention_mask"],
+        **limit,
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def write_encoder_tokenizer(folder: Path, arch: str = "bert", save_max_length: bool | None = None) -> Any:
+    """``arch``'s kind of tokenizer, tiny, saved into ``folder``: WordPiece (BERT, DistilBERT), Unigram
+    (XLM-RoBERTa's and DeBERTa-v3's conversions), byte-level BPE (ModernBERT). ``save_max_length``: write
+    :data:`TINY_MAX_LENGTH` as its ``model_max_length`` (default: yes, but not for BERT, whose tiny tokenizer never
+    did)."""
+    if save_max_length is None:
+        save_max_length = arch != "bert"
+    limit = TINY_MAX_LENGTH if save_max_length else None
+    if arch in ("bert", "distilbert"):
+        return write_bert_tokenizer(folder, limit, token_types=arch == "bert")
+    if arch in _SPM_SPECIALS:
+        return write_unigram_tokenizer(folder, arch, limit)
+    if arch == "modernbert":
+        return write_byte_bpe_tokenizer(folder, limit)
+    raise ValueError(f"no tiny tokenizer for {arch!r} (one of {ENCODER_ARCHS})")
+
+
+def encoder_config(arch: str, fast: Any, labels: dict[int, str] | None = None, **extra: Any) -> Any:
+    """A tiny random encoder's transformers config for ``arch`` (:data:`TINY_BERT`'s geometry) and the tokenizer
+    ``fast``: its vocabulary and special ids; ``labels`` (id -> name) for a head."""
+    import transformers as t
+
+    heads = {} if labels is None else {"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+    common = dict(vocab_size=len(fast), pad_token_id=fast.pad_token_id, **heads, **extra)
+    if arch == "bert":
+        return t.BertConfig(**TINY_BERT, **common)
+    if arch == "distilbert":
+        return t.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, **common)
+    if arch == "xlm-roberta":  # positions count from pad_token_id + 1: two more than the tokens it takes
+        ids = dict(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+        return t.XLMRobertaConfig(**{**TINY_BERT, "max_position_embeddings": TINY_MAX_LENGTH + 2}, **ids, **common)
+    if arch == "deberta-v2":  # v3's attention: relative positions in log buckets (from 8 apart), no absolute ones
+        return t.DebertaV2Config(
+            **TINY_BERT,
+            type_vocab_size=0,
+            relative_attention=True,
+            position_buckets=16,
+            max_relative_positions=-1,
+            pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            position_biased_input=False,
+            **common,
+        )
+    if arch == "modernbert":  # a local (sliding 8-token window) layer after the global one; mean-pooled head
+        ids = dict(cls_token_id=fast.cls_token_id, sep_token_id=fast.sep_token_id)
+        return t.ModernBertConfig(
+            **{k: v for k, v in TINY_BERT.items() if k != "max_position_embeddings"},
+            max_position_embeddings=TINY_MAX_LENGTH,
+            global_attn_every_n_layers=2,
+            local_attention=8,
+            classifier_pooling="mean",
+            bos_token_id=fast.cls_token_id,
+            eos_token_id=fast.sep_token_id,
+            **ids,
+            **common,
+        )
+    raise ValueError(f"no tiny config for {arch!r} (one of {ENCODER_ARCHS})")
+
+
+def write_token_classifier(
+    folder: Path, labels: tuple[str, ...] = BIO_LABELS, arch: str = "bert", save_max_length: bool | None = None
+) -> Path:
+    """A tiny random ``*ForTokenClassification`` checkpoint (BIO tags) of ``arch`` (:data:`ENCODER_ARCHS`) with
+    its tiny tokenizer (:func:`write_encoder_tokenizer`)."""
     import torch
     import transformers
 
     folder.mkdir(parents=True)
-    fast = write_bert_tokenizer(folder)
+    fast = write_encoder_tokenizer(folder, arch, save_max_length)
     torch.manual_seed(2)
-    config = transformers.BertConfig(
-        vocab_size=fast.vocab_size,
-        **TINY_BERT,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={x: i for i, x in enumerate(labels)},
-    )
-    model = transformers.BertForTokenClassification(config).eval()
+    config = encoder_config(arch, fast, labels=dict(enumerate(labels)))
+    model = getattr(transformers, f"{_CLASS_PREFIX[arch]}ForTokenClassification")(config).eval()
     with torch.no_grad():  # a wider spread of tags than a random head gives, so that every strategy has entities
         model.classifier.weight.mul_(8.0)
     model.save_pretrained(folder)
     return folder
 
 
-def write_sequence_classifier(folder: Path, problem_type: str = "single_label_classification", labels: int = 3) -> Path:
-    """A tiny random ``BertForSequenceClassification`` checkpoint with the tiny WordPiece tokenizer."""
+def write_sequence_classifier(
+    folder: Path,
+    problem_type: str = "single_label_classification",
+    labels: int = 3,
+    arch: str = "bert",
+    save_max_length: bool | None = None,
+) -> Path:
+    """A tiny random ``*ForSequenceClassification`` checkpoint of ``arch`` (:data:`ENCODER_ARCHS`) with its tiny
+    tokenizer (:func:`write_encoder_tokenizer`)."""
     import torch
     import transformers
 
     folder.mkdir(parents=True)
-    fast = write_bert_tokenizer(folder)
+    fast = write_encoder_tokenizer(folder, arch, save_max_length)
     torch.manual_seed(1)
-    config = transformers.BertConfig(
-        vocab_size=fast.vocab_size,
-        **TINY_BERT,
-        num_labels=labels,
-        problem_type=problem_type,
-        id2label={i: f"LABEL_{chr(65 + i)}" for i in range(labels)},
-        label2id={f"LABEL_{chr(65 + i)}": i for i in range(labels)},
-    )
-    transformers.BertForSequenceClassification(config).eval().save_pretrained(folder)
+    names = {i: f"LABEL_{chr(65 + i)}" for i in range(labels)}
+    config = encoder_config(arch, fast, labels=names, problem_type=problem_type)
+    getattr(transformers, f"{_CLASS_PREFIX[arch]}ForSequenceClassification")(config).eval().save_pretrained(folder)
     return folder
 
 

@@ -61,7 +61,7 @@ def test_long_texts_are_refused_or_cut_and_said_so(tiny_st: Path, exported: Path
     with pytest.raises(er.ConfigError) as e:
         model.embed(["short", long])
     assert e.value.field == "texts[1]" and f"over the model's {MAX_SEQ}" in e.value.reason
-    got = model.embed(["short", long], truncate=True)
+    got = model.embed(["short", long], overflow="truncate")
     assert got.truncated == [False, True] and got.tokens[1] == MAX_SEQ
     # sentence-transformers cuts silently at max_seq_length: the same cut, the same vector
     np.testing.assert_allclose(got.vectors, reference(tiny_st, ["short", long]), atol=1e-5)
@@ -128,7 +128,7 @@ def test_the_command_line_on_an_embedding_model(tiny_st: Path, exported: Path, t
     long = " ".join(["the sea"] * 40)
     res = run(cli, ["run", str(exported), long])
     assert res.exit_code == 1 and "over the model's 32" in res.output and "Traceback" not in res.output
-    assert "truncated" in run(cli, ["run", str(exported), long, "--truncate"]).output
+    assert "truncated" in run(cli, ["run", str(exported), long, "--overflow", "truncate"]).output
     res = run(cli, ["run", str(exported), "Hello", "--temperature", "0.5"])
     assert res.exit_code == 2 and "--temperature is a generation option" in res.output
     res = run(cli, ["info", str(exported)])
@@ -216,60 +216,3 @@ def test_classify_equals_transformers_pipeline(classifier: tuple[Path, Path]) ->
     assert [x["label"] for x in data["labels"]] == [x.label for x in model.classify(["Hello world!"], top_k=None)[0]]
     info = CliRunner().invoke(cli, ["info", str(out)]).output
     assert "task          classification" in info and "LABEL_A" in info
-
-
-# -- token classification (NER) --------------------------------------------------------------------------------------
-NER_TEXTS = [
-    "Paris is the capital of France, and Rome the capital of Italy.",
-    "Once upon a time a little robot learned to paint the sea and the sky.",
-    "Das Mädchen läuft schnell 🤖 zum Meer!",  # sub-words, [UNK], punctuation
-    "a",
-]
-
-
-@pytest.fixture(scope="module")
-def tagger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from checkpoints import write_token_classifier
-
-    ckpt = write_token_classifier(tmp_path_factory.mktemp("ner") / "ckpt")
-    out = tmp_path_factory.mktemp("ner-export") / "model"
-    res = CliRunner().invoke(cli, ["export", str(ckpt), str(out)])
-    assert res.exit_code == 0, res.output
-    assert "(token-classification, fp32" in res.output and "best labels the same: yes" in res.output
-    return ckpt, out
-
-
-@pytest.mark.parametrize("strategy", ["none", "simple", "first", "average", "max"])
-def test_entities_equal_transformers_pipeline(tagger: tuple[Path, Path], strategy: str) -> None:
-    """The same entities as transformers' token-classification pipeline for each aggregation strategy: labels,
-    words, offsets, scores to 1e-5 (sub-words, an unknown token, punctuation)."""
-    import transformers
-
-    ckpt, out = tagger
-    model = er.load(out)
-    pipe = transformers.pipeline("token-classification", model=str(ckpt), aggregation_strategy=strategy, device="cpu")
-    got = model.entities(NER_TEXTS, aggregation=strategy)
-    assert sum(len(g) for g in got) > 3  # the tiny model tags something
-    for g, w in zip(got, pipe(NER_TEXTS), strict=True):
-        key = "entity" if strategy == "none" else "entity_group"
-        assert [(e.label, e.word, e.start, e.end) for e in g] == [(x[key], x["word"], x["start"], x["end"]) for x in w]
-        np.testing.assert_allclose([e.score for e in g], [float(x["score"]) for x in w], atol=1e-5)
-        if strategy == "none":
-            assert [e.index for e in g] == [x["index"] for x in w]
-
-
-def test_entities_mistakes_and_the_command_line(tagger: tuple[Path, Path]) -> None:
-    _, out = tagger
-    model = er.EncoderModel.load(out)
-    for kw, field in (({"aggregation": "mean"}, "aggregation"), ({"max_batch_tokens": 0}, "max_batch_tokens")):
-        with pytest.raises(er.ConfigError) as e:
-            model.entities(NER_TEXTS, **kw)
-        assert e.value.field == field
-    with pytest.raises(er.ConfigError) as e:
-        model.classify(NER_TEXTS)
-    assert e.value.field == "task"
-    res = CliRunner().invoke(cli, ["run", str(out), NER_TEXTS[0], "--json"])
-    want = model.entities(NER_TEXTS[0])[0]
-    assert [x["word"] for x in json.loads(res.output)["entities"]] == [e.word for e in want]
-    info = CliRunner().invoke(cli, ["info", str(out)]).output
-    assert "task          token-classification" in info and "B-PER" in info

@@ -60,7 +60,7 @@ def test_text_embeddings_inference_embed(model: er.EncoderModel, server: Running
     np.testing.assert_allclose(raw[0], model.embed(["a"], normalize=False).vectors[0], atol=1e-6)
     long = " ".join(["the sea and the sky"] * 20)
     cut = httpx.post(server.url + "/embed", json={"inputs": long, "truncate": True}, timeout=30).json()
-    np.testing.assert_allclose(cut[0], model.embed([long], truncate=True).vectors[0], atol=1e-6)
+    np.testing.assert_allclose(cut[0], model.embed([long], overflow="truncate").vectors[0], atol=1e-6)
 
 
 def test_requests_of_several_clients_share_runs(model: er.EncoderModel, server: Running) -> None:
@@ -162,7 +162,8 @@ def test_a_classifier_answers_predict(tmp_path: Path) -> None:
             [x.score for x in model.classify(["a"], top_k=None, function="none")[0]],
             atol=1e-5,
         )
-        assert httpx.post(srv.url + "/v1/embeddings", json={"input": "a"}, timeout=30).status_code == 404
+        wrong = httpx.post(srv.url + "/v1/embeddings", json={"input": "a"}, timeout=30)
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "model", wrong.text
         for body, param in (({"inputs": []}, "inputs"), ({"inputs": "a", "top_k": 2}, "top_k")):
             r = httpx.post(srv.url + "/predict", json=body, timeout=30)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
