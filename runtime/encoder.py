@@ -357,7 +357,7 @@ class EncoderModel:
 
     def _rows(self, items: Sequence[Any], overflow: str) -> tuple[list[_Row], np.ndarray, list[bool]]:
         """Each input's rows (one, or its windows with ``overflow="chunk"``), the input each row belongs to, and
-        which inputs were over ``max_length`` (refused, cut or chunked by ``overflow``)."""
+        which inputs were cut (over ``max_length`` with ``overflow="truncate"``; refused with ``"refuse"``)."""
         if overflow not in OVERFLOWS:
             raise ConfigError("overflow", overflow, f"must be one of {', '.join(OVERFLOWS)}")
         rows = self._tokens(items)
@@ -377,7 +377,7 @@ class EncoderModel:
                 raise ConfigError(f"texts[{i}]", f"{len(parts)} windows", f"is over {MAX_WINDOWS} windows: split it")
             out += parts
             owners += [i] * len(parts)
-        return out, np.array(owners, dtype=np.int64), cut
+        return out, np.array(owners, dtype=np.int64), [c and overflow == "truncate" for c in cut]
 
     def _windowed(self, item: Any, stride: int, chunk: bool) -> list[Any]:
         """The tokenizer's encoding of a long text (or (text, pair): the pair is cut) cut at ``max_length``, and

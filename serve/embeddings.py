@@ -133,7 +133,7 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
             return model.entities(items, **dict(rest))
         normalize, dimensions, overflow = rest
         r = model.embed(items, normalize=normalize, dimensions=dimensions, overflow=overflow)
-        return list(r.vectors)
+        return list(zip(r.vectors, r.tokens, strict=True))  # (each window's tokens counted)
 
     queue = EmbedQueue(run)
     transport = Transport(settings.model_name, settings.max_body_bytes, settings.read_timeout, None)
@@ -145,15 +145,13 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         if not ok:
             raise invalid("model", f"{route} needs {what}: the model '{served}' is a {model.task} model")
 
-    def lengths(inputs: Sequence[Any], overflow: str, where: str) -> int:
-        """Check each input's token count (a 400 naming it when over the maximum and refused); the request's
-        tokens."""
+    def lengths(inputs: Sequence[Any], overflow: str, where: str) -> None:
+        """Check each input's token count (a 400 naming it when over the maximum and refused)."""
         try:
             counts = model.count_tokens(inputs)
         except er.ConfigError as e:  # a token id outside the vocabulary: named as the request names it
             param = e.field.replace("texts", where, 1)
             raise invalid(param, f"{param}: {e.value} {e.reason}") from None
-        total = 0
         for i, n in enumerate(counts):
             if n > model.max_length and overflow == "refuse":
                 raise invalid(
@@ -161,8 +159,6 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
                     f"{where}[{i}] is {n} tokens, over the model's {model.max_length}: shorten it, send"
                     ' "truncate": true to cut it at the end, or "overflow": "chunk" to run it in windows',
                 )
-            total += n if overflow == "chunk" else min(n, model.max_length)
-        return total
 
     async def submit(inputs: list[Any], options: tuple[Any, ...]) -> Any:
         future = queue.submit(inputs, options)
@@ -175,8 +171,8 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         return check_fields(await transport.read_json(request), fields)
 
     async def openai(request: Request) -> Response:
-        body = await body_of(request, _OPENAI_FIELDS)
         need(model.task == "embedding", "/v1/embeddings", "an embedding model")
+        body = await body_of(request, _OPENAI_FIELDS)
         parse_model(body, served)
         check_type(body, "user", str, "a string")
         inputs = _inputs(body.get("input"), "input")
@@ -185,28 +181,29 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
             raise invalid("encoding_format", "encoding_format must be 'float' or 'base64'")
         dimensions = _dimensions(body, model)
         overflow = _overflow(body)
-        tokens = await run_in_threadpool(lengths, inputs, overflow, "input")
-        vectors = await submit(inputs, ("embed", None, dimensions, overflow))
-        data = [{"object": "embedding", "index": i, "embedding": _encoded(v, fmt)} for i, v in enumerate(vectors)]
+        await run_in_threadpool(lengths, inputs, overflow, "input")
+        results = await submit(inputs, ("embed", None, dimensions, overflow))
+        data = [{"object": "embedding", "index": i, "embedding": _encoded(v, fmt)} for i, (v, _) in enumerate(results)]
+        tokens = sum(n for _, n in results)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": served, "usage": usage})
 
     async def tei(request: Request) -> Response:
-        body = await body_of(request, _TEI_FIELDS)
         need(model.task == "embedding", "/embed", "an embedding model")
+        body = await body_of(request, _TEI_FIELDS)
         inputs = _inputs(body.get("inputs"), "inputs")
         normalize = check_type(body, "normalize", bool, "a boolean")
         dimensions = _dimensions(body, model)
         overflow = _overflow(body)
         await run_in_threadpool(lengths, inputs, overflow, "inputs")
-        vectors = await submit(inputs, ("embed", True if normalize is None else normalize, dimensions, overflow))
-        return JSONResponse([[float(x) for x in v] for v in vectors])
+        results = await submit(inputs, ("embed", True if normalize is None else normalize, dimensions, overflow))
+        return JSONResponse([[float(x) for x in v] for v, _ in results])
 
     async def predict(request: Request) -> Response:
         """TEI's ``/predict``: each input's labels with their scores, best first (``raw_scores``: the logits); an
         input is a text or a [text, pair] array."""
-        body = await body_of(request, _PREDICT_FIELDS)
         need(model.task == "classification", "/predict", "a classifier")
+        body = await body_of(request, _PREDICT_FIELDS)
         value = body.get("inputs")
         single = isinstance(value, str) or (isinstance(value, list) and len(value) == 2 and _is_pair(value))
         inputs = _pairs_or_texts([value] if single else value, "inputs")
@@ -219,8 +216,8 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
 
     async def rerank(request: Request) -> Response:
         """TEI's ``/rerank``: the texts by their score for the query, best first (``index`` into ``texts``)."""
-        body = await body_of(request, _RERANK_FIELDS)
         need(ranks, "/rerank", "a one-score classifier (a cross-encoder)")
+        body = await body_of(request, _RERANK_FIELDS)
         query = body.get("query")
         if not isinstance(query, str) or not query:
             raise invalid("query", "query must be a non-empty string")
@@ -238,8 +235,8 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
 
     async def ner(request: Request) -> Response:
         """Entities, shaped as transformers' pipeline and the Hugging Face inference API give them."""
-        body = await body_of(request, _NER_FIELDS)
         need(model.task == "token-classification", "/ner", "a token classifier")
+        body = await body_of(request, _NER_FIELDS)
         single = isinstance(body.get("inputs"), str)
         inputs = _inputs(body.get("inputs"), "inputs", text_only=True)
         options = {"overflow": _overflow(body)}

@@ -216,3 +216,92 @@ def test_classify_equals_transformers_pipeline(classifier: tuple[Path, Path]) ->
     assert [x["label"] for x in data["labels"]] == [x.label for x in model.classify(["Hello world!"], top_k=None)[0]]
     info = CliRunner().invoke(cli, ["info", str(out)]).output
     assert "task          classification" in info and "LABEL_A" in info
+
+
+def windows_of(folder: Path, text: str, stride: int = 0) -> list[list[int]]:
+    """``text``'s windows of the model's length as the tokenizers library cuts them (special tokens in each)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.enable_truncation(json.loads((folder / "edgeroute.json").read_text())["max_length"], stride=stride)
+    enc = tok.encode(text)
+    return [list(w.ids) for w in [enc, *enc.overflowing]]
+
+
+def test_long_texts_in_windows_pool_their_windows(exported: Path, classifier: tuple[Path, Path]) -> None:
+    """``overflow="chunk"``: an embedding is the token-weighted mean of its windows' embeddings (then normalised),
+    a label's score the mean of the windows' scores; each result says how many windows."""
+    long = " ".join(["the sea and the sky"] * 20)
+    model = er.EncoderModel.load(exported)
+    parts = windows_of(exported, long)
+    assert len(parts) > 2
+    got = model.embed(["short", long], overflow="chunk")
+    assert got.windows == [1, len(parts)] and got.truncated == [False, False]
+    each = model.embed(parts, normalize=False).vectors
+    mean = (each * np.array([len(p) for p in parts])[:, None]).sum(0) / sum(len(p) for p in parts)
+    np.testing.assert_allclose(got.vectors[1], mean / np.linalg.norm(mean), atol=1e-5)
+    assert got.tokens[1] == sum(len(p) for p in parts)
+    _, out = classifier
+    cls = er.EncoderModel.load(out)
+    parts = windows_of(out, " ".join([long] * 3))
+    labels = cls.classify(" ".join([long] * 3), top_k=None, overflow="chunk")[0]
+    assert labels[0].windows == len(parts) > 1 and not labels[0].truncated
+    each_scores = cls.classify(parts, top_k=None)
+    for x in labels:
+        want = np.mean([next(y.score for y in s if y.label == x.label) for s in each_scores])
+        assert x.score == pytest.approx(want, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, export) of a tiny one-score BertForSequenceClassification: a cross-encoder."""
+    from checkpoints import write_sequence_classifier
+
+    ckpt = write_sequence_classifier(tmp_path_factory.mktemp("ce") / "ckpt", "regression", 1)
+    out = tmp_path_factory.mktemp("ce-export") / "model"
+    res = CliRunner().invoke(cli, ["export", str(ckpt), str(out)])
+    assert res.exit_code == 0, res.output
+    return ckpt, out
+
+
+def test_rerank_and_text_pairs_equal_sentence_transformers(cross_encoder: tuple[Path, Path]) -> None:
+    """``rerank``: each document's score for the query as sentence-transformers' CrossEncoder gives it (sigmoid,
+    or the raw logit), best first; ``classify(pairs=...)`` as transformers' pipeline with ``text_pair``."""
+    import torch
+    import transformers
+    from sentence_transformers import CrossEncoder
+
+    ckpt, out = cross_encoder
+    model = er.EncoderModel.load(out)
+    ce = CrossEncoder(str(ckpt), device="cpu")
+    query = "the capital of France"
+    pairs = [(query, d) for d in TEXTS]
+    want = ce.predict(pairs)
+    got = model.rerank(query, TEXTS)
+    assert [r.index for r in got] == list(np.argsort(-want, kind="stable"))
+    np.testing.assert_allclose([r.score for r in got], np.sort(want)[::-1], atol=1e-5)
+    raw = ce.predict(pairs, activation_fn=torch.nn.Identity())
+    np.testing.assert_allclose([r.score for r in model.score_pairs(pairs, raw_scores=True)], raw, atol=1e-5)
+    assert [r.index for r in model.rerank(query, TEXTS, top_n=2)] == [r.index for r in got[:2]]
+    pipe = transformers.pipeline("text-classification", model=str(ckpt), device="cpu")
+    by_pipe = [pipe({"text": q, "text_pair": d}, function_to_apply="none")["score"] for q, d in pairs]
+    by_us = model.classify([q for q, _ in pairs], pairs=[d for _, d in pairs])
+    np.testing.assert_allclose([x[0].score for x in by_us], by_pipe, atol=1e-5)
+    long = " ".join(["the sea and the sky"] * 20)
+    with pytest.raises(er.ConfigError) as e:
+        model.rerank(query, ["a", long])
+    assert e.value.field == "texts[1]"
+    cut = model.rerank(query, [long], overflow="truncate")[0]
+    best = model.rerank(query, [long], overflow="chunk")[0]  # the best window: the first (cut) is one of them
+    assert cut.truncated and best.windows > 1 and best.score >= cut.score - 1e-6
+    for call, field in (
+        (lambda: model.rerank("", TEXTS), "query"),
+        (lambda: model.rerank(query, []), "documents"),
+        (lambda: model.rerank(query, TEXTS, top_n=0), "top_n"),
+        (lambda: model.classify(TEXTS, pairs=["x"]), "pairs"),
+    ):
+        with pytest.raises(er.ConfigError) as e:
+            call()
+        assert e.value.field == field
+    res = CliRunner().invoke(cli, ["run", str(out), query, "--pair", TEXTS[0], "--json"])
+    assert json.loads(res.output)["labels"][0]["score"] == pytest.approx(by_pipe[0], abs=1e-5)

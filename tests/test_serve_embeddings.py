@@ -167,3 +167,101 @@ def test_a_classifier_answers_predict(tmp_path: Path) -> None:
         for body, param in (({"inputs": []}, "inputs"), ({"inputs": "a", "top_k": 2}, "top_k")):
             r = httpx.post(srv.url + "/predict", json=body, timeout=30)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_embed_overflow_and_tokenize(model: er.EncoderModel, server: Running) -> None:
+    """``overflow: "chunk"`` runs a long input in windows (usage counts every window's tokens); ``truncate`` and
+    ``overflow`` must agree; TEI's ``/tokenize`` gives each token with its character offsets."""
+    long = " ".join(["the sea and the sky"] * 20)
+    r = httpx.post(server.url + "/v1/embeddings", json={"input": long, "overflow": "chunk"}, timeout=30).json()
+    want = model.embed([long], overflow="chunk")
+    np.testing.assert_allclose(r["data"][0]["embedding"], want.vectors[0], atol=1e-6)
+    assert r["usage"]["prompt_tokens"] == want.tokens[0] > model.max_length
+    for body, param in (
+        ({"inputs": long, "truncate": False, "overflow": "truncate"}, "truncate"),
+        ({"inputs": long, "overflow": "drop"}, "overflow"),
+        ({"inputs": long}, "inputs[0]"),
+    ):
+        r = httpx.post(server.url + "/embed", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    text = "Hello world!"
+    tokens = httpx.post(server.url + "/tokenize", json={"inputs": text}, timeout=30).json()[0]
+    enc = model.encodings([text])[0]
+    assert [t["id"] for t in tokens] == enc.ids and tokens[0]["special"] and tokens[0]["start"] is None
+    assert all(text[t["start"] : t["stop"]] == t["text"] for t in tokens if not t["special"])
+    bare = httpx.post(server.url + "/tokenize", json={"inputs": [text], "add_special_tokens": False}, timeout=30)
+    assert [t["id"] for t in bare.json()[0]] == enc.ids[1:-1]
+    for path in ("/predict", "/rerank", "/ner"):  # the routes of other tasks
+        r = httpx.post(server.url + path, json={"inputs": "x", "query": "q", "texts": ["x"]}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model" and "embedding model" in r.text
+
+
+def test_a_tagger_answers_ner(tmp_path: Path) -> None:
+    """``/ner``: entities shaped as the Hugging Face pipeline gives them (``entity_group``; ``entity`` and
+    ``index`` without aggregation), with the pipeline's parameters and edgeroute's; bad requests named."""
+    from checkpoints import write_token_classifier
+    from edgeroute.export import export_model
+
+    model = er.EncoderModel.load(export_model(write_token_classifier(tmp_path / "ckpt"), tmp_path / "model"))
+    texts = ["Paris is the capital of France, and Rome the capital of Italy.", "Das Mädchen läuft zum Meer!"]
+    long = " ".join(texts * 6)
+    with Running(create_embedding_app(model, Settings("ner"))) as srv:
+        one = httpx.post(srv.url + "/ner", json={"inputs": texts[0]}, timeout=30).json()
+        assert [(x["entity_group"], x["start"], x["end"]) for x in one] == [
+            (e.label, e.start, e.end) for e in model.entities(texts[0])[0]
+        ]
+        body = {"inputs": texts, "aggregation_strategy": "none", "ignore_labels": []}
+        tokens = httpx.post(srv.url + "/ner", json=body, timeout=30).json()
+        want = model.entities(texts, aggregation="none", ignore_labels=())
+        assert [[(x["entity"], x["index"]) for x in g] for g in tokens] == [
+            [(e.label, e.index) for e in w] for w in want
+        ]
+        body = {"inputs": long, "stride": 16, "words": "text", "decode": "viterbi", "aggregation_strategy": "first"}
+        windows = httpx.post(srv.url + "/ner", json=body, timeout=30).json()
+        want_long = model.entities(long, stride=16, words="text", decode="viterbi", aggregation="first")[0]
+        assert [(x["word"], x["start"]) for x in windows] == [(e.word, e.start) for e in want_long]
+        for bad, param in (
+            ({"inputs": long}, "inputs[0]"),
+            ({"inputs": "x", "aggregation_strategy": "mean"}, "aggregation_strategy"),
+            ({"inputs": "x", "stride": 500}, "stride"),
+            ({"inputs": "x", "decode": "beam"}, "decode"),
+            ({"inputs": "x", "ignore_labels": "O"}, "ignore_labels"),
+            ({"inputs": [""]}, "inputs[0]"),
+            ({"inputs": [[1, 2]]}, "inputs[0]"),
+            ({"inputs": "x", "top_k": 1}, "top_k"),
+        ):
+            r = httpx.post(srv.url + "/ner", json=bad, timeout=30)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+        r = httpx.post(srv.url + "/v1/embeddings", json={"input": "x"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_a_cross_encoder_answers_rerank_and_pairs(tmp_path: Path) -> None:
+    """TEI's ``/rerank`` (best first, ``index`` into ``texts``, ``return_text``, ``raw_scores``) equal to
+    ``rerank``; ``/predict`` takes [text, pair] arrays."""
+    from checkpoints import write_sequence_classifier
+    from edgeroute.export import export_model
+
+    ckpt = write_sequence_classifier(tmp_path / "ckpt", "regression", 1)
+    model = er.EncoderModel.load(export_model(ckpt, tmp_path / "model"))
+    query = "the capital of France"
+    with Running(create_embedding_app(model, Settings("ce"))) as srv:
+        r = httpx.post(srv.url + "/rerank", json={"query": query, "texts": TEXTS, "return_text": True}, timeout=30)
+        want = model.rerank(query, TEXTS)
+        assert [x["index"] for x in r.json()] == [w.index for w in want]
+        np.testing.assert_allclose([x["score"] for x in r.json()], [w.score for w in want], atol=1e-6)
+        assert [x["text"] for x in r.json()] == [TEXTS[w.index] for w in want]
+        raw = httpx.post(srv.url + "/rerank", json={"query": query, "texts": TEXTS, "raw_scores": True}, timeout=30)
+        want_raw = model.rerank(query, TEXTS, raw_scores=True)
+        np.testing.assert_allclose([x["score"] for x in raw.json()], [w.score for w in want_raw], atol=1e-6)
+        pair = httpx.post(srv.url + "/predict", json={"inputs": [query, TEXTS[0]]}, timeout=30).json()
+        assert pair[0]["score"] == pytest.approx(model.classify(query, pairs=[TEXTS[0]])[0][0].score, abs=1e-6)
+        for bad, param in (
+            ({"query": "", "texts": TEXTS}, "query"),
+            ({"query": query, "texts": []}, "texts"),
+            ({"query": query, "texts": [3]}, "texts[0]"),
+            ({"query": query, "texts": TEXTS, "top_n": 1}, "top_n"),
+            ({"query": query, "texts": [" ".join(["the sea"] * 40)]}, "texts[0]"),
+        ):
+            r = httpx.post(srv.url + "/rerank", json=bad, timeout=30)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
