@@ -23,6 +23,7 @@ def step_labels(source: str, quantize: str) -> dict[str, str]:
         "fp16": "casting to fp16",
         "cuda check": "checking the graph on CUDA",
         "validate": "validating against PyTorch",
+        "quality": "measuring int8 against fp32",
     }
 
 
@@ -115,6 +116,20 @@ def quality_warning(manifest: dict) -> str | None:
     help="A folder with the original checkpoint's tokenizer.json (and chat template) to ship instead of the"
     " source's own.",
 )
+@click.option(
+    "--per-channel", is_flag=True, help="An encoder's int8 export: per-channel weight scales (default: per tensor)."
+)
+@click.option(
+    "--quality-texts",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="An encoder's int8 export: measure it against fp32 on these texts (one per line; default: built-in).",
+)
+@click.option(
+    "--force-quality",
+    is_flag=True,
+    help="An encoder's int8 export: write it even below the quality gate (the measures are recorded).",
+)
 @click.option("--no-validate", is_flag=True, help="Skip the parity and tokenizer checks against PyTorch.")
 @click.option(
     "--force",
@@ -135,6 +150,9 @@ def export(
     backend: str,
     no_calibration: bool,
     tokenizer: str | None,
+    per_channel: bool,
+    quality_texts: str | None,
+    force_quality: bool,
     no_validate: bool,
     force: bool,
 ) -> None:
@@ -159,31 +177,15 @@ def export(
             tokenizer=tokenizer,
             progress=steps.callback(step_labels(source, quantize), UNITS),
             head=head,
+            per_channel=per_channel,
+            quality_texts=quality_texts,
+            force_quality=force_quality,
         )
     manifest = json.loads((path / "edgeroute.json").read_text())
+    if manifest.get("task") is not None:
+        _encoder_summary(source, path, manifest)
+        return
     v = manifest["provenance"].get("validation")
-    if manifest.get("task") == "embedding":
-        norm = ", normalised" if manifest["normalize"] else ""
-        click.echo(
-            f"exported {source} -> {path} (embedding, {manifest['precision']}, {manifest['hidden_size']} dimensions,"
-            f" {manifest['pooling']} pooling{norm}, at most {manifest['max_length']} tokens)"
-        )
-        if v:
-            click.echo(f"  pooled embeddings' cosine with PyTorch: min {v['min_cosine']:.6f} over {v['texts']} texts")
-        return
-    if manifest.get("task") in ("classification", "token-classification"):
-        labels = manifest["labels"]
-        kind = manifest.get("problem_type", "a tag per token")
-        click.echo(
-            f"exported {source} -> {path} ({manifest['task']}, {manifest['precision']}, {kind},"
-            f" {len(labels)} labels: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''})"
-        )
-        if v:
-            click.echo(
-                f"  logits' max |difference| with PyTorch {v['max_abs_logit_diff']:.2e}; best labels the same:"
-                f" {'yes' if v['same_labels'] else 'no'} over {v['texts']} texts"
-            )
-        return
     click.echo(
         f"exported {source} -> {path} ({manifest['precision']}, quantisation {manifest['quantization']['method']},"
         f" {manifest['provenance'].get('backend', 'optimum')} graph)"
@@ -208,3 +210,36 @@ def export(
                 f"  tokenizer: round trip {'yes' if t['roundtrip'] else 'no'}; {t['chars_per_token']:.2f} characters"
                 f" per token; whole words kept whole {rate} of {t['whole_words']}"
             )
+
+
+def _encoder_summary(source: str, path: Path, manifest: dict) -> None:
+    """What an encoder export wrote: its task, precision, what it answers, validation and int8 quality."""
+    v = manifest["provenance"].get("validation")
+    if manifest["task"] == "embedding":
+        norm = ", normalised" if manifest["normalize"] else ""
+        click.echo(
+            f"exported {source} -> {path} (embedding, {manifest['precision']}, {manifest['hidden_size']} dimensions,"
+            f" {manifest['pooling']} pooling{norm}, at most {manifest['max_length']} tokens)"
+        )
+        if v:
+            click.echo(f"  pooled embeddings' cosine with PyTorch: min {v['min_cosine']:.6f} over {v['texts']} texts")
+    else:
+        labels = manifest["labels"]
+        kind = manifest.get("problem_type") or f"a tag per token, {manifest.get('scheme', 'BIO')}"
+        click.echo(
+            f"exported {source} -> {path} ({manifest['task']}, {manifest['precision']}, {kind},"
+            f" {len(labels)} labels: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''})"
+        )
+        if v:
+            click.echo(
+                f"  logits' max |difference| with PyTorch {v['max_abs_logit_diff']:.2e}; best labels the same:"
+                f" {'yes' if v['same_labels'] else 'no'} over {v['texts']} texts"
+            )
+    q = manifest["provenance"].get("quality")
+    if q:
+        names = [n for n in ("min_cosine", "retrieval_agreement", "label_agreement", "entity_f1", "tag_agreement")]
+        shown = ", ".join(f"{n.replace('_', ' ')} {q[n]:.4f}" for n in names if n in q)
+        verdict = "passed" if q["passed"] else "BELOW THE GATE, written with --force-quality"
+        click.echo(f"  int8 against fp32 over {q['texts']} texts: {shown} ({verdict})")
+        if not q["passed"]:
+            click.echo("warning: this int8 model is below the quality gate (docs/models.md)", err=True)

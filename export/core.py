@@ -96,13 +96,16 @@ def export_model(
     tokenizer: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     head: str | None = None,
+    per_channel: bool = False,
+    quality_texts: str | os.PathLike[str] | None = None,
+    force_quality: bool = False,
 ) -> Path:
     """Export a checkpoint to an edgeroute model folder and return its path.
 
     Args:
         source: a Hugging Face checkpoint folder, a PEFT LoRA adapter folder, or a ``.gguf`` file (local only);
-            or a sentence-transformers embedding folder (``modules.json``): an encoder export (``export/encoder.py``:
-            fp32 on the CPU, none of the decoder options).
+            or an encoder: a sentence-transformers embedding folder (``modules.json``), a ``*ForSequenceClassification``
+            or ``*ForTokenClassification`` checkpoint (``export/encoder.py``: fp32 or int8 on the CPU).
         out_dir: the model folder to create (refused if it exists, unless ``force``).
         dtype: ``fp32`` or ``fp16`` (fp16 is for CUDA; on CPU the fp32 export is cast after export). The fused
             backend also casts its int8 and int4 graphs (fp16 activations and scales: CUDA's MatMulNBits).
@@ -133,6 +136,10 @@ def export_model(
         head: ``int8`` keeps the LM head (and a tied embedding, which reads the head's weights) at 8 bits in an int4
             export, as llama.cpp's Q4_K_M keeps its token embedding at Q8_0: for models whose large vocabulary
             makes the head a big share of the weights (Gemma 3); default (None or ``quantize``): as the layers.
+        per_channel: an encoder's int8 export: per-channel weight scales (default: per tensor).
+        quality_texts: an encoder's int8 export: a file of texts (one per line) the int8 model is measured on
+            against fp32 (default: edgeroute's built-in set); below the gate's thresholds the export is refused
+            (``QualityGateError``) unless ``force_quality`` (``export/encoder_quality.py``).
     """
     for name, value, allowed in (
         ("dtype", dtype, DTYPES),
@@ -172,16 +179,30 @@ def export_model(
     embedding = encoder.is_sentence_transformers(Path(source).expanduser())
     classifier = not embedding and encoder.is_sequence_classifier(Path(source).expanduser())
     tagger = not embedding and encoder.is_sequence_classifier(Path(source).expanduser(), "ForTokenClassification")
-    # an encoder: the options of decoder exports do not apply (yet: int8 and fp16 are issue 36's)
+    # an encoder: fp32 or int8 (dynamic, gated); the options of decoder exports do not apply
     if embedding or classifier or tagger:
-        given = {"dtype": dtype != "fp32", "quantize": quantize != "none", "base": base is not None}
+        given = {"dtype": dtype != "fp32", "quantize": quantize == "int4", "base": base is not None}
         given |= {"context_length": context_length is not None, "tokenizer": tokenizer is not None}
         given |= {"head": head is not None, "backend": backend != "auto", "device": device != "cpu"}
+        given |= {"block_size": block_size != 32, "calibrate": not calibrate}
         for name, on in given.items():
             if on:
-                reason = "is not available for encoder exports yet (they are fp32, exported on the CPU)"
+                reason = "is not available for encoder exports (fp32, or int8 dynamic quantisation; on the CPU)"
                 raise ConfigError(name, locals()[name], reason)
+        if quantize == "none" and (per_channel or quality_texts is not None or force_quality):
+            raise ConfigError("quantize", quantize, "--per-channel, --quality-texts and --force-quality are for int8")
+        from . import encoder_quality
+
+        texts = encoder_quality.read_quality_texts(quality_texts) if quantize == "int8" else None
+        precision = encoder.Precision(quantize, per_channel, texts, force_quality)
     else:
+        for name, on in (
+            ("per_channel", per_channel),
+            ("quality_texts", quality_texts),
+            ("force_quality", force_quality),
+        ):
+            if on:
+                raise ConfigError(name, on, "is an option of encoder int8 exports (decoders: --block-size, --head)")
         sources.resolve(os.fspath(source))  # fail fast on a bad source, before anything heavy
     if tokenizer is not None:
         sources.check_tokenizer_dir(os.fspath(tokenizer))
@@ -197,9 +218,9 @@ def export_model(
     try:
         with _terminate_as_interrupt():
             if embedding:
-                encoder.export_embedding(Path(source).expanduser(), tmp, validate, stages)
+                encoder.export_embedding(Path(source).expanduser(), tmp, validate, stages, precision)
             elif classifier or tagger:
-                encoder.export_classifier(Path(source).expanduser(), tmp, validate, stages, tokens=tagger)
+                encoder.export_classifier(Path(source).expanduser(), tmp, validate, stages, precision, tokens=tagger)
             else:
                 options = (dtype, quantize, validate, context_length, block_size, backend, calibrate, head)
                 _build(tmp, source, (base, tokenizer), device, options, stages)

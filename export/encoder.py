@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from edgeroute.encoder import ENCODER_MANIFEST_VERSION, EncoderModel, pool
 from edgeroute.errors import ExportError, ExportValidationError
 from edgeroute.ner import scheme_of
 
+from . import encoder_quality as quality
 from .steps import Stages
 
 MIN_COSINE = 0.9999
@@ -70,7 +72,7 @@ def read_sentence_transformers(folder: Path) -> dict[str, Any]:
     return {"pooling": modes[0], "normalize": "Normalize" in kinds, "max_length": max_length}
 
 
-def export_embedding(source: Path, stage: Path, validate: bool, stages: Stages) -> None:
+def export_embedding(source: Path, stage: Path, validate: bool, stages: Stages, precision: Precision) -> None:
     """Export a sentence-transformers folder into the empty folder ``stage`` (fp32), validated against PyTorch
     (``export_model`` builds into a temporary folder and moves it into place). Steps: ``export``, ``validate``."""
     import torch
@@ -86,16 +88,16 @@ def export_embedding(source: Path, stage: Path, validate: bool, stages: Stages) 
         _graph(source, stage, "feature-extraction")
     fields = {"pooling": settings["pooling"], "normalize": settings["normalize"]}
     manifest = _manifest(stage, source, config, "embedding", max_length, fields)
-    if not validate:
-        return
-    with stages("validate") as step:
-        step.total(len(VALIDATION_TEXTS))
-        cosine = _validate(stage, source, torch, transformers)
-        step.advance(len(VALIDATION_TEXTS))
-    if cosine < MIN_COSINE:
-        raise ExportValidationError(f"the exported embeddings' cosine with PyTorch is {cosine:.6f} < {MIN_COSINE}")
-    manifest["provenance"]["validation"] = {"min_cosine": cosine, "texts": len(VALIDATION_TEXTS)}
-    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    if validate:
+        with stages("validate") as step:
+            step.total(len(VALIDATION_TEXTS))
+            cosine = _validate(stage, source, torch, transformers)
+            step.advance(len(VALIDATION_TEXTS))
+        if cosine < MIN_COSINE:
+            raise ExportValidationError(f"the exported embeddings' cosine with PyTorch is {cosine:.6f} < {MIN_COSINE}")
+        manifest["provenance"]["validation"] = {"min_cosine": cosine, "texts": len(VALIDATION_TEXTS)}
+        _write(stage, manifest)
+    _precision(stage, manifest, precision, stages)
 
 
 def _validate(folder: Path, source: Path, torch: Any, transformers: Any) -> float:
@@ -128,7 +130,9 @@ def is_sequence_classifier(folder: Path, head: str = "ForSequenceClassification"
     return any(str(a).endswith(head) for a in archs)
 
 
-def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages, tokens: bool = False) -> None:
+def export_classifier(
+    source: Path, stage: Path, validate: bool, stages: Stages, precision: Precision, tokens: bool = False
+) -> None:
     """Export a ``*ForSequenceClassification`` checkpoint into ``stage`` (fp32): the graph gives the logits; the
     labels (``id2label`` in id order), the problem type (``problem_type``, else regression for one label and
     single-label otherwise, as transformers reads it) and the maximum length go into the manifest; validated
@@ -153,8 +157,15 @@ def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages,
     else:
         fields = {"labels": labels, "problem_type": problem}
         manifest = _manifest(stage, source, config, "classification", max_length, fields)
-    if not validate:
-        return
+    if validate:
+        _validate_logits(stage, source, manifest, stages, tokens, torch, transformers)
+    _precision(stage, manifest, precision, stages)
+
+
+def _validate_logits(
+    stage: Path, source: Path, manifest: dict[str, Any], stages: Stages, tokens: bool, torch: Any, transformers: Any
+) -> None:
+    """Every logit of the validation texts against PyTorch's: max |difference| and the same best labels."""
     with stages("validate") as step:
         step.total(len(VALIDATION_TEXTS))
         model = EncoderModel.load(stage)
@@ -183,6 +194,49 @@ def export_classifier(source: Path, stage: Path, validate: bool, stages: Stages,
         "same_labels": same,
         "texts": len(VALIDATION_TEXTS),
     }
+    _write(stage, manifest)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """An encoder export's precision: ``quantize`` ``"none"`` (fp32) or ``"int8"`` (dynamic; ``per_channel``
+    weight scales), gated on ``quality_texts`` (None: the built-in set) unless ``force_quality``."""
+
+    quantize: str = "none"
+    per_channel: bool = False
+    quality_texts: list[str] | None = None
+    force_quality: bool = False
+
+
+def _precision(stage: Path, manifest: dict[str, Any], precision: Precision, stages: Stages) -> None:
+    """The int8 graph in place of the fp32 one, measured against it and gated (``export/encoder_quality.py``)."""
+    if precision.quantize == "none":
+        return
+    from edgeroute.session import create_session
+    from tokenizers import Tokenizer
+
+    fp32 = stage / "fp32"
+    fp32.mkdir()
+    for produced in stage.glob("model.onnx*"):
+        produced.rename(fp32 / produced.name)
+    with stages("quantise"):
+        quality.quantize_int8(fp32 / "model.onnx", stage / "model.onnx", precision.per_channel)
+    texts = precision.quality_texts or quality.QUALITY_TEXTS
+    manifest["precision"] = "int8"
+    manifest["quantization"] = {"method": "int8-dynamic", "weights": "int8", "per_channel": precision.per_channel}
+    _write(stage, manifest)
+    with stages("quality") as step:
+        step.total(len(texts))
+        tokenizer = Tokenizer.from_file(str(stage / "tokenizer.json"))
+        reference = EncoderModel(stage, manifest, create_session(fp32 / "model.onnx", "cpu", None), tokenizer)
+        measured = quality.measure(reference, EncoderModel.load(stage), texts)
+        step.advance(len(texts))
+    shutil.rmtree(fp32)
+    manifest["provenance"]["quality"] = quality.gate(manifest["task"], measured, precision.force_quality)
+    _write(stage, manifest)
+
+
+def _write(stage: Path, manifest: dict[str, Any]) -> None:
     (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
@@ -214,5 +268,5 @@ def _manifest(
         "precision": "fp32",
         "provenance": {"source": str(source), "validation": None},
     }
-    (stage / "edgeroute.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    _write(stage, manifest)
     return manifest

@@ -11,7 +11,7 @@
 A callback ignores events it does not know (a later version may add some). The steps: ``load``, ``export``
 (fused: the layers built; optimum: no count), ``post-process`` (optimum), ``calibrate`` (int4: the chunks of the
 calibration text run through the float graph), ``quantise`` (the weights quantised), ``fp16``, ``cuda check``,
-``validate`` (the texts compared with PyTorch).
+``validate`` (the texts compared with PyTorch), ``quality`` (an encoder's int8 model measured against fp32).
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ import time
 from collections.abc import Callable, Iterator
 
 Progress = Callable[[str, str, float], None]  # (step, "start" | "total" | "advance" | "done", value)
-UNITS = {"load": "tensors", "export": "layers", "calibrate": "chunks", "quantise": "weights", "validate": "texts"}
+UNITS = {
+    "load": "tensors",
+    "export": "layers",
+    "calibrate": "chunks",
+    "quantise": "weights",
+    "validate": "texts",
+    "quality": "texts",
+}
 
 
 class Step:
