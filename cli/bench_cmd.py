@@ -110,7 +110,34 @@ def bench(
     ctx_size: int | None,
     **flags: Any,
 ) -> None:
-    """Benchmark MODEL on a fixed prompt: greedy unless sampling flags are given; median of --runs."""
+    """Benchmark MODEL on a fixed prompt: greedy unless sampling flags are given; median of --runs. An encoder
+    model: its task's call on short and long texts (texts/s, tokens/s), one text's latency, peak memory."""
+    from edgeroute.encoder import is_encoder_folder
+
+    if is_encoder_folder(model_path):
+        from . import encoder_bench
+
+        ctx = click.get_current_context()
+        mine = ("model_path", "runs", "warmup", "as_json", "provider", "threads")
+        other = [
+            n
+            for n in ctx.params
+            if n not in mine and ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT
+        ]
+        if other:
+            raise click.UsageError(
+                f"--{other[0].replace('_', '-')} is a generation option: {model_path} is an encoder model"
+            )
+        encoder = er.EncoderModel.load(model_path, provider, threads)
+        with Steps("bench") as steps:
+            steps.start("running the texts", total=warmup + runs, unit="passes")
+            result = encoder_bench.bench_encoder(encoder, runs, warmup, steps.advance)
+        result["provider"] = provider
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            encoder_bench.show(model_path, result, provider)
+        return
     model = load_model(model_path, provider, threads, ctx_size=ctx_size)
     if flags.get("temperature") is None and not any(flags.get(k) is not None for k in ("top_k", "top_p", "min_p")):
         flags["temperature"] = 0.0

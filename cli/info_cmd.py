@@ -175,8 +175,12 @@ def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
         "normalize": model.normalize,
         "labels": model.labels or None,
         "problem_type": model.problem_type or None,
+        "scheme": model.scheme if model.task == "token-classification" else None,
+        "rerank": model.task == "classification" and len(model.labels) == 1,
         "max_length": model.max_length,
+        "quantization": m.get("quantization"),
         "validation": val or None,
+        "quality": (m.get("provenance") or {}).get("quality"),
         "providers_available": er.available_providers(),
     }
     if as_json:
@@ -187,11 +191,22 @@ def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
         norm = ", L2-normalised" if d["normalize"] else ""
         lines.append(f"embedding     {d['dimensions']} dimensions, {d['pooling']} pooling{norm}")
     else:
-        kind = model.problem_type or "a tag per token"
+        kind = model.problem_type or f"a tag per token, {model.scheme}"
         lines.append(f"labels        {', '.join(model.labels)} ({kind})")
+        if d["rerank"]:
+            lines.append("rerank        yes (one score: a cross-encoder's query-document relevance)")
     lines.append(
-        f"inputs        at most {d['max_length']} tokens (longer texts are refused unless truncated on request)"
+        f"inputs        at most {d['max_length']} tokens (longer texts are refused unless cut or run in windows on"
+        " request)"
     )
+    q = d["quality"]
+    if q:
+        measures = {
+            k: v for k, v in q.items() if k in ("min_cosine", "retrieval_agreement", "label_agreement", "entity_f1")
+        }
+        shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in measures.items())
+        verdict = "passed the gate" if q["passed"] else "BELOW the gate (forced)"
+        lines.append(f"int8 quality  {shown} against fp32 over {q['texts']} texts ({verdict})")
     if "min_cosine" in val:
         lines.append(
             f"validation    pooled cosine with PyTorch {val['min_cosine']:.6f} (min over {val['texts']} texts)"

@@ -151,7 +151,7 @@ def test_classify_equals_transformers_pipeline(arch_model: Callable[..., Any], a
         k for k in range(1, len(words)) if len(pipe.tokenizer(" ".join(words[:k]))["input_ids"]) <= model.max_length
     )
     texts = [*NER_TEXTS, *UNKNOWN_TEXTS, " ".join(words[:n])]
-    assert len(pipe.tokenizer(texts[-1])["input_ids"]) >= TINY_MAX_LENGTH - 1
+    assert len(pipe.tokenizer(texts[-1])["input_ids"]) > TINY_MAX_LENGTH - 4  # (a word is 1-3 tokens)
     for function in (None, "sigmoid"):
         kw = {} if function is None else {"function_to_apply": function}
         want = pipe(texts, top_k=None, **kw)

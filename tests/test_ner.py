@@ -308,3 +308,15 @@ def test_entities_highlighted_on_a_terminal() -> None:
     import click
 
     assert click.unstyle(shown) == "Ada[PER] met Bob in Paris[LOC]"
+
+
+def test_bench_has_an_encoder_mode(tagger: tuple[Path, Path]) -> None:
+    _, out = tagger
+    res = CliRunner().invoke(cli, ["bench", str(out), "--runs", "1", "--warmup", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output[res.output.index("{") :])
+    assert r["task"] == "token-classification" and r["precision"] == "fp32"
+    assert all(r[k] > 0 for k in ("short_b1_texts_s", "short_b32_tokens_s", "long_b8_texts_s", "latency_p50_ms"))
+    assert r["latency_p95_ms"] >= r["latency_p50_ms"] and r["peak_rss_mb"] > 0
+    res = CliRunner().invoke(cli, ["bench", str(out), "--new-tokens", "8"])
+    assert res.exit_code == 2 and "--new-tokens is a generation option" in res.output
