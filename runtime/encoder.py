@@ -42,9 +42,21 @@ from .encoder_math import (
     normalized,
     padded,
     pool,
+    uncertainty,
 )
 from .errors import ConfigError, ManifestError, ModelLoadError
-from .ner import AGGREGATIONS, DECODES, SCHEMES, WORDS, Entities, aggregate, merge_overlapping, scheme_of
+from .ner import (
+    AGGREGATIONS,
+    DECODES,
+    SCHEMES,
+    WORDS,
+    Entities,
+    aggregate,
+    merge_overlapping,
+    scheme_of,
+    softmax,
+    with_uncertainty,
+)
 from .session import create_session
 
 __all__ = [
@@ -66,6 +78,7 @@ _DEFAULT_FUNCTION = {PROBLEM_TYPES[0]: "softmax", PROBLEM_TYPES[1]: "sigmoid", P
 OVERFLOWS = ("refuse", "truncate", "chunk")
 MAX_BATCH_TOKENS = 8192  # padded positions per graph run by default (MiniLM-sized encoders: tens of MB of activations)
 MAX_WINDOWS = 256  # windows one input may run in with overflow="chunk"
+MAX_SAMPLES = 64  # stochastic passes per call
 
 _Row = tuple[list[int], list[int] | None]  # token ids, token type ids (None: all zero)
 
@@ -97,6 +110,8 @@ class EncoderModel:
         self.labels: list[str] = list(manifest.get("labels", []))
         self.problem_type: str = manifest.get("problem_type", "")
         self.scheme: str = manifest.get("scheme") or scheme_of(self.labels)
+        # the graph input that turns the fine-tune's dropout on (stochastic passes), where the export has one
+        self.dropout_input: str | None = manifest.get("dropout_input")
         self._tok = tokenizer
         self._tok.no_truncation()
         self._tok.no_padding()
@@ -169,23 +184,38 @@ class EncoderModel:
         pairs: Sequence[str] | None = None,
         overflow: str = "refuse",
         max_batch_tokens: int = MAX_BATCH_TOKENS,
+        samples: int = 1,
     ) -> list[list[Label]]:
         """Each text's labels, most likely first, as transformers' ``text-classification`` pipeline scores them:
         ``function`` ``None`` follows the model's ``problem_type`` (single-label: softmax; multi-label: sigmoid;
         regression: the raw value), or ``"softmax"``, ``"sigmoid"``, ``"none"``; ``top_k`` labels per text
         (``None``: all); ``pairs``: a second text for each (the pipeline's ``text_pair``). ``overflow``
-        (``"chunk"``: the mean of the windows' scores) and ``max_batch_tokens`` as in :meth:`embed`."""
+        (``"chunk"``: the mean of the windows' scores) and ``max_batch_tokens`` as in :meth:`embed`. ``samples``
+        N > 1: N stochastic passes with the fine-tune's dropout on (one graph run, N rows per text): each score is
+        the passes' mean, with its spread and uncertainty (:class:`Label`)."""
         self._need("classification", "classify")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ConfigError("top_k", top_k, "must be None (all labels) or an integer >= 1")
         if function not in (None, *FUNCTIONS):
             raise ConfigError("function", function, f"must be None (the model's problem type) or one of {FUNCTIONS}")
         fn = function or _DEFAULT_FUNCTION[self.problem_type]
-        scores, cut, windows = self._scores(self._paired(texts, pairs), overflow, max_batch_tokens, fn, "mean")
+        self._check_samples(samples)
+        items = self._paired(texts, pairs)
+        scores, cut, windows, spread = self._scores(items, overflow, max_batch_tokens, fn, "mean", samples)
         out = []
         for i, row in enumerate(scores):
             order = np.argsort(-row, kind="stable")[: top_k or len(row)]
-            out.append([Label(self.labels[j], float(row[j]), cut[i], windows[i]) for j in order])
+            labels = []
+            for j in order:
+                extra = {}
+                if spread is not None:
+                    std, entropy, information = spread
+                    extra["std"] = float(std[i, j])
+                    if entropy is not None and information is not None:
+                        h, mi = (entropy[i], information[i]) if fn == "softmax" else (entropy[i, j], information[i, j])
+                        extra |= {"entropy": float(h), "mutual_information": float(mi)}
+                labels.append(Label(self.labels[j], float(row[j]), cut[i], windows[i], **extra))
+            out.append(labels)
         return out
 
     def rerank(
@@ -225,7 +255,7 @@ class EncoderModel:
         if not pairs or not all(_is_pair(p) and p[0] and p[1] for p in pairs):
             raise ConfigError("pairs", len(pairs), "must be a list of (query, document) pairs of non-empty strings")
         fn = "none" if raw_scores else "sigmoid"
-        scores, cut, windows = self._scores(check_inputs(list(pairs)), overflow, max_batch_tokens, fn, "max")
+        scores, cut, windows, _ = self._scores(check_inputs(list(pairs)), overflow, max_batch_tokens, fn, "max")
         return [Ranked(i, float(scores[i, 0]), cut[i], windows[i]) for i in range(len(pairs))]
 
     def entities(
@@ -239,6 +269,7 @@ class EncoderModel:
         stride: int | None = None,
         overflow: str = "refuse",
         max_batch_tokens: int = MAX_BATCH_TOKENS,
+        samples: int = 1,
     ) -> list[Entities]:
         """Each text's entities (``edgeroute.ner``): by default as transformers' ``token-classification`` pipeline
         gives them for ``aggregation`` (its ``aggregation_strategy``: none, simple, first, average, max).
@@ -251,6 +282,8 @@ class EncoderModel:
             stride: run a long text in overlapping windows sharing ``stride`` tokens (implies
                 ``overflow="chunk"``; with ``"chunk"`` alone a quarter of a window).
             overflow: ``"refuse"``, ``"truncate"`` or ``"chunk"`` a text over ``max_length`` tokens.
+            samples: N > 1: N stochastic passes with the fine-tune's dropout on: the tags' mean probabilities, and
+                each entity's uncertainty (:class:`~edgeroute.ner.Entity`).
         """
         self._need("token-classification", "entities")
         for name, value, allowed in (
@@ -263,6 +296,7 @@ class EncoderModel:
                 raise ConfigError(name, value, f"must be one of {', '.join(allowed)}")
         if scheme is not None and scheme not in SCHEMES:
             raise ConfigError("scheme", scheme, f"must be one of {', '.join(SCHEMES)}")
+        self._check_samples(samples)
         if stride is not None or overflow == "chunk":
             overflow = "chunk"
             room = self.max_length - self._specials
@@ -279,13 +313,17 @@ class EncoderModel:
         windows: list[list[Any]] = []
         for i, enc in enumerate(full):
             windows.append(self._windowed(items[i], stride or 0, overflow == "chunk") if cut[i] else [enc])
-        rows = [(list(w.ids), None) for ws in windows for w in ws]
+        rows = [(list(w.ids), None) for ws in windows for w in ws for _ in range(samples)]
         logits: list[np.ndarray] = [np.zeros(0)] * len(rows)
-        for index, output, _mask in self._runs(rows, max_batch_tokens):
+        for index, output, _mask in self._runs(rows, max_batch_tokens, dropout=samples > 1):
             for r, i in enumerate(index):
                 logits[i] = output[r, : len(rows[i][0])]
+        if samples > 1:  # per window: the passes' mean probabilities, then each token's entropy and information
+            passes = [softmax(np.stack(logits[k : k + samples])) for k in range(0, len(logits), samples)]
+            logits = [np.concatenate([m, h[:, None], mi[:, None]], 1) for m, h, mi in map(_token_uncertainty, passes)]
+        labels = len(self.labels)
         chosen = self.scheme if scheme is None else scheme
-        options = dict(words=words, scheme=chosen, decode=decode)
+        options = dict(words=words, scheme=chosen, decode=decode, probabilities=samples > 1)
         ignore = set(ignore_labels)
         out = []
         at = 0
@@ -294,17 +332,13 @@ class EncoderModel:
             at += len(ws)
             chunked = overflow == "chunk" and cut[i]
             if chunked and words == "text":  # one sequence: each token's scores from its most central window
-                found = aggregate(
-                    text, full[i], _merged(full[i], ws, lg), aggregation, ignore, self._tok, self.labels, **options
-                )
-            else:
-                found = [
-                    e
-                    for w, g in zip(ws, lg, strict=True)
-                    for e in aggregate(text, w, g, aggregation, ignore, self._tok, self.labels, **options)
-                ]
-                found = merge_overlapping(found) if len(ws) > 1 else found
-            out.append(Entities(found, truncated=cut[i] and not chunked, windows=len(ws)))
+                ws, lg = [full[i]], [_merged(full[i], ws, lg)]
+            found = []
+            for w, g in zip(ws, lg, strict=True):
+                got = aggregate(text, w, g[:, :labels], aggregation, ignore, self._tok, self.labels, **options)
+                found += with_uncertainty(got, w, g[:, labels], g[:, labels + 1]) if samples > 1 else got
+            found = merge_overlapping(found) if len(ws) > 1 else found
+            out.append(Entities(found, truncated=cut[i] and not chunked, windows=len(windows[i])))
         return out
 
     def tokenize(self, texts: Sequence[str | Sequence[int]], overflow: str = "refuse") -> tuple[np.ndarray, np.ndarray]:
@@ -339,21 +373,38 @@ class EncoderModel:
         return list(zip(items, pairs, strict=True))
 
     def _scores(
-        self, items: Sequence[Any], overflow: str, max_batch_tokens: int, function: str, combine: str
-    ) -> tuple[np.ndarray, list[bool], list[int]]:
+        self, items: Sequence[Any], overflow: str, max_batch_tokens: int, function: str, combine: str, samples: int = 1
+    ) -> tuple[np.ndarray, list[bool], list[int], tuple[np.ndarray, Any, Any] | None]:
         """Each input's scores under ``function`` (windows combined by ``combine``: mean or max), whether it was
-        cut, and its windows."""
+        cut, its windows, and with ``samples`` > 1 the passes' (std, entropy, mutual information)."""
         rows, owners, cut = self._rows(items, overflow)
-        logits = np.zeros((len(rows), len(self.labels)), dtype=np.float32)
-        for index, output, _mask in self._runs(rows, max_batch_tokens):
+        count, labels = len(cut), len(self.labels)
+        runs = [r for r in rows for _ in range(samples)]  # each row ``samples`` times (stochastic passes)
+        logits = np.zeros((len(runs), labels), dtype=np.float32)
+        for index, output, _mask in self._runs(runs, max_batch_tokens, dropout=samples > 1):
             logits[index] = output
-        scores = apply_function(function, logits)
+        passes = apply_function(function, logits).reshape(len(rows), samples * labels)
         if combine == "max":
-            out = np.full((len(cut), scores.shape[1]), -np.inf)
-            np.maximum.at(out, owners, scores)
+            per = np.full((count, samples * labels), -np.inf)
+            np.maximum.at(per, owners, passes)
         else:
-            out = _per_owner(scores, owners, np.ones(len(rows)))
-        return out, cut, _windows(owners, len(cut))
+            per = _per_owner(passes, owners, np.ones(len(rows)))
+        per = per.reshape(count, samples, labels)
+        windows = _windows(owners, count)
+        if samples == 1:
+            return per[:, 0], cut, windows, None
+        mean, entropy, information = uncertainty(per, function)
+        return mean, cut, windows, (per.std(1), entropy, information)
+
+    def _check_samples(self, samples: int) -> None:
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:
+            raise ConfigError("samples", samples, f"must be an integer in [1, {MAX_SAMPLES}]")
+        if samples > 1 and self.dropout_input is None:
+            raise ConfigError(
+                "samples",
+                samples,
+                "needs an export with the fine-tune's dropout in the graph: re-export the checkpoint with this version",
+            )
 
     def _rows(self, items: Sequence[Any], overflow: str) -> tuple[list[_Row], np.ndarray, list[bool]]:
         """Each input's rows (one, or its windows with ``overflow="chunk"``), the input each row belongs to, and
@@ -427,7 +478,9 @@ class EncoderModel:
             )
         return cut
 
-    def _runs(self, rows: list[_Row], max_batch_tokens: int) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+    def _runs(
+        self, rows: list[_Row], max_batch_tokens: int, dropout: bool = False
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
         """``(indices, output, mask)`` per graph run: the rows sorted by length, batched within ``max_batch_tokens``
         padded positions (a longer row runs alone)."""
         if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
@@ -445,13 +498,17 @@ class EncoderModel:
                 given = rows[i][1]
                 if given is not None:
                     types[r, : len(given)] = given
-            yield index, self._run(ids, mask, types), mask
+            yield index, self._run(ids, mask, types, dropout), mask
             start = end
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None = None) -> np.ndarray:
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None = None, dropout: bool = False
+    ) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(ids) if types is None else types
+        if dropout and self.dropout_input is not None:
+            feeds[self.dropout_input] = np.array(True)
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
 
     def __repr__(self) -> str:
@@ -471,6 +528,13 @@ def _per_owner(values: np.ndarray, owners: np.ndarray, weights: np.ndarray) -> n
     norm = np.zeros(count, dtype=np.float64)
     np.add.at(norm, owners, weights)
     return (total / norm[:, None]).astype(values.dtype)
+
+
+def _token_uncertainty(passes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One window's passes ``[samples, tokens, labels]`` -> each token's mean probabilities, entropy, information."""
+    mean, entropy, information = uncertainty(np.moveaxis(passes, 0, 1), "softmax")
+    assert entropy is not None and information is not None
+    return mean, entropy, information
 
 
 def _windows(owners: np.ndarray, count: int) -> list[int]:

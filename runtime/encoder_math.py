@@ -25,12 +25,18 @@ MAX_TEXTS = 4096  # inputs per call
 @dataclass(frozen=True)
 class Label:
     """A label of a classified text and its score; ``truncated``: the text was cut to the model's length;
-    ``windows``: the windows it ran in (``overflow="chunk"``; 1 otherwise)."""
+    ``windows``: the windows it ran in (``overflow="chunk"``; 1 otherwise). With ``samples=N`` (stochastic
+    passes): ``score`` is the mean over the passes, ``std`` its standard deviation, ``entropy`` the predictive
+    entropy and ``mutual_information`` the part of it the passes disagree on (nats; a softmax model's are the
+    text's, the same on each of its labels; a sigmoid model's are each label's own)."""
 
     label: str
     score: float
     truncated: bool = False
     windows: int = 1
+    std: float | None = None
+    entropy: float | None = None
+    mutual_information: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,26 @@ def apply_function(function: str, logits: np.ndarray) -> np.ndarray:
     if function == "sigmoid":
         return 1.0 / (1.0 + np.exp(-x))
     return x
+
+
+def uncertainty(probs: np.ndarray, function: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Monte-Carlo passes ``probs`` ``[..., samples, labels]`` (each pass's probabilities under ``function``) ->
+    the mean ``[..., labels]``, the predictive entropy and the mutual information (BALD: the entropy of the mean
+    minus the mean of the passes' entropies), in nats: ``[...]`` for softmax (one distribution), ``[..., labels]``
+    for sigmoid (a Bernoulli per label), None for raw values."""
+    mean = probs.mean(-2)
+    if function == "none":
+        return mean, None, None
+    p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
+    m = np.clip(mean.astype(np.float64), 1e-12, 1.0)
+    if function == "softmax":
+        total = -(m * np.log(m)).sum(-1)
+        expected = -(p * np.log(p)).sum(-1).mean(-1)
+    else:
+        q, mq = np.clip(1 - p, 1e-12, 1.0), np.clip(1 - m, 1e-12, 1.0)
+        total = -(m * np.log(m) + mq * np.log(mq))
+        expected = -(p * np.log(p) + q * np.log(q)).mean(-2)
+    return mean, total, np.maximum(total - expected, 0.0)
 
 
 def check_inputs(texts: Any, text_only: bool = False, name: str = "texts") -> Sequence[Any]:

@@ -27,7 +27,7 @@ the router's best-path idea applied to tags; a unit's score is then its chosen t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,9 @@ _ENDS = {"BIOES": ("E", "S"), "BILOU": ("L", "U")}  # (closes an entity, a one-u
 class Entity:
     """A token (aggregation ``"none"``: ``index`` is its position) or a group of tokens with one label: ``label``
     (the tag, or with aggregation the entity type: ``B-PER`` tokens make a ``PER`` group), ``score``, ``word``,
-    and ``start``/``end`` character offsets into the text."""
+    and ``start``/``end`` character offsets into the text. With ``samples=N`` (stochastic passes) the scores are
+    the passes' mean, and ``entropy`` / ``mutual_information`` the mean over the entity's tokens of their
+    predictive entropy and of the part the passes disagree on (nats)."""
 
     label: str
     score: float
@@ -51,6 +53,8 @@ class Entity:
     start: int
     end: int
     index: int | None = None
+    entropy: float | None = None
+    mutual_information: float | None = None
 
 
 class Entities(list[Entity]):
@@ -92,10 +96,13 @@ def aggregate(
     words: str = "pipeline",
     scheme: str = "BIO",
     decode: str = "argmax",
+    probabilities: bool = False,
 ) -> list[Entity]:
     """The entities of one text (or window) from its encoding (``tokenizers.Encoding``: ids, offsets, word ids,
-    special-token mask) and every position's ``logits`` (module docstring)."""
-    pre = _pre_entities(text, enc, softmax(logits), tokenizer, words == "text")
+    special-token mask) and every position's ``logits`` (``probabilities``: already the tag probabilities, e.g.
+    the mean of stochastic passes) (module docstring)."""
+    scores = logits.astype(np.float32) if probabilities else softmax(logits)
+    pre = _pre_entities(text, enc, scores, tokenizer, words == "text")
     if strategy in ("none", "simple"):
         units = [{k: p[k] for k in ("word", "start", "end", "index", "scores")} for p in pre]
     else:
@@ -270,4 +277,22 @@ def merge_overlapping(entities: list[Entity]) -> list[Entity]:
             out.append(previous)
             previous = e
     out.append(previous)
+    return out
+
+
+def with_uncertainty(entities: list[Entity], enc: Any, entropy: np.ndarray, information: np.ndarray) -> list[Entity]:
+    """``entities`` of one encoding with the mean ``entropy`` and mutual ``information`` of their tokens (per
+    position arrays; the non-special tokens inside each entity's span)."""
+    spans = [(a, b) for (a, b), s in zip(enc.offsets, enc.special_tokens_mask, strict=True)]
+    inner = [i for i, s in enumerate(enc.special_tokens_mask) if not s]
+    out = []
+    for e in entities:
+        members = (
+            [i for i in inner if spans[i][0] >= e.start and spans[i][1] <= e.end] if e.index is None else [e.index]
+        )
+        if not members:
+            out.append(e)
+            continue
+        h, mi = float(np.mean(entropy[members])), float(np.mean(information[members]))
+        out.append(replace(e, entropy=h, mutual_information=mi))
     return out

@@ -133,7 +133,7 @@ def test_the_command_line_on_an_embedding_model(tiny_st: Path, exported: Path, t
     assert res.exit_code == 2 and "--temperature is a generation option" in res.output
     res = run(cli, ["info", str(exported)])
     assert res.exit_code == 0 and "task          embedding (bert, fp32)" in res.output
-    res = run(cli, ["export", str(tiny_st), str(tmp_path / "q"), "--quantize", "int8"])
+    res = run(cli, ["export", str(tiny_st), str(tmp_path / "q"), "--quantize", "int4"])
     assert res.exit_code != 0 and "quantize" in res.output and not (tmp_path / "q").exists()
     broken = tmp_path / "broken-st"
     shutil.copytree(tiny_st, broken)  # (the shared folder is read by other tests meanwhile)

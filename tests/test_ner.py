@@ -206,21 +206,41 @@ def test_bioes_groups_and_viterbi_decoding(tagger: tuple[Path, Path], monkeypatc
     assert model.scheme == "BIO" and json.loads((out / "edgeroute.json").read_text())["scheme"] == "BIO"
     model.labels = ["O", "B-PER", "I-PER", "E-PER", "S-PER"]
     model.scheme = "BIOES"
-    text = "Little Robot paints the sea in Paris"  # lit ##tl ##e robot pain ##t ##s the sea i ##n paris
-    tags = ["B-PER", "I-PER", "I-PER", "E-PER", "O", "O", "O", "O", "S-PER", "O", "O", "S-PER"]
+    text = "Little Robot paints the sea in Paris"
+    tags = tokens_tagged(model, text, ["B-PER", "E-PER", "O", "O", "S-PER", "O", "S-PER"])
     crafted(model, monkeypatch, text, tags, [0.9] * len(tags))
     got = model.entities(text, words="text")[0]
     assert [(e.label, e.word) for e in got] == [("PER", "Little Robot"), ("PER", "sea"), ("PER", "Paris")]
     bio = model.entities(text, scheme="BIO")[0]  # read as BIO: E-PER and S-PER are not understood
     assert [e.label for e in bio] != ["PER", "PER", "PER"]
-    # the second token's best tag is S-PER (0.5; invalid inside an entity), I-PER close (0.4)
-    probs: list[Any] = [0.9, {"S-PER": 0.5, "I-PER": 0.4}] + [0.9] * 10
+    # the second token's best tag is S-PER (0.5; invalid inside an entity), its own tag close (0.4)
+    probs: list[Any] = [0.9, {"S-PER": 0.5, tags[1]: 0.4}] + [0.9] * (len(tags) - 2)
     crafted(model, monkeypatch, text, tags, probs)
     argmax = model.entities(text, words="text")[0]
-    assert [e.word for e in argmax][:2] == ["Lit", "tl"]  # split at the invalid tag
+    assert argmax[0].word != "Little Robot" and len(argmax) > 3  # split at the invalid tag
     best = model.entities(text, words="text", decode="viterbi")[0]
     assert [e.word for e in best] == ["Little Robot", "sea", "Paris"]
-    assert best[0].score == pytest.approx((0.9 + 0.4 + 0.9 + 0.9) / 4, abs=1e-5)
+    n = tags.index("E-PER") + 1  # the tokens of "Little Robot"
+    assert best[0].score == pytest.approx((0.9 * (n - 1) + 0.4) / n, abs=1e-5)
+
+
+def tokens_tagged(model: er.EncoderModel, text: str, word_tags: list[str]) -> list[str]:
+    """BIOES tags of ``text``'s word pieces from its words' tags (the tiny tokenizer's pieces vary by build)."""
+    enc = model.encodings([text])[0]
+    words = [w for w, s in zip(enc.word_ids, enc.special_tokens_mask, strict=True) if not s]
+    out = []
+    for k, w in enumerate(words):
+        first, last = k == 0 or words[k - 1] != w, k == len(words) - 1 or words[k + 1] != w
+        prefix, _, kind = word_tags[w].partition("-")
+        if prefix == "O":
+            out.append("O")
+        elif prefix == "S":
+            out.append(f"S-{kind}" if first and last else f"{'B' if first else 'E' if last else 'I'}-{kind}")
+        elif prefix == "B":
+            out.append(f"{'B' if first else 'I'}-{kind}")
+        else:  # E
+            out.append(f"{'E' if last else 'I'}-{kind}")
+    return out
 
 
 def test_mistakes_are_config_errors(tagger: tuple[Path, Path]) -> None:
