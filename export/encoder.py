@@ -43,6 +43,21 @@ _POOLING_KEYS = {
 }
 
 
+# RoBERTa-style embeddings number positions from pad_token_id + 1 (transformers' create_position_ids_from_input_ids)
+_POSITIONS_AFTER_PAD = {
+    "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
+    "longformer", "mpnet",
+}  # fmt: skip
+
+
+def max_positions(config: Any) -> int:
+    """The most tokens the model's position embeddings take (RoBERTa-style: less pad_token_id + 1)."""
+    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    if config.model_type in _POSITIONS_AFTER_PAD:
+        positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return positions
+
+
 def is_sentence_transformers(folder: Path) -> bool:
     return folder.is_dir() and (folder / "modules.json").is_file()
 
@@ -82,7 +97,7 @@ def export_embedding(source: Path, stage: Path, validate: bool, stages: Stages, 
     if not (source / "tokenizer.json").is_file():
         raise ExportError(f"{source} has no tokenizer.json (a fast tokenizer is needed)")
     config = transformers.AutoConfig.from_pretrained(source)
-    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    positions = max_positions(config)
     max_length = min(int(settings["max_length"] or positions), positions)
     with stages("export"):
         _graph(source, stage, "feature-extraction")
@@ -145,7 +160,7 @@ def export_classifier(
     config = transformers.AutoConfig.from_pretrained(source)
     labels = [str(config.id2label[i]) for i in range(config.num_labels)]
     problem = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
-    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    positions = max_positions(config)
     tok_config = source / "tokenizer_config.json"
     limit = json.loads(tok_config.read_text(encoding="utf-8")).get("model_max_length") if tok_config.is_file() else None
     max_length = min(int(limit), positions) if isinstance(limit, int) and limit > 0 else positions

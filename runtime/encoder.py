@@ -55,6 +55,7 @@ from .ner import (
     merge_overlapping,
     scheme_of,
     softmax,
+    unk_token_id,
     with_uncertainty,
 )
 from .session import create_session
@@ -119,6 +120,7 @@ class EncoderModel:
         self._inputs = [i.name for i in session.get_inputs()]
         self._pad = int(tokenizer.token_to_id("[PAD]") or tokenizer.token_to_id("<pad>") or 0)
         self._specials = int(tokenizer.num_special_tokens_to_add(False))
+        self._unk = unk_token_id(tokenizer)  # (a Unigram model's from its serialised state: once)
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None) -> EncoderModel:
@@ -323,7 +325,7 @@ class EncoderModel:
             logits = [np.concatenate([m, h[:, None], mi[:, None]], 1) for m, h, mi in map(_token_uncertainty, passes)]
         labels = len(self.labels)
         chosen = self.scheme if scheme is None else scheme
-        options = dict(words=words, scheme=chosen, decode=decode, probabilities=samples > 1)
+        options = dict(words=words, scheme=chosen, decode=decode, probabilities=samples > 1, unk_id=self._unk)
         ignore = set(ignore_labels)
         out = []
         at = 0

@@ -12,8 +12,10 @@ texts in overlapping windows (``stride``): each window's entities, then among ov
 the higher score), as the pipeline merges them.
 
 **Beyond it** (``words="text"``): a token continues a word when the tokenizer's word ids say so (the
-pre-tokenizer's words: right for SentencePiece / byte-level tokenizers, where the space heuristic breaks on
-punctuation), and ``word`` is ``text[start:end]`` (not the decoded tokens: case and spacing as written). Windows
+pre-tokenizer's words: right for SentencePiece / byte-level tokenizers, where the pipeline's space heuristic
+guesses), a span starts at its first non-space character (a SentencePiece piece's offsets cover the space before
+it), and ``word`` is ``text[start:end]`` (not the decoded tokens, which the pipeline joins without spaces for
+SentencePiece: ``isthecapital``; case and spacing as written). Windows
 are merged per token before aggregation: each token takes its scores from the window where it sits farthest from
 an edge, so an entity is never cut at a window's border.
 
@@ -26,6 +28,7 @@ the router's best-path idea applied to tags; a unit's score is then its chosen t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -97,14 +100,15 @@ def aggregate(
     scheme: str = "BIO",
     decode: str = "argmax",
     probabilities: bool = False,
+    unk_id: int | None = None,
 ) -> list[Entity]:
     """The entities of one text (or window) from its encoding (``tokenizers.Encoding``: ids, offsets, word ids,
     special-token mask) and every position's ``logits`` (``probabilities``: already the tag probabilities, e.g.
-    the mean of stochastic passes) (module docstring)."""
+    the mean of stochastic passes; ``unk_id``: the unknown token's id, :func:`unk_token_id`) (module docstring)."""
     scores = logits.astype(np.float32) if probabilities else softmax(logits)
-    pre = _pre_entities(text, enc, scores, tokenizer, words == "text")
-    if strategy in ("none", "simple"):
-        units = [{k: p[k] for k in ("word", "start", "end", "index", "scores")} for p in pre]
+    pre = _pre_entities(text, enc, scores, tokenizer, words == "text", unk_id)
+    if strategy in ("none", "simple"):  # (with words="text" a piece that is only a space is no unit)
+        units = [{k: p[k] for k in ("word", "start", "end", "index", "scores")} for p in pre if p["start"] < p["end"]]
     else:
         units = []
         group: list[dict[str, Any]] = []
@@ -132,12 +136,25 @@ def aggregate(
     return [e for e in found if e.label not in ignore]
 
 
-def _pre_entities(text: str, enc: Any, scores: np.ndarray, tokenizer: Any, by_words: bool) -> list[dict[str, Any]]:
+def unk_token_id(tokenizer: Any) -> int | None:
+    """transformers' ``unk_token_id``: the model's ``unk_token`` (WordPiece, BPE), else a Unigram model's
+    ``unk_id`` (only in its serialised state: ask once, it serialises the vocabulary)."""
+    unk = getattr(tokenizer.model, "unk_token", None)
+    if unk:
+        return tokenizer.token_to_id(unk)
+    try:
+        unk_id = json.loads(tokenizer.model.__getstate__()).get("unk_id")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return unk_id if isinstance(unk_id, int) else None
+
+
+def _pre_entities(
+    text: str, enc: Any, scores: np.ndarray, tokenizer: Any, by_words: bool, unk_id: int | None
+) -> list[dict[str, Any]]:
     """The pipeline's ``gather_pre_entities``: the non-special tokens with their word, scores, offsets and whether
     each continues a word (``by_words``: the tokenizer's word ids decide, and ``word`` is the text's own)."""
     prefix = getattr(tokenizer.model, "continuing_subword_prefix", None)
-    unk = getattr(tokenizer.model, "unk_token", None)
-    unk_id = tokenizer.token_to_id(unk) if unk else None
     pre = []
     last_word: int | None = None
     for idx, (token_id, (start, end), special, word_id) in enumerate(
@@ -146,8 +163,10 @@ def _pre_entities(text: str, enc: Any, scores: np.ndarray, tokenizer: Any, by_wo
         if special:
             continue
         ref = text[start:end]
-        if by_words:
-            word, sub = ref, word_id is not None and word_id == last_word
+        if by_words:  # (a SentencePiece piece's offsets may cover the space before it: not part of the word)
+            while start < end and text[start].isspace():
+                start += 1
+            word, sub = text[start:end], word_id is not None and word_id == last_word
             last_word = word_id
         else:
             word = tokenizer.id_to_token(token_id) or ""
@@ -167,6 +186,8 @@ def _word(group: list[dict[str, Any]], strategy: str, tokenizer: Any, text: str 
     else:  # average
         scores = np.nanmean(np.stack([p["scores"] for p in group]), axis=0)
     start, end = group[0]["start"], group[-1]["end"]
+    if text is not None:  # from the word's first character that is not a space
+        start = next((p["start"] for p in group if p["start"] < p["end"]), end)
     word = text[start:end] if text is not None else _join([p["word"] for p in group], tokenizer)
     return {"scores": scores, "word": word, "start": start, "end": end}
 

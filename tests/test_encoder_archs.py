@@ -113,18 +113,8 @@ def test_entities_equal_transformers_pipeline(arch_model: Callable[..., Any], ar
     assert assert_same_entities(got, want, strategy) > 3  # the tiny model tags something
 
 
-def _unknown_case(arch: str) -> Any:
-    if arch not in SENTENCEPIECE:
-        return arch
-    reason = (
-        "runtime/ner.py finds the unknown token by tokenizer.model.unk_token, which a Unigram model does not have:"
-        " the word stays '<unk>' / '[UNK]' where the pipeline gives the text (its unk_token_id)"
-    )
-    return pytest.param(arch, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
 @pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")
-@pytest.mark.parametrize("arch", [_unknown_case(a) for a in ARCHS if a != "modernbert"])  # (byte-level: no unknown)
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "modernbert"])  # (byte-level: no unknown)
 def test_an_unknown_character_is_its_text(arch_model: Callable[..., Any], arch: str) -> None:
     """A character in no vocabulary is the unknown token; the pipeline's word for it is the text it covers (and it
     never continues a word)."""
@@ -193,11 +183,6 @@ def test_tiny_tokenizers_load_as_their_models_do(arch_model: Callable[..., Any],
     assert manifest["architecture"] == arch and manifest["task"] == "token-classification"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export/encoder.py takes max_position_embeddings (66) as the length; a RoBERTa-style model numbers"
-    " positions from pad_token_id + 1 and takes 64: onnxruntime fails on Gather for 65-66 tokens",
-)
 def test_roberta_positions_bound_the_length_without_a_tokenizer_limit(arch_model: Callable[..., Any]) -> None:
     """An XLM-R checkpoint whose tokenizer_config.json has no ``model_max_length``: the export's length is the
     positions less pad_token_id + 1, so a text the model cannot take is refused (a ConfigError), never run."""
@@ -208,3 +193,19 @@ def test_roberta_positions_bound_the_length_without_a_tokenizer_limit(arch_model
     assert len(model.classify([text])[0]) == 1
     with pytest.raises(er.ConfigError):
         model.classify([text + " a"])
+
+
+@pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")
+@pytest.mark.parametrize("arch", SENTENCEPIECE)
+def test_words_from_the_text_mend_sentencepiece_words(arch_model: Callable[..., Any], arch: str) -> None:
+    """Where the pipeline's SentencePiece words go wrong (``isthecapital``; spans that start on a space), the
+    ``words="text"`` entities are the text's own words, spaces between them, spans from the first letter."""
+    _, out = arch_model(arch, "ner")
+    model = er.load(out)
+    pipeline_words = model.entities(NER_TEXTS, aggregation="first")
+    assert any(e.word != t[e.start : e.end] for t, g in zip(NER_TEXTS, pipeline_words, strict=True) for e in g)
+    for strategy in ("simple", "first", "average", "max"):
+        for text, g in zip(NER_TEXTS, model.entities(NER_TEXTS, aggregation=strategy, words="text"), strict=True):
+            assert all(e.word == text[e.start : e.end] and not e.word[0].isspace() for e in g)
+    groups = [e.word for g in model.entities(NER_TEXTS, aggregation="first", words="text") for e in g]
+    assert any(" " in w for w in groups)  # several words in one entity keep their spaces
