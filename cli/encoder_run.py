@@ -94,6 +94,8 @@ def run_encoder(model: er.EncoderModel, text: str | None, as_json: bool, options
         raise click.UsageError(f"--{next(k for k in ner if _given(k))} is for token classifiers")
     if options["output"] is not None and options["input_file"] is None:
         raise click.UsageError("--output needs --input FILE")
+    if options["samples"] > 1 and model.task == "embedding":
+        raise click.UsageError("-n (stochastic passes) is for classifiers and token classifiers")
     if options["stride"] is not None:  # windows sharing the stride: long texts run whole
         options = {**options, "overflow": "chunk"}
     call = _call(model, options)
@@ -135,12 +137,12 @@ def _given(name: str) -> bool:
 
 def _call(model: er.EncoderModel, o: dict[str, Any]) -> Callable[[list[str], list[str] | None], list[Any]]:
     """The library call for the model's task: texts (and pairs) -> one result per text."""
-    overflow = o["overflow"]
+    overflow, samples = o["overflow"], o["samples"]
     if model.task == "token-classification":
         opts = dict(aggregation=o["aggregation"], words=o["words"], decode=o["decode"], stride=o["stride"])
-        return lambda texts, pairs: model.entities(texts, overflow=overflow, **opts)
+        return lambda texts, pairs: model.entities(texts, overflow=overflow, samples=samples, **opts)
     if model.task == "classification":
-        return lambda texts, pairs: model.classify(texts, top_k=None, pairs=pairs, overflow=overflow)
+        return lambda texts, pairs: model.classify(texts, top_k=None, pairs=pairs, overflow=overflow, samples=samples)
 
     def embed(texts: list[str], pairs: list[str] | None) -> list[Any]:
         r = model.embed(texts, overflow=overflow)
@@ -151,13 +153,27 @@ def _call(model: er.EncoderModel, o: dict[str, Any]) -> Callable[[list[str], lis
 
 def _json(model: er.EncoderModel, text: str, result: Any) -> dict[str, Any]:
     if model.task == "token-classification":
-        rows = [{"label": e.label, "score": e.score, "word": e.word, "start": e.start, "end": e.end} for e in result]
+        rows = [
+            {"label": e.label, "score": e.score, "word": e.word, "start": e.start, "end": e.end} | _spread(e)
+            for e in result
+        ]
         return {"entities": rows, "truncated": result.truncated, "windows": result.windows}
     if model.task == "classification":
-        rows = [{"label": x.label, "score": x.score} for x in result]
+        rows = [{"label": x.label, "score": x.score} | _spread(x) for x in result]
         return {"labels": rows, "truncated": result[0].truncated, "windows": result[0].windows}
     vector, tokens, truncated, windows = result
     return {"embedding": [float(x) for x in vector], "tokens": tokens, "truncated": truncated, "windows": windows}
+
+
+def _spread(x: Any) -> dict[str, float]:
+    """A stochastic result's spread and uncertainty (none without -n)."""
+    names = ("std", "entropy", "mutual_information")
+    return {n: getattr(x, n) for n in names if getattr(x, n, None) is not None}
+
+
+def _uncertain(x: Any) -> str:
+    s = _spread(x)
+    return f"\tH {s['entropy']:.3f} MI {s['mutual_information']:.3f}" if "entropy" in s else ""
 
 
 def _print(model: er.EncoderModel, text: str, result: Any, as_json: bool) -> None:
@@ -169,10 +185,10 @@ def _print(model: er.EncoderModel, text: str, result: Any, as_json: bool) -> Non
         if sys.stdout.isatty():  # the text with its entities highlighted
             click.echo(_highlighted(text, result))
         for e in result:
-            click.echo(f"{e.label}\t{e.score:.4f}\t{text[e.start : e.end]}\t[{e.start}:{e.end}]")
+            click.echo(f"{e.label}\t{e.score:.4f}\t{text[e.start : e.end]}\t[{e.start}:{e.end}]{_uncertain(e)}")
     elif model.task == "classification":
         for x in result:
-            click.echo(f"{x.label}\t{x.score:.4f}")
+            click.echo(f"{x.label}\t{x.score:.4f}{_uncertain(x)}")
     else:
         vector, tokens, _, _ = result
         head = ", ".join(f"{x:+.4f}" for x in vector[:6])

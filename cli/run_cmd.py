@@ -137,7 +137,7 @@ def run(
     given = [n for n in ctx.params if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
     encoder_flags = {n: flags.pop(n) for n in ENCODER_PARAMS}
     if is_encoder_folder(model_path):
-        shared = ("model_path", "prompt", "as_json", "provider", "threads", "verbose", *ENCODER_PARAMS)
+        shared = ("model_path", "prompt", "as_json", "provider", "threads", "verbose", "samples", *ENCODER_PARAMS)
         other = [n for n in given if n not in shared]
         if other:
             raise click.UsageError(
@@ -147,7 +147,7 @@ def run(
             raise click.UsageError("give a PROMPT or --input FILE, not both")
         text = None if encoder_flags["input_file"] is not None else read_prompt(prompt)
         encoder = er.EncoderModel.load(model_path, provider, threads)
-        run_encoder(encoder, text, as_json, encoder_flags)
+        run_encoder(encoder, text, as_json, {**encoder_flags, "samples": samples})
         return
     mine = [n for n in given if n in ENCODER_PARAMS]
     if mine:

@@ -25,6 +25,7 @@ from edgeroute.errors import ExportError, ExportValidationError
 from edgeroute.ner import scheme_of
 
 from . import encoder_quality as quality
+from .encoder_dropout import DROPOUT_INPUT, export_with_dropout
 from .steps import Stages
 
 MIN_COSINE = 0.9999
@@ -164,13 +165,16 @@ def export_classifier(
     tok_config = source / "tokenizer_config.json"
     limit = json.loads(tok_config.read_text(encoding="utf-8")).get("model_max_length") if tok_config.is_file() else None
     max_length = min(int(limit), positions) if isinstance(limit, int) and limit > 0 else positions
-    with stages("export"):
-        _graph(source, stage, "token-classification" if tokens else "text-classification")
+    with stages("export"):  # optimum's graph, with the fine-tune's dropout behind a switch (stochastic passes)
+        task = "token-classification" if tokens else "text-classification"
+        switched = export_with_dropout(source, stage / "model.onnx", task)
+        shutil.copy(source / "tokenizer.json", stage / "tokenizer.json")
+    dropout = {"dropout_input": DROPOUT_INPUT, "dropout_layers": switched}
     if tokens:  # a tag per token: the labels are the tag set
-        fields = {"labels": labels, "scheme": scheme_of(labels)}
+        fields = {"labels": labels, "scheme": scheme_of(labels), **dropout}
         manifest = _manifest(stage, source, config, "token-classification", max_length, fields)
     else:
-        fields = {"labels": labels, "problem_type": problem}
+        fields = {"labels": labels, "problem_type": problem, **dropout}
         manifest = _manifest(stage, source, config, "classification", max_length, fields)
     if validate:
         _validate_logits(stage, source, manifest, stages, tokens, torch, transformers)

@@ -509,9 +509,10 @@ class EncoderModel:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(ids) if types is None else types
-        if dropout and self.dropout_input is not None:
+        feeds = {k: v for k, v in feeds.items() if k in self._inputs}
+        if dropout and self.dropout_input is not None:  # (an overridable initializer: not among get_inputs())
             feeds[self.dropout_input] = np.array(True)
-        return self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
+        return self.session.run(None, feeds)[0]
 
     def __repr__(self) -> str:
         what = f"pooling={self.pooling!r}" if self.task == "embedding" else f"labels={len(self.labels)}"

@@ -48,10 +48,11 @@ MAX_QUEUED = 256
 _CUT = frozenset({"truncate", "truncation_direction", "overflow"})
 _OPENAI_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"}) | _CUT
 _TEI_FIELDS = frozenset({"inputs", "normalize", "dimensions"}) | _CUT
-_PREDICT_FIELDS = frozenset({"inputs", "raw_scores"}) | _CUT
+_PREDICT_FIELDS = frozenset({"inputs", "raw_scores", "samples"}) | _CUT
 _RERANK_FIELDS = frozenset({"query", "texts", "raw_scores", "return_text"}) | _CUT
 _NER_FIELDS = (
-    frozenset({"inputs", "aggregation_strategy", "ignore_labels", "stride", "words", "decode", "scheme"}) | _CUT
+    frozenset({"inputs", "aggregation_strategy", "ignore_labels", "stride", "words", "decode", "scheme", "samples"})
+    | _CUT
 )
 _TOKENIZE_FIELDS = frozenset({"inputs", "add_special_tokens"})
 
@@ -124,8 +125,9 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
     def run(items: list[Any], options: tuple[Any, ...]) -> Any:  # one result per input, by the request's kind
         kind, *rest = options
         if kind == "predict":
-            raw, overflow = rest
-            return model.classify(items, top_k=None, function="none" if raw else None, overflow=overflow)
+            raw, overflow, samples = rest
+            fn = "none" if raw else None
+            return model.classify(items, top_k=None, function=fn, overflow=overflow, samples=samples)
         if kind == "rerank":
             raw, overflow = rest
             return model.score_pairs(items, raw_scores=raw, overflow=overflow)
@@ -210,8 +212,9 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         raw = bool(check_type(body, "raw_scores", bool, "a boolean"))
         overflow = _overflow(body)
         await run_in_threadpool(lengths, inputs, overflow, "inputs")
-        results = await submit(inputs, ("predict", raw, overflow))
-        answers = [[{"label": x.label, "score": x.score} for x in labels] for labels in results]
+        samples = check_type(body, "samples", int, "an integer") or 1
+        results = await submit(inputs, ("predict", raw, overflow, samples))
+        answers = [[{"label": x.label, "score": x.score} | _spread(x) for x in labels] for labels in results]
         return JSONResponse(answers[0] if single else answers)
 
     async def rerank(request: Request) -> Response:
@@ -246,6 +249,7 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
             ("decode", "decode", str),
             ("scheme", "scheme", str),
             ("stride", "stride", int),
+            ("samples", "samples", int),
         ):
             value = check_type(body, param, kind, "a string" if kind is str else "an integer")
             if value is not None:
@@ -267,6 +271,7 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
             [
                 {group: e.label, "score": e.score, "word": e.word, "start": e.start, "end": e.end}
                 | ({"index": e.index} if e.index is not None else {})
+                | _spread(e)
                 for e in entities
             ]
             for entities in found
@@ -328,6 +333,12 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
     app.state.embed_queue = queue
     app.add_middleware(_Guard, settings=settings, metrics=_Metrics())
     return app
+
+
+def _spread(x: Any) -> dict[str, float]:
+    """A result's spread and uncertainty over stochastic passes (``samples``; nothing otherwise)."""
+    names = ("std", "entropy", "mutual_information")
+    return {n: getattr(x, n) for n in names if getattr(x, n, None) is not None}
 
 
 def _is_pair(x: Any) -> bool:

@@ -166,3 +166,23 @@ def generate_in_threads(model: er.Model, prompts: list[str], cfg: er.GenerationC
     for t in threads:
         t.join()
     return [results[i] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="session")
+def tiny_tagger(shared_dir: Path) -> tuple[Path, Path]:
+    """(checkpoint, export) of a tiny random BertForTokenClassification with BIO tags (``write_token_classifier``),
+    exported through the CLI once per run. Shared: copy before changing."""
+    from click.testing import CliRunner
+    from edgeroute.cli import cli
+
+    pytest.importorskip("torch")
+    from checkpoints import write_token_classifier
+
+    ckpt = build_once(shared_dir / "tagger" / "ckpt", write_token_classifier)
+
+    def export(d: Path) -> None:
+        res = CliRunner().invoke(cli, ["export", str(ckpt), str(d)])
+        assert res.exit_code == 0, res.output
+        assert "(token-classification, fp32" in res.output and "best labels the same: yes" in res.output
+
+    return ckpt, build_once(shared_dir / "tagger" / "export", export, done="edgeroute.json")

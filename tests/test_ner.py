@@ -31,15 +31,8 @@ STRATEGIES = ["none", "simple", "first", "average", "max"]
 
 
 @pytest.fixture(scope="module")
-def tagger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from checkpoints import write_token_classifier
-
-    ckpt = write_token_classifier(tmp_path_factory.mktemp("ner") / "ckpt")
-    out = tmp_path_factory.mktemp("ner-export") / "model"
-    res = CliRunner().invoke(cli, ["export", str(ckpt), str(out)])
-    assert res.exit_code == 0, res.output
-    assert "(token-classification, fp32" in res.output and "best labels the same: yes" in res.output
-    return ckpt, out
+def tagger(tiny_tagger: tuple[Path, Path]) -> tuple[Path, Path]:
+    return tiny_tagger
 
 
 def pipeline(ckpt: Path, strategy: str, **kw: Any) -> Any:

@@ -196,13 +196,10 @@ def test_embed_overflow_and_tokenize(model: er.EncoderModel, server: Running) ->
         assert r.status_code == 400 and r.json()["error"]["param"] == "model" and "embedding model" in r.text
 
 
-def test_a_tagger_answers_ner(tmp_path: Path) -> None:
+def test_a_tagger_answers_ner(tiny_tagger: tuple[Path, Path]) -> None:
     """``/ner``: entities shaped as the Hugging Face pipeline gives them (``entity_group``; ``entity`` and
     ``index`` without aggregation), with the pipeline's parameters and edgeroute's; bad requests named."""
-    from checkpoints import write_token_classifier
-    from edgeroute.export import export_model
-
-    model = er.EncoderModel.load(export_model(write_token_classifier(tmp_path / "ckpt"), tmp_path / "model"))
+    model = er.EncoderModel.load(tiny_tagger[1])
     texts = ["Paris is the capital of France, and Rome the capital of Italy.", "Das Mädchen läuft zum Meer!"]
     long = " ".join(texts * 6)
     with Running(create_embedding_app(model, Settings("ner"))) as srv:
