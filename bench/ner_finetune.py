@@ -56,6 +56,7 @@ LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "
 MAX_LENGTH = 256
 HELD_OUT_SHARE = 0.4  # of every list, never seen in training
 HELD_OUT_DRAW = 0.6  # chance that a dev or test slot takes a held-out entry
+HELD_OUT_TEMPLATES = 0.2  # of the templates, used by dev and test only
 
 Span = tuple[str, int, int]
 
@@ -420,10 +421,17 @@ def make_sentence(template: str, pools: Pools, rng: random.Random, held_out: boo
 
 
 def make_splits(seed: int, n_train: int, n_dev: int, n_test: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """Train, dev and test sentences, deterministic from ``seed``; dev and test texts never equal a train text."""
+    """Train, dev and test sentences, deterministic from ``seed``; dev and test texts never equal a train text.
+
+    Training uses 80% of the templates and the seen part of every list; dev and test use all templates and draw
+    held-out entries (``Pools.pick``).
+    """
     pools = Pools(seed)
+    templates = list(TEMPLATES)
+    random.Random(f"ner-templates-{seed}").shuffle(templates)
+    seen_templates = templates[round(len(templates) * HELD_OUT_TEMPLATES) :]
     rng = random.Random(f"ner-train-{seed}")
-    train = [make_sentence(rng.choice(TEMPLATES), pools, rng, False) for _ in range(n_train)]
+    train = [make_sentence(rng.choice(seen_templates), pools, rng, False) for _ in range(n_train)]
     seen = {s["text"] for s in train}
     out = []
     for name, n in (("dev", n_dev), ("test", n_test)):
@@ -504,7 +512,7 @@ def encode(sentences: list[dict], tokenizer) -> list[dict]:
         enc = tokenizer(s["text"], truncation=True, max_length=MAX_LENGTH, return_offsets_mapping=True)
         word_ids = enc.word_ids()
         starts, ends = set(), set()
-        for w in set(filter(None.__ne__, word_ids)):
+        for w in {w for w in word_ids if w is not None}:
             span = enc.word_to_chars(w)
             starts.add(span.start)
             ends.add(span.end)
@@ -637,8 +645,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the fine-tuned model, splits and scores")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=8e-5)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-size", type=int, default=3000)
     p.add_argument("--dev-size", type=int, default=300)

@@ -23,6 +23,7 @@ from typing import Any
 import click
 import edgeroute as er
 import numpy as np
+from edgeroute.encoder_math import spread as _spread
 
 from .options import F
 from .progress import Steps
@@ -163,12 +164,6 @@ def _json(model: er.EncoderModel, text: str, result: Any) -> dict[str, Any]:
         return {"labels": rows, "truncated": result[0].truncated, "windows": result[0].windows}
     vector, tokens, truncated, windows = result
     return {"embedding": [float(x) for x in vector], "tokens": tokens, "truncated": truncated, "windows": windows}
-
-
-def _spread(x: Any) -> dict[str, float]:
-    """A stochastic result's spread and uncertainty (none without -n)."""
-    names = ("std", "entropy", "mutual_information")
-    return {n: getattr(x, n) for n in names if getattr(x, n, None) is not None}
 
 
 def _uncertain(x: Any) -> str:

@@ -118,6 +118,13 @@ def uncertainty(probs: np.ndarray, function: str) -> tuple[np.ndarray, np.ndarra
     return mean, total, np.maximum(total - expected, 0.0)
 
 
+def spread(result: Any) -> dict[str, float]:
+    """A label's or entity's figures over stochastic passes (``std``, ``entropy``, ``mutual_information``: those
+    it has; none without ``samples``), for JSON answers."""
+    names = ("std", "entropy", "mutual_information")
+    return {n: getattr(result, n) for n in names if getattr(result, n, None) is not None}
+
+
 def check_inputs(texts: Any, text_only: bool = False, name: str = "texts") -> Sequence[Any]:
     """``texts`` checked: one string, or a non-empty list (at most :data:`MAX_TEXTS`) of strings, or of token-id
     lists unless ``text_only`` -> a list."""

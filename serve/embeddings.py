@@ -32,6 +32,7 @@ from typing import Any
 
 import edgeroute as er
 import numpy as np
+from edgeroute.encoder_math import spread as _spread
 from edgeroute.ner import AGGREGATIONS
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -333,12 +334,6 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
     app.state.embed_queue = queue
     app.add_middleware(_Guard, settings=settings, metrics=_Metrics())
     return app
-
-
-def _spread(x: Any) -> dict[str, float]:
-    """A result's spread and uncertainty over stochastic passes (``samples``; nothing otherwise)."""
-    names = ("std", "entropy", "mutual_information")
-    return {n: getattr(x, n) for n in names if getattr(x, n, None) is not None}
 
 
 def _is_pair(x: Any) -> bool:
