@@ -240,6 +240,8 @@ def _encoder_summary(source: str, path: Path, manifest: dict) -> None:
         names = [n for n in ("min_cosine", "retrieval_agreement", "label_agreement", "entity_f1", "tag_agreement")]
         shown = ", ".join(f"{n.replace('_', ' ')} {q[n]:.4f}" for n in names if n in q)
         verdict = "passed" if q["passed"] else "BELOW THE GATE, written with --force-quality"
-        click.echo(f"  int8 against fp32 over {q['texts']} texts: {shown} ({verdict})")
+        click.echo(f"  {manifest['precision']} against fp32 over {q['texts']} texts: {shown} ({verdict})")
         if not q["passed"]:
-            click.echo("warning: this int8 model is below the quality gate (docs/models.md)", err=True)
+            click.echo(
+                f"warning: this {manifest['precision']} model is below the quality gate (docs/encoders.md)", err=True
+            )

@@ -206,7 +206,7 @@ def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
         }
         shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in measures.items())
         verdict = "passed the gate" if q["passed"] else "BELOW the gate (forced)"
-        lines.append(f"int8 quality  {shown} against fp32 over {q['texts']} texts ({verdict})")
+        lines.append(f"{d['precision']} quality  {shown} against fp32 over {q['texts']} texts ({verdict})")
     if "min_cosine" in val:
         lines.append(
             f"validation    pooled cosine with PyTorch {val['min_cosine']:.6f} (min over {val['texts']} texts)"

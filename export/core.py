@@ -181,20 +181,27 @@ def export_model(
     tagger = not embedding and encoder.is_sequence_classifier(Path(source).expanduser(), "ForTokenClassification")
     # an encoder: fp32 or int8 (dynamic, gated); the options of decoder exports do not apply
     if embedding or classifier or tagger:
-        given = {"dtype": dtype != "fp32", "quantize": quantize == "int4", "base": base is not None}
+        given = {
+            "dtype": dtype == "fp16" and quantize != "none",
+            "quantize": quantize == "int4",
+            "base": base is not None,
+        }
         given |= {"context_length": context_length is not None, "tokenizer": tokenizer is not None}
         given |= {"head": head is not None, "backend": backend != "auto", "device": device != "cpu"}
         given |= {"block_size": block_size != 32, "calibrate": not calibrate}
         for name, on in given.items():
             if on:
-                reason = "is not available for encoder exports (fp32, or int8 dynamic quantisation; on the CPU)"
+                reason = "is not available for encoder exports (fp32, int8 dynamic quantisation or fp16; on the CPU)"
                 raise ConfigError(name, locals()[name], reason)
-        if quantize == "none" and (per_channel or quality_texts is not None or force_quality):
-            raise ConfigError("quantize", quantize, "--per-channel, --quality-texts and --force-quality are for int8")
+        if quantize == "none" and per_channel:
+            raise ConfigError("per_channel", per_channel, "sets int8 weight scales: add --quantize int8")
+        if quantize == "none" and dtype == "fp32" and (quality_texts is not None or force_quality):
+            raise ConfigError("quantize", quantize, "--quality-texts and --force-quality are for int8 and fp16")
         from . import encoder_quality
 
-        texts = encoder_quality.read_quality_texts(quality_texts) if quantize == "int8" else None
-        precision = encoder.Precision(quantize, per_channel, texts, force_quality)
+        gated = quantize == "int8" or dtype == "fp16"
+        texts = encoder_quality.read_quality_texts(quality_texts) if gated else None
+        precision = encoder.Precision(quantize, dtype, per_channel, texts, force_quality)
     else:
         for name, on in (
             ("per_channel", per_channel),

@@ -218,18 +218,21 @@ def _validate_logits(
 
 @dataclass(frozen=True)
 class Precision:
-    """An encoder export's precision: ``quantize`` ``"none"`` (fp32) or ``"int8"`` (dynamic; ``per_channel``
-    weight scales), gated on ``quality_texts`` (None: the built-in set) unless ``force_quality``."""
+    """An encoder export's precision: ``quantize`` ``"none"`` or ``"int8"`` (dynamic; ``per_channel`` weight
+    scales), ``dtype`` ``"fp32"`` or ``"fp16"`` (for CUDA: the fp32 graph cast, inputs and outputs kept float32);
+    anything but fp32 gated on ``quality_texts`` (None: the built-in set) unless ``force_quality``."""
 
     quantize: str = "none"
+    dtype: str = "fp32"
     per_channel: bool = False
     quality_texts: list[str] | None = None
     force_quality: bool = False
 
 
 def _precision(stage: Path, manifest: dict[str, Any], precision: Precision, stages: Stages) -> None:
-    """The int8 graph in place of the fp32 one, measured against it and gated (``export/encoder_quality.py``)."""
-    if precision.quantize == "none":
+    """The int8 (or fp16) graph in place of the fp32 one, measured against it and gated
+    (``export/encoder_quality.py``)."""
+    if precision.quantize == "none" and precision.dtype == "fp32":
         return
     from edgeroute.session import create_session
     from tokenizers import Tokenizer
@@ -238,11 +241,16 @@ def _precision(stage: Path, manifest: dict[str, Any], precision: Precision, stag
     fp32.mkdir()
     for produced in stage.glob("model.onnx*"):
         produced.rename(fp32 / produced.name)
-    with stages("quantise"):
-        quality.quantize_int8(fp32 / "model.onnx", stage / "model.onnx", precision.per_channel)
+    if precision.dtype == "fp16":
+        with stages("fp16"):
+            quality.cast_fp16(fp32 / "model.onnx", stage / "model.onnx")
+        manifest["precision"] = "fp16"
+    else:
+        with stages("quantise"):
+            quality.quantize_int8(fp32 / "model.onnx", stage / "model.onnx", precision.per_channel)
+        manifest["precision"] = "int8"
+        manifest["quantization"] = {"method": "int8-dynamic", "weights": "int8", "per_channel": precision.per_channel}
     texts = precision.quality_texts or quality.QUALITY_TEXTS
-    manifest["precision"] = "int8"
-    manifest["quantization"] = {"method": "int8-dynamic", "weights": "int8", "per_channel": precision.per_channel}
     _write(stage, manifest)
     with stages("quality") as step:
         step.total(len(texts))
@@ -251,7 +259,8 @@ def _precision(stage: Path, manifest: dict[str, Any], precision: Precision, stag
         measured = quality.measure(reference, EncoderModel.load(stage), texts)
         step.advance(len(texts))
     shutil.rmtree(fp32)
-    manifest["provenance"]["quality"] = quality.gate(manifest["task"], measured, precision.force_quality)
+    gated = quality.gate(manifest["task"], measured, precision.force_quality, manifest["precision"])
+    manifest["provenance"]["quality"] = gated
     _write(stage, manifest)
 
 

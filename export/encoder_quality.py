@@ -1,4 +1,4 @@
-"""int8 encoders and their quality gate (issue 36).
+"""int8 (and fp16) encoders and their quality gate (issue 36).
 
 An encoder's int8 export is onnxruntime's dynamic quantisation of the validated fp32 graph (weights int8 ahead of
 time, activations quantised per run; per-channel weight scales on request). Then the export measures the int8
@@ -9,6 +9,8 @@ model against the fp32 one on a text set (:data:`QUALITY_TEXTS`, or the user's) 
 - classifiers: top-label agreement (and the largest score change);
 - token classifiers: entity-level F1 of the int8 entities against the fp32 entities (same label and span;
   ``simple`` aggregation), and tag agreement over tokens.
+
+An fp16 export (for CUDA) is measured and gated the same way (onnxruntime's CPU provider runs fp16 graphs).
 
 A model below a threshold of :data:`GATES` is refused (``QualityGateError``: nothing is written) unless the user
 forces it (``force_quality``); the measures, the thresholds and whether it was forced go into the manifest
@@ -122,6 +124,16 @@ def quantize_int8(source: Path, target: Path, per_channel: bool) -> None:
     )
 
 
+def cast_fp16(source: Path, target: Path) -> None:
+    """The fp32 graph ``source`` cast to fp16 (weights and activations; inputs and outputs kept as they were:
+    onnxruntime's ``convert_float_to_float16``) into ``target``. For CUDA; onnxruntime's CPU provider runs it too
+    (slower than fp32), which is how the export measures it."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
+
+
 def read_quality_texts(path: str | Path | None) -> list[str]:
     """The text set of the gate: one text per non-blank line of ``path`` (UTF-8), or the built-in one."""
     if path is None:
@@ -173,7 +185,7 @@ def _nearest(vectors: np.ndarray) -> np.ndarray:
     return sims.argmax(1)
 
 
-def gate(task: str, quality: dict[str, Any], force: bool) -> dict[str, Any]:
+def gate(task: str, quality: dict[str, Any], force: bool, precision: str = "int8") -> dict[str, Any]:
     """``quality`` with the thresholds, whether it passed and whether it was forced; a ``QualityGateError``
     naming the measure below its threshold unless ``force``."""
     failed = [(name, quality[name], least) for name, least in GATES[task] if quality[name] < least]
@@ -181,8 +193,8 @@ def gate(task: str, quality: dict[str, Any], force: bool) -> dict[str, Any]:
     if failed and not force:
         name, value, least = failed[0]
         raise QualityGateError(
-            f"the int8 model's {name.replace('_', ' ')} against fp32 is {value:.4f} < {least} on {quality['texts']}"
-            " texts: it loses too much at int8; export fp32, try --per-channel, or pass --force-quality to write it"
-            " anyway"
+            f"the {precision} model's {name.replace('_', ' ')} against fp32 is {value:.4f} < {least} on"
+            f" {quality['texts']} texts: it loses too much at {precision}; export fp32"
+            f"{', try --per-channel' if precision == 'int8' else ''}, or pass --force-quality to write it anyway"
         )
     return result

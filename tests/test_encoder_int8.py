@@ -54,6 +54,21 @@ def test_int8_embeddings_and_labels_pass_the_gate(tiny_st: Path, encoder_dir: Pa
     assert manifest["quantization"]["per_channel"] is True and manifest["provenance"]["quality"]["passed"]
 
 
+def test_fp16_for_cuda_is_measured_like_int8(tiny_st: Path, encoder_dir: Path, tmp_path: Path) -> None:
+    """``--dtype fp16``: the fp32 graph cast (inputs and outputs float32), measured against fp32 on the CPU."""
+    res = CliRunner().invoke(cli, ["export", str(tiny_st), str(tmp_path / "fp16"), "--dtype", "fp16"])
+    assert res.exit_code == 0 and "fp16 against fp32 over 64 texts: min cosine" in res.output, res.output
+    manifest = json.loads((tmp_path / "fp16" / "edgeroute.json").read_text())
+    assert manifest["precision"] == "fp16" and manifest["provenance"]["quality"]["passed"]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
+    a = er.EncoderModel.load(encoder_dir).embed(QUALITY_TEXTS[:8], overflow="truncate").vectors
+    b = er.EncoderModel.load(tmp_path / "fp16").embed(QUALITY_TEXTS[:8], overflow="truncate").vectors
+    assert b.dtype == np.float32 and 0.999 <= float((a * b).sum(1).min()) < 1.0
+
+
 def broken_tagger(folder: Path) -> Path:
     """A tiny tagger whose hidden feature 0 is always zero (every LayerNorm's weight and bias there), with a huge
     weight reading that feature in every projection: nothing in fp32, but int8's per-tensor scale rounds every
@@ -103,10 +118,10 @@ def test_encoder_precision_mistakes(tiny_st: Path, tmp_path: Path) -> None:
     empty.write_text("\n  \n")
     for args, needle in (
         (["--quantize", "int4"], "quantize"),
-        (["--per-channel"], "for int8"),
-        (["--force-quality"], "for int8"),
+        (["--per-channel"], "add --quantize int8"),
+        (["--force-quality"], "for int8 and fp16"),
         (["--quantize", "int8", "--quality-texts", str(empty)], "2 to"),
-        (["--dtype", "fp16"], "dtype"),
+        (["--dtype", "fp16", "--quantize", "int8"], "dtype"),
         (["--block-size", "64"], "block_size"),
     ):
         res = run(cli, ["export", str(tiny_st), str(tmp_path / "x"), *args])
