@@ -117,7 +117,9 @@ def quality_warning(manifest: dict) -> str | None:
     " source's own.",
 )
 @click.option(
-    "--per-channel", is_flag=True, help="An encoder's int8 export: per-channel weight scales (default: per tensor)."
+    "--per-tensor",
+    is_flag=True,
+    help="An encoder's int8 export: one weight scale per tensor (default: per output channel).",
 )
 @click.option(
     "--quality-texts",
@@ -150,7 +152,7 @@ def export(
     backend: str,
     no_calibration: bool,
     tokenizer: str | None,
-    per_channel: bool,
+    per_tensor: bool,
     quality_texts: str | None,
     force_quality: bool,
     no_validate: bool,
@@ -177,7 +179,7 @@ def export(
             tokenizer=tokenizer,
             progress=steps.callback(step_labels(source, quantize), UNITS),
             head=head,
-            per_channel=per_channel,
+            per_tensor=per_tensor,
             quality_texts=quality_texts,
             force_quality=force_quality,
         )
@@ -237,7 +239,7 @@ def _encoder_summary(source: str, path: Path, manifest: dict) -> None:
             )
     q = manifest["provenance"].get("quality")
     if q:
-        names = [n for n in ("min_cosine", "retrieval_agreement", "label_agreement", "entity_f1", "tag_agreement")]
+        names = ("min_cosine", "mean_cosine", "retrieval_agreement", "label_agreement", "entity_f1", "tag_agreement")
         shown = ", ".join(f"{n.replace('_', ' ')} {q[n]:.4f}" for n in names if n in q)
         verdict = "passed" if q["passed"] else "BELOW THE GATE, written with --force-quality"
         click.echo(f"  {manifest['precision']} against fp32 over {q['texts']} texts: {shown} ({verdict})")

@@ -96,7 +96,7 @@ def export_model(
     tokenizer: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     head: str | None = None,
-    per_channel: bool = False,
+    per_tensor: bool = False,
     quality_texts: str | os.PathLike[str] | None = None,
     force_quality: bool = False,
 ) -> Path:
@@ -136,7 +136,8 @@ def export_model(
         head: ``int8`` keeps the LM head (and a tied embedding, which reads the head's weights) at 8 bits in an int4
             export, as llama.cpp's Q4_K_M keeps its token embedding at Q8_0: for models whose large vocabulary
             makes the head a big share of the weights (Gemma 3); default (None or ``quantize``): as the layers.
-        per_channel: an encoder's int8 export: per-channel weight scales (default: per tensor).
+        per_tensor: an encoder's int8 export: one weight scale per tensor (default: per output channel, which
+            measured as fast and much closer to fp32: docs/encoders.md).
         quality_texts: an encoder's int8 export: a file of texts (one per line) the int8 model is measured on
             against fp32 (default: edgeroute's built-in set); below the gate's thresholds the export is refused
             (``QualityGateError``) unless ``force_quality`` (``export/encoder_quality.py``).
@@ -193,18 +194,18 @@ def export_model(
             if on:
                 reason = "is not available for encoder exports (fp32, int8 dynamic quantisation or fp16; on the CPU)"
                 raise ConfigError(name, locals()[name], reason)
-        if quantize == "none" and per_channel:
-            raise ConfigError("per_channel", per_channel, "sets int8 weight scales: add --quantize int8")
+        if quantize == "none" and per_tensor:
+            raise ConfigError("per_tensor", per_tensor, "sets int8 weight scales: add --quantize int8")
         if quantize == "none" and dtype == "fp32" and (quality_texts is not None or force_quality):
             raise ConfigError("quantize", quantize, "--quality-texts and --force-quality are for int8 and fp16")
         from . import encoder_quality
 
         gated = quantize == "int8" or dtype == "fp16"
         texts = encoder_quality.read_quality_texts(quality_texts) if gated else None
-        precision = encoder.Precision(quantize, dtype, per_channel, texts, force_quality)
+        precision = encoder.Precision(quantize, dtype, not per_tensor, texts, force_quality)
     else:
         for name, on in (
-            ("per_channel", per_channel),
+            ("per_tensor", per_tensor),
             ("quality_texts", quality_texts),
             ("force_quality", force_quality),
         ):

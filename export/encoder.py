@@ -224,7 +224,7 @@ class Precision:
 
     quantize: str = "none"
     dtype: str = "fp32"
-    per_channel: bool = False
+    per_channel: bool = True
     quality_texts: list[str] | None = None
     force_quality: bool = False
 

@@ -25,7 +25,7 @@ def test_int8_embeddings_and_labels_pass_the_gate(tiny_st: Path, encoder_dir: Pa
     out = export_model(tiny_st, tmp_path / "st8", quantize="int8")
     manifest = json.loads((out / "edgeroute.json").read_text())
     q = manifest["provenance"]["quality"]
-    assert manifest["precision"] == "int8" and manifest["quantization"]["per_channel"] is False
+    assert manifest["precision"] == "int8" and manifest["quantization"]["per_channel"] is True
     assert q["passed"] and not q["forced"] and q["texts"] == len(QUALITY_TEXTS)
     assert q["thresholds"] == dict(GATES["embedding"]) and q["min_cosine"] >= 0.98
     assert not (out / "fp32").exists()
@@ -46,12 +46,12 @@ def test_int8_embeddings_and_labels_pass_the_gate(tiny_st: Path, encoder_dir: Pa
             "int8",
             "--quality-texts",
             str(texts),
-            "--per-channel",
+            "--per-tensor",
         ],
     )
     assert res.exit_code == 0 and "int8 against fp32 over 10 texts: label agreement" in res.output, res.output
     manifest = json.loads((tmp_path / "cls8" / "edgeroute.json").read_text())
-    assert manifest["quantization"]["per_channel"] is True and manifest["provenance"]["quality"]["passed"]
+    assert manifest["quantization"]["per_channel"] is False and manifest["provenance"]["quality"]["passed"]
 
 
 def test_fp16_for_cuda_is_measured_like_int8(tiny_st: Path, encoder_dir: Path, tmp_path: Path) -> None:
@@ -97,17 +97,16 @@ def test_the_gate_refuses_a_broken_int8_model_unless_forced(tmp_path: Path) -> N
     res = run(cli, ["export", str(source), str(out), "--quantize", "int8"])
     assert res.exit_code == 1 and "entity f1 against fp32 is" in res.output and "--force-quality" in res.output
     assert "Traceback" not in res.output and not out.exists() and not list(tmp_path.glob(".edgeroute-*"))
-    res = run(cli, ["export", str(source), str(out), "--quantize", "int8", "--force-quality"])
+    res = run(cli, ["export", str(source), str(out), "--quantize", "int8", "--per-tensor", "--force-quality"])
     assert res.exit_code == 0 and "BELOW THE GATE" in res.output and "warning:" in res.output, res.output
     forced = json.loads((out / "edgeroute.json").read_text())["provenance"]["quality"]
     assert forced["forced"] and not forced["passed"] and forced["entity_f1"] < 0.5
     fp32 = export_model(source, tmp_path / "fp32")  # the broken checkpoint is fine in fp32
     assert json.loads((fp32 / "edgeroute.json").read_text())["provenance"]["validation"]["same_labels"]
-    res = run(
-        cli, ["export", str(source), str(tmp_path / "pc"), "--quantize", "int8", "--per-channel", "--force-quality"]
-    )
+    res = run(cli, ["export", str(source), str(tmp_path / "pc"), "--quantize", "int8", "--force-quality"])
     per_channel = json.loads((tmp_path / "pc" / "edgeroute.json").read_text())["provenance"]["quality"]
     assert per_channel["entity_f1"] > forced["entity_f1"] + 0.3  # the outlier spoils one channel, not the layer
+    assert not per_channel["passed"]  # (refused above: per channel is the default)
     model, reference = er.EncoderModel.load(out), er.EncoderModel.load(fp32)
     assert model.entities(QUALITY_TEXTS[:4]) != reference.entities(QUALITY_TEXTS[:4])
 
@@ -118,7 +117,7 @@ def test_encoder_precision_mistakes(tiny_st: Path, tmp_path: Path) -> None:
     empty.write_text("\n  \n")
     for args, needle in (
         (["--quantize", "int4"], "quantize"),
-        (["--per-channel"], "add --quantize int8"),
+        (["--per-tensor"], "add --quantize int8"),
         (["--force-quality"], "for int8 and fp16"),
         (["--quantize", "int8", "--quality-texts", str(empty)], "2 to"),
         (["--dtype", "fp16", "--quantize", "int8"], "dtype"),
@@ -128,6 +127,6 @@ def test_encoder_precision_mistakes(tiny_st: Path, tmp_path: Path) -> None:
         assert res.exit_code == 1 and needle in res.output and "Traceback" not in res.output, (args, res.output)
         assert not (tmp_path / "x").exists()
     with pytest.raises(er.ConfigError) as e:
-        export_model(tmp_path / "nothing.gguf", tmp_path / "y", per_channel=True)
-    assert e.value.field == "per_channel"
+        export_model(tmp_path / "nothing.gguf", tmp_path / "y", per_tensor=True)
+    assert e.value.field == "per_tensor"
     np.testing.assert_equal(len(set(QUALITY_TEXTS)), len(QUALITY_TEXTS))
