@@ -39,10 +39,10 @@ def texts(n: int, words: int, seed: int) -> list[str]:
 
 
 def child(system: str, folder: str, export: str) -> None:
-    """One system's figures, as one JSON line."""
+    """One system's figures, as one JSON line (``export``: the system's edgeroute folder)."""
     import numpy as np
 
-    if system == "edgeroute":
+    if system.startswith("edgeroute"):
         import edgeroute as er
 
         model = er.EncoderModel.load(export)
@@ -104,16 +104,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", help="a sentence-transformers folder")
     ap.add_argument("--export", required=True, help="its edgeroute export")
+    ap.add_argument("--int8", default=None, help="its edgeroute int8 export (a row of its own)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.folder, a.export)
+        child(a.child, a.folder, a.int8 if a.child == "edgeroute-int8" else a.export)
         return
     import numpy as np
 
     rows = []
-    for system in ("edgeroute", "st-torch", "st-onnx"):
+    systems = ["edgeroute", "st-torch", "st-onnx"] + (["edgeroute-int8"] if a.int8 else [])
+    for system in systems:
         cmd = [sys.executable, __file__, a.folder, "--export", a.export, "--child", system]
+        cmd += ["--int8", a.int8] if a.int8 else []
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
         if run.returncode != 0 or not line:
@@ -123,17 +126,17 @@ def main() -> None:
     print(f"{cpu_name()}; {a.folder}")
     cols = ["short_b1", "short_b32", "long_b1", "long_b32"]
     print(
-        f"{'system':<12}" + "".join(f"{c + ' texts/s':>20}" for c in cols) + f"{'p50 ms':>9}{'p95 ms':>9}{'RSS MB':>9}"
+        f"{'system':<15}" + "".join(f"{c + ' texts/s':>20}" for c in cols) + f"{'p50 ms':>9}{'p95 ms':>9}{'RSS MB':>9}"
     )
     for r in rows:
         cells = "".join(f"{r[c + '_texts_s']:>20.1f}" for c in cols)
-        print(f"{r['system']:<12}{cells}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['rss_mb']:>9.0f}")
+        print(f"{r['system']:<15}{cells}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['rss_mb']:>9.0f}")
     if rows:
         print(
             f"tokens per text: short {rows[0]['short_tokens_per_text']:.1f}, long {rows[0]['long_tokens_per_text']:.1f}"
         )
     ours = np.load("/tmp/bench-encoders-edgeroute.npy")
-    for other in ("st-torch", "st-onnx"):
+    for other in ("st-torch", "st-onnx", "edgeroute-int8"):
         path = Path(f"/tmp/bench-encoders-{other}.npy")
         if path.exists():
             theirs = np.load(path)
