@@ -125,7 +125,7 @@ def run_encoder(model: er.EncoderModel, text: str | None, as_json: bool, options
         for start in range(0, len(items), BATCH):
             part = texts[start : start + BATCH]
             given = pairs[start : start + BATCH]
-            results = call(part, given if given[0] is not None else None)
+            results = call(part, [p or "" for p in given] if given[0] is not None else None)
             for t, r in zip(part, results, strict=True):
                 write(json.dumps(_json(model, t, r), ensure_ascii=False) + "\n")
             steps.advance(len(part))

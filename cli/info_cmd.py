@@ -199,7 +199,7 @@ def _info_encoder(model_path: str, as_json: bool, provider: str | None) -> None:
         f"inputs        at most {d['max_length']} tokens (longer texts are refused unless cut or run in windows on"
         " request)"
     )
-    q = d["quality"]
+    q: dict[str, Any] | None = d["quality"]  # type: ignore[assignment]
     if q:
         measures = {
             k: v for k, v in q.items() if k in ("min_cosine", "retrieval_agreement", "label_agreement", "entity_f1")

@@ -201,16 +201,18 @@ def export_model(
         from . import encoder_quality
 
         gated = quantize == "int8" or dtype == "fp16"
-        texts = encoder_quality.read_quality_texts(quality_texts) if gated else None
+        texts = (
+            encoder_quality.read_quality_texts(os.fspath(quality_texts) if quality_texts else None) if gated else None
+        )
         precision = encoder.Precision(quantize, dtype, not per_tensor, texts, force_quality)
     else:
-        for name, on in (
+        for name, option in (
             ("per_tensor", per_tensor),
             ("quality_texts", quality_texts),
             ("force_quality", force_quality),
         ):
-            if on:
-                raise ConfigError(name, on, "is an option of encoder int8 exports (decoders: --block-size, --head)")
+            if option:
+                raise ConfigError(name, option, "is an option of encoder int8 exports (decoders: --block-size, --head)")
         sources.resolve(os.fspath(source))  # fail fast on a bad source, before anything heavy
     if tokenizer is not None:
         sources.check_tokenizer_dir(os.fspath(tokenizer))

@@ -164,17 +164,17 @@ def measure(reference: EncoderModel, quantized: EncoderModel, texts: Sequence[st
         out["retrieval_agreement"] = float((_nearest(a) == _nearest(b))[clear].mean()) if clear.any() else 1.0
         out["retrieval_texts"] = int(clear.sum())
     elif task == "classification":
-        a = reference.classify(texts, top_k=None, overflow="truncate")
-        b = quantized.classify(texts, top_k=None, overflow="truncate")
-        out["label_agreement"] = float(np.mean([x[0].label == y[0].label for x, y in zip(a, b, strict=True)]))
+        la = reference.classify(texts, top_k=None, overflow="truncate")
+        lb = quantized.classify(texts, top_k=None, overflow="truncate")
+        out["label_agreement"] = float(np.mean([x[0].label == y[0].label for x, y in zip(la, lb, strict=True)]))
         out["max_score_change"] = max(
-            abs(s.score - {t.label: t.score for t in y}[s.label]) for x, y in zip(a, b, strict=True) for s in x
+            abs(s.score - {t.label: t.score for t in y}[s.label]) for x, y in zip(la, lb, strict=True) for s in x
         )
     else:
-        a = reference.entities(texts, overflow="truncate")
-        b = quantized.entities(texts, overflow="truncate")
-        want = {(i, e.label, e.start, e.end) for i, es in enumerate(a) for e in es}
-        got = {(i, e.label, e.start, e.end) for i, es in enumerate(b) for e in es}
+        ea = reference.entities(texts, overflow="truncate")
+        eb = quantized.entities(texts, overflow="truncate")
+        want = {(i, e.label, e.start, e.end) for i, es in enumerate(ea) for e in es}
+        got = {(i, e.label, e.start, e.end) for i, es in enumerate(eb) for e in es}
         hit = len(want & got)
         f1 = 1.0 if not want and not got else 2 * hit / (len(want) + len(got))
         tags_a = reference.entities(texts, aggregation="none", ignore_labels=(), overflow="truncate")

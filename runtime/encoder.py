@@ -315,7 +315,7 @@ class EncoderModel:
         windows: list[list[Any]] = []
         for i, enc in enumerate(full):
             windows.append(self._windowed(items[i], stride or 0, overflow == "chunk") if cut[i] else [enc])
-        rows = [(list(w.ids), None) for ws in windows for w in ws for _ in range(samples)]
+        rows: list[_Row] = [(list(w.ids), None) for ws in windows for w in ws for _ in range(samples)]
         logits: list[np.ndarray] = [np.zeros(0)] * len(rows)
         for index, output, _mask in self._runs(rows, max_batch_tokens, dropout=samples > 1):
             for r, i in enumerate(index):
@@ -325,7 +325,9 @@ class EncoderModel:
             logits = [np.concatenate([m, h[:, None], mi[:, None]], 1) for m, h, mi in map(_token_uncertainty, passes)]
         labels = len(self.labels)
         chosen = self.scheme if scheme is None else scheme
-        options = dict(words=words, scheme=chosen, decode=decode, probabilities=samples > 1, unk_id=self._unk)
+        options: dict[str, Any] = dict(
+            words=words, scheme=chosen, decode=decode, probabilities=samples > 1, unk_id=self._unk
+        )
         ignore = set(ignore_labels)
         out = []
         at = 0
@@ -391,12 +393,12 @@ class EncoderModel:
             np.maximum.at(per, owners, passes)
         else:
             per = _per_owner(passes, owners, np.ones(len(rows)))
-        per = per.reshape(count, samples, labels)
+        each = per.reshape(count, samples, labels)
         windows = _windows(owners, count)
         if samples == 1:
-            return per[:, 0], cut, windows, None
-        mean, entropy, information = uncertainty(per, function)
-        return mean, cut, windows, (per.std(1), entropy, information)
+            return each[:, 0], cut, windows, None
+        mean, entropy, information = uncertainty(each, function)
+        return mean, cut, windows, (each.std(1), entropy, information)
 
     def _check_samples(self, samples: int) -> None:
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:

@@ -16,6 +16,7 @@
     ├── InferenceError                onnxruntime failure (wrapped with ``raise ... from``), non-finite logits
     ├── ExportError                   (edgeroute.export) unsupported architecture, missing extra, bad checkpoint
     │   └── ExportValidationError     the exported graph disagrees with the source model
+    │       └── QualityGateError      (edgeroute.export) an encoder's int8/fp16 graph is below the quality gate
     └── RayServeError                 (edgeroute.serve.ray) a Ray Serve deployment could not start (RuntimeError)
         └── Interrupted               start() was stopped before the deployment was ready
 

@@ -243,7 +243,7 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         body = await body_of(request, _NER_FIELDS)
         single = isinstance(body.get("inputs"), str)
         inputs = _inputs(body.get("inputs"), "inputs", text_only=True)
-        options = {"overflow": _overflow(body)}
+        options: dict[str, Any] = {"overflow": _overflow(body)}
         for name, param, kind in (
             ("aggregation", "aggregation_strategy", str),
             ("words", "words", str),

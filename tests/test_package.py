@@ -48,6 +48,7 @@ def test_the_exception_tree_in_errors_is_the_classes() -> None:
     import re
 
     import edgeroute.export.core  # noqa: F401  (every module that defines an error)
+    import edgeroute.export.encoder_quality  # noqa: F401
     import edgeroute.serve.ray  # noqa: F401
     from edgeroute import errors
 
