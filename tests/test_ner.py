@@ -333,3 +333,37 @@ def test_bench_has_an_encoder_mode(tagger: tuple[Path, Path]) -> None:
     assert r["latency_p95_ms"] >= r["latency_p50_ms"] and r["peak_rss_mb"] > 0
     res = CliRunner().invoke(cli, ["bench", str(out), "--new-tokens", "8"])
     assert res.exit_code == 2 and "--new-tokens is a generation option" in res.output
+
+
+def bioes_groups(tokens: list[Any]) -> list[tuple[str, int, int]]:
+    """Entities from per-token BIOES tags, written here independently: B- opens, I-/E- continue an open entity of
+    their type (E- closes it), S- stands alone, anything else starts anew; O dropped."""
+    groups: list[dict[str, Any]] = []
+    for t in tokens:
+        prefix, _, kind = t.label.partition("-") if t.label != "O" else ("O", "", "O")
+        last = groups[-1] if groups else None
+        if last and kind == last["kind"] and prefix in ("I", "E") and not last["closed"]:
+            last["end"], last["closed"] = t.end, prefix == "E"
+            continue
+        groups.append({"kind": kind, "start": t.start, "end": t.end, "closed": prefix in ("E", "S")})
+    return [(g["kind"], g["start"], g["end"]) for g in groups if g["kind"] != "O"]
+
+
+def test_a_bioes_tagger_groups_by_its_scheme(tmp_path: Path) -> None:
+    """A tagger trained on BIOES tags: the export records the scheme and entities group by it (against the rule
+    applied to its own per-token tags); read as BIO the same tags group otherwise."""
+    from checkpoints import write_token_classifier
+    from edgeroute.export import export_model
+
+    labels = ("O", "B-PER", "I-PER", "E-PER", "S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC")
+    out = export_model(write_token_classifier(tmp_path / "ckpt", labels), tmp_path / "model")
+    model = er.EncoderModel.load(out)
+    assert model.scheme == "BIOES" and json.loads((out / "edgeroute.json").read_text())["scheme"] == "BIOES"
+    tokens = model.entities(NER_TEXTS, aggregation="none", ignore_labels=(), words="text")
+    grouped = model.entities(NER_TEXTS, words="text")
+    assert sum(len(g) for g in grouped) > 3
+    for text, t, g in zip(NER_TEXTS, tokens, grouped, strict=True):
+        assert [(e.label, e.start, e.end) for e in g] == bioes_groups(t)
+        assert all(e.word == text[e.start : e.end] for e in g)
+    as_bio = model.entities(NER_TEXTS, words="text", scheme="BIO")
+    assert [[(e.label, e.start) for e in g] for g in as_bio] != [[(e.label, e.start) for e in g] for g in grouped]
