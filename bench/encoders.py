@@ -1,15 +1,21 @@
-"""Embedding speed (issue 36, first part): edgeroute's ``EncoderModel.embed`` against sentence-transformers on
-PyTorch and on its own ONNX backend (``backend="onnx"``: optimum's export, onnxruntime), on the same
-sentence-transformers folder, each system in its own process, one after another.
+"""Embedding speed (issue 36): edgeroute's ``EncoderModel.embed`` (fp32, and int8 with ``--int8``) against
+sentence-transformers on PyTorch and on its own ONNX backend (``backend="onnx"``: optimum's export, onnxruntime),
+and fastembed (``--fastembed-python``), on the same sentence-transformers folder, each system in its own process,
+one after another.
 
 Per system: throughput (texts/s and tokens/s) on short texts (~16 tokens) and long ones (~256 tokens) at batch
 1 and 32, single-text latency p50/p95 (short texts), and the process's peak RSS. Also the largest difference
-between edgeroute's vectors and sentence-transformers' (cosine) on the same texts.
+between edgeroute's vectors and the others' (cosine) on the same texts.
 
-    python bench/encoders.py /tmp/minilm --export /tmp/minilm-er
+    python bench/encoders.py /tmp/minilm --export /tmp/minilm-er [--int8 /tmp/minilm-int8] \
+        [--fastembed-python /tmp/fe-venv/bin/python]
 
-``--export`` is the edgeroute export of the folder (``edgeroute export FOLDER OUT``). fastembed is not installed
-here (its models download from a hub at run time), so it has no row.
+``--export`` is the edgeroute export of the folder (``edgeroute export FOLDER OUT``). fastembed downloads its
+models from a hub at run time, which this machine may not do: it runs from a local folder instead
+(``specific_model_path``) holding the export's graph (optimum's feature-extraction graph, the one fastembed
+ships for all-MiniLM-L6-v2) and the folder's tokenizer files, with fastembed's own settings for the model
+(:data:`FASTEMBED_MODEL`); install it in a venv of its own (``python -m venv /tmp/fe-venv &&
+/tmp/fe-venv/bin/pip install fastembed==0.9.1``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+FASTEMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # fastembed's name for the model (its settings)
+FASTEMBED_DIR = "/tmp/bench-encoders-fastembed-model"
 WORDS = (
     "the bees carry pollen from flower to flower while the little robot paints the sea and the sky in the evening "
     "light and the historians debate the causes of the industrial revolution in great britain"
@@ -52,6 +60,18 @@ def child(system: str, folder: str, export: str) -> None:
 
         def count(batch: list[str]) -> int:
             return sum(model.count_tokens(batch))
+    elif system == "fastembed":  # (run by the fastembed venv's Python: fastembed and numpy only)
+        from fastembed import TextEmbedding
+        from tokenizers import Tokenizer
+
+        fe = TextEmbedding(model_name=FASTEMBED_MODEL, specific_model_path=export, threads=2)
+        tok = Tokenizer.from_file(str(Path(export) / "tokenizer.json"))
+
+        def embed(batch: list[str]) -> np.ndarray:
+            return np.array(list(fe.embed(batch, batch_size=len(batch))))
+
+        def count(batch: list[str]) -> int:
+            return sum(len(e.ids) for e in tok.encode_batch(batch))
     else:
         from sentence_transformers import SentenceTransformer
 
@@ -105,17 +125,33 @@ def main() -> None:
     ap.add_argument("folder", help="a sentence-transformers folder")
     ap.add_argument("--export", required=True, help="its edgeroute export")
     ap.add_argument("--int8", default=None, help="its edgeroute int8 export (a row of its own)")
+    ap.add_argument(
+        "--fastembed-python",
+        default=None,
+        help="a Python with fastembed installed (its own venv): a fastembed row, the model from the export's graph",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.folder, a.int8 if a.child == "edgeroute-int8" else a.export)
+        where = {"edgeroute-int8": a.int8, "fastembed": FASTEMBED_DIR}.get(a.child, a.export)
+        child(a.child, a.folder, where)
         return
     import numpy as np
 
     rows = []
     systems = ["edgeroute", "st-torch", "st-onnx"] + (["edgeroute-int8"] if a.int8 else [])
+    if a.fastembed_python:  # fastembed reads a local model folder: the same graph, the folder's tokenizer files
+        import shutil
+
+        Path(FASTEMBED_DIR).mkdir(exist_ok=True)
+        shutil.copy(Path(a.export) / "model.onnx", FASTEMBED_DIR)
+        for name in ("tokenizer.json", "config.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(a.folder) / name).is_file():
+                shutil.copy(Path(a.folder) / name, FASTEMBED_DIR)
+        systems.append("fastembed")
     for system in systems:
-        cmd = [sys.executable, __file__, a.folder, "--export", a.export, "--child", system]
+        python = a.fastembed_python if system == "fastembed" else sys.executable
+        cmd = [python, __file__, a.folder, "--export", a.export, "--child", system]
         cmd += ["--int8", a.int8] if a.int8 else []
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
@@ -136,7 +172,7 @@ def main() -> None:
             f"tokens per text: short {rows[0]['short_tokens_per_text']:.1f}, long {rows[0]['long_tokens_per_text']:.1f}"
         )
     ours = np.load("/tmp/bench-encoders-edgeroute.npy")
-    for other in ("st-torch", "st-onnx", "edgeroute-int8"):
+    for other in ("st-torch", "st-onnx", "edgeroute-int8", "fastembed"):
         path = Path(f"/tmp/bench-encoders-{other}.npy")
         if path.exists():
             theirs = np.load(path)

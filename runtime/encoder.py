@@ -528,6 +528,8 @@ def _is_pair(item: Any) -> bool:
 def _per_owner(values: np.ndarray, owners: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The ``weights``-weighted mean of ``values``' rows per owner (rows of one owner are adjacent)."""
     count = int(owners.max()) + 1 if len(owners) else 0
+    if count == len(owners):  # a row each (no windows): the rows themselves
+        return values
     total = np.zeros((count, values.shape[1]), dtype=np.float64)
     np.add.at(total, owners, values.astype(np.float64) * weights[:, None])
     norm = np.zeros(count, dtype=np.float64)
