@@ -4,7 +4,9 @@ and fastembed (``--fastembed-python``), on the same sentence-transformers folder
 one after another.
 
 Per system: throughput (texts/s and tokens/s) on short texts (~16 tokens) and long ones (~256 tokens) at batch
-1 and 32, single-text latency p50/p95 (short texts), and the process's peak RSS. Also the largest difference
+1 and 32, and on a corpus of 256 texts of mixed lengths embedded in one call (each system batching its own way:
+sentence-transformers and fastembed in batches of 32, edgeroute by its token budget), single-text latency p50/p95
+(short texts), and the process's peak RSS. Also the largest difference
 between edgeroute's vectors and the others' (cosine) on the same texts.
 
     python bench/encoders.py /tmp/minilm --export /tmp/minilm-er [--int8 /tmp/minilm-int8] \
@@ -55,7 +57,7 @@ def child(system: str, folder: str, export: str) -> None:
 
         model = er.EncoderModel.load(export)
 
-        def embed(batch: list[str]) -> np.ndarray:
+        def embed(batch: list[str], size: int | None = None) -> np.ndarray:  # (its own batching: a token budget)
             return model.embed(batch).vectors
 
         def count(batch: list[str]) -> int:
@@ -67,8 +69,8 @@ def child(system: str, folder: str, export: str) -> None:
         fe = TextEmbedding(model_name=FASTEMBED_MODEL, specific_model_path=export, threads=2)
         tok = Tokenizer.from_file(str(Path(export) / "tokenizer.json"))
 
-        def embed(batch: list[str]) -> np.ndarray:
-            return np.array(list(fe.embed(batch, batch_size=len(batch))))
+        def embed(batch: list[str], size: int | None = None) -> np.ndarray:
+            return np.array(list(fe.embed(batch, batch_size=size or len(batch))))
 
         def count(batch: list[str]) -> int:
             return sum(len(e.ids) for e in tok.encode_batch(batch))
@@ -78,8 +80,8 @@ def child(system: str, folder: str, export: str) -> None:
         kw = {"backend": "onnx"} if system == "st-onnx" else {}
         st = SentenceTransformer(folder, device="cpu", **kw)
 
-        def embed(batch: list[str]) -> np.ndarray:
-            return st.encode(batch, batch_size=32, convert_to_numpy=True)
+        def embed(batch: list[str], size: int | None = None) -> np.ndarray:
+            return st.encode(batch, batch_size=size or 32, convert_to_numpy=True)
 
         def count(batch: list[str]) -> int:
             return sum(len(x) for x in st.tokenizer(batch)["input_ids"])
@@ -97,6 +99,16 @@ def child(system: str, folder: str, export: str) -> None:
             out[f"{name}_b{batch}_texts_s"] = len(pool) / dt
             out[f"{name}_b{batch}_tokens_s"] = count(pool) / dt
         out[f"{name}_tokens_per_text"] = count(pool) / len(pool)
+    import random
+
+    rng = random.Random(5)  # mixed lengths in one call, as a corpus is embedded: each system batches its own way
+    mixed = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 200))) for _ in range(256)]
+    embed(mixed[:8], 32)
+    t0 = time.perf_counter()
+    embed(mixed, 32)
+    dt = time.perf_counter() - t0
+    out["mixed_texts_s"] = len(mixed) / dt
+    out["mixed_tokens_per_text"] = count(mixed) / len(mixed)
     lat = []
     for t in texts(60, 12, 2):
         t0 = time.perf_counter()
@@ -160,7 +172,7 @@ def main() -> None:
             continue
         rows.append(json.loads(line[0][len("RESULT ") :]))
     print(f"{cpu_name()}; {a.folder}")
-    cols = ["short_b1", "short_b32", "long_b1", "long_b32"]
+    cols = ["short_b1", "short_b32", "long_b1", "long_b32", "mixed"]
     print(
         f"{'system':<15}" + "".join(f"{c + ' texts/s':>20}" for c in cols) + f"{'p50 ms':>9}{'p95 ms':>9}{'RSS MB':>9}"
     )
@@ -168,8 +180,10 @@ def main() -> None:
         cells = "".join(f"{r[c + '_texts_s']:>20.1f}" for c in cols)
         print(f"{r['system']:<15}{cells}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['rss_mb']:>9.0f}")
     if rows:
+        r = rows[0]
         print(
-            f"tokens per text: short {rows[0]['short_tokens_per_text']:.1f}, long {rows[0]['long_tokens_per_text']:.1f}"
+            f"tokens per text: short {r['short_tokens_per_text']:.1f}, long {r['long_tokens_per_text']:.1f},"
+            f" mixed {r['mixed_tokens_per_text']:.1f} (256 texts of 4-200 words in one call, batches of 32)"
         )
     ours = np.load("/tmp/bench-encoders-edgeroute.npy")
     for other in ("st-torch", "st-onnx", "edgeroute-int8", "fastembed"):

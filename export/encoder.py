@@ -199,7 +199,7 @@ def _validate_logits(
             ours = model._run(ids, mask)[mask.astype(bool)]
             want = want[mask.astype(bool)]
         else:
-            ours = model._scores(VALIDATION_TEXTS, "refuse", 8192, "none", "mean")[0]
+            ours = model._scores(VALIDATION_TEXTS, "refuse", 2048, "none", "mean")[0]
         step.advance(len(VALIDATION_TEXTS))
     diff = float(np.abs(ours - want).max())
     same = bool((ours.argmax(-1) == want.argmax(-1)).all())

@@ -21,7 +21,7 @@ bounded by the budget whatever the number of inputs; results come back in input 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from .encoder_math import (
     pool,
     uncertainty,
 )
+from .encoder_runs import OVERFLOWS, EncoderRuns, Row, is_pair, merged, per_owner, windows_of
 from .errors import ConfigError, ManifestError, ModelLoadError
 from .ner import (
     AGGREGATIONS,
@@ -76,12 +77,10 @@ __all__ = [
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 FUNCTIONS = ("softmax", "sigmoid", "none")
 _DEFAULT_FUNCTION = {PROBLEM_TYPES[0]: "softmax", PROBLEM_TYPES[1]: "sigmoid", PROBLEM_TYPES[2]: "none"}
-OVERFLOWS = ("refuse", "truncate", "chunk")
-MAX_BATCH_TOKENS = 8192  # padded positions per graph run by default (MiniLM-sized encoders: tens of MB of activations)
-MAX_WINDOWS = 256  # windows one input may run in with overflow="chunk"
+# padded positions per graph run by default: measured on MiniLM, 2 cores (bench/results/encoders-ner-int8-2026-12-07.md):
+# a corpus of mixed lengths runs 1.3x faster at 2,048 than at 8,192 (smaller runs stay in cache), fixed batches as fast
+MAX_BATCH_TOKENS = 2048
 MAX_SAMPLES = 64  # stochastic passes per call
-
-_Row = tuple[list[int], list[int] | None]  # token ids, token type ids (None: all zero)
 
 
 def is_encoder_folder(folder: str | Path) -> bool:
@@ -93,7 +92,7 @@ def is_encoder_folder(folder: str | Path) -> bool:
     return isinstance(data, dict) and data.get("task") in ENCODER_TASKS
 
 
-class EncoderModel:
+class EncoderModel(EncoderRuns):
     """An exported encoder: :meth:`embed` (embedding models), :meth:`classify` and :meth:`rerank` (classifiers;
     rerank for one-score models such as cross-encoders), :meth:`entities` (token classifiers)."""
 
@@ -171,12 +170,12 @@ class EncoderModel:
         for index, output, mask in self._runs(rows, max_batch_tokens):
             pooled[index] = pool(output, mask, self.pooling, False)
         weights = np.array([len(r[0]) for r in rows], dtype=np.float32)
-        out = _per_owner(pooled, owners, weights)
+        out = per_owner(pooled, owners, weights)
         if dimensions is not None:
             out = out[:, :dimensions]
         out = normalized(out) if norm else out
         tokens = [int(weights[owners == i].sum()) for i in range(len(cut))]
-        return Embeddings(out, tokens, cut, _windows(owners, len(cut)))
+        return Embeddings(out, tokens, cut, windows_of(owners, len(cut)))
 
     def classify(
         self,
@@ -254,7 +253,7 @@ class EncoderModel:
             raise ConfigError(
                 "task", self.task, f"rerank needs a one-score model (a cross-encoder), not {len(self.labels)} labels"
             )
-        if not pairs or not all(_is_pair(p) and p[0] and p[1] for p in pairs):
+        if not pairs or not all(is_pair(p) and p[0] and p[1] for p in pairs):
             raise ConfigError("pairs", len(pairs), "must be a list of (query, document) pairs of non-empty strings")
         fn = "none" if raw_scores else "sigmoid"
         scores, cut, windows, _ = self._scores(check_inputs(list(pairs)), overflow, max_batch_tokens, fn, "max")
@@ -315,7 +314,7 @@ class EncoderModel:
         windows: list[list[Any]] = []
         for i, enc in enumerate(full):
             windows.append(self._windowed(items[i], stride or 0, overflow == "chunk") if cut[i] else [enc])
-        rows: list[_Row] = [(list(w.ids), None) for ws in windows for w in ws for _ in range(samples)]
+        rows: list[Row] = [(list(w.ids), None) for ws in windows for w in ws for _ in range(samples)]
         logits: list[np.ndarray] = [np.zeros(0)] * len(rows)
         for index, output, _mask in self._runs(rows, max_batch_tokens, dropout=samples > 1):
             for r, i in enumerate(index):
@@ -336,7 +335,7 @@ class EncoderModel:
             at += len(ws)
             chunked = overflow == "chunk" and cut[i]
             if chunked and words == "text":  # one sequence: each token's scores from its most central window
-                ws, lg = [full[i]], [_merged(full[i], ws, lg)]
+                ws, lg = [full[i]], [merged(full[i], ws, lg)]
             found = []
             for w, g in zip(ws, lg, strict=True):
                 got = aggregate(text, w, g[:, :labels], aggregation, ignore, self._tok, self.labels, **options)
@@ -392,9 +391,9 @@ class EncoderModel:
             per = np.full((count, samples * labels), -np.inf)
             np.maximum.at(per, owners, passes)
         else:
-            per = _per_owner(passes, owners, np.ones(len(rows)))
+            per = per_owner(passes, owners, np.ones(len(rows)))
         each = per.reshape(count, samples, labels)
-        windows = _windows(owners, count)
+        windows = windows_of(owners, count)
         if samples == 1:
             return each[:, 0], cut, windows, None
         mean, entropy, information = uncertainty(each, function)
@@ -410,131 +409,9 @@ class EncoderModel:
                 "needs an export with the fine-tune's dropout in the graph: re-export the checkpoint with this version",
             )
 
-    def _rows(self, items: Sequence[Any], overflow: str) -> tuple[list[_Row], np.ndarray, list[bool]]:
-        """Each input's rows (one, or its windows with ``overflow="chunk"``), the input each row belongs to, and
-        which inputs were cut (over ``max_length`` with ``overflow="truncate"``; refused with ``"refuse"``)."""
-        if overflow not in OVERFLOWS:
-            raise ConfigError("overflow", overflow, f"must be one of {', '.join(OVERFLOWS)}")
-        rows = self._tokens(items)
-        cut = self._over([len(r[0]) for r in rows], overflow)
-        out: list[_Row] = []
-        owners: list[int] = []
-        for i, row in enumerate(rows):
-            if not cut[i]:
-                parts = [row]
-            elif isinstance(items[i], str) or _is_pair(items[i]):
-                parts = [(list(w.ids), list(w.type_ids)) for w in self._windowed(items[i], 0, overflow == "chunk")]
-            else:  # token ids as given: cut, or split into windows, as they are
-                ids = row[0]
-                step = self.max_length if overflow == "chunk" else len(ids)
-                parts = [(ids[s : s + self.max_length], None) for s in range(0, len(ids), step)]
-            if len(parts) > MAX_WINDOWS:
-                raise ConfigError(f"texts[{i}]", f"{len(parts)} windows", f"is over {MAX_WINDOWS} windows: split it")
-            out += parts
-            owners += [i] * len(parts)
-        return out, np.array(owners, dtype=np.int64), [c and overflow == "truncate" for c in cut]
-
-    def _windowed(self, item: Any, stride: int, chunk: bool) -> list[Any]:
-        """The tokenizer's encoding of a long text (or (text, pair): the pair is cut) cut at ``max_length``, and
-        with ``chunk`` every overflowing window after it (``stride`` tokens shared)."""
-        pair = _is_pair(item)
-        self._tok.enable_truncation(self.max_length, stride=stride, strategy="only_second" if pair else "longest_first")
-        try:
-            enc = self._tok.encode(*item) if pair else self._tok.encode(item)
-        except Exception as e:  # tokenizers: the first text alone is over the length
-            raise ConfigError("texts", "a text pair", f"cannot be cut to {self.max_length} tokens: {e}") from None
-        finally:
-            self._tok.no_truncation()
-        return [enc, *enc.overflowing] if chunk else [enc]
-
-    def _tokens(self, items: Sequence[Any]) -> list[_Row]:
-        """Texts (and (text, pair) tuples) tokenised, special tokens added; token-id lists as given, checked
-        against the vocabulary."""
-        texts = [t for t in items if isinstance(t, str) or _is_pair(t)]
-        encoded = iter(self._tok.encode_batch(list(texts)) if texts else [])
-        out: list[_Row] = []
-        for i, t in enumerate(items):
-            if isinstance(t, str) or _is_pair(t):
-                e = next(encoded)
-                out.append((list(e.ids), list(e.type_ids) if _is_pair(t) else None))
-                continue
-            ids = [int(x) for x in t]
-            bad = [x for x in ids if not 0 <= x < self._vocab]
-            if bad:
-                raise ConfigError(
-                    f"texts[{i}]", bad[0], f"is not a token id of this model's vocabulary ({self._vocab})"
-                )
-            out.append((ids, None))
-        return out
-
-    def _over(self, lengths: list[int], overflow: str) -> list[bool]:
-        """Which inputs are over ``max_length`` tokens: a ``ConfigError`` naming the first when refused."""
-        if overflow not in OVERFLOWS:
-            raise ConfigError("overflow", overflow, f"must be one of {', '.join(OVERFLOWS)}")
-        cut = [n > self.max_length for n in lengths]
-        if any(cut) and overflow == "refuse":
-            i = cut.index(True)
-            raise ConfigError(
-                f"texts[{i}]",
-                f"{lengths[i]} tokens",
-                f"is over the model's {self.max_length}: shorten it, cut it at the end (overflow='truncate'), or"
-                " run it in windows (overflow='chunk')",
-            )
-        return cut
-
-    def _runs(
-        self, rows: list[_Row], max_batch_tokens: int, dropout: bool = False
-    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
-        """``(indices, output, mask)`` per graph run: the rows sorted by length, batched within ``max_batch_tokens``
-        padded positions (a longer row runs alone)."""
-        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            raise ConfigError("max_batch_tokens", max_batch_tokens, "must be an integer >= 1")
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(rows[order[end]][0]) <= max_batch_tokens:
-                end += 1
-            index = order[start:end]
-            ids, mask = padded([rows[i][0] for i in index], self._pad)
-            types = np.zeros_like(ids)
-            for r, i in enumerate(index):
-                given = rows[i][1]
-                if given is not None:
-                    types[r, : len(given)] = given
-            yield index, self._run(ids, mask, types, dropout), mask
-            start = end
-
-    def _run(
-        self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None = None, dropout: bool = False
-    ) -> np.ndarray:
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self._inputs:
-            feeds["token_type_ids"] = np.zeros_like(ids) if types is None else types
-        feeds = {k: v for k, v in feeds.items() if k in self._inputs}
-        if dropout and self.dropout_input is not None:  # (an overridable initializer: not among get_inputs())
-            feeds[self.dropout_input] = np.array(True)
-        return self.session.run(None, feeds)[0]
-
     def __repr__(self) -> str:
         what = f"pooling={self.pooling!r}" if self.task == "embedding" else f"labels={len(self.labels)}"
         return f"EncoderModel({str(self.path)!r}, task={self.task!r}, {what}, dim={self.dimension})"
-
-
-def _is_pair(item: Any) -> bool:
-    return isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)
-
-
-def _per_owner(values: np.ndarray, owners: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The ``weights``-weighted mean of ``values``' rows per owner (rows of one owner are adjacent)."""
-    count = int(owners.max()) + 1 if len(owners) else 0
-    if count == len(owners):  # a row each (no windows): the rows themselves
-        return values
-    total = np.zeros((count, values.shape[1]), dtype=np.float64)
-    np.add.at(total, owners, values.astype(np.float64) * weights[:, None])
-    norm = np.zeros(count, dtype=np.float64)
-    np.add.at(norm, owners, weights)
-    return (total / norm[:, None]).astype(values.dtype)
 
 
 def _token_uncertainty(passes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -542,30 +419,3 @@ def _token_uncertainty(passes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     mean, entropy, information = uncertainty(np.moveaxis(passes, 0, 1), "softmax")
     assert entropy is not None and information is not None
     return mean, entropy, information
-
-
-def _windows(owners: np.ndarray, count: int) -> list[int]:
-    return [int(x) for x in np.bincount(owners, minlength=count)]
-
-
-def _merged(full: Any, windows: list[Any], logits: list[np.ndarray]) -> np.ndarray:
-    """One text's logits over its whole (uncut) encoding from its overlapping windows' logits: each token's from
-    the window where it sits farthest from a cut edge (a window's edge that is not the text's)."""
-    positions = [i for i, s in enumerate(full.special_tokens_mask) if not s]
-    offsets = [tuple(full.offsets[i]) for i in positions]
-    out = np.zeros((len(full.ids), logits[0].shape[-1]), dtype=np.float32)
-    margin = np.full(len(full.ids), -1)
-    at = 0
-    for k, (w, lg) in enumerate(zip(windows, logits, strict=True)):
-        inner = [i for i, s in enumerate(w.special_tokens_mask) if not s]
-        first = tuple(w.offsets[inner[0]])
-        while at < len(offsets) and (offsets[at] != first or full.ids[positions[at]] != w.ids[inner[0]]):
-            at += 1
-        for j, i in enumerate(inner):
-            left = j if k > 0 else len(inner)
-            right = len(inner) - 1 - j if k < len(windows) - 1 else len(inner)
-            p = positions[at + j]
-            if min(left, right) > margin[p]:
-                margin[p] = min(left, right)
-                out[p] = lg[i]
-    return out

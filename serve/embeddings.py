@@ -15,7 +15,7 @@ bad input never fails another's.
 Long inputs: refused by default (a 400 naming the input and its token count); TEI's ``truncate: true`` cuts them
 at the end; edgeroute's ``overflow``: ``"refuse"``, ``"truncate"`` or ``"chunk"`` (windows, as the library runs
 them). Bounds: at most :data:`MAX_INPUTS` inputs per request (OpenAI's 2,048), the body within the server's size
-limit, a chunked input at most ``edgeroute.encoder.MAX_WINDOWS`` windows; the queue holds at most
+limit, a chunked input at most ``edgeroute.encoder_runs.MAX_WINDOWS`` windows; the queue holds at most
 :data:`MAX_QUEUED` requests (then a 429).
 """
 
