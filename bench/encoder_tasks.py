@@ -101,18 +101,10 @@ def child(system: str, folder: str, exports: dict[str, str], task: str) -> None:
         def count(batch: list[str]) -> int:
             return sum(len(x) for x in tok(batch, truncation=True)["input_ids"])
 
+    from encoders import throughputs
+
     out: dict[str, object] = {"system": system}
-    for name, pool in (("short", short), ("long", long)):
-        run(pool[:4])  # warm-up
-        for batch in (1, 32):
-            chunks = [pool[i : i + batch] for i in range(0, len(pool), batch)]
-            t0 = time.perf_counter()
-            for c in chunks:
-                run(c)
-            dt = time.perf_counter() - t0
-            out[f"{name}_b{batch}_texts_s"] = len(pool) / dt
-            out[f"{name}_b{batch}_tokens_s"] = count(pool) / dt
-        out[f"{name}_tokens_per_text"] = count(pool) / len(pool)
+    throughputs(out, run, count, {"short": short, "long": long})
     lat = []
     for t in short[:100]:
         t0 = time.perf_counter()

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 FASTEMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # fastembed's name for the model (its settings)
 FASTEMBED_DIR = "/tmp/bench-encoders-fastembed-model"
@@ -58,7 +59,7 @@ def child(system: str, folder: str, export: str) -> None:
         model = er.EncoderModel.load(export)
 
         def embed(batch: list[str], size: int | None = None) -> np.ndarray:  # (its own batching: a token budget)
-            return model.embed(batch).vectors
+            return model.embed(batch, overflow="truncate").vectors  # (cut as the others cut, said so)
 
         def count(batch: list[str]) -> int:
             return sum(model.count_tokens(batch))
@@ -87,18 +88,7 @@ def child(system: str, folder: str, export: str) -> None:
             return sum(len(x) for x in st.tokenizer(batch)["input_ids"])
 
     out: dict[str, object] = {"system": system}
-    for name, words in (("short", 12), ("long", 200)):
-        pool = texts(64, words, 1)
-        embed(pool[:4])  # warm-up
-        for batch in (1, 32):
-            chunks = [pool[i : i + batch] for i in range(0, len(pool), batch)]
-            t0 = time.perf_counter()
-            for c in chunks:
-                embed(c)
-            dt = time.perf_counter() - t0
-            out[f"{name}_b{batch}_texts_s"] = len(pool) / dt
-            out[f"{name}_b{batch}_tokens_s"] = count(pool) / dt
-        out[f"{name}_tokens_per_text"] = count(pool) / len(pool)
+    throughputs(out, embed, count, {"short": texts(64, 12, 1), "long": texts(64, 200, 1)})
     import random
 
     rng = random.Random(5)  # mixed lengths in one call, as a corpus is embedded: each system batches its own way
@@ -120,6 +110,22 @@ def child(system: str, folder: str, export: str) -> None:
     np.save(f"/tmp/bench-encoders-{system}.npy", embed(probe))
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
+
+
+def throughputs(out: dict[str, object], run: Any, count: Any, pools: dict[str, list[str]]) -> None:
+    """``out[f"{pool}_b{batch}_texts_s"]`` (and ``_tokens_s``) for batches of 1 and 32 of each pool of texts,
+    ``run(batch)`` timed after a warm-up; ``count(texts)``: their tokens."""
+    for name, pool in pools.items():
+        run(pool[:4])  # warm-up
+        for batch in (1, 32):
+            chunks = [pool[i : i + batch] for i in range(0, len(pool), batch)]
+            t0 = time.perf_counter()
+            for c in chunks:
+                run(c)
+            dt = time.perf_counter() - t0
+            out[f"{name}_b{batch}_texts_s"] = len(pool) / dt
+            out[f"{name}_b{batch}_tokens_s"] = count(pool) / dt
+        out[f"{name}_tokens_per_text"] = count(pool) / len(pool)
 
 
 def cpu_name() -> str:
@@ -151,6 +157,8 @@ def main() -> None:
     import numpy as np
 
     rows = []
+    for stale in Path("/tmp").glob("bench-encoders-*.npy"):  # (the vectors compared below are this run's)
+        stale.unlink()
     systems = ["edgeroute", "st-torch", "st-onnx"] + (["edgeroute-int8"] if a.int8 else [])
     if a.fastembed_python:  # fastembed reads a local model folder: the same graph, the folder's tokenizer files
         import shutil
@@ -185,6 +193,8 @@ def main() -> None:
             f"tokens per text: short {r['short_tokens_per_text']:.1f}, long {r['long_tokens_per_text']:.1f},"
             f" mixed {r['mixed_tokens_per_text']:.1f} (256 texts of 4-200 words in one call, batches of 32)"
         )
+    if not Path("/tmp/bench-encoders-edgeroute.npy").exists():
+        return
     ours = np.load("/tmp/bench-encoders-edgeroute.npy")
     for other in ("st-torch", "st-onnx", "edgeroute-int8", "fastembed"):
         path = Path(f"/tmp/bench-encoders-{other}.npy")
