@@ -95,6 +95,8 @@ def run_encoder(model: er.EncoderModel, text: str | None, as_json: bool, options
         raise click.UsageError(f"--{next(k for k in ner if _given(k))} is for token classifiers")
     if options["output"] is not None and options["input_file"] is None:
         raise click.UsageError("--output needs --input FILE")
+    if options["pair"] is not None and options["input_file"] is not None:
+        raise click.UsageError('--pair is for one text: with --input, give each line its "pair"')
     if options["samples"] > 1 and model.task == "embedding":
         raise click.UsageError("-n (stochastic passes) is for classifiers and token classifiers")
     if options["stride"] is not None:  # windows sharing the stride: long texts run whole

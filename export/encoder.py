@@ -150,8 +150,9 @@ def export_classifier(
     source: Path, stage: Path, validate: bool, stages: Stages, precision: Precision, tokens: bool = False
 ) -> None:
     """Export a ``*ForSequenceClassification`` checkpoint into ``stage`` (fp32): the graph gives the logits; the
-    labels (``id2label`` in id order), the problem type (``problem_type``, else regression for one label and
-    single-label otherwise, as transformers reads it) and the maximum length go into the manifest; validated
+    labels (``id2label`` in id order), the problem type (``problem_type``, else single-label: a one-label model's
+    scores are then sigmoids, as transformers' pipeline scores them) and the maximum length go into the manifest;
+    validated
     against PyTorch's logits (max |difference| and the same best label)."""
     import torch
     import transformers
@@ -160,7 +161,7 @@ def export_classifier(
         raise ExportError(f"{source} has no tokenizer.json (a fast tokenizer is needed)")
     config = transformers.AutoConfig.from_pretrained(source)
     labels = [str(config.id2label[i]) for i in range(config.num_labels)]
-    problem = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+    problem = config.problem_type or "single_label_classification"  # (one label and none said: sigmoid, at run time)
     positions = max_positions(config)
     tok_config = source / "tokenizer_config.json"
     limit = json.loads(tok_config.read_text(encoding="utf-8")).get("model_max_length") if tok_config.is_file() else None

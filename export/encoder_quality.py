@@ -37,7 +37,7 @@ GATES: dict[str, tuple[tuple[str, float], ...]] = {
     "token-classification": (("entity_f1", 0.95), ("tag_agreement", 0.99)),
 }
 RETRIEVAL_GAP = 0.02  # retrieval agreement counts the texts whose fp32 nearest neighbour leads by this much
-MAX_QUALITY_TEXTS = 10_000
+MAX_QUALITY_TEXTS = 4096  # (one call of the model: its MAX_TEXTS)
 
 
 class QualityGateError(ExportValidationError):

@@ -21,6 +21,7 @@ bounded by the budget whatever the number of inputs; results come back in input 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,8 @@ __all__ = [
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 FUNCTIONS = ("softmax", "sigmoid", "none")
-_DEFAULT_FUNCTION = {PROBLEM_TYPES[0]: "softmax", PROBLEM_TYPES[1]: "sigmoid", PROBLEM_TYPES[2]: "none"}
-# padded positions per graph run by default: measured on MiniLM, 2 cores (bench/results/encoders-ner-int8-2026-12-07.md):
-# a corpus of mixed lengths runs 1.3x faster at 2,048 than at 8,192 (smaller runs stay in cache), fixed batches as fast
+# padded positions per graph run by default, measured on MiniLM on 2 cores (bench/results/encoders-ner-int8-*.md):
+# a mixed-length corpus runs 1.3x faster at 2,048 than at 8,192 (smaller runs stay in cache), fixed batches as fast
 MAX_BATCH_TOKENS = 2048
 MAX_SAMPLES = 64  # stochastic passes per call
 
@@ -115,6 +115,8 @@ class EncoderModel(EncoderRuns):
         self._tok = tokenizer
         self._tok.no_truncation()
         self._tok.no_padding()
+        self._cut_tok = _HFTokenizer.from_str(tokenizer.to_str())  # (truncation is state: a copy, under a lock)
+        self._cut_lock = threading.Lock()
         self._vocab = int(tokenizer.get_vocab_size(with_added_tokens=True))  # (milliseconds to ask: once)
         self._inputs = [i.name for i in session.get_inputs()]
         self._pad = int(tokenizer.token_to_id("[PAD]") or tokenizer.token_to_id("<pad>") or 0)
@@ -199,7 +201,7 @@ class EncoderModel(EncoderRuns):
             raise ConfigError("top_k", top_k, "must be None (all labels) or an integer >= 1")
         if function not in (None, *FUNCTIONS):
             raise ConfigError("function", function, f"must be None (the model's problem type) or one of {FUNCTIONS}")
-        fn = function or _DEFAULT_FUNCTION[self.problem_type]
+        fn = function or self.default_function
         self._check_samples(samples)
         items = self._paired(texts, pairs)
         scores, cut, windows, spread = self._scores(items, overflow, max_batch_tokens, fn, "mean", samples)
@@ -298,10 +300,12 @@ class EncoderModel(EncoderRuns):
         if scheme is not None and scheme not in SCHEMES:
             raise ConfigError("scheme", scheme, f"must be one of {', '.join(SCHEMES)}")
         self._check_samples(samples)
+        if scheme is not None and scheme not in ("BIO", "IO", self.scheme):
+            raise ConfigError("scheme", scheme, f"the model's tags are {self.scheme}: read them as that, BIO or IO")
         if stride is not None or overflow == "chunk":
             overflow = "chunk"
             room = self.max_length - self._specials
-            stride = room // 4 if stride is None else stride
+            stride = self.default_stride if stride is None else stride
             if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride < room:
                 raise ConfigError("stride", stride, f"must be an integer in [0, {room}) (a window holds {room} tokens)")
             if aggregation == "none" and words == "pipeline":
@@ -311,6 +315,8 @@ class EncoderModel(EncoderRuns):
         items = check_inputs([texts] if isinstance(texts, str) else texts, text_only=True)
         full = list(self._tok.encode_batch(list(items)))
         cut = self._over([len(e.ids) for e in full], overflow)
+        if overflow == "chunk":
+            self._bound_windows([len(e.ids) for e in full], stride or 0)
         windows: list[list[Any]] = []
         for i, enc in enumerate(full):
             windows.append(self._windowed(items[i], stride or 0, overflow == "chunk") if cut[i] else [enc])
@@ -398,6 +404,21 @@ class EncoderModel(EncoderRuns):
             return each[:, 0], cut, windows, None
         mean, entropy, information = uncertainty(each, function)
         return mean, cut, windows, (each.std(1), entropy, information)
+
+    @property
+    def default_stride(self) -> int:
+        """The tokens ``entities`` windows share unless told: a quarter of a window."""
+        return (self.max_length - self._specials) // 4
+
+    @property
+    def default_function(self) -> str:
+        """The function ``classify`` applies by default, as transformers' pipeline picks it: none for regression,
+        sigmoid for multi-label or one-label models, softmax otherwise."""
+        if self.problem_type == "regression":
+            return "none"
+        if self.problem_type == "multi_label_classification" or len(self.labels) == 1:
+            return "sigmoid"
+        return "softmax"
 
     def _check_samples(self, samples: int) -> None:
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:

@@ -24,6 +24,9 @@ class EncoderRuns:
     """The input side of an encoder model (the model sets these attributes)."""
 
     _tok: Any
+    _cut_tok: Any  # a copy of _tok for truncation (state), under _cut_lock
+    _cut_lock: Any
+    _specials: int
     _vocab: int
     _pad: int
     _inputs: list[str]
@@ -38,6 +41,8 @@ class EncoderRuns:
             raise ConfigError("overflow", overflow, f"must be one of {', '.join(OVERFLOWS)}")
         rows = self._tokens(items)
         cut = self._over([len(r[0]) for r in rows], overflow)
+        if overflow == "chunk":
+            self._bound_windows([len(r[0]) for r in rows], 0)
         out: list[Row] = []
         owners: list[int] = []
         for i, row in enumerate(rows):
@@ -57,16 +62,34 @@ class EncoderRuns:
 
     def _windowed(self, item: Any, stride: int, chunk: bool) -> list[Any]:
         """The tokenizer's encoding of a long text (or (text, pair): the pair is cut) cut at ``max_length``, and
-        with ``chunk`` every overflowing window after it (``stride`` tokens shared)."""
+        with ``chunk`` every overflowing window after it (``stride`` tokens shared). A tokenizer of its own, under
+        a lock: truncation is tokenizer state, and other threads tokenise with the model's meanwhile."""
         pair = is_pair(item)
-        self._tok.enable_truncation(self.max_length, stride=stride, strategy="only_second" if pair else "longest_first")
-        try:
-            enc = self._tok.encode(*item) if pair else self._tok.encode(item)
-        except Exception as e:  # tokenizers: the first text alone is over the length
-            raise ConfigError("texts", "a text pair", f"cannot be cut to {self.max_length} tokens: {e}") from None
-        finally:
-            self._tok.no_truncation()
+        with self._cut_lock:
+            tok = self._cut_tok
+            tok.enable_truncation(self.max_length, stride=stride, strategy="only_second" if pair else "longest_first")
+            try:
+                enc = tok.encode(*item) if pair else tok.encode(item)
+            except Exception as e:  # tokenizers: the first text alone is over the length
+                raise ConfigError("texts", "a text pair", f"cannot be cut to {self.max_length} tokens: {e}") from None
+            finally:
+                tok.no_truncation()
         return [enc, *enc.overflowing] if chunk else [enc]
+
+    def windows_needed(self, tokens: int, stride: int = 0) -> int:
+        """How many windows an input of ``tokens`` tokens (special tokens included) runs in with
+        ``overflow="chunk"`` and ``stride`` shared tokens (1 when it fits)."""
+        room = self.max_length - self._specials
+        content = tokens - self._specials
+        if tokens <= self.max_length:
+            return 1
+        return 1 + -(-(content - room) // max(room - stride, 1))
+
+    def _bound_windows(self, counts: Sequence[int], stride: int) -> None:
+        """A ``ConfigError`` naming the first input that would run in more than :data:`MAX_WINDOWS` windows."""
+        for i, n in enumerate(counts):
+            if self.windows_needed(n, stride) > MAX_WINDOWS:
+                raise ConfigError(f"texts[{i}]", f"{n} tokens", f"needs more than {MAX_WINDOWS} windows: split it")
 
     def _tokens(self, items: Sequence[Any]) -> list[Row]:
         """Texts (and (text, pair) tuples) tokenised, special tokens added; token-id lists as given, checked

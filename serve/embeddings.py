@@ -33,6 +33,7 @@ from typing import Any
 import edgeroute as er
 import numpy as np
 from edgeroute.encoder_math import spread as _spread
+from edgeroute.encoder_runs import MAX_WINDOWS
 from edgeroute.ner import AGGREGATIONS
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -148,8 +149,11 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         if not ok:
             raise invalid("model", f"{route} needs {what}: the model '{served}' is a {model.task} model")
 
-    def lengths(inputs: Sequence[Any], overflow: str, where: str) -> None:
-        """Check each input's token count (a 400 naming it when over the maximum and refused)."""
+    def lengths(inputs: Sequence[Any], overflow: str, where: str, stride: int = 0, first: str = "") -> None:
+        """Check each input before it is queued, so that no input can fail the requests it would share a run
+        with: its token ids, its length (over the maximum and refused), its windows (``chunk``: at most
+        ``MAX_WINDOWS``), and for (text, pair) inputs that the first text leaves room for the pair (``first``:
+        the parameter that names the first texts, else each input's own name). A 400 naming it."""
         try:
             counts = model.count_tokens(inputs)
         except er.ConfigError as e:  # a token id outside the vocabulary: named as the request names it
@@ -162,6 +166,14 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
                     f"{where}[{i}] is {n} tokens, over the model's {model.max_length}: shorten it, send"
                     ' "truncate": true to cut it at the end, or "overflow": "chunk" to run it in windows',
                 )
+            if overflow == "chunk" and model.windows_needed(n, stride) > MAX_WINDOWS:
+                raise invalid(f"{where}[{i}]", f"{where}[{i}] is {n} tokens: more than {MAX_WINDOWS} windows")
+        firsts = [x[0] for x in inputs if isinstance(x, tuple)]
+        if firsts and overflow != "refuse":  # only the pair is cut: the first text and one token must fit
+            for i, n in enumerate(model.count_tokens([(x, ".") for x in firsts])):
+                if n > model.max_length:
+                    param = first or f"{where}[{i}]"
+                    raise invalid(param, f"{param} is too long to leave room for its pair in {model.max_length} tokens")
 
     async def submit(inputs: list[Any], options: tuple[Any, ...]) -> Any:
         future = queue.submit(inputs, options)
@@ -213,7 +225,8 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         raw = bool(check_type(body, "raw_scores", bool, "a boolean"))
         overflow = _overflow(body)
         await run_in_threadpool(lengths, inputs, overflow, "inputs")
-        samples = check_type(body, "samples", int, "an integer") or 1
+        samples = check_type(body, "samples", int, "an integer")
+        samples = 1 if samples is None else samples
         results = await submit(inputs, ("predict", raw, overflow, samples))
         answers = [[{"label": x.label, "score": x.score} | _spread(x) for x in labels] for labels in results]
         return JSONResponse(answers[0] if single else answers)
@@ -230,11 +243,11 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
         with_text = bool(check_type(body, "return_text", bool, "a boolean"))
         overflow = _overflow(body)
         pairs = [(query, t) for t in texts]
-        await run_in_threadpool(lengths, pairs, overflow, "texts")
+        await run_in_threadpool(lengths, pairs, overflow, "texts", 0, "query")
         scored = await submit(pairs, ("rerank", raw, overflow))
-        answers = []
-        for r in sorted(scored, key=lambda r: -r.score):
-            answers.append({"index": r.index, "score": r.score} | ({"text": texts[r.index]} if with_text else {}))
+        answers = []  # (indices are this request's: the run it shared may have held other requests' texts first)
+        for i, r in sorted(enumerate(scored), key=lambda x: -x[1].score):
+            answers.append({"index": i, "score": r.score} | ({"text": texts[i]} if with_text else {}))
         return JSONResponse(answers)
 
     async def ner(request: Request) -> Response:
@@ -262,10 +275,9 @@ def create_embedding_app(model: er.EncoderModel, settings: Any) -> Starlette:
             if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
                 raise invalid("ignore_labels", "ignore_labels must be an array of strings")
             options["ignore_labels"] = tuple(ignore)
-        check = dict(options)
-        if "stride" in check:
-            check["overflow"] = "chunk"
-        await run_in_threadpool(lengths, inputs, check["overflow"], "inputs")
+        overflow = "chunk" if "stride" in options else options["overflow"]
+        stride = options.get("stride", model.default_stride)
+        await run_in_threadpool(lengths, inputs, overflow, "inputs", stride if isinstance(stride, int) else 0)
         found = await submit(inputs, ("ner", *sorted(options.items())))
         group = "entity" if options.get("aggregation") == "none" else "entity_group"
         answers = [

@@ -305,3 +305,19 @@ def test_rerank_and_text_pairs_equal_sentence_transformers(cross_encoder: tuple[
         assert e.value.field == field
     res = CliRunner().invoke(cli, ["run", str(out), query, "--pair", TEXTS[0], "--json"])
     assert json.loads(res.output)["labels"][0]["score"] == pytest.approx(by_pipe[0], abs=1e-5)
+    res = CliRunner().invoke(cli, ["run", str(out), "--input", "-", "--pair", "x"], input='"a"\n')
+    assert res.exit_code == 2 and "--pair is for one text" in res.output
+
+
+def test_a_one_label_classifier_without_a_problem_type_scores_as_the_pipeline(tmp_path: Path) -> None:
+    """transformers' pipeline: sigmoid for a one-label model unless it says regression."""
+    import transformers
+    from checkpoints import write_sequence_classifier
+
+    ckpt = write_sequence_classifier(tmp_path / "ckpt", None, 1)  # type: ignore[arg-type]
+    assert transformers.AutoConfig.from_pretrained(ckpt).problem_type is None
+    model = er.EncoderModel.load(CliRunner().invoke(cli, ["export", str(ckpt), str(tmp_path / "m")]) and tmp_path / "m")
+    assert model.default_function == "sigmoid"
+    pipe = transformers.pipeline("text-classification", model=str(ckpt), device="cpu")
+    got = [x[0].score for x in model.classify(TEXTS)]
+    np.testing.assert_allclose(got, [x["score"] for x in pipe(TEXTS)], atol=1e-5)

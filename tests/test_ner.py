@@ -367,3 +367,39 @@ def test_a_bioes_tagger_groups_by_its_scheme(tmp_path: Path) -> None:
         assert all(e.word == text[e.start : e.end] for e in g)
     as_bio = model.entities(NER_TEXTS, words="text", scheme="BIO")
     assert [[(e.label, e.start) for e in g] for g in as_bio] != [[(e.label, e.start) for e in g] for g in grouped]
+
+
+def test_windows_are_bounded_and_the_tokenizer_shared_safely(tagger: tuple[Path, Path]) -> None:
+    """An input needing more than MAX_WINDOWS windows is refused before any is made; chunking (which sets
+    truncation on a tokenizer) beside other threads' tokenising never trips the tokenizer; a scheme the tags
+    cannot be read as is refused."""
+    import threading
+
+    from edgeroute.encoder_runs import MAX_WINDOWS
+
+    _, out = tagger
+    model = er.EncoderModel.load(out)
+    text = " ".join(["Paris is nice."] * 400)
+    assert model.windows_needed(model.count_tokens([text])[0], 61) > MAX_WINDOWS
+    with pytest.raises(er.ConfigError) as e:
+        model.entities(["a", text], stride=61)
+    assert e.value.field == "texts[1]" and "windows" in e.value.reason
+    errors: list[BaseException] = []
+
+    def chunk() -> None:
+        try:
+            for _ in range(40):
+                model.entities([LONG], overflow="chunk")
+        except BaseException as x:  # noqa: BLE001 - the test reports it
+            errors.append(x)
+
+    thread = threading.Thread(target=chunk)
+    thread.start()
+    while thread.is_alive():
+        model.count_tokens([LONG, "a"])
+        model.encodings([LONG])
+    assert not errors, errors
+    assert len(model.encodings([LONG])[0].ids) > 64  # no truncation left behind
+    with pytest.raises(er.ConfigError) as e:
+        model.entities(NER_TEXTS, scheme="BIOES")
+    assert e.value.field == "scheme"

@@ -262,3 +262,42 @@ def test_a_cross_encoder_answers_rerank_and_pairs(tmp_path: Path) -> None:
         ):
             r = httpx.post(srv.url + "/rerank", json=bad, timeout=30)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_concurrent_reranks_get_their_own_indices_and_bounds_hold(tmp_path: Path, encoder_dir: Path) -> None:
+    """Requests joined into one run each get indices into their own texts (return_text too); inputs that could
+    fail a shared run are refused before it: a query with no room for its texts, an input needing more than the
+    window bound; ``samples: 0`` is a 400."""
+    from checkpoints import write_sequence_classifier
+    from edgeroute.encoder_runs import MAX_WINDOWS
+    from edgeroute.export import export_model
+
+    model = er.EncoderModel.load(
+        export_model(write_sequence_classifier(tmp_path / "ckpt", "regression", 1), tmp_path / "m")
+    )
+    docs = [[f"{t} number {i} {j}" for j, t in enumerate(TEXTS)] for i in range(8)]
+    answers: dict[int, Any] = {}
+    with Running(create_embedding_app(model, Settings("ce"))) as srv:
+
+        def client(i: int) -> None:
+            body = {"query": "the sea", "texts": docs[i], "return_text": True}
+            answers[i] = httpx.post(srv.url + "/rerank", json=body, timeout=60).json()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i in range(8):
+            want = model.rerank("the sea", docs[i])
+            assert [x["index"] for x in answers[i]] == [w.index for w in want], answers[i]
+            assert [x["text"] for x in answers[i]] == [docs[i][w.index] for w in want]
+        long_query = " ".join(["the sea"] * 40)
+        r = httpx.post(srv.url + "/rerank", json={"query": long_query, "texts": ["a"], "truncate": True}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "query", r.text
+        r = httpx.post(srv.url + "/predict", json={"inputs": TEXTS, "samples": 0}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "samples", r.text
+    huge = " ".join(["the sea and the sky"] * (MAX_WINDOWS * 8))  # (the tiny embedder's windows: 30 tokens)
+    with Running(create_embedding_app(er.EncoderModel.load(encoder_dir), Settings("e"))) as srv:
+        r = httpx.post(srv.url + "/embed", json={"inputs": ["ok", huge], "overflow": "chunk"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "inputs[1]", r.text
