@@ -8,6 +8,7 @@ thread-safe), and every KV cache belongs to whoever created it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,8 +95,9 @@ class Graph:
         """
         folder = Path(path)
         if is_encoder_folder(folder):
+            task = json.loads((folder / "edgeroute.json").read_text(encoding="utf-8"))["task"]
             raise ModelLoadError(
-                f"{folder} is an encoder model (an embedding export): load it with edgeroute.load() or"
+                f"{folder} is an encoder model (task {task}): load it with edgeroute.load() or"
                 " edgeroute.EncoderModel.load()"
             )
         manifest = Manifest.load(folder)
