@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,13 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SYSTEMS = ("transformers", "optimum", "edgeroute", "edgeroute-int8")
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def workloads(folder: Path) -> tuple[list[str], list[str], list[dict]]:
@@ -122,6 +114,8 @@ def child(system: str, folder: str, exports: dict[str, str], task: str) -> None:
         gold = [[(e["label"], e["start"], e["end"]) for e in x["entities"]] for x in test]
         out["gold"] = entity_f1(gold, found)
         Path(f"/tmp/bench-encoder-tasks-{system}.json").write_text(json.dumps(found))
+    from edgeroute.cli.bench_cmd import peak_rss_mb
+
     out["rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(out))
 
@@ -139,17 +133,14 @@ def main() -> None:
     if a.child:
         child(a.child, a.folder, exports, a.task)
         return
-    from encoders import cpu_name
+    from encoders import child_result, cpu_name
 
     rows = []
     for system in a.systems.split(","):
         cmd = [sys.executable, __file__, a.folder, "--fp32", a.fp32, "--int8", a.int8, "--task", a.task]
-        run = subprocess.run([*cmd, "--child", system], capture_output=True, text=True, timeout=3600)
-        line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-        if run.returncode != 0 or not line:
-            print(f"{system}: failed: {run.stderr.strip().splitlines()[-3:]}")
-            continue
-        rows.append(json.loads(line[0][len("RESULT ") :]))
+        result = child_result([*cmd, "--child", system], system, 3600)
+        if result is not None:
+            rows.append(result)
     print(f"{cpu_name()}; {a.folder} ({a.task})")
     cols = ["short_b1", "short_b32", "long_b1", "long_b32"]
     head = f"{'system':<16}" + "".join(f"{c + ' texts/s':>18}" for c in cols)

@@ -128,6 +128,16 @@ def throughputs(out: dict[str, object], run: Any, count: Any, pools: dict[str, l
         out[f"{name}_tokens_per_text"] = count(pool) / len(pool)
 
 
+def child_result(cmd: list[str], system: str, timeout: int) -> dict[str, Any] | None:
+    """Run one system's child process; its ``RESULT`` JSON line, or None (said on stdout) when it failed."""
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    if run.returncode != 0 or not line:
+        print(f"{system}: failed: {run.stderr.strip().splitlines()[-3:]}")
+        return None
+    return json.loads(line[0][len("RESULT ") :])
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -173,12 +183,9 @@ def main() -> None:
         python = a.fastembed_python if system == "fastembed" else sys.executable
         cmd = [python, __file__, a.folder, "--export", a.export, "--child", system]
         cmd += ["--int8", a.int8] if a.int8 else []
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-        if run.returncode != 0 or not line:
-            print(f"{system}: failed: {run.stderr.strip().splitlines()[-1:]}")
-            continue
-        rows.append(json.loads(line[0][len("RESULT ") :]))
+        result = child_result(cmd, system, 1800)
+        if result is not None:
+            rows.append(result)
     print(f"{cpu_name()}; {a.folder}")
     cols = ["short_b1", "short_b32", "long_b1", "long_b32", "mixed"]
     print(
