@@ -39,6 +39,7 @@ from .encoder_math import (
     Ranked,
     apply_function,
     check_inputs,
+    check_int,
     check_manifest,
     normalized,
     padded,
@@ -162,10 +163,8 @@ class EncoderModel(EncoderRuns):
             max_batch_tokens: the padded positions one graph run may hold.
         """
         self._need("embedding", "embed")
-        if dimensions is not None and (
-            isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= self.dimension
-        ):
-            raise ConfigError("dimensions", dimensions, f"must be an integer in [1, {self.dimension}]")
+        if dimensions is not None:
+            check_int("dimensions", dimensions, 1, self.dimension)
         norm = self.normalize if normalize is None else bool(normalize)
         rows, owners, cut = self._rows(check_inputs(texts), overflow)
         pooled = np.zeros((len(rows), self.dimension), dtype=np.float32)
@@ -176,7 +175,7 @@ class EncoderModel(EncoderRuns):
         if dimensions is not None:
             out = out[:, :dimensions]
         out = normalized(out) if norm else out
-        tokens = [int(weights[owners == i].sum()) for i in range(len(cut))]
+        tokens = [int(n) for n in np.bincount(owners, weights, minlength=len(cut))]
         return Embeddings(out, tokens, cut, windows_of(owners, len(cut)))
 
     def classify(
@@ -197,8 +196,8 @@ class EncoderModel(EncoderRuns):
         N > 1: N stochastic passes with the fine-tune's dropout on (one graph run, N rows per text): each score is
         the passes' mean, with its spread and uncertainty (:class:`Label`)."""
         self._need("classification", "classify")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ConfigError("top_k", top_k, "must be None (all labels) or an integer >= 1")
+        if top_k is not None:
+            check_int("top_k", top_k, 1, why="must be None (all labels) or an integer >= 1")
         if function not in (None, *FUNCTIONS):
             raise ConfigError("function", function, f"must be None (the model's problem type) or one of {FUNCTIONS}")
         fn = function or self.default_function
@@ -237,8 +236,8 @@ class EncoderModel(EncoderRuns):
         if not isinstance(query, str) or not query:
             raise ConfigError("query", query, "must be a non-empty string")
         docs = check_inputs(documents, text_only=True, name="documents")
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-            raise ConfigError("top_n", top_n, "must be None (all documents) or an integer >= 1")
+        if top_n is not None:
+            check_int("top_n", top_n, 1, why="must be None (all documents) or an integer >= 1")
         scored = self.score_pairs([(query, d) for d in docs], raw_scores, overflow, max_batch_tokens)
         return sorted(scored, key=lambda r: -r.score)[: top_n or len(docs)]
 
@@ -306,8 +305,7 @@ class EncoderModel(EncoderRuns):
             overflow = "chunk"
             room = self.max_length - self._specials
             stride = self.default_stride if stride is None else stride
-            if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride < room:
-                raise ConfigError("stride", stride, f"must be an integer in [0, {room}) (a window holds {room} tokens)")
+            check_int("stride", stride, 0, room - 1, f"must be an integer in [0, {room}) (a window holds {room})")
             if aggregation == "none" and words == "pipeline":
                 raise ConfigError(
                     "stride", stride, 'with aggregation "none" windows are merged per token: use words="text"'
@@ -421,8 +419,7 @@ class EncoderModel(EncoderRuns):
         return "softmax"
 
     def _check_samples(self, samples: int) -> None:
-        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:
-            raise ConfigError("samples", samples, f"must be an integer in [1, {MAX_SAMPLES}]")
+        check_int("samples", samples, 1, MAX_SAMPLES)
         if samples > 1 and self.dropout_input is None:
             raise ConfigError(
                 "samples",

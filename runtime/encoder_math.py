@@ -125,6 +125,13 @@ def spread(result: Any) -> dict[str, float]:
     return {n: getattr(result, n) for n in names if getattr(result, n, None) is not None}
 
 
+def check_int(name: str, value: Any, low: int, high: int | None = None, why: str | None = None) -> None:
+    """A ``ConfigError`` naming ``name`` unless ``value`` is an integer (not a boolean) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(name, value, why or f"must be an integer {bounds}")
+
+
 def check_inputs(texts: Any, text_only: bool = False, name: str = "texts") -> Sequence[Any]:
     """``texts`` checked: one string, or a non-empty list (at most :data:`MAX_TEXTS`) of strings, or of token-id
     lists unless ``text_only`` -> a list."""

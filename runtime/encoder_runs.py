@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .encoder_math import padded
+from .encoder_math import check_int, padded
 from .errors import ConfigError
 
 OVERFLOWS = ("refuse", "truncate", "chunk")
@@ -37,9 +37,7 @@ class EncoderRuns:
     def _rows(self, items: Sequence[Any], overflow: str) -> tuple[list[Row], np.ndarray, list[bool]]:
         """Each input's rows (one, or its windows with ``overflow="chunk"``), the input each row belongs to, and
         which inputs were cut (over ``max_length`` with ``overflow="truncate"``; refused with ``"refuse"``)."""
-        if overflow not in OVERFLOWS:
-            raise ConfigError("overflow", overflow, f"must be one of {', '.join(OVERFLOWS)}")
-        rows = self._tokens(items)
+        rows = self._tokens(items)  # (overflow is checked by _over)
         cut = self._over([len(r[0]) for r in rows], overflow)
         if overflow == "chunk":
             self._bound_windows([len(r[0]) for r in rows], 0)
@@ -131,8 +129,7 @@ class EncoderRuns:
     ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
         """``(indices, output, mask)`` per graph run: the rows sorted by length, batched within ``max_batch_tokens``
         padded positions (a longer row runs alone)."""
-        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            raise ConfigError("max_batch_tokens", max_batch_tokens, "must be an integer >= 1")
+        check_int("max_batch_tokens", max_batch_tokens, 1)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         start = 0
         while start < len(order):
