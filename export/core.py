@@ -15,7 +15,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,9 @@ def export_model(
     per_tensor: bool = False,
     quality_texts: str | os.PathLike[str] | None = None,
     force_quality: bool = False,
+    lora_rank: int | None = None,
+    lora_targets: Sequence[str] | None = None,
+    loras: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Export a checkpoint to an edgeroute model folder and return its path.
 
@@ -141,6 +144,13 @@ def export_model(
         quality_texts: an encoder's int8 export: a file of texts (one per line) the int8 model is measured on
             against fp32 (default: edgeroute's built-in set); below the gate's thresholds the export is refused
             (``QualityGateError``) unless ``force_quality`` (``export/encoder_quality.py``).
+        lora_rank: a decoder graph (fused backend, fp32/int8/int4) that takes LoRA adapters at run time, per row,
+            of at most this rank per module (docs/adapters.md); default: the largest rank of ``loras``, or none.
+        lora_targets: the modules adapters may change (``q_proj`` ... ``down_proj``); default: those of ``loras``,
+            or every linear module of the layers.
+        loras: name -> PEFT LoRA folder (or edgeroute adapter file): adapters kept apart from the base, written into
+            ``adapters/`` and listed by the manifest, each checked against PEFT in PyTorch (fp32: within the
+            export's tolerance; int8/int4: top-1 agreement recorded). Add more later with ``edgeroute adapter add``.
     """
     for name, value, allowed in (
         ("dtype", dtype, DTYPES),
@@ -163,6 +173,7 @@ def export_model(
             raise ConfigError("head", head, f"the LM head cannot have fewer bits than the {quantize} layers")
     if block_size not in BLOCK_SIZES:
         raise ConfigError("block_size", block_size, f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
+    lora = _lora_options(lora_rank, lora_targets, loras, dtype, backend)
     out = Path(out_dir).expanduser().resolve()
     _check_target(out, [p for p in (source, base, tokenizer) if p is not None])
     if out.exists() and not force:
@@ -189,7 +200,7 @@ def export_model(
         }
         given |= {"context_length": context_length is not None, "tokenizer": tokenizer is not None}
         given |= {"head": head is not None, "backend": backend != "auto", "device": device != "cpu"}
-        given |= {"block_size": block_size != 32, "calibrate": not calibrate}
+        given |= {"block_size": block_size != 32, "calibrate": not calibrate, "lora_rank": lora is not None}
         for name, on in given.items():
             if on:
                 reason = "is not available for encoder exports (fp32, int8 dynamic quantisation or fp16; on the CPU)"
@@ -233,12 +244,35 @@ def export_model(
                 encoder.export_classifier(Path(source).expanduser(), tmp, validate, stages, precision, tokens=tagger)
             else:
                 options = (dtype, quantize, validate, context_length, block_size, backend, calibrate, head)
-                _build(tmp, source, (base, tokenizer), device, options, stages)
+                _build(tmp, source, (base, tokenizer), device, options, stages, lora)
             _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _lora_options(
+    rank: int | None, targets: Sequence[str] | None, loras: Mapping[str, Any] | None, dtype: str, backend: str
+) -> tuple[int | None, Sequence[str] | None, dict[str, Any]] | None:
+    """The export's adapter options checked (None: a graph without adapter inputs)."""
+    if rank is None and targets is None and not loras:
+        return None
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 256):
+        raise ConfigError("lora_rank", rank, "must be an integer in [1, 256]")
+    if targets is not None and (isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets)):
+        raise ConfigError("lora_targets", targets, "must be a list of module names (q_proj, ..., down_proj)")
+    if dtype != "fp32":
+        raise ConfigError("dtype", dtype, "adapters at run time need an fp32 graph (fp32, int8 or int4 weights)")
+    if backend == "optimum":
+        raise ConfigError("backend", backend, "adapters at run time need the fused backend")
+    from edgeroute.adapters import check_file_name
+
+    for name in loras or {}:
+        check_file_name(name, "lora")
+    if rank is None and not loras:
+        raise ConfigError("lora_targets", targets, "needs --lora-rank (or adapters to take the rank from)")
+    return rank, targets, dict(loras or {})
 
 
 def _check_target(out: Path, sources: list[Any]) -> None:
@@ -285,8 +319,9 @@ def _build(
     device: str,
     options: tuple[str, str, bool, int | None, int, str, bool, str | None],
     stages: Stages,
+    lora: tuple[int | None, Sequence[str] | None, dict[str, Any]] | None = None,
 ) -> None:
-    from . import fused, graph, manifest_writer, sources
+    from . import adapters, fused, graph, manifest_writer, sources
 
     dtype, quantize, validate, context_length, block_size, backend, calibrate, head = options
     with stages("load") as step:
@@ -298,6 +333,11 @@ def _build(
     # provider keeps optimum's under auto until the fused fp16 graph is measured against it on a GPU
     fused_dtype = dtype == "fp32" or device == "cuda"
     use_fused = backend == "fused" or (backend == "auto" and why_not is None and fused_dtype)
+    if lora is not None and not use_fused:
+        raise ExportError(f"adapters at run time need the fused backend, which does not support {why_not}")
+    if lora is not None and src.kind == "lora":
+        raise ExportError("SOURCE is a LoRA adapter (it would be merged): give the base checkpoint and --lora NAME=DIR")
+    read = adapters.read_all(lora[2]) if lora is not None else {}
     if dtype == "fp16" and quantize != "none" and not use_fused:
         raise ExportError(f"an fp16 {quantize} export needs the fused backend, which does not support {why_not}")
     final = tmp / "model.onnx"
@@ -307,7 +347,8 @@ def _build(
     ctx = manifest_writer.context_of(src.model.config, context_length)
     if use_fused:
         with stages("export") as step:
-            contract = fused.build_fused(src.model, target, ctx, step)
+            layout = adapters.choose_layout(src.model, lora[0], lora[1], read) if lora is not None else None
+            contract = fused.build_fused(src.model, target, ctx, step, lora=layout)
     else:
         contract = _optimum_export(tmp, src, device, dtype, target, stages)
     quant: dict[str, Any] = {"method": "none"}
@@ -342,6 +383,9 @@ def _build(
 
             report = run_validation(tmp, src.model, dtype, quantize != "none", step=step)
         manifest_writer.add_validation(tmp, report, stages.times)
+    if lora is not None and lora[2]:
+        with stages("adapters"):
+            adapters.add_all(tmp, lora[2], src.model, src.tokenizer, quantize != "none", validate)
 
 
 def check_on_cuda(graph_path: Path) -> None:

@@ -25,6 +25,12 @@ Families differ in a few places, each described by a ``_Family`` read off the ch
 - sliding windows are per layer (``layer_types``), as the checkpoint's own attention masks apply them.
 
 Every MatMul has a constant weight, so ``graph.quantize_weights`` turns them all into MatMulNBits.
+
+With ``lora`` (``export --lora-rank R``) the projections adapters may change also add ``(x·A)·B``, where ``A``
+``[batch, in, rank]`` and ``B`` ``[batch, rank, out]`` are graph inputs, one matrix per row (``edgeroute.adapters``
+says how the runtime fills them; zeros give the base model exactly). Packed projections pack their modules' LoRA
+too: ``A`` side by side (``R`` columns per module), ``B`` block-diagonal. These MatMuls have no constant weight:
+quantisation leaves them float.
 Supported: llama, mistral, qwen2, phi3, qwen3, gemma3_text, smollm3 with static rotary embeddings. Anything else
 goes through the optimum backend (``backend="optimum"``).
 """
@@ -35,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeroute.contract import DEFAULT_OUTPUTS, SHARED_GRAPH_INPUTS, GraphContract, Name
+from edgeroute.contract import DEFAULT_OUTPUTS, LORA_INPUT, SHARED_GRAPH_INPUTS, GraphContract, Name
 from edgeroute.errors import ExportError
 
 from .steps import NO_STEP, Step
+
 
 FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text", "smollm3")
 _STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
@@ -176,18 +183,62 @@ class _Builder:
 
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
 
-    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, lora: tuple[str, str] | None = None) -> str:
+        """``x·w (+ b)``; with ``lora`` (the names of the row-wise inputs A and B) plus ``(x·A)·B``."""
         out = f"{name}/out"
-        mm = out if b is None else f"{name}/mm"
+        base = f"{name}/base" if lora else out
+        mm = base if b is None else f"{name}/mm"
         self.node("MatMul", [x, self.const(f"{name}.weight", w)], [mm], f"{name}/MatMul")
         if b is not None:
-            self.node("Add", [mm, self.const(f"{name}.bias", b)], [out], f"{name}/Add")
+            self.node("Add", [mm, self.const(f"{name}.bias", b)], [base], f"{name}/Add")
+        if lora:
+            self.node("MatMul", [x, lora[0]], [f"{name}/lora_a"], f"{name}/LoraA")
+            self.node("MatMul", [f"{name}/lora_a", lora[1]], [f"{name}/lora_b"], f"{name}/LoraB")
+            self.node("Add", [base, f"{name}/lora_b"], [out], f"{name}/LoraAdd")
         return out
 
 
-def build_fused(model: Any, path: Path, max_positions: int, step: Step = NO_STEP) -> GraphContract:
+def lora_layout(model: Any, rank: int, targets: tuple[str, ...] | None) -> dict[str, Any]:
+    """The manifest's ``lora`` field for adapters of at most ``rank`` on ``targets`` (None: every linear module of
+    the layers): each packed projection's input and output widths and the modules it takes (``edgeroute.adapters``).
+    """
+    cfg = model.config
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    hidden = int(cfg.hidden_size)
+    q_out, kv_out = cfg.num_attention_heads * _head_size(cfg), cfg.num_key_value_heads * _head_size(cfg)
+    inter = int(mlp.down_proj.weight.shape[1])
+    packed_qkv, packed_mlp = hasattr(attn, "qkv_proj"), hasattr(mlp, "gate_up_proj")
+    qkv = [("qkv_proj", 0, q_out + 2 * kv_out)] if packed_qkv else [
+        ("q_proj", 0, q_out), ("k_proj", q_out, kv_out), ("v_proj", q_out + kv_out, kv_out)]  # fmt: skip
+    gate_up = [("gate_up_proj", 0, 2 * inter)] if packed_mlp else [("gate_proj", 0, inter), ("up_proj", inter, inter)]
+    projections = {
+        "qkv_proj": (hidden, q_out + 2 * kv_out, qkv),
+        "o_proj": (q_out, hidden, [("o_proj", 0, hidden)]),
+        "gate_up_proj": (hidden, 2 * inter, gate_up),
+        "down_proj": (inter, hidden, [("down_proj", 0, hidden)]),
+    }
+    known = [m for _, _, subs in projections.values() for m, _, _ in subs]
+    wanted = known if targets is None else list(targets)
+    unknown = [t for t in wanted if t not in known]
+    if unknown:
+        raise ExportError(
+            f"LoRA target(s) {', '.join(unknown)} are not linear modules of this model's layers (it has:"
+            f" {', '.join(known)}); embeddings and the LM head stay the base's"
+        )
+    out: dict[str, Any] = {}
+    for name, (width_in, width_out, subs) in projections.items():
+        kept = [[m, off, w] for m, off, w in subs if m in wanted]
+        if kept:
+            out[name] = {"in": width_in, "out": width_out, "subs": kept}
+    return {"rank": int(rank), "targets": [m for m in known if m in wanted], "projections": out}
+
+
+def build_fused(
+    model: Any, path: Path, max_positions: int, step: Step = NO_STEP, lora: dict[str, Any] | None = None
+) -> GraphContract:
     """Write the fused graph of ``model`` (fp32) to ``path``; return its contract for the manifest. ``step`` counts
-    the layers built."""
+    the layers built; ``lora`` (:func:`lora_layout`) adds per-row adapter inputs."""
     from onnx import TensorProto, helper
 
     from . import graph as graph_io
@@ -204,8 +255,10 @@ def build_fused(model: Any, path: Path, max_positions: int, step: Step = NO_STEP
     vocab = int(model.lm_head.weight.shape[0])
     inter = int(layers[0].mlp.down_proj.weight.shape[1])
     contract = GraphContract(
-        n_layers, kv_heads, head, vocab, SHARED_GRAPH_INPUTS, DEFAULT_OUTPUTS, logits="keep", kv_layout="shared"
-    )
+        n_layers, kv_heads, head, vocab, SHARED_GRAPH_INPUTS, DEFAULT_OUTPUTS, logits="keep", kv_layout="shared",
+        lora=lora,
+    )  # fmt: skip
+    lora_in = {name: shape for name, shape in contract.lora_inputs()}
     ids_in, keep = str(contract.name(Name.INPUT_IDS)), str(contract.name(Name.LOGITS_TO_KEEP))
     seqlens, total = str(contract.name(Name.SEQLENS_K)), str(contract.name(Name.TOTAL_SEQUENCE_LENGTH))
     bld = _Builder()
@@ -235,6 +288,15 @@ def build_fused(model: Any, path: Path, max_positions: int, step: Step = NO_STEP
     ]
     outs = []
     step.total(n_layers)
+
+    def adapted(i: int, proj: str) -> tuple[str, str] | None:
+        """The LoRA inputs of layer ``i``'s ``proj`` (declared here), or None when adapters do not change it."""
+        a, b = (LORA_INPUT.format(layer=i, projection=proj, side=side) for side in "AB")
+        if a not in lora_in:
+            return None
+        for name in (a, b):
+            ins.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", *lora_in[name]]))
+        return a, b
 
     def weight(w: Any, name: str) -> str:
         return bld.const(f"{name}.weight", _np(w) + np.float32(fam.norm_offset))
@@ -267,7 +329,7 @@ def build_fused(model: Any, path: Path, max_positions: int, step: Step = NO_STEP
         p = f"layers.{i}"
         attn = layer.self_attn
         x = norm(layer.input_layernorm.weight, f"{p}.input_layernorm")
-        qkv = bld.linear(x, *_qkv(layer), f"{p}.attn.qkv_proj")
+        qkv = bld.linear(x, *_qkv(layer), f"{p}.attn.qkv_proj", adapted(i, "qkv_proj"))
         if fam.qk_norm:
             q, k, v = (f"{p}.attn/{n}" for n in ("q", "k", "v"))
             bld.node("Split", [qkv, "split.qkv"], [q, k, v], f"{p}.attn/Split", axis=-1)
@@ -286,13 +348,13 @@ def build_fused(model: Any, path: Path, max_positions: int, step: Step = NO_STEP
                  [f"{p}.attn/out", pres_k, pres_v], f"{p}.attn/GroupQueryAttention", domain="com.microsoft",
                  num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rot is not None), rotary_interleaved=0,
                  local_window_size=fam.windows[i], **extra)  # fmt: skip
-        pending = bld.linear(f"{p}.attn/out", *_linear(attn.o_proj), f"{p}.attn.o_proj")
+        pending = bld.linear(f"{p}.attn/out", *_linear(attn.o_proj), f"{p}.attn.o_proj", adapted(i, "o_proj"))
         if fam.post_norms:
             pending = plain_norm(pending, layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
             x = norm(layer.pre_feedforward_layernorm.weight, f"{p}.pre_feedforward_layernorm")
         else:
             x = norm(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
-        gu = bld.linear(x, *_gate_up(layer), f"{p}.mlp.gate_up_proj")
+        gu = bld.linear(x, *_gate_up(layer), f"{p}.mlp.gate_up_proj", adapted(i, "gate_up_proj"))
         bld.node("Split", [gu, "split.gate_up"], [f"{p}.mlp/gate", f"{p}.mlp/up"], f"{p}.mlp/Split", axis=-1)
         if fam.gelu:
             bld.node("FastGelu", [f"{p}.mlp/gate"], [f"{p}.mlp/act"], f"{p}.mlp/GeluTanh", domain="com.microsoft")
@@ -300,7 +362,9 @@ def build_fused(model: Any, path: Path, max_positions: int, step: Step = NO_STEP
             bld.node("QuickGelu", [f"{p}.mlp/gate"], [f"{p}.mlp/act"], f"{p}.mlp/SiLU", domain="com.microsoft",
                      alpha=1.0)  # fmt: skip
         bld.node("Mul", [f"{p}.mlp/act", f"{p}.mlp/up"], [f"{p}.mlp/prod"], f"{p}.mlp/Mul")
-        pending = bld.linear(f"{p}.mlp/prod", *_linear(layer.mlp.down_proj), f"{p}.mlp.down_proj")
+        pending = bld.linear(
+            f"{p}.mlp/prod", *_linear(layer.mlp.down_proj), f"{p}.mlp.down_proj", adapted(i, "down_proj")
+        )
         if fam.post_norms:
             pending = plain_norm(pending, layer.post_feedforward_layernorm.weight, f"{p}.post_feedforward_layernorm")
         step.advance()

@@ -7,6 +7,7 @@
 """
 
 from ._version import __version__
+from .adapters import Adapter
 from .chat import ChatSession
 from .config import GenerationConfig, SamplingConfig
 from .constraint import Constraint, Grammar, JsonObject, JsonSchema, Regex
@@ -14,6 +15,7 @@ from .contract import GraphContract
 from .encoder import Embeddings, EncoderModel
 from .engine import Engine, EngineStats
 from .errors import (
+    AdapterError,
     ChatTemplateError,
     ConcurrentUseError,
     ConfigError,
@@ -43,6 +45,8 @@ from .tokenizer import Tokenizer
 
 __all__ = [
     "__version__",
+    "Adapter",
+    "AdapterError",
     "ChatSession",
     "ChatTemplateError",
     "Completion",

@@ -88,9 +88,9 @@ def beam_search(model: Graph, prompt: list[int], config: GenerationConfig) -> Co
     unsatisfied = True
     top_b = np.arange(keep) < b
 
-    cache = model.new_cache(b)
+    cache = model.new_cache(b, adapter=config.adapter)  # every hypothesis on the request's adapter
     assert isinstance(cache, (KVCache, SharedKVCache))
-    first = cache.row(0) if isinstance(cache, SharedKVCache) else model.new_cache(1)
+    first = cache.row(0) if isinstance(cache, SharedKVCache) else model.new_cache(1, adapter=config.adapter)
     assert isinstance(first, (KVCache, SharedKVCache))
     logits0 = None
     for s in range(0, p_len, config.prefill_chunk):

@@ -225,6 +225,10 @@ class GenerationConfig:
             ``True`` (stop when ``num_beams`` finished) or ``"never"`` (with a positive length penalty, judge
             open hypotheses at ``max_new_tokens``).
         num_return_sequences: how many of the best finished hypotheses to return (at most ``num_beams``).
+        adapter: the name of a LoRA adapter loaded on the model (``Model.load_adapter``, or listed by the model
+            folder) to run this request on; None (default): the base model. Every path honours it (the engine mixes
+            requests on different adapters in one batch); an adapter that is not loaded is a ``ConfigError`` when
+            the request starts (docs/adapters.md).
     """
 
     max_new_tokens: int = 256
@@ -241,6 +245,7 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         _plain_fields(
@@ -304,6 +309,8 @@ class GenerationConfig:
             "must be None or an integer in [0, 20]",
         )
         object.__setattr__(self, "prompt_logprobs", None if pl is None else int(pl))
+        a = self.adapter
+        _check(a is None or (isinstance(a, str) and 1 <= len(a) <= 128), "adapter", a, "must be an adapter's name or None")
         self._check_beams()
 
     def _check_beams(self) -> None:

@@ -77,7 +77,8 @@ SHARED_GRAPH_INPUTS: dict[str, str | None] = {
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 # the manifest fields a contract is made of
 FIELDS = ("inputs", "outputs", "logits", "kv_layout", "num_layers", "num_kv_heads", "head_size", "kv_dtype",
-          "vocab_size")  # fmt: skip
+          "vocab_size", "lora")  # fmt: skip
+LORA_INPUT = "lora.{layer}.{projection}.{side}"  # a LoRA graph's per-row adapter weights (side A: [batch, in, rank])
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class GraphContract:
     logits: str = "all"
     kv_layout: str = "concat"
     kv_dtype: str = "float32"
+    lora: Mapping[str, Any] | None = None  # the graph's adapter inputs (``edgeroute.adapters.LoraLayout``)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> GraphContract:
@@ -103,7 +105,10 @@ class GraphContract:
 
     def to_fields(self) -> dict[str, Any]:
         """The manifest fields of this contract."""
-        return {k: dict(v) if isinstance(v, Mapping) else v for k in FIELDS for v in [getattr(self, k)]}
+        fields = {k: dict(v) if isinstance(v, Mapping) else v for k in FIELDS for v in [getattr(self, k)]}
+        if fields["lora"] is None:
+            del fields["lora"]
+        return fields
 
     # -- names -----------------------------------------------------------------------------------------------
     def name(self, logical: str) -> str | None:
@@ -125,7 +130,20 @@ class GraphContract:
         """Every graph input this contract feeds: ids, the optional inputs it names, the past."""
         names = [str(self.inputs[Name.INPUT_IDS])]
         names += [str(self.inputs[n]) for n in OPTIONAL_INPUTS if self.inputs.get(n)]
-        return names + [n for pair in self.past_names() for n in pair]
+        return names + [n for pair in self.past_names() for n in pair] + [name for name, _ in self.lora_inputs()]
+
+    def lora_inputs(self) -> list[tuple[str, tuple[int, int]]]:
+        """A LoRA graph's adapter inputs: ``(name, (rows, columns))`` of each per-row weight, every layer's
+        projections in order (A ``[in, rank]`` then B ``[rank, out]``); empty for other graphs."""
+        if not self.lora:
+            return []
+        out = []
+        for layer in range(self.num_layers):
+            for proj, p in self.lora["projections"].items():
+                rank = int(self.lora["rank"]) * len(p["subs"])
+                for side, shape in (("A", (p["in"], rank)), ("B", (rank, p["out"]))):
+                    out.append((LORA_INPUT.format(layer=layer, projection=proj, side=side), shape))
+        return out
 
     def output_names(self) -> list[str]:
         """The logits, then every layer's present key and value."""
@@ -169,6 +187,8 @@ class GraphContract:
         for (kn, vn), (k, v) in zip(self.past_names(), past, strict=True):
             feeds[kn] = k
             feeds[vn] = v
+        for name, shape in self.lora_inputs():  # no adapter: the LoRA graph's deltas are zero
+            feeds[name] = np.zeros((b, *shape), np.float32)
         return feeds
 
     def empty_past(self, batch: int = 1, length: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

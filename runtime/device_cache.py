@@ -168,6 +168,7 @@ class DeviceKVCache(SharedKVCache):
         self.bases = [int(v.data_ptr()) for v in self.store]
         self.lengths = np.zeros(batch_size, dtype=np.int32)
         self.binding: Any = None
+        self.lora = None  # a LoRA graph takes the host cache (graph._kv_placement)
 
     @property
     def buffers(self) -> list[np.ndarray]:  # type: ignore[override]

@@ -188,6 +188,9 @@ class Engine:
         if flows.active or self.mode == "solo":
             request._generator = Generator(self.model, config, flows)
         else:
+            # resolved now: an unknown adapter is the caller's error, and one unloaded while the request waits
+            # still runs it (what was accepted finishes as accepted)
+            request._adapter = self.model.adapter(config.adapter)
             rng = np.random.default_rng(config.sampling.seed)
             seq = TokenSequence(self.model, config, rng, len(ids) + config.max_new_tokens, Usage(len(ids)))
             seq.extend(ids)
@@ -276,6 +279,8 @@ class Engine:
         for request in plan.started_solo:
             self._start_solo(request)
         for run, reused in plan.started:
+            assert self._executor is not None
+            self._executor.adapt(run.slot.index, run.request._adapter)  # a copy into the row, if it changes
             self._hold(run.slot.index, reused)
             self._count("reused", reused)
         for chunk in plan.prefill:

@@ -14,6 +14,7 @@
     ├── QueueFullError                an Engine's queue is full: retry later (RuntimeError)
     ├── EngineClosedError             the Engine was closed; requests still running end with it (RuntimeError)
     ├── InferenceError                onnxruntime failure (wrapped with ``raise ... from``), non-finite logits
+    ├── AdapterError                  a LoRA adapter that cannot be read, does not fit the graph, or is not loaded
     ├── ExportError                   (edgeroute.export) unsupported architecture, missing extra, bad checkpoint
     │   └── ExportValidationError     the exported graph disagrees with the source model
     │       └── QualityGateError      (edgeroute.export) an encoder's int8/fp16 graph is below the quality gate
@@ -92,6 +93,13 @@ class EngineClosedError(EdgerouteError, RuntimeError):
 class InferenceError(EdgerouteError):
     """onnxruntime failed while running the graph (the original error is the ``__cause__``), or the graph
     returned logits that are not finite (NaN or +inf: broken weights)."""
+
+
+class AdapterError(EdgerouteError):
+    """A LoRA adapter could not be loaded or unloaded: a corrupt or unreadable file, a PEFT feature edgeroute does
+    not run (DoRA, biases, ``modules_to_save``), a module, rank or shape the model's graph does not take (an adapter
+    of another base), a graph without adapter inputs, a name already loaded or not loaded, or more adapters than
+    ``max_adapters``. A request naming an adapter that is not loaded is a ``ConfigError`` on ``adapter``."""
 
 
 class ExportError(EdgerouteError):

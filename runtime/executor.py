@@ -11,6 +11,7 @@ import numpy as np
 from .kv_cache import SharedKVCache
 
 if TYPE_CHECKING:
+    from .adapters import Adapter
     from .graph import Graph
 
 
@@ -24,6 +25,11 @@ class Executor:
         self.cache = cache
         self._rows = [cache.row(i) for i in range(max_batch)]
         self._heads: dict[int, SharedKVCache] = {}
+
+    def adapt(self, row: int, adapter: Adapter | None) -> None:
+        """Row ``row`` runs ``adapter`` (None: the base model) from its next run on: a copy of the adapter's weights
+        into the row's LoRA inputs when the row held another one (``SharedKVCache.set_adapter``)."""
+        self.cache.set_adapter(adapter, row)
 
     def hold(self, row: int, length: int) -> None:
         """Row ``row`` holds ``length`` positions from now on (a start after a reused prefix, a release)."""

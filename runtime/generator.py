@@ -47,7 +47,7 @@ class Generator:
         self._busy = threading.Lock()  # held by a call in progress: a second thread's call raises
         self.model = model
         self.config = config
-        self.cache = model.new_cache()
+        self.cache = model.new_cache(adapter=config.adapter)
         self.usage = Usage()
         rng = np.random.default_rng(config.sampling.seed)
         self._seq = TokenSequence(model, config, rng, model.context_length, self.usage)
@@ -332,7 +332,7 @@ def _make_guidance(
         ids = model.encode_prompt(negative)  # refuses a prompt that gives no token
     if len(ids) + config.max_new_tokens > model.context_length:
         raise ContextOverflowError(len(ids) + config.max_new_tokens, model.context_length, "negative prompt")
-    return float(scale), ids, routing.Stream(model, config.prefill_chunk)
+    return float(scale), ids, routing.Stream(model, config.prefill_chunk, config.adapter)  # the same fine-tune
 
 
 def _make_contrast(model: Graph, flows: Flows) -> tuple[routing.Stream, float, float] | None:
@@ -375,7 +375,7 @@ def generate_batch(model: Graph, prompts: list[list[int]], config: GenerationCon
     mask = np.zeros((b, total), dtype=np.int64)
     feed, mask[:, :width] = left_padded(prompts, width)
     feed = feed[:, -1:].copy()  # each row's next token to feed (a finished row feeds its last one again)
-    cache = model.new_cache(b)
+    cache = model.new_cache(b, adapter=config.adapter)
     t0 = time.perf_counter()
     n = width
     logits = cache.prefill_rows(model.session, prompts, config.prefill_chunk)

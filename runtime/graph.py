@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .adapters import DEFAULT_MAX_ADAPTERS, Adapter, AdapterSet, LoraLayout
 from .device_cache import Device, DeviceKVCache
 from .encoder import is_encoder_folder
 from .errors import ConfigError, ModelLoadError
@@ -42,6 +43,7 @@ class Graph:
         context_size: int | None = None,
         kv: str | None = None,
         cuda_graph: bool = False,
+        max_adapters: int = DEFAULT_MAX_ADAPTERS,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -60,7 +62,9 @@ class Graph:
         # graph rows beyond the tokenizer (a vocabulary padded for speed) have no text: never generated
         self.undecodable_ids = range(min(tokenizer.vocab_size, m.vocab_size), m.vocab_size)
         m.contract.check_session(session)
-        self.kv = _kv_placement(kv, provider, self.shared_kv, cuda_graph)
+        self.kv = _kv_placement(kv, provider, self.shared_kv, cuda_graph, m.lora is not None)
+        #: the LoRA adapters loaded on this model (``edgeroute.adapters``); empty for a graph without adapter inputs
+        self.adapters = AdapterSet(LoraLayout(m.contract) if m.lora else None, max_adapters)
         self.device = Device(provider, cuda_graph) if self.kv == "device" else None
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -74,6 +78,7 @@ class Graph:
         context_size: int | None = None,
         kv: str | None = None,
         cuda_graph: bool = False,
+        max_adapters: int = DEFAULT_MAX_ADAPTERS,
     ) -> G:
         """Load an edgeroute model folder.
 
@@ -92,6 +97,8 @@ class Graph:
                 Graphs with a concatenated cache (the optimum backend) are host-only.
             cuda_graph: on CUDA with a device cache, capture each decode step once and replay it
                 (onnxruntime's ``enable_cuda_graph``; ``runtime/device_cache.py`` says when it does not apply).
+            max_adapters: the most LoRA adapters loaded at once (a graph exported with ``--lora-rank``); the
+                adapters the folder lists are loaded now and count (``AdapterError`` when one does not fit).
         """
         folder = Path(path)
         if is_encoder_folder(folder):
@@ -105,9 +112,12 @@ class Graph:
         graph = folder / manifest.graph
         tokenizer = Tokenizer.from_folder(folder, manifest.chat_template, manifest.special_tokens)
         if cuda_graph:  # before the session, whose creation is the slow part
-            _kv_placement(kv, provider, manifest.kv_layout == "shared", cuda_graph)
+            _kv_placement(kv, provider, manifest.kv_layout == "shared", cuda_graph, manifest.lora is not None)
         session = create_session(graph, provider, threads, spin, cuda_graph=cuda_graph)
-        return cls(folder, manifest, session, tokenizer, provider, context_size, kv, cuda_graph)
+        model = cls(folder, manifest, session, tokenizer, provider, context_size, kv, cuda_graph, max_adapters)
+        for name, entry in manifest.adapters.items():
+            model.adapters.load(name, folder / str(entry["file"]))
+        return model
 
     # -- the graph -------------------------------------------------------------------------------------------
     def node_providers(self) -> dict[str, int]:
@@ -125,15 +135,40 @@ class Graph:
     def vocab_size(self) -> int:
         return self.manifest.vocab_size
 
-    def new_cache(self, batch_size: int = 1, capacity: int | None = None) -> Cache:
+    def new_cache(
+        self, batch_size: int = 1, capacity: int | None = None, adapter: str | Adapter | None = None
+    ) -> Cache:
         """An empty KV cache for this model: a :class:`KVCache`, or a :class:`SharedKVCache` of ``capacity``
-        positions (default: the context size) when the graph shares its past and present buffers."""
+        positions (default: the context size) when the graph shares its past and present buffers. Every row runs
+        ``adapter`` (a loaded adapter's name or the :class:`Adapter`; None: the base model)."""
+        chosen = self.adapter(adapter) if not isinstance(adapter, Adapter) else adapter
         positions = self._context if capacity is None else min(int(capacity), self._context)
+        cache: Cache
         if self.device is not None:
-            return DeviceKVCache(self.manifest, positions, batch_size, self.device)
-        if self.shared_kv:
-            return SharedKVCache(self.manifest, positions, batch_size)
-        return KVCache(self.manifest, batch_size)
+            cache = DeviceKVCache(self.manifest, positions, batch_size, self.device)
+        elif self.shared_kv:
+            cache = SharedKVCache(self.manifest, positions, batch_size)
+        else:
+            cache = KVCache(self.manifest, batch_size)
+        if chosen is not None:
+            cache.set_adapter(chosen)
+        return cache
+
+    # -- adapters --------------------------------------------------------------------------------------------
+    def adapter(self, name: str | None) -> Adapter | None:
+        """The loaded adapter called ``name`` (None: the base model); ``ConfigError`` on ``adapter`` when no adapter
+        of that name is loaded."""
+        return self.adapters.get(name)
+
+    def load_adapter(self, name: str, path: str | Path) -> Adapter:
+        """Load a LoRA adapter (a PEFT folder, or an adapter file ``edgeroute adapter add`` wrote) as ``name``, while
+        other requests run. Raises :class:`~edgeroute.AdapterError` when it cannot be read or does not fit this
+        model's graph (another base, a rank above the graph's, a module the graph does not take)."""
+        return self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload ``name``: requests cannot name it from now on; running ones finish on it."""
+        self.adapters.unload(name)
 
     def forward(
         self,
@@ -213,10 +248,15 @@ class Graph:
 KV_PLACEMENTS = ("host", "device")
 
 
-def _kv_placement(kv: str | None, provider: str, shared: bool, cuda_graph: bool) -> str:
+def _kv_placement(kv: str | None, provider: str, shared: bool, cuda_graph: bool, lora: bool = False) -> str:
     """Where the KV cache lives for ``Model.load``'s ``kv`` and ``cuda_graph`` (ConfigError when they cannot)."""
     if kv is not None and kv not in KV_PLACEMENTS:
         raise ConfigError("kv", kv, f"must be one of {', '.join(KV_PLACEMENTS)}")
+    if lora and (kv == "device" or cuda_graph):  # the per-row adapter weights are host arrays (adapters.LoraRows)
+        raise ConfigError("kv" if kv == "device" else "cuda_graph", kv or cuda_graph,
+                          "a graph with LoRA adapter inputs runs on the host KV cache (kv='host')")  # fmt: skip
+    if lora:
+        return "host"
     if kv == "device" and not shared:
         raise ConfigError("kv", kv, "a device cache needs a shared KV buffer graph (export with the fused backend)")
     if cuda_graph:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .adapters import Adapter, LoraLayout, LoraRows
 from .contract import Name
 from .errors import ConfigError, ContextOverflowError, InferenceError, first_line
 from .manifest import Manifest
@@ -68,6 +69,16 @@ class Cache(Protocol):
     def copy(self) -> Cache:
         """An independent cache with the same contents."""
         ...
+
+    def set_adapter(self, adapter: Adapter | None, row: int | None = None) -> None:
+        """Run ``adapter`` (None: the base) on row ``row`` (None: every row) from the next graph run on."""
+        ...
+
+
+def _no_adapters(adapter: Adapter) -> ConfigError:
+    return ConfigError(
+        "adapter", adapter.name, "this model's graph takes no adapters (export the base with --lora-rank)"
+    )
 
 
 def _inference_error(e: Exception) -> InferenceError:
@@ -173,6 +184,10 @@ class KVCache:
         self._layers = [(np.repeat(k[:1], rows, axis=0), np.repeat(v[:1], rows, axis=0)) for k, v in self._layers]
         self.batch_size = rows
 
+    def set_adapter(self, adapter: Adapter | None, row: int | None = None) -> None:
+        if adapter is not None:
+            raise _no_adapters(adapter)
+
     def copy(self) -> KVCache:
         """An independent cache with the same contents."""
         other = KVCache.__new__(KVCache)
@@ -203,6 +218,24 @@ class SharedKVCache:
         self.buffers = _lazy_zeros(2 * manifest.num_layers, shape, np.dtype(manifest.kv_dtype))
         self.lengths = np.zeros(batch_size, dtype=np.int32)
         self.binding: Any = None  # the IO binding over these buffers (SharedBinding), made on the first run
+        # a LoRA graph's per-row adapter weights (edgeroute.adapters), zeros until a row is given an adapter
+        lora = manifest.contract.lora
+        self.lora = LoraRows.new(LoraLayout(manifest.contract), batch_size) if lora else None
+
+    def set_adapter(self, adapter: Adapter | None, row: int | None = None) -> None:
+        """Run ``adapter`` (None: the base model) on row ``row`` (None: every row) from the next graph run on: its
+        weights are copied into the row's adapter inputs (nothing when the row already holds it)."""
+        if self.lora is None:
+            if adapter is not None:
+                raise _no_adapters(adapter)
+            return
+        for r in range(self.batch_size) if row is None else (row,):
+            self.lora.set(r, adapter)
+
+    @property
+    def adapters(self) -> list[Adapter | None]:
+        """The adapter each row runs (None: the base)."""
+        return [None] * self.batch_size if self.lora is None else list(self.lora.held)
 
     def run(
         self,
@@ -276,6 +309,7 @@ class SharedKVCache:
         other.batch_size = 1
         other.buffers = [b[i : i + 1] for b in self.buffers]
         other.lengths = self.lengths[i : i + 1].copy()
+        other.lora = self.lora.view(i, 1) if self.lora is not None else None
         return other
 
     def head(self, k: int) -> SharedKVCache:
@@ -285,6 +319,7 @@ class SharedKVCache:
         other.batch_size = k
         other.buffers = [b[:k] for b in self.buffers]
         other.lengths = self.lengths[:k]
+        other.lora = self.lora.view(0, k) if self.lora is not None else None
         return other
 
     def reorder(self, parents: np.ndarray) -> int:
@@ -303,6 +338,9 @@ class SharedKVCache:
         for buf in self.buffers:
             buf[1:rows, :, :used] = buf[0:1, :, :used]
         self.lengths[:rows] = used
+        if self.lora is not None:
+            for r in range(1, rows):
+                self.lora.set(r, self.lora.held[0])
 
     def copy(self) -> SharedKVCache:
         """An independent cache with the same contents."""
@@ -312,6 +350,7 @@ class SharedKVCache:
         for dst, src in zip(other.buffers, self.buffers, strict=True):
             dst[:, :, :used] = src[:, :, :used]
         other.lengths = self.lengths.copy()
+        other.lora = self.lora.copy() if self.lora is not None else None
         return other
 
     def _unbound(self) -> SharedKVCache:
@@ -352,6 +391,9 @@ class SharedBinding:
             (c.name(Name.LOGITS_TO_KEEP), self.keep),
         ):
             io.bind_ortvalue_input(str(small), ort.OrtValue.ortvalue_from_numpy(arr))
+        if cache.lora is not None:  # each row's adapter weights, written in place when a row changes adapter
+            for (name, _), buf in zip(cache.lora.layout.inputs, cache.lora.buffers, strict=True):
+                io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
         self.vocab = m.vocab_size
         self.ids: np.ndarray | None = None
         self.logits: np.ndarray | None = None

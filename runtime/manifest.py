@@ -65,6 +65,12 @@ class Manifest:
         files: file name -> ``{"bytes": n, "sha256": hex}`` for every file of the model (graph, external weights,
             tokenizer) as exported; ``Model.load`` compares the sizes, ``edgeroute info`` the hashes. Empty for
             folders exported before edgeroute recorded them.
+        lora: a graph that takes LoRA adapters per row (``export --lora-rank``): ``rank`` (the most each adapter
+            module may have), ``targets`` (the modules adapters may change) and ``projections`` (each packed
+            projection's ``in``/``out`` widths and ``subs``: ``[module, output offset, width]``); None otherwise
+            (``edgeroute.adapters``).
+        adapters: name -> ``{"file": "adapters/NAME.safetensors", "bytes", "sha256", "rank", "alpha", "source"}``:
+            the adapters that come with the folder (``edgeroute adapter add``), loaded with the model.
     """
 
     graph: str
@@ -88,6 +94,8 @@ class Manifest:
     quantization: Mapping[str, Any] = field(default_factory=lambda: {"method": "none"})
     provenance: Mapping[str, Any] = field(default_factory=dict)
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    lora: Mapping[str, Any] | None = None
+    adapters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     # -- the graph contract ----------------------------------------------------------------------------------
@@ -110,6 +118,10 @@ class Manifest:
         d["eos_token_ids"] = list(self.eos_token_ids)
         for k in ("inputs", "outputs", "special_tokens", "generation_defaults", "quantization", "provenance", "files"):
             d[k] = dict(getattr(self, k))
+        d["adapters"] = {k: dict(v) for k, v in self.adapters.items()}
+        for k in ("lora", "adapters"):  # absent from folders without adapters, as before them
+            if not d[k]:
+                del d[k]
         return {"schema_version": d.pop("schema_version"), **d}
 
     def save(self, folder: str | Path) -> Path:
@@ -217,6 +229,9 @@ class Manifest:
         _check_generation_defaults(data.get("generation_defaults", {}), source)
         _check_provenance(data.get("provenance", {}), source)
         _check_files(data.get("files", {}), source)
+        if data.get("lora") is not None:
+            _check_lora(data["lora"], layout, source)
+        _check_adapters(data.get("adapters", {}), data.get("lora"), source)
         kwargs = dict(data)
         kwargs.update(eos_token_ids=tuple(int(i) for i in eos), inputs=inputs, outputs=outputs)
         return cls(**kwargs)
@@ -301,7 +316,63 @@ def _check_files(files: dict[str, Any], source: str) -> None:
             )
 
 
+def _check_lora(lora: Any, layout: str, source: str) -> None:
+    def bad(why: str) -> ManifestError:
+        return ManifestError(f"{source}: field 'lora' {why} (got {lora!r})"[:400])
+
+    if layout != "shared":
+        raise bad("needs kv_layout 'shared' (a fused graph)")
+    if not isinstance(lora, dict) or not _pos_int(lora.get("rank")):
+        raise bad("must be an object with a positive integer 'rank'")
+    targets, projections = lora.get("targets"), lora.get("projections")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise bad("needs 'targets', a non-empty list of module names")
+    if not isinstance(projections, dict) or not projections:
+        raise bad("needs 'projections', an object")
+    named = []
+    for proj in projections.values():
+        subs = proj.get("subs") if isinstance(proj, dict) else None
+        if not (isinstance(proj, dict) and _pos_int(proj.get("in")) and _pos_int(proj.get("out"))):
+            raise bad("projections need positive integer 'in' and 'out'")
+        if not isinstance(subs, list) or not subs:
+            raise bad("projections need 'subs'")
+        for sub in subs:
+            ok = isinstance(sub, list) and len(sub) == 3 and isinstance(sub[0], str)
+            if not (ok and _int_ge0(sub[1]) and _pos_int(sub[2]) and sub[1] + sub[2] <= proj["out"]):
+                raise bad("subs must be [module, offset, width] inside the projection's output")
+            named.append(sub[0])
+    if sorted(named) != sorted(targets):
+        raise bad("targets must be the modules of the projections' subs")
+
+
+def _check_adapters(adapters: Any, lora: Any, source: str) -> None:
+    if not isinstance(adapters, dict):
+        raise ManifestError(f"{source}: field 'adapters' must be an object (got {adapters!r})")
+    if adapters and lora is None:
+        raise ManifestError(f"{source}: field 'adapters' needs a LoRA graph (field 'lora')")
+    for name, entry in adapters.items():
+        file = entry.get("file") if isinstance(entry, dict) else None
+        ok = (
+            isinstance(file, str)
+            and file.startswith("adapters/")
+            and "/" not in file[len("adapters/") :]
+            and file[len("adapters/") :] not in ("", ".", "..")
+            and _int_ge0(entry.get("bytes"))
+            and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64
+        )
+        if not ok:
+            raise ManifestError(
+                f"{source}: field 'adapters' must map names to {{file: adapters/NAME.safetensors, bytes, sha256, ...}}"
+                f" (got {name!r}: {entry!r})"[:400]
+            )
+
+
 _ABSENT = object()
+
+
+def _int_ge0(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _pos_int(v: Any) -> bool:
@@ -326,6 +397,7 @@ def model_files(folder: str | Path, manifest: Manifest) -> list[Path]:
     weights (files named after the graph), and every file the manifest records."""
     root = Path(folder)
     names = {MANIFEST_NAME, "tokenizer.json", manifest.graph, *manifest.files}
+    names.update(str(a["file"]) for a in manifest.adapters.values())
     if root.is_dir():
         names.update(p.name for p in root.iterdir() if p.name.startswith(manifest.graph))
     return [root / n for n in sorted(names)]
@@ -347,7 +419,8 @@ def check_files(folder: str | Path, manifest: Manifest, hashes: bool = False) ->
     ):
         if not (Path(folder) / name).is_file():
             raise ModelLoadError(missing.format(Path(folder) / name))
-    for name, entry in manifest.files.items():
+    recorded = {**manifest.files, **{str(a["file"]): a for a in manifest.adapters.values()}}
+    for name, entry in recorded.items():
         path = Path(folder) / name
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing (the export wrote it): the folder is incomplete, re-export it")

@@ -30,25 +30,29 @@ class Model(Graph):
     """An exported model folder ready to generate. Build it with :meth:`Model.load`."""
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def score(self, context: Prompt, continuations: Sequence[Prompt], top_logprobs: int = 0) -> list[Score]:
+    def score(
+        self, context: Prompt, continuations: Sequence[Prompt], top_logprobs: int = 0, adapter: str | None = None
+    ) -> list[Score]:
         """The log-likelihood of each continuation given ``context``, token by token from the raw logits (no
         router), with greedy flags and the ``top_logprobs`` most likely alternatives per position (0 to 20).
 
         The context is computed once and shared by the continuations (``edgeroute.scoring``). Texts are split as
-        lm-evaluation-harness splits them; token ids are used as given.
+        lm-evaluation-harness splits them; token ids are used as given. ``adapter``: a loaded LoRA adapter's name
+        (None: the base model).
         """
-        return score(self, context, continuations, top_logprobs)
+        return score(self, context, continuations, top_logprobs, adapter)
 
     def score_items(
         self,
         items: Sequence[tuple[Prompt, Sequence[Prompt]]],
         top_logprobs: int = 0,
         progress: Callable[[int], None] | None = None,
+        adapter: str | None = None,
     ) -> list[list[Score]]:
         """:meth:`score` for many ``(context, continuations)`` items, the same scores in fewer graph runs: short
         items' continuations run as rows of batched runs (``edgeroute.scoring.score_items``); ``progress(n)`` is
         told as items finish. What ``edgeroute eval --choices`` uses."""
-        return score_items(self, items, top_logprobs, progress)
+        return score_items(self, items, top_logprobs, progress, adapter)
 
     # -- generation ------------------------------------------------------------------------------------------
     def generator(

@@ -148,6 +148,7 @@ _GENERATION = {
     "length_penalty",
     "early_stopping",
     "num_return_sequences",
+    "adapter",
 }
 _FLOWS = {f.name for f in fields(Flows)}
 _CONSTRAINT_OPTIONS = ("grammar_syntax", "whitespace")

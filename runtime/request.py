@@ -14,6 +14,7 @@ from .output import Completion, Step
 from .params import Flows
 
 if TYPE_CHECKING:
+    from .adapters import Adapter
     from .generator import Generator
     from .sequence import TokenSequence
 
@@ -40,6 +41,7 @@ class Request:
         # other requests): its own Generator (solo), or its token sequence (batched: ids, chooser, text output, usage)
         self._generator: Generator | None = None
         self._sequence: TokenSequence | None = None
+        self._adapter: Adapter | None = None  # the LoRA adapter its row runs (batched), resolved at submission
 
     # -- the engine's side ------------------------------------------------------------------------------------
     def _push(self, step: Step) -> None:

@@ -42,9 +42,9 @@ class Stream:
     fed (the cache is sliced, nothing recomputed), feeds the rest, and returns the last position's logits.
     """
 
-    def __init__(self, model: Graph, chunk: int = 512) -> None:
+    def __init__(self, model: Graph, chunk: int = 512, adapter: str | None = None) -> None:
         self.model = model
-        self.cache = model.new_cache()
+        self.cache = model.new_cache(adapter=adapter)
         self.fed = np.zeros(0, dtype=np.int64)
         self.chunk = chunk
         self.runs = 0  # graph runs of this stream (a gate that skips steps saves them)

@@ -42,6 +42,7 @@ class Slot:
     tokens: np.ndarray
     held: int = 0
     running: Running | None = None
+    adapter: int = 0  # the uid of the LoRA adapter the held positions were computed with (0: the base model)
 
 
 @dataclass
@@ -147,18 +148,19 @@ class Scheduler:
                 self.solo.append(request)
                 plan.started_solo.append(request)
                 continue
-            slot = self._free_slot(request.prompt)
+            slot = self._free_slot(request.prompt, _uid(request))
             if slot is None:
                 return
             self.queue.popleft()
             plan.started.append(self._start(request, request._sequence, slot))
 
-    def _free_slot(self, prompt: list[int]) -> Slot | None:
+    def _free_slot(self, prompt: list[int], adapter: int) -> Slot | None:
         free = [s for s in self.slots if s.running is None]
         if not free:
             return None
-        if self.prefix_reuse:
-            shared, best = max((common_prefix(s.tokens[: s.held], prompt), -s.index) for s in free)
+        same = [s for s in free if s.adapter == adapter]  # another adapter's cached keys and values are not these
+        if self.prefix_reuse and same:
+            shared, best = max((common_prefix(s.tokens[: s.held], prompt), -s.index) for s in same)
             if shared > 0:
                 return self.slots[-best]
         # else the lowest free slot: each row a decode step runs costs more than keeping a cache for a prompt that
@@ -169,7 +171,8 @@ class Scheduler:
         prompt = request.prompt
         # a request that scores its prompt (prompt_logprobs) reuses nothing: a reused position has no logits
         scored = request.config.prompt_logprobs is not None
-        reuse = common_prefix(slot.tokens[: slot.held], prompt) if self.prefix_reuse and not scored else 0
+        reusable = self.prefix_reuse and not scored and slot.adapter == _uid(request)
+        reuse = common_prefix(slot.tokens[: slot.held], prompt) if reusable else 0
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
         run = Running(request, slot, seq, reuse)
         slot.running = run
@@ -205,4 +208,10 @@ class Scheduler:
         else:
             slot.held = run.fed  # what the row holds stays there for a later prompt that starts with it
             slot.tokens[: run.fed] = run.seq.ids[: run.fed]
+        slot.adapter = _uid(run.request)
         return slot.held
+
+
+def _uid(request: Request) -> int:
+    """Which load of which adapter a request runs (0: the base model): what a reused prefix must match."""
+    return request._adapter.uid if request._adapter is not None else 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .adapters import Adapter
 from .errors import ConfigError
 from .graph import Graph, Prompt
 from .kv_cache import Cache
@@ -57,19 +58,22 @@ class Score:
         return all(t.greedy for t in self.tokens)
 
 
-def score(graph: Graph, context: Prompt, continuations: Sequence[Prompt], top: int = 0) -> list[Score]:
+def score(
+    graph: Graph, context: Prompt, continuations: Sequence[Prompt], top: int = 0, adapter: str | None = None
+) -> list[Score]:
     """Score each continuation given ``context`` (text or token ids; a continuation likewise).
 
     Text is split as lm-evaluation-harness splits it: the context's trailing spaces move to the continuation, the
     pair is encoded whole and the continuation's tokens are what follows the context's own encoding (a word is
     tokenised as it would be in running text). Token ids are used as given (no BOS added). ``top``: how many most
-    likely alternatives each position reports (0 to 20).
+    likely alternatives each position reports (0 to 20). ``adapter``: a loaded LoRA adapter's name (None: the base).
     """
     _check_top(top)
+    lora = graph.adapter(adapter)
     pairs = [_pair(graph, context, c) for c in _continuations(continuations)]
     if not _one_context(pairs):  # a text context can encode differently before each ending
-        return [score_ids(graph, ctx, [cont], top)[0] for ctx, cont in pairs]
-    return score_ids(graph, pairs[0][0], [cont for _, cont in pairs], top)
+        return [score_ids(graph, ctx, [cont], top, lora)[0] for ctx, cont in pairs]
+    return score_ids(graph, pairs[0][0], [cont for _, cont in pairs], top, lora)
 
 
 def score_items(
@@ -77,6 +81,7 @@ def score_items(
     items: Sequence[tuple[Prompt, Sequence[Prompt]]],
     top: int = 0,
     progress: Callable[[int], None] | None = None,
+    adapter: str | None = None,
 ) -> list[list[Score]]:
     """:func:`score` for many ``(context, continuations)`` items (an evaluation's), the same scores faster.
 
@@ -89,6 +94,7 @@ def score_items(
     by :func:`score` (its context once, shared).
     ``progress(n)`` is told each time ``n`` more items are done. Scores equal :func:`score`'s (tested to 1e-5)."""
     _check_top(top)
+    lora = graph.adapter(adapter)
     pairs = [[_pair(graph, ctx, c) for c in _continuations(conts)] for ctx, conts in items]
     out: list[list[Score | None]] = [[None] * len(p) for p in pairs]
     rows = []
@@ -101,9 +107,9 @@ def score_items(
             rows += [(len(ctx) + len(cont) - 1, len(ctx) - 1, i, j) for j, (ctx, cont) in enumerate(item)]
         else:
             out[i] = (
-                list(score_ids(graph, item[0][0], [c for _, c in item], top))
+                list(score_ids(graph, item[0][0], [c for _, c in item], top, lora))
                 if _one_context(item)
-                else [score_ids(graph, ctx, [cont], top)[0] for ctx, cont in item]
+                else [score_ids(graph, ctx, [cont], top, lora)[0] for ctx, cont in item]
             )
             _done(progress, 1)
     left = [0] * len(pairs)
@@ -125,7 +131,7 @@ def score_items(
             ctx, cont = pairs[i][j]
             ids[r, :n] = [*ctx, *cont[:-1]]
         keep = width - first  # logits from the earliest scored position of the batch on
-        logits = graph.forward_last(ids, graph.new_cache(len(batch), width), keep)
+        logits = graph.forward_last(ids, graph.new_cache(len(batch), width, lora), keep)
         finished = 0
         for r, (_, f, i, j) in enumerate(batch):
             at = f - first  # the kept row of this row's first scored position
@@ -158,7 +164,11 @@ def _continuations(continuations: Sequence[Prompt]) -> Sequence[Prompt]:
 
 
 def score_ids(
-    graph: Graph, context: Sequence[int], continuations: Sequence[Sequence[int]], top: int = 0
+    graph: Graph,
+    context: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+    top: int = 0,
+    adapter: str | Adapter | None = None,
 ) -> list[Score]:
     """:func:`score` on token ids: ``context`` (at least one token) fed once, each continuation after it."""
     ctx = [int(i) for i in context]
@@ -168,7 +178,7 @@ def score_ids(
         if not len(cont):
             raise ConfigError("continuations", cont, "each continuation must give at least one token")
         _check_room(graph, len(ctx) + len(cont) - 1)
-    cache = graph.new_cache(1)
+    cache = graph.new_cache(1, adapter=adapter)
     base = len(ctx) - 1  # the context but its last token, whose logits score a continuation's first token
     out = []
     for k, cont in enumerate(continuations):
@@ -179,12 +189,12 @@ def score_ids(
     return out
 
 
-def prompt_scores(graph: Graph, ids: Sequence[int], top: int = 0) -> list[TokenScore]:
+def prompt_scores(graph: Graph, ids: Sequence[int], top: int = 0, adapter: str | None = None) -> list[TokenScore]:
     """Each token of a prompt after the first, scored given the tokens before it (the server's ``echo`` with
     ``logprobs``: the first token has no score)."""
     if len(ids) < 2:
         return []
-    return list(score_ids(graph, ids[:1], [ids[1:]], top)[0].tokens)
+    return list(score_ids(graph, ids[:1], [ids[1:]], top, adapter)[0].tokens)
 
 
 def _scored(
