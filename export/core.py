@@ -260,7 +260,9 @@ def _lora_options(
         return None
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 256):
         raise ConfigError("lora_rank", rank, "must be an integer in [1, 256]")
-    if targets is not None and (isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets)):
+    if targets is not None and (
+        isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets)
+    ):
         raise ConfigError("lora_targets", targets, "must be a list of module names (q_proj, ..., down_proj)")
     if dtype != "fp32":
         raise ConfigError("dtype", dtype, "adapters at run time need an fp32 graph (fp32, int8 or int4 weights)")

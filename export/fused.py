@@ -46,7 +46,6 @@ from edgeroute.errors import ExportError
 
 from .steps import NO_STEP, Step
 
-
 FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text", "smollm3")
 _STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")  # the tanh approximation, as FastGelu computes it
@@ -183,7 +182,9 @@ class _Builder:
 
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
 
-    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, lora: tuple[str, str] | None = None) -> str:
+    def linear(
+        self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, lora: tuple[str, str] | None = None
+    ) -> str:
         """``x·w (+ b)``; with ``lora`` (the names of the row-wise inputs A and B) plus ``(x·A)·B``."""
         out = f"{name}/out"
         base = f"{name}/base" if lora else out

@@ -31,7 +31,7 @@ import json
 import mmap
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,11 @@ def _read_peft(folder: Path, name: str) -> Adapter:
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"adapter {name!r}: LoRA biases (bias={cfg['bias']!r}) are not supported at run time")
     if not st.is_file():
-        hint = " (adapter_model.bin: save it with safe_serialization=True)" if (folder / "adapter_model.bin").exists() else ""
+        hint = (
+            " (adapter_model.bin: save it with safe_serialization=True)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise AdapterError(f"adapter {name!r}: {st} is missing{hint}")
     try:
         tensors, _ = safetensors_io.read(st)

@@ -310,7 +310,9 @@ class GenerationConfig:
         )
         object.__setattr__(self, "prompt_logprobs", None if pl is None else int(pl))
         a = self.adapter
-        _check(a is None or (isinstance(a, str) and 1 <= len(a) <= 128), "adapter", a, "must be an adapter's name or None")
+        _check(
+            a is None or (isinstance(a, str) and 1 <= len(a) <= 128), "adapter", a, "must be an adapter's name or None"
+        )
         self._check_beams()
 
     def _check_beams(self) -> None:
