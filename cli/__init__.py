@@ -16,6 +16,7 @@ import click
 from edgeroute._version import __version__
 
 COMMANDS = {
+    "adapter": "edgeroute.cli.adapter_cmd:adapter",
     "bench": "edgeroute.cli.bench_cmd:bench",
     "chat": "edgeroute.cli.chat_cmd:chat",
     "eval": "edgeroute.cli.eval_cmd:eval_cmd",

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from edgeroute.export.core import BACKENDS, BLOCK_SIZES, DEVICES, DTYPES, HEADS, QUANTIZE
 
-from .options import verbose_option
+from .options import named_paths, verbose_option
 from .progress import Steps
 
 
@@ -132,6 +132,28 @@ def quality_warning(manifest: dict) -> str | None:
     is_flag=True,
     help="An encoder's int8 export: write it even below the quality gate (the measures are recorded).",
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="Keep a PEFT LoRA adapter apart from the base (repeatable): the graph takes adapters at run time, chosen"
+    " per request; the adapter is written into OUT_DIR/adapters and checked against PEFT.",
+)
+@click.option(
+    "--lora-rank",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="The most rank an adapter module may have (default: the largest of --lora's); alone, it makes a graph for"
+    " adapters added later (edgeroute adapter add).",
+)
+@click.option(
+    "--lora-targets",
+    default=None,
+    metavar="MODULES",
+    help="Comma-separated modules adapters may change (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj;"
+    " default: those of --lora's adapters, or all of them).",
+)
 @click.option("--no-validate", is_flag=True, help="Skip the parity and tokenizer checks against PyTorch.")
 @click.option(
     "--force",
@@ -155,6 +177,9 @@ def export(
     per_tensor: bool,
     quality_texts: str | None,
     force_quality: bool,
+    loras: tuple[str, ...],
+    lora_rank: int | None,
+    lora_targets: str | None,
     no_validate: bool,
     force: bool,
 ) -> None:
@@ -182,6 +207,9 @@ def export(
             per_tensor=per_tensor,
             quality_texts=quality_texts,
             force_quality=force_quality,
+            lora_rank=lora_rank,
+            lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None,
+            loras=named_paths(loras, "--lora") or None,
         )
     manifest = json.loads((path / "edgeroute.json").read_text())
     if manifest.get("task") is not None:
@@ -192,6 +220,15 @@ def export(
         f"exported {source} -> {path} ({manifest['precision']}, quantisation {manifest['quantization']['method']},"
         f" {manifest['provenance'].get('backend', 'optimum')} graph)"
     )
+    for name, entry in manifest.get("adapters", {}).items():
+        check = entry.get("validation")
+        figures = (
+            f"; against PEFT: max |Δlogit| {check['max_abs_logit_diff']:.2e}, top-1 agreement"
+            f" {100 * check['top1_agreement']:.1f}%"
+            if check
+            else ""
+        )
+        click.echo(f"  adapter {name}: rank {entry.get('rank')}, {', '.join(entry.get('modules', []))}{figures}")
     if v:
         q = v["quality"]
         line = (

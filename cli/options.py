@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -99,6 +100,13 @@ def sampling_options(f: F) -> F:
 
 
 def generation_options(f: F) -> F:
+    f = click.option(
+        "--adapter",
+        default=None,
+        metavar="NAME|PATH",
+        help="Run on a LoRA adapter: one the model folder lists (edgeroute adapter list), or a PEFT adapter folder"
+        " loaded for this run (the model needs adapter inputs: export --lora-rank).",
+    )(f)
     f = click.option(
         "--logprobs",
         type=click.IntRange(0, 20),
@@ -320,8 +328,39 @@ def request_params(model: er.Model, flags: dict[str, Any]) -> dict[str, Any]:
         params[name] = flags.get(name)
     if flags.get("stop"):
         params["stop"] = list(flags["stop"])
+    if flags.get("adapter"):
+        params["adapter"] = adapter_name(model, flags["adapter"])
     params.update(constraint_params(flags))
     return params
+
+
+def named_paths(items: tuple[str, ...], flag: str) -> dict[str, str]:
+    """``NAME=PATH`` flags (``--lora``) as a dict; a malformed or repeated name is a usage error naming ``flag``."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{item!r} is not NAME=PATH", param_hint=flag)
+        if name in out:
+            raise click.BadParameter(f"the name {name!r} is given twice", param_hint=flag)
+        out[name] = path
+    return out
+
+
+def adapter_name(model: er.Model, given: str) -> str:
+    """``--adapter``'s adapter: one the model holds by that name, else the adapter at that path, loaded now."""
+    if given in model.adapters:
+        return given
+    path = Path(given).expanduser()
+    if not path.exists():
+        held = ", ".join(model.adapters.names()) or "none"
+        raise click.BadParameter(
+            f"{given!r} is neither an adapter of the model (it has: {held}) nor an adapter folder or file",
+            param_hint="--adapter",
+        )
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name).lstrip("._-") or "adapter"
+    model.load_adapter(name, path)
+    return name
 
 
 def build_request(

@@ -411,3 +411,17 @@ def write_sentence_transformers(folder: Path, pooling: str = "mean", normalize: 
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
     return folder
+
+
+def make_lora(folder: Path, checkpoint: Path, r: int, targets: Any, seed: int, **options: Any) -> None:
+    """A PEFT LoRA adapter on ``checkpoint`` saved into ``folder``, with random weights in both A and B (PEFT's
+    default B = 0 would change nothing), scaled by ``lora_alpha = 2r`` unless ``options`` say otherwise."""
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    options = {"lora_alpha": 2 * r, **options}
+    config = peft.LoraConfig(r=r, target_modules=targets, init_lora_weights=False, **options)
+    peft.get_peft_model(base, config).save_pretrained(folder)

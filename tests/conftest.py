@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import edgeroute as er  # noqa: E402
-from checkpoints import build_once, make_checkpoint, write_sentence_transformers  # noqa: E402
+from checkpoints import build_once, make_checkpoint, make_lora, write_sentence_transformers  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
 
@@ -133,6 +133,42 @@ def exported(shared_dir: Path, checkpoint: Callable[..., Path]) -> Callable[...,
         return build_once(folder, lambda d: export_model(ckpt, d, **options), done="edgeroute.json")
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lora(shared_dir: Path, checkpoint: Callable[..., Path]) -> Callable[..., Path]:
+    """``lora(name, arch="llama")``: a PEFT adapter on ``checkpoint(arch)``, made once per run: ``qv4`` (rank 4 on
+    q_proj and v_proj), ``all8`` (rank 8 on every linear module), ``qv4b`` (``qv4``'s shape, other weights),
+    ``rs16`` (rank 16, rsLoRA, attention only). Shared: do not change it."""
+    kinds: dict[str, tuple[int, object, int, dict[str, object]]] = {
+        "qv4": (4, ["q_proj", "v_proj"], 1, {}),
+        "all8": (8, "all-linear", 2, {}),
+        "qv4b": (4, ["q_proj", "v_proj"], 3, {}),
+        "rs16": (16, ["q_proj", "k_proj", "v_proj", "o_proj"], 4, {"use_rslora": True}),
+    }
+
+    def get(name: str, arch: str = "llama") -> Path:
+        pytest.importorskip("peft")
+        r, targets, seed, options = kinds[name]
+        if arch == "phi3" and targets != "all-linear":
+            targets = ["qkv_proj"]
+        ckpt = checkpoint(arch)
+        return build_once(
+            shared_dir / "lora" / f"{arch}-{name}", lambda d: make_lora(d, ckpt, r, targets, seed, **options)
+        )
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def lora_dir(shared_dir: Path, checkpoint: Callable[..., Path], lora: Callable[..., Path]) -> Path:
+    """The tiny llama exported fp32 with adapters ``qv4`` and ``all8`` kept apart (graph rank 8, every linear
+    module), made once per run. Shared: copy it before changing it."""
+    from edgeroute.export import export_model
+
+    ckpt, adapters = checkpoint("llama"), {"qv4": lora("qv4"), "all8": lora("all8")}
+    folder = shared_dir / "export" / "llama-lora"
+    return build_once(folder, lambda d: export_model(ckpt, d, loras=adapters), done="edgeroute.json")
 
 
 @pytest.fixture(scope="session")
