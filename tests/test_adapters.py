@@ -13,7 +13,7 @@ import edgeroute as er
 import numpy as np
 import pytest
 from edgeroute import safetensors_io
-from edgeroute.adapters import add_to_folder, read_adapter, remove_from_folder, write_adapter
+from edgeroute.adapters import read_adapter, remove_from_folder, write_adapter
 
 pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
