@@ -162,7 +162,7 @@ def read_adapter(path: str | Path, name: str) -> Adapter:
         if m is None or arr.ndim != 2:
             raise AdapterError(f"adapter {name!r}: {p} has an unexpected tensor {key!r}")
         weights.setdefault((int(m[1]), m[2]), [None, None])["AB".index(m[3])] = arr
-    info = {k: meta[k] for k in ("rank", "alpha", "rslora", "source") if k in meta}
+    info: dict[str, Any] = {k: meta[k] for k in ("rank", "alpha", "rslora", "source") if k in meta}
     return Adapter(name, _pairs(name, weights), info)
 
 
@@ -211,10 +211,10 @@ def _read_peft(folder: Path, name: str) -> Adapter:
         side = "AB".index(m[3])  # PEFT: A [r, in], B [out, r]
         weights.setdefault((int(m[1]), m[2]), [None, None])[side] = arr.T
     pairs = _pairs(name, weights)
-    for key, (a, b) in pairs.items():
+    for where, (a, b) in pairs.items():
         r = a.shape[1]
         scale = alpha / (np.sqrt(r) if rslora else r)
-        pairs[key] = (a, np.ascontiguousarray(b * np.float32(scale), dtype=np.float32))
+        pairs[where] = (a, np.ascontiguousarray(b * np.float32(scale), dtype=np.float32))
     info = {"rank": str(max(a.shape[1] for a, _ in pairs.values())), "alpha": str(alpha), "rslora": str(rslora)}
     info["source"] = str(cfg.get("base_model_name_or_path") or "")
     return Adapter(name, pairs, info)
