@@ -9,8 +9,9 @@ The rules (docs/engine.md):
   prompt), a queued one leaves the queue;
 - admission is in submission order: a request with a second flow (or any request of an engine without a batch
   cache) runs *solo*, at most ``max_batch`` of them at once; any other takes a free slot: the one whose cached
-  tokens share the longest prefix with its prompt (those positions are reused), else the lowest free one (a decode
-  step runs rows ``0..hi``, so low slots keep it narrow);
+  tokens share the longest prefix with its prompt (those positions are reused; only a slot whose cache was computed
+  on the request's LoRA adapter load, or on none for a request on none), else the lowest free one (a decode step
+  runs rows ``0..hi``, so low slots keep it narrow);
 - at most ``prefill_budget`` prompt tokens are prefilled per iteration, in slot order, each request into its own
   row — never a prompt's last token: it rides the decode step, so a request's first token is always chosen from a
   decode run's logits, whatever was cached or how the budget chunked the prompt;
