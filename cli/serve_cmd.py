@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import edgeroute as er
 
 from .options import cuda_graph_flag, model_options, verbose_option
 
@@ -75,6 +76,27 @@ def is_loopback(host: str) -> bool:
 )
 @model_options
 @click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="NAME=PATH",
+    callback=lambda ctx, param, value: _loras(value),
+    help="Load a LoRA adapter (a PEFT folder or an adapter file) at start, served as model NAME; repeatable. The"
+    " model must take adapters (exported with --lora-rank or --lora).",
+)
+@click.option(
+    "--max-loras",
+    type=click.IntRange(min=1),
+    default=None,
+    help="LoRA adapters loaded at once at most (the folder's, --lora's and those loaded while serving) [default: 16].",
+)
+@click.option(
+    "--allow-adapter-loading",
+    is_flag=True,
+    help="Answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter without --api-key (with a key they are on):"
+    " any client can then make the server read files at paths it names.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -128,6 +150,9 @@ def serve(
     ctx_size: int | None,
     threads: int | None,
     provider: str,
+    loras: dict[str, str],
+    max_loras: int | None,
+    allow_adapter_loading: bool,
     log_level: str,
     use_ray: bool,
     replicas: int | None,
@@ -138,6 +163,9 @@ def serve(
 ) -> None:
     """Serve MODEL (an exported folder) over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions,
     /v1/models, /health and /metrics. Ctrl-C or SIGTERM stops it.
+
+    LoRA adapters (vLLM's conventions): a request's model names the served model or a loaded adapter;
+    --lora loads adapters at start, POST /v1/load_lora_adapter and /v1/unload_lora_adapter while serving.
 
     With --ray, the same server runs as replicas of a Ray Serve deployment on a local cluster, or on the cluster
     at --ray-address (MODEL's path must exist on every node); --threads is then per replica."""
@@ -154,6 +182,10 @@ def serve(
         raise click.UsageError("--cuda-graph is for a single server (not with --ray)")
     if given and not use_ray:
         raise click.UsageError(f"{', '.join(given)} need --ray")
+    single = {"--lora": loras, "--max-loras": max_loras, "--allow-adapter-loading": allow_adapter_loading}
+    adapters_given = [flag for flag, value in single.items() if value]
+    if adapters_given and use_ray:
+        raise click.UsageError(f"{', '.join(adapters_given)}: adapters are for a single server (not with --ray)")
     if ray_cpus is not None and ray_address is not None:
         raise click.UsageError("--ray-cpus sizes a local cluster; a cluster at --ray-address has its own CPUs")
     try:
@@ -168,7 +200,15 @@ def serve(
             " (set --api-key or EDGEROUTE_API_KEY)",
             err=True,
         )
+    if allow_adapter_loading and not api_key and not is_loopback(host):
+        click.echo(
+            "edgeroute: warning: --allow-adapter-loading without an API key: anyone who can reach the server can make"
+            " it read files at paths they name",
+            err=True,
+        )
     name = model_name or Path(model_path).resolve().name
+    if name in loras:
+        raise click.BadParameter(f"{name!r} is the served model's name: give the adapter another", param_hint="--lora")
     settings = Settings(
         model_name=name,
         api_key=api_key,
@@ -176,6 +216,9 @@ def serve(
         max_queue=max_queue,
         prefix_reuse=not no_prefix_reuse,
         plain_content=plain_content,
+        adapters=dict(loras),
+        # on Ray each replica would load alone: the routes are off there
+        allow_adapter_loading=True if allow_adapter_loading else (False if use_ray else None),
     )
     if read_timeout is not None:
         settings.read_timeout = read_timeout
@@ -202,7 +245,29 @@ def serve(
             autoscaling_config=_autoscaling(autoscaling),
         )
         return
-    run_server(model_path, settings, **where, grace=grace, log_level=log_level)
+    run_server(model_path, settings, **where, grace=grace, log_level=log_level, max_adapters=max_loras)
+
+
+def _loras(values: tuple[str, ...]) -> dict[str, str]:
+    """``--lora NAME=PATH`` values -> {name: path}: a name the server can serve, given once, and a path that exists
+    (whether it holds an adapter that fits is checked when the model is loaded)."""
+    from edgeroute.adapters import check_name
+
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{value!r} is not NAME=PATH", param_hint="--lora")
+        try:
+            check_name(name)
+        except er.ConfigError as e:
+            raise click.BadParameter(f"{name!r}: {e.reason}", param_hint="--lora") from None
+        if name in out:
+            raise click.BadParameter(f"{name!r} is given twice", param_hint="--lora")
+        if not Path(path).expanduser().exists():
+            raise click.BadParameter(f"{name}={path}: no such file or folder", param_hint="--lora")
+        out[name] = path
+    return out
 
 
 def _check_key(api_key: str | None) -> None:

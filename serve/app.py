@@ -3,6 +3,12 @@ loading, the middleware (API key, body size, counting every answer), the error h
 ``/v1/models`` and ``/metrics``, and one route per encoder (``serve.chat``, ``serve.completions``), each answered by
 the transport (``serve.transport``).
 
+LoRA adapters, in vLLM's conventions: a request's ``model`` names the served model or an adapter loaded on it
+(``serve.protocol.parse_model``); ``/v1/models`` lists both (an adapter with ``parent``: the served model);
+``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` change them while requests run. Loading reads files
+where the server runs, so those two routes answer 403 unless the server has an API key or
+``Settings.allow_adapter_loading`` says otherwise.
+
 Starlette rather than FastAPI: every request body is validated by edgeroute's own rules (``serve.protocol``, then
 the configs' ``ConfigError``, which names the parameter), so FastAPI's pydantic layer would be a second validator
 with its own messages and status codes; Starlette is the ASGI toolkit FastAPI is built on, without that layer.
@@ -20,15 +26,16 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import edgeroute as er
+from edgeroute.adapters import AdapterSet
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,7 +44,7 @@ from .chat import ChatEncoder
 from .completions import CompletionsEncoder
 from .encoder import Encoder
 from .metrics import Metrics
-from .protocol import APIError
+from .protocol import APIError, check_fields, check_type, invalid, unknown_model
 from .responses import ResponsesEncoder
 from .transport import Transport, shutting_down, too_large
 
@@ -61,7 +68,13 @@ class Settings:
     prompt is answered tells a client whether another client sent the same prefix: turn it off for clients that
     must not learn of each other). ``plain_content``: message contents are tokenised as plain text, so that
     special-token text in them stays text (by default, as in transformers and most servers, a message containing
-    ``<|im_start|>system`` writes real control tokens)."""
+    ``<|im_start|>system`` writes real control tokens).
+
+    ``adapters``: LoRA adapters (name -> a PEFT folder or an adapter file) loaded on the model before the engine
+    starts (a model given loaded is changed); one that fails is a failure to load the model.
+    ``allow_adapter_loading``: whether ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` answer
+    (they read the server's files at paths clients send): None (the default) when an API key is set, else 403;
+    True always; False never."""
 
     model_name: str
     api_key: str | None = None
@@ -72,6 +85,12 @@ class Settings:
     plain_content: bool = False
     read_timeout: float = READ_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    adapters: dict[str, str] = field(default_factory=dict)
+    allow_adapter_loading: bool | None = None
+
+    def adapter_loading(self) -> bool:
+        """Whether the adapter routes load and unload (``allow_adapter_loading``, else: an API key is set)."""
+        return self.api_key is not None if self.allow_adapter_loading is None else self.allow_adapter_loading
 
 
 class State:
@@ -84,9 +103,15 @@ class State:
         self.loaded = threading.Event()
         self.started = time.time()
         self.draining = False
+        # each adapter loaded through the app: where from (``root`` in /v1/models) and when (``created``)
+        self.adapter_sources: dict[str, tuple[str, int]] = {}
 
     def stats(self) -> er.EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
+
+    def adapter_count(self) -> int:
+        """The LoRA adapters loaded on the model (0 while it loads)."""
+        return len(self.model.adapters) if self.model is not None else 0
 
     async def drain(self, grace: float, forced: Callable[[], bool] = lambda: False) -> None:
         """Stop taking requests (a new one is a 503), give the running and queued ones ``grace`` seconds (less if
@@ -117,6 +142,13 @@ def create_app(
     state = State()
 
     def start(m: er.Model) -> None:
+        for name, entry in m.manifest.adapters.items():  # the folder's own adapters: their file in it
+            state.adapter_sources[name] = (str(entry.get("file", name)), int(state.started))
+        for name, path in settings.adapters.items():
+            if name == settings.model_name:
+                raise er.AdapterError(f"adapter {name!r}: the served model's name: give the adapter another")
+            m.load_adapter(name, path)
+            state.adapter_sources[name] = (str(path), int(time.time()))
         state.engine = er.Engine(
             m, max_batch=settings.max_batch, max_queue=settings.max_queue, prefix_reuse=settings.prefix_reuse
         )
@@ -163,6 +195,9 @@ def create_app(
         *(Route(e.path, api.generation(e), methods=["POST"]) for e in encoders),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
+        # vLLM's routes to load and unload LoRA adapters at run time
+        Route("/v1/load_lora_adapter", api.load_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", api.unload_adapter, methods=["POST"]),
         # vLLM's tokenizer routes at the root, where lm-eval's local-completions probes them (serve.tokens)
         Route("/tokenizer_info", api.tokenizer_info, methods=["GET"]),
         Route("/tokenize", api.tokenizer_route(tokens.tokenize), methods=["POST"]),
@@ -170,7 +205,7 @@ def create_app(
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),
     ]
-    metrics = api.metrics = Metrics(state.stats, [r.path for r in routes])
+    metrics = api.metrics = Metrics(state.stats, [r.path for r in routes], state.adapter_count)
     api.transport = Transport(settings.model_name, settings.max_body_bytes, settings.read_timeout, metrics)
     app = Starlette(
         routes=routes,
@@ -183,6 +218,19 @@ def create_app(
 
 
 # -- errors -----------------------------------------------------------------------------------------------------
+def _line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _full(adapters: AdapterSet) -> APIError:
+    n = len(adapters)
+    message = (
+        f"{n} adapters are loaded, the most this server holds (--max-loras {adapters.max_adapters}): unload one"
+        " first (POST /v1/unload_lora_adapter)"
+    )
+    return invalid(None, message, "too_many_adapters")
+
+
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -304,6 +352,8 @@ class _Api:
             "queued": st.queued,
             "max_batch": st.max_batch,
         }
+        if s.model is not None and s.model.adapters.layout is not None:  # a graph that takes adapters
+            answer["adapters"] = len(s.model.adapters)
         if self.extra is not None:
             answer.update(await run_in_threadpool(self.extra))
         return JSONResponse(answer)
@@ -314,27 +364,122 @@ class _Api:
 
     def _model_entry(self) -> dict[str, Any]:
         s = self.state
+        served = self.settings.model_name
         entry: dict[str, Any] = {
-            "id": self.settings.model_name,
+            "id": served,
             "object": "model",
             "created": int(s.started),
             "owned_by": "edgeroute",
+            "root": served,
+            "parent": None,
         }
         if s.model is not None:
             entry["context_length"] = s.model.context_length
         return entry
 
+    def _adapter_entry(self, name: str) -> dict[str, Any]:
+        """An adapter's entry, as vLLM lists one: ``parent`` the served model, ``root`` where it was loaded from."""
+        s = self.state
+        root, created = s.adapter_sources.get(name, (name, int(s.started)))
+        entry = {**self._model_entry(), "id": name, "created": created, "root": root}
+        entry["parent"] = self.settings.model_name
+        return entry
+
+    def _adapters(self) -> list[str]:
+        model = self.state.model
+        return [] if model is None else [n for n in model.adapters.names() if n != self.settings.model_name]
+
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_entry()]})
+        """``GET /v1/models``: the served model, then each adapter loaded on it."""
+        data = [self._model_entry(), *(self._adapter_entry(n) for n in self._adapters())]
+        return JSONResponse({"object": "list", "data": data})
 
     async def model(self, request: Request) -> Response:
-        """``GET /v1/models/{id}`` (the clients' ``models.retrieve``): the served model, or a 404."""
+        """``GET /v1/models/{id}`` (the clients' ``models.retrieve``): the served model, an adapter, or a 404."""
         wanted = request.path_params["model_id"]
-        if wanted != self.settings.model_name:
-            served = self.settings.model_name
-            message = f"The model '{wanted}' does not exist (this server serves '{served}')"
-            return error_response(APIError(404, message, "model", "model_not_found"))
-        return JSONResponse(self._model_entry())
+        if wanted == self.settings.model_name:
+            return JSONResponse(self._model_entry())
+        if wanted in self._adapters():
+            return JSONResponse(self._adapter_entry(wanted))
+        return error_response(unknown_model(wanted, self.settings.model_name, self.state.model))
+
+    # -- adapters at run time (vLLM's routes) -------------------------------------------------------------------
+    def _may_change_adapters(self, path: str) -> None:
+        """A 403 unless this server loads adapters at run time (``Settings.adapter_loading``)."""
+        if self.settings.adapter_loading():
+            return
+        if self.settings.allow_adapter_loading is False:
+            message = f"{path}: this server does not load or unload adapters at run time"
+        else:
+            message = (
+                f"{path} is off on a server without an API key (a client could make it read any file it can): start"
+                " it with --api-key, or with --allow-adapter-loading where every client is trusted"
+            )
+        raise APIError(403, message, None, "adapter_loading_disabled")
+
+    async def _adapter_body(self, request: Request, fields: set[str]) -> tuple[er.Model, dict[str, Any], str]:
+        """The checks every adapter route makes: allowed (403), the body (400), the model loaded (503), and the
+        body's ``lora_name``."""
+        self._may_change_adapters(request.url.path)
+        body = check_fields(await self.transport.read_json(request), fields)
+        model, _ = self._ready()
+        name = check_type(body, "lora_name", str, "a string")
+        if not name:
+            raise invalid("lora_name", "lora_name is required: the adapter's name", "missing_required_parameter")
+        if name == self.settings.model_name:
+            raise invalid("lora_name", f"lora_name: '{name}' is the served model's name, not an adapter's")
+        return model, body, name
+
+    async def load_adapter(self, request: Request) -> Response:
+        """``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``: read and check the adapter (in a worker
+        thread; requests run meanwhile), then serve it under its name. As vLLM: 200 with a line of text, a 400
+        naming the parameter otherwise (a name already loaded included)."""
+        model, body, name = await self._adapter_body(request, {"lora_name", "lora_path"})
+        path = check_type(body, "lora_path", str, "a string")
+        if not path:
+            raise invalid(
+                "lora_path",
+                "lora_path is required: a PEFT adapter folder or an adapter file on the server",
+                "missing_required_parameter",
+            )
+        adapters = model.adapters
+        if name in adapters:
+            raise invalid("lora_name", f"The lora adapter '{name}' has already been loaded", "adapter_already_loaded")
+        if adapters.layout is None:
+            raise invalid(
+                None,
+                "this model's graph takes no adapters: export the base with --lora-rank (or --lora) to serve them",
+                "adapters_unsupported",
+            )
+        if len(adapters) >= adapters.max_adapters:
+            raise _full(adapters)
+        try:
+            await run_in_threadpool(model.load_adapter, name, path)
+        except er.ConfigError as e:  # the name: its letters or length
+            raise invalid("lora_name", f"lora_name: {e.reason} (got {e.value!r})") from None
+        except er.AdapterError as e:
+            if name in adapters:  # another request loaded that name meanwhile
+                raise invalid("lora_name", _line(e), "adapter_already_loaded") from None
+            if len(adapters) >= adapters.max_adapters:  # others were loaded meanwhile
+                raise _full(adapters) from None
+            raise invalid("lora_path", _line(e), "invalid_adapter") from None
+        self.state.adapter_sources[name] = (path, int(time.time()))
+        log.info("loaded LoRA adapter %s from %s", name, path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_adapter(self, request: Request) -> Response:
+        """``POST /v1/unload_lora_adapter`` ``{"lora_name"}``: new requests cannot name it (a 404); running ones
+        finish on it. 404 for a name not loaded, as vLLM."""
+        model, _, name = await self._adapter_body(request, {"lora_name"})
+        try:
+            model.unload_adapter(name)
+        except er.AdapterError:
+            loaded = ", ".join(model.adapters.names()) or "none"
+            message = f"The lora adapter '{name}' cannot be found (loaded: {loaded})"
+            raise APIError(404, message, "lora_name", "adapter_not_found") from None
+        self.state.adapter_sources.pop(name, None)
+        log.info("unloaded LoRA adapter %s", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def tokenizer_info(self, request: Request) -> Response:
         model, _ = self._ready()

@@ -15,6 +15,7 @@ from .encoder import ChoiceStream, Encoder, Reply, is_stop_entry, logprob_entrie
 from .protocol import (
     CHAT_FIELDS,
     Parsed,
+    adapter_of,
     check_type,
     choice_configs,
     finish,
@@ -158,8 +159,11 @@ def _reasoning(piece: str) -> dict[str, Any]:
 # -- the request ------------------------------------------------------------------------------------------------
 def parse_chat(body: Any, model: er.Model, served: str, plain_content: bool = False) -> ChatRequest:
     """A chat request; ``plain_content``: message contents tokenised as plain text (``Settings.plain_content``)."""
-    name, n, stream, include_usage = parse_common(body, CHAT_FIELDS, served)
+    name, n, stream, include_usage = parse_common(body, CHAT_FIELDS, served, model)
     params = generation_params(body)
+    adapter = adapter_of(name, served)
+    if adapter is not None:  # the model names an adapter: the request runs on it
+        params["adapter"] = adapter
     tools = parse_tools(body)
     constraint = _response_format(body)
     if constraint is not None:

@@ -16,9 +16,11 @@ from .protocol import (
     MAX_N,
     MAX_TOKEN_NAMES,
     Parsed,
+    adapter_of,
     check_type,
     choice_configs,
     finish,
+    from_config_error,
     generation_params,
     invalid,
     parse_common,
@@ -117,7 +119,8 @@ class _TextStream(ChoiceStream):
 
 # -- the request ------------------------------------------------------------------------------------------------
 def parse_completion(body: Any, model: er.Model, served: str) -> CompletionRequest:
-    name, n, stream, include_usage = parse_common(body, COMPLETION_FIELDS, served)
+    name, n, stream, include_usage = parse_common(body, COMPLETION_FIELDS, served, model)
+    adapter = adapter_of(name, served)
     echo = check_type(body, "echo", bool, "a boolean") or False
     best_of = check_type(body, "best_of", int, "an integer")
     if best_of is not None and best_of != n:
@@ -135,13 +138,18 @@ def parse_completion(body: Any, model: er.Model, served: str) -> CompletionReque
         )
     prompts, texts = _prompts(body.get("prompt"), model)
     params = generation_params(body)
+    if adapter is not None:
+        params["adapter"] = adapter
     if echo and any(params.get(k) == 0 for k in MAX_TOKEN_NAMES):
         # the prompt's logprobs alone, as older eval clients ask for them: one token is generated (vLLM's rule)
         params = {k: 1 if k in MAX_TOKEN_NAMES and v == 0 else v for k, v in params.items()}
     scores = []
     if echo and logprobs is not None:  # lm-eval's log-likelihood contract: every prompt token's logprob
         if stream:  # the echoed prompt's logprobs open the stream, before the engine runs: scored here
-            scores = [prompt_scores(model, ids, logprobs) for ids in prompts]
+            try:
+                scores = [prompt_scores(model, ids, logprobs, adapter) for ids in prompts]
+            except er.ConfigError as e:  # the adapter was unloaded since parse_common
+                raise from_config_error(e, "prompt") from None
         else:  # scored by the engine from the prefill that generation runs anyway (one pass over the prompt)
             params["prompt_logprobs"] = logprobs
     configs, flows = choice_configs(model, params, prompts, n, "prompt")

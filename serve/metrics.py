@@ -14,9 +14,14 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 
 class Metrics:
     """Requests by endpoint and status, tokens, queue depth and active requests (read from the engine when
-    scraped), time to first token and inter-token latency."""
+    scraped), time to first token and inter-token latency; the LoRA adapters loaded (``adapters()``)."""
 
-    def __init__(self, stats: Callable[[], er.EngineStats | None], endpoints: list[str]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], er.EngineStats | None],
+        endpoints: list[str],
+        adapters: Callable[[], int] | None = None,
+    ) -> None:
         self.endpoints = frozenset(endpoints)  # any other path is counted as "other" (no label per stray URL)
         self.registry = CollectorRegistry()
         r = self.registry
@@ -61,6 +66,10 @@ class Metrics:
             read("incoming")
         )
         Gauge("edgeroute_max_batch", "Slots of the engine", registry=r).set_function(read("max_batch"))
+        if adapters is not None:
+            Gauge("edgeroute_loaded_adapters", "LoRA adapters loaded on the model", registry=r).set_function(
+                lambda: float(adapters())
+            )
 
     def count(self, path: str, status: int) -> None:
         self.requests.labels(path if path in self.endpoints else "other", str(status)).inc()

@@ -9,6 +9,9 @@ Request parameters: OpenAI's (``max_tokens``, ``max_completion_tokens``, ``tempe
 ``stream``, ``stream_options``, ``user``) and edgeroute's router settings as extra body fields (every name
 :func:`edgeroute.from_params` takes: ``top_k``, ``min_p``, ``typical_p``, ``repetition_penalty``, ``explore`` ...).
 An unknown field is a 400 naming it: nothing is silently dropped.
+
+``model`` names the served model or one of the LoRA adapters loaded on it (vLLM's convention): a request that
+names an adapter runs on it (:func:`parse_model`, the config's ``adapter``); any other name is a 404.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from edgeroute.params import PARAMETERS
 
 MAX_N = 16  # choices per request: each is a request of its own in the engine
 # generation parameters the server takes itself rather than passing to the router
-# an engine setting, a Python object (response_format is JSON's), what echo sets (completions) and the server's own
-_GENERATION_ONLY = {"prefill_chunk", "constraint", "prompt_logprobs", "think_first"}
+# an engine setting, a Python object (response_format is JSON's), what echo sets (completions), the server's own, and
+# the adapter (named by ``model``, as vLLM does)
+_GENERATION_ONLY = {"prefill_chunk", "constraint", "prompt_logprobs", "think_first", "adapter"}
+# what a 400 for such a field says besides "not a parameter of this endpoint"
+_HINTS = {"adapter": ": name the adapter in model (GET /v1/models lists the served adapters)"}
 _COMMON = {"model", "n", "stream", "stream_options", "user"}
 _TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}
 # what today's OpenAI SDKs and frameworks send that does not change an answer: each is checked for its type and
@@ -83,6 +89,7 @@ class APIError(Exception):
 
 _KIND = {
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -105,7 +112,11 @@ def invalid(param: str | None, message: str, code: str = "invalid_value") -> API
 
 
 def from_config_error(e: er.ConfigError, fallback: str | None = None) -> APIError:
-    """A ``ConfigError`` as a 400 naming the parameter (as the request spelled it)."""
+    """A ``ConfigError`` as a 400 naming the parameter (as the request spelled it); an adapter that is not loaded
+    (unloaded after the request was read) is the 404 of an unknown ``model``."""
+    if e.field == "adapter":
+        message = f"The model '{e.value}' does not exist: adapter '{e.value}' {e.reason}"
+        return APIError(404, message, "model", "model_not_found")
     param = e.field if e.field in CHAT_FIELDS | COMPLETION_FIELDS else fallback or e.field
     return invalid(param, f"{param}: {e.reason} (got {short(e.value)})")
 
@@ -195,14 +206,28 @@ def check_type(body: Mapping[str, Any], name: str, types: type | tuple[type, ...
     return value
 
 
-def parse_model(body: Mapping[str, Any], served: str) -> str | None:
-    """The body's ``model``: absent, or the served name (another is a 404 ``model_not_found``)."""
-    model = check_type(body, "model", str, "a string")
-    if model is not None and model != served:
-        raise APIError(
-            404, f"The model '{model}' does not exist (this server serves '{served}')", "model", "model_not_found"
-        )
-    return model
+def parse_model(body: Mapping[str, Any], served: str, model: er.Model | None = None) -> str | None:
+    """The body's ``model``: absent, the served name, or the name of an adapter loaded on ``model`` (another is a
+    404 ``model_not_found``)."""
+    name = check_type(body, "model", str, "a string")
+    if name is None or name == served or (model is not None and name in model.adapters):
+        return name
+    raise unknown_model(name, served, model)
+
+
+def unknown_model(name: str, served: str, model: er.Model | None = None) -> APIError:
+    """The 404 of a ``model`` this server does not serve: the message lists what it does."""
+    adapters = model.adapters.names() if model is not None else []
+    what = f"'{served}'"
+    if adapters:
+        shown = ", ".join(f"'{a}'" for a in adapters[:16]) + (", ..." if len(adapters) > 16 else "")
+        what += f" and its adapter{'s' if len(adapters) > 1 else ''} {shown}"
+    return APIError(404, f"The model '{name}' does not exist (this server serves {what})", "model", "model_not_found")
+
+
+def adapter_of(name: str, served: str) -> str | None:
+    """The adapter a request runs on: None for the served model, else the adapter ``name`` (``parse_model``)."""
+    return None if name == served else name
 
 
 def check_fields(body: Any, allowed: frozenset[str] | set[str]) -> dict[str, Any]:
@@ -211,13 +236,18 @@ def check_fields(body: Any, allowed: frozenset[str] | set[str]) -> dict[str, Any
         raise invalid(None, "the request body must be a JSON object", "invalid_type")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise invalid(unknown[0], f"{unknown[0]} is not a parameter of this endpoint", "unknown_parameter")
+        hint = _HINTS.get(unknown[0], "")
+        raise invalid(unknown[0], f"{unknown[0]} is not a parameter of this endpoint{hint}", "unknown_parameter")
     return body
 
 
-def parse_common(body: Any, allowed: frozenset[str], served: str) -> tuple[str, int, bool, bool]:
+def parse_common(
+    body: Any, allowed: frozenset[str], served: str, model: er.Model | None = None
+) -> tuple[str, int, bool, bool]:
+    """The common fields: the model's name (``served``, or an adapter's loaded on ``model``), ``n``, ``stream`` and
+    ``stream_options.include_usage``."""
     body = check_fields(body, allowed)
-    model = parse_model(body, served)
+    wanted = parse_model(body, served, model)
     check_type(body, "user", str, "a string")
     for name, kind in INERT.items():
         check_type(body, name, kind, f"a{'n' if kind in (dict, list) else ''} {_KIND_NAMES[kind]}")
@@ -251,7 +281,7 @@ def parse_common(body: Any, allowed: frozenset[str], served: str) -> tuple[str, 
                 "stream_options.include_usage", "stream_options.include_usage must be a boolean", "invalid_type"
             )
         include_usage = usage
-    return model or served, n, stream, include_usage
+    return wanted or served, n, stream, include_usage
 
 
 _KIND_NAMES = {dict: "object", list: "array", bool: "boolean", str: "string"}

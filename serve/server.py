@@ -136,12 +136,17 @@ def serve(
     grace: float = GRACE_SECONDS,
     log_level: str = "info",
     cuda_graph: bool = False,
+    max_adapters: int | None = None,
 ) -> None:
     """Serve ``model`` (a folder, loaded in the background, or a callable that loads one) until a signal.
+    ``max_adapters``: the most LoRA adapters loaded at once (``Model.load``'s; default its own); the adapters of
+    ``settings.adapters`` are loaded with the model.
 
     Raises ``OSError`` when ``host:port`` cannot be bound, and what loading raised (``ModelLoadError``,
     ``ProviderUnavailableError``, ...) after the server stopped, when the model could not be loaded."""
     if not callable(model) and is_encoder_folder(model):  # an embedding model: its own small app (serve.embeddings)
+        if settings.adapters:
+            raise er.ConfigError("adapters", sorted(settings.adapters), "an encoder model takes no LoRA adapters")
         _serve_encoder(Path(model), settings, host, port, provider, threads, log_level)
         return
     if callable(model):
@@ -150,9 +155,11 @@ def serve(
         folder = Path(model)
         er.Manifest.load(folder)  # a missing or broken folder is the caller's error now, not a 503 later
 
+        extra: dict[str, Any] = {} if max_adapters is None else {"max_adapters": max_adapters}
+
         def load() -> er.Model:
             return er.Model.load(
-                folder, provider=provider, threads=threads, context_size=context_size, cuda_graph=cuda_graph
+                folder, provider=provider, threads=threads, context_size=context_size, cuda_graph=cuda_graph, **extra
             )
 
     sock = listen(host, port)

@@ -38,7 +38,7 @@ def tokenize(body: Any, model: er.Model, served: str) -> dict[str, Any]:
     ``{"messages": [...]}`` (the chat template, ``add_generation_prompt`` true by default) -> vLLM's answer:
     ``count``, ``max_model_len``, ``tokens`` and, with ``return_token_strs``, ``token_strs``."""
     chat = isinstance(body, dict) and "messages" in body
-    _fields(body, _CHAT if chat else _PROMPT, served)
+    _fields(body, _CHAT if chat else _PROMPT, served, model)
     strs = check_type(body, "return_token_strs", bool, "a boolean") or False
     if chat:
         add = check_type(body, "add_generation_prompt", bool, "a boolean")
@@ -70,7 +70,7 @@ def tokenize(body: Any, model: er.Model, served: str) -> dict[str, Any]:
 
 def detokenize(body: Any, model: er.Model, served: str) -> dict[str, Any]:
     """``{"tokens": [ids]}`` -> ``{"prompt": text}`` (special tokens kept: what ``/tokenize`` gave comes back)."""
-    _fields(body, {"model", "tokens"}, served)
+    _fields(body, {"model", "tokens"}, served, model)
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise invalid("tokens", "tokens is required: an array of token ids", "invalid_type")
@@ -82,5 +82,7 @@ def detokenize(body: Any, model: er.Model, served: str) -> dict[str, Any]:
     return {"prompt": model.tokenizer.decode(tokens, skip_special_tokens=False)}
 
 
-def _fields(body: Any, allowed: set[str], served: str) -> None:
-    parse_model(check_fields(body, allowed), served)
+def _fields(body: Any, allowed: set[str], served: str, model: er.Model) -> None:
+    """The fields are ``allowed``; ``model`` names the served model or one of its adapters (they share the
+    tokenizer: the answer is the same)."""
+    parse_model(check_fields(body, allowed), served, model)
