@@ -9,11 +9,14 @@ import click
 import edgeroute as er
 
 from .options import (
+    PREFIX_PARAMS,
     build_config,
     constraint_options,
     generation_options,
     load_model,
     model_options,
+    prefix_cache_options,
+    prefix_options,
     sampling_options,
     verbose_option,
 )
@@ -41,13 +44,15 @@ def _read(interactive: bool) -> str | None:
 @generation_options
 @constraint_options
 @sampling_options
+@prefix_cache_options
 @model_options
 @verbose_option
 def chat(
     model_path: str, system: str | None, provider: str, threads: int | None, ctx_size: int | None, **flags: Any
 ) -> None:
     """Chat with MODEL. Ctrl-C stops an answer; Ctrl-C again (or Ctrl-D, or /exit) leaves."""
-    model = load_model(model_path, provider, threads, ctx_size=ctx_size)
+    cache = prefix_options({n: flags.pop(n) for n in PREFIX_PARAMS})
+    model = load_model(model_path, provider, threads, ctx_size=ctx_size, options=cache)
     session = er.ChatSession(model, build_config(model, flags), system)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -99,6 +99,52 @@ def sampling_options(f: F) -> F:
     return f
 
 
+def prefix_cache_options(f: F) -> F:
+    """The prefix cache (``Model.load``'s ``prefix_cache``): prompts' KV positions kept for later prompts."""
+    f = click.option(
+        "--prefix-cache-disk-mb",
+        type=click.IntRange(min=1),
+        default=None,
+        help="With --prefix-cache: the most megabytes the directory holds (default 8192; least recently used"
+        " files go first).",
+    )(f)
+    f = click.option(
+        "--prefix-cache-mb",
+        type=click.IntRange(min=1),
+        default=None,
+        help="The prefix cache's memory budget in megabytes (default 512); alone, a cache in memory only.",
+    )(f)
+    f = click.option(
+        "--prefix-cache",
+        type=click.Path(file_okay=False),
+        default=None,
+        metavar="DIR",
+        help="Keep prompts' KV positions in memory and in DIR, reused by later prompts that start with them, across"
+        " restarts (verified against the model and the exact tokens before use).",
+    )(f)
+    return f
+
+
+PREFIX_PARAMS = ("prefix_cache", "prefix_cache_mb", "prefix_cache_disk_mb")
+
+
+def prefix_options(flags: dict[str, Any]) -> dict[str, Any]:
+    """``Model.load``'s prefix cache options from :func:`prefix_cache_options`' flags."""
+    directory, memory, disk = flags.get("prefix_cache"), flags.get("prefix_cache_mb"), flags.get("prefix_cache_disk_mb")
+    if disk is not None and directory is None:
+        raise click.BadParameter(
+            "sizes the cache directory: add --prefix-cache DIR", param_hint="--prefix-cache-disk-mb"
+        )
+    if directory is None and memory is None:
+        return {}
+    out: dict[str, Any] = {"prefix_cache": directory if directory is not None else True}
+    if memory is not None:
+        out["prefix_cache_memory"] = memory << 20
+    if disk is not None:
+        out["prefix_cache_disk"] = disk << 20
+    return out
+
+
 def generation_options(f: F) -> F:
     f = click.option(
         "--adapter",
@@ -399,12 +445,18 @@ def cuda_graph_flag() -> bool:
 
 
 def load_model(
-    path: str, provider: str, threads: int | None, spin: bool = True, ctx_size: int | None = None
+    path: str,
+    provider: str,
+    threads: int | None,
+    spin: bool = True,
+    ctx_size: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> er.Model:
     cuda_graph = cuda_graph_flag()
     return er.Model.load(
-        path, provider=provider, threads=threads, spin=spin, context_size=ctx_size, cuda_graph=cuda_graph
-    )
+        path, provider=provider, threads=threads, spin=spin, context_size=ctx_size, cuda_graph=cuda_graph,
+        **(options or {}),
+    )  # fmt: skip
 
 
 def needs_second_model(flags: dict[str, Any]) -> bool:

@@ -12,6 +12,7 @@ from edgeroute.encoder import is_encoder_folder
 
 from .encoder_run import ENCODER_PARAMS, encoder_options, run_encoder
 from .options import (
+    PREFIX_PARAMS,
     build_request,
     constraint_options,
     flow_options,
@@ -19,6 +20,8 @@ from .options import (
     load_model,
     model_options,
     needs_second_model,
+    prefix_cache_options,
+    prefix_options,
     sampling_options,
     verbose_option,
 )
@@ -113,6 +116,7 @@ def completion_json(c: er.Completion, sample: int) -> dict[str, Any]:
 @constraint_options
 @sampling_options
 @flow_options
+@prefix_cache_options
 @model_options
 @verbose_option
 def run(
@@ -153,7 +157,8 @@ def run(
     if mine:
         raise click.UsageError(f"--{mine[0].replace('_', '-')} is for encoder models ({model_path} is a decoder)")
     text = read_prompt(prompt)
-    model = load_model(model_path, provider, threads, spin=not needs_second_model(flags), ctx_size=ctx_size)
+    cache = prefix_options({n: flags.pop(n) for n in PREFIX_PARAMS})
+    model = load_model(model_path, provider, threads, not needs_second_model(flags), ctx_size, cache)
     beams = {}
     if num_beams is not None and num_beams > 1:
         stopping = {"false": False, "true": True, "never": "never"}.get(early_stopping or "false")

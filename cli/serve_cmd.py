@@ -11,7 +11,7 @@ from typing import Any
 import click
 import edgeroute as er
 
-from .options import cuda_graph_flag, model_options, verbose_option
+from .options import cuda_graph_flag, model_options, prefix_cache_options, prefix_options, verbose_option
 
 
 def is_loopback(host: str) -> bool:
@@ -133,6 +133,7 @@ def is_loopback(host: str) -> bool:
     default=None,
     help="With --ray: Ray Serve's autoscaling_config as JSON (min_replicas, max_replicas, ...); replaces --replicas.",
 )
+@prefix_cache_options
 @verbose_option
 def serve(
     model_path: str,
@@ -160,6 +161,9 @@ def serve(
     ray_cpus: int | None,
     replica_cpus: float | None,
     autoscaling: str | None,
+    prefix_cache: str | None,
+    prefix_cache_mb: int | None,
+    prefix_cache_disk_mb: int | None,
 ) -> None:
     """Serve MODEL (an exported folder) over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions,
     /v1/models, /health and /metrics. Ctrl-C or SIGTERM stops it.
@@ -186,6 +190,10 @@ def serve(
     adapters_given = [flag for flag, value in single.items() if value]
     if adapters_given and use_ray:
         raise click.UsageError(f"{', '.join(adapters_given)}: adapters are for a single server (not with --ray)")
+    prefix_flags = {"prefix_cache": prefix_cache, "prefix_cache_mb": prefix_cache_mb}
+    prefix_flags["prefix_cache_disk_mb"] = prefix_cache_disk_mb
+    if use_ray and any(v is not None for v in prefix_flags.values()):
+        raise click.UsageError("--prefix-cache options are for a single server (not with --ray)")
     if ray_cpus is not None and ray_address is not None:
         raise click.UsageError("--ray-cpus sizes a local cluster; a cluster at --ray-address has its own CPUs")
     try:
@@ -245,7 +253,9 @@ def serve(
             autoscaling_config=_autoscaling(autoscaling),
         )
         return
-    run_server(model_path, settings, **where, grace=grace, log_level=log_level, max_adapters=max_loras)
+    load_options = {"max_adapters": max_loras} if max_loras is not None else {}
+    load_options.update(prefix_options(prefix_flags))
+    run_server(model_path, settings, **where, grace=grace, log_level=log_level, load_options=load_options)
 
 
 def _loras(values: tuple[str, ...]) -> dict[str, str]:

@@ -37,6 +37,7 @@ from .manifest import Manifest
 from .model import Model, load
 from .output import Completion, Hypothesis, Step, TokenLogprob, Usage
 from .params import Flows, from_params
+from .prefix_cache import PrefixCache, PrefixCacheStats, PrefixEntry
 from .request import Request
 from .sampling import Distribution, Processor, Router, Truncation, make_chain
 from .scoring import Score, TokenScore
@@ -79,6 +80,9 @@ __all__ = [
     "EncoderModel",
     "Embeddings",
     "ModelLoadError",
+    "PrefixCache",
+    "PrefixCacheStats",
+    "PrefixEntry",
     "Processor",
     "ProviderUnavailableError",
     "QueueFullError",

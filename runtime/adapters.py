@@ -27,6 +27,7 @@ request on the same load of the same adapter (or on none).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import re
@@ -115,6 +116,19 @@ class Adapter:
         self.weights = weights
         self.info = info  # rank, alpha, modules, source
         self.uid = next(_uids)
+        self._digest: bytes | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """A hash of the weights (what a prefix cache keys positions computed on this adapter by)."""
+        if self._digest is None:
+            h = hashlib.blake2b(digest_size=16)
+            for (layer, module), (a, b) in sorted(self.weights.items()):
+                h.update(f"{layer}.{module}".encode())
+                h.update(a.tobytes())
+                h.update(b.tobytes())
+            self._digest = h.digest()
+        return self._digest
 
     @property
     def rank(self) -> int:
@@ -351,10 +365,12 @@ class AdapterSet:
             return sorted(self._loaded)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._loaded
+        with self._lock:
+            return name in self._loaded
 
     def __len__(self) -> int:
-        return len(self._loaded)
+        with self._lock:
+            return len(self._loaded)
 
     def __iter__(self) -> Iterator[Adapter]:
         with self._lock:

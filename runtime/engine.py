@@ -115,9 +115,11 @@ class Engine:
         self._incoming = 0
         self.prefix_reuse = prefix_reuse
         self.mode = "batched" if model.shared_kv else "solo"
+        self._prefix = model.prefix_cache if self.mode == "batched" else None
         self._scheduler = Scheduler(
-            max_batch, max_queue, prefill_budget, prefix_reuse, model.context_length, self.mode == "batched"
-        )
+            max_batch, max_queue, prefill_budget, prefix_reuse, model.context_length, self.mode == "batched",
+            self._lookup if self._prefix is not None else None,
+        )  # fmt: skip
         self._executor = Executor(model, max_batch) if self.mode == "batched" else None
         self._lock = threading.Condition()
         self._generators: dict[int, Generator] = {}  # a running solo request's Generator, by request id
@@ -281,7 +283,12 @@ class Engine:
         for run, reused in plan.started:
             assert self._executor is not None
             self._executor.adapt(run.slot.index, run.request._adapter)  # a copy into the row, if it changes
+            if run.restore is not None:  # the prefix cache's positions, copied into the row
+                assert self._prefix is not None
+                self._prefix.counted(self._prefix.restore(self._executor.cache.buffers, run.slot.index, run.restore))
+                run.restore = None
             self._hold(run.slot.index, reused)
+            run.seq.usage.cached_tokens = reused
             self._count("reused", reused)
         for chunk in plan.prefill:
             self._prefill(chunk)
@@ -340,6 +347,9 @@ class Engine:
             return
         self._count("prefilled", sum(1 for r in going if r.seq.n == r.seq.usage.prompt_tokens))
         assert self._executor is not None
+        for run in going:  # a prompt prefilled (all but its last token, which this run feeds): remembered now
+            if run.seq.n == run.seq.usage.prompt_tokens:
+                self._remember(run)
         try:  # the run of every decoding row
             logits = self._executor.decode({r.slot.index: int(r.seq.ids[r.fed]) for r in going})
         except Exception as e:
@@ -388,7 +398,24 @@ class Engine:
             self._scheduler.solo.remove(request)
 
     # -- ending requests --------------------------------------------------------------------------------------
+    def _lookup(self, request: Request, limit: int) -> tuple[int, Any]:
+        """The prefix cache's longest hit for ``request``'s prompt (the scheduler's ``lookup``)."""
+        assert self._prefix is not None
+        blocks = self._prefix.lookup(request.prompt, limit, _digest(request), count=False)
+        if not blocks:
+            self._prefix.counted(0)
+        return len(blocks) * self._prefix.block, blocks
+
+    def _remember(self, run: Running) -> None:
+        """Give the prefix cache what ``run``'s row holds (the blocks it does not hold yet)."""
+        if self._prefix is not None and run.fed >= self._prefix.block:
+            assert self._executor is not None
+            self._prefix.store(
+                run.seq.ids[: run.fed], self._executor.cache.buffers, run.slot.index, _digest(run.request)
+            )
+
     def _release(self, run: Running) -> None:
+        self._remember(run)
         with self._lock:
             held = self._scheduler.release(run, failed=False)
         self._hold(run.slot.index, held)
@@ -422,6 +449,10 @@ class Engine:
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
+
+
+def _digest(request: Request) -> bytes:
+    return request._adapter.digest if request._adapter is not None else b""
 
 
 def _own(e: Exception) -> EdgerouteError:

@@ -19,7 +19,7 @@ import numpy as np
 from . import routing
 from .config import GenerationConfig
 from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
-from .kv_cache import left_padded
+from .kv_cache import SharedKVCache, left_padded
 from .output import Completion, Step, Usage
 from .params import Flows, flows_of
 from .sequence import TokenSequence
@@ -47,7 +47,9 @@ class Generator:
         self._busy = threading.Lock()  # held by a call in progress: a second thread's call raises
         self.model = model
         self.config = config
-        self.cache = model.new_cache(adapter=config.adapter)
+        adapter = model.adapter(config.adapter)
+        self.cache = model.new_cache(adapter=adapter)
+        self._prefix_key = adapter.digest if adapter is not None else b""  # what the prefix cache keys it by
         self.usage = Usage()
         rng = np.random.default_rng(config.sampling.seed)
         self._seq = TokenSequence(model, config, rng, model.context_length, self.usage)
@@ -128,6 +130,14 @@ class Generator:
         if self._logits is None and n and length >= n:
             cache.trim(length - (n - 1))
             length = cache.length
+        cached, first = self.model.prefix_cache, length
+        if cached is not None and not score and n - 1 > length and isinstance(cache, SharedKVCache):
+            blocks = cached.lookup(ids[:n], n - 1, self._prefix_key, count=False)  # the last token: its logits
+            cached.counted(len(blocks) * cached.block if len(blocks) * cached.block > length else 0)
+            if len(blocks) * cached.block > length:
+                cache.lengths[0] = cached.restore(cache.buffers, 0, blocks)
+                self.usage.cached_tokens += cache.length - length
+                length = cache.length
         while length < n:
             stop = min(n, length + chunk)
             if score:  # row k (position length + k) scores the token after it, while that is a prompt token
@@ -138,6 +148,8 @@ class Generator:
             else:
                 self._logits = self.model.step_logits(ids[None, length:stop], cache)[0]
             length = cache.length
+        if cached is not None and length - first > 1 and isinstance(cache, SharedKVCache):  # a prompt, not a step
+            cached.store(ids[:length], cache.buffers, 0, self._prefix_key)
 
     # -- generating ------------------------------------------------------------------------------------------
     def _exclusive(self) -> _Exclusive:

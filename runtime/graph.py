@@ -21,6 +21,7 @@ from .encoder import is_encoder_folder
 from .errors import ConfigError, ModelLoadError
 from .kv_cache import Cache, KVCache, SharedKVCache
 from .manifest import Manifest, check_files
+from .prefix_cache import DEFAULT_DISK, DEFAULT_MEMORY, PrefixCache, fingerprint
 from .session import create_session, node_counts
 from .tokenizer import Tokenizer
 
@@ -65,6 +66,8 @@ class Graph:
         self.kv = _kv_placement(kv, provider, self.shared_kv, cuda_graph, m.lora is not None)
         #: the LoRA adapters loaded on this model (``edgeroute.adapters``); empty for a graph without adapter inputs
         self.adapters = AdapterSet(LoraLayout(m.contract) if m.lora else None, max_adapters)
+        #: the prefix cache (``edgeroute.prefix_cache``), when ``load`` was given one
+        self.prefix_cache: PrefixCache | None = None
         self.device = Device(provider, cuda_graph) if self.kv == "device" else None
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -79,6 +82,9 @@ class Graph:
         kv: str | None = None,
         cuda_graph: bool = False,
         max_adapters: int = DEFAULT_MAX_ADAPTERS,
+        prefix_cache: bool | str | Path | None = None,
+        prefix_cache_memory: int = DEFAULT_MEMORY,
+        prefix_cache_disk: int = DEFAULT_DISK,
     ) -> G:
         """Load an edgeroute model folder.
 
@@ -99,6 +105,10 @@ class Graph:
                 (onnxruntime's ``enable_cuda_graph``; ``runtime/device_cache.py`` says when it does not apply).
             max_adapters: the most LoRA adapters loaded at once (a graph exported with ``--lora-rank``); the
                 adapters the folder lists are loaded now and count (``AdapterError`` when one does not fit).
+            prefix_cache: keep prompts' KV positions for later prompts that start with them (``edgeroute.
+                prefix_cache``): ``True`` in memory, a directory path in memory and on disk across restarts
+                (None: off). Shared-buffer graphs on the host KV cache.
+            prefix_cache_memory, prefix_cache_disk: the cache's budgets in bytes (512 MiB, 8 GiB).
         """
         folder = Path(path)
         if is_encoder_folder(folder):
@@ -117,7 +127,21 @@ class Graph:
         model = cls(folder, manifest, session, tokenizer, provider, context_size, kv, cuda_graph, max_adapters)
         for name, entry in manifest.adapters.items():
             model.adapters.load(name, folder / str(entry["file"]))
+        if prefix_cache is not None and prefix_cache is not False:
+            model.use_prefix_cache(None if prefix_cache is True else prefix_cache, prefix_cache_memory,
+                                   prefix_cache_disk)  # fmt: skip
         return model
+
+    def use_prefix_cache(
+        self, directory: str | Path | None = None, memory: int = DEFAULT_MEMORY, disk: int = DEFAULT_DISK
+    ) -> PrefixCache:
+        """Give this model a prefix cache (in memory; on disk too with ``directory``) and return it."""
+        if not self.shared_kv or self.kv != "host":
+            raise ConfigError("prefix_cache", directory, "needs a shared-buffer graph on the host KV cache (kv='host')")
+        m = self.manifest
+        shape = (2 * m.num_layers, m.num_kv_heads, m.head_size)
+        self.prefix_cache = PrefixCache(fingerprint(self), shape, np.dtype(m.kv_dtype), memory, directory, disk)
+        return self.prefix_cache
 
     # -- the graph -------------------------------------------------------------------------------------------
     def node_providers(self) -> dict[str, int]:

@@ -13,12 +13,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, overload
 
+import numpy as np
+
 from .beam import beam_search
 from .config import GenerationConfig
 from .encoder import EncoderModel, is_encoder_folder
 from .errors import ConfigError
 from .generator import Generator, generate_batch
 from .graph import Graph
+from .kv_cache import SharedKVCache
 from .output import Completion
 from .params import Flows
 from .scoring import Score, score, score_items
@@ -53,6 +56,28 @@ class Model(Graph):
         items' continuations run as rows of batched runs (``edgeroute.scoring.score_items``); ``progress(n)`` is
         told as items finish. What ``edgeroute eval --choices`` uses."""
         return score_items(self, items, top_logprobs, progress, adapter)
+
+    # -- the prefix cache ------------------------------------------------------------------------------------
+    def cache_prefix(self, prompt: Prompt, adapter: str | None = None, chunk: int = 512) -> int:
+        """Warm the prefix cache (``Model.load(prefix_cache=...)``) with ``prompt``: its whole blocks' positions
+        computed now (those the cache holds already are not) and kept for later prompts that start with them, on
+        disk too when the cache has a directory. Returns how many positions the cache holds for it."""
+        cached = self.prefix_cache
+        if cached is None:
+            raise ConfigError("prefix_cache", None, "this model has no prefix cache: load it with prefix_cache=")
+        ids = self.encode_prompt(prompt)
+        chosen = self.adapter(adapter)
+        key = chosen.digest if chosen is not None else b""
+        n = len(ids) // cached.block * cached.block
+        if n == 0:
+            return 0
+        kv = self.new_cache(1, capacity=n, adapter=chosen)
+        assert isinstance(kv, SharedKVCache)  # a prefix cache needs one (use_prefix_cache)
+        kv.lengths[0] = cached.restore(kv.buffers, 0, cached.lookup(ids, n, key))
+        for start in range(kv.length, n, chunk):
+            self.forward(np.array([ids[start : min(n, start + chunk)]]), kv)
+        cached.store(ids[:n], kv.buffers, 0, key)
+        return n
 
     # -- generation ------------------------------------------------------------------------------------------
     def generator(

@@ -51,6 +51,7 @@ class Usage:
     flow_skipped: int = 0  # ... of which the gate used the first flow alone (the second flow not run)
     flow_runs: int = 0  # graph runs of the second flow (its prefill and catch-up chunks included)
     beam_rows_copied: int = 0  # beam search: KV-cache rows copied to reorder hypotheses
+    cached_tokens: int = 0  # prompt positions taken from a cache (the engine's slots, the prefix cache), not computed
 
     def record(self, tokens: int, start: float, now: float, turn_start: float) -> None:
         """Count ``tokens`` produced by a step that ran from ``start`` to ``now`` (``perf_counter`` times): the

@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 
 MAX_HEADER = 100 << 20  # bytes of JSON header at most (safetensors' own bound)
-_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2")}
+_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "F64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),
+}
 
 
 def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

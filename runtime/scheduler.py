@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -32,6 +32,13 @@ from .kv_cache import common_prefix
 if TYPE_CHECKING:
     from .request import Request
     from .sequence import TokenSequence
+
+
+class Lookup(Protocol):
+    """The prefix cache's answer for a request's prompt, at most ``limit`` positions: how many positions it holds
+    and what the executor copies into the row (``Engine._lookup``)."""
+
+    def __call__(self, request: Request, limit: int) -> tuple[int, Any]: ...
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Running:
     seq: TokenSequence
     fed: int  # positions of ``seq.ids`` the slot's cache holds
     logits: np.ndarray | None = None  # of the last fed position, when the next token is to be chosen
+    restore: Any = None  # what the prefix cache gives its row before its prefill (``Lookup``), if anything
 
 
 @dataclass
@@ -85,8 +93,16 @@ class Scheduler:
     lock. ``batched=False`` (a graph without a shared KV buffer) has no slots: every request runs solo."""
 
     def __init__(
-        self, max_batch: int, max_queue: int, prefill_budget: int, prefix_reuse: bool, context: int, batched: bool
+        self,
+        max_batch: int,
+        max_queue: int,
+        prefill_budget: int,
+        prefix_reuse: bool,
+        context: int,
+        batched: bool,
+        lookup: Lookup | None = None,
     ) -> None:
+        self.lookup = lookup
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget
@@ -175,7 +191,14 @@ class Scheduler:
         reusable = self.prefix_reuse and not scored and slot.adapter == _uid(request)
         reuse = common_prefix(slot.tokens[: slot.held], prompt) if reusable else 0
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
-        run = Running(request, slot, seq, reuse)
+        restore = None
+        # the prefix cache, when it holds more (off with prefix_reuse, as a slot's: a hit's speed tells a client
+        # that another sent the same prompt)
+        if self.lookup is not None and self.prefix_reuse and not scored:
+            positions, found = self.lookup(request, len(prompt) - 1)
+            if positions > reuse:
+                reuse, restore = positions, found
+        run = Running(request, slot, seq, reuse, restore=restore)
         slot.running = run
         return run, reuse
 

@@ -109,6 +109,11 @@ class State:
     def stats(self) -> er.EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
 
+    def prefix_stats(self) -> er.PrefixCacheStats | None:
+        """The prefix cache's figures (None without one)."""
+        cache = self.model.prefix_cache if self.model is not None else None
+        return cache.stats() if cache is not None else None
+
     def adapter_count(self) -> int:
         """The LoRA adapters loaded on the model (0 while it loads)."""
         return len(self.model.adapters) if self.model is not None else 0
@@ -205,7 +210,7 @@ def create_app(
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),
     ]
-    metrics = api.metrics = Metrics(state.stats, [r.path for r in routes], state.adapter_count)
+    metrics = api.metrics = Metrics(state.stats, [r.path for r in routes], state.adapter_count, state.prefix_stats)
     api.transport = Transport(settings.model_name, settings.max_body_bytes, settings.read_timeout, metrics)
     app = Starlette(
         routes=routes,

@@ -113,7 +113,7 @@ class Reply(Generic[P]):
     # -- whole answers ------------------------------------------------------------------------------------------
     def whole(self, completions: Sequence[er.Completion]) -> dict[str, Any]:
         choices = [self.encoder.choice(self, i, c) for i, c in enumerate(completions)]
-        return {**self.head(), "choices": choices, "usage": usage(self.prompt_tokens, completion_tokens(completions))}
+        return {**self.head(), "choices": choices, "usage": self.usage(completions)}
 
     # -- streams ------------------------------------------------------------------------------------------------
     def event(self, choices: list[dict[str, Any]], use: dict[str, int] | None = None) -> dict[str, Any]:
@@ -148,7 +148,13 @@ class Reply(Generic[P]):
         """The last event before ``[DONE]`` (``choices: []`` and the usage) when the client asked for it."""
         if not self.p.include_usage:
             return None
-        return self.event([], usage(self.prompt_tokens, completion_tokens(completions)))
+        return self.event([], self.usage(completions))
+
+    def usage(self, completions: Sequence[er.Completion]) -> dict[str, Any]:
+        """The answer's usage: each prompt counted once for its ``n`` choices, its cached positions as its first
+        choice found them."""
+        cached = sum(c.usage.cached_tokens for c in completions[:: max(self.p.n, 1)])
+        return usage(self.prompt_tokens, completion_tokens(completions), cached)
 
 
 def completion_tokens(completions: Sequence[er.Completion]) -> int:

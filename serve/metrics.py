@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import edgeroute as er
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -10,6 +11,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 # a decode step of a 100M-8B model on CPU or GPU: 1 ms .. seconds; a first token: 10 ms .. a minute in a queue
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+_PREFIX = {
+    "hits": "Prompts that found cached positions in the prefix cache",
+    "misses": "Prompts that found none",
+    "hit_tokens": "Prompt positions served from the prefix cache",
+    "memory_bytes": "Bytes of KV positions the prefix cache holds in memory",
+    "disk_bytes": "Bytes of the prefix cache's directory",
+    "disk_rejected": "Cache files refused (another model, corrupt, not the prompt's tokens)",
+}
+
+
+def _reader(source: Callable[[], Any], attr: str) -> Callable[[], float]:
+    """A gauge's function: ``attr`` of what ``source()`` returns (0 when it returns None)."""
+
+    def value() -> float:
+        return float(getattr(source(), attr, 0) or 0)
+
+    return value
 
 
 class Metrics:
@@ -21,6 +41,7 @@ class Metrics:
         stats: Callable[[], er.EngineStats | None],
         endpoints: list[str],
         adapters: Callable[[], int] | None = None,
+        prefix: Callable[[], er.PrefixCacheStats | None] | None = None,
     ) -> None:
         self.endpoints = frozenset(endpoints)  # any other path is counted as "other" (no label per stray URL)
         self.registry = CollectorRegistry()
@@ -66,6 +87,9 @@ class Metrics:
             read("incoming")
         )
         Gauge("edgeroute_max_batch", "Slots of the engine", registry=r).set_function(read("max_batch"))
+        if prefix is not None:  # the prefix cache's figures, read when scraped (0 without one)
+            for attr, what in _PREFIX.items():
+                Gauge(f"edgeroute_prefix_cache_{attr}", what, registry=r).set_function(_reader(prefix, attr))
         if adapters is not None:
             Gauge("edgeroute_loaded_adapters", "LoRA adapters loaded on the model", registry=r).set_function(
                 lambda: float(adapters())

@@ -286,7 +286,7 @@ class ResponsesReply(Reply[ResponsesRequest]):
             out_tokens = completion.usage.completion_tokens
             obj["usage"] = {
                 "input_tokens": self.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": completion.usage.cached_tokens},
                 "output_tokens": out_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.prompt_tokens + out_tokens,

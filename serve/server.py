@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +136,12 @@ def serve(
     grace: float = GRACE_SECONDS,
     log_level: str = "info",
     cuda_graph: bool = False,
-    max_adapters: int | None = None,
+    load_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Serve ``model`` (a folder, loaded in the background, or a callable that loads one) until a signal.
-    ``max_adapters``: the most LoRA adapters loaded at once (``Model.load``'s; default its own); the adapters of
-    ``settings.adapters`` are loaded with the model.
+    ``load_options``: more of ``Model.load``'s options (``max_adapters``: the most LoRA adapters loaded at once;
+    ``prefix_cache``, ``prefix_cache_memory``, ``prefix_cache_disk``); the adapters of ``settings.adapters`` are
+    loaded with the model.
 
     Raises ``OSError`` when ``host:port`` cannot be bound, and what loading raised (``ModelLoadError``,
     ``ProviderUnavailableError``, ...) after the server stopped, when the model could not be loaded."""
@@ -155,7 +156,7 @@ def serve(
         folder = Path(model)
         er.Manifest.load(folder)  # a missing or broken folder is the caller's error now, not a 503 later
 
-        extra: dict[str, Any] = {} if max_adapters is None else {"max_adapters": max_adapters}
+        extra = dict(load_options or {})
 
         def load() -> er.Model:
             return er.Model.load(

@@ -90,7 +90,9 @@ def test_a_whole_chat_answer_holds_every_choice_and_the_usage(tiny: er.Model) ->
     ]
     made = sum(c.usage.completion_tokens for c in done)
     prompt = len(parsed.prompts[0])  # counted once for its n choices
-    assert whole["usage"] == {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
+    details = {"cached_tokens": done[0].usage.cached_tokens}
+    totals = {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
+    assert whole["usage"] == {**totals, "prompt_tokens_details": details}
     json.dumps(whole, allow_nan=False)  # plain JSON
 
 

@@ -1,0 +1,467 @@
+"""A prefix cache that remembers: the KV positions of many prompts, in memory and optionally on disk across restarts.
+
+The cache holds **blocks** of ``block`` positions (64): the keys and values of every layer for those positions,
+``[2 * layers, kv_heads, block, head_size]``, as the model computed them after the tokens before them. A block is
+found by its **chain hash**: ``h_k = blake2b(h_{k-1} | adapter | tokens of block k)``, so the hash of a prompt's k-th
+block names the whole prefix up to it, and the longest cached prefix of a prompt is found by hashing its blocks in
+order until one is missing: time proportional to the prompt, independent of how many entries the cache holds.
+
+- **Memory**: blocks under ``memory_bytes``, least recently used evicted first (a hit touches a chain from its end
+  to its start, so a prefix's first blocks, which every longer prompt needs, outlive its last ones).
+- **Disk** (``directory``): every block stored in memory is also written, by a background thread, to
+  ``DIR/<model fingerprint>/<chain hash>.kvb`` under a temporary name and renamed into place (a crash leaves a
+  temporary file, never a file that is later trusted; a full queue or a full disk drops the write, never blocks a
+  request); the directory is kept under ``disk_bytes`` (least recently used files removed). After a restart, a
+  prompt's blocks missing from memory are read back from disk.
+- **Trust**: a block is used only when it provably belongs. The model fingerprint (the manifest's recorded file
+  hashes, the files' sizes and modification times, precision, quantisation, KV layout and dtype, geometry and
+  context size) names the folder the files live in and is checked again in each file; each file holds its
+  block's exact tokens, its parent's chain hash and a CRC-32 of its keys and values, all compared before use (the
+  tokens of every block of the chain against the prompt's: a hash collision or a forged token list cannot pass).
+  Anything else (a changed model, a truncated or flipped file) is a miss: a log line on ``edgeroute.prefix_cache``
+  and a cold prefill, never wrong tokens.
+- **Adapters**: a LoRA adapter's digest enters every chain hash: one adapter's cached positions never serve another.
+
+Exactness: a hit copies positions computed by the same graph for the same tokens, so fp32 generation is identical
+to a cold prefill (``tests/test_prefix_cache.py``). The engine, ``Generator`` and ``ChatSession`` use it
+(``Model.load(prefix_cache=...)``); ``Model.cache_prefix`` warms it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+log = logging.getLogger("edgeroute.prefix_cache")
+
+BLOCK = 64  # positions per block
+DEFAULT_MEMORY = 512 << 20
+DEFAULT_DISK = 8 << 30
+MAGIC = b"EDGEROUTE-KV\x01\n"
+SUFFIX = ".kvb"
+_WRITE_QUEUE = 256  # blocks waiting for the disk writer at most; more are dropped (never block a request)
+
+
+@dataclass
+class Block:
+    """One cached block: its chain hash, its parent's, its tokens and the positions' keys and values."""
+
+    key: bytes
+    parent: bytes
+    tokens: np.ndarray  # [block] int64
+    data: np.ndarray  # [2 * layers, kv_heads, block, head_size]
+
+
+@dataclass
+class PrefixCacheStats:
+    """What the cache did (the server's metrics read it)."""
+
+    hits: int  # lookups that found at least one block
+    misses: int
+    hit_tokens: int  # positions served from the cache
+    memory_blocks: int
+    memory_bytes: int
+    disk_blocks: int
+    disk_bytes: int
+    disk_reads: int  # blocks read back from disk
+    disk_writes: int
+    disk_rejected: int  # files refused (another model, corrupt, not the prompt's tokens)
+    dropped_writes: int  # blocks not written (queue full, disk error)
+    evicted: int
+
+
+@dataclass(frozen=True)
+class PrefixEntry:
+    """A cached prefix: the chain hash of its last block, how many positions it holds, where it is."""
+
+    key: str
+    tokens: int
+    bytes: int
+    on_disk: bool
+
+
+class PrefixCache:
+    """Blocks of KV positions by chain hash, in memory under a budget and optionally on disk (module docstring).
+    Thread-safe: the engine's thread, Generators and the server's threads share it."""
+
+    def __init__(
+        self,
+        fingerprint: str,
+        shape: tuple[int, int, int],
+        dtype: np.dtype,
+        memory_bytes: int = DEFAULT_MEMORY,
+        directory: str | Path | None = None,
+        disk_bytes: int = DEFAULT_DISK,
+        block: int = BLOCK,
+    ) -> None:
+        for name, value in (("prefix_cache_memory", memory_bytes), ("prefix_cache_disk", disk_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(name, value, "must be a number of bytes >= 0")
+        self.fingerprint = fingerprint
+        self.layers2, self.kv_heads, self.head_size = shape
+        self.dtype = np.dtype(dtype)
+        self.block = block
+        self.block_bytes = self.layers2 * self.kv_heads * block * self.head_size * self.dtype.itemsize
+        self.memory_bytes = memory_bytes
+        self.disk_bytes = disk_bytes
+        self._blocks: OrderedDict[bytes, Block] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(
+            ("hits", "misses", "hit_tokens", "disk_reads", "disk_writes", "disk_rejected", "dropped", "evicted"), 0
+        )
+        self.directory: Path | None = None
+        self._queue: queue.Queue[Block | None] | None = None
+        self._writer: threading.Thread | None = None
+        self._disk_used = self._disk_files = 0
+        if directory is not None:
+            self._open_directory(Path(directory).expanduser())
+
+    # -- keys ------------------------------------------------------------------------------------------------
+    def keys(self, tokens: Sequence[int] | np.ndarray, adapter: bytes = b"") -> list[bytes]:
+        """The chain hash of each full block of ``tokens``."""
+        ids = np.ascontiguousarray(tokens, dtype="<i8")
+        out, parent = [], self.fingerprint.encode()
+        for k in range(len(ids) // self.block):
+            h = hashlib.blake2b(parent, digest_size=16)
+            h.update(adapter)
+            h.update(ids[k * self.block : (k + 1) * self.block].tobytes())
+            parent = h.digest()
+            out.append(parent)
+        return out
+
+    # -- lookup and restore ----------------------------------------------------------------------------------
+    def lookup(
+        self, tokens: Sequence[int] | np.ndarray, limit: int, adapter: bytes = b"", count: bool = True
+    ) -> list[Block]:
+        """The longest chain of cached blocks that starts ``tokens``, at most ``limit`` positions; from memory, then
+        from disk (read back into memory). Counts a hit or a miss unless ``count`` is False (the caller counts
+        with :meth:`counted` once it knows whether it uses them)."""
+        ids = np.asarray(tokens, dtype=np.int64)[: max(limit, 0)]
+        keys = self.keys(ids, adapter)
+        found: list[Block] = []
+        parent = self.fingerprint.encode()
+        for k, key in enumerate(keys):
+            want = ids[k * self.block : (k + 1) * self.block]
+            with self._lock:
+                got = self._blocks.get(key)
+            if got is None and self.directory is not None:
+                got = self._read(key, parent, want)
+                if got is not None:
+                    self._insert(got, write=False)
+            if got is None or got.parent != parent or not np.array_equal(got.tokens, want):
+                break
+            found.append(got)
+            parent = key
+        with self._lock:
+            for b in reversed(found):  # the chain's start most recent: evicted last
+                if b.key in self._blocks:
+                    self._blocks.move_to_end(b.key)
+        if count:
+            self.counted(len(found) * self.block)
+        return found
+
+    def counted(self, positions: int) -> None:
+        """Count a prompt the cache served ``positions`` of (0: a miss)."""
+        with self._lock:
+            self._counts["hits" if positions else "misses"] += 1
+            self._counts["hit_tokens"] += positions
+
+    def restore(self, buffers: Sequence[np.ndarray], row: int, blocks: Sequence[Block]) -> int:
+        """Copy ``blocks`` into positions ``0..len(blocks) * block`` of row ``row`` of a shared KV cache's
+        ``buffers`` (``[rows, kv_heads, capacity, head_size]`` per K/V of each layer); returns the positions."""
+        for k, b in enumerate(blocks):
+            s = k * self.block
+            for j, buf in enumerate(buffers):
+                buf[row, :, s : s + self.block] = b.data[j]
+        return len(blocks) * self.block
+
+    # -- storing ---------------------------------------------------------------------------------------------
+    def store(
+        self, tokens: Sequence[int] | np.ndarray, buffers: Sequence[np.ndarray], row: int, adapter: bytes = b""
+    ) -> int:
+        """Keep the full blocks of ``tokens`` (positions ``0..len(tokens)`` of row ``row`` of ``buffers`` hold
+        their keys and values) that the cache does not hold yet; returns how many blocks were added."""
+        if self.memory_bytes < self.block_bytes:
+            return 0
+        ids = np.asarray(tokens, dtype=np.int64)
+        keys = self.keys(ids, adapter)
+        added, parent = 0, self.fingerprint.encode()
+        for k, key in enumerate(keys):
+            with self._lock:
+                held = key in self._blocks
+            if not held:
+                s = k * self.block
+                data = np.stack([buf[row, :, s : s + self.block] for buf in buffers])
+                self._insert(Block(key, parent, ids[s : s + self.block].copy(), data), write=True)
+                added += 1
+            parent = key
+        return added
+
+    def _insert(self, block: Block, write: bool) -> None:
+        with self._lock:
+            if block.key in self._blocks:
+                return
+            self._blocks[block.key] = block
+            while len(self._blocks) * self.block_bytes > self.memory_bytes:
+                self._blocks.popitem(last=False)
+                self._counts["evicted"] += 1
+        if write and self._queue is not None:
+            try:
+                self._queue.put_nowait(block)
+            except queue.Full:
+                self._count("dropped")
+
+    # -- entries and stats -----------------------------------------------------------------------------------
+    def entries(self) -> list[PrefixEntry]:
+        """The cached prefixes in memory: one per chain end (a block no other block continues)."""
+        with self._lock:
+            blocks = dict(self._blocks)
+        parents = {b.parent for b in blocks.values()}
+        out: list[PrefixEntry] = []
+        for key, b in blocks.items():
+            if key in parents:
+                continue
+            n, node = 0, b.parent
+            while True:  # up the chain while its blocks are held
+                n += 1
+                up = blocks.get(node)
+                if up is None:
+                    break
+                node = up.parent
+            on_disk = self.directory is not None and self._path(key).exists()
+            out.append(PrefixEntry(key.hex(), n * self.block, n * self.block_bytes, on_disk))
+        return out
+
+    def drop(self, key: str | None = None) -> int:
+        """Drop one prefix (its chain-end ``key`` from :meth:`entries`: the chain's blocks that no other cached
+        prefix continues), or everything (``None``), from memory and disk; returns the blocks dropped."""
+        with self._lock:
+            if key is None:
+                gone = list(self._blocks)
+                self._blocks.clear()
+            else:
+                gone, node = [], bytes.fromhex(key)
+                while node in self._blocks:
+                    if any(b.parent == node for b in self._blocks.values()):
+                        break  # another prefix continues it
+                    gone.append(node)
+                    node = self._blocks.pop(node).parent
+        if self.directory is not None:
+            targets = [self._path(k) for k in gone] if key is not None else list(self._folder().glob("*" + SUFFIX))
+            for path in targets:
+                path.unlink(missing_ok=True)
+            self._rescan()
+        return len(gone)
+
+    def stats(self) -> PrefixCacheStats:
+        with self._lock:
+            c, n = dict(self._counts), len(self._blocks)
+        return PrefixCacheStats(
+            c["hits"], c["misses"], c["hit_tokens"], n, n * self.block_bytes, self._disk_files, self._disk_used,
+            c["disk_reads"], c["disk_writes"], c["disk_rejected"], c["dropped"], c["evicted"],
+        )  # fmt: skip
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    # -- disk ------------------------------------------------------------------------------------------------
+    def _open_directory(self, root: Path) -> None:
+        try:
+            (root / self.fingerprint[:32]).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("prefix_cache", str(root), f"cannot create the cache directory: {e.strerror}") from None
+        self.directory = root
+        for stale in self._folder().glob(".*.tmp"):  # a writer killed mid-file: never trusted, removed when old
+            if time.time() - _mtime(stale) > 60:
+                stale.unlink(missing_ok=True)
+        self._rescan()
+        self._queue = queue.Queue(_WRITE_QUEUE)
+        self._writer = threading.Thread(target=self._write_loop, name="edgeroute-prefix-cache", daemon=True)
+        self._writer.start()
+
+    def _folder(self) -> Path:
+        assert self.directory is not None
+        return self.directory / self.fingerprint[:32]
+
+    def _path(self, key: bytes) -> Path:
+        return self._folder() / (key.hex() + SUFFIX)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until the blocks queued for disk are written (tests, a clean shutdown)."""
+        if self._queue is None:
+            return
+        end = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < end:
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        """Write what is queued and stop the writer thread."""
+        if self._queue is not None and self._writer is not None:
+            self.flush()
+            self._queue.put(None)
+            self._writer.join(5)
+            self._queue = None
+
+    def _write_loop(self) -> None:
+        assert self._queue is not None
+        q = self._queue
+        while True:
+            block = q.get()
+            try:
+                if block is None:
+                    return
+                self._write(block)
+            except OSError as e:  # a full disk, a removed directory: the block stays in memory only
+                self._count("dropped")
+                log.warning("prefix cache: could not write a block to %s: %s", self.directory, e)
+            finally:
+                q.task_done()
+
+    def _write(self, block: Block) -> None:
+        path = self._path(block.key)
+        if path.exists():
+            os.utime(path)
+            return
+        payload = np.ascontiguousarray(block.data).tobytes()
+        header = {
+            "fingerprint": self.fingerprint,
+            "key": block.key.hex(),
+            "parent": block.parent.hex(),
+            "tokens": block.tokens.tolist(),
+            "shape": list(block.data.shape),
+            "dtype": self.dtype.str,
+            "crc32": zlib.crc32(payload),
+            "bytes": len(payload),
+        }
+        head = json.dumps(header, separators=(",", ":")).encode()
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + len(head).to_bytes(4, "little") + head)
+            f.write(payload)
+        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+        self._count("disk_writes")
+        self._disk_used += len(head) + len(payload) + len(MAGIC) + 4
+        self._disk_files += 1
+        if self._disk_used > self.disk_bytes:
+            self._trim_disk()
+
+    def _read(self, key: bytes, parent: bytes, tokens: np.ndarray) -> Block | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("prefix cache: cannot read %s (%s): a cold prefill", path, e)
+            return None
+        why = self._check(raw, key, parent, tokens)
+        if isinstance(why, str):
+            self._count("disk_rejected")
+            log.warning("prefix cache: %s refused (%s): a cold prefill instead", path.name, why)
+            path.unlink(missing_ok=True)  # in this model's folder under this block's name: garbage (rewritten later)
+            return None
+        os.utime(path)  # recently used: trimmed last
+        self._count("disk_reads")
+        return why
+
+    def _check(self, raw: bytes, key: bytes, parent: bytes, tokens: np.ndarray) -> Block | str:
+        """The block in a file's bytes, or why it is refused."""
+        if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 4:
+            return "corrupt: not a block file"
+        n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
+        start = len(MAGIC) + 4 + n
+        try:
+            header = json.loads(raw[len(MAGIC) + 4 : start])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "corrupt: its header is not JSON"
+        if not isinstance(header, dict):
+            return "corrupt: its header is not an object"
+        if header.get("fingerprint") != self.fingerprint:
+            return "another model's block"
+        shape = [self.layers2, self.kv_heads, self.block, self.head_size]
+        if header.get("key") != key.hex() or header.get("shape") != shape or header.get("dtype") != self.dtype.str:
+            return "corrupt: its key or shape is not this block's"
+        if header.get("parent") != parent.hex() or header.get("tokens") != tokens.tolist():
+            return "its tokens are not the prompt's"
+        payload = raw[start:]
+        if len(payload) != header.get("bytes") or len(payload) != self.block_bytes:
+            return f"cut short: {len(payload)} of {header.get('bytes')} bytes"
+        if zlib.crc32(payload) != header.get("crc32"):
+            return "corrupt: its checksum does not match"
+        data = np.frombuffer(payload, dtype=self.dtype).reshape(shape)
+        return Block(key, parent, tokens.copy(), data)
+
+    def _scan(self) -> tuple[list[Path], int]:
+        files = list(self._folder().glob("*" + SUFFIX))
+        return files, sum(_size(p) for p in files)
+
+    def _rescan(self) -> None:
+        """What the directory holds now (another process may write to it too)."""
+        files, self._disk_used = self._scan()
+        self._disk_files = len(files)
+
+    def _trim_disk(self) -> None:
+        """Remove the least recently used block files until the directory is under its budget."""
+        files, used = self._scan()
+        for path in sorted(files, key=_mtime):
+            if used <= self.disk_bytes:
+                break
+            used -= _size(path)
+            path.unlink(missing_ok=True)
+        self._rescan()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def fingerprint(graph: Any) -> str:
+    """What a cached position depends on, for one loaded model: its files as the export recorded them (SHA-256
+    and size) and as they are now (size, modification time), precision, quantisation, KV layout and dtype,
+    geometry and context size."""
+    m = graph.manifest
+    files = {}
+    for name in sorted({m.graph, *m.files}):
+        path = Path(graph.path) / name
+        st = path.stat() if path.exists() else None
+        recorded = m.files.get(name, {})
+        files[name] = [recorded.get("sha256"), recorded.get("bytes"), st.st_size if st else None,
+                       st.st_mtime_ns if st else None]  # fmt: skip
+    what = {
+        "files": files,
+        "precision": m.precision,
+        "quantization": dict(m.quantization),
+        "kv_layout": m.kv_layout,
+        "kv_dtype": m.kv_dtype,
+        "geometry": [m.num_layers, m.num_kv_heads, m.head_size, m.vocab_size],
+        "context": graph.context_length,
+        "lora": m.lora,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

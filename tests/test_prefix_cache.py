@@ -1,0 +1,232 @@
+"""The prefix cache (issue 38): many prompts' KV positions in memory and on disk across restarts, verified to the
+byte; a hit never changes a token (fp32: identical to a cold prefill)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import edgeroute as er
+import httpx
+import numpy as np
+import openai
+import pytest
+from edgeroute.prefix_cache import MAGIC, SUFFIX
+from edgeroute.serve import Settings, create_app
+from serve_helpers import Running
+
+rng = np.random.default_rng(5)
+SYSTEMS = [rng.integers(3, 300, 200).tolist() for _ in range(3)]  # three 200-token "system prompts"
+
+
+def prompt(system: int, question: int) -> list[int]:
+    return SYSTEMS[system] + [10 + question, 20 + question, 30 + question]
+
+
+GREEDY = er.GenerationConfig(max_new_tokens=10, sampling=er.SamplingConfig(temperature=0))
+SAMPLED = er.GenerationConfig(max_new_tokens=10, sampling=er.SamplingConfig(temperature=0.9, top_p=0.9, seed=3))
+
+
+@pytest.fixture(scope="module")
+def folder(exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny fp32 export (tests change its files)."""
+    out = tmp_path_factory.mktemp("pc") / "model"
+    shutil.copytree(exported("llama"), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cold(folder: Path) -> dict[tuple[int, int, str], list[int]]:
+    """Every prompt's tokens from a model without a prefix cache."""
+    m = er.Model.load(folder)
+    return {(s, q, c): m.generate(prompt(s, q), cfg).token_ids for s in range(3) for q in range(3)
+            for c, cfg in (("g", GREEDY), ("s", SAMPLED))}  # fmt: skip
+
+
+def test_hits_equal_a_cold_prefill_generator_and_engine(folder: Path, cold) -> None:
+    m = er.Model.load(folder, prefix_cache=True)
+    first = m.generate(prompt(0, 0), GREEDY)
+    assert first.usage.cached_tokens == 0 and first.token_ids == cold[(0, 0, "g")]
+    again = m.generate(prompt(0, 1), SAMPLED)  # another question after the same system prompt
+    assert again.usage.cached_tokens == 192 and again.token_ids == cold[(0, 1, "s")]  # 3 blocks of 64
+    chat = er.ChatSession(m, GREEDY)
+    assert [s.token_id for s in chat.send("hello there")]  # a chat session goes through the Generator too
+    with er.Engine(m, max_batch=2, prefix_reuse=True) as engine:  # more prompts than slots
+        reqs = {(s, q, c): engine.submit(prompt(s, q), cfg) for s in range(3) for q in range(3)
+                for c, cfg in (("g", GREEDY), ("s", SAMPLED))}  # fmt: skip
+        for key, request in reqs.items():
+            assert request.result().token_ids == cold[key], key
+    stats = m.prefix_cache.stats()
+    assert stats.hits >= 2 and stats.memory_blocks == 9  # served where no slot held as much; 3 prompts x 3 blocks
+    assert {e.tokens for e in m.prefix_cache.entries()} >= {192}
+
+
+def test_eviction_keeps_the_budget(folder: Path, cold) -> None:
+    probe = er.Model.load(folder, prefix_cache=True)
+    block = probe.prefix_cache.block_bytes
+    m = er.Model.load(folder, prefix_cache=True, prefix_cache_memory=4 * block)  # four blocks: one system prompt
+    for s in range(3):
+        assert m.generate(prompt(s, 0), GREEDY).token_ids == cold[(s, 0, "g")]
+        assert m.prefix_cache.stats().memory_bytes <= 4 * block
+    st = m.prefix_cache.stats()
+    assert st.evicted == 5 and st.memory_blocks == 4  # the latest system prompt's blocks, and one before them
+    assert m.generate(prompt(2, 1), GREEDY).usage.cached_tokens == 192  # the latest is held
+    assert m.generate(prompt(0, 1), GREEDY).usage.cached_tokens == 0  # the first was evicted
+    m.prefix_cache.drop()
+    assert m.prefix_cache.stats().memory_blocks == 0 and m.prefix_cache.entries() == []
+
+
+def test_restart_restores_from_disk(folder: Path, cold, tmp_path: Path) -> None:
+    d = tmp_path / "cache"
+    m = er.Model.load(folder, prefix_cache=d)
+    assert m.cache_prefix(prompt(0, 0)) == 192 and m.cache_prefix(prompt(1, 0)) == 192
+    assert m.cache_prefix(prompt(0, 0)) == 192  # held already: nothing computed again
+    m.prefix_cache.close()  # writes what is queued
+    assert len(list(d.rglob("*" + SUFFIX))) == 6 and m.prefix_cache.stats().disk_blocks == 6
+    again = er.Model.load(folder, prefix_cache=d)  # a restart: the blocks are read back
+    got = again.generate(prompt(0, 2), GREEDY)
+    assert got.usage.cached_tokens == 192 and got.token_ids == cold[(0, 2, "g")]
+    assert again.prefix_cache.stats().disk_reads == 3 and again.prefix_cache.stats().disk_rejected == 0
+    # a model whose files changed has another fingerprint: the old blocks are never read
+    os.utime(folder / "model.onnx", ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed = er.Model.load(folder, prefix_cache=d)
+    assert changed.prefix_cache.fingerprint != m.prefix_cache.fingerprint
+    got = changed.generate(prompt(0, 1), GREEDY)
+    assert got.usage.cached_tokens == 0 and got.token_ids == cold[(0, 1, "g")]
+
+
+def _tamper(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
+    header, payload = json.loads(raw[len(MAGIC) + 4 : len(MAGIC) + 4 + n]), raw[len(MAGIC) + 4 + n :]
+    if how == "flip":
+        payload = payload[:100] + bytes([payload[100] ^ 1]) + payload[101:]
+    elif how == "cut":
+        payload = payload[: len(payload) // 2]
+    elif how == "tokens":  # a forged token list: the file's name (the chain hash) unchanged
+        header["tokens"][5] = (header["tokens"][5] + 1) % 300
+    elif how == "model":
+        header["fingerprint"] = "0" * 64
+    head = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(MAGIC + len(head).to_bytes(4, "little") + head + payload)
+
+
+@pytest.mark.parametrize("how", ["flip", "cut", "tokens", "model"])
+def test_a_tampered_block_is_refused(folder: Path, cold, tmp_path: Path, how: str, caplog) -> None:
+    d = tmp_path / "cache"
+    m = er.Model.load(folder, prefix_cache=d)
+    m.cache_prefix(prompt(1, 0))
+    m.prefix_cache.close()
+    first = m.prefix_cache._path(m.prefix_cache.keys(prompt(1, 0))[0])
+    _tamper(first, how)
+    fresh = er.Model.load(folder, prefix_cache=d)
+    with caplog.at_level("WARNING", logger="edgeroute.prefix_cache"):
+        got = fresh.generate(prompt(1, 1), GREEDY)
+    assert got.usage.cached_tokens == 0 and got.token_ids == cold[(1, 1, "g")]  # a cold prefill, same tokens
+    assert fresh.prefix_cache.stats().disk_rejected == 1
+    assert "refused" in caplog.text and first.name in caplog.text
+    fresh.prefix_cache.close()  # the refused file was removed, and the block written again from the cold prefill
+    again = er.Model.load(folder, prefix_cache=d)
+    assert again.generate(prompt(1, 2), GREEDY).usage.cached_tokens == 192
+    assert again.prefix_cache.stats().disk_rejected == 0
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import edgeroute as er
+    folder, cache, seed, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    expect = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
+    m = er.Model.load(folder, prefix_cache=cache, threads=1)
+    cfg = er.GenerationConfig(max_new_tokens=10, sampling=er.SamplingConfig(temperature=0))
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(3, 300, 200).tolist() for _ in range(3)]
+    print("started", flush=True)
+    for r in range(rounds):
+        for s, system in enumerate(systems):
+            got = m.generate(system + [7, 8, 9], cfg).token_ids
+            if expect is not None and got != expect[s]:
+                print("WRONG", s, got, expect[s], flush=True)
+                sys.exit(1)
+    m.prefix_cache.close()
+    st = m.prefix_cache.stats()
+    print(json.dumps({"rejected": st.disk_rejected, "reads": st.disk_reads, "writes": st.disk_writes}), flush=True)
+    """
+)
+
+
+def _child(folder: Path, cache: Path, seed: int, rounds: int, expect: list[list[int]] | None = None):
+    args = [sys.executable, "-c", CHILD, str(folder), str(cache), str(seed), str(rounds)]
+    args += [json.dumps(expect)] if expect is not None else []
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_killed_writer_leaves_nothing_trusted_and_two_processes_share_a_directory(folder: Path, tmp_path) -> None:
+    d = tmp_path / "cache"
+    seed_rng = np.random.default_rng(11)
+    systems = [seed_rng.integers(3, 300, 200).tolist() for _ in range(3)]
+    ref = er.Model.load(folder)
+    expect = [ref.generate(s + [7, 8, 9], GREEDY).token_ids for s in systems]
+    killed = _child(folder, d, 11, 1000)
+    assert killed.stdout is not None and killed.stdout.readline().strip() == "started"
+    deadline = time.monotonic() + 60  # killed while it writes: once some blocks are on disk
+    while not list(d.rglob("*" + SUFFIX)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    folder_of_blocks = next(d.rglob("*" + SUFFIX)).parent
+    (folder_of_blocks / f".{'ab' * 16}{SUFFIX}.123.4.tmp").write_bytes(MAGIC + b"\x10\x00")  # a cut write
+    # two processes read and write the same directory at once: every token right, no file refused
+    pair = [_child(folder, d, 11, 3, expect), _child(folder, d, 11, 3, expect)]
+    for p in pair:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, out + err
+        figures = json.loads(out.strip().splitlines()[-1])
+        assert figures["rejected"] == 0, figures
+    assert sum(1 for _ in d.rglob("*" + SUFFIX)) == 9  # three prompts' three blocks, each once
+
+
+# -- the server and the CLI ---------------------------------------------------------------------------------------
+def test_server_reports_cached_tokens_and_metrics(folder: Path, tmp_path: Path) -> None:
+    m = er.Model.load(folder, prefix_cache=tmp_path / "cache")
+    with Running(create_app(m, Settings("tiny", max_batch=1))) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        first = c.completions.create(model="tiny", prompt=prompt(2, 0), max_tokens=4, temperature=0)
+        c.completions.create(model="tiny", prompt=prompt(1, 0), max_tokens=4, temperature=0)  # takes the one slot
+        second = c.completions.create(model="tiny", prompt=prompt(2, 1), max_tokens=4, temperature=0)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert second.usage.prompt_tokens_details.cached_tokens == 192  # from the prefix cache, not the slot
+        hello = [{"role": "user", "content": "hi"}]
+        stream = c.chat.completions.create(
+            model="tiny", messages=hello, max_tokens=3, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+        assert chunks[-1].usage.prompt_tokens_details is not None
+        text = httpx.get(srv.url + "/metrics", timeout=5).text
+    assert "edgeroute_prefix_cache_hits 1.0" in text and "edgeroute_prefix_cache_hit_tokens 192.0" in text
+    assert "edgeroute_prefix_cache_misses 3.0" in text  # the first two, and the chat
+    assert "edgeroute_prefix_cache_disk_bytes" in text
+
+
+def test_cli_prefix_cache_across_runs(folder: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from edgeroute.cli import cli
+
+    d = tmp_path / "cache"
+    text = "The robot paints. " * 30
+    args = ["run", str(folder), text, "--prefix-cache", str(d), "--max-new-tokens", "5", "--temperature", "0"]
+    one = CliRunner().invoke(cli, [*args, "--json"])
+    assert one.exit_code == 0, one.output
+    assert list(d.rglob("*" + SUFFIX))  # written by the first run
+    two = CliRunner().invoke(cli, [*args, "--json"])
+    assert json.loads(two.output)["token_ids"] == json.loads(one.output)["token_ids"]
+    bad = CliRunner().invoke(cli, ["run", str(folder), "x", "--prefix-cache-disk-mb", "5"])
+    assert bad.exit_code == 2 and "add --prefix-cache DIR" in bad.output
