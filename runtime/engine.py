@@ -285,7 +285,7 @@ class Engine:
             self._executor.adapt(run.slot.index, run.request._adapter)  # a copy into the row, if it changes
             if run.restore is not None:  # the prefix cache's positions, copied into the row
                 assert self._prefix is not None
-                self._prefix.counted(self._prefix.restore(self._executor.cache.buffers, run.slot.index, run.restore))
+                self._prefix.counted(self._prefix.restore(self._executor.cache.kv, run.slot.index, run.restore))
                 run.restore = None
             self._hold(run.slot.index, reused)
             run.seq.usage.cached_tokens = reused
@@ -410,9 +410,7 @@ class Engine:
         """Give the prefix cache what ``run``'s row holds (the blocks it does not hold yet)."""
         if self._prefix is not None and run.fed >= self._prefix.block:
             assert self._executor is not None
-            self._prefix.store(
-                run.seq.ids[: run.fed], self._executor.cache.buffers, run.slot.index, _digest(run.request)
-            )
+            self._prefix.store(run.seq.ids[: run.fed], self._executor.cache.kv, run.slot.index, _digest(run.request))
 
     def _release(self, run: Running) -> None:
         self._remember(run)

@@ -135,7 +135,7 @@ class Generator:
             blocks = cached.lookup(ids[:n], n - 1, self._prefix_key, count=False)  # the last token: its logits
             cached.counted(len(blocks) * cached.block if len(blocks) * cached.block > length else 0)
             if len(blocks) * cached.block > length:
-                cache.lengths[0] = cached.restore(cache.buffers, 0, blocks)
+                cache.lengths[0] = cached.restore(cache.kv, 0, blocks)
                 self.usage.cached_tokens += cache.length - length
                 length = cache.length
         while length < n:
@@ -149,7 +149,7 @@ class Generator:
                 self._logits = self.model.step_logits(ids[None, length:stop], cache)[0]
             length = cache.length
         if cached is not None and length - first > 1 and isinstance(cache, SharedKVCache):  # a prompt, not a step
-            cached.store(ids[:length], cache.buffers, 0, self._prefix_key)
+            cached.store(ids[:length], cache.kv, 0, self._prefix_key)
 
     # -- generating ------------------------------------------------------------------------------------------
     def _exclusive(self) -> _Exclusive:

@@ -215,7 +215,10 @@ class SharedKVCache:
         self.batch_size = batch_size
         self.capacity = capacity
         shape = (batch_size, manifest.num_kv_heads, capacity, manifest.head_size)
-        self.buffers = _lazy_zeros(2 * manifest.num_layers, shape, np.dtype(manifest.kv_dtype))
+        #: every layer's K and V in one array ``[2 * layers, batch, kv_heads, capacity, head_size]``; ``buffers``
+        #: are its layers (the prefix cache copies a row's positions of all of them in one call)
+        self.kv = _lazy_zeros(2 * manifest.num_layers, shape, np.dtype(manifest.kv_dtype))
+        self.buffers = list(self.kv)
         self.lengths = np.zeros(batch_size, dtype=np.int32)
         self.binding: Any = None  # the IO binding over these buffers (SharedBinding), made on the first run
         # a LoRA graph's per-row adapter weights (edgeroute.adapters), zeros until a row is given an adapter
@@ -307,7 +310,8 @@ class SharedKVCache:
         """A one-row cache over row ``i``'s memory (views, no copy); its ``lengths`` are its own."""
         other = self._unbound()
         other.batch_size = 1
-        other.buffers = [b[i : i + 1] for b in self.buffers]
+        other.kv = self.kv[:, i : i + 1]
+        other.buffers = list(other.kv)
         other.lengths = self.lengths[i : i + 1].copy()
         other.lora = self.lora.view(i, 1) if self.lora is not None else None
         return other
@@ -317,7 +321,8 @@ class SharedKVCache:
         a run on it moves these rows' lengths here too (an engine's decode step over its low slots)."""
         other = self._unbound()
         other.batch_size = k
-        other.buffers = [b[:k] for b in self.buffers]
+        other.kv = self.kv[:, :k]
+        other.buffers = list(other.kv)
         other.lengths = self.lengths[:k]
         other.lora = self.lora.view(0, k) if self.lora is not None else None
         return other
@@ -345,7 +350,8 @@ class SharedKVCache:
     def copy(self) -> SharedKVCache:
         """An independent cache with the same contents."""
         other = self._unbound()
-        other.buffers = _lazy_zeros(len(self.buffers), self.buffers[0].shape, self.buffers[0].dtype)
+        other.kv = _lazy_zeros(len(self.buffers), self.buffers[0].shape, self.buffers[0].dtype)
+        other.buffers = list(other.kv)
         used = self.length
         for dst, src in zip(other.buffers, self.buffers, strict=True):
             dst[:, :, :used] = src[:, :, :used]
@@ -435,8 +441,9 @@ def left_padded(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.nd
     return ids, mask
 
 
-def _lazy_zeros(count: int, shape: tuple[int, ...], dtype: np.dtype) -> list[np.ndarray]:
-    """``count`` zero arrays of ``shape`` in one anonymous memory map (pages are committed when first written).
+def _lazy_zeros(count: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``count`` zero arrays of ``shape``, as one array ``[count, *shape]`` in one anonymous memory map (pages are
+    committed when first written).
 
     Raises ``ConfigError`` on ``context_size`` when the system cannot reserve the map (``shape[2]`` positions)."""
     size = count * int(np.prod(shape)) * dtype.itemsize
@@ -450,5 +457,4 @@ def _lazy_zeros(count: int, shape: tuple[int, ...], dtype: np.dtype) -> list[np.
             f"the KV buffer of {shape[2]} positions x {shape[0]} sequence(s) needs {size / 2**30:.1f} GiB of address"
             f" space, which the system would not reserve ({why}); lower it (--ctx-size)",
         ) from None
-    block = np.frombuffer(region, dtype=dtype, count=count * int(np.prod(shape))).reshape((count, *shape))
-    return list(block)
+    return np.frombuffer(region, dtype=dtype, count=count * int(np.prod(shape))).reshape((count, *shape))

@@ -71,12 +71,12 @@ class Model(Graph):
         n = len(ids) // cached.block * cached.block
         if n == 0:
             return 0
-        kv = self.new_cache(1, capacity=n, adapter=chosen)
-        assert isinstance(kv, SharedKVCache)  # a prefix cache needs one (use_prefix_cache)
-        kv.lengths[0] = cached.restore(kv.buffers, 0, cached.lookup(ids, n, key))
-        for start in range(kv.length, n, chunk):
-            self.forward(np.array([ids[start : min(n, start + chunk)]]), kv)
-        cached.store(ids[:n], kv.buffers, 0, key)
+        row = self.new_cache(1, capacity=n, adapter=chosen)
+        assert isinstance(row, SharedKVCache)  # a prefix cache needs one (use_prefix_cache)
+        row.lengths[0] = cached.restore(row.kv, 0, cached.lookup(ids, n, key))
+        for start in range(row.length, n, chunk):
+            self.forward(np.array([ids[start : min(n, start + chunk)]]), row)
+        cached.store(ids[:n], row.kv, 0, key)
         return n
 
     # -- generation ------------------------------------------------------------------------------------------

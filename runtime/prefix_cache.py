@@ -181,21 +181,17 @@ class PrefixCache:
             self._counts["hits" if positions else "misses"] += 1
             self._counts["hit_tokens"] += positions
 
-    def restore(self, buffers: Sequence[np.ndarray], row: int, blocks: Sequence[Block]) -> int:
-        """Copy ``blocks`` into positions ``0..len(blocks) * block`` of row ``row`` of a shared KV cache's
-        ``buffers`` (``[rows, kv_heads, capacity, head_size]`` per K/V of each layer); returns the positions."""
+    def restore(self, kv: np.ndarray, row: int, blocks: Sequence[Block]) -> int:
+        """Copy ``blocks`` into positions ``0..len(blocks) * block`` of row ``row`` of a shared KV cache's ``kv``
+        (``[2 * layers, rows, kv_heads, capacity, head_size]``); returns the positions."""
         for k, b in enumerate(blocks):
-            s = k * self.block
-            for j, buf in enumerate(buffers):
-                buf[row, :, s : s + self.block] = b.data[j]
+            kv[:, row, :, k * self.block : (k + 1) * self.block] = b.data
         return len(blocks) * self.block
 
     # -- storing ---------------------------------------------------------------------------------------------
-    def store(
-        self, tokens: Sequence[int] | np.ndarray, buffers: Sequence[np.ndarray], row: int, adapter: bytes = b""
-    ) -> int:
-        """Keep the full blocks of ``tokens`` (positions ``0..len(tokens)`` of row ``row`` of ``buffers`` hold
-        their keys and values) that the cache does not hold yet; returns how many blocks were added."""
+    def store(self, tokens: Sequence[int] | np.ndarray, kv: np.ndarray, row: int, adapter: bytes = b"") -> int:
+        """Keep the full blocks of ``tokens`` (positions ``0..len(tokens)`` of row ``row`` of a shared KV cache's
+        ``kv`` hold their keys and values) that the cache does not hold yet; returns how many blocks were added."""
         if self.memory_bytes < self.block_bytes:
             return 0
         ids = np.asarray(tokens, dtype=np.int64)
@@ -206,7 +202,7 @@ class PrefixCache:
                 held = key in self._blocks
             if not held:
                 s = k * self.block
-                data = np.stack([buf[row, :, s : s + self.block] for buf in buffers])
+                data = np.ascontiguousarray(kv[:, row, :, s : s + self.block])
                 self._insert(Block(key, parent, ids[s : s + self.block].copy(), data), write=True)
                 added += 1
             parent = key
