@@ -414,10 +414,11 @@ class PrefixCache:
         self._disk_files = len(files)
 
     def _trim_disk(self) -> None:
-        """Remove the least recently used block files until the directory is under its budget."""
+        """Remove the least recently used block files until the directory holds 90% of its budget (not every write
+        past the budget scans the directory)."""
         files, used = self._scan()
         for path in sorted(files, key=_mtime):
-            if used <= self.disk_bytes:
+            if used <= 0.9 * self.disk_bytes:
                 break
             used -= _size(path)
             path.unlink(missing_ok=True)
