@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,34 +31,20 @@ USER = [{"role": "user", "content": "Tell me a story about a robot"}]
 LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
 
-def _peft(base: Path, out: Path, r: int, targets: Any, seed: int) -> Path:
-    import peft
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
-    peft.get_peft_model(model, config).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory, checkpoint: Callable[..., Path]) -> dict[str, Path]:
-    """The model folder (adapters a1: r=4 on q/v, a2: r=8 on every projection; the graph's rank is 8) and three
-    PEFT folders to load later: a3 (fits), big (r=16: above the graph's rank)."""
-    pytest.importorskip("peft")
-    from edgeroute.export import export_model
+def folders(tmp_path_factory: pytest.TempPathFactory, lora: Callable[..., Path], lora_dir: Path) -> dict[str, Path]:
+    """The model folder (adapters a1: r=4 on q/v, a2: r=8 on every projection; the graph's rank is 8: the shared
+    ``lora_dir`` with its adapters renamed) and three PEFT folders to load later: a3 (fits), big (r=16: above the
+    graph's rank)."""
+    from edgeroute.adapters import add_to_folder, remove_from_folder
 
-    ckpt = checkpoint("llama")
-    root = tmp_path_factory.mktemp("serve-adapters")
-    out = {
-        "a1": _peft(ckpt, root / "a1", 4, ["q_proj", "v_proj"], 1),
-        "a2": _peft(ckpt, root / "a2", 8, "all-linear", 2),
-        "a3": _peft(ckpt, root / "a3", 4, ["q_proj", "v_proj"], 3),
-        "big": _peft(ckpt, root / "big", 16, ["q_proj"], 4),
-    }
-    out["model"] = export_model(ckpt, root / "model", loras={"a1": out["a1"], "a2": out["a2"]}, validate=False)
+    out = {"a1": lora("qv4"), "a2": lora("all8"), "a3": lora("qv4b"), "big": lora("rs16")}
+    model = tmp_path_factory.mktemp("serve-adapters") / "model"
+    shutil.copytree(lora_dir, model)
+    for old, new in (("qv4", "a1"), ("all8", "a2")):
+        remove_from_folder(model, old)
+        add_to_folder(model, new, out[new])
+    out["model"] = model
     return out
 
 
