@@ -22,7 +22,7 @@ def adapter() -> None:
 @verbose_option
 def add(model_dir: str, name: str, source: str, force: bool) -> None:
     """Add the PEFT LoRA adapter folder SOURCE to MODEL_DIR as NAME (no re-export of the base)."""
-    from edgeroute.adapters import add_to_folder
+    from edgeroute.adapter_folder import add_to_folder
 
     got = add_to_folder(model_dir, name, source, force=force)
     mb = got.nbytes / 2**20
@@ -35,7 +35,7 @@ def add(model_dir: str, name: str, source: str, force: bool) -> None:
 @verbose_option
 def remove(model_dir: str, name: str) -> None:
     """Remove the adapter NAME from MODEL_DIR."""
-    from edgeroute.adapters import remove_from_folder
+    from edgeroute.adapter_folder import remove_from_folder
 
     remove_from_folder(model_dir, name)
     click.echo(f"removed adapter {name} from {model_dir}")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeroute.adapters import Adapter, add_to_folder, read_adapter
+from edgeroute.adapter_folder import add_to_folder
+from edgeroute.adapters import Adapter, read_adapter
 from edgeroute.errors import ConfigError, ExportValidationError
 
 from .fused import lora_layout

@@ -117,6 +117,7 @@ class Adapter:
         self.info = info  # rank, alpha, modules, source
         self.uid = next(_uids)
         self._digest: bytes | None = None
+        _ = self.digest  # now, at load, not under an engine's lock at a request's start
 
     @property
     def digest(self) -> bytes:
@@ -406,64 +407,3 @@ def check_file_name(name: Any, field: str = "name") -> str:
     if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
         raise ConfigError(field, name, "must be 1 to 128 letters, digits and ._- (it names the adapter's file)")
     return name
-
-
-def add_to_folder(folder: str | Path, name: str, source: str | Path, force: bool = False) -> Adapter:
-    """Convert the adapter at ``source`` (a PEFT folder or an adapter file) into ``folder/adapters/NAME.safetensors``
-    and list it in the folder's manifest, without touching the base graph. Checked against the graph's layout first
-    (:class:`AdapterError`); ``force`` replaces an adapter of the same name. The file is written under a temporary
-    name and renamed, then the manifest rewritten the same way: nothing is half-written."""
-    from .manifest import MANIFEST_NAME, Manifest, sha256_of
-
-    root = Path(folder).expanduser()
-    check_file_name(name)
-    manifest = Manifest.load(root)
-    if manifest.lora is None:
-        raise AdapterError(
-            f"{root} was exported without adapter inputs: re-export the base with --lora-rank R (and --lora"
-            " NAME=DIR), or merge the adapter (edgeroute export ADAPTER_DIR OUT)"
-        )
-    if name in manifest.adapters and not force:
-        raise AdapterError(f"adapter {name!r} is already in {root} (pass --force to replace it)")
-    adapter = read_adapter(source, name)
-    LoraLayout(manifest.contract).check(adapter)
-    adapter.info.setdefault("source", str(source))
-    rel = f"adapters/{name}.safetensors"
-    (root / "adapters").mkdir(exist_ok=True)
-    tmp = root / "adapters" / f".{name}.tmp"
-    write_adapter(adapter, tmp)
-    entry = {"file": rel, "bytes": tmp.stat().st_size, "sha256": sha256_of(tmp)}
-    entry |= {k: adapter.info[k] for k in ("rank", "alpha", "source") if k in adapter.info}
-    entry["modules"] = adapter.modules
-    tmp.replace(root / rel)
-    _rewrite_manifest(root, MANIFEST_NAME, lambda data: data.setdefault("adapters", {}).__setitem__(name, entry))
-    return adapter
-
-
-def remove_from_folder(folder: str | Path, name: str) -> None:
-    """Unlist ``name`` from the folder's manifest, then delete its file."""
-    from .manifest import MANIFEST_NAME, Manifest
-
-    root = Path(folder).expanduser()
-    manifest = Manifest.load(root)
-    if name not in manifest.adapters:
-        listed = ", ".join(sorted(manifest.adapters)) or "none"
-        raise AdapterError(f"adapter {name!r} is not in {root} (it lists: {listed})")
-    rel = str(manifest.adapters[name]["file"])
-
-    def drop(data: dict[str, Any]) -> None:
-        del data["adapters"][name]
-        if not data["adapters"]:
-            del data["adapters"]
-
-    _rewrite_manifest(root, MANIFEST_NAME, drop)
-    (root / rel).unlink(missing_ok=True)
-
-
-def _rewrite_manifest(root: Path, manifest_name: str, change: Any) -> None:
-    path = root / manifest_name
-    data = json.loads(path.read_text(encoding="utf-8"))
-    change(data)
-    tmp = root / f".{manifest_name}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)

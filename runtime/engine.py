@@ -115,7 +115,8 @@ class Engine:
         self._incoming = 0
         self.prefix_reuse = prefix_reuse
         self.mode = "batched" if model.shared_kv else "solo"
-        self._prefix = model.prefix_cache if self.mode == "batched" else None
+        # the prefix cache, unless prefix reuse is off (a hit's speed tells a client what another sent)
+        self._prefix = model.prefix_cache if self.mode == "batched" and prefix_reuse else None
         self._scheduler = Scheduler(
             max_batch, max_queue, prefill_budget, prefix_reuse, model.context_length, self.mode == "batched",
             self._lookup if self._prefix is not None else None,
@@ -188,11 +189,13 @@ class Engine:
             raise ContextOverflowError(need, self.model.context_length, "prompt + max_new_tokens")
         request = Request(0, ids, config, flows)
         if flows.active or self.mode == "solo":
-            request._generator = Generator(self.model, config, flows)
+            request._generator = Generator(self.model, config, flows, prefix_cache=self.prefix_reuse)
         else:
             # resolved now: an unknown adapter is the caller's error, and one unloaded while the request waits
             # still runs it (what was accepted finishes as accepted)
             request._adapter = self.model.adapter(config.adapter)
+            if self._prefix is not None:  # the prompt's blocks on disk read into memory now, not under the lock
+                self._prefix.lookup(ids, len(ids) - 1, _digest(request), count=False)
             rng = np.random.default_rng(config.sampling.seed)
             seq = TokenSequence(self.model, config, rng, len(ids) + config.max_new_tokens, Usage(len(ids)))
             seq.extend(ids)
@@ -401,7 +404,7 @@ class Engine:
     def _lookup(self, request: Request, limit: int) -> tuple[int, Any]:
         """The prefix cache's longest hit for ``request``'s prompt (the scheduler's ``lookup``)."""
         assert self._prefix is not None
-        blocks = self._prefix.lookup(request.prompt, limit, _digest(request), count=False)
+        blocks = self._prefix.lookup(request.prompt, limit, _digest(request), count=False, disk=False)
         if not blocks:
             self._prefix.counted(0)
         return len(blocks) * self._prefix.block, blocks

@@ -40,7 +40,14 @@ class Generator:
     ``negative_prompt=``, ``contrast=``, ``contrast_alpha=``, ``contrast_beta=``).
     """
 
-    def __init__(self, model: Graph, config: GenerationConfig, flows: Flows | None = None, **flow_fields: Any) -> None:
+    def __init__(
+        self,
+        model: Graph,
+        config: GenerationConfig,
+        flows: Flows | None = None,
+        prefix_cache: bool = True,
+        **flow_fields: Any,
+    ) -> None:
         if not isinstance(config, GenerationConfig):
             raise ConfigError("config", config, "must be a GenerationConfig")
         flows = flows_of(flows, flow_fields)
@@ -50,6 +57,7 @@ class Generator:
         adapter = model.adapter(config.adapter)
         self.cache = model.new_cache(adapter=adapter)
         self._prefix_key = adapter.digest if adapter is not None else b""  # what the prefix cache keys it by
+        self._prefix = model.prefix_cache if prefix_cache else None  # off: the engine's prefix_reuse=False
         self.usage = Usage()
         rng = np.random.default_rng(config.sampling.seed)
         self._seq = TokenSequence(model, config, rng, model.context_length, self.usage)
@@ -130,7 +138,7 @@ class Generator:
         if self._logits is None and n and length >= n:
             cache.trim(length - (n - 1))
             length = cache.length
-        cached, first = self.model.prefix_cache, length
+        cached, first = self._prefix, length
         if cached is not None and not score and n - 1 > length and isinstance(cache, SharedKVCache):
             blocks = cached.lookup(ids[:n], n - 1, self._prefix_key, count=False)  # the last token: its logits
             cached.counted(len(blocks) * cached.block if len(blocks) * cached.block > length else 0)

@@ -20,7 +20,7 @@ from .device_cache import Device, DeviceKVCache
 from .encoder import is_encoder_folder
 from .errors import ConfigError, ModelLoadError
 from .kv_cache import Cache, KVCache, SharedKVCache
-from .manifest import Manifest, check_files
+from .manifest import Manifest, check_files, sha256_of
 from .prefix_cache import DEFAULT_DISK, DEFAULT_MEMORY, PrefixCache, fingerprint
 from .session import create_session, node_counts
 from .tokenizer import Tokenizer
@@ -125,8 +125,11 @@ class Graph:
             _kv_placement(kv, provider, manifest.kv_layout == "shared", cuda_graph, manifest.lora is not None)
         session = create_session(graph, provider, threads, spin, cuda_graph=cuda_graph)
         model = cls(folder, manifest, session, tokenizer, provider, context_size, kv, cuda_graph, max_adapters)
-        for name, entry in manifest.adapters.items():
-            model.adapters.load(name, folder / str(entry["file"]))
+        for name, entry in manifest.adapters.items():  # small files: their hashes checked, not only their sizes
+            path = folder / str(entry["file"])
+            if sha256_of(path) != entry["sha256"]:
+                raise ModelLoadError(f"{path} (adapter {name!r}) does not match its recorded SHA-256: it was changed")
+            model.adapters.load(name, path)
         if prefix_cache is not None and prefix_cache is not False:
             model.use_prefix_cache(None if prefix_cache is True else prefix_cache, prefix_cache_memory,
                                    prefix_cache_disk)  # fmt: skip

@@ -66,6 +66,10 @@ class Model(Graph):
         if cached is None:
             raise ConfigError("prefix_cache", None, "this model has no prefix cache: load it with prefix_cache=")
         ids = self.encode_prompt(prompt)
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ConfigError("prompt", ids[:8], f"token ids must be in [0, {self.vocab_size})")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ConfigError("chunk", chunk, "must be an integer >= 1")
         chosen = self.adapter(adapter)
         key = chosen.digest if chosen is not None else b""
         n = len(ids) // cached.block * cached.block

@@ -29,6 +29,8 @@ to a cold prefill (``tests/test_prefix_cache.py``). The engine, ``Generator`` an
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -55,6 +57,7 @@ DEFAULT_DISK = 8 << 30
 MAGIC = b"EDGEROUTE-KV\x01\n"
 SUFFIX = ".kvb"
 _WRITE_QUEUE = 256  # blocks waiting for the disk writer at most; more are dropped (never block a request)
+_MAX_HEADER = 1 << 16  # bytes of a block file's JSON header at most (64 tokens and a few hashes need ~1 KB)
 
 
 @dataclass
@@ -65,6 +68,14 @@ class Block:
     parent: bytes
     tokens: np.ndarray  # [block] int64
     data: np.ndarray  # [2 * layers, kv_heads, block, head_size]
+    adapter: bytes = b""  # the LoRA adapter's digest the positions were computed on (b"": the base)
+
+
+@dataclass
+class _Touch:
+    """The writer's order to mark a chain's files recently used (first block newest)."""
+
+    keys: list[bytes]
 
 
 @dataclass
@@ -125,7 +136,7 @@ class PrefixCache:
             ("hits", "misses", "hit_tokens", "disk_reads", "disk_writes", "disk_rejected", "dropped", "evicted"), 0
         )
         self.directory: Path | None = None
-        self._queue: queue.Queue[Block | None] | None = None
+        self._queue: queue.Queue[Block | _Touch | None] | None = None
         self._writer: threading.Thread | None = None
         self._disk_used = self._disk_files = 0
         if directory is not None:
@@ -146,11 +157,17 @@ class PrefixCache:
 
     # -- lookup and restore ----------------------------------------------------------------------------------
     def lookup(
-        self, tokens: Sequence[int] | np.ndarray, limit: int, adapter: bytes = b"", count: bool = True
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        limit: int,
+        adapter: bytes = b"",
+        count: bool = True,
+        disk: bool = True,
     ) -> list[Block]:
         """The longest chain of cached blocks that starts ``tokens``, at most ``limit`` positions; from memory, then
-        from disk (read back into memory). Counts a hit or a miss unless ``count`` is False (the caller counts
-        with :meth:`counted` once it knows whether it uses them)."""
+        (``disk``) from the directory, read back into memory. Counts a hit or a miss unless ``count`` is False (the
+        caller counts with :meth:`counted` once it knows whether it uses them). Never raises for what a file
+        holds: a block that cannot be read or verified ends the chain there."""
         ids = np.asarray(tokens, dtype=np.int64)[: max(limit, 0)]
         keys = self.keys(ids, adapter)
         found: list[Block] = []
@@ -159,21 +176,30 @@ class PrefixCache:
             want = ids[k * self.block : (k + 1) * self.block]
             with self._lock:
                 got = self._blocks.get(key)
-            if got is None and self.directory is not None:
-                got = self._read(key, parent, want)
+            if got is None and disk and self.directory is not None:
+                got = self._read(key, parent, want, adapter)
                 if got is not None:
                     self._insert(got, write=False)
             if got is None or got.parent != parent or not np.array_equal(got.tokens, want):
                 break
             found.append(got)
             parent = key
-        with self._lock:
-            for b in reversed(found):  # the chain's start most recent: evicted last
-                if b.key in self._blocks:
-                    self._blocks.move_to_end(b.key)
+        self._touch(found)
         if count:
             self.counted(len(found) * self.block)
         return found
+
+    def _touch(self, chain: Sequence[Block]) -> None:
+        """A chain was used: most recent in memory, its start most recent of all (every longer prompt needs it, so
+        its end is evicted first), and its files likewise on disk (in the background)."""
+        with self._lock:
+            for b in reversed(chain):
+                if b.key in self._blocks:
+                    self._blocks.move_to_end(b.key)
+        q = self._queue
+        if chain and q is not None and q.qsize() < q.maxsize // 2:  # a hint: never in the way of a block's write
+            with contextlib.suppress(queue.Full):
+                q.put_nowait(_Touch([b.key for b in chain]))
 
     def counted(self, positions: int) -> None:
         """Count a prompt the cache served ``positions`` of (0: a miss)."""
@@ -196,16 +222,19 @@ class PrefixCache:
             return 0
         ids = np.asarray(tokens, dtype=np.int64)
         keys = self.keys(ids, adapter)
-        added, parent = 0, self.fingerprint.encode()
+        added, parent, chain = 0, self.fingerprint.encode(), []
         for k, key in enumerate(keys):
             with self._lock:
-                held = key in self._blocks
-            if not held:
+                block = self._blocks.get(key)
+            if block is None:
                 s = k * self.block
                 data = np.ascontiguousarray(kv[:, row, :, s : s + self.block])
-                self._insert(Block(key, parent, ids[s : s + self.block].copy(), data), write=True)
+                block = Block(key, parent, ids[s : s + self.block].copy(), data, adapter)
+                self._insert(block, write=True)
                 added += 1
+            chain.append(block)
             parent = key
+        self._touch(chain)
         return added
 
     def _insert(self, block: Block, write: bool) -> None:
@@ -216,9 +245,10 @@ class PrefixCache:
             while len(self._blocks) * self.block_bytes > self.memory_bytes:
                 self._blocks.popitem(last=False)
                 self._counts["evicted"] += 1
-        if write and self._queue is not None:
+        q = self._queue
+        if write and q is not None:
             try:
-                self._queue.put_nowait(block)
+                q.put_nowait(block)
             except queue.Full:
                 self._count("dropped")
 
@@ -287,9 +317,11 @@ class PrefixCache:
             if time.time() - _mtime(stale) > 60:
                 stale.unlink(missing_ok=True)
         self._rescan()
-        self._queue = queue.Queue(_WRITE_QUEUE)
+        # blocks waiting for the disk are memory too: at most the budget's worth (and 256) wait
+        self._queue = queue.Queue(max(1, min(_WRITE_QUEUE, self.memory_bytes // max(self.block_bytes, 1))))
         self._writer = threading.Thread(target=self._write_loop, name="edgeroute-prefix-cache", daemon=True)
         self._writer.start()
+        atexit.register(self.close)  # what is queued reaches the disk when the process ends normally
 
     def _folder(self) -> Path:
         assert self.directory is not None
@@ -307,38 +339,49 @@ class PrefixCache:
             time.sleep(0.005)
 
     def close(self) -> None:
-        """Write what is queued and stop the writer thread."""
-        if self._queue is not None and self._writer is not None:
+        """Write what is queued and stop the writer thread (the cache then keeps to memory)."""
+        q, writer = self._queue, self._writer
+        if q is not None and writer is not None:
             self.flush()
-            self._queue.put(None)
-            self._writer.join(5)
             self._queue = None
+            q.put(None)
+            writer.join(5)
 
     def _write_loop(self) -> None:
-        assert self._queue is not None
         q = self._queue
+        assert q is not None
         while True:
-            block = q.get()
+            item = q.get()
             try:
-                if block is None:
+                if item is None:
                     return
-                self._write(block)
+                if isinstance(item, _Touch):
+                    self._touch_files(item.keys)
+                else:
+                    self._write(item)
             except OSError as e:  # a full disk, a removed directory: the block stays in memory only
                 self._count("dropped")
                 log.warning("prefix cache: could not write a block to %s: %s", self.directory, e)
             finally:
                 q.task_done()
 
+    def _touch_files(self, keys: list[bytes]) -> None:
+        """Mark a chain's files used now, its first block the newest (``_trim_disk`` removes the oldest first)."""
+        now = time.time()
+        for depth, key in enumerate(keys):
+            with contextlib.suppress(OSError):  # gone (trimmed by another process), or a read-only directory
+                os.utime(self._path(key), (now - depth * 1e-3, now - depth * 1e-3))
+
     def _write(self, block: Block) -> None:
         path = self._path(block.key)
         if path.exists():
-            os.utime(path)
             return
         payload = np.ascontiguousarray(block.data).tobytes()
         header = {
             "fingerprint": self.fingerprint,
             "key": block.key.hex(),
             "parent": block.parent.hex(),
+            "adapter": block.adapter.hex(),
             "tokens": block.tokens.tolist(),
             "shape": list(block.data.shape),
             "dtype": self.dtype.str,
@@ -347,41 +390,52 @@ class PrefixCache:
         }
         head = json.dumps(header, separators=(",", ":")).encode()
         tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + len(head).to_bytes(4, "little") + head)
-            f.write(payload)
-        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + len(head).to_bytes(4, "little") + head)
+                f.write(payload)
+            os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: nothing left behind
+            raise
         self._count("disk_writes")
         self._disk_used += len(head) + len(payload) + len(MAGIC) + 4
         self._disk_files += 1
         if self._disk_used > self.disk_bytes:
             self._trim_disk()
 
-    def _read(self, key: bytes, parent: bytes, tokens: np.ndarray) -> Block | None:
+    def _read(self, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes) -> Block | None:
+        """The block of ``key`` from disk, verified; None (and a log line) for anything else."""
         path = self._path(key)
+        most = self.block_bytes + len(MAGIC) + 4 + _MAX_HEADER
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                raw = f.read(most + 1)  # a bigger file is not a block of this cache: never read it whole
         except FileNotFoundError:
             return None
         except OSError as e:
             log.warning("prefix cache: cannot read %s (%s): a cold prefill", path, e)
             return None
-        why = self._check(raw, key, parent, tokens)
+        try:
+            why = self._check(raw, key, parent, tokens, adapter) if len(raw) <= most else "corrupt: too big"
+        except (ValueError, RecursionError, TypeError) as e:  # a header JSON cannot represent as a block's
+            why = f"corrupt: {type(e).__name__}"
         if isinstance(why, str):
             self._count("disk_rejected")
             log.warning("prefix cache: %s refused (%s): a cold prefill instead", path.name, why)
-            path.unlink(missing_ok=True)  # in this model's folder under this block's name: garbage (rewritten later)
+            with contextlib.suppress(OSError):  # in this model's folder under this block's name: garbage
+                path.unlink(missing_ok=True)
             return None
-        os.utime(path)  # recently used: trimmed last
         self._count("disk_reads")
         return why
 
-    def _check(self, raw: bytes, key: bytes, parent: bytes, tokens: np.ndarray) -> Block | str:
+    def _check(self, raw: bytes, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes) -> Block | str:
         """The block in a file's bytes, or why it is refused."""
         if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 4:
             return "corrupt: not a block file"
         n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
+        if n > _MAX_HEADER:
+            return "corrupt: its header is too long"
         start = len(MAGIC) + 4 + n
         try:
             header = json.loads(raw[len(MAGIC) + 4 : start])
@@ -396,13 +450,15 @@ class PrefixCache:
             return "corrupt: its key or shape is not this block's"
         if header.get("parent") != parent.hex() or header.get("tokens") != tokens.tolist():
             return "its tokens are not the prompt's"
+        if header.get("adapter") != adapter.hex():
+            return "computed on another adapter"
         payload = raw[start:]
         if len(payload) != header.get("bytes") or len(payload) != self.block_bytes:
             return f"cut short: {len(payload)} of {header.get('bytes')} bytes"
         if zlib.crc32(payload) != header.get("crc32"):
             return "corrupt: its checksum does not match"
         data = np.frombuffer(payload, dtype=self.dtype).reshape(shape)
-        return Block(key, parent, tokens.copy(), data)
+        return Block(key, parent, tokens.copy(), data, adapter)
 
     def _scan(self) -> tuple[list[Path], int]:
         files = list(self._folder().glob("*" + SUFFIX))

@@ -195,7 +195,10 @@ class Scheduler:
         # the prefix cache, when it holds more (off with prefix_reuse, as a slot's: a hit's speed tells a client
         # that another sent the same prompt)
         if self.lookup is not None and self.prefix_reuse and not scored:
-            positions, found = self.lookup(request, len(prompt) - 1)
+            try:
+                positions, found = self.lookup(request, len(prompt) - 1)
+            except Exception:  # never lose a request taken off the queue: a cache that fails is a miss
+                positions, found = 0, None
             if positions > reuse:
                 reuse, restore = positions, found
         run = Running(request, slot, seq, reuse, restore=restore)

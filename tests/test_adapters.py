@@ -13,7 +13,8 @@ import edgeroute as er
 import numpy as np
 import pytest
 from edgeroute import safetensors_io
-from edgeroute.adapters import read_adapter, remove_from_folder, write_adapter
+from edgeroute.adapter_folder import remove_from_folder
+from edgeroute.adapters import read_adapter, write_adapter
 
 pytest.importorskip("peft")
 torch = pytest.importorskip("torch")

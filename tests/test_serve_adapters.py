@@ -36,7 +36,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory, lora: Callable[..., Path],
     """The model folder (adapters a1: r=4 on q/v, a2: r=8 on every projection; the graph's rank is 8: the shared
     ``lora_dir`` with its adapters renamed) and three PEFT folders to load later: a3 (fits), big (r=16: above the
     graph's rank)."""
-    from edgeroute.adapters import add_to_folder, remove_from_folder
+    from edgeroute.adapter_folder import add_to_folder, remove_from_folder
 
     out = {"a1": lora("qv4"), "a2": lora("all8"), "a3": lora("qv4b"), "big": lora("rs16")}
     model = tmp_path_factory.mktemp("serve-adapters") / "model"
