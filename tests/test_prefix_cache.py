@@ -58,13 +58,17 @@ def test_hits_equal_a_cold_prefill_generator_and_engine(folder: Path, cold) -> N
     assert again.usage.cached_tokens == 192 and again.token_ids == cold[(0, 1, "s")]  # 3 blocks of 64
     chat = er.ChatSession(m, GREEDY)
     assert [s.token_id for s in chat.send("hello there")]  # a chat session goes through the Generator too
+    before = m.prefix_cache.stats().hits
     with er.Engine(m, max_batch=2, prefix_reuse=True) as engine:  # more prompts than slots
         reqs = {(s, q, c): engine.submit(prompt(s, q), cfg) for s in range(3) for q in range(3)
                 for c, cfg in (("g", GREEDY), ("s", SAMPLED))}  # fmt: skip
-        for key, request in reqs.items():
-            assert request.result().token_ids == cold[key], key
+        done = {key: request.result() for key, request in reqs.items()}
+    for key, got in done.items():
+        assert got.token_ids == cold[key], key
+    # served by the cache where no slot held the system prompt (a slot's reuse would give 200 or more)
+    assert any(got.usage.cached_tokens == 192 for got in done.values())
     stats = m.prefix_cache.stats()
-    assert stats.hits >= 2 and stats.memory_blocks == 9  # served where no slot held as much; 3 prompts x 3 blocks
+    assert stats.hits > before and stats.memory_blocks == 9  # 3 system prompts x 3 blocks
     assert {e.tokens for e in m.prefix_cache.entries()} >= {192}
 
 
@@ -104,6 +108,14 @@ def test_restart_restores_from_disk(folder: Path, cold, tmp_path: Path) -> None:
 
 def _tamper(path: Path, how: str) -> None:
     raw = path.read_bytes()
+    if how == "nested":  # a header JSON nests past the parser's recursion limit
+        deep = b"[" * 60000
+        path.write_bytes(MAGIC + len(deep).to_bytes(4, "little") + deep)
+        return
+    if how == "unreadable":  # reading fails (a directory where the file was)
+        path.unlink()
+        path.mkdir()
+        return
     n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
     header, payload = json.loads(raw[len(MAGIC) + 4 : len(MAGIC) + 4 + n]), raw[len(MAGIC) + 4 + n :]
     if how == "flip":
@@ -118,7 +130,7 @@ def _tamper(path: Path, how: str) -> None:
     path.write_bytes(MAGIC + len(head).to_bytes(4, "little") + head + payload)
 
 
-@pytest.mark.parametrize("how", ["flip", "cut", "tokens", "model"])
+@pytest.mark.parametrize("how", ["flip", "cut", "tokens", "model", "nested", "unreadable"])
 def test_a_tampered_block_is_refused(folder: Path, cold, tmp_path: Path, how: str, caplog) -> None:
     d = tmp_path / "cache"
     m = er.Model.load(folder, prefix_cache=d)
@@ -127,11 +139,17 @@ def test_a_tampered_block_is_refused(folder: Path, cold, tmp_path: Path, how: st
     first = m.prefix_cache._path(m.prefix_cache.keys(prompt(1, 0))[0])
     _tamper(first, how)
     fresh = er.Model.load(folder, prefix_cache=d)
-    with caplog.at_level("WARNING", logger="edgeroute.prefix_cache"):
-        got = fresh.generate(prompt(1, 1), GREEDY)
+    with caplog.at_level("WARNING", logger="edgeroute.prefix_cache"), er.Engine(fresh, max_batch=2) as engine:
+        other = engine.submit(prompt(0, 0), GREEDY)  # runs beside it: untouched by the bad file
+        got = engine.submit(prompt(1, 1), GREEDY).result()
+        assert other.result().token_ids == cold[(0, 0, "g")]
     assert got.usage.cached_tokens == 0 and got.token_ids == cold[(1, 1, "g")]  # a cold prefill, same tokens
-    assert fresh.prefix_cache.stats().disk_rejected == 1
-    assert "refused" in caplog.text and first.name in caplog.text
+    assert first.name in caplog.text
+    if how == "unreadable":  # a miss, nothing removed (reading it failed: it may be readable later)
+        assert "cannot read" in caplog.text and fresh.prefix_cache.stats().disk_rejected == 0
+        return
+    else:
+        assert fresh.prefix_cache.stats().disk_rejected == 1 and "refused" in caplog.text
     fresh.prefix_cache.close()  # the refused file was removed, and the block written again from the cold prefill
     again = er.Model.load(folder, prefix_cache=d)
     assert again.generate(prompt(1, 2), GREEDY).usage.cached_tokens == 192
@@ -192,6 +210,80 @@ def test_a_killed_writer_leaves_nothing_trusted_and_two_processes_share_a_direct
         figures = json.loads(out.strip().splitlines()[-1])
         assert figures["rejected"] == 0, figures
     assert sum(1 for _ in d.rglob("*" + SUFFIX)) == 9  # three prompts' three blocks, each once
+    # every file in the directory is whole: the killed writer's files too (a write goes to a temporary name first)
+    check = er.Model.load(folder, prefix_cache=d).prefix_cache
+    for path in d.rglob("*" + SUFFIX):
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
+        header = json.loads(raw[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
+        block = check._check(raw, path.stem and bytes.fromhex(path.stem), bytes.fromhex(header["parent"]),
+                             np.array(header["tokens"]), b"")  # fmt: skip
+        assert not isinstance(block, str), (path.name, block)
+
+
+def test_disk_budget_keeps_what_is_used(folder: Path, tmp_path: Path) -> None:
+    """Files go least recently used first, a chain's end before its start: a prefix used from memory keeps its
+    files while another, older one loses its blocks."""
+    d = tmp_path / "cache"
+    m = er.Model.load(folder, prefix_cache=d)
+    file_bytes = m.prefix_cache.block_bytes + 2048  # a block and its header, about
+    m.prefix_cache.close()
+    m = er.Model.load(folder, prefix_cache=d, prefix_cache_disk=7 * file_bytes)
+    m.cache_prefix(prompt(0, 0))  # A
+    m.cache_prefix(prompt(1, 0))  # B
+    m.prefix_cache.flush()
+    time.sleep(0.05)
+    assert m.generate(prompt(0, 1), GREEDY).usage.cached_tokens == 192  # A used again, from memory
+    m.prefix_cache.flush()
+    time.sleep(0.05)
+    m.cache_prefix(prompt(2, 0))  # C: past the budget, the oldest files go
+    m.prefix_cache.close()
+    assert m.prefix_cache.stats().disk_bytes <= 7 * file_bytes
+    again = er.Model.load(folder, prefix_cache=d)
+    assert again.generate(prompt(0, 2), GREEDY).usage.cached_tokens == 192  # A kept whole
+    assert again.generate(prompt(2, 2), GREEDY).usage.cached_tokens == 192  # C, the newest
+    assert again.generate(prompt(1, 2), GREEDY).usage.cached_tokens < 192  # B lost its end
+
+
+def test_a_failed_write_leaves_nothing(folder: Path, cold, tmp_path: Path, monkeypatch) -> None:
+    import edgeroute.prefix_cache as pc
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pc.os, "replace", full)
+    d = tmp_path / "cache"
+    m = er.Model.load(folder, prefix_cache=d)
+    assert m.generate(prompt(0, 0), GREEDY).token_ids == cold[(0, 0, "g")]
+    m.prefix_cache.close()
+    assert m.prefix_cache.stats().dropped_writes == 3
+    assert list(d.rglob("*")) == [next(d.iterdir())]  # the model's folder, empty: no temporary file left
+    assert m.generate(prompt(0, 1), GREEDY).usage.cached_tokens == 192  # memory still serves
+
+
+def test_adapters_never_share_cached_positions(lora_dir: Path) -> None:
+    plain = er.Model.load(lora_dir)
+    m = er.Model.load(lora_dir, prefix_cache=True)
+
+    def run(model: er.Model, adapter: str | None) -> er.Completion:
+        cfg = er.GenerationConfig(max_new_tokens=8, sampling=er.SamplingConfig(temperature=0), adapter=adapter)
+        return model.generate(SYSTEMS[0] + [5, 6, 7], cfg)
+
+    assert run(m, "qv4").usage.cached_tokens == 0
+    for adapter in ("all8", None):
+        got = run(m, adapter)
+        assert got.usage.cached_tokens == 0 and got.token_ids == run(plain, adapter).token_ids
+    got = run(m, "qv4")
+    assert got.usage.cached_tokens == 192 and got.token_ids == run(plain, "qv4").token_ids
+
+
+def test_no_prefix_reuse_turns_the_cache_off(folder: Path) -> None:
+    m = er.Model.load(folder, prefix_cache=True)
+    m.cache_prefix(prompt(0, 0))
+    with er.Engine(m, max_batch=2, prefix_reuse=False) as engine:
+        batched = engine.submit(prompt(0, 1), GREEDY).result()
+        solo = engine.submit(prompt(0, 2), GREEDY, draft="ngram").result()
+    assert batched.usage.cached_tokens == 0 and solo.usage.cached_tokens == 0
 
 
 # -- the server and the CLI ---------------------------------------------------------------------------------------
