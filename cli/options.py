@@ -453,10 +453,14 @@ def load_model(
     options: dict[str, Any] | None = None,
 ) -> er.Model:
     cuda_graph = cuda_graph_flag()
-    return er.Model.load(
+    model = er.Model.load(
         path, provider=provider, threads=threads, spin=spin, context_size=ctx_size, cuda_graph=cuda_graph,
         **(options or {}),
     )  # fmt: skip
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and model.prefix_cache is not None:  # the command's blocks on disk before it returns
+        ctx.call_on_close(model.prefix_cache.close)
+    return model
 
 
 def needs_second_model(flags: dict[str, Any]) -> bool:

@@ -32,43 +32,27 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import queue
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .errors import ConfigError
+from .prefix_files import MAGIC, MAX_HEADER, SUFFIX, Block, decode, encode, fingerprint, mtime_of, size_of
 
 log = logging.getLogger("edgeroute.prefix_cache")
 
 BLOCK = 64  # positions per block
 DEFAULT_MEMORY = 512 << 20
 DEFAULT_DISK = 8 << 30
-MAGIC = b"EDGEROUTE-KV\x01\n"
-SUFFIX = ".kvb"
 _WRITE_QUEUE = 256  # blocks waiting for the disk writer at most; more are dropped (never block a request)
-_MAX_HEADER = 1 << 16  # bytes of a block file's JSON header at most (64 tokens and a few hashes need ~1 KB)
-
-
-@dataclass
-class Block:
-    """One cached block: its chain hash, its parent's, its tokens and the positions' keys and values."""
-
-    key: bytes
-    parent: bytes
-    tokens: np.ndarray  # [block] int64
-    data: np.ndarray  # [2 * layers, kv_heads, block, head_size]
-    adapter: bytes = b""  # the LoRA adapter's digest the positions were computed on (b"": the base)
 
 
 @dataclass
@@ -314,7 +298,7 @@ class PrefixCache:
             raise ConfigError("prefix_cache", str(root), f"cannot create the cache directory: {e.strerror}") from None
         self.directory = root
         for stale in self._folder().glob(".*.tmp"):  # a writer killed mid-file: never trusted, removed when old
-            if time.time() - _mtime(stale) > 60:
+            if time.time() - mtime_of(stale) > 60:
                 stale.unlink(missing_ok=True)
         self._rescan()
         # blocks waiting for the disk are memory too: at most the budget's worth (and 256) wait
@@ -376,30 +360,17 @@ class PrefixCache:
         path = self._path(block.key)
         if path.exists():
             return
-        payload = np.ascontiguousarray(block.data).tobytes()
-        header = {
-            "fingerprint": self.fingerprint,
-            "key": block.key.hex(),
-            "parent": block.parent.hex(),
-            "adapter": block.adapter.hex(),
-            "tokens": block.tokens.tolist(),
-            "shape": list(block.data.shape),
-            "dtype": self.dtype.str,
-            "crc32": zlib.crc32(payload),
-            "bytes": len(payload),
-        }
-        head = json.dumps(header, separators=(",", ":")).encode()
+        data = encode(block, self.fingerprint, self.dtype)
         tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "wb") as f:
-                f.write(MAGIC + len(head).to_bytes(4, "little") + head)
-                f.write(payload)
+                f.write(data)
             os.replace(tmp, path)  # atomic: a reader sees the whole file or none
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk: nothing left behind
             raise
         self._count("disk_writes")
-        self._disk_used += len(head) + len(payload) + len(MAGIC) + 4
+        self._disk_used += len(data)
         self._disk_files += 1
         if self._disk_used > self.disk_bytes:
             self._trim_disk()
@@ -407,7 +378,7 @@ class PrefixCache:
     def _read(self, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes) -> Block | None:
         """The block of ``key`` from disk, verified; None (and a log line) for anything else."""
         path = self._path(key)
-        most = self.block_bytes + len(MAGIC) + 4 + _MAX_HEADER
+        most = self.block_bytes + len(MAGIC) + 4 + MAX_HEADER
         try:
             with open(path, "rb") as f:
                 raw = f.read(most + 1)  # a bigger file is not a block of this cache: never read it whole
@@ -430,39 +401,13 @@ class PrefixCache:
         return why
 
     def _check(self, raw: bytes, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes) -> Block | str:
-        """The block in a file's bytes, or why it is refused."""
-        if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 4:
-            return "corrupt: not a block file"
-        n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
-        if n > _MAX_HEADER:
-            return "corrupt: its header is too long"
-        start = len(MAGIC) + 4 + n
-        try:
-            header = json.loads(raw[len(MAGIC) + 4 : start])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "corrupt: its header is not JSON"
-        if not isinstance(header, dict):
-            return "corrupt: its header is not an object"
-        if header.get("fingerprint") != self.fingerprint:
-            return "another model's block"
-        shape = [self.layers2, self.kv_heads, self.block, self.head_size]
-        if header.get("key") != key.hex() or header.get("shape") != shape or header.get("dtype") != self.dtype.str:
-            return "corrupt: its key or shape is not this block's"
-        if header.get("parent") != parent.hex() or header.get("tokens") != tokens.tolist():
-            return "its tokens are not the prompt's"
-        if header.get("adapter") != adapter.hex():
-            return "computed on another adapter"
-        payload = raw[start:]
-        if len(payload) != header.get("bytes") or len(payload) != self.block_bytes:
-            return f"cut short: {len(payload)} of {header.get('bytes')} bytes"
-        if zlib.crc32(payload) != header.get("crc32"):
-            return "corrupt: its checksum does not match"
-        data = np.frombuffer(payload, dtype=self.dtype).reshape(shape)
-        return Block(key, parent, tokens.copy(), data, adapter)
+        """The block in a file's bytes, or why it is refused (``prefix_files.decode``)."""
+        shape = (self.layers2, self.kv_heads, self.block, self.head_size)
+        return decode(raw, self.fingerprint, shape, self.dtype, key, parent, tokens, adapter)
 
     def _scan(self) -> tuple[list[Path], int]:
         files = list(self._folder().glob("*" + SUFFIX))
-        return files, sum(_size(p) for p in files)
+        return files, sum(size_of(p) for p in files)
 
     def _rescan(self) -> None:
         """What the directory holds now (another process may write to it too)."""
@@ -473,48 +418,12 @@ class PrefixCache:
         """Remove the least recently used block files until the directory holds 90% of its budget (not every write
         past the budget scans the directory)."""
         files, used = self._scan()
-        for path in sorted(files, key=_mtime):
+        for path in sorted(files, key=mtime_of):
             if used <= 0.9 * self.disk_bytes:
                 break
-            used -= _size(path)
+            used -= size_of(path)
             path.unlink(missing_ok=True)
         self._rescan()
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def fingerprint(graph: Any) -> str:
-    """What a cached position depends on, for one loaded model: its files as the export recorded them (SHA-256
-    and size) and as they are now (size, modification time), precision, quantisation, KV layout and dtype,
-    geometry and context size."""
-    m = graph.manifest
-    files = {}
-    for name in sorted({m.graph, *m.files}):
-        path = Path(graph.path) / name
-        st = path.stat() if path.exists() else None
-        recorded = m.files.get(name, {})
-        files[name] = [recorded.get("sha256"), recorded.get("bytes"), st.st_size if st else None,
-                       st.st_mtime_ns if st else None]  # fmt: skip
-    what = {
-        "files": files,
-        "precision": m.precision,
-        "quantization": dict(m.quantization),
-        "kv_layout": m.kv_layout,
-        "kv_dtype": m.kv_dtype,
-        "geometry": [m.num_layers, m.num_kv_heads, m.head_size, m.vocab_size],
-        "context": graph.context_length,
-        "lora": m.lora,
-    }
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+__all__ = ["MAGIC", "SUFFIX", "Block", "PrefixCache", "PrefixCacheStats", "PrefixEntry", "fingerprint"]
