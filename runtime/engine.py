@@ -350,9 +350,7 @@ class Engine:
             return
         self._count("prefilled", sum(1 for r in going if r.seq.n == r.seq.usage.prompt_tokens))
         assert self._executor is not None
-        for run in going:  # a prompt prefilled (all but its last token, which this run feeds): remembered now
-            if run.seq.n == run.seq.usage.prompt_tokens:
-                self._remember(run)
+        prompts = [r for r in going if r.seq.n == r.seq.usage.prompt_tokens]  # their prompt's last token now
         try:  # the run of every decoding row
             logits = self._executor.decode({r.slot.index: int(r.seq.ids[r.fed]) for r in going})
         except Exception as e:
@@ -364,6 +362,9 @@ class Engine:
             run.logits = logits[run.slot.index]
         for run in going:
             self._commit(run)
+        for run in prompts:  # after the first tokens are out: their prompts' positions to the prefix cache
+            if run.slot.running is run:
+                self._remember(run)
 
     def _commit(self, run: Running) -> None:
         assert run.logits is not None

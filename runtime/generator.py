@@ -58,6 +58,7 @@ class Generator:
         self.cache = model.new_cache(adapter=adapter)
         self._prefix_key = adapter.digest if adapter is not None else b""  # what the prefix cache keys it by
         self._prefix = model.prefix_cache if prefix_cache else None  # off: the engine's prefix_reuse=False
+        self._store_at = 0  # positions of a prompt to give the prefix cache once the turn's next token is out
         self.usage = Usage()
         rng = np.random.default_rng(config.sampling.seed)
         self._seq = TokenSequence(model, config, rng, model.context_length, self.usage)
@@ -139,13 +140,14 @@ class Generator:
             cache.trim(length - (n - 1))
             length = cache.length
         cached, first = self._prefix, length
-        if cached is not None and not score and n - 1 > length and isinstance(cache, SharedKVCache):
-            blocks = cached.lookup(ids[:n], n - 1, self._prefix_key, count=False)  # the last token: its logits
-            cached.counted(len(blocks) * cached.block if len(blocks) * cached.block > length else 0)
-            if len(blocks) * cached.block > length:
-                cache.lengths[0] = cached.restore(cache.kv, 0, blocks)
-                self.usage.cached_tokens += cache.length - length
-                length = cache.length
+        if cached is not None and not score and n - 1 - length >= cached.block and isinstance(cache, SharedKVCache):
+            # the positions the cache holds for the prompt (its last token is fed: its logits choose the next);
+            # restoring rewrites positions the row already holds with the same values
+            restored = cached.restore_prefix(ids[:n], n - 1, cache.kv, 0, self._prefix_key)
+            if restored > length:
+                cache.lengths[0] = restored
+                self.usage.cached_tokens += restored - length
+                length = restored
         while length < n:
             stop = min(n, length + chunk)
             if score:  # row k (position length + k) scores the token after it, while that is a prompt token
@@ -156,8 +158,8 @@ class Generator:
             else:
                 self._logits = self.model.step_logits(ids[None, length:stop], cache)[0]
             length = cache.length
-        if cached is not None and length - first > 1 and isinstance(cache, SharedKVCache):  # a prompt, not a step
-            cached.store(ids[:length], cache.kv, 0, self._prefix_key)
+        if cached is not None and length - first > 1:  # a prompt was fed: kept after the next token is chosen
+            self._store_at = length
 
     # -- generating ------------------------------------------------------------------------------------------
     def _exclusive(self) -> _Exclusive:
@@ -179,9 +181,17 @@ class Generator:
                 else:
                     steps = [self._plain(t0)]
                 self._queue.extend(steps)
+                if self._store_at:  # off the time to first token: the prompt's positions to the prefix cache
+                    self._remember()
             return self._queue.popleft()
         finally:
             self._busy.release()
+
+    def _remember(self) -> None:
+        """Give the prefix cache the prompt's positions the cache still holds (those a rewind left)."""
+        n, self._store_at = min(self._store_at, self.cache.length), 0
+        if self._prefix is not None and isinstance(self.cache, SharedKVCache) and n >= self._prefix.block:
+            self._prefix.store(self._seq.ids[:n], self.cache.kv, 0, self._prefix_key)
 
     def _plain(self, start: float) -> Step:
         """One token from the (possibly mixed) logits of the current position; the step started at ``start``."""

@@ -49,7 +49,7 @@ from .prefix_files import MAGIC, MAX_HEADER, SUFFIX, Block, decode, encode, fing
 
 log = logging.getLogger("edgeroute.prefix_cache")
 
-BLOCK = 64  # positions per block
+BLOCK = 32  # positions per block (a prompt reuses whole blocks: at most 31 positions of it are computed again)
 DEFAULT_MEMORY = 512 << 20
 DEFAULT_DISK = 8 << 30
 _WRITE_QUEUE = 256  # blocks waiting for the disk writer at most; more are dropped (never block a request)
@@ -169,9 +169,38 @@ class PrefixCache:
             found.append(got)
             parent = key
         self._touch(found)
+        self._evict()
         if count:
             self.counted(len(found) * self.block)
         return found
+
+    def restore_prefix(
+        self, tokens: Sequence[int] | np.ndarray, limit: int, kv: np.ndarray, row: int, adapter: bytes = b""
+    ) -> int:
+        """Copy the longest cached prefix of ``tokens`` (at most ``limit`` positions) into row ``row`` of ``kv``
+        and return its positions (counted as a hit or a miss). Blocks on disk go straight from a reused buffer
+        into the row, not into memory first (a restart's first prompt pays one copy, not an allocation too: the
+        blocks enter memory when the caller stores the prompt after its first token)."""
+        ids = np.asarray(tokens, dtype=np.int64)[: max(limit, 0)]
+        parent, done, used = self.fingerprint.encode(), 0, []
+        staging: np.ndarray | None = None
+        for k, key in enumerate(self.keys(ids, adapter)):
+            want = ids[k * self.block : (k + 1) * self.block]
+            with self._lock:
+                got = self._blocks.get(key)
+            if got is None and self.directory is not None:
+                if staging is None:
+                    staging = np.empty(self.block_bytes + len(MAGIC) + 4 + MAX_HEADER + 1, np.uint8)
+                got = self._read(key, parent, want, adapter, staging)
+            if got is None or got.parent != parent or not np.array_equal(got.tokens, want):
+                break
+            kv[:, row, :, k * self.block : (k + 1) * self.block] = got.data
+            if key in self._blocks:
+                used.append(got)
+            done, parent = (k + 1) * self.block, key
+        self._touch(used)
+        self.counted(done)
+        return done
 
     def _touch(self, chain: Sequence[Block]) -> None:
         """A chain was used: most recent in memory, its start most recent of all (every longer prompt needs it, so
@@ -219,6 +248,7 @@ class PrefixCache:
             chain.append(block)
             parent = key
         self._touch(chain)
+        self._evict()
         return added
 
     def _insert(self, block: Block, write: bool) -> None:
@@ -226,15 +256,20 @@ class PrefixCache:
             if block.key in self._blocks:
                 return
             self._blocks[block.key] = block
-            while len(self._blocks) * self.block_bytes > self.memory_bytes:
-                self._blocks.popitem(last=False)
-                self._counts["evicted"] += 1
         q = self._queue
         if write and q is not None:
             try:
                 q.put_nowait(block)
             except queue.Full:
                 self._count("dropped")
+
+    def _evict(self) -> None:
+        """Least recently used blocks out until the budget holds (after a chain was inserted and touched: never a
+        chain's start while its end stays)."""
+        with self._lock:
+            while len(self._blocks) * self.block_bytes > self.memory_bytes:
+                self._blocks.popitem(last=False)
+                self._counts["evicted"] += 1
 
     # -- entries and stats -----------------------------------------------------------------------------------
     def entries(self) -> list[PrefixEntry]:
@@ -375,13 +410,21 @@ class PrefixCache:
         if self._disk_used > self.disk_bytes:
             self._trim_disk()
 
-    def _read(self, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes) -> Block | None:
-        """The block of ``key`` from disk, verified; None (and a log line) for anything else."""
+    def _read(
+        self, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes, into: np.ndarray | None = None
+    ) -> Block | None:
+        """The block of ``key`` from disk, verified; None (and a log line) for anything else. With ``into`` (a
+        buffer of at least a block file's size + 1) the file is read there and the block's data is a view of it,
+        valid until the next read into it."""
         path = self._path(key)
         most = self.block_bytes + len(MAGIC) + 4 + MAX_HEADER
+        raw: bytes | memoryview
         try:
             with open(path, "rb") as f:
-                raw = f.read(most + 1)  # a bigger file is not a block of this cache: never read it whole
+                if into is None:
+                    raw = f.read(most + 1)  # a bigger file is not a block of this cache: never read it whole
+                else:
+                    raw = memoryview(into)[: f.readinto(memoryview(into)[: most + 1])]
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -400,7 +443,9 @@ class PrefixCache:
         self._count("disk_reads")
         return why
 
-    def _check(self, raw: bytes, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes) -> Block | str:
+    def _check(
+        self, raw: bytes | memoryview, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes
+    ) -> Block | str:
         """The block in a file's bytes, or why it is refused (``prefix_files.decode``)."""
         shape = (self.layers2, self.kv_heads, self.block, self.head_size)
         return decode(raw, self.fingerprint, shape, self.dtype, key, parent, tokens, adapter)

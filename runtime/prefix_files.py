@@ -53,7 +53,7 @@ def encode(block: Block, fingerprint: str, dtype: np.dtype) -> bytes:
 
 
 def decode(
-    raw: bytes,
+    raw: bytes | memoryview,
     fingerprint: str,
     shape: tuple[int, int, int, int],
     dtype: np.dtype,
@@ -65,14 +65,14 @@ def decode(
     """The block in a file's bytes when it is exactly the one expected (this model, this chain hash and parent,
     these tokens, this adapter, a whole payload with its checksum), else why it is refused. May raise
     ``RecursionError`` on a header nested past the parser's limit (the caller refuses it)."""
-    if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 4:
+    if len(raw) < len(MAGIC) + 4 or bytes(raw[: len(MAGIC)]) != MAGIC:
         return "corrupt: not a block file"
     n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
     if n > MAX_HEADER:
         return "corrupt: its header is too long"
     start = len(MAGIC) + 4 + n
     try:
-        header = json.loads(raw[len(MAGIC) + 4 : start])
+        header = json.loads(bytes(raw[len(MAGIC) + 4 : start]))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return "corrupt: its header is not JSON"
     if not isinstance(header, dict):
