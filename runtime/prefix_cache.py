@@ -424,7 +424,8 @@ class PrefixCache:
                 if into is None:
                     raw = f.read(most + 1)  # a bigger file is not a block of this cache: never read it whole
                 else:
-                    raw = memoryview(into)[: f.readinto(memoryview(into)[: most + 1])]
+                    view = memoryview(into.data)
+                    raw = view[: f.readinto(view[: most + 1])]
         except FileNotFoundError:
             return None
         except OSError as e:
