@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from _common import REPO, need_model
+from edgeroute.prefix_cache import BLOCK
 
 TEXT = (
     "The committee met on Tuesday to review the budget for the coming year. After a long discussion about schools,"
@@ -179,9 +180,9 @@ def main() -> None:
             f" {100 * ratio:.1f}% |"
         )
     w = results["4000/disk-write"][0]
-    per_1000 = w["disk_bytes"] / (w["disk_blocks"] * 64) * 1000 if w["disk_blocks"] else 0
+    per_1000 = w["disk_bytes"] / (w["disk_blocks"] * BLOCK) * 1000 if w["disk_blocks"] else 0
     print(
-        f"\ndisk: {w['disk_bytes'] / 2**20:.1f} MiB for {w['disk_blocks']} blocks of 64 positions:"
+        f"\ndisk: {w['disk_bytes'] / 2**20:.1f} MiB for {w['disk_blocks']} blocks of {BLOCK} positions:"
         f" {per_1000 / 2**20:.1f} MiB per 1,000 cached tokens (fp32 KV);"
         f" memory held {w['memory_bytes'] / 2**20:.1f} MiB"
     )
