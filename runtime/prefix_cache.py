@@ -1,6 +1,6 @@
 """A prefix cache that remembers: the KV positions of many prompts, in memory and optionally on disk across restarts.
 
-The cache holds **blocks** of ``block`` positions (64): the keys and values of every layer for those positions,
+The cache holds **blocks** of ``block`` positions (32): the keys and values of every layer for those positions,
 ``[2 * layers, kv_heads, block, head_size]``, as the model computed them after the tokens before them. A block is
 found by its **chain hash**: ``h_k = blake2b(h_{k-1} | adapter | tokens of block k)``, so the hash of a prompt's k-th
 block names the whole prefix up to it, and the longest cached prefix of a prompt is found by hashing its blocks in
