@@ -3,6 +3,7 @@ wait bounded in time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -87,6 +88,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subproc
     return subprocess.run(
         [sys.executable, "-m", "edgeroute.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+@contextlib.contextmanager
+def cli_server(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``edgeroute serve ARGS --port P`` on a free port of 127.0.0.1 as a subprocess, once ``/health`` answers 200
+    (at most 60 s): ``(process, url)``; killed afterwards if it still runs (a test stops it with a signal)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "edgeroute.cli", "serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 60)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def free_port() -> int:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,7 @@ import httpx
 import openai
 import pytest
 from edgeroute.serve import Settings, create_app
-from serve_helpers import Running, free_port, run_cli, sse_events, stream_json, wait_until
+from serve_helpers import Running, cli_server, free_port, run_cli, sse_events, stream_json, wait_until
 from session_spy import spied
 
 NAME = "tiny"
@@ -511,32 +509,9 @@ def test_shutdown_cancels_streams_that_outlive_the_grace_period(model: er.Model)
 # -- the command ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_the_command_serves_and_stops_cleanly_on_a_signal(model: er.Model, sig: signal.Signals) -> None:
-    port = free_port()
     env = {**os.environ, "EDGEROUTE_API_KEY": "from-env"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgeroute.cli",
-            "serve",
-            str(model.path),
-            "--port",
-            str(port),
-            "--max-batch",
-            "2",
-            "--model-name",
-            "m",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 60)
+    args = [str(model.path), "--max-batch", "2", "--model-name", "m", "--log-level", "warning"]
+    with cli_server(*args, env=env) as (proc, url):
         assert httpx.get(url + "/v1/models", timeout=5).status_code == 401  # the key came from the environment
         c = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0, timeout=30)
         assert c.models.list().data[0].id == "m"
@@ -552,10 +527,6 @@ def test_the_command_serves_and_stops_cleanly_on_a_signal(model: er.Model, sig: 
         assert code == 0, err
         assert took < 15  # the stream was cancelled after the grace period, not waited for
         assert "Traceback" not in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_a_model_that_fails_to_load_stops_the_command_with_one_line(model: er.Model, tmp_path: Path) -> None:

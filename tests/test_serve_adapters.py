@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import pytest
 from edgeroute.scoring import prompt_scores
 from edgeroute.serve import Settings, create_app
 from edgeroute.serve.protocol import from_config_error
-from serve_helpers import Running, free_port, openai_client, run_cli, wait_until
+from serve_helpers import Running, cli_server, free_port, openai_client, run_cli
 
 NAME = "base"
 USER = [{"role": "user", "content": "Tell me a story about a robot"}]
@@ -259,20 +257,10 @@ def test_the_adapter_routes_need_a_key_or_the_flag(model: er.Model, folders: dic
 def test_the_command_loads_lora_flags_at_start(model: er.Model, folders: dict[str, Path]) -> None:
     """--lora NAME=PATH is served from the start, --max-loras bounds the loaded adapters, --allow-adapter-loading
     opens the routes without a key."""
-    port = free_port()
-    args = ["serve", str(folders["model"]), "--port", str(port), "--model-name", NAME, "--log-level", "warning"]
+    args = [str(folders["model"]), "--model-name", NAME, "--log-level", "warning"]
     args += ["--lora", f"a3={folders['a3']}", "--max-loras", "3", "--allow-adapter-loading"]
     env = {k: v for k, v in os.environ.items() if k != "EDGEROUTE_API_KEY"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeroute.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 60)
+    with cli_server(*args, env=env) as (proc, url):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         listed = {m.id: m.model_dump() for m in c.models.list().data}
         assert list(listed) == [NAME, "a1", "a2", "a3"] and listed["a3"]["root"] == str(folders["a3"])
@@ -288,10 +276,6 @@ def test_the_command_loads_lora_flags_at_start(model: er.Model, folders: dict[st
         code = proc.wait(timeout=20)
         _, err = proc.communicate(timeout=5)
         assert code == 0 and "Traceback" not in err, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_bad_lora_flags_are_one_line(folders: dict[str, Path]) -> None:
