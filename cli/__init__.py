@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from edgeroute._version import __version__
+from edgeroute.errors import one_line
 
 COMMANDS = {
     "adapter": "edgeroute.cli.adapter_cmd:adapter",
@@ -28,7 +29,7 @@ COMMANDS = {
 
 
 def _one_line(e: BaseException | str) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(e.split()) if isinstance(e, str) else one_line(e)
     return text if len(text) <= 500 else text[:497] + "..."
 
 

@@ -110,6 +110,12 @@ class ExportValidationError(ExportError):
     """The exported graph does not reproduce the source model within tolerance."""
 
 
+def one_line(e: BaseException) -> str:
+    """``e``'s whole message on one line (its whitespace runs made one space; the class name when it has none): an
+    error as a command line or a server's log prints it."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def first_line(e: BaseException) -> str:
     """The first line of ``e``'s message (the class name when it has none): what an error of another library adds
     to the edgeroute error that wraps it (chained with ``raise ... from``)."""

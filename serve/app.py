@@ -30,21 +30,22 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import edgeroute as er
-from edgeroute.adapters import AdapterSet
+from edgeroute.errors import one_line
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import tokens
+from .adapter_routes import AdapterRoutes
 from .chat import ChatEncoder
 from .completions import CompletionsEncoder
 from .encoder import Encoder
 from .metrics import Metrics
-from .protocol import APIError, check_fields, check_type, invalid, unknown_model
+from .protocol import APIError, unknown_model
 from .responses import ResponsesEncoder
 from .transport import Transport, shutting_down, too_large
 
@@ -171,7 +172,7 @@ def create_app(
                 settings.max_batch,
             )
         except BaseException as e:  # noqa: BLE001 - reported through /health and on_load_error
-            state.error = " ".join(str(e).split()) or type(e).__name__
+            state.error = one_line(e)
             if on_load_error is not None:
                 on_load_error(e)  # the caller reports it (the command: one line, exit 1)
             else:
@@ -223,19 +224,6 @@ def create_app(
 
 
 # -- errors -----------------------------------------------------------------------------------------------------
-def _line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _full(adapters: AdapterSet) -> APIError:
-    n = len(adapters)
-    message = (
-        f"{n} adapters are loaded, the most this server holds (--max-loras {adapters.max_adapters}): unload one"
-        " first (POST /v1/unload_lora_adapter)"
-    )
-    return invalid(None, message, "too_many_adapters")
-
-
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -322,7 +310,7 @@ class _Guard:
 
 
 # -- the endpoints ----------------------------------------------------------------------------------------------
-class _Api:
+class _Api(AdapterRoutes):
     metrics: Metrics  # set by create_app, once the routes it counts exist
     transport: Transport  # ... with them
 
@@ -382,18 +370,6 @@ class _Api:
             entry["context_length"] = s.model.context_length
         return entry
 
-    def _adapter_entry(self, name: str) -> dict[str, Any]:
-        """An adapter's entry, as vLLM lists one: ``parent`` the served model, ``root`` where it was loaded from."""
-        s = self.state
-        root, created = s.adapter_sources.get(name, (name, int(s.started)))
-        entry = {**self._model_entry(), "id": name, "created": created, "root": root}
-        entry["parent"] = self.settings.model_name
-        return entry
-
-    def _adapters(self) -> list[str]:
-        model = self.state.model
-        return [] if model is None else [n for n in model.adapters.names() if n != self.settings.model_name]
-
     async def models(self, request: Request) -> Response:
         """``GET /v1/models``: the served model, then each adapter loaded on it."""
         data = [self._model_entry(), *(self._adapter_entry(n) for n in self._adapters())]
@@ -407,84 +383,6 @@ class _Api:
         if wanted in self._adapters():
             return JSONResponse(self._adapter_entry(wanted))
         return error_response(unknown_model(wanted, self.settings.model_name, self.state.model))
-
-    # -- adapters at run time (vLLM's routes) -------------------------------------------------------------------
-    def _may_change_adapters(self, path: str) -> None:
-        """A 403 unless this server loads adapters at run time (``Settings.adapter_loading``)."""
-        if self.settings.adapter_loading():
-            return
-        if self.settings.allow_adapter_loading is False:
-            message = f"{path}: this server does not load or unload adapters at run time"
-        else:
-            message = (
-                f"{path} is off on a server without an API key (a client could make it read any file it can): start"
-                " it with --api-key, or with --allow-adapter-loading where every client is trusted"
-            )
-        raise APIError(403, message, None, "adapter_loading_disabled")
-
-    async def _adapter_body(self, request: Request, fields: set[str]) -> tuple[er.Model, dict[str, Any], str]:
-        """The checks every adapter route makes: allowed (403), the body (400), the model loaded (503), and the
-        body's ``lora_name``."""
-        self._may_change_adapters(request.url.path)
-        body = check_fields(await self.transport.read_json(request), fields)
-        model, _ = self._ready()
-        name = check_type(body, "lora_name", str, "a string")
-        if not name:
-            raise invalid("lora_name", "lora_name is required: the adapter's name", "missing_required_parameter")
-        if name == self.settings.model_name:
-            raise invalid("lora_name", f"lora_name: '{name}' is the served model's name, not an adapter's")
-        return model, body, name
-
-    async def load_adapter(self, request: Request) -> Response:
-        """``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}``: read and check the adapter (in a worker
-        thread; requests run meanwhile), then serve it under its name. As vLLM: 200 with a line of text, a 400
-        naming the parameter otherwise (a name already loaded included)."""
-        model, body, name = await self._adapter_body(request, {"lora_name", "lora_path"})
-        path = check_type(body, "lora_path", str, "a string")
-        if not path:
-            raise invalid(
-                "lora_path",
-                "lora_path is required: a PEFT adapter folder or an adapter file on the server",
-                "missing_required_parameter",
-            )
-        adapters = model.adapters
-        if name in adapters:
-            raise invalid("lora_name", f"The lora adapter '{name}' has already been loaded", "adapter_already_loaded")
-        if adapters.layout is None:
-            raise invalid(
-                None,
-                "this model's graph takes no adapters: export the base with --lora-rank (or --lora) to serve them",
-                "adapters_unsupported",
-            )
-        if len(adapters) >= adapters.max_adapters:
-            raise _full(adapters)
-        try:
-            await run_in_threadpool(model.load_adapter, name, path)
-        except er.ConfigError as e:  # the name: its letters or length
-            raise invalid("lora_name", f"lora_name: {e.reason} (got {e.value!r})") from None
-        except er.AdapterError as e:
-            if name in adapters:  # another request loaded that name meanwhile
-                raise invalid("lora_name", _line(e), "adapter_already_loaded") from None
-            if len(adapters) >= adapters.max_adapters:  # others were loaded meanwhile
-                raise _full(adapters) from None
-            raise invalid("lora_path", _line(e), "invalid_adapter") from None
-        self.state.adapter_sources[name] = (path, int(time.time()))
-        log.info("loaded LoRA adapter %s from %s", name, path)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
-
-    async def unload_adapter(self, request: Request) -> Response:
-        """``POST /v1/unload_lora_adapter`` ``{"lora_name"}``: new requests cannot name it (a 404); running ones
-        finish on it. 404 for a name not loaded, as vLLM."""
-        model, _, name = await self._adapter_body(request, {"lora_name"})
-        try:
-            model.unload_adapter(name)
-        except er.AdapterError:
-            loaded = ", ".join(model.adapters.names()) or "none"
-            message = f"The lora adapter '{name}' cannot be found (loaded: {loaded})"
-            raise APIError(404, message, "lora_name", "adapter_not_found") from None
-        self.state.adapter_sources.pop(name, None)
-        log.info("unloaded LoRA adapter %s", name)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def tokenizer_info(self, request: Request) -> Response:
         model, _ = self._ready()

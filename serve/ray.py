@@ -48,6 +48,7 @@ except ImportError as e:  # pragma: no cover - exercised by tests/test_ray.py in
     raise ImportError(f"{INSTALL_HINT} ({e.name} is missing)", name=e.name) from e
 
 import edgeroute as er  # noqa: E402
+from edgeroute.errors import one_line  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from .app import Settings, create_app  # noqa: E402
@@ -261,7 +262,7 @@ def start(
                 " address only with RAY_AUTH_MODE=token, and the cluster's token in ~/.ray/auth_token or"
                 " $RAY_AUTH_TOKEN)"
             )
-        raise RayServeError(f"could not {where}: {_line(e)}{hint}") from e
+        raise RayServeError(f"could not {where}: {one_line(e)}{hint}") from e
     finally:
         _restore(handlers)
     try:
@@ -283,7 +284,7 @@ def start(
         ray.shutdown()
         if isinstance(e, (RayServeError, KeyboardInterrupt)):
             raise
-        raise RayServeError(f"could not deploy {Path(model)}: {_line(e)[:500]}") from e
+        raise RayServeError(f"could not deploy {Path(model)}: {one_line(e)[:500]}") from e
     return Service(_url(host, port), app_name, started_cluster, time.monotonic() - began)
 
 
@@ -293,10 +294,6 @@ def _check_cpus(replicas: int, cpus_per_replica: float, have: float, where: str,
         raise RayServeError(
             f"{replicas} replicas of {cpus_per_replica:g} CPUs need {wanted:g} CPUs; {where} has {have:g}{hint}"
         )
-
-
-def _line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 class Interrupted(RayServeError):
