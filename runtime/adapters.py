@@ -116,20 +116,8 @@ class Adapter:
         self.weights = weights
         self.info = info  # rank, alpha, modules, source
         self.uid = next(_uids)
-        self._digest: bytes | None = None
-        _ = self.digest  # now, at load, not under an engine's lock at a request's start
-
-    @property
-    def digest(self) -> bytes:
-        """A hash of the weights (what a prefix cache keys positions computed on this adapter by)."""
-        if self._digest is None:
-            h = hashlib.blake2b(digest_size=16)
-            for (layer, module), (a, b) in sorted(self.weights.items()):
-                h.update(f"{layer}.{module}".encode())
-                h.update(a.tobytes())
-                h.update(b.tobytes())
-            self._digest = h.digest()
-        return self._digest
+        #: a hash of the weights, computed at load (what a prefix cache keys positions computed on it by)
+        self.digest = _digest(weights)
 
     @property
     def rank(self) -> int:
@@ -145,6 +133,15 @@ class Adapter:
 
     def __repr__(self) -> str:
         return f"Adapter({self.name!r}, rank={self.rank}, modules={self.modules}, uid={self.uid})"
+
+
+def _digest(weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for (layer, module), (a, b) in sorted(weights.items()):
+        h.update(f"{layer}.{module}".encode())
+        h.update(a.tobytes())
+        h.update(b.tobytes())
+    return h.digest()
 
 
 def check_name(name: Any, field: str = "name") -> str:

@@ -194,7 +194,8 @@ class Engine:
             # resolved now: an unknown adapter is the caller's error, and one unloaded while the request waits
             # still runs it (what was accepted finishes as accepted)
             request._adapter = self.model.adapter(config.adapter)
-            if self._prefix is not None:  # the prompt's blocks on disk read into memory now, not under the lock
+            if self._prefix is not None and self._prefix.directory is not None:
+                # the prompt's blocks on disk read into memory now, not under the lock (admission looks in memory)
                 self._prefix.lookup(ids, len(ids) - 1, _digest(request), count=False)
             rng = np.random.default_rng(config.sampling.seed)
             seq = TokenSequence(self.model, config, rng, len(ids) + config.max_new_tokens, Usage(len(ids)))
@@ -348,9 +349,9 @@ class Engine:
         token), then each chooses its next token from the logits that run gave it and hands the step over at once."""
         if not going:
             return
-        self._count("prefilled", sum(1 for r in going if r.seq.n == r.seq.usage.prompt_tokens))
-        assert self._executor is not None
         prompts = [r for r in going if r.seq.n == r.seq.usage.prompt_tokens]  # their prompt's last token now
+        self._count("prefilled", len(prompts))
+        assert self._executor is not None
         try:  # the run of every decoding row
             logits = self._executor.decode({r.slot.index: int(r.seq.ids[r.fed]) for r in going})
         except Exception as e:

@@ -141,9 +141,9 @@ class Generator:
             length = cache.length
         cached, first = self._prefix, length
         if cached is not None and not score and n - 1 - length >= cached.block and isinstance(cache, SharedKVCache):
-            # the positions the cache holds for the prompt (its last token is fed: its logits choose the next);
-            # restoring rewrites positions the row already holds with the same values
-            restored = cached.restore_prefix(ids[:n], n - 1, cache.kv, 0, self._prefix_key)
+            # the positions the cache holds for the prompt past what the row holds (its last token is fed: its
+            # logits choose the next)
+            restored = cached.restore_prefix(ids[:n], n - 1, cache.kv, 0, self._prefix_key, start=length)
             if restored > length:
                 cache.lengths[0] = restored
                 self.usage.cached_tokens += restored - length

@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,22 +152,7 @@ class PrefixCache:
         (``disk``) from the directory, read back into memory. Counts a hit or a miss unless ``count`` is False (the
         caller counts with :meth:`counted` once it knows whether it uses them). Never raises for what a file
         holds: a block that cannot be read or verified ends the chain there."""
-        ids = np.asarray(tokens, dtype=np.int64)[: max(limit, 0)]
-        keys = self.keys(ids, adapter)
-        found: list[Block] = []
-        parent = self.fingerprint.encode()
-        for k, key in enumerate(keys):
-            want = ids[k * self.block : (k + 1) * self.block]
-            with self._lock:
-                got = self._blocks.get(key)
-            if got is None and disk and self.directory is not None:
-                got = self._read(key, parent, want, adapter)
-                if got is not None:
-                    self._insert(got, write=False)
-            if got is None or got.parent != parent or not np.array_equal(got.tokens, want):
-                break
-            found.append(got)
-            parent = key
+        found = [block for _, block in self._chain(tokens, limit, adapter, disk)]
         self._touch(found)
         self._evict()
         if count:
@@ -175,32 +160,60 @@ class PrefixCache:
         return found
 
     def restore_prefix(
-        self, tokens: Sequence[int] | np.ndarray, limit: int, kv: np.ndarray, row: int, adapter: bytes = b""
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        limit: int,
+        kv: np.ndarray,
+        row: int,
+        adapter: bytes = b"",
+        start: int = 0,
     ) -> int:
-        """Copy the longest cached prefix of ``tokens`` (at most ``limit`` positions) into row ``row`` of ``kv``
-        and return its positions (counted as a hit or a miss). Blocks on disk go straight from a reused buffer
-        into the row, not into memory first (a restart's first prompt pays one copy, not an allocation too: the
-        blocks enter memory when the caller stores the prompt after its first token)."""
+        """Copy the longest cached prefix of ``tokens`` (at most ``limit`` positions) into row ``row`` of ``kv``,
+        past the ``start`` positions the row holds already (their blocks are neither fetched nor copied), and return
+        the prefix's positions; what it adds is counted as a hit (nothing: a miss). Blocks on disk go straight from
+        a reused buffer into the row, not into memory first (a restart's first prompt pays one copy, not an
+        allocation too: the blocks enter memory when the caller stores the prompt after its first token)."""
+        staging = None
+        if self.directory is not None:
+            staging = np.empty(self.block_bytes + len(MAGIC) + 4 + MAX_HEADER + 1, np.uint8)
+        done, used = 0, []
+        for k, got in self._chain(tokens, limit, adapter, True, staging, first=start // self.block):
+            kv[:, row, :, k * self.block : (k + 1) * self.block] = got.data
+            if got.key in self._blocks:
+                used.append(got)
+            done = (k + 1) * self.block
+        self._touch(used)
+        self.counted(max(done - start, 0))
+        return max(done, start)
+
+    def _chain(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        limit: int,
+        adapter: bytes,
+        disk: bool,
+        staging: np.ndarray | None = None,
+        first: int = 0,
+    ) -> Iterator[tuple[int, Block]]:
+        """``(k, block)`` for the blocks ``first``, ``first + 1``, ... of the longest cached chain that starts
+        ``tokens`` (at most ``limit`` positions), each verified against the prompt's tokens and its parent; from
+        memory, else (``disk``) from the directory: into memory, or (``staging``) as a view of that buffer, valid
+        until the next block. The blocks before ``first`` are the caller's already: only their hashes are used."""
         ids = np.asarray(tokens, dtype=np.int64)[: max(limit, 0)]
-        parent, done, used = self.fingerprint.encode(), 0, []
-        staging: np.ndarray | None = None
-        for k, key in enumerate(self.keys(ids, adapter)):
-            want = ids[k * self.block : (k + 1) * self.block]
+        keys = self.keys(ids, adapter)
+        parent = keys[first - 1] if 0 < first <= len(keys) else self.fingerprint.encode()
+        for k in range(first, len(keys)):
+            key, want = keys[k], ids[k * self.block : (k + 1) * self.block]
             with self._lock:
                 got = self._blocks.get(key)
-            if got is None and self.directory is not None:
-                if staging is None:
-                    staging = np.empty(self.block_bytes + len(MAGIC) + 4 + MAX_HEADER + 1, np.uint8)
+            if got is None and disk and self.directory is not None:
                 got = self._read(key, parent, want, adapter, staging)
+                if got is not None and staging is None:
+                    self._insert(got, write=False)
             if got is None or got.parent != parent or not np.array_equal(got.tokens, want):
-                break
-            kv[:, row, :, k * self.block : (k + 1) * self.block] = got.data
-            if key in self._blocks:
-                used.append(got)
-            done, parent = (k + 1) * self.block, key
-        self._touch(used)
-        self.counted(done)
-        return done
+                return
+            yield k, got
+            parent = key
 
     def _touch(self, chain: Sequence[Block]) -> None:
         """A chain was used: most recent in memory, its start most recent of all (every longer prompt needs it, so

@@ -58,6 +58,9 @@ def test_hits_equal_a_cold_prefill_generator_and_engine(folder: Path, cold) -> N
     assert again.usage.cached_tokens == 192 and again.token_ids == cold[(0, 1, "s")]  # 6 blocks of 32
     chat = er.ChatSession(m, GREEDY)
     assert [s.token_id for s in chat.send("hello there")]  # a chat session goes through the Generator too
+    hits = m.prefix_cache.stats().hit_tokens
+    assert [s.token_id for s in chat.send("and " * 40)]  # a later turn: what its row holds is not a cache hit
+    assert m.prefix_cache.stats().hit_tokens == hits
     before = m.prefix_cache.stats().hits
     with er.Engine(m, max_batch=2, prefix_reuse=True) as engine:  # more prompts than slots
         reqs = {(s, q, c): engine.submit(prompt(s, q), cfg) for s in range(3) for q in range(3)
