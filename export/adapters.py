@@ -1,6 +1,6 @@
 """Adapters kept apart from the base at export (``edgeroute export BASE OUT --lora NAME=DIR --lora-rank R``): the
 graph's LoRA layout chosen from the options and the adapters given, each adapter written beside the base
-(``edgeroute.adapters.add_to_folder``) and checked against PEFT in PyTorch on the validation text.
+(``edgeroute.adapter_folder.add_to_folder``) and checked against PEFT in PyTorch on the validation text.
 
 fp32 bases must match PEFT within the export's tolerance (``validate.FP32_TOLERANCE``) at every position; int8 and
 int4 bases report top-1 agreement with PEFT (the base's weights are rounded, the adapter's are not).
@@ -49,34 +49,36 @@ def add_all(
 ) -> None:
     """Write each adapter into ``folder`` and (``validate``) compare the graph with it against PEFT over the check
     text; the figures go into the adapter's manifest entry (``validation``)."""
-    import json
-
     from edgeroute import Model
+    from edgeroute.folder_io import update_json
     from edgeroute.manifest import MANIFEST_NAME
 
-    reports = {}
+    from .validate import FP32_TOLERANCE
+
     for name, path in loras.items():
-        add_to_folder(folder, name, path)
-        if not validate or not Path(path).expanduser().is_dir():
-            continue  # an edgeroute adapter file: no PEFT folder to compare with
-        want = _peft_logits(base, Path(path).expanduser(), tokenizer)
-        model = Model.load(folder)
-        ids = np.array([tokenizer.encode(ADAPTER_CHECK_TEXT)], dtype=np.int64)
+        add_to_folder(folder, name, path, lock=False)  # the export's own temporary folder
+    checked = [name for name, path in loras.items() if validate and Path(path).expanduser().is_dir()]
+    if not checked:  # edgeroute adapter files have no PEFT folder to compare with
+        return
+    model = Model.load(folder)  # with every adapter the folder lists
+    ids = np.array([tokenizer.encode(ADAPTER_CHECK_TEXT)], dtype=np.int64)
+    reports = {}
+    for name in checked:
+        want = _peft_logits(base, Path(loras[name]).expanduser(), tokenizer)
         got = model.forward_last(ids, model.new_cache(adapter=name), ids.shape[1])[0]
         diff = float(np.abs(got - want).max())
         top1 = float(np.mean(got.argmax(-1) == want.argmax(-1)))
         reports[name] = {"max_abs_logit_diff": diff, "top1_agreement": top1, "tokens": int(ids.shape[1])}
-        from .validate import FP32_TOLERANCE
-
         if not quantized and diff > FP32_TOLERANCE:
             raise ExportValidationError(
                 f"adapter {name!r}: the graph with it differs from PEFT by {diff:.2e} (> {FP32_TOLERANCE:g})"
             )
-    path = folder / MANIFEST_NAME
-    data = json.loads(path.read_text(encoding="utf-8"))
-    for name, report in reports.items():
-        data["adapters"][name]["validation"] = report
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def add(data: dict[str, Any]) -> None:
+        for name, report in reports.items():
+            data["adapters"][name]["validation"] = report
+
+    update_json(folder / MANIFEST_NAME, add, lock=False)  # the export's own temporary folder
 
 
 def _peft_logits(base: Any, adapter_dir: Path, tokenizer: Any) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from edgeroute._version import __version__
 from edgeroute.contract import GraphContract
 from edgeroute.errors import ExportError
+from edgeroute.folder_io import update_json
 from edgeroute.manifest import MANIFEST_NAME, Manifest, file_entries
 
 # checkpoint generation_config keys -> SamplingConfig / GenerationConfig fields
@@ -126,8 +126,8 @@ def write(
 
 
 def add_validation(folder: Path, report: dict[str, Any], times: dict[str, float]) -> None:
-    path = folder / MANIFEST_NAME
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data["provenance"]["validation"] = report
-    data["provenance"]["export_seconds"] = dict(times)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    def add(data: dict[str, Any]) -> None:
+        data["provenance"]["validation"] = report
+        data["provenance"]["export_seconds"] = dict(times)
+
+    update_json(folder / MANIFEST_NAME, add, lock=False)  # the export's own temporary folder

@@ -3,36 +3,29 @@
 listed in the manifest's ``adapters`` with its size and SHA-256, checked at load.
 
 Nothing is half-written: the file is written under a temporary name and renamed to a name no listed file has, then
-the manifest is rewritten the same way (under a lock file, so two processes adding adapters at once both land),
+the manifest is rewritten the same way (``folder_io.update_json``: under a lock file, so two processes adding
+adapters at once both land),
 and only then is a replaced adapter's old file removed. A crash at any point leaves a folder that loads: the
 manifest lists either the old file or the new one, each complete.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .adapters import Adapter, LoraLayout, check_file_name, read_adapter, write_adapter
 from .errors import AdapterError
+from .folder_io import temporary, update_json
 from .manifest import MANIFEST_NAME, Manifest, sha256_of
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: one writer at a time is the user's care
-    fcntl = None  # type: ignore[assignment]
 
-
-def add_to_folder(folder: str | Path, name: str, source: str | Path, force: bool = False) -> Adapter:
+def add_to_folder(folder: str | Path, name: str, source: str | Path, force: bool = False, lock: bool = True) -> Adapter:
     """Convert the adapter at ``source`` (a PEFT folder or an adapter file) into ``folder/adapters/NAME.safetensors``
     and list it in the folder's manifest, without touching the base graph. Checked against the graph's layout first
-    (:class:`AdapterError`); ``force`` replaces an adapter of the same name. The file is written under a temporary
-    name and renamed, then the manifest rewritten the same way: nothing is half-written."""
+    (:class:`AdapterError`); ``force`` replaces an adapter of the same name; ``lock=False`` for a folder no other
+    process sees yet (an export's). The file is written under a temporary name and renamed, then the manifest
+    rewritten the same way: nothing is half-written."""
     root = Path(folder).expanduser()
     check_file_name(name)
     manifest = Manifest.load(root)
@@ -47,7 +40,7 @@ def add_to_folder(folder: str | Path, name: str, source: str | Path, force: bool
     LoraLayout(manifest.contract).check(adapter)
     adapter.info.setdefault("source", str(source))
     (root / "adapters").mkdir(exist_ok=True)
-    tmp = root / "adapters" / _temporary(name)
+    tmp = temporary(root / "adapters" / f"{name}.safetensors")
     try:
         write_adapter(adapter, tmp)
         digest = sha256_of(tmp)
@@ -68,7 +61,7 @@ def add_to_folder(folder: str | Path, name: str, source: str | Path, force: bool
             old.append(str(listed[name]["file"]))
         listed[name] = entry
 
-    _rewrite_manifest(root, add)
+    update_json(root / MANIFEST_NAME, add, lock)
     for gone in old:  # the replaced file, unlisted now
         (root / gone).unlink(missing_ok=True)
     return adapter
@@ -88,37 +81,5 @@ def remove_from_folder(folder: str | Path, name: str) -> None:
         if not data.get("adapters", True):
             del data["adapters"]
 
-    _rewrite_manifest(root, drop)
+    update_json(root / MANIFEST_NAME, drop)
     (root / rel).unlink(missing_ok=True)
-
-
-def _temporary(name: str) -> str:
-    return f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-
-
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """The folder's manifest lock (a lock file beside it), held while it is read, changed and rewritten."""
-    if fcntl is None:
-        yield
-        return
-    with open(root / ".edgeroute.json.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _rewrite_manifest(root: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    """Read the manifest, ``change`` it, write it under a temporary name and rename it into place, under the lock."""
-    path = root / MANIFEST_NAME
-    with _locked(root):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        change(data)
-        tmp = root / _temporary(MANIFEST_NAME)
-        try:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)

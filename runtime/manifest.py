@@ -126,8 +126,10 @@ class Manifest:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``edgeroute.json`` into ``folder``."""
+        from .folder_io import atomic_write
+
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .folder_io import atomic_write
 from .prefix_files import MAGIC, MAX_HEADER, SUFFIX, Block, decode, encode, fingerprint, mtime_of, size_of
 
 log = logging.getLogger("edgeroute.prefix_cache")
@@ -409,14 +410,7 @@ class PrefixCache:
         if path.exists():
             return
         data = encode(block, self.fingerprint, self.dtype)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)  # atomic: a reader sees the whole file or none
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk: nothing left behind
-            raise
+        atomic_write(path, data)  # a reader sees the whole file or none; a full disk leaves nothing behind
         self._count("disk_writes")
         self._disk_used += len(data)
         self._disk_files += 1
