@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import re
 import threading
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ import numpy as np
 from . import safetensors_io
 from .contract import GraphContract
 from .errors import AdapterError, ConfigError
+from .lazy_memory import lazy_arrays
 
 ADAPTER_FORMAT = "edgeroute-lora"
 DEFAULT_MAX_ADAPTERS = 16
@@ -275,7 +275,10 @@ class LoraRows:
 
     @classmethod
     def new(cls, layout: LoraLayout, rows: int) -> LoraRows:
-        buffers = lazy_arrays([(rows, *shape) for _, shape in layout.inputs], np.dtype(np.float32))
+        def refuse(size: int, why: str) -> ConfigError:
+            return ConfigError("max_batch", rows, f"the adapter rows need {size / 2**30:.1f} GiB: {why}")
+
+        buffers = lazy_arrays([(rows, *shape) for _, shape in layout.inputs], np.dtype(np.float32), refuse)
         return cls(layout, buffers, np.full(rows, None, dtype=object))
 
     def view(self, first: int, rows: int) -> LoraRows:
@@ -378,21 +381,6 @@ class AdapterSet:
     def nbytes(self) -> int:
         """Bytes the loaded adapters' weights hold."""
         return sum(a.nbytes for a in self)
-
-
-def lazy_arrays(shapes: list[tuple[int, ...]], dtype: np.dtype) -> list[np.ndarray]:
-    """Zero arrays of ``shapes`` in one anonymous memory map (pages committed when first written): a LoRA graph's
-    per-row adapter weights, which stay unwritten (and cost no memory) for rows that never run an adapter."""
-    sizes = [int(np.prod(s)) for s in shapes]
-    try:
-        region = mmap.mmap(-1, max(sum(sizes) * dtype.itemsize, 1))
-    except (OSError, OverflowError, MemoryError, ValueError) as e:
-        raise ConfigError("max_batch", shapes[0][0] if shapes else 0, f"no memory for the adapter rows: {e}") from None
-    out, offset = [], 0
-    for shape, size in zip(shapes, sizes, strict=True):
-        out.append(np.frombuffer(region, dtype=dtype, count=size, offset=offset * dtype.itemsize).reshape(shape))
-        offset += size
-    return out
 
 
 # -- adapters that come with a model folder (``edgeroute adapter add/remove``, ``export --lora``) -----------------

@@ -12,7 +12,6 @@ A device-resident cache or an engine's slot pool is one more class implementing 
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -21,6 +20,7 @@ import numpy as np
 from .adapters import Adapter, LoraLayout, LoraRows
 from .contract import Name
 from .errors import ConfigError, ContextOverflowError, InferenceError, first_line
+from .lazy_memory import lazy_arrays
 from .manifest import Manifest
 
 
@@ -442,19 +442,16 @@ def left_padded(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.nd
 
 
 def _lazy_zeros(count: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """``count`` zero arrays of ``shape``, as one array ``[count, *shape]`` in one anonymous memory map (pages are
-    committed when first written).
+    """``count`` zero arrays of ``shape`` as one array ``[count, *shape]`` committed as it is written
+    (``lazy_memory``). Raises ``ConfigError`` on ``context_size`` when the system cannot reserve it (``shape[2]``
+    positions)."""
 
-    Raises ``ConfigError`` on ``context_size`` when the system cannot reserve the map (``shape[2]`` positions)."""
-    size = count * int(np.prod(shape)) * dtype.itemsize
-    try:
-        region = mmap.mmap(-1, max(size, 1))
-    except (OSError, OverflowError, MemoryError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-        raise ConfigError(
+    def refuse(size: int, why: str) -> ConfigError:
+        return ConfigError(
             "context_size",
             shape[2],
             f"the KV buffer of {shape[2]} positions x {shape[0]} sequence(s) needs {size / 2**30:.1f} GiB of address"
             f" space, which the system would not reserve ({why}); lower it (--ctx-size)",
-        ) from None
-    return np.frombuffer(region, dtype=dtype, count=count * int(np.prod(shape))).reshape((count, *shape))
+        )
+
+    return lazy_arrays([(count, *shape)], dtype, refuse)[0]
