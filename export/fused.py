@@ -10,8 +10,10 @@ One graph serves prefill, chunked prefill, multi-token verification and decoding
 - the LM head runs on the last ``logits_to_keep`` positions only;
 - the KV cache is one buffer per layer that is both the ``past`` input and the ``present`` output
   (``kv_layout: "shared"``): the runtime binds the same memory to both, so nothing is copied or concatenated per
-  step. Its length is the runtime's context cap; ``seqlens_k`` (each row's total length - 1, int32) and
-  ``total_sequence_length`` (int32 scalar) tell GroupQueryAttention what is valid.
+  step. Its length is the runtime's context cap; ``seqlens_k`` (each row's total length - 1, int32),
+  ``total_sequence_length`` (int32 scalar) and ``query_seqlens`` (each row's valid positions in this run, int32;
+  the rest right padding) tell GroupQueryAttention what is valid, so rows of one run may append different numbers
+  of positions after different pasts (scoring's continuations after one shared context).
 
 Families differ in a few places, each described by a ``_Family`` read off the checkpoint:
 
@@ -262,6 +264,7 @@ def build_fused(
     lora_in = {name: shape for name, shape in contract.lora_inputs()}
     ids_in, keep = str(contract.name(Name.INPUT_IDS)), str(contract.name(Name.LOGITS_TO_KEEP))
     seqlens, total = str(contract.name(Name.SEQLENS_K)), str(contract.name(Name.TOTAL_SEQUENCE_LENGTH))
+    query = str(contract.name(Name.QUERY_SEQLENS))
     bld = _Builder()
     for kind in sorted({r for r in fam.rotary if r}):  # the tables some layer rotates with
         rot = model.model.rotary_emb_local if kind == "local" else model.model.rotary_emb
@@ -286,6 +289,7 @@ def build_fused(
         helper.make_tensor_value_info(seqlens, TensorProto.INT32, ["batch_size"]),
         helper.make_tensor_value_info(total, TensorProto.INT32, []),
         helper.make_tensor_value_info(keep, TensorProto.INT64, [1]),
+        helper.make_tensor_value_info(query, TensorProto.INT32, ["batch_size"]),
     ]
     outs = []
     step.total(n_layers)
@@ -342,10 +346,11 @@ def build_fused(
         ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in (past_k, past_v)]
         outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_dims) for n in (pres_k, pres_v)]
         rot = fam.rotary[i]
-        rotary_in = [f"rotary.{rot}.cos", f"rotary.{rot}.sin"] if rot else []
+        rotary_in = [f"rotary.{rot}.cos", f"rotary.{rot}.sin"] if rot else ["", ""]
         # no attention softcap: transformers' Gemma 3 reads attn_logit_softcapping but never applies it
         extra = {"scale": fam.scale} if fam.scale else {}
-        bld.node("GroupQueryAttention", [*qkv_in, past_k, past_v, seqlens, total, *rotary_in],
+        # inputs 9-15 (position ids, bias, sinks, KV scales, Q/K norms) unused; 16: each row's valid positions
+        bld.node("GroupQueryAttention", [*qkv_in, past_k, past_v, seqlens, total, *rotary_in, *[""] * 7, query],
                  [f"{p}.attn/out", pres_k, pres_v], f"{p}.attn/GroupQueryAttention", domain="com.microsoft",
                  num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rot is not None), rotary_interleaved=0,
                  local_window_size=fam.windows[i], **extra)  # fmt: skip

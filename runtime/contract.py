@@ -14,7 +14,10 @@ Two KV layouts:
   optional ``position_ids``, and returns the present (``length + n`` positions): rows may be left-padded;
 - ``shared``: past and present are one buffer per layer of the runtime's context cap, bound to both the input and
   the output and written in place; the graph takes int32 ``seqlens_k`` (each row's total length - 1) and an int32
-  scalar ``total_sequence_length`` (onnxruntime's GroupQueryAttention contract) instead of a mask.
+  scalar ``total_sequence_length`` (onnxruntime's GroupQueryAttention contract) instead of a mask. Graphs exported
+  since wave 3 also take int32 ``query_seqlens`` (each row's count of valid, right-padded positions in this run):
+  rows of a batch may then append different numbers of positions after different pasts in one run (an item's
+  continuations scored after one shared context); older exports lack it and run rows of equal counts only.
 
 Logits: ``all`` (one row per input position), ``last`` (the last position only) or ``keep`` (an int64
 ``logits_to_keep`` input of shape [1]: that many last positions).
@@ -39,6 +42,7 @@ class Name:
     POSITION_IDS = "position_ids"
     SEQLENS_K = "seqlens_k"
     TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+    QUERY_SEQLENS = "query_seqlens"
     LOGITS_TO_KEEP = "logits_to_keep"
     PAST_KEY = "past_key"
     PAST_VALUE = "past_value"
@@ -52,7 +56,7 @@ KV_LAYOUTS = ("concat", "shared")
 KV_DTYPES = ("float32", "float16")
 LOGITS_FORMS = ("all", "last", "keep")
 SHARED_INPUTS = (Name.SEQLENS_K, Name.TOTAL_SEQUENCE_LENGTH, Name.LOGITS_TO_KEEP)
-OPTIONAL_INPUTS = (Name.ATTENTION_MASK, Name.POSITION_IDS, *SHARED_INPUTS)
+OPTIONAL_INPUTS = (Name.ATTENTION_MASK, Name.POSITION_IDS, *SHARED_INPUTS, Name.QUERY_SEQLENS)
 
 DEFAULT_INPUTS: dict[str, str | None] = {
     Name.INPUT_IDS: "input_ids",
@@ -71,7 +75,7 @@ SHARED_GRAPH_INPUTS: dict[str, str | None] = {
     **DEFAULT_INPUTS,
     Name.ATTENTION_MASK: None,
     Name.POSITION_IDS: None,
-    **{n: n for n in SHARED_INPUTS},
+    **{n: n for n in (*SHARED_INPUTS, Name.QUERY_SEQLENS)},
 }
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
@@ -158,19 +162,26 @@ class GraphContract:
         past_length: int | np.ndarray = 0,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """The inputs of one run of ``ids [batch, n]`` after ``past_length`` cached positions (shared layout: an
         int per row allowed), with ``past`` every layer's (key, value) and ``n_last`` positions of logits kept.
 
         Concat: ``attention_mask`` defaults to ones over ``past_length + n`` and ``position_ids`` to the
         positions after the past. Shared: ``seqlens_k = past_length + n - 1`` per row and
-        ``total_sequence_length`` the longest row's total (mask and positions are not inputs)."""
+        ``total_sequence_length`` the longest row's total (mask and positions are not inputs); with
+        ``query_seqlens``, ``counts`` (default ``n``) valid positions per row, the rest right padding."""
         b, n = ids.shape
         feeds: dict[str, np.ndarray] = {str(self.inputs[Name.INPUT_IDS]): np.ascontiguousarray(ids, dtype=np.int64)}
         if self.kv_layout == "shared":
             lengths = np.broadcast_to(np.asarray(past_length, dtype=np.int64), (b,))
-            feeds[str(self.inputs[Name.SEQLENS_K])] = (lengths + n - 1).astype(np.int32)
-            feeds[str(self.inputs[Name.TOTAL_SEQUENCE_LENGTH])] = np.array(int(lengths.max()) + n, dtype=np.int32)
+            valid = np.full(b, n, dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64)
+            feeds[str(self.inputs[Name.SEQLENS_K])] = (lengths + valid - 1).astype(np.int32)
+            total = int(lengths.max()) + n if counts is None else int((lengths + valid).max())
+            feeds[str(self.inputs[Name.TOTAL_SEQUENCE_LENGTH])] = np.array(total, dtype=np.int32)
+            query = self.inputs.get(Name.QUERY_SEQLENS)
+            if query:
+                feeds[query] = valid.astype(np.int32)
         else:
             past_n = int(np.max(past_length))
             if attention_mask is None:

@@ -268,6 +268,12 @@ class DeviceBinding:
         self.seqlens = np.zeros(cache.batch_size, dtype=np.int32)
         self._seqlens_value = d.allocate((cache.batch_size,), np.dtype(np.int32))
         io.bind_ortvalue_input(self.names[1], self._seqlens_value)
+        # each row's valid positions (graphs with query_seqlens), in device memory as seqlens_k; written on change
+        self.query: np.ndarray | None = None
+        if c.name(Name.QUERY_SEQLENS):
+            self.query = np.zeros(cache.batch_size, dtype=np.int32)
+            self._query_value = d.allocate((cache.batch_size,), np.dtype(np.int32))
+            io.bind_ortvalue_input(str(c.name(Name.QUERY_SEQLENS)), self._query_value)
         self._shape: tuple[int, int] | None = None  # (positions, positions kept) the ids and logits are bound for
         self._values: dict[tuple[int, int], tuple[Any, Any]] = {}  # (n, n_last) -> device ids and logits
         self.graph_id: int | None = None  # the CUDA graph this binding's decode steps replay
@@ -304,16 +310,23 @@ class DeviceBinding:
             self._run_options[capture] = opts
         return opts
 
-    def run(self, ids: np.ndarray, cache: DeviceKVCache, length: int, n_last: int) -> np.ndarray:
+    def run(
+        self, ids: np.ndarray, cache: DeviceKVCache, length: int, n_last: int, counts: np.ndarray | None = None
+    ) -> np.ndarray:
         b, n = ids.shape
         ids_value, logits_value = self._bind(n, n_last)
         ids_value.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
-        np.add(cache.lengths, n - 1, out=self.seqlens)
+        valid = np.full(b, n, dtype=np.int32) if counts is None else counts
+        np.add(cache.lengths, valid - 1, out=self.seqlens)
         self._seqlens_value.update_inplace(self.seqlens)
-        decode = n == 1 and n_last == 1
+        if self.query is not None and not np.array_equal(self.query, valid):
+            self.query[...] = valid
+            self._query_value.update_inplace(self.query)
+        decode = n == 1 and n_last == 1 and counts is None
         capture = self._capture and decode
         # a captured decode graph holds total_sequence_length at the capacity (the row lengths come from seqlens_k)
-        self.total[...] = self.capacity if decode and self.device.hold_total else length + n
+        end = length + n if counts is None else int(self.seqlens.max()) + 1
+        self.total[...] = self.capacity if decode and self.device.hold_total else end
         self.session.run_with_iobinding(self.io, self._options(capture))
         logits = np.asarray(logits_value.numpy())
         self.last = logits[:, -1, :]

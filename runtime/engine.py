@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 DEFAULT_PREFILL_BUDGET = 64  # prompt tokens prefilled per iteration (see docs/engine.md)
+IDLE_PREFILL_BUDGET = 256  # the same while no request is generating (no stream to stall)
+SCORED_LOGITS = 2**24  # logits a scored prompt's chunk keeps (positions x vocabulary: 64 MB of float32)
 
 
 @dataclass
@@ -85,7 +87,9 @@ class Engine:
         max_batch: slots of the batch cache (rows run in one graph run per step).
         max_queue: requests waiting for a slot at most (beyond the free slots); one more raises
             :class:`QueueFullError`. ``0`` queues nothing: a request starts at once or is refused.
-        prefill_budget: prompt tokens prefilled per iteration (the stall a new prompt costs running streams).
+        prefill_budget: prompt tokens prefilled per iteration (the stall a new prompt costs running streams);
+            while no request is generating, :data:`IDLE_PREFILL_BUDGET` if larger (nothing stalls). A scored prompt
+            (``prompt_logprobs``) keeps every position's logits: its chunks hold at most :data:`SCORED_LOGITS`.
         prefix_reuse: reuse a free slot's cached tokens that start a new prompt.
         gather: seconds an idle engine waits, at most, for requests announced with :meth:`incoming` before it
             starts the first one, so that requests arriving together start in one step (a server's burst).
@@ -119,7 +123,8 @@ class Engine:
         self._prefix = model.prefix_cache if self.mode == "batched" and prefix_reuse else None
         self._scheduler = Scheduler(
             max_batch, max_queue, prefill_budget, prefix_reuse, model.context_length, self.mode == "batched",
-            self._lookup if self._prefix is not None else None,
+            self._lookup if self._prefix is not None else None, IDLE_PREFILL_BUDGET,
+            max(1, SCORED_LOGITS // model.vocab_size),
         )  # fmt: skip
         self._executor = Executor(model, max_batch) if self.mode == "batched" else None
         self._lock = threading.Condition()
@@ -341,7 +346,7 @@ class Engine:
             return
         self._count("prefilled", chunk.stop - chunk.start)
         if scored and chunk.stop == seq.n:  # a scored prompt's last chunk (scheduler): it chooses the first token
-            run.logits = logits[-1]
+            run.logits = logits[-1].copy()  # the row's output buffer is written again by its next run
             self._commit(run)
 
     def _decode(self, going: list[Running]) -> None:

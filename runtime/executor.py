@@ -37,12 +37,12 @@ class Executor:
 
     def prefill(self, row: int, ids: np.ndarray, start: int, keep: int = 1) -> np.ndarray:
         """Run ``ids`` (1-D) after the first ``start`` positions of row ``row``, this row alone; the logits of its
-        last ``keep`` positions, ``[keep, vocab]`` (a copy: a prompt's scores are read from them)."""
+        last ``keep`` positions, ``[keep, vocab]`` (the bound output itself: valid until the row's next run)."""
         view = self._rows[row]
         view.lengths[0] = start
         logits = view.run(self.session, ids[None], keep)
         self.cache.lengths[row] = start + len(ids)
-        return logits[0].copy() if keep > 1 else logits[0]
+        return logits[0]
 
     def decode(self, tokens: dict[int, int]) -> np.ndarray:
         """One graph run of rows ``0..hi`` (``hi`` the highest row in ``tokens``): each row in ``tokens`` appends its

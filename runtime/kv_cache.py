@@ -221,6 +221,9 @@ class SharedKVCache:
         self.buffers = list(self.kv)
         self.lengths = np.zeros(batch_size, dtype=np.int32)
         self.binding: Any = None  # the IO binding over these buffers (SharedBinding), made on the first run
+        #: flat float32 memory the binding's logits are carved from when they fit (many runs of changing shapes,
+        #: scoring's, then fault no new pages in); None: each shape allocates its own
+        self.arena: np.ndarray | None = None
         # a LoRA graph's per-row adapter weights (edgeroute.adapters), zeros until a row is given an adapter
         lora = manifest.contract.lora
         self.lora = LoraRows.new(LoraLayout(manifest.contract), batch_size) if lora else None
@@ -247,28 +250,54 @@ class SharedKVCache:
         n_last: int,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
     ) -> np.ndarray:
         """One run: each row appends ``n`` positions after its own ``lengths[b]`` (the graph derives positions and
         the mask from them: ``attention_mask`` and ``position_ids`` are not used). Returns the bound logits
-        buffer itself, overwritten by the next run."""
+        buffer itself, overwritten by the next run.
+
+        ``counts`` (graphs with ``query_seqlens``, see :attr:`ragged`): row ``b`` appends only its first
+        ``counts[b]`` positions (0 to ``n``; the rest is right padding, its logits undefined); a row given 0 is
+        left as it is and must hold at least one position."""
         b, n = ids.shape
         if b != self.batch_size:
             raise ConfigError("input_ids", ids.shape, f"batch {b} does not match the cache's batch {self.batch_size}")
+        if counts is not None:
+            counts = self._check_counts(counts, n)
         length = self.length
-        if length + n > self.capacity:
-            raise ContextOverflowError(length + n, self.capacity, "KV buffer (raise context_size)")
+        end = length + n if counts is None else int((self.lengths + counts).max())
+        if end > self.capacity:
+            raise ContextOverflowError(end, self.capacity, "KV buffer (raise context_size)")
         binding = self.binding
         if binding is None:
             binding = self.binding = self._bind(session)
         try:
-            logits = binding.run(ids, self, length, n_last)
+            logits = binding.run(ids, self, length, n_last, counts)
         except Exception as e:  # onnxruntime's errors are untyped
             raise _inference_error(e) from e
-        if b == 1:  # an item write: the first ufunc call after a graph run costs ~25 us more (cold caches)
+        if counts is not None:
+            self.lengths += counts
+        elif b == 1:  # an item write: the first ufunc call after a graph run costs ~25 us more (cold caches)
             self.lengths[0] = length + n
         else:
             self.lengths += n
         return logits
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the graph takes ``query_seqlens``: rows of one run may append different numbers of positions
+        (:meth:`run`'s ``counts``)."""
+        return bool(self.manifest.contract.name(Name.QUERY_SEQLENS))
+
+    def _check_counts(self, counts: np.ndarray, n: int) -> np.ndarray:
+        if not self.ragged:
+            raise ConfigError("counts", counts, "this graph has no query_seqlens input (export it again)")
+        out = np.asarray(counts, dtype=np.int32)
+        if out.shape != (self.batch_size,) or out.min() < 0 or out.max() > n:
+            raise ConfigError("counts", counts, f"must give each of the {self.batch_size} rows 0 to {n} positions")
+        if np.any((out == 0) & (self.lengths == 0)):
+            raise ConfigError("counts", counts, "a row given no position must already hold one")
+        return out
 
     def _bind(self, session: Any) -> Any:
         """The IO binding of this cache's buffers (made on the first run; a device cache binds addresses)."""
@@ -397,6 +426,12 @@ class SharedBinding:
             (c.name(Name.LOGITS_TO_KEEP), self.keep),
         ):
             io.bind_ortvalue_input(str(small), ort.OrtValue.ortvalue_from_numpy(arr))
+        #: each row's valid positions (graphs with query_seqlens): the run's width unless counts are given
+        self.query: np.ndarray | None = None
+        if c.name(Name.QUERY_SEQLENS):
+            self.query = np.ones(cache.batch_size, dtype=np.int32)
+            io.bind_ortvalue_input(str(c.name(Name.QUERY_SEQLENS)), ort.OrtValue.ortvalue_from_numpy(self.query))
+        self.counted = False  # whether the last run's query_seqlens were counts rather than its width
         if cache.lora is not None:  # each row's adapter weights, written in place when a row changes adapter
             for (name, _), buf in zip(cache.lora.layout.inputs, cache.lora.buffers, strict=True):
                 io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
@@ -405,15 +440,22 @@ class SharedBinding:
         self.logits: np.ndarray | None = None
         self.last: np.ndarray | None = None  # logits[:, -1, :], the view a decode loop reads
 
-    def run(self, ids: np.ndarray, cache: SharedKVCache, length: int, n_last: int) -> np.ndarray:
+    def run(
+        self, ids: np.ndarray, cache: SharedKVCache, length: int, n_last: int, counts: np.ndarray | None = None
+    ) -> np.ndarray:
         """One graph run appending ``ids`` after ``length`` cached positions (``cache.length``, read once by the
-        caller); rows of a batch start after their own ``cache.lengths``."""
+        caller); rows of a batch start after their own ``cache.lengths``; ``counts``: each row's valid positions
+        (checked by the cache)."""
         b, n = ids.shape
         if self.ids is None or self.ids.shape != ids.shape:
             self.ids = np.empty((b, n), dtype=np.int64)
             self.io.bind_ortvalue_input(self.names[0], self._ort.OrtValue.ortvalue_from_numpy(self.ids))
         if self.logits is None or self.logits.shape[1] != n_last:
-            self.logits = np.empty((b, n_last, self.vocab), dtype=np.float32)
+            size, arena = b * n_last * self.vocab, cache.arena
+            if arena is not None and arena.size >= size:  # carved from memory already touched: no page faults
+                self.logits = arena[:size].reshape(b, n_last, self.vocab)
+            else:
+                self.logits = np.empty((b, n_last, self.vocab), dtype=np.float32)
             self.io.bind_ortvalue_output(self.names[1], self._ort.OrtValue.ortvalue_from_numpy(self.logits))
             self.last = self.logits[:, -1, :]
             self.keep[0] = n_last
@@ -422,11 +464,22 @@ class SharedBinding:
             self.ids[0, 0] = ids[0, 0]  # an item write, not an array assignment (13 -> ~5 us cold)
         else:
             self.ids[...] = ids
-        if b == 1:
-            self.seqlens[0] = length + n - 1
+        query = self.query
+        if counts is not None:
+            assert query is not None
+            query[...] = counts
+            self.counted = True
+            np.add(cache.lengths, counts - 1, out=self.seqlens)
+            self.total[...] = int(self.seqlens.max()) + 1
         else:
-            np.add(cache.lengths, n - 1, out=self.seqlens)
-        self.total[...] = length + n
+            if query is not None and (self.counted or query[0] != n):  # a decode loop writes nothing here
+                query[...] = n
+                self.counted = False
+            if b == 1:
+                self.seqlens[0] = length + n - 1
+            else:
+                np.add(cache.lengths, n - 1, out=self.seqlens)
+            self.total[...] = length + n
         self.session.run_with_iobinding(self.io)
         return self.logits
 

@@ -191,7 +191,7 @@ class Manifest:
         for name in ("bos_token_id", "pad_token_id"):
             if data.get(name) is not None and not _id_ok(data[name], data["vocab_size"]):
                 raise bad(name, "must be a token id below vocab_size or null")
-        nullable = {Name.POSITION_IDS, Name.ATTENTION_MASK, *SHARED_INPUTS}
+        nullable = {Name.POSITION_IDS, Name.ATTENTION_MASK, *SHARED_INPUTS, Name.QUERY_SEQLENS}
         inputs = {**DEFAULT_INPUTS, **_str_map(data, "inputs", source, allow_null=nullable)}
         outputs = {**DEFAULT_OUTPUTS, **_str_map(data, "outputs", source)}
         layout = data.get("kv_layout", "concat")

@@ -131,9 +131,34 @@ class TokenScore:
 
 def token_score(row: np.ndarray, target: int, top: int) -> TokenScore:
     """``target``'s score from one row of raw logits, with the ``top`` most likely alternatives."""
-    logp = log_softmax(row)
-    value = float(logp[target])
-    return TokenScore(int(target), value, value == float(logp.max()), top_logprobs(logp, top))
+    return token_scores(row[None], [target], top)[0]
+
+
+def token_scores(rows: np.ndarray, targets: Sequence[int], top: int) -> list[TokenScore]:
+    """The score of each of ``targets`` from its row of raw logits (``rows`` ``[n, vocabulary]``) in one vectorised
+    pass: the log-softmax normaliser summed in float64, ``greedy`` when the target's logit is the row's largest,
+    the ``top`` most likely alternatives (ties in ``top_logprobs``' order)."""
+    n = np.arange(len(rows))
+    best = rows.argmax(axis=1) if top == 1 else None  # the top alternative itself (the first of tied ids)
+    m = rows[n, best] if best is not None else rows.max(axis=1)
+    shifted = np.subtract(rows, m[:, None])
+    np.exp(shifted, out=shifted)
+    norm = m.astype(np.float64) + np.log(shifted.sum(axis=1, dtype=np.float64))
+    t = np.asarray(targets, dtype=np.int64)
+    picked = rows[n, t]
+    values = picked.astype(np.float64) - norm
+    out = []
+    width = rows.shape[1]
+    for i in range(len(t)):
+        alternatives: tuple[tuple[int, float], ...] = ()
+        if best is not None:
+            alternatives = ((int(best[i]), float(m[i] - norm[i])),)
+        elif top > 0:  # top_logprobs' choice on the raw row (the same order as its log-probabilities')
+            part = np.argpartition(rows[i], width - top)[width - top :]
+            part = part[np.argsort(-rows[i, part], kind="stable")]
+            alternatives = tuple((int(j), float(rows[i, j] - norm[i])) for j in part)
+        out.append(TokenScore(int(t[i]), float(values[i]), bool(picked[i] == m[i]), alternatives))
+    return out
 
 
 @dataclass
@@ -195,8 +220,7 @@ class TurnOutput:
 
     def score_prompt(self, logits: np.ndarray, targets: Sequence[int]) -> None:
         """Score prompt tokens ``targets`` from the raw logits of the positions before each (one row each)."""
-        top = self.config.prompt_logprobs or 0
-        self.turn.prompt_scores += [token_score(row, int(t), top) for row, t in zip(logits, targets, strict=True)]
+        self.turn.prompt_scores += token_scores(logits, targets, self.config.prompt_logprobs or 0)
 
     def take(self, token: int, raw: np.ndarray) -> Step:
         """Account for the chosen ``token``; ``raw`` (the model's own logits at its position) gives its logprob."""

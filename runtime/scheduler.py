@@ -12,9 +12,10 @@ The rules (docs/engine.md):
   tokens share the longest prefix with its prompt (those positions are reused; only a slot whose cache was computed
   on the request's LoRA adapter load, or on none for a request on none), else the lowest free one (a decode step
   runs rows ``0..hi``, so low slots keep it narrow);
-- at most ``prefill_budget`` prompt tokens are prefilled per iteration, in slot order, each request into its own
-  row — never a prompt's last token: it rides the decode step, so a request's first token is always chosen from a
-  decode run's logits, whatever was cached or how the budget chunked the prompt;
+- at most ``prefill_budget`` prompt tokens are prefilled per iteration (``idle_budget`` while no request is
+  generating: no stream waits on the chunk), in slot order, each request into its own row — never a prompt's
+  last token: it rides the decode step, so a request's first token is always chosen from a decode run's logits,
+  whatever was cached or how the budget chunked the prompt;
 - the decode step runs every request with exactly one token to feed.
 """
 
@@ -101,11 +102,17 @@ class Scheduler:
         context: int,
         batched: bool,
         lookup: Lookup | None = None,
+        idle_budget: int | None = None,
+        scored_chunk: int | None = None,
     ) -> None:
         self.lookup = lookup
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget
+        #: the budget while no request is decoding (no stream to stall): at least ``prefill_budget``
+        self.idle_budget = max(prefill_budget, idle_budget or 0)
+        #: the most positions of a scored prompt (prompt_logprobs: every position's logits kept) in one chunk
+        self.scored_chunk = scored_chunk
         self.prefix_reuse = prefix_reuse
         self.slots = [Slot(i, np.zeros(context, np.int64)) for i in range(max_batch)] if batched else []
         self.batched = batched
@@ -207,6 +214,8 @@ class Scheduler:
 
     def _plan_prefill(self, plan: Plan) -> None:
         budget = self.prefill_budget
+        if not self.solo and not any(_decoding(s.running) for s in self.slots if s.running is not None):
+            budget = self.idle_budget  # nothing streams: a longer chunk stalls no one and saves graph runs
         for slot in self.slots:
             run = slot.running
             if budget <= 0:
@@ -220,6 +229,8 @@ class Scheduler:
             if run.seq.n - run.fed <= last:
                 continue  # all fed, or only the token the decode step feeds left
             take = min(budget, run.seq.n - run.fed - last)
+            if last == 0 and self.scored_chunk:
+                take = min(take, self.scored_chunk)
             plan.prefill.append(Chunk(run, run.fed, run.fed + take))
             run.fed += take
             budget -= take
@@ -237,6 +248,12 @@ class Scheduler:
             slot.tokens[: run.fed] = run.seq.ids[: run.fed]
         slot.adapter = _uid(run.request)
         return slot.held
+
+
+def _decoding(run: Running) -> bool:
+    """Whether ``run`` is past its prompt (generating: a prefill chunk would stall its next token)."""
+    last = 0 if run.request.config.prompt_logprobs is not None else 1
+    return run.seq.n - run.fed <= last
 
 
 def _uid(request: Request) -> int:

@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .graph import Graph, Prompt
 from .kv_cache import Cache
 from .output import TokenScore, token_score
+from .scoring_rows import Group, ragged, score_groups
 
 CHUNK = 64  # positions per graph run while scoring: 64 x 49,152 float32 logits (SmolLM2) are 12.6 MB
 MAX_TOP = 20  # alternatives per position, as OpenAI's logprobs allow
@@ -71,6 +72,8 @@ def score(
     _check_top(top)
     lora = graph.adapter(adapter)
     pairs = [_pair(graph, context, c) for c in _continuations(continuations)]
+    if ragged(graph):
+        return _score_ragged(graph, [pairs], top, lora, None)[0]
     if not _one_context(pairs):  # a text context can encode differently before each ending
         return [score_ids(graph, ctx, [cont], top, lora)[0] for ctx, cont in pairs]
     return score_ids(graph, pairs[0][0], [cont for _, cont in pairs], top, lora)
@@ -96,6 +99,8 @@ def score_items(
     _check_top(top)
     lora = graph.adapter(adapter)
     pairs = [[_pair(graph, ctx, c) for c in _continuations(conts)] for ctx, conts in items]
+    if ragged(graph):
+        return _score_ragged(graph, pairs, top, lora, progress)
     out: list[list[Score | None]] = [[None] * len(p) for p in pairs]
     rows = []
     for i, item in enumerate(pairs):
@@ -140,6 +145,43 @@ def score_items(
             finished += left[i] == 0
         _done(progress, finished)
         start = end
+    return [[s for s in item if s is not None] for item in out]
+
+
+def _score_ragged(
+    graph: Graph,
+    pairs: list[list[tuple[list[int], list[int]]]],
+    top: int,
+    adapter: Adapter | None,
+    progress: Callable[[int], None] | None,
+) -> list[list[Score]]:
+    """Every item's continuations as rows after their context computed once, in batched runs
+    (``scoring_rows``: graphs with ``query_seqlens``)."""
+    groups = []
+    for i, item in enumerate(pairs):
+        for ctx, cont in item:
+            if not cont:
+                raise ConfigError("continuations", cont, "each continuation must give at least one token")
+            if not ctx:
+                raise ConfigError("context", ctx, "must give at least one token (a BOS token for an empty context)")
+            _check_room(graph, len(ctx) + len(cont) - 1)
+        # a text context can encode differently before each ending: then each is a group of its own
+        shared = [list(range(len(item)))] if _one_context(item) else [[j] for j in range(len(item))]
+        for js in shared:
+            ctx = item[js[0]][0]
+            groups.append(Group(ctx[:-1], ctx[-1], [item[j][1] for j in js], [(i, j) for j in js]))
+    out: list[list[Score | None]] = [[None] * len(p) for p in pairs]
+    left = [len(p) for p in pairs]
+
+    def done(slots: list[tuple[int, int]], scores: list[list[TokenScore]]) -> None:
+        finished = 0
+        for (i, j), tokens in zip(slots, scores, strict=True):
+            out[i][j] = Score(tuple(tokens))
+            left[i] -= 1
+            finished += left[i] == 0
+        _done(progress, finished)
+
+    score_groups(graph, groups, top, adapter, done)
     return [[s for s in item if s is not None] for item in out]
 
 

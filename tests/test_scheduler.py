@@ -174,3 +174,24 @@ def test_a_scored_prompt_is_prefilled_whole_reuses_nothing_then_decodes() -> Non
     run.seq.generate(9)  # type: ignore[attr-defined]  (the engine's choice from the prefill's logits)
     plan = s.schedule()
     assert not plan.prefill and plan.decode == [run]
+
+
+def test_the_idle_budget_applies_while_no_request_generates_and_scored_chunks_are_bounded() -> None:
+    """While no request is generating (nothing streams, so a long chunk stalls no one) the prefill takes
+    ``idle_budget`` tokens; once a request decodes, ``prefill_budget`` again; a scored prompt's chunks (every
+    position's logits kept) never exceed ``scored_chunk``."""
+    s = Scheduler(3, 4, 4, True, context=64, batched=True, idle_budget=10, scored_chunk=3)
+    s.enqueue([request(list(range(1, 16)))])  # 15 tokens
+    plan = s.schedule()
+    assert [(c.start, c.stop) for c in plan.prefill] == [(0, 10)]  # idle: 10, not 4
+    plan = s.schedule()
+    assert [(c.start, c.stop) for c in plan.prefill] == [(10, 14)] and plan.decode
+    decoded(s, plan)
+    s.enqueue([request(list(range(30, 45)))])
+    plan = s.schedule()
+    assert [(c.run.slot.index, c.start, c.stop) for c in plan.prefill] == [(1, 0, 4)]  # slot 0 generates: 4
+    s.release(s.slots[0].running, failed=False)  # type: ignore[arg-type]
+    s.release(s.slots[1].running, failed=False)  # type: ignore[arg-type]
+    s.enqueue([request(list(range(50, 60)), config=er.GenerationConfig(prompt_logprobs=1))])
+    plan = s.schedule()
+    assert [(c.start, c.stop) for c in plan.prefill] == [(0, 3)]  # idle, but scored: 3

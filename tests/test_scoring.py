@@ -24,15 +24,26 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> er.Model:
     return er.Model.load(write_tiny_model(tmp_path_factory.mktemp("score") / "model", kv_layout="shared"))
 
 
+@pytest.fixture(scope="module")
+def older(tmp_path_factory: pytest.TempPathFactory) -> er.Model:
+    """``shared``'s weights in a graph without ``query_seqlens`` (exports before it): scored by the older paths."""
+    folder = tmp_path_factory.mktemp("score-older") / "model"
+    return er.Model.load(write_tiny_model(folder, kv_layout="shared", query_seqlens=False))
+
+
+def pick(kind: str, tiny: er.Model, shared: er.Model, older: er.Model) -> er.Model:
+    return {"concat": tiny, "shared": shared, "older": older}[kind]
+
+
 def reference(model: er.Model, ids: list[int]) -> np.ndarray:
     """log p(ids[i] | ids[:i]) for i >= 1 from one run over the whole sequence with every position's logits."""
     logits = model.forward_last(np.asarray([ids], dtype=np.int64), model.new_cache(1), len(ids))[0]
     return np.array([log_softmax(logits[i - 1])[ids[i]] for i in range(1, len(ids))])
 
 
-@pytest.mark.parametrize("kind", ["concat", "shared"])
-def test_score_equals_the_full_logits_reference(tiny: er.Model, shared: er.Model, kind: str) -> None:
-    model = tiny if kind == "concat" else shared
+@pytest.mark.parametrize("kind", ["concat", "older", "shared"])
+def test_score_equals_the_full_logits_reference(tiny: er.Model, shared: er.Model, older: er.Model, kind: str) -> None:
+    model = pick(kind, tiny, shared, older)
     ctx = model.tokenizer.encode("The capital of France is")
     endings = [" Paris.", " a robot that paints the sea and the sky", " Rome"]
     conts = [model.tokenizer.encode(e, add_special_tokens=False) for e in endings]
@@ -48,9 +59,10 @@ def test_score_equals_the_full_logits_reference(tiny: er.Model, shared: er.Model
             assert t.greedy == (t.top[0][0] == t.token_id) and (not t.greedy or t.top[0][1] == t.logprob)
 
 
-def test_long_continuations_cross_chunks_and_the_context_is_fed_once(shared: er.Model, monkeypatch) -> None:
-    """Feeds of more than CHUNK positions are cut into chunks of kept logits; the context's positions are run once
-    for all continuations."""
+def test_long_continuations_cross_chunks_and_the_context_is_fed_once(older: er.Model, monkeypatch) -> None:
+    """Graphs without ``query_seqlens``: feeds of more than CHUNK positions are cut into chunks of kept logits; the
+    context's positions are run once for all continuations."""
+    shared = older
     monkeypatch.setattr(scoring, "CHUNK", 5)
     ids = shared.tokenizer.encode("Once upon a time a little robot learned to paint the sea and the sky. " * 2)
     ctx, rest = ids[:7], ids[7:]
@@ -70,14 +82,14 @@ def test_long_continuations_cross_chunks_and_the_context_is_fed_once(shared: er.
     assert [t.logprob for t in got[1].tokens] == [t.logprob for t in got[0].tokens[:3]]
 
 
-@pytest.mark.parametrize("kind", ["concat", "shared"])
+@pytest.mark.parametrize("kind", ["concat", "older"])
 def test_score_items_equals_score_item_by_item_in_fewer_runs(
-    tiny: er.Model, shared: er.Model, kind: str, monkeypatch
+    tiny: er.Model, older: er.Model, kind: str, monkeypatch
 ) -> None:
-    """Many items at once (``Model.score_items``, what ``edgeroute eval --choices`` runs): the scores of
-    ``Model.score`` item by item, with short items' continuations as rows of batched runs (bounded by
-    ROW_POSITIONS) and a long item scored with its context shared; progress counts every item once."""
-    model = tiny if kind == "concat" else shared
+    """Graphs without ``query_seqlens``, many items at once (``Model.score_items``): the scores of ``Model.score``
+    item by item, with short items' continuations as rows of batched runs (bounded by ROW_POSITIONS) and a long
+    item scored with its context shared; progress counts every item once."""
+    model = tiny if kind == "concat" else older
     monkeypatch.setattr(scoring, "ROW_POSITIONS", 60)  # several batches
     text = "Once upon a time a little robot learned to paint the sea and the sky. "
     items: list[tuple[Any, list[Any]]] = [
@@ -110,6 +122,79 @@ def test_score_items_equals_score_item_by_item_in_fewer_runs(
             assert [[i for i, _ in t.top] for t in s.tokens] == [[i for i, _ in t.top] for t in w.tokens]
     with pytest.raises(er.ConfigError, match="continuations"):
         model.score_items([("The capital", [])])
+
+
+def test_ragged_scoring_runs_each_context_once_in_few_batched_runs(
+    shared: er.Model, older: er.Model, monkeypatch
+) -> None:
+    """Graphs with ``query_seqlens`` (``edgeroute.scoring_rows``): every item's context is computed once, its
+    continuations as rows after it, rows of different lengths in the same runs (right-padded, counted per row),
+    over several batches and staircase runs; the scores, greedy flags and alternatives equal the older graph's
+    (the same weights) and the full-logits reference; the budgets are kept; progress counts every item once."""
+    from edgeroute import scoring_rows
+    from edgeroute.kv_cache import SharedKVCache
+
+    monkeypatch.setattr(scoring_rows, "MAX_ROWS", 5)  # several batches
+    monkeypatch.setattr(scoring_rows, "LOGIT_VALUES", 7 * shared.vocab_size)  # runs cut to 7 kept logit rows
+    text = "Once upon a time a little robot learned to paint the sea and the sky. "
+    tok = shared.tokenizer
+    items: list[tuple[Any, list[Any]]] = [
+        ("The capital of France is", [" Paris.", " a robot", " Rome, the capital of Italy"]),
+        ("Hello world!", [" edgeroute routes tokens", " El niño"]),
+        ("", ["Paris", "Das Mädchen läuft schnell."]),  # an empty context: the model's BOS or EOS first
+        (text * 6, [" Paris", " the sea and the sky"]),
+        (tok.encode("The capital of"), [tok.encode(" Italy is Rome")[:3], [5]]),  # ids; a one-token continuation
+        ([7], [[9, 10, 11], [12]]),  # a one-token context: no prefix to prefill
+    ]
+    runs: list[tuple[int, int, int, int]] = []  # rows, width, positions counted, logits kept
+    real = SharedKVCache.run
+
+    def spy(self: SharedKVCache, session: Any, ids: np.ndarray, n_last: int, *a: Any, **k: Any) -> np.ndarray:
+        counts = k.get("counts")
+        assert counts is not None  # every run of this path counts its rows
+        runs.append((ids.shape[0], ids.shape[1], int(counts.sum()), ids.shape[0] * n_last))
+        return real(self, session, ids, n_last, *a, **k)
+
+    monkeypatch.setattr(SharedKVCache, "run", spy)
+    told: list[int] = []
+    got = shared.score_items(items, top_logprobs=2, progress=told.append)
+    monkeypatch.setattr(SharedKVCache, "run", real)
+    assert sum(told) == len(items) and len(got) == len(items)
+    want = older.score_items(items, top_logprobs=2)
+    fed = 0
+    for (ctx, conts), scores, w in zip(items, got, want, strict=True):
+        pairs = [scoring._pair(shared, ctx, c) for c in conts]
+        fed += len(pairs[0][0]) - 1 + sum(len(c) for _, c in pairs)  # the context once, then each continuation
+        assert [s.token_ids for s in scores] == [x.token_ids for x in w]
+        for (c, cont), sc, x in zip(pairs, scores, w, strict=True):
+            np.testing.assert_allclose([t.logprob for t in sc.tokens], [t.logprob for t in x.tokens], atol=1e-5)
+            np.testing.assert_allclose([t.logprob for t in sc.tokens], reference(shared, c + cont)[len(c) - 1 :],
+                                       atol=1e-5)  # fmt: skip
+            assert [t.greedy for t in sc.tokens] == [t.greedy for t in x.tokens]
+            assert [[i for i, _ in t.top] for t in sc.tokens] == [[i for i, _ in t.top] for t in x.tokens]
+            top_got, top_want = [v for t in sc.tokens for _, v in t.top], [v for t in x.tokens for _, v in t.top]
+            np.testing.assert_allclose(top_got, top_want, atol=1e-5)
+    assert sum(counted for _, _, counted, _ in runs) == fed
+    assert any(rows > 1 and counted < rows * width for rows, width, counted, _ in runs)  # ragged rows in one run
+    assert all(rows <= 5 and kept <= 7 for rows, _, _, kept in runs if kept > rows)
+    # the same through Model.score (one item) and with the default budgets: one batch, few runs
+    runs.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(SharedKVCache, "run", spy)
+    one = shared.score(*items[0], top_logprobs=0)
+    monkeypatch.setattr(SharedKVCache, "run", real)
+    assert [s.logprob for s in one] == pytest.approx([s.logprob for s in got[0]], abs=1e-5)
+    assert len(runs) <= 3
+
+
+def test_staircase_picks_spans_that_save_positions() -> None:
+    """Rows sorted longest first run in spans: one span when padding costs less than a run, more when a long row
+    would pad many short ones."""
+    from edgeroute.scoring_rows import staircase
+
+    assert staircase([5, 5, 4, 4]) == [5]  # 2 padded positions cost less than a run
+    assert staircase([60, 3, 3, 3, 3, 3, 3, 3], run_cost=16) == [3, 60]  # 7 x 57 padded positions avoided
+    assert staircase([]) == [] and staircase([1]) == [1]
 
 
 @pytest.mark.parametrize("kind", ["concat", "shared"])

@@ -205,8 +205,10 @@ def build_shared_graph(
     context_length: int,
     seed: int,
     logit_scale: float,
+    query_seqlens: bool = True,
 ) -> onnx.ModelProto:
-    """The shared-KV decoder graph (see the module docstring); ``head_size`` a multiple of 16 (GQA's rotary)."""
+    """The shared-KV decoder graph (see the module docstring); ``head_size`` a multiple of 16 (GQA's rotary).
+    ``query_seqlens=False``: without that input, as exports before it were."""
     rng = np.random.default_rng(seed)
     h, dh = num_kv_heads, head_size
     d = h * dh
@@ -228,6 +230,9 @@ def build_shared_graph(
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
     ]
+    if query_seqlens:
+        ins.append(helper.make_tensor_value_info("query_seqlens", TensorProto.INT32, ["batch"]))
+    query = [*[""] * 7, "query_seqlens"] if query_seqlens else []
     outs = []
     x = "x0"
     for i in range(num_layers):
@@ -248,7 +253,7 @@ def build_shared_graph(
             helper.make_node("MatMul", [x, f"wqkv{i}"], [f"qkv{i}"], name=f"qkv{i}"),
             helper.make_node(
                 "GroupQueryAttention",
-                [f"qkv{i}", "", "", *past, "seqlens_k", "total_sequence_length", "cos", "sin"],
+                [f"qkv{i}", "", "", *past, "seqlens_k", "total_sequence_length", "cos", "sin", *query],
                 [f"att{i}", *present],
                 name=f"gqa{i}",
                 domain="com.microsoft",
@@ -329,17 +334,20 @@ def write_tiny_model(folder: str | Path, **kw: Any) -> Path:
     weights = {k: kw.pop(k, v) for k, v in WEIGHTS.items()}
     chat_template = kw.pop("chat_template", CHATML)
     layout = kw.pop("kv_layout", "concat")
+    query_seqlens = kw.pop("query_seqlens", True)
     if kw:
         raise TypeError(f"unknown tiny-model options {sorted(kw)}")
     if layout == "shared":
         geometry["head_size"] = max(16, geometry["head_size"])  # GroupQueryAttention's rotary
         shared = {k: geometry[k] for k in ("num_layers", "num_kv_heads", "head_size", "context_length")}
-        onnx.save(build_shared_graph(vocab, **shared, **weights), str(folder / "model.onnx"))
+        graph = build_shared_graph(vocab, **shared, **weights, query_seqlens=query_seqlens)
+        onnx.save(graph, str(folder / "model.onnx"))
     else:
         onnx.save(build_graph(vocab, **geometry, **weights), str(folder / "model.onnx"))
     tok.save(str(folder / "tokenizer.json"))
     manifest = manifest_dict(vocab, tok, **geometry, chat_template=chat_template)
     if layout == "shared":
-        manifest.update(inputs=dict(SHARED_GRAPH_INPUTS), logits="keep", kv_layout="shared")  # the export's names
+        inputs = {**SHARED_GRAPH_INPUTS, **({} if query_seqlens else {"query_seqlens": None})}
+        manifest.update(inputs=inputs, logits="keep", kv_layout="shared")  # the export's names
     (folder / "edgeroute.json").write_text(json.dumps(manifest, indent=2))
     return folder
