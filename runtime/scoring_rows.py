@@ -18,7 +18,7 @@ tokens' log-probabilities, greedy flags and top alternatives in one vectorised p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -95,6 +95,11 @@ def score_groups(
     m = graph.manifest
     per_position = 2 * m.num_layers * m.num_kv_heads * m.head_size * np.dtype(m.kv_dtype).itemsize
     caches = _Caches(graph, adapter)
+    groups = [  # a group of more than MAX_ROWS continuations is split (its context computed once per part)
+        Group(g.prefix, g.last, g.continuations[k : k + MAX_ROWS], g.slots[k : k + MAX_ROWS])
+        for g in groups
+        for k in range(0, len(g.continuations), MAX_ROWS)
+    ]
     order = sorted(range(len(groups)), key=lambda g: len(groups[g].prefix))  # similar contexts batch together
     start = 0
     while start < len(order):
@@ -102,7 +107,9 @@ def score_groups(
         while end < len(order):
             g = groups[order[end]]
             n, f, r = max(longest, len(g.prefix)), max(feed, *map(len, g.continuations)), rows + len(g.continuations)
-            if end > start and (r > MAX_ROWS or r * (n + f) * per_position > KV_BYTES):
+            # the continuation cache holds the longest context plus the longest feed: within the model's context
+            too_many = r > MAX_ROWS or r * (n + f) * per_position > KV_BYTES or n + f > graph.context_length
+            if end > start and too_many:
                 break
             end, rows, longest, feed = end + 1, r, n, f
         _score_batch(caches, [groups[i] for i in order[start:end]], top, done)
@@ -123,8 +130,11 @@ class _Caches:
         """An empty cache of ``rows`` rows of at least ``capacity`` positions (a view of the held one)."""
         cache = self.held.get(phase)
         if cache is None or cache.batch_size < rows or cache.capacity < capacity:
-            self.held.pop(phase, None)  # released before the next is made
-            made = self.graph.new_cache(max(rows, cache.batch_size if cache else 0), capacity * 5 // 4, self.adapter)
+            rows_held = cache.batch_size if cache is not None else 0
+            self.held.pop(phase, None)
+            del cache  # released before the next is made
+            room = min(capacity * 5 // 4, self.graph.context_length)  # some room for the next batches' growth
+            made = self.graph.new_cache(max(rows, rows_held), max(room, capacity), self.adapter)
             assert isinstance(made, SharedKVCache)
             made.arena = self.arena
             cache = self.held[phase] = made
@@ -170,7 +180,9 @@ def _score_batch(
     done([batch[g].slots[k] for g, k in rows], scores)
 
 
-def _runs(session: object, cache: SharedKVCache, feeds: list[list[int]], vocab: int, keep_logits: bool):  # noqa: ANN202
+def _runs(
+    session: object, cache: SharedKVCache, feeds: list[list[int]], vocab: int, keep_logits: bool
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
     """Feed each row of ``cache`` its ``feeds`` (rows sorted longest first) in staircase runs; yields ``(first
     position, rows run, counts, logits of every fed position or None)`` per run."""
     lengths = [len(f) for f in feeds]

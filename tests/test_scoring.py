@@ -145,6 +145,7 @@ def test_ragged_scoring_runs_each_context_once_in_few_batched_runs(
         (text * 6, [" Paris", " the sea and the sky"]),
         (tok.encode("The capital of"), [tok.encode(" Italy is Rome")[:3], [5]]),  # ids; a one-token continuation
         ([7], [[9, 10, 11], [12]]),  # a one-token context: no prefix to prefill
+        ("The sea", [" a", " b is", " c", " d was", " e", " f", " g and"]),  # more than MAX_ROWS: split
     ]
     runs: list[tuple[int, int, int, int]] = []  # rows, width, positions counted, logits kept
     real = SharedKVCache.run
@@ -164,7 +165,8 @@ def test_ragged_scoring_runs_each_context_once_in_few_batched_runs(
     fed = 0
     for (ctx, conts), scores, w in zip(items, got, want, strict=True):
         pairs = [scoring._pair(shared, ctx, c) for c in conts]
-        fed += len(pairs[0][0]) - 1 + sum(len(c) for _, c in pairs)  # the context once, then each continuation
+        parts = -(-len(pairs) // 5)  # the context once per part of at most MAX_ROWS continuations
+        fed += (len(pairs[0][0]) - 1) * parts + sum(len(c) for _, c in pairs)  # then each continuation
         assert [s.token_ids for s in scores] == [x.token_ids for x in w]
         for (c, cont), sc, x in zip(pairs, scores, w, strict=True):
             np.testing.assert_allclose([t.logprob for t in sc.tokens], [t.logprob for t in x.tokens], atol=1e-5)
