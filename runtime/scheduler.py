@@ -214,7 +214,7 @@ class Scheduler:
 
     def _plan_prefill(self, plan: Plan) -> None:
         budget = self.prefill_budget
-        if not self.solo and not any(_decoding(s.running) for s in self.slots if s.running is not None):
+        if not self.solo and all(_to_prefill(s.running) > 0 for s in self.slots if s.running is not None):
             budget = self.idle_budget  # nothing streams: a longer chunk stalls no one and saves graph runs
         for slot in self.slots:
             run = slot.running
@@ -222,14 +222,11 @@ class Scheduler:
                 return
             if run is None:
                 continue
-            # the prompt's last token is left to the decode step (its logits choose the first token with the other
-            # rows'), but a scored prompt (prompt_logprobs) is prefilled whole: its chunks keep every position's
-            # logits anyway, and the last one chooses the first token (engine._prefill): one graph run fewer
-            last = 0 if run.request.config.prompt_logprobs is not None and run.fed < len(run.request.prompt) else 1
-            if run.seq.n - run.fed <= last:
+            left = _to_prefill(run)
+            if left <= 0:
                 continue  # all fed, or only the token the decode step feeds left
-            take = min(budget, run.seq.n - run.fed - last)
-            if last == 0 and self.scored_chunk:
+            take = min(budget, left)
+            if run.request.config.prompt_logprobs is not None and self.scored_chunk:
                 take = min(take, self.scored_chunk)
             plan.prefill.append(Chunk(run, run.fed, run.fed + take))
             run.fed += take
@@ -250,10 +247,13 @@ class Scheduler:
         return slot.held
 
 
-def _decoding(run: Running) -> bool:
-    """Whether ``run`` is past its prompt (generating: a prefill chunk would stall its next token)."""
-    last = 0 if run.request.config.prompt_logprobs is not None else 1
-    return run.seq.n - run.fed <= last
+def _to_prefill(run: Running) -> int:
+    """Prompt tokens the prefill still feeds ``run`` (none: it decodes, and a prefill chunk stalls its next token).
+    The prompt's last token is left to the decode step (its logits choose the first token with the other rows'),
+    but a scored prompt (prompt_logprobs) is prefilled whole: its chunks keep every position's logits anyway, and
+    the last one chooses the first token (engine._prefill): one graph run fewer."""
+    scored = run.request.config.prompt_logprobs is not None and run.fed < len(run.request.prompt)
+    return run.seq.n - run.fed - (0 if scored else 1)
 
 
 def _uid(request: Request) -> int:

@@ -195,3 +195,11 @@ def test_the_idle_budget_applies_while_no_request_generates_and_scored_chunks_ar
     s.enqueue([request(list(range(50, 60)), config=er.GenerationConfig(prompt_logprobs=1))])
     plan = s.schedule()
     assert [(c.start, c.stop) for c in plan.prefill] == [(0, 3)]  # idle, but scored: 3
+    for _ in range(3):
+        plan = s.schedule()
+    scored = s.slots[0].running
+    assert scored is not None and scored.fed == 10 and not plan.decode  # prefilled whole, last token included
+    scored.seq.generate(9)  # type: ignore[attr-defined]  (its first token: from now on it generates)
+    s.enqueue([request(list(range(70, 85)))])
+    plan = s.schedule()
+    assert [(c.run.slot.index, c.start, c.stop) for c in plan.prefill] == [(1, 0, 4)]  # a scored stream: 4
