@@ -73,6 +73,8 @@ def score(
     lora = graph.adapter(adapter)
     pairs = [_pair(graph, context, c) for c in _continuations(continuations)]
     if ragged(graph):
+        for ctx, cont in pairs:
+            _check_pairs(graph, ctx, [cont])
         return _score_ragged(graph, [pairs], top, lora, None)[0]
     if not _one_context(pairs):  # a text context can encode differently before each ending
         return [score_ids(graph, ctx, [cont], top, lora)[0] for ctx, cont in pairs]
@@ -99,15 +101,14 @@ def score_items(
     _check_top(top)
     lora = graph.adapter(adapter)
     pairs = [[_pair(graph, ctx, c) for c in _continuations(conts)] for ctx, conts in items]
+    for item in pairs:
+        for ctx, cont in item:
+            _check_pairs(graph, ctx, [cont])
     if ragged(graph):
         return _score_ragged(graph, pairs, top, lora, progress)
     out: list[list[Score | None]] = [[None] * len(p) for p in pairs]
     rows = []
     for i, item in enumerate(pairs):
-        for ctx, cont in item:
-            if not cont:
-                raise ConfigError("continuations", cont, "each continuation must give at least one token")
-            _check_room(graph, len(ctx) + len(cont) - 1)
         if all(len(ctx) <= SHORT_CONTEXT and len(ctx) + len(cont) - 1 <= SHORT_ROW for ctx, cont in item):
             rows += [(len(ctx) + len(cont) - 1, len(ctx) - 1, i, j) for j, (ctx, cont) in enumerate(item)]
         else:
@@ -159,12 +160,6 @@ def _score_ragged(
     (``scoring_rows``: graphs with ``query_seqlens``)."""
     groups = []
     for i, item in enumerate(pairs):
-        for ctx, cont in item:
-            if not cont:
-                raise ConfigError("continuations", cont, "each continuation must give at least one token")
-            if not ctx:
-                raise ConfigError("context", ctx, "must give at least one token (a BOS token for an empty context)")
-            _check_room(graph, len(ctx) + len(cont) - 1)
         # a text context can encode differently before each ending: then each is a group of its own
         shared = [list(range(len(item)))] if _one_context(item) else [[j] for j in range(len(item))]
         for js in shared:
@@ -214,12 +209,7 @@ def score_ids(
 ) -> list[Score]:
     """:func:`score` on token ids: ``context`` (at least one token) fed once, each continuation after it."""
     ctx = [int(i) for i in context]
-    if not ctx:
-        raise ConfigError("context", context, "must give at least one token (a BOS token for an empty context)")
-    for cont in continuations:
-        if not len(cont):
-            raise ConfigError("continuations", cont, "each continuation must give at least one token")
-        _check_room(graph, len(ctx) + len(cont) - 1)
+    _check_pairs(graph, ctx, continuations)
     cache = graph.new_cache(1, adapter=adapter)
     base = len(ctx) - 1  # the context but its last token, whose logits score a continuation's first token
     out = []
@@ -261,6 +251,17 @@ def _token_score(row: np.ndarray, target: int, top: int) -> TokenScore:
     if not 0 <= target < len(row):
         raise ConfigError("continuations", target, f"is not a token id of this model's vocabulary ({len(row)})")
     return token_score(row, target, top)
+
+
+def _check_pairs(graph: Graph, context: Sequence[int], continuations: Sequence[Sequence[int]]) -> None:
+    """A context of at least one token and continuations of at least one token each, each pair within the model's
+    context."""
+    if not len(context):
+        raise ConfigError("context", context, "must give at least one token (a BOS token for an empty context)")
+    for cont in continuations:
+        if not len(cont):
+            raise ConfigError("continuations", cont, "each continuation must give at least one token")
+        _check_room(graph, len(context) + len(cont) - 1)
 
 
 def _check_room(graph: Graph, positions: int) -> None:

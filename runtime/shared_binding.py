@@ -43,10 +43,10 @@ class SharedBinding:
             io.bind_ortvalue_input(str(small), ort.OrtValue.ortvalue_from_numpy(arr))
         #: each row's valid positions (graphs with query_seqlens): the run's width unless counts are given
         self.query: np.ndarray | None = None
+        self.query_width = 1  # the width every row of ``query`` holds (0: per-row counts)
         if c.name(Name.QUERY_SEQLENS):
             self.query = np.ones(cache.batch_size, dtype=np.int32)
             io.bind_ortvalue_input(str(c.name(Name.QUERY_SEQLENS)), ort.OrtValue.ortvalue_from_numpy(self.query))
-        self.counted = False  # whether the last run's query_seqlens were counts rather than its width
         if cache.lora is not None:  # each row's adapter weights, written in place when a row changes adapter
             for (name, _), buf in zip(cache.lora.layout.inputs, cache.lora.buffers, strict=True):
                 io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
@@ -83,13 +83,13 @@ class SharedBinding:
         if counts is not None:
             assert query is not None
             query[...] = counts
-            self.counted = True
+            self.query_width = 0
             np.add(cache.lengths, counts - 1, out=self.seqlens)
             self.total[...] = int(self.seqlens.max()) + 1
         else:
-            if query is not None and (self.counted or query[0] != n):  # a decode loop writes nothing here
+            if query is not None and self.query_width != n:  # a decode loop writes nothing here
                 query[...] = n
-                self.counted = False
+                self.query_width = n
             if b == 1:
                 self.seqlens[0] = length + n - 1
             else:

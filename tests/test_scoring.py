@@ -187,6 +187,14 @@ def test_ragged_scoring_runs_each_context_once_in_few_batched_runs(
     monkeypatch.setattr(SharedKVCache, "run", real)
     assert [s.logprob for s in one] == pytest.approx([s.logprob for s in got[0]], abs=1e-5)
     assert len(runs) <= 3
+    monkeypatch.undo()
+    for bad, field in (
+        (lambda: shared.score_items([([1, 2], [[]])]), "continuations"),  # an empty continuation
+        (lambda: shared.score([], [[1]]), "context"),  # an empty id context
+        (lambda: shared.score([1], [[2] * (shared.context_length + 1)]), "continuations"),  # past the context
+    ):
+        with pytest.raises(er.ConfigError, match=field):
+            bad()
 
 
 def test_staircase_picks_spans_that_save_positions() -> None:
