@@ -150,3 +150,15 @@ def test_the_bound_decode_path_feeds_what_the_contract_says(shared: er.Model) ->
     feeds = c.feeds(np.array([[1, 2], [3, 4]]), c.empty_past(2, 8), 2, np.array([3, 5]))
     assert feeds["seqlens_k"].tolist() == [4, 6] and int(feeds["total_sequence_length"]) == 7
     assert feeds["logits_to_keep"].tolist() == [2] and "attention_mask" not in feeds
+    assert feeds["query_seqlens"].tolist() == [2, 2]
+    # right-padded rows of different counts (query_seqlens): the bound run and the contract's feeds agree
+    ids2 = np.array([ids[:5], [*ids[:3], 0, 0]])
+    counts = np.array([5, 3], dtype=np.int32)
+    cache = shared.new_cache(2, 16)
+    got = cache.run(shared.session, ids2, 5, counts=counts).copy()
+    assert cache.lengths.tolist() == [5, 3]
+    plain_feeds = c.feeds(ids2, c.empty_past(2, 16), 5, counts=counts)
+    assert plain_feeds["seqlens_k"].tolist() == [4, 2] and plain_feeds["query_seqlens"].tolist() == [5, 3]
+    want = shared.session.run(c.output_names(), plain_feeds)[0]
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    np.testing.assert_allclose(got[1, :3], want[1, :3], atol=1e-5)
