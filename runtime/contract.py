@@ -115,6 +115,12 @@ class GraphContract:
         return fields
 
     # -- names -----------------------------------------------------------------------------------------------
+    @property
+    def ragged(self) -> bool:
+        """Whether the graph takes ``query_seqlens``: rows of one run may append different numbers of positions
+        after different pasts (right-padded)."""
+        return bool(self.inputs.get(Name.QUERY_SEQLENS))
+
     def name(self, logical: str) -> str | None:
         """The graph name of a logical input (None: the graph has no such input)."""
         return self.inputs.get(logical)

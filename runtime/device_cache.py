@@ -152,6 +152,8 @@ class DeviceKVCache(SharedKVCache):
     """A :class:`SharedKVCache` in device memory (module docstring). ``buffers`` is not available (the memory
     is not host memory): :meth:`host_buffers` copies it out for inspection."""
 
+    ragged = False  # every row runs at the run's width (ragged scoring runs on host caches)
+
     def __init__(self, manifest: Manifest, capacity: int, batch_size: int, device: Device) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
@@ -268,8 +270,10 @@ class DeviceBinding:
         self.seqlens = np.zeros(cache.batch_size, dtype=np.int32)
         self._seqlens_value = d.allocate((cache.batch_size,), np.dtype(np.int32))
         io.bind_ortvalue_input(self.names[1], self._seqlens_value)
-        # each row's valid positions (graphs with query_seqlens), in device memory as seqlens_k; written on change
+        # each row's valid positions (graphs with query_seqlens): the run's width, in device memory as seqlens_k,
+        # written when the width changes (a captured decode graph keeps reading the same address)
         self.query: np.ndarray | None = None
+        self.query_width = 0
         if c.name(Name.QUERY_SEQLENS):
             self.query = np.zeros(cache.batch_size, dtype=np.int32)
             self._query_value = d.allocate((cache.batch_size,), np.dtype(np.int32))
@@ -313,20 +317,20 @@ class DeviceBinding:
     def run(
         self, ids: np.ndarray, cache: DeviceKVCache, length: int, n_last: int, counts: np.ndarray | None = None
     ) -> np.ndarray:
+        assert counts is None  # DeviceKVCache.ragged is False: every row runs the run's width
         b, n = ids.shape
         ids_value, logits_value = self._bind(n, n_last)
         ids_value.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
-        valid = np.full(b, n, dtype=np.int32) if counts is None else counts
-        np.add(cache.lengths, valid - 1, out=self.seqlens)
+        np.add(cache.lengths, n - 1, out=self.seqlens)
         self._seqlens_value.update_inplace(self.seqlens)
-        if self.query is not None and not np.array_equal(self.query, valid):
-            self.query[...] = valid
+        if self.query is not None and self.query_width != n:  # a decode loop writes nothing here
+            self.query[...] = n
             self._query_value.update_inplace(self.query)
-        decode = n == 1 and n_last == 1 and counts is None
+            self.query_width = n
+        decode = n == 1 and n_last == 1
         capture = self._capture and decode
         # a captured decode graph holds total_sequence_length at the capacity (the row lengths come from seqlens_k)
-        end = length + n if counts is None else int(self.seqlens.max()) + 1
-        self.total[...] = self.capacity if decode and self.device.hold_total else end
+        self.total[...] = self.capacity if decode and self.device.hold_total else length + n
         self.session.run_with_iobinding(self.io, self._options(capture))
         logits = np.asarray(logits_value.numpy())
         self.last = logits[:, -1, :]

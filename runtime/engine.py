@@ -47,7 +47,7 @@ from .errors import (
 )
 from .executor import Executor
 from .generator import Generator
-from .output import Completion, Usage
+from .output import LOGIT_VALUES, Completion, Usage
 from .params import Flows, flows_of
 from .request import Request
 from .scheduler import Chunk, Plan, Running, Scheduler
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PREFILL_BUDGET = 64  # prompt tokens prefilled per iteration (see docs/engine.md)
 IDLE_PREFILL_BUDGET = 256  # the same while no request is generating (no stream to stall)
-SCORED_LOGITS = 2**24  # logits a scored prompt's chunk keeps (positions x vocabulary: 64 MB of float32)
 
 
 @dataclass
@@ -88,8 +87,9 @@ class Engine:
         max_queue: requests waiting for a slot at most (beyond the free slots); one more raises
             :class:`QueueFullError`. ``0`` queues nothing: a request starts at once or is refused.
         prefill_budget: prompt tokens prefilled per iteration (the stall a new prompt costs running streams);
-            while no request is generating, :data:`IDLE_PREFILL_BUDGET` if larger (nothing stalls). A scored prompt
-            (``prompt_logprobs``) keeps every position's logits: its chunks hold at most :data:`SCORED_LOGITS`.
+            while no request is generating, :data:`IDLE_PREFILL_BUDGET` if larger (nothing stalls). A scored
+            prompt (``prompt_logprobs``) keeps every position's logits: its chunks hold at most
+            ``output.LOGIT_VALUES`` of them (64 MB).
         prefix_reuse: reuse a free slot's cached tokens that start a new prompt.
         gather: seconds an idle engine waits, at most, for requests announced with :meth:`incoming` before it
             starts the first one, so that requests arriving together start in one step (a server's burst).
@@ -124,7 +124,7 @@ class Engine:
         self._scheduler = Scheduler(
             max_batch, max_queue, prefill_budget, prefix_reuse, model.context_length, self.mode == "batched",
             self._lookup if self._prefix is not None else None, IDLE_PREFILL_BUDGET,
-            max(1, SCORED_LOGITS // model.vocab_size),
+            max(1, LOGIT_VALUES // model.vocab_size),
         )  # fmt: skip
         self._executor = Executor(model, max_batch) if self.mode == "batched" else None
         self._lock = threading.Condition()

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from .adapters import Adapter, LoraLayout, LoraRows
-from .contract import Name
 from .errors import ConfigError, ContextOverflowError, InferenceError, first_line
 from .lazy_memory import lazy_arrays
 from .manifest import Manifest
@@ -286,13 +285,14 @@ class SharedKVCache:
 
     @property
     def ragged(self) -> bool:
-        """Whether the graph takes ``query_seqlens``: rows of one run may append different numbers of positions
-        (:meth:`run`'s ``counts``)."""
-        return bool(self.manifest.contract.name(Name.QUERY_SEQLENS))
+        """Whether rows of one run may append different numbers of positions (:meth:`run`'s ``counts``): host
+        caches of graphs that take ``query_seqlens`` (``GraphContract.ragged``)."""
+        return self.manifest.contract.ragged
 
     def _check_counts(self, counts: np.ndarray, n: int) -> np.ndarray:
         if not self.ragged:
-            raise ConfigError("counts", counts, "this graph has no query_seqlens input (export it again)")
+            raise ConfigError("counts", counts, "this cache runs every row at the run's width (a graph without "
+                              "query_seqlens: export it again; or a device cache)")  # fmt: skip
         out = np.asarray(counts, dtype=np.int32)
         if out.shape != (self.batch_size,) or out.min() < 0 or out.max() > n:
             raise ConfigError("counts", counts, f"must give each of the {self.batch_size} rows 0 to {n} positions")

@@ -129,9 +129,9 @@ class TokenScore:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def token_score(row: np.ndarray, target: int, top: int) -> TokenScore:
-    """``target``'s score from one row of raw logits, with the ``top`` most likely alternatives."""
-    return token_scores(row[None], [target], top)[0]
+#: the most logits one scoring run keeps (rows x kept positions x vocabulary: 64 MB of float32): scoring's batches
+#: (``edgeroute.scoring``, ``scoring_rows``) and a scored prompt's prefill chunks in the engine
+LOGIT_VALUES = 2**24
 
 
 def token_scores(rows: np.ndarray, targets: Sequence[int], top: int) -> list[TokenScore]:

@@ -21,12 +21,13 @@ from .adapters import Adapter
 from .errors import ConfigError
 from .graph import Graph, Prompt
 from .kv_cache import Cache
-from .output import TokenScore, token_score
+from .output import LOGIT_VALUES, TokenScore, token_scores
 from .scoring_rows import Group, ragged, score_groups
 
 CHUNK = 64  # positions per graph run while scoring: 64 x 49,152 float32 logits (SmolLM2) are 12.6 MB
 MAX_TOP = 20  # alternatives per position, as OpenAI's logprobs allow
-# score_items: an item whose context is at most SHORT_CONTEXT tokens and whose rows (context + continuation, less
+# score_items on graphs without query_seqlens (older exports; scoring_rows runs the others): an item whose context
+# is at most SHORT_CONTEXT tokens and whose rows (context + continuation, less
 # its last token) are at most SHORT_ROW runs its continuations as rows of batches; a batch holds at most
 # ROW_POSITIONS positions (rows x the longest row) and keeps at most LOGIT_VALUES logits (rows x kept positions x
 # vocabulary: 2**24 float32 are 64 MB). Rows compute the context once per continuation, which pays while it costs
@@ -35,7 +36,6 @@ MAX_TOP = 20  # alternatives per position, as OpenAI's logprobs allow
 SHORT_CONTEXT = 32
 SHORT_ROW = 128
 ROW_POSITIONS = 256
-LOGIT_VALUES = 2**24
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ def score_items(
         finished = 0
         for r, (_, f, i, j) in enumerate(batch):
             at = f - first  # the kept row of this row's first scored position
-            out[i][j] = Score(tuple(_token_score(logits[r, at + k], t, top) for k, t in enumerate(pairs[i][j][1])))
+            cont = pairs[i][j][1]
+            out[i][j] = Score(tuple(_token_scores(logits[r, at : at + len(cont)], cont, top)))
             left[i] -= 1
             finished += left[i] == 0
         _done(progress, finished)
@@ -242,15 +243,16 @@ def _scored(
         keep = end - first
         logits = graph.forward_last(np.asarray([chunk], dtype=np.int64), cache, max(keep, 1))[0]
         if keep > 0:
-            for row, target in zip(logits[-keep:], targets[first - n : end - n], strict=True):
-                out.append(_token_score(row, target, top))
+            out += _token_scores(logits[-keep:], targets[first - n : end - n], top)
     return out
 
 
-def _token_score(row: np.ndarray, target: int, top: int) -> TokenScore:
-    if not 0 <= target < len(row):
-        raise ConfigError("continuations", target, f"is not a token id of this model's vocabulary ({len(row)})")
-    return token_score(row, target, top)
+def _token_scores(rows: np.ndarray, targets: Sequence[int], top: int) -> list[TokenScore]:
+    vocab = rows.shape[-1]
+    outside = [t for t in targets if not 0 <= t < vocab]
+    if outside:
+        raise ConfigError("continuations", outside[0], f"is not a token id of this model's vocabulary ({vocab})")
+    return token_scores(rows, targets, top)
 
 
 def _check_pairs(graph: Graph, context: Sequence[int], continuations: Sequence[Sequence[int]]) -> None:

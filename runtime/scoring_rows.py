@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .adapters import Adapter
-from .contract import Name
 from .kv_cache import SharedKVCache
-from .output import TokenScore, token_scores
+from .output import LOGIT_VALUES, TokenScore, token_scores
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -36,7 +35,6 @@ RUN_COST = 16  # a graph run's fixed cost in positions' worth (SmolLM2 fp32, 2 c
 MAX_ROWS = 64  # continuation rows per batch
 KV_BYTES = 256 * 2**20  # a batch's continuation cache (rows x positions x bytes per position, committed as written)
 RUN_POSITIONS = 1024  # rows x positions per run (the activations' bound)
-LOGIT_VALUES = 2**24  # logits a run keeps (rows x positions x vocabulary: 64 MB of float32)
 
 
 @dataclass
@@ -79,7 +77,7 @@ def staircase(lengths: Sequence[int], run_cost: int = RUN_COST) -> list[int]:
 
 def ragged(graph: Graph) -> bool:
     """Whether ``graph`` scores this way: host shared-KV caches whose graph takes ``query_seqlens``."""
-    return graph.shared_kv and graph.device is None and bool(graph.manifest.contract.name(Name.QUERY_SEQLENS))
+    return graph.shared_kv and graph.device is None and graph.manifest.contract.ragged
 
 
 def score_groups(
@@ -118,20 +116,23 @@ def score_groups(
 
 class _Caches:
     """The two caches of a batch's phases, kept from batch to batch while they are large enough (their memory,
-    once touched, is not faulted in again), and the memory every run's logits are carved from."""
+    once touched, is not faulted in again) with their views of leading rows (each keeps its IO binding), and the
+    memory every run's logits are carved from."""
 
     def __init__(self, graph: Graph, adapter: Adapter | None) -> None:
         self.graph, self.adapter = graph, adapter
         self.session, self.vocab = graph.session, graph.vocab_size
         self.held: dict[str, SharedKVCache] = {}
+        self.views: dict[tuple[str, int], SharedKVCache] = {}
         self.arena = np.empty(LOGIT_VALUES, dtype=np.float32)
 
     def get(self, phase: str, rows: int, capacity: int) -> SharedKVCache:
-        """An empty cache of ``rows`` rows of at least ``capacity`` positions (a view of the held one)."""
+        """The held cache of ``phase``, emptied, with at least ``rows`` rows of ``capacity`` positions."""
         cache = self.held.get(phase)
         if cache is None or cache.batch_size < rows or cache.capacity < capacity:
             rows_held = cache.batch_size if cache is not None else 0
             self.held.pop(phase, None)
+            self.views = {key: v for key, v in self.views.items() if key[0] != phase}
             del cache  # released before the next is made
             room = min(capacity * 5 // 4, self.graph.context_length)  # some room for the next batches' growth
             made = self.graph.new_cache(max(rows, rows_held), max(room, capacity), self.adapter)
@@ -139,7 +140,17 @@ class _Caches:
             made.arena = self.arena
             cache = self.held[phase] = made
         cache.lengths[:] = 0
-        return cache.head(rows) if rows < cache.batch_size else cache
+        return cache
+
+    def rows(self, phase: str, k: int) -> SharedKVCache:
+        """The first ``k`` rows of ``phase``'s held cache (a view sharing its lengths, made once)."""
+        cache = self.held[phase]
+        if k == cache.batch_size:
+            return cache
+        view = self.views.get((phase, k))
+        if view is None:
+            view = self.views[phase, k] = cache.head(k)
+        return view
 
 
 def _score_batch(
@@ -148,13 +159,12 @@ def _score_batch(
     top: int,
     done: Callable[[list[tuple[int, int]], list[list[TokenScore]]], None],
 ) -> None:
-    session, vocab = caches.session, caches.vocab
     # phase 1: the contexts (all but their last token), longest first, in a cache of their own
     ctx_order = sorted((g for g in range(len(batch)) if batch[g].prefix), key=lambda g: -len(batch[g].prefix))
     contexts = None
     if ctx_order:
         contexts = caches.get("contexts", len(ctx_order), len(batch[ctx_order[0]].prefix))
-        for _ in _runs(session, contexts, [batch[g].prefix for g in ctx_order], vocab, keep_logits=False):
+        for _ in _runs(caches, "contexts", [batch[g].prefix for g in ctx_order], keep_logits=False):
             pass
     where = {g: r for r, g in enumerate(ctx_order)}
     # phase 2: a row per continuation, longest feed first, starting from a copy of its context's positions
@@ -172,7 +182,7 @@ def _score_batch(
     feeds = [[batch[g].last, *batch[g].continuations[k][:-1]] for g, k in rows]
     targets = [batch[g].continuations[k] for g, k in rows]
     scores: list[list[TokenScore]] = [[] for _ in rows]
-    for first, block, counts, logits in _runs(session, cache, feeds, vocab, keep_logits=True):
+    for first, block, counts, logits in _runs(caches, "continuations", feeds, keep_logits=True):
         assert logits is not None
         for r in range(block):
             c = int(counts[r])
@@ -181,10 +191,11 @@ def _score_batch(
 
 
 def _runs(
-    session: object, cache: SharedKVCache, feeds: list[list[int]], vocab: int, keep_logits: bool
+    caches: _Caches, phase: str, feeds: list[list[int]], keep_logits: bool
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
-    """Feed each row of ``cache`` its ``feeds`` (rows sorted longest first) in staircase runs; yields ``(first
-    position, rows run, counts, logits of every fed position or None)`` per run."""
+    """Feed each row of ``phase``'s cache its ``feeds`` (rows sorted longest first) in staircase runs; yields
+    ``(first position, rows run, counts, logits of every fed position or None)`` per run."""
+    vocab = caches.vocab
     lengths = [len(f) for f in feeds]
     begin = 0
     for end in staircase(lengths):
@@ -201,7 +212,6 @@ def _runs(
                 piece = feeds[r][begin:stop]
                 ids[r, : len(piece)] = piece
                 counts[r] = len(piece)
-            view = cache.head(block) if block < cache.batch_size else cache
-            logits = view.run(session, ids, width if keep_logits else 1, counts=counts)
+            logits = caches.rows(phase, block).run(caches.session, ids, width if keep_logits else 1, counts=counts)
             yield begin, block, counts, (logits if keep_logits else None)
             begin = stop
