@@ -11,7 +11,14 @@ from typing import Any
 import click
 import edgeroute as er
 
-from .options import cuda_graph_flag, model_options, prefix_cache_options, prefix_options, verbose_option
+from .options import (
+    cuda_graph_flag,
+    model_options,
+    named_paths,
+    prefix_cache_options,
+    prefix_options,
+    verbose_option,
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -263,20 +270,14 @@ def _loras(values: tuple[str, ...]) -> dict[str, str]:
     (whether it holds an adapter that fits is checked when the model is loaded)."""
     from edgeroute.adapters import check_name
 
-    out: dict[str, str] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"{value!r} is not NAME=PATH", param_hint="--lora")
+    out = named_paths(values, "--lora")
+    for name, path in out.items():
         try:
             check_name(name)
         except er.ConfigError as e:
             raise click.BadParameter(f"{name!r}: {e.reason}", param_hint="--lora") from None
-        if name in out:
-            raise click.BadParameter(f"{name!r} is given twice", param_hint="--lora")
         if not Path(path).expanduser().exists():
             raise click.BadParameter(f"{name}={path}: no such file or folder", param_hint="--lora")
-        out[name] = path
     return out
 
 

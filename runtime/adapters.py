@@ -47,6 +47,7 @@ ADAPTER_FORMAT = "edgeroute-lora"
 DEFAULT_MAX_ADAPTERS = 16
 MAX_NAME = 128
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]*")
+_PATH_CHARS = set(":@/")  # allowed in a served adapter's name, not in a file's
 # PEFT's tensor names: ...layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 _OWN_KEY = re.compile(r"^layers\.(\d+)\.(\w+)\.([AB])$")
@@ -92,19 +93,15 @@ class LoraLayout:
                     f"{width_out}: an adapter of another base"
                 )
 
-    def fill(self, buffers: list[np.ndarray], row: int, adapter: Adapter, scale: float) -> None:
-        """Write ``adapter``'s weights times ``scale`` (1: set, 0: clear) into row ``row`` of ``buffers``."""
+    def fill(self, buffers: list[np.ndarray], row: int, adapter: Adapter, clear: bool = False) -> None:
+        """Write ``adapter``'s weights into row ``row`` of ``buffers`` (``clear``: zeros where they go)."""
         per_layer = len(self.projections)
         for (layer, module), (a, b) in adapter.weights.items():
             p, j, _, offset, width = self.where[module]
             i = 2 * (layer * per_layer + p)
             c, r = j * self.rank, a.shape[1]
-            if scale:
-                buffers[i][row, :, c : c + r] = a
-                buffers[i + 1][row, c : c + r, offset : offset + width] = b
-            else:
-                buffers[i][row, :, c : c + r] = 0
-                buffers[i + 1][row, c : c + r, offset : offset + width] = 0
+            buffers[i][row, :, c : c + r] = 0 if clear else a
+            buffers[i + 1][row, c : c + r, offset : offset + width] = 0 if clear else b
 
 
 class Adapter:
@@ -135,6 +132,11 @@ class Adapter:
         return f"Adapter({self.name!r}, rank={self.rank}, modules={self.modules}, uid={self.uid})"
 
 
+def prefix_key(adapter: Adapter | None) -> bytes:
+    """What the prefix cache keys positions computed on ``adapter`` by: its weights' digest (``b""``: the base)."""
+    return adapter.digest if adapter is not None else b""
+
+
 def _digest(weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for (layer, module), (a, b) in sorted(weights.items()):
@@ -146,9 +148,13 @@ def _digest(weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]) -> by
 
 def check_name(name: Any, field: str = "name") -> str:
     """An adapter name: 1 to 128 letters, digits and ``._:@/-``, starting with a letter or digit."""
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not _NAME.fullmatch(name):
+    if not _named(name):
         raise ConfigError(field, name, f"must be 1 to {MAX_NAME} letters, digits and ._:@/- (an adapter name)")
     return name
+
+
+def _named(name: Any) -> bool:
+    return isinstance(name, str) and 1 <= len(name) <= MAX_NAME and _NAME.fullmatch(name) is not None
 
 
 def read_adapter(path: str | Path, name: str) -> Adapter:
@@ -296,9 +302,9 @@ class LoraRows:
         if old is adapter:
             return
         if old is not None:
-            self.layout.fill(self.buffers, row, old, 0.0)
+            self.layout.fill(self.buffers, row, old, clear=True)
         if adapter is not None:
-            self.layout.fill(self.buffers, row, adapter, 1.0)
+            self.layout.fill(self.buffers, row, adapter)
         self.held[row] = adapter
 
 
@@ -384,11 +390,9 @@ class AdapterSet:
 
 
 # -- adapters that come with a model folder (``edgeroute adapter add/remove``, ``export --lora``) -----------------
-_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 def check_file_name(name: Any, field: str = "name") -> str:
-    """The name of an adapter a model folder keeps: 1 to 128 letters, digits and ``._-`` (it names its file)."""
-    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
-        raise ConfigError(field, name, "must be 1 to 128 letters, digits and ._- (it names the adapter's file)")
+    """The name of an adapter a model folder keeps: an adapter name (:func:`check_name`) without ``:@/`` (it names
+    its file)."""
+    if not _named(name) or _PATH_CHARS & set(name):
+        raise ConfigError(field, name, f"must be 1 to {MAX_NAME} letters, digits and ._- (it names the adapter's file)")
     return name

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .adapters import prefix_key
 from .config import GenerationConfig
 from .errors import (
     ConfigError,
@@ -460,7 +461,7 @@ class Engine:
 
 
 def _digest(request: Request) -> bytes:
-    return request._adapter.digest if request._adapter is not None else b""
+    return prefix_key(request._adapter)
 
 
 def _own(e: Exception) -> EdgerouteError:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import routing
+from .adapters import prefix_key
 from .config import GenerationConfig
 from .errors import ConcurrentUseError, ConfigError, ContextOverflowError
 from .kv_cache import SharedKVCache, left_padded
@@ -56,7 +57,7 @@ class Generator:
         self.config = config
         adapter = model.adapter(config.adapter)
         self.cache = model.new_cache(adapter=adapter)
-        self._prefix_key = adapter.digest if adapter is not None else b""  # what the prefix cache keys it by
+        self._prefix_key = prefix_key(adapter)
         self._prefix = model.prefix_cache if prefix_cache else None  # off: the engine's prefix_reuse=False
         self._store_at = 0  # positions of a prompt to give the prefix cache once the turn's next token is out
         self.usage = Usage()

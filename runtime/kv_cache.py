@@ -238,11 +238,6 @@ class SharedKVCache:
         for r in range(self.batch_size) if row is None else (row,):
             self.lora.set(r, adapter)
 
-    @property
-    def adapters(self) -> list[Adapter | None]:
-        """The adapter each row runs (None: the base)."""
-        return [None] * self.batch_size if self.lora is None else list(self.lora.held)
-
     def run(
         self,
         session: Any,

@@ -15,6 +15,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from .adapters import prefix_key
 from .beam import beam_search
 from .config import GenerationConfig
 from .encoder import EncoderModel, is_encoder_folder
@@ -71,13 +72,13 @@ class Model(Graph):
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise ConfigError("chunk", chunk, "must be an integer >= 1")
         chosen = self.adapter(adapter)
-        key = chosen.digest if chosen is not None else b""
+        key = prefix_key(chosen)
         n = len(ids) // cached.block * cached.block
         if n == 0:
             return 0
         row = self.new_cache(1, capacity=n, adapter=chosen)
         assert isinstance(row, SharedKVCache)  # a prefix cache needs one (use_prefix_cache)
-        row.lengths[0] = cached.restore(row.kv, 0, cached.lookup(ids, n, key))
+        row.lengths[0] = cached.restore_prefix(ids, n, row.kv, 0, key)
         for start in range(row.length, n, chunk):
             self.forward(np.array([ids[start : min(n, start + chunk)]]), row)
         cached.store(ids[:n], row.kv, 0, key)

@@ -179,10 +179,9 @@ class PrefixCache:
             staging = np.empty(self.block_bytes + len(MAGIC) + 4 + MAX_HEADER + 1, np.uint8)
         done, used = 0, []
         for k, got in self._chain(tokens, limit, adapter, True, staging, first=start // self.block):
-            kv[:, row, :, k * self.block : (k + 1) * self.block] = got.data
+            done = self._copy(kv, row, k, got)
             if got.key in self._blocks:
                 used.append(got)
-            done = (k + 1) * self.block
         self._touch(used)
         self.counted(max(done - start, 0))
         return max(done, start)
@@ -238,8 +237,13 @@ class PrefixCache:
         """Copy ``blocks`` into positions ``0..len(blocks) * block`` of row ``row`` of a shared KV cache's ``kv``
         (``[2 * layers, rows, kv_heads, capacity, head_size]``); returns the positions."""
         for k, b in enumerate(blocks):
-            kv[:, row, :, k * self.block : (k + 1) * self.block] = b.data
+            self._copy(kv, row, k, b)
         return len(blocks) * self.block
+
+    def _copy(self, kv: np.ndarray, row: int, k: int, block: Block) -> int:
+        """Block ``k`` of a chain into its positions of row ``row`` of ``kv``; returns the positions up to its end."""
+        kv[:, row, :, k * self.block : (k + 1) * self.block] = block.data
+        return (k + 1) * self.block
 
     # -- storing ---------------------------------------------------------------------------------------------
     def store(self, tokens: Sequence[int] | np.ndarray, kv: np.ndarray, row: int, adapter: bytes = b"") -> int:
