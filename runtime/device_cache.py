@@ -173,7 +173,7 @@ class DeviceKVCache(SharedKVCache):
         self.lora = None  # a LoRA graph takes the host cache (graph._kv_placement)
 
     @property
-    def buffers(self) -> list[np.ndarray]:  # type: ignore[override]
+    def buffers(self) -> list[np.ndarray]:
         raise AttributeError("a device cache has no host buffers: use host_buffers() to copy them out")
 
     def address(self, layer: int, row: int) -> int:

@@ -218,7 +218,6 @@ class SharedKVCache:
         #: every layer's K and V in one array ``[2 * layers, batch, kv_heads, capacity, head_size]``; ``buffers``
         #: are its layers (the prefix cache copies a row's positions of all of them in one call)
         self.kv = _lazy_zeros(2 * manifest.num_layers, shape, np.dtype(manifest.kv_dtype))
-        self.buffers = list(self.kv)
         self.lengths = np.zeros(batch_size, dtype=np.int32)
         self.binding: Any = None  # the IO binding over these buffers (SharedBinding), made on the first run
         #: flat float32 memory the binding's logits are carved from when they fit (many runs of changing shapes,
@@ -322,6 +321,11 @@ class SharedKVCache:
         return int(self.lengths[0]) if self.batch_size == 1 else int(self.lengths.max())
 
     @property
+    def buffers(self) -> list[np.ndarray]:
+        """Every layer's K and V buffer ``[batch, kv_heads, capacity, head_size]``: views of :attr:`kv`."""
+        return list(self.kv)
+
+    @property
     def nbytes(self) -> int:
         """Bytes the buffers reserve (committed as positions fill)."""
         return sum(b.nbytes for b in self.buffers)
@@ -336,7 +340,6 @@ class SharedKVCache:
         other = self._unbound()
         other.batch_size = 1
         other.kv = self.kv[:, i : i + 1]
-        other.buffers = list(other.kv)
         other.lengths = self.lengths[i : i + 1].copy()
         other.lora = self.lora.view(i, 1) if self.lora is not None else None
         return other
@@ -347,7 +350,6 @@ class SharedKVCache:
         other = self._unbound()
         other.batch_size = k
         other.kv = self.kv[:, :k]
-        other.buffers = list(other.kv)
         other.lengths = self.lengths[:k]
         other.lora = self.lora.view(0, k) if self.lora is not None else None
         return other
@@ -358,15 +360,13 @@ class SharedKVCache:
         moved = np.flatnonzero(parents != np.arange(len(parents)))
         if len(moved):
             used = self.length
-            for buf in self.buffers:
-                buf[moved, :, :used] = buf[parents[moved], :, :used]  # fancy indexing reads a copy first
+            self.kv[:, moved, :, :used] = self.kv[:, parents[moved], :, :used]  # fancy indexing reads a copy first
         return len(moved)
 
     def widen(self, rows: int) -> None:
         """Rows 1..rows-1 become copies of row 0 (a prompt prefilled once, shared by beams)."""
         used = int(self.lengths[0])
-        for buf in self.buffers:
-            buf[1:rows, :, :used] = buf[0:1, :, :used]
+        self.kv[:, 1:rows, :, :used] = self.kv[:, 0:1, :, :used]
         self.lengths[:rows] = used
         if self.lora is not None:
             for r in range(1, rows):
@@ -375,17 +375,15 @@ class SharedKVCache:
     def copy(self) -> SharedKVCache:
         """An independent cache with the same contents."""
         other = self._unbound()
-        other.kv = _lazy_zeros(len(self.buffers), self.buffers[0].shape, self.buffers[0].dtype)
-        other.buffers = list(other.kv)
+        other.kv = _lazy_zeros(self.kv.shape[0], self.kv.shape[1:], self.kv.dtype)
         used = self.length
-        for dst, src in zip(other.buffers, self.buffers, strict=True):
-            dst[:, :, :used] = src[:, :, :used]
+        other.kv[:, :, :, :used] = self.kv[:, :, :, :used]
         other.lengths = self.lengths.copy()
         other.lora = self.lora.copy() if self.lora is not None else None
         return other
 
     def _unbound(self) -> SharedKVCache:
-        """A shallow copy without this cache's IO binding (the caller replaces buffers and lengths)."""
+        """A shallow copy without this cache's IO binding (the caller replaces ``kv`` and lengths)."""
         other = SharedKVCache.__new__(SharedKVCache)
         other.__dict__.update(self.__dict__)
         other.binding = None
