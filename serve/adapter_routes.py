@@ -8,7 +8,6 @@ allow_adapter_loading`` says otherwise. A request's ``model`` naming an adapter 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import edgeroute as er
@@ -100,7 +99,7 @@ class AdapterRoutes:
         if len(adapters) >= adapters.max_adapters:
             raise _full(adapters)
         try:
-            await run_in_threadpool(model.load_adapter, name, path)
+            await run_in_threadpool(self.state.load_adapter, model, name, path)
         except er.ConfigError as e:  # the name: its letters or length
             raise invalid("lora_name", f"lora_name: {e.reason} (got {e.value!r})") from None
         except er.AdapterError as e:
@@ -109,7 +108,6 @@ class AdapterRoutes:
             if len(adapters) >= adapters.max_adapters:  # others were loaded meanwhile
                 raise _full(adapters) from None
             raise invalid("lora_path", one_line(e), "invalid_adapter") from None
-        self.state.adapter_sources[name] = (path, int(time.time()))
         log.info("loaded LoRA adapter %s from %s", name, path)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 

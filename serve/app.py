@@ -107,6 +107,11 @@ class State:
         # each adapter loaded through the app: where from (``root`` in /v1/models) and when (``created``)
         self.adapter_sources: dict[str, tuple[str, int]] = {}
 
+    def load_adapter(self, model: er.Model, name: str, path: str) -> None:
+        """Load the adapter at ``path`` on ``model`` as ``name`` and remember where from (``/v1/models``' root)."""
+        model.load_adapter(name, path)
+        self.adapter_sources[name] = (path, int(time.time()))
+
     def stats(self) -> er.EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
 
@@ -153,8 +158,7 @@ def create_app(
         for name, path in settings.adapters.items():
             if name == settings.model_name:
                 raise er.AdapterError(f"adapter {name!r}: the served model's name: give the adapter another")
-            m.load_adapter(name, path)
-            state.adapter_sources[name] = (str(path), int(time.time()))
+            state.load_adapter(m, name, str(path))
         state.engine = er.Engine(
             m, max_batch=settings.max_batch, max_queue=settings.max_queue, prefix_reuse=settings.prefix_reuse
         )
