@@ -32,7 +32,7 @@ def test_int8_embeddings_and_labels_pass_the_gate(tiny_st: Path, encoder_dir: Pa
     fp32, int8 = er.EncoderModel.load(encoder_dir), er.EncoderModel.load(out)
     a = fp32.embed(QUALITY_TEXTS[:8], overflow="truncate").vectors
     b = int8.embed(QUALITY_TEXTS[:8], overflow="truncate").vectors
-    assert 0.98 <= float((a * b).sum(1).min()) < 1.0  # close to fp32, and not fp32
+    assert not np.array_equal(a, b) and 0.98 <= float((a * b).sum(1).min()) <= 1.0 + 1e-6  # close, and not fp32
     cls = write_sequence_classifier(tmp_path / "cls")
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(QUALITY_TEXTS[:10]) + "\n\n")
@@ -66,7 +66,10 @@ def test_fp16_for_cuda_is_measured_like_int8(tiny_st: Path, encoder_dir: Path, t
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
     a = er.EncoderModel.load(encoder_dir).embed(QUALITY_TEXTS[:8], overflow="truncate").vectors
     b = er.EncoderModel.load(tmp_path / "fp16").embed(QUALITY_TEXTS[:8], overflow="truncate").vectors
-    assert b.dtype == np.float32 and 0.999 <= float((a * b).sum(1).min()) < 1.0
+    # fp16 changed the vectors (not the fp32 graph again), and they stay within the gate's cosine; a cosine may
+    # round to exactly 1.0 in float32 even where the vectors differ, so the difference is checked on the vectors.
+    assert b.dtype == np.float32 and not np.array_equal(a, b)
+    assert 0.999 <= float((a * b).sum(1).min()) <= 1.0 + 1e-6
 
 
 def broken_tagger(folder: Path) -> Path:
