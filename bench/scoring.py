@@ -8,7 +8,9 @@ sentences at the same cut (seeded), 4 choices an item, ``--items`` items (200).
 Systems (each in its own process, one after another):
 
 - ``edgeroute eval EXPORT --choices items.jsonl`` (the context computed once for its 4 choices);
-- ``lm_eval --model local-completions`` against ``edgeroute serve EXPORT`` (``--concurrent`` requests at once);
+- ``lm_eval --model local-completions`` against ``edgeroute serve EXPORT``, one prompt per request (lm-eval's
+  default) and ``--batch-size`` prompts per request (lm-eval's ``--batch_size`` for API models: the server's
+  engine prefills a request's prompts together, in ragged rows); ``--concurrent`` requests at once;
 - ``lm_eval --model hf`` on a PyTorch folder of the same weights (``--hf``), if given;
 - ``lm_eval --model onnxruntime`` (lm-eval 0.4.13's in-process onnxruntime backend: one request at a time, the full
   sequence's logits, no cache reuse) on an onnxruntime-genai Model Builder export of that folder (``--ort``),
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--hf", type=Path, default=None, help="a PyTorch folder of the same weights (lm-eval --model hf)")
     ap.add_argument("--prepare-hf", type=Path, default=None, help="write that folder from SmolLM2's GGUF first")
     ap.add_argument("--concurrent", type=int, default=1, help="lm-eval local-completions' num_concurrent")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per request of the second served run")
     ap.add_argument("--ort", type=Path, default=None, help="an onnxruntime-genai Model Builder export of --hf (fp32)")
     ap.add_argument("--int4", type=Path, default=None, help="an int4 edgeroute export of the same model, also run")
     a = ap.parse_args()
@@ -148,10 +151,12 @@ def main() -> None:
         server = Server("scoring", [str(exe), "serve", str(a.export), "--port", str(port), "--model-name", "m"], port)
         try:
             args = f"model=m,base_url={server.url}/v1/completions,num_concurrent={a.concurrent},max_length=2048"
-            cmd = lm_eval(a.lm_eval_python, tasks, "local-completions", args, work / "lc", samples=False)
-            secs, rss, _ = timed(cmd)
-            name = f"lm-eval local-completions -> edgeroute serve (x{a.concurrent})"
-            rows.append((name, secs, rss, *accuracy(work / "lc")))
+            for batch in sorted({1, a.batch_size}):
+                out = work / f"lc{batch}"
+                cmd = lm_eval(a.lm_eval_python, tasks, "local-completions", args, out, samples=False)
+                secs, rss, _ = timed([*cmd, "--batch_size", str(batch)])
+                name = f"lm-eval local-completions -> edgeroute serve (x{a.concurrent}, {batch}/request)"
+                rows.append((name, secs, rss, *accuracy(out)))
         finally:
             server.stop()
         if a.hf is not None:
@@ -170,9 +175,9 @@ def main() -> None:
                 secs, rss, _ = timed(cmd)
                 rows.append(("lm-eval onnxruntime (Model Builder fp32)", secs, rss, *accuracy(work / "ort")))
     print(f"{a.items} items x 4 choices, {a.shots} sentences before each context, {a.export}")
-    print(f"{'system':<52}{'s':>8}{'items/s':>9}{'peak RSS MB':>13}{'acc':>7}{'acc_norm':>10}")
+    print(f"{'system':<64}{'s':>8}{'items/s':>9}{'peak RSS MB':>13}{'acc':>7}{'acc_norm':>10}")
     for name, secs, rss, acc, norm in rows:
-        print(f"{name:<52}{secs:>8.1f}{a.items / secs:>9.2f}{rss:>13.0f}{acc:>7.3f}{norm:>10.3f}")
+        print(f"{name:<64}{secs:>8.1f}{a.items / secs:>9.2f}{rss:>13.0f}{acc:>7.3f}{norm:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -206,8 +206,11 @@ class DeviceKVCache(SharedKVCache):
         return other
 
     def head(self, k: int) -> DeviceKVCache:
-        other = self._view(0, k)
-        other.lengths = self.lengths[:k]
+        return self.rows(0, k)
+
+    def rows(self, first: int, end: int) -> DeviceKVCache:
+        other = self._view(first, end - first)
+        other.lengths = self.lengths[first:end]
         return other
 
     def _spans(self, src: DeviceKVCache, pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

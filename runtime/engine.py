@@ -122,12 +122,12 @@ class Engine:
         self.mode = "batched" if model.shared_kv else "solo"
         # the prefix cache, unless prefix reuse is off (a hit's speed tells a client what another sent)
         self._prefix = model.prefix_cache if self.mode == "batched" and prefix_reuse else None
+        self._executor = Executor(model, max_batch) if self.mode == "batched" else None
         self._scheduler = Scheduler(
             max_batch, max_queue, prefill_budget, prefix_reuse, model.context_length, self.mode == "batched",
             self._lookup if self._prefix is not None else None, IDLE_PREFILL_BUDGET,
-            max(1, LOGIT_VALUES // model.vocab_size),
+            max(1, LOGIT_VALUES // model.vocab_size), self._executor is not None and self._executor.ragged,
         )  # fmt: skip
-        self._executor = Executor(model, max_batch) if self.mode == "batched" else None
         self._lock = threading.Condition()
         self._generators: dict[int, Generator] = {}  # a running solo request's Generator, by request id
         self._ids = count(1)
@@ -300,8 +300,8 @@ class Engine:
             self._hold(run.slot.index, reused)
             run.seq.usage.cached_tokens = reused
             self._count("reused", reused)
-        for chunk in plan.prefill:
-            self._prefill(chunk)
+        for chunks in plan.runs:
+            self._prefill(chunks)
         self._decode([r for r in plan.decode if r.slot.running is r])  # not those a failed prefill released
         self._step_solo(plan.solo)
 
@@ -331,23 +331,35 @@ class Engine:
             return
         self._generators[request.id] = generator
 
-    def _prefill(self, chunk: Chunk) -> None:
-        run = chunk.run
+    def _prefill(self, chunks: list[Chunk]) -> None:
+        """One graph run of prefill chunks (the scheduler's ``runs``: each request in its own row); a scored
+        prompt's chunk scores its positions (every position's logits kept) and its last chunk chooses the first
+        token at once. A failing run fails its requests; a failing score, its request alone."""
         assert self._executor is not None
-        seq = run.seq
-        scored = run.request.config.prompt_logprobs is not None  # every position's logits score the next token
-        try:  # a run of this request's row alone
-            ids = seq.ids[chunk.start : chunk.stop]
-            logits = self._executor.prefill(run.slot.index, ids, chunk.start, len(ids) if scored else 1)
+        scored = chunks[0].run.request.config.prompt_logprobs is not None  # a run's chunks all are, or none
+        try:
+            parts = [(c.run.slot.index, c.run.seq.ids[c.start : c.stop], c.start) for c in chunks]
+            logits = self._executor.prefill(parts, keep=scored)
+        except Exception as e:
+            for chunk in chunks:
+                self._fail(chunk.run, _own(e))
+            return
+        self._count("prefilled", sum(c.stop - c.start for c in chunks))
+        for i, chunk in enumerate(chunks):
             if scored:
-                targets = seq.ids[chunk.start + 1 : min(chunk.stop + 1, seq.n)].tolist()
-                seq.output.score_prompt(logits[: len(targets)], targets)
+                self._scored(chunk, logits[i])
+
+    def _scored(self, chunk: Chunk, logits: np.ndarray) -> None:
+        """Score ``chunk``'s positions from their logits; its prompt's last chunk chooses the first token."""
+        run, seq = chunk.run, chunk.run.seq
+        try:
+            targets = seq.ids[chunk.start + 1 : min(chunk.stop + 1, seq.n)].tolist()
+            seq.output.score_prompt(logits[: len(targets)], targets)
         except Exception as e:
             self._fail(run, _own(e))
             return
-        self._count("prefilled", chunk.stop - chunk.start)
-        if scored and chunk.stop == seq.n:  # a scored prompt's last chunk (scheduler): it chooses the first token
-            run.logits = logits[-1].copy()  # the row's output buffer is written again by its next run
+        if chunk.stop == seq.n:  # a scored prompt's last chunk (scheduler): it chooses the first token
+            run.logits = logits[-1].copy()  # the rows' output buffer is written again by their next run
             self._commit(run)
 
     def _decode(self, going: list[Running]) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .kv_cache import SharedKVCache
+from .output import LOGIT_VALUES
 
 if TYPE_CHECKING:
     from .adapters import Adapter
@@ -21,10 +22,15 @@ class Executor:
     def __init__(self, model: Graph, max_batch: int) -> None:
         cache = model.new_cache(max_batch)
         assert isinstance(cache, SharedKVCache)
+        # every run's logits carved from one buffer (pages faulted once, not per run whose shape changed): a scored
+        # prompt's prefill keeps up to LOGIT_VALUES of them; each run's are read before the next run
+        cache.arena = np.empty(LOGIT_VALUES, dtype=np.float32)
         self.session = model.session
         self.cache = cache
         self._rows = [cache.row(i) for i in range(max_batch)]
-        self._heads: dict[int, SharedKVCache] = {}
+        self._spans: dict[tuple[int, int], SharedKVCache] = {}  # views of rows first..end-1, each bound once
+        #: whether one run may prefill several rows, each its own number of positions (``SharedKVCache.ragged``)
+        self.ragged = cache.ragged
 
     def adapt(self, row: int, adapter: Adapter | None) -> None:
         """Row ``row`` runs ``adapter`` (None: the base model) from its next run on: a copy of the adapter's weights
@@ -35,14 +41,36 @@ class Executor:
         """Row ``row`` holds ``length`` positions from now on (a start after a reused prefix, a release)."""
         self.cache.lengths[row] = length
 
-    def prefill(self, row: int, ids: np.ndarray, start: int, keep: int = 1) -> np.ndarray:
-        """Run ``ids`` (1-D) after the first ``start`` positions of row ``row``, this row alone; the logits of its
-        last ``keep`` positions, ``[keep, vocab]`` (the bound output itself: valid until the row's next run)."""
-        view = self._rows[row]
-        view.lengths[0] = start
-        logits = view.run(self.session, ids[None], keep)
-        self.cache.lengths[row] = start + len(ids)
-        return logits[0]
+    def prefill(self, chunks: list[tuple[int, np.ndarray, int]], keep: bool) -> list[np.ndarray]:
+        """One graph run of the chunks ``(row, ids, start)`` (in row order): each chunk's ``ids`` (1-D) after the
+        first ``start`` positions of its row. One chunk runs its row alone; several (a ragged graph) run rows
+        ``first..last`` right-padded to the longest chunk, a row in between without a chunk appending nothing (or,
+        holding no position, a placeholder whose position is given back). ``keep``: every position's logits, one
+        ``[len(ids), vocab]`` view of the bound output per chunk (valid until these rows run again), else none."""
+        if len(chunks) == 1:
+            row, ids, start = chunks[0]
+            view = self._rows[row]
+            view.lengths[0] = start
+            logits = view.run(self.session, ids[None], len(ids) if keep else 1)
+            self.cache.lengths[row] = start + len(ids)
+            return [logits[0]] if keep else []
+        first, end = chunks[0][0], chunks[-1][0] + 1
+        span = self._span(first, end)
+        width = max(len(ids) for _, ids, _ in chunks)
+        batch = np.zeros((end - first, width), dtype=np.int64)
+        counts = np.zeros(end - first, dtype=np.int32)
+        lengths = self.cache.lengths[first:end]
+        for row, ids, start in chunks:
+            batch[row - first, : len(ids)] = ids
+            counts[row - first] = len(ids)
+            lengths[row - first] = start
+        empty = np.flatnonzero((counts == 0) & (lengths == 0))
+        counts[empty] = 1  # a row that holds nothing writes its first position, given back below
+        try:
+            logits = span.run(self.session, batch, width if keep else 1, counts=counts)
+        finally:
+            lengths[empty] = 0
+        return [logits[row - first, : len(ids)] for row, ids, _ in chunks] if keep else []
 
     def decode(self, tokens: dict[int, int]) -> np.ndarray:
         """One graph run of rows ``0..hi`` (``hi`` the highest row in ``tokens``): each row in ``tokens`` appends its
@@ -51,9 +79,7 @@ class Executor:
         failure every length is as before and the error propagates."""
         cache = self.cache
         hi = max(tokens) + 1
-        head = self._heads.get(hi)
-        if head is None:
-            head = self._heads[hi] = cache.head(hi)
+        head = self._span(0, hi)
         ids = np.zeros((hi, 1), dtype=np.int64)
         for row, token in tokens.items():
             ids[row, 0] = token
@@ -65,3 +91,9 @@ class Executor:
         for row in tokens:
             cache.lengths[row] = saved[row] + 1
         return logits[:, -1]
+
+    def _span(self, first: int, end: int) -> SharedKVCache:
+        view = self._spans.get((first, end))
+        if view is None:
+            view = self._spans[first, end] = self.cache.rows(first, end)
+        return view

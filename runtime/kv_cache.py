@@ -347,11 +347,15 @@ class SharedKVCache:
     def head(self, k: int) -> SharedKVCache:
         """A cache over the first ``k`` rows' memory (views, no copy) whose ``lengths`` is a view of this cache's:
         a run on it moves these rows' lengths here too (an engine's decode step over its low slots)."""
+        return self.rows(0, k)
+
+    def rows(self, first: int, end: int) -> SharedKVCache:
+        """:meth:`head` for rows ``first`` to ``end - 1`` (an engine's prefill of the requests in those slots)."""
         other = self._unbound()
-        other.batch_size = k
-        other.kv = self.kv[:, :k]
-        other.lengths = self.lengths[:k]
-        other.lora = self.lora.view(0, k) if self.lora is not None else None
+        other.batch_size = end - first
+        other.kv = self.kv[:, first:end]
+        other.lengths = self.lengths[first:end]
+        other.lora = self.lora.view(first, end - first) if self.lora is not None else None
         return other
 
     def reorder(self, parents: np.ndarray) -> int:

@@ -16,6 +16,9 @@ The rules (docs/engine.md):
   generating: no stream waits on the chunk), in slot order, each request into its own row — never a prompt's
   last token: it rides the decode step, so a request's first token is always chosen from a decode run's logits,
   whatever was cached or how the budget chunked the prompt;
+- on a graph that runs ragged rows (``ragged``), chunks of neighbouring slots share one graph run
+  (:func:`prefill_runs`: scored and unscored apart, a run's padding at most its tokens, a scored run's kept logits
+  within ``scored_chunk`` positions);
 - the decode step runs every request with exactly one token to feed.
 """
 
@@ -85,6 +88,7 @@ class Plan:
     started: list[tuple[Running, int]] = field(default_factory=list)  # admitted rows and the prompt tokens reused
     started_solo: list[Request] = field(default_factory=list)
     prefill: list[Chunk] = field(default_factory=list)
+    runs: list[list[Chunk]] = field(default_factory=list)  # the prefill chunks by graph run (prefill_runs)
     decode: list[Running] = field(default_factory=list)  # rows with one token to feed, in slot order
     solo: list[Request] = field(default_factory=list)  # solo requests to step (after the batch)
 
@@ -104,6 +108,7 @@ class Scheduler:
         lookup: Lookup | None = None,
         idle_budget: int | None = None,
         scored_chunk: int | None = None,
+        ragged: bool = False,
     ) -> None:
         self.lookup = lookup
         self.max_batch = max_batch
@@ -113,6 +118,8 @@ class Scheduler:
         self.idle_budget = max(prefill_budget, idle_budget or 0)
         #: the most positions of a scored prompt (prompt_logprobs: every position's logits kept) in one chunk
         self.scored_chunk = scored_chunk
+        #: whether one graph run may prefill several rows, each its own number of positions (prefill_runs)
+        self.ragged = ragged
         self.prefix_reuse = prefix_reuse
         self.slots = [Slot(i, np.zeros(context, np.int64)) for i in range(max_batch)] if batched else []
         self.batched = batched
@@ -146,6 +153,7 @@ class Scheduler:
         self._drop_cancelled(plan)
         self._admit(plan)
         self._plan_prefill(plan)
+        plan.runs = prefill_runs(plan.prefill, self.ragged, self.scored_chunk)
         plan.decode = [r for r in self.running() if r.seq.n - r.fed == 1]
         plan.solo = list(self.solo)
         return plan
@@ -245,6 +253,31 @@ class Scheduler:
             slot.tokens[: run.fed] = run.seq.ids[: run.fed]
         slot.adapter = _uid(run.request)
         return slot.held
+
+
+def prefill_runs(chunks: list[Chunk], ragged: bool, scored_positions: int | None = None) -> list[list[Chunk]]:
+    """The graph runs of an iteration's prefill ``chunks`` (in slot order): one run per chunk unless ``ragged``;
+    then a chunk joins the run before it when both keep logits or neither does (a scored prompt's), the run's rows
+    (its first slot to its last, those between included) times its longest chunk stay within twice its tokens (the
+    padding a run computes for nothing at most what it feeds), and a scored run keeps at most ``scored_positions``
+    positions' logits (rows times longest chunk)."""
+    runs: list[list[Chunk]] = []
+    for chunk in chunks:
+        last = runs[-1] if runs and ragged else None
+        if last is not None and _scored(last[0]) == _scored(chunk):
+            group = [*last, chunk]
+            rows = chunk.run.slot.index - last[0].run.slot.index + 1
+            padded = rows * max(c.stop - c.start for c in group)
+            fits = padded <= 2 * sum(c.stop - c.start for c in group)
+            if fits and (not _scored(chunk) or scored_positions is None or padded <= scored_positions):
+                last.append(chunk)
+                continue
+        runs.append([chunk])
+    return runs
+
+
+def _scored(chunk: Chunk) -> bool:
+    return chunk.run.request.config.prompt_logprobs is not None
 
 
 def _to_prefill(run: Running) -> int:

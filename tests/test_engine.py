@@ -217,9 +217,77 @@ def test_a_first_token_is_handed_over_before_the_next_prefill_chunk(shared: er.M
             watch.append(short)
         assert short.result(timeout=30).token_ids == shared.generate([5, 6, 7], cfg).token_ids
         assert long.result(timeout=30).token_ids == shared.generate(list(range(10, 70)), cfg).token_ids
-    # runs: the short prompt's first 2 tokens, the long one's first chunk (6), the decode step that feeds the short
-    # prompt's last token; at the start of the 4th (the long prompt's 2nd chunk) the short request has its token
-    assert seen[:4] == [0, 0, 0, 1]
+    # runs: the short prompt's first 2 tokens with the long one's first chunk (6) (ragged rows, one run), the decode
+    # step that feeds the short prompt's last token; at the start of the 3rd (the long prompt's 2nd chunk) the short
+    # request has its token
+    assert seen[:3] == [0, 0, 1]
+
+
+def test_a_burst_is_prefilled_in_shared_runs_each_request_as_alone(shared: er.Model) -> None:
+    """On a graph that takes query_seqlens, prompts that start together are prefilled in a few graph runs (rows
+    of different lengths, right-padded), scored and unscored apart; every request yields what it yields alone,
+    prompt scores included."""
+    from edgeroute import scoring
+
+    cfgs = configs()[:6]
+    alone = [shared.generate(t, c) for t, c in zip(TEXTS[:6], cfgs, strict=True)]
+    scored_cfg = er.GenerationConfig(max_new_tokens=2, prompt_logprobs=2, sampling=er.SamplingConfig(temperature=0))
+    prompts = [shared.tokenizer.encode(t) for t in TEXTS[4:8]]
+    with er.Engine(shared, max_batch=8, prefix_reuse=False) as engine:
+        assert engine._executor is not None and engine._executor.ragged
+        calls: list[int] = []
+        inner = engine._executor.prefill
+        engine._executor.prefill = lambda chunks, keep: calls.append(len(chunks)) or inner(chunks, keep)  # type: ignore[method-assign]
+        with engine._lock:  # all queued before the loop's next iteration
+            requests = [engine.submit(t, c) for t, c in zip(TEXTS[:6], cfgs, strict=True)]
+        got = [r.result(timeout=30) for r in requests]
+        assert sum(calls) == 6 and len(calls) < 6 and max(calls) > 1, calls
+        calls.clear()
+        with engine._lock:
+            requests = [engine.submit(ids, scored_cfg) for ids in prompts]
+        scored = [r.result(timeout=30) for r in requests]
+        assert sum(calls) == 4 and len(calls) < 4, calls
+    for a, g in zip(alone, got, strict=True):
+        assert g.token_ids == a.token_ids and g.finish_reason == a.finish_reason
+    for ids, g in zip(prompts, scored, strict=True):
+        assert g.token_ids == shared.generate(ids, scored_cfg).token_ids and g.prompt_logprobs is not None
+        want = scoring.prompt_scores(shared, ids, 2)
+        assert [t.token_id for t in g.prompt_logprobs] == ids[1:]
+        np.testing.assert_allclose([t.logprob for t in g.prompt_logprobs], [t.logprob for t in want], atol=1e-5)
+        assert [[i for i, _ in t.top] for t in g.prompt_logprobs] == [[i for i, _ in t.top] for t in want]
+
+
+def test_a_ragged_prefill_leaves_the_rows_between_as_they_were(shared: er.Model) -> None:
+    """``Executor.prefill`` of rows 0 and 2: row 1, holding nothing, gets a placeholder whose position is given
+    back; later, holding positions, it appends nothing while rows 0 and 2 go on; every row's logits equal its
+    own runs alone, and row 1's cache stays intact."""
+    from edgeroute.executor import Executor
+
+    ids = [np.array(shared.tokenizer.encode(t), dtype=np.int64) for t in TEXTS[:3]]
+    more = np.array([5, 6, 7], dtype=np.int64)
+    ref = Executor(shared, 1)
+
+    def alone(*parts: np.ndarray) -> list[np.ndarray]:
+        ref.hold(0, 0)
+        out, start = [], 0
+        for part in parts:
+            out.append(ref.prefill([(0, part, start)], keep=True)[0].copy())
+            start += len(part)
+        return out
+
+    ex = Executor(shared, 3)
+    n = [len(x) for x in ids]
+    first = ex.prefill([(0, ids[0], 0), (2, ids[2], 0)], keep=True)
+    assert ex.cache.lengths.tolist() == [n[0], 0, n[2]]
+    np.testing.assert_allclose(first[0], alone(ids[0])[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(first[1], alone(ids[2])[0], rtol=0, atol=1e-5)
+    ex.prefill([(1, ids[1], 0)], keep=False)
+    going = ex.prefill([(0, more, n[0]), (2, more[:2], n[2])], keep=True)
+    assert ex.cache.lengths.tolist() == [n[0] + 3, n[1], n[2] + 2] and [len(g) for g in going] == [3, 2]
+    np.testing.assert_allclose(going[0], alone(ids[0], more)[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(going[1], alone(ids[2], more[:2])[1], rtol=0, atol=1e-5)
+    (after,) = ex.prefill([(1, more, n[1])], keep=True)
+    np.testing.assert_allclose(after, alone(ids[1], more)[1], rtol=0, atol=1e-5)
 
 
 def test_an_idle_engine_gathers_the_requests_announced_as_incoming(shared: er.Model) -> None:

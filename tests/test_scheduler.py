@@ -203,3 +203,34 @@ def test_the_idle_budget_applies_while_no_request_generates_and_scored_chunks_ar
     s.enqueue([request(list(range(70, 85)))])
     plan = s.schedule()
     assert [(c.run.slot.index, c.start, c.stop) for c in plan.prefill] == [(1, 0, 4)]  # a scored stream: 4
+
+
+def test_chunks_of_neighbouring_slots_share_a_run_on_a_ragged_graph() -> None:
+    """``prefill_runs``: one run per chunk unless the graph runs ragged rows; then neighbouring chunks share a run
+    while they are all scored or all not, the run's rows times its longest chunk stay within twice its tokens (a
+    slot between them counts as a row), and a scored run keeps at most ``scored_positions`` positions' logits."""
+    from edgeroute.scheduler import Chunk, Slot, prefill_runs
+
+    def chunk(slot: int, n: int, scored: bool = False) -> Chunk:
+        config = er.GenerationConfig(prompt_logprobs=1) if scored else None
+        r = request(list(range(1, n + 2)), config=config)
+        run = Running(r, Slot(slot, np.zeros(64, np.int64)), r._sequence, 0)  # type: ignore[arg-type]
+        return Chunk(run, 0, n)
+
+    def shape(runs: list[list[Chunk]]) -> list[list[int]]:
+        return [[c.run.slot.index for c in run] for run in runs]
+
+    plain = [chunk(0, 8), chunk(1, 6), chunk(2, 7)]
+    assert shape(prefill_runs(plain, ragged=False)) == [[0], [1], [2]]
+    assert shape(prefill_runs(plain, ragged=True)) == [[0, 1, 2]]
+    mixed = [chunk(0, 8), chunk(1, 6, scored=True), chunk(2, 7, scored=True), chunk(3, 5)]
+    assert shape(prefill_runs(mixed, ragged=True)) == [[0], [1, 2], [3]]
+    assert shape(prefill_runs(mixed, ragged=True, scored_positions=13)) == [[0], [1], [2], [3]]  # 2 x 7 > 13
+    padded = [chunk(0, 20), chunk(2, 2), chunk(3, 2)]  # slots 0-2: 3 x 20 > 2 x 22; slots 2-3: 2 x 2 <= 2 x 4
+    assert shape(prefill_runs(padded, ragged=True)) == [[0], [2, 3]]
+    assert prefill_runs([], ragged=True) == []
+    s = Scheduler(3, 4, 64, False, context=64, batched=True, ragged=True)
+    s.enqueue([request([1, 2, 3, 4, 5]), request([6, 7, 8, 9]), request([10, 11, 12, 13, 14, 15])])
+    plan = s.schedule()
+    runs = [[(c.run.slot.index, c.start, c.stop) for c in run] for run in plan.runs]
+    assert runs == [[(0, 0, 4), (1, 0, 3), (2, 0, 5)]]  # every prompt but its last token, in one run
