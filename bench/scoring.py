@@ -10,7 +10,9 @@ Systems (each in its own process, one after another):
 - ``edgeroute eval EXPORT --choices items.jsonl`` (the context computed once for its 4 choices);
 - ``lm_eval --model local-completions`` against ``edgeroute serve EXPORT``, one prompt per request (lm-eval's
   default) and ``--batch-size`` prompts per request (lm-eval's ``--batch_size`` for API models: the server's
-  engine prefills a request's prompts together, in ragged rows); ``--concurrent`` requests at once;
+  engine prefills a request's prompts together, in ragged rows), and with ``--prefix-cache-mb N`` that again on a
+  server with a prefix cache (an item's choices reuse its context's scored blocks); a fresh server each;
+  ``--concurrent`` requests at once;
 - ``lm_eval --model hf`` on a PyTorch folder of the same weights (``--hf``), if given;
 - ``lm_eval --model onnxruntime`` (lm-eval 0.4.13's in-process onnxruntime backend: one request at a time, the full
   sequence's logits, no cache reuse) on an onnxruntime-genai Model Builder export of that folder (``--ort``),
@@ -126,6 +128,9 @@ def main() -> None:
     ap.add_argument("--prepare-hf", type=Path, default=None, help="write that folder from SmolLM2's GGUF first")
     ap.add_argument("--concurrent", type=int, default=1, help="lm-eval local-completions' num_concurrent")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per request of the second served run")
+    ap.add_argument(
+        "--prefix-cache-mb", type=int, default=0, help="also serve --batch-size prompts a request with this cache"
+    )
     ap.add_argument("--ort", type=Path, default=None, help="an onnxruntime-genai Model Builder export of --hf (fp32)")
     ap.add_argument("--int4", type=Path, default=None, help="an int4 edgeroute export of the same model, also run")
     a = ap.parse_args()
@@ -147,18 +152,23 @@ def main() -> None:
         data = json.loads(out)
         rows.append(("edgeroute eval --choices (int4)", secs, rss, data["acc"]["value"], data["acc_norm"]["value"]))
     if a.lm_eval_python:
-        port = free_port()
-        server = Server("scoring", [str(exe), "serve", str(a.export), "--port", str(port), "--model-name", "m"], port)
-        try:
-            args = f"model=m,base_url={server.url}/v1/completions,num_concurrent={a.concurrent},max_length=2048"
-            for batch in sorted({1, a.batch_size}):
-                out = work / f"lc{batch}"
+        served = [(batch, 0) for batch in sorted({1, a.batch_size})]
+        if a.prefix_cache_mb:
+            served.append((a.batch_size, a.prefix_cache_mb))
+        for batch, cache_mb in served:  # a fresh server each: no run finds another's prompts cached
+            port = free_port()
+            cmd = [str(exe), "serve", str(a.export), "--port", str(port), "--model-name", "m"]
+            server = Server("scoring", cmd + (["--prefix-cache-mb", str(cache_mb)] if cache_mb else []), port)
+            try:
+                args = f"model=m,base_url={server.url}/v1/completions,num_concurrent={a.concurrent},max_length=2048"
+                out = work / f"lc{batch}-{cache_mb}"
                 cmd = lm_eval(a.lm_eval_python, tasks, "local-completions", args, out, samples=False)
                 secs, rss, _ = timed([*cmd, "--batch_size", str(batch)])
-                name = f"lm-eval local-completions -> edgeroute serve (x{a.concurrent}, {batch}/request)"
+                cached = f", --prefix-cache-mb {cache_mb}" if cache_mb else ""
+                name = f"lm-eval local-completions -> edgeroute serve (x{a.concurrent}, {batch}/request{cached})"
                 rows.append((name, secs, rss, *accuracy(out)))
-        finally:
-            server.stop()
+            finally:
+                server.stop()
         if a.hf is not None:
             # logits_cache=False: lm-eval 0.4.13's one-token-continuation cache hands requests whose context +
             # continuation tokens match another request's at another split that request's log-likelihood (measured

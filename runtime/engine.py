@@ -296,6 +296,9 @@ class Engine:
             if run.restore is not None:  # the prefix cache's positions, copied into the row
                 assert self._prefix is not None
                 self._prefix.counted(self._prefix.restore(self._executor.cache.kv, run.slot.index, run.restore))
+                if run.request.config.prompt_logprobs is not None:  # and the scores of the tokens they hold
+                    scores = [s for block in run.restore for s in block.scores]
+                    run.seq.output.reuse_prompt_scores(scores[1 : reused + 1])
                 run.restore = None
             self._hold(run.slot.index, reused)
             run.seq.usage.cached_tokens = reused
@@ -424,7 +427,8 @@ class Engine:
     def _lookup(self, request: Request, limit: int) -> tuple[int, Any]:
         """The prefix cache's longest hit for ``request``'s prompt (the scheduler's ``lookup``)."""
         assert self._prefix is not None
-        blocks = self._prefix.lookup(request.prompt, limit, _digest(request), count=False, disk=False)
+        top = request.config.prompt_logprobs  # a scored prompt needs its positions' scores too
+        blocks = self._prefix.lookup(request.prompt, limit, _digest(request), count=False, disk=False, top=top)
         if not blocks:
             self._prefix.counted(0)
         return len(blocks) * self._prefix.block, blocks
@@ -433,7 +437,10 @@ class Engine:
         """Give the prefix cache what ``run``'s row holds (the blocks it does not hold yet)."""
         if self._prefix is not None and run.fed >= self._prefix.block:
             assert self._executor is not None
-            self._prefix.store(run.seq.ids[: run.fed], self._executor.cache.kv, run.slot.index, _digest(run.request))
+            top = run.request.config.prompt_logprobs
+            scores = run.seq.output.prompt_scores if top is not None else ()  # kept for later scored prompts
+            kv, row, digest = self._executor.cache.kv, run.slot.index, _digest(run.request)
+            self._prefix.store(run.seq.ids[: run.fed], kv, row, digest, scores, -1 if top is None else top)
 
     def _release(self, run: Running) -> None:
         self._remember(run)

@@ -222,6 +222,16 @@ class TurnOutput:
         """Score prompt tokens ``targets`` from the raw logits of the positions before each (one row each)."""
         self.turn.prompt_scores += token_scores(logits, targets, self.config.prompt_logprobs or 0)
 
+    @property
+    def prompt_scores(self) -> list[TokenScore]:
+        """The prompt tokens scored so far (token ``i + 1``'s at index ``i``)."""
+        return self.turn.prompt_scores
+
+    def reuse_prompt_scores(self, scores: Sequence[TokenScore]) -> None:
+        """The scores of the prompt's first tokens, computed before for the same tokens (the prefix cache's): the
+        prefill scores the tokens after them."""
+        self.turn.prompt_scores = list(scores)
+
     def take(self, token: int, raw: np.ndarray) -> Step:
         """Account for the chosen ``token``; ``raw`` (the model's own logits at its position) gives its logprob."""
         lp = self._logprob(raw, token) if self.config.want_logprobs else None

@@ -41,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,12 +149,18 @@ class PrefixCache:
         adapter: bytes = b"",
         count: bool = True,
         disk: bool = True,
+        top: int | None = None,
     ) -> list[Block]:
         """The longest chain of cached blocks that starts ``tokens``, at most ``limit`` positions; from memory, then
         (``disk``) from the directory, read back into memory. Counts a hit or a miss unless ``count`` is False (the
         caller counts with :meth:`counted` once it knows whether it uses them). Never raises for what a file
-        holds: a block that cannot be read or verified ends the chain there."""
-        found = [block for _, block in self._chain(tokens, limit, adapter, disk)]
+        holds: a block that cannot be read or verified ends the chain there. ``top``: only blocks that carry their
+        positions' scores with ``top`` alternatives (a scored prompt's, :meth:`store`)."""
+        found = []
+        for _, block in self._chain(tokens, limit, adapter, disk):
+            if top is not None and (block.scores is None or block.top != top):
+                break
+            found.append(block)
         self._touch(found)
         self._evict()
         if count:
@@ -246,21 +253,38 @@ class PrefixCache:
         return (k + 1) * self.block
 
     # -- storing ---------------------------------------------------------------------------------------------
-    def store(self, tokens: Sequence[int] | np.ndarray, kv: np.ndarray, row: int, adapter: bytes = b"") -> int:
+    def store(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        kv: np.ndarray,
+        row: int,
+        adapter: bytes = b"",
+        scores: Sequence[Any] = (),
+        top: int = -1,
+    ) -> int:
         """Keep the full blocks of ``tokens`` (positions ``0..len(tokens)`` of row ``row`` of a shared KV cache's
-        ``kv`` hold their keys and values) that the cache does not hold yet; returns how many blocks were added."""
+        ``kv`` hold their keys and values) that the cache does not hold yet; returns how many blocks were added.
+        ``scores``: a scored prompt's (``scores[i]`` token ``i + 1``'s, with ``top`` alternatives each), kept with
+        each block whose tokens they all cover (a block held without them gets them: the same tokens, the same
+        scores), in memory only."""
         if self.memory_bytes < self.block_bytes:
             return 0
         ids = np.asarray(tokens, dtype=np.int64)
         keys = self.keys(ids, adapter)
         added, parent, chain = 0, self.fingerprint.encode(), []
+        by_position = (None, *scores) if scores else ()  # position p's token's score (the first token has none)
         for k, key in enumerate(keys):
+            s = k * self.block
+            scored = by_position[s : s + self.block] if s + self.block <= len(by_position) else None
             with self._lock:
                 block = self._blocks.get(key)
+                if block is not None and scored is not None and block.scores is None:
+                    block.scores, block.top = tuple(scored), top
             if block is None:
-                s = k * self.block
                 data = np.ascontiguousarray(kv[:, row, :, s : s + self.block])
                 block = Block(key, parent, ids[s : s + self.block].copy(), data, adapter)
+                if scored is not None:
+                    block.scores, block.top = tuple(scored), top
                 self._insert(block, write=True)
                 added += 1
             chain.append(block)

@@ -32,6 +32,10 @@ class Block:
     tokens: np.ndarray  # [block] int64
     data: np.ndarray  # [2 * layers, kv_heads, block, head_size]
     adapter: bytes = b""  # the LoRA adapter's digest the positions were computed on (b"": the base)
+    #: in memory only: each position's token scored given the tokens before it (``output.TokenScore``; None for a
+    #: prompt's first token), with ``top`` alternatives each, when a scored prompt (``prompt_logprobs``) computed it
+    scores: tuple[Any, ...] | None = None
+    top: int = -1
 
 
 def encode(block: Block, fingerprint: str, dtype: np.dtype) -> bytes:

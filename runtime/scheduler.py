@@ -11,7 +11,9 @@ The rules (docs/engine.md):
   cache) runs *solo*, at most ``max_batch`` of them at once; any other takes a free slot: the one whose cached
   tokens share the longest prefix with its prompt (those positions are reused; only a slot whose cache was computed
   on the request's LoRA adapter load, or on none for a request on none), else the lowest free one (a decode step
-  runs rows ``0..hi``, so low slots keep it narrow);
+  runs rows ``0..hi``, so low slots keep it narrow); a scored prompt (``prompt_logprobs``) reuses no slot's
+  positions, only the prefix cache's blocks that carry their positions' scores, less the last position (fed
+  again: its logits score the next token);
 - at most ``prefill_budget`` prompt tokens are prefilled per iteration (``idle_budget`` while no request is
   generating: no stream waits on the chunk), in slot order, each request into its own row — never a prompt's
   last token: it rides the decode step, so a request's first token is always chosen from a decode run's logits,
@@ -201,7 +203,8 @@ class Scheduler:
 
     def _start(self, request: Request, seq: TokenSequence, slot: Slot) -> tuple[Running, int]:
         prompt = request.prompt
-        # a request that scores its prompt (prompt_logprobs) reuses nothing: a reused position has no logits
+        # a request that scores its prompt (prompt_logprobs) reuses no slot's positions (a reused position has no
+        # logits to score), only the prefix cache's blocks that carry their scores (the engine's lookup)
         scored = request.config.prompt_logprobs is not None
         reusable = self.prefix_reuse and not scored and slot.adapter == _uid(request)
         reuse = common_prefix(slot.tokens[: slot.held], prompt) if reusable else 0
@@ -209,11 +212,13 @@ class Scheduler:
         restore = None
         # the prefix cache, when it holds more (off with prefix_reuse, as a slot's: a hit's speed tells a client
         # that another sent the same prompt)
-        if self.lookup is not None and self.prefix_reuse and not scored:
+        if self.lookup is not None and self.prefix_reuse:
             try:
                 positions, found = self.lookup(request, len(prompt) - 1)
             except Exception:  # never lose a request taken off the queue: a cache that fails is a miss
                 positions, found = 0, None
+            if scored and positions:  # the last cached position is fed again: its logits score the next token
+                positions -= 1
             if positions > reuse:
                 reuse, restore = positions, found
         run = Running(request, slot, seq, reuse, restore=restore)

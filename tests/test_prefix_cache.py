@@ -289,6 +289,41 @@ def test_no_prefix_reuse_turns_the_cache_off(folder: Path) -> None:
     assert batched.usage.cached_tokens == 0 and solo.usage.cached_tokens == 0
 
 
+def test_scored_prompts_reuse_the_blocks_that_carry_their_scores(folder: Path) -> None:
+    """A scored prompt (``prompt_logprobs``, the server's echo) reuses the prefix cache's blocks that a scored
+    prompt with as many alternatives stored, less the last position (fed again: its logits score the next token),
+    and the scores they carry: its scores and tokens equal a cold run's. Blocks an unscored prompt stored, or with
+    other alternatives, are not reused until a scored prompt gives them their scores."""
+    from edgeroute import scoring
+
+    m, cold = er.Model.load(folder, prefix_cache=True), er.Model.load(folder)
+
+    def scored(n: int) -> er.GenerationConfig:
+        return er.GenerationConfig(max_new_tokens=2, prompt_logprobs=n, sampling=er.SamplingConfig(temperature=0))
+
+    def check(got: er.Completion, ids: list[int], n: int) -> None:
+        want = scoring.prompt_scores(cold, ids, n)
+        assert got.token_ids == cold.generate(ids, scored(n)).token_ids and got.prompt_logprobs is not None
+        assert [t.token_id for t in got.prompt_logprobs] == ids[1:]
+        assert [t.greedy for t in got.prompt_logprobs] == [t.greedy for t in want]
+        np.testing.assert_allclose([t.logprob for t in got.prompt_logprobs], [t.logprob for t in want], atol=1e-5)
+        assert [[i for i, _ in t.top] for t in got.prompt_logprobs] == [[i for i, _ in t.top] for t in want]
+
+    with er.Engine(m, max_batch=2) as engine:
+        plain = engine.submit(prompt(0, 0), GREEDY).result(timeout=30)  # stores the blocks, without scores
+        first = engine.submit(prompt(0, 1), scored(2)).result(timeout=30)
+        second = engine.submit(prompt(0, 2), scored(2)).result(timeout=30)
+        other = engine.submit(prompt(0, 0), scored(1)).result(timeout=30)
+        again = engine.submit(prompt(0, 0), GREEDY).result(timeout=30)
+    assert plain.usage.cached_tokens == 0 and first.usage.cached_tokens == 0  # no block carried scores
+    assert second.usage.cached_tokens == 191  # 6 blocks of 32 less the position fed again
+    assert other.usage.cached_tokens == 0  # the blocks carry 2 alternatives a position, not 1
+    assert again.usage.cached_tokens >= 192 and again.token_ids == plain.token_ids
+    check(first, prompt(0, 1), 2)
+    check(second, prompt(0, 2), 2)
+    check(other, prompt(0, 0), 1)
+
+
 # -- the server and the CLI ---------------------------------------------------------------------------------------
 def test_server_reports_cached_tokens_and_metrics(folder: Path, tmp_path: Path) -> None:
     m = er.Model.load(folder, prefix_cache=tmp_path / "cache")
@@ -309,6 +344,29 @@ def test_server_reports_cached_tokens_and_metrics(folder: Path, tmp_path: Path) 
     assert "edgeroute_prefix_cache_hits 1.0" in text and "edgeroute_prefix_cache_hit_tokens 192.0" in text
     assert "edgeroute_prefix_cache_misses 3.0" in text  # the first two, and the chat
     assert "edgeroute_prefix_cache_disk_bytes" in text
+
+
+def test_echoed_prompts_reuse_scored_blocks_through_the_server(folder: Path) -> None:
+    """lm-evaluation-harness's requests (``echo`` with ``logprobs``, one token generated) on a server with a prefix
+    cache: the second choice of an item reuses the first's context and gives what a cold server gives."""
+    body = {"model": "tiny", "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    answers = {}
+    for cache in (True, None):
+        m = er.Model.load(folder, prefix_cache=cache)
+        with Running(create_app(m, Settings("tiny", max_batch=2))) as srv:
+            got = []
+            for q in range(2):
+                r = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": prompt(1, q)}, timeout=60)
+                assert r.status_code == 200, r.text
+                got.append(r.json())
+        answers[cache] = got
+    cached, plain = answers[True], answers[None]
+    assert [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in cached] == [0, 191]
+    for a, b in zip(cached, plain, strict=True):
+        la, lb = a["choices"][0]["logprobs"], b["choices"][0]["logprobs"]
+        assert la["tokens"] == lb["tokens"] and la["token_logprobs"][0] is None
+        np.testing.assert_allclose(la["token_logprobs"][1:], lb["token_logprobs"][1:], atol=1e-5)
+        assert [list(d) for d in la["top_logprobs"][1:]] == [list(d) for d in lb["top_logprobs"][1:]]
 
 
 def test_cli_prefix_cache_across_runs(folder: Path, tmp_path: Path) -> None:
