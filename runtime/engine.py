@@ -295,7 +295,8 @@ class Engine:
             self._executor.adapt(run.slot.index, run.request._adapter)  # a copy into the row, if it changes
             if run.restore is not None:  # the prefix cache's positions, copied into the row
                 assert self._prefix is not None
-                self._prefix.counted(self._prefix.restore(self._executor.cache.kv, run.slot.index, run.restore))
+                self._prefix.restore(self._executor.cache.kv, run.slot.index, run.restore)
+                self._prefix.counted(reused)  # a scored prompt's last restored position is fed again
                 if run.request.config.prompt_logprobs is not None:  # and the scores of the tokens they hold
                     scores = [s for block in run.restore for s in block.scores]
                     run.seq.output.reuse_prompt_scores(scores[1 : reused + 1])

@@ -28,7 +28,8 @@ class Executor:
         self.session = model.session
         self.cache = cache
         self._rows = [cache.row(i) for i in range(max_batch)]
-        self._spans: dict[tuple[int, int], SharedKVCache] = {}  # views of rows first..end-1, each bound once
+        self._heads: dict[int, SharedKVCache] = {}  # the decode step's views of rows 0..hi-1, each bound once
+        self._spans: dict[tuple[int, int], SharedKVCache] = {}  # the prefill's views of rows first..end-1
         #: whether one run may prefill several rows, each its own number of positions (``SharedKVCache.ragged``)
         self.ragged = cache.ragged
 
@@ -47,6 +48,14 @@ class Executor:
         ``first..last`` right-padded to the longest chunk, a row in between without a chunk appending nothing (or,
         holding no position, a placeholder whose position is given back). ``keep``: every position's logits, one
         ``[len(ids), vocab]`` view of the bound output per chunk (valid until these rows run again), else none."""
+        first, end = chunks[0][0], chunks[-1][0] + 1
+        width = max(len(ids) for _, ids, _ in chunks)
+        lengths = self.cache.lengths[first:end]
+        for row, _, start in chunks:
+            lengths[row - first] = start
+        # onnxruntime wants every row's padded span inside the buffer: rows near its end run alone
+        if len(chunks) > 1 and int(lengths.max()) + width > self.cache.capacity:
+            return [out for chunk in chunks for out in self.prefill([chunk], keep)]
         if len(chunks) == 1:
             row, ids, start = chunks[0]
             view = self._rows[row]
@@ -54,16 +63,12 @@ class Executor:
             logits = view.run(self.session, ids[None], len(ids) if keep else 1)
             self.cache.lengths[row] = start + len(ids)
             return [logits[0]] if keep else []
-        first, end = chunks[0][0], chunks[-1][0] + 1
         span = self._span(first, end)
-        width = max(len(ids) for _, ids, _ in chunks)
         batch = np.zeros((end - first, width), dtype=np.int64)
         counts = np.zeros(end - first, dtype=np.int32)
-        lengths = self.cache.lengths[first:end]
-        for row, ids, start in chunks:
+        for row, ids, _ in chunks:
             batch[row - first, : len(ids)] = ids
             counts[row - first] = len(ids)
-            lengths[row - first] = start
         empty = np.flatnonzero((counts == 0) & (lengths == 0))
         counts[empty] = 1  # a row that holds nothing writes its first position, given back below
         try:
@@ -79,7 +84,9 @@ class Executor:
         failure every length is as before and the error propagates."""
         cache = self.cache
         hi = max(tokens) + 1
-        head = self._span(0, hi)
+        head = self._heads.get(hi)
+        if head is None:
+            head = self._heads[hi] = cache.head(hi)
         ids = np.zeros((hi, 1), dtype=np.int64)
         for row, token in tokens.items():
             ids[row, 0] = token

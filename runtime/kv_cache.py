@@ -259,7 +259,8 @@ class SharedKVCache:
         if counts is not None:
             counts = self._check_counts(counts, n)
         length = self.length
-        end = length + n if counts is None else int((self.lengths + counts).max())
+        # ragged rows: each row's positions, and its padded span, which onnxruntime wants inside the buffer too
+        end = length + n if counts is None else max(int((self.lengths + counts).max()), int(self.lengths.max()) + n)
         if end > self.capacity:
             raise ContextOverflowError(end, self.capacity, "KV buffer (raise context_size)")
         binding = self.binding

@@ -279,12 +279,12 @@ class PrefixCache:
             with self._lock:
                 block = self._blocks.get(key)
                 if block is not None and scored is not None and block.scores is None:
-                    block.scores, block.top = tuple(scored), top
+                    block.top, block.scores = top, tuple(scored)  # top first: a reader that sees scores sees it
             if block is None:
                 data = np.ascontiguousarray(kv[:, row, :, s : s + self.block])
                 block = Block(key, parent, ids[s : s + self.block].copy(), data, adapter)
                 if scored is not None:
-                    block.scores, block.top = tuple(scored), top
+                    block.top, block.scores = top, tuple(scored)
                 self._insert(block, write=True)
                 added += 1
             chain.append(block)

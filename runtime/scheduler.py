@@ -214,7 +214,8 @@ class Scheduler:
         # that another sent the same prompt)
         if self.lookup is not None and self.prefix_reuse:
             try:
-                positions, found = self.lookup(request, len(prompt) - 1)
+                # (a scored prompt's last cached position is fed again: all its positions may come from the cache)
+                positions, found = self.lookup(request, len(prompt) - (0 if scored else 1))
             except Exception:  # never lose a request taken off the queue: a cache that fails is a miss
                 positions, found = 0, None
             if scored and positions:  # the last cached position is fed again: its logits score the next token

@@ -288,6 +288,15 @@ def test_a_ragged_prefill_leaves_the_rows_between_as_they_were(shared: er.Model)
     np.testing.assert_allclose(going[1], alone(ids[2], more[:2])[1], rtol=0, atol=1e-5)
     (after,) = ex.prefill([(1, more, n[1])], keep=True)
     np.testing.assert_allclose(after, alone(ids[1], more)[1], rtol=0, atol=1e-5)
+    # a row whose padded span would pass the buffer's end: the chunks run one by one
+    cap = ex.cache.capacity
+    ex.hold(0, cap - 2)
+    ex.hold(1, 0)
+    near = ex.prefill([(0, more[:2], cap - 2), (1, ids[1], 0)], keep=True)
+    assert ex.cache.lengths.tolist()[:2] == [cap, n[1]]
+    np.testing.assert_allclose(near[1], alone(ids[1])[0], rtol=0, atol=1e-5)
+    with pytest.raises(er.ContextOverflowError):  # the cache itself refuses such a run
+        ex.cache.rows(0, 2).run(ex.session, np.ones((2, 3), np.int64), 1, counts=np.array([0, 3], np.int32))
 
 
 def test_an_idle_engine_gathers_the_requests_announced_as_incoming(shared: er.Model) -> None:

@@ -313,15 +313,17 @@ def test_scored_prompts_reuse_the_blocks_that_carry_their_scores(folder: Path) -
         plain = engine.submit(prompt(0, 0), GREEDY).result(timeout=30)  # stores the blocks, without scores
         first = engine.submit(prompt(0, 1), scored(2)).result(timeout=30)
         second = engine.submit(prompt(0, 2), scored(2)).result(timeout=30)
+        whole = engine.submit(SYSTEMS[0][:192], scored(2)).result(timeout=30)  # every position of it cached
         other = engine.submit(prompt(0, 0), scored(1)).result(timeout=30)
         again = engine.submit(prompt(0, 0), GREEDY).result(timeout=30)
     assert plain.usage.cached_tokens == 0 and first.usage.cached_tokens == 0  # no block carried scores
-    assert second.usage.cached_tokens == 191  # 6 blocks of 32 less the position fed again
+    assert second.usage.cached_tokens == whole.usage.cached_tokens == 191  # 6 blocks of 32 less the one fed again
     assert other.usage.cached_tokens == 0  # the blocks carry 2 alternatives a position, not 1
     assert again.usage.cached_tokens >= 192 and again.token_ids == plain.token_ids
     check(first, prompt(0, 1), 2)
     check(second, prompt(0, 2), 2)
     check(other, prompt(0, 0), 1)
+    check(whole, SYSTEMS[0][:192], 2)
 
 
 # -- the server and the CLI ---------------------------------------------------------------------------------------
