@@ -200,11 +200,10 @@ class Engine:
             # resolved now: an unknown adapter is the caller's error, and one unloaded while the request waits
             # still runs it (what was accepted finishes as accepted)
             request._adapter = self.model.adapter(config.adapter)
-            if self._prefix is not None and self._prefix.directory is not None:
-                # the prompt's blocks on disk read into memory now, not under the lock (admission looks in memory;
-                # a scored prompt's may all be used: its last cached position is fed again)
-                whole = len(ids) - (0 if config.prompt_logprobs is not None else 1)
-                self._prefix.lookup(ids, whole, _digest(request), count=False)
+            if self._prefix is not None and self._prefix.directory is not None and config.prompt_logprobs is None:
+                # the prompt's blocks on disk read into memory now, not under the lock (admission looks in memory);
+                # not a scored prompt's: block files keep no scores, so it could not use them
+                self._prefix.lookup(ids, len(ids) - 1, _digest(request), count=False)
             rng = np.random.default_rng(config.sampling.seed)
             seq = TokenSequence(self.model, config, rng, len(ids) + config.max_new_tokens, Usage(len(ids)))
             seq.extend(ids)

@@ -55,7 +55,8 @@ class Executor:
             lengths[row - first] = start
         # onnxruntime wants every row's padded span inside the buffer: rows near its end run alone
         if len(chunks) > 1 and int(lengths.max()) + width > self.cache.capacity:
-            return [out for chunk in chunks for out in self.prefill([chunk], keep)]
+            # copies: every run's logits are carved from the same buffer, which the next chunk's run overwrites
+            return [out.copy() for chunk in chunks for out in self.prefill([chunk], keep)]
         if len(chunks) == 1:
             row, ids, start = chunks[0]
             view = self._rows[row]

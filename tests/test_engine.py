@@ -292,9 +292,12 @@ def test_a_ragged_prefill_leaves_the_rows_between_as_they_were(shared: er.Model)
     cap = ex.cache.capacity
     ex.hold(0, cap - 2)
     ex.hold(1, 0)
-    near = ex.prefill([(0, more[:2], cap - 2), (1, ids[1], 0)], keep=True)
+    near = [x.copy() for x in ex.prefill([(0, more[:2], cap - 2), (1, ids[1], 0)], keep=True)]
     assert ex.cache.lengths.tolist()[:2] == [cap, n[1]]
     np.testing.assert_allclose(near[1], alone(ids[1])[0], rtol=0, atol=1e-5)
+    ex.hold(0, cap - 2)  # row 0's chunk again, alone, over the same cached positions
+    (again,) = ex.prefill([(0, more[:2], cap - 2)], keep=True)
+    np.testing.assert_array_equal(near[0], again)  # each chunk's own logits, not the next chunk's
     with pytest.raises(er.ContextOverflowError):  # the cache itself refuses such a run
         ex.cache.rows(0, 2).run(ex.session, np.ones((2, 3), np.int64), 1, counts=np.array([0, 3], np.int32))
 

@@ -292,8 +292,8 @@ def test_no_prefix_reuse_turns_the_cache_off(folder: Path) -> None:
 def test_scored_prompts_reuse_the_blocks_that_carry_their_scores(folder: Path) -> None:
     """A scored prompt (``prompt_logprobs``, the server's echo) reuses the prefix cache's blocks that a scored
     prompt with as many alternatives stored, less the last position (fed again: its logits score the next token),
-    and the scores they carry: its scores and tokens equal a cold run's. Blocks an unscored prompt stored, or with
-    other alternatives, are not reused until a scored prompt gives them their scores."""
+    and the scores they carry: its scores and tokens equal a cold run's. Blocks an unscored prompt stored are not
+    reused until a scored prompt gives them their scores; blocks scored with other alternatives are not reused."""
     from edgeroute import scoring
 
     m, cold = er.Model.load(folder, prefix_cache=True), er.Model.load(folder)
