@@ -352,6 +352,15 @@ def test_a_failing_graph_run_fails_its_requests_and_the_engine_goes_on(shared: e
         cfg = configs()[1]
         assert engine.submit(TEXTS[1], cfg).result(timeout=30).token_ids == shared.generate(TEXTS[1], cfg).token_ids
         assert engine.stats().failed == 2
+        failing.set()  # a prefill run of two prompts (ragged rows) fails both, and nothing else
+        with engine._lock:
+            pair = [engine.submit(TEXTS[2], cfg), engine.submit(TEXTS[6], cfg)]
+        for r in pair:
+            with pytest.raises(er.InferenceError, match="injected"):
+                r.result(timeout=30)
+        failing.clear()
+        assert engine.submit(TEXTS[6], cfg).result(timeout=30).token_ids == shared.generate(TEXTS[6], cfg).token_ids
+        assert engine.stats().failed == 4
 
 
 def test_flows_run_solo_and_keep_their_flow(shared: er.Model) -> None:
