@@ -8,11 +8,11 @@ order until one is missing: time proportional to the prompt, independent of how 
 
 - **Memory**: blocks under ``memory_bytes``, least recently used evicted first (a hit touches a chain from its end
   to its start, so a prefix's first blocks, which every longer prompt needs, outlive its last ones).
-- **Disk** (``directory``): every block stored in memory is also written, by a background thread, to
-  ``DIR/<model fingerprint>/<chain hash>.kvb`` under a temporary name and renamed into place (a crash leaves a
-  temporary file, never a file that is later trusted; a full queue or a full disk drops the write, never blocks a
-  request); the directory is kept under ``disk_bytes`` (least recently used files removed). After a restart, a
-  prompt's blocks missing from memory are read back from disk.
+- **Disk** (``directory``; ``edgeroute.prefix_disk``): every block stored in memory is also written, by a
+  background thread, to ``DIR/<model fingerprint>/<chain hash>.kvb`` under a temporary name and renamed into place
+  (a crash leaves a temporary file, never a file that is later trusted; a full queue or a full disk drops the
+  write, never blocks a request); the directory is kept under ``disk_bytes`` (least recently used files removed).
+  After a restart, a prompt's blocks missing from memory are read back from disk.
 - **Trust**: a block is used only when it provably belongs. The model fingerprint (the manifest's recorded file
   hashes, the files' sizes and modification times, precision, quantisation, KV layout and dtype, geometry and
   context size) names the folder the files live in and is checked again in each file; each file holds its
@@ -29,14 +29,8 @@ to a cold prefill (``tests/test_prefix_cache.py``). The engine, ``Generator`` an
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
-import logging
-import os
-import queue
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,22 +40,12 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .folder_io import atomic_write
-from .prefix_files import MAGIC, MAX_HEADER, SUFFIX, Block, decode, encode, fingerprint, mtime_of, size_of
-
-log = logging.getLogger("edgeroute.prefix_cache")
+from .prefix_disk import BlockDirectory
+from .prefix_files import MAGIC, SUFFIX, Block, fingerprint
 
 BLOCK = 32  # positions per block (a prompt reuses whole blocks: at most 31 positions of it are computed again)
 DEFAULT_MEMORY = 512 << 20
 DEFAULT_DISK = 8 << 30
-_WRITE_QUEUE = 256  # blocks waiting for the disk writer at most; more are dropped (never block a request)
-
-
-@dataclass
-class _Touch:
-    """The writer's order to mark a chain's files recently used (first block newest)."""
-
-    keys: list[bytes]
 
 
 @dataclass
@@ -118,15 +102,20 @@ class PrefixCache:
         self.disk_bytes = disk_bytes
         self._blocks: OrderedDict[bytes, Block] = OrderedDict()
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(
-            ("hits", "misses", "hit_tokens", "disk_reads", "disk_writes", "disk_rejected", "dropped", "evicted"), 0
-        )
-        self.directory: Path | None = None
-        self._queue: queue.Queue[Block | _Touch | None] | None = None
-        self._writer: threading.Thread | None = None
-        self._disk_used = self._disk_files = 0
+        self._counts = dict.fromkeys(("hits", "misses", "hit_tokens", "evicted"), 0)
+        #: the disk tier (``edgeroute.prefix_disk``), with a directory; blocks waiting for it are memory too: at
+        #: most the memory budget's worth wait
+        self.disk: BlockDirectory | None = None
         if directory is not None:
-            self._open_directory(Path(directory).expanduser())
+            block_shape = (self.layers2, self.kv_heads, block, self.head_size)
+            queued = memory_bytes // max(self.block_bytes, 1)
+            root = Path(directory).expanduser()
+            self.disk = BlockDirectory(root, fingerprint, block_shape, self.dtype, disk_bytes, queued)
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory blocks are kept in across restarts (None: memory only)."""
+        return self.disk.root if self.disk is not None else None
 
     # -- keys ------------------------------------------------------------------------------------------------
     def keys(self, tokens: Sequence[int] | np.ndarray, adapter: bytes = b"") -> list[bytes]:
@@ -181,9 +170,7 @@ class PrefixCache:
         the prefix's positions; what it adds is counted as a hit (nothing: a miss). Blocks on disk go straight from
         a reused buffer into the row, not into memory first (a restart's first prompt pays one copy, not an
         allocation too: the blocks enter memory when the caller stores the prompt after its first token)."""
-        staging = None
-        if self.directory is not None:
-            staging = np.empty(self.block_bytes + len(MAGIC) + 4 + MAX_HEADER + 1, np.uint8)
+        staging = self.disk.staging() if self.disk is not None else None
         done, used = 0, []
         for k, got in self._chain(tokens, limit, adapter, True, staging, first=start // self.block):
             done = self._copy(kv, row, k, got)
@@ -213,8 +200,8 @@ class PrefixCache:
             key, want = keys[k], ids[k * self.block : (k + 1) * self.block]
             with self._lock:
                 got = self._blocks.get(key)
-            if got is None and disk and self.directory is not None:
-                got = self._read(key, parent, want, adapter, staging)
+            if got is None and disk and self.disk is not None:
+                got = self.disk.read(key, parent, want, adapter, staging)
                 if got is not None and staging is None:
                     self._insert(got, write=False)
             if got is None or got.parent != parent or not np.array_equal(got.tokens, want):
@@ -229,10 +216,8 @@ class PrefixCache:
             for b in reversed(chain):
                 if b.key in self._blocks:
                     self._blocks.move_to_end(b.key)
-        q = self._queue
-        if chain and q is not None and q.qsize() < q.maxsize // 2:  # a hint: never in the way of a block's write
-            with contextlib.suppress(queue.Full):
-                q.put_nowait(_Touch([b.key for b in chain]))
+        if self.disk is not None:
+            self.disk.touch([b.key for b in chain])
 
     def counted(self, positions: int) -> None:
         """Count a prompt the cache served ``positions`` of (0: a miss)."""
@@ -298,12 +283,8 @@ class PrefixCache:
             if block.key in self._blocks:
                 return
             self._blocks[block.key] = block
-        q = self._queue
-        if write and q is not None:
-            try:
-                q.put_nowait(block)
-            except queue.Full:
-                self._count("dropped")
+        if write and self.disk is not None:
+            self.disk.put(block)
 
     def _evict(self) -> None:
         """Least recently used blocks out until the budget holds (after a chain was inserted and touched: never a
@@ -330,7 +311,7 @@ class PrefixCache:
                 if up is None:
                     break
                 node = up.parent
-            on_disk = self.directory is not None and self._path(key).exists()
+            on_disk = self.disk is not None and self.disk.path(key).exists()
             out.append(PrefixEntry(key.hex(), n * self.block, n * self.block_bytes, on_disk))
         return out
 
@@ -348,163 +329,30 @@ class PrefixCache:
                         break  # another prefix continues it
                     gone.append(node)
                     node = self._blocks.pop(node).parent
-        if self.directory is not None:
-            targets = [self._path(k) for k in gone] if key is not None else list(self._folder().glob("*" + SUFFIX))
-            for path in targets:
-                path.unlink(missing_ok=True)
-            self._rescan()
+        if self.disk is not None:
+            self.disk.remove(gone if key is not None else None)
         return len(gone)
 
     def stats(self) -> PrefixCacheStats:
         with self._lock:
             c, n = dict(self._counts), len(self._blocks)
+        disk = self.disk
+        d = dict(disk.counts) if disk is not None else dict.fromkeys(("reads", "writes", "rejected", "dropped"), 0)
+        files, used = (disk.files, disk.used) if disk is not None else (0, 0)
         return PrefixCacheStats(
-            c["hits"], c["misses"], c["hit_tokens"], n, n * self.block_bytes, self._disk_files, self._disk_used,
-            c["disk_reads"], c["disk_writes"], c["disk_rejected"], c["dropped"], c["evicted"],
+            c["hits"], c["misses"], c["hit_tokens"], n, n * self.block_bytes, files, used,
+            d["reads"], d["writes"], d["rejected"], d["dropped"], c["evicted"],
         )  # fmt: skip
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    # -- disk ------------------------------------------------------------------------------------------------
-    def _open_directory(self, root: Path) -> None:
-        try:
-            (root / self.fingerprint[:32]).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError("prefix_cache", str(root), f"cannot create the cache directory: {e.strerror}") from None
-        self.directory = root
-        for stale in self._folder().glob(".*.tmp"):  # a writer killed mid-file: never trusted, removed when old
-            if time.time() - mtime_of(stale) > 60:
-                stale.unlink(missing_ok=True)
-        self._rescan()
-        # blocks waiting for the disk are memory too: at most the budget's worth (and 256) wait
-        self._queue = queue.Queue(max(1, min(_WRITE_QUEUE, self.memory_bytes // max(self.block_bytes, 1))))
-        self._writer = threading.Thread(target=self._write_loop, name="edgeroute-prefix-cache", daemon=True)
-        self._writer.start()
-        atexit.register(self.close)  # what is queued reaches the disk when the process ends normally
-
-    def _folder(self) -> Path:
-        assert self.directory is not None
-        return self.directory / self.fingerprint[:32]
-
-    def _path(self, key: bytes) -> Path:
-        return self._folder() / (key.hex() + SUFFIX)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until the blocks queued for disk are written (tests, a clean shutdown)."""
-        if self._queue is None:
-            return
-        end = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < end:
-            time.sleep(0.005)
+        if self.disk is not None:
+            self.disk.flush(timeout)
 
     def close(self) -> None:
         """Write what is queued and stop the writer thread (the cache then keeps to memory)."""
-        q, writer = self._queue, self._writer
-        if q is not None and writer is not None:
-            self.flush()
-            self._queue = None
-            q.put(None)
-            writer.join(5)
-
-    def _write_loop(self) -> None:
-        q = self._queue
-        assert q is not None
-        while True:
-            item = q.get()
-            try:
-                if item is None:
-                    return
-                if isinstance(item, _Touch):
-                    self._touch_files(item.keys)
-                else:
-                    self._write(item)
-            except OSError as e:  # a full disk, a removed directory: the block stays in memory only
-                self._count("dropped")
-                log.warning("prefix cache: could not write a block to %s: %s", self.directory, e)
-            finally:
-                q.task_done()
-
-    def _touch_files(self, keys: list[bytes]) -> None:
-        """Mark a chain's files used now, its first block the newest (``_trim_disk`` removes the oldest first)."""
-        now = time.time()
-        for depth, key in enumerate(keys):
-            with contextlib.suppress(OSError):  # gone (trimmed by another process), or a read-only directory
-                os.utime(self._path(key), (now - depth * 1e-3, now - depth * 1e-3))
-
-    def _write(self, block: Block) -> None:
-        path = self._path(block.key)
-        if path.exists():
-            return
-        data = encode(block, self.fingerprint, self.dtype)
-        atomic_write(path, data)  # a reader sees the whole file or none; a full disk leaves nothing behind
-        self._count("disk_writes")
-        self._disk_used += len(data)
-        self._disk_files += 1
-        if self._disk_used > self.disk_bytes:
-            self._trim_disk()
-
-    def _read(
-        self, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes, into: np.ndarray | None = None
-    ) -> Block | None:
-        """The block of ``key`` from disk, verified; None (and a log line) for anything else. With ``into`` (a
-        buffer of at least a block file's size + 1) the file is read there and the block's data is a view of it,
-        valid until the next read into it."""
-        path = self._path(key)
-        most = self.block_bytes + len(MAGIC) + 4 + MAX_HEADER
-        raw: bytes | memoryview
-        try:
-            with open(path, "rb") as f:
-                if into is None:
-                    raw = f.read(most + 1)  # a bigger file is not a block of this cache: never read it whole
-                else:
-                    view = memoryview(into.data)
-                    raw = view[: f.readinto(view[: most + 1])]
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.warning("prefix cache: cannot read %s (%s): a cold prefill", path, e)
-            return None
-        try:
-            why = self._check(raw, key, parent, tokens, adapter) if len(raw) <= most else "corrupt: too big"
-        except (ValueError, RecursionError, TypeError) as e:  # a header JSON cannot represent as a block's
-            why = f"corrupt: {type(e).__name__}"
-        if isinstance(why, str):
-            self._count("disk_rejected")
-            log.warning("prefix cache: %s refused (%s): a cold prefill instead", path.name, why)
-            with contextlib.suppress(OSError):  # in this model's folder under this block's name: garbage
-                path.unlink(missing_ok=True)
-            return None
-        self._count("disk_reads")
-        return why
-
-    def _check(
-        self, raw: bytes | memoryview, key: bytes, parent: bytes, tokens: np.ndarray, adapter: bytes
-    ) -> Block | str:
-        """The block in a file's bytes, or why it is refused (``prefix_files.decode``)."""
-        shape = (self.layers2, self.kv_heads, self.block, self.head_size)
-        return decode(raw, self.fingerprint, shape, self.dtype, key, parent, tokens, adapter)
-
-    def _scan(self) -> tuple[list[Path], int]:
-        files = list(self._folder().glob("*" + SUFFIX))
-        return files, sum(size_of(p) for p in files)
-
-    def _rescan(self) -> None:
-        """What the directory holds now (another process may write to it too)."""
-        files, self._disk_used = self._scan()
-        self._disk_files = len(files)
-
-    def _trim_disk(self) -> None:
-        """Remove the least recently used block files until the directory holds 90% of its budget (not every write
-        past the budget scans the directory)."""
-        files, used = self._scan()
-        for path in sorted(files, key=mtime_of):
-            if used <= 0.9 * self.disk_bytes:
-                break
-            used -= size_of(path)
-            path.unlink(missing_ok=True)
-        self._rescan()
+        if self.disk is not None:
+            self.disk.close()
 
 
 __all__ = ["MAGIC", "SUFFIX", "Block", "PrefixCache", "PrefixCacheStats", "PrefixEntry", "fingerprint"]

@@ -19,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 from edgeroute.prefix_cache import MAGIC, SUFFIX
+from edgeroute.prefix_files import decode
 from edgeroute.serve import Settings, create_app
 from serve_helpers import Running
 
@@ -139,7 +140,8 @@ def test_a_tampered_block_is_refused(folder: Path, cold, tmp_path: Path, how: st
     m = er.Model.load(folder, prefix_cache=d)
     m.cache_prefix(prompt(1, 0))
     m.prefix_cache.close()
-    first = m.prefix_cache._path(m.prefix_cache.keys(prompt(1, 0))[0])
+    assert m.prefix_cache.disk is not None
+    first = m.prefix_cache.disk.path(m.prefix_cache.keys(prompt(1, 0))[0])
     _tamper(first, how)
     fresh = er.Model.load(folder, prefix_cache=d)
     with caplog.at_level("WARNING", logger="edgeroute.prefix_cache"), er.Engine(fresh, max_batch=2) as engine:
@@ -219,8 +221,9 @@ def test_a_killed_writer_leaves_nothing_trusted_and_two_processes_share_a_direct
         raw = path.read_bytes()
         n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
         header = json.loads(raw[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
-        block = check._check(raw, path.stem and bytes.fromhex(path.stem), bytes.fromhex(header["parent"]),
-                             np.array(header["tokens"]), b"")  # fmt: skip
+        assert check.disk is not None
+        block = decode(raw, check.fingerprint, check.disk.shape, check.disk.dtype, bytes.fromhex(path.stem),
+                       bytes.fromhex(header["parent"]), np.array(header["tokens"]), b"")  # fmt: skip
         assert not isinstance(block, str), (path.name, block)
 
 
@@ -249,7 +252,7 @@ def test_disk_budget_keeps_what_is_used(folder: Path, tmp_path: Path) -> None:
 
 
 def test_a_failed_write_leaves_nothing(folder: Path, cold, tmp_path: Path, monkeypatch) -> None:
-    import edgeroute.prefix_cache as pc
+    import edgeroute.prefix_disk as pc
 
     def full(*_: object) -> None:
         raise OSError(28, "No space left on device")
