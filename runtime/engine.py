@@ -126,7 +126,7 @@ class Engine:
         self._scheduler = Scheduler(
             max_batch, max_queue, prefill_budget, prefix_reuse, model.context_length, self.mode == "batched",
             self._lookup if self._prefix is not None else None, IDLE_PREFILL_BUDGET,
-            max(1, LOGIT_VALUES // model.vocab_size), self._executor is not None and self._executor.ragged,
+            max(1, LOGIT_VALUES // model.vocab_size), self._executor is not None and self._executor.cache.ragged,
         )  # fmt: skip
         self._lock = threading.Condition()
         self._generators: dict[int, Generator] = {}  # a running solo request's Generator, by request id

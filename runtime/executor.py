@@ -27,11 +27,8 @@ class Executor:
         cache.arena = np.empty(LOGIT_VALUES, dtype=np.float32)
         self.session = model.session
         self.cache = cache
-        self._rows = [cache.row(i) for i in range(max_batch)]
         self._heads: dict[int, SharedKVCache] = {}  # the decode step's views of rows 0..hi-1, each bound once
         self._spans: dict[tuple[int, int], SharedKVCache] = {}  # the prefill's views of rows first..end-1
-        #: whether one run may prefill several rows, each its own number of positions (``SharedKVCache.ragged``)
-        self.ragged = cache.ragged
 
     def adapt(self, row: int, adapter: Adapter | None) -> None:
         """Row ``row`` runs ``adapter`` (None: the base model) from its next run on: a copy of the adapter's weights
@@ -57,14 +54,11 @@ class Executor:
         if len(chunks) > 1 and int(lengths.max()) + width > self.cache.capacity:
             # copies: every run's logits are carved from the same buffer, which the next chunk's run overwrites
             return [out.copy() for chunk in chunks for out in self.prefill([chunk], keep)]
+        span = self._span(first, end)  # its lengths are a view of the cache's: a run moves them there
         if len(chunks) == 1:
-            row, ids, start = chunks[0]
-            view = self._rows[row]
-            view.lengths[0] = start
-            logits = view.run(self.session, ids[None], len(ids) if keep else 1)
-            self.cache.lengths[row] = start + len(ids)
+            ids = chunks[0][1]
+            logits = span.run(self.session, ids[None], len(ids) if keep else 1)
             return [logits[0]] if keep else []
-        span = self._span(first, end)
         batch = np.zeros((end - first, width), dtype=np.int64)
         counts = np.zeros(end - first, dtype=np.int32)
         for row, ids, _ in chunks:

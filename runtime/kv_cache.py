@@ -259,8 +259,8 @@ class SharedKVCache:
         if counts is not None:
             counts = self._check_counts(counts, n)
         length = self.length
-        # ragged rows: each row's positions, and its padded span, which onnxruntime wants inside the buffer too
-        end = length + n if counts is None else max(int((self.lengths + counts).max()), int(self.lengths.max()) + n)
+        # ragged rows too: every row's padded span (``n`` after its length) must lie inside the buffer
+        end = length + n
         if end > self.capacity:
             raise ContextOverflowError(end, self.capacity, "KV buffer (raise context_size)")
         binding = self.binding

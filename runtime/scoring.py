@@ -69,13 +69,11 @@ def score(
     tokenised as it would be in running text). Token ids are used as given (no BOS added). ``top``: how many most
     likely alternatives each position reports (0 to 20). ``adapter``: a loaded LoRA adapter's name (None: the base).
     """
+    if ragged(graph):  # one item of score_items: its context computed once, its continuations as rows after it
+        return score_items(graph, [(context, continuations)], top, adapter=adapter)[0]
     _check_top(top)
     lora = graph.adapter(adapter)
     pairs = [_pair(graph, context, c) for c in _continuations(continuations)]
-    if ragged(graph):
-        for ctx, cont in pairs:
-            _check_pairs(graph, ctx, [cont])
-        return _score_ragged(graph, [pairs], top, lora, None)[0]
     if not _one_context(pairs):  # a text context can encode differently before each ending
         return [score_ids(graph, ctx, [cont], top, lora)[0] for ctx, cont in pairs]
     return score_ids(graph, pairs[0][0], [cont for _, cont in pairs], top, lora)

@@ -56,16 +56,12 @@ def staircase(lengths: Sequence[int], run_cost: int = RUN_COST) -> list[int]:
     if not ends:
         return []
     starts = [0, *ends[:-1]]
-
-    def rows_longer(x: int) -> int:
-        return sum(1 for n in lengths if n > x)
-
+    longer = [sum(1 for n in lengths if n > x) for x in starts]  # the rows a run starting there feeds
     best = [0.0] + [float("inf")] * len(ends)  # best[i]: cost of covering positions [0, ends[i - 1])
     back = [0] * (len(ends) + 1)
     for i in range(1, len(ends) + 1):
         for j in range(i):  # one run from starts[j] (= ends[j - 1]) to ends[i - 1]
-            begin = starts[j] if j < len(starts) else 0
-            cost = best[j] + run_cost + rows_longer(begin) * (ends[i - 1] - begin)
+            cost = best[j] + run_cost + longer[j] * (ends[i - 1] - starts[j])
             if cost < best[i]:
                 best[i], back[i] = cost, j
     out, i = [], len(ends)

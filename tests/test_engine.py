@@ -234,7 +234,7 @@ def test_a_burst_is_prefilled_in_shared_runs_each_request_as_alone(shared: er.Mo
     scored_cfg = er.GenerationConfig(max_new_tokens=2, prompt_logprobs=2, sampling=er.SamplingConfig(temperature=0))
     prompts = [shared.tokenizer.encode(t) for t in TEXTS[4:8]]
     with er.Engine(shared, max_batch=8, prefix_reuse=False) as engine:
-        assert engine._executor is not None and engine._executor.ragged
+        assert engine._executor is not None and engine._executor.cache.ragged
         calls: list[int] = []
         inner = engine._executor.prefill
         engine._executor.prefill = lambda chunks, keep: calls.append(len(chunks)) or inner(chunks, keep)  # type: ignore[method-assign]
