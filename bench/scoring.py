@@ -8,11 +8,11 @@ sentences at the same cut (seeded), 4 choices an item, ``--items`` items (200).
 Systems (each in its own process, one after another):
 
 - ``edgeroute eval EXPORT --choices items.jsonl`` (the context computed once for its 4 choices);
-- ``lm_eval --model local-completions`` against ``edgeroute serve EXPORT``, one prompt per request (lm-eval's
-  default) and ``--batch-size`` prompts per request (lm-eval's ``--batch_size`` for API models: the server's
-  engine prefills a request's prompts together, in ragged rows), and with ``--prefix-cache-mb N`` that again on a
-  server with a prefix cache (an item's choices reuse its context's scored blocks); a fresh server each;
-  ``--concurrent`` requests at once;
+- ``lm_eval --model local-completions`` against ``edgeroute serve EXPORT`` as it starts by default (with its prefix
+  cache in memory: an item's choices reuse its context's scored blocks), one prompt per request (lm-eval's
+  default); the same on a server started with ``--no-prefix-cache``; and ``--batch-size`` prompts per request
+  (lm-eval's ``--batch_size`` for API models: the server's engine prefills a request's prompts together, in ragged
+  rows) on a default server; a fresh server each; ``--concurrent`` requests at once;
 - ``lm_eval --model hf`` on a PyTorch folder of the same weights (``--hf``), if given;
 - ``lm_eval --model onnxruntime`` (lm-eval 0.4.13's in-process onnxruntime backend: one request at a time, the full
   sequence's logits, no cache reuse) on an onnxruntime-genai Model Builder export of that folder (``--ort``),
@@ -128,9 +128,6 @@ def main() -> None:
     ap.add_argument("--prepare-hf", type=Path, default=None, help="write that folder from SmolLM2's GGUF first")
     ap.add_argument("--concurrent", type=int, default=1, help="lm-eval local-completions' num_concurrent")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per request of the second served run")
-    ap.add_argument(
-        "--prefix-cache-mb", type=int, default=0, help="also serve --batch-size prompts a request with this cache"
-    )
     ap.add_argument("--ort", type=Path, default=None, help="an onnxruntime-genai Model Builder export of --hf (fp32)")
     ap.add_argument("--int4", type=Path, default=None, help="an int4 edgeroute export of the same model, also run")
     a = ap.parse_args()
@@ -152,20 +149,18 @@ def main() -> None:
         data = json.loads(out)
         rows.append(("edgeroute eval --choices (int4)", secs, rss, data["acc"]["value"], data["acc_norm"]["value"]))
     if a.lm_eval_python:
-        served = [(batch, 0) for batch in sorted({1, a.batch_size})]
-        if a.prefix_cache_mb:
-            served.append((a.batch_size, a.prefix_cache_mb))
-        for batch, cache_mb in served:  # a fresh server each: no run finds another's prompts cached
+        served = [(1, ()), (1, ("--no-prefix-cache",))] + ([(a.batch_size, ())] if a.batch_size > 1 else [])
+        for i, (batch, flags) in enumerate(served):  # a fresh server each: no run finds another's prompts cached
             port = free_port()
-            cmd = [str(exe), "serve", str(a.export), "--port", str(port), "--model-name", "m"]
-            server = Server("scoring", cmd + (["--prefix-cache-mb", str(cache_mb)] if cache_mb else []), port)
+            cmd = [str(exe), "serve", str(a.export), "--port", str(port), "--model-name", "m", *flags]
+            server = Server("scoring", cmd, port)
             try:
                 args = f"model=m,base_url={server.url}/v1/completions,num_concurrent={a.concurrent},max_length=2048"
-                out = work / f"lc{batch}-{cache_mb}"
+                out = work / f"lc{i}"
                 cmd = lm_eval(a.lm_eval_python, tasks, "local-completions", args, out, samples=False)
                 secs, rss, _ = timed([*cmd, "--batch_size", str(batch)])
-                cached = f", --prefix-cache-mb {cache_mb}" if cache_mb else ""
-                name = f"lm-eval local-completions -> edgeroute serve (x{a.concurrent}, {batch}/request{cached})"
+                name = f"lm-eval local-completions -> edgeroute serve {' '.join(flags)}".rstrip()
+                name += f" (x{a.concurrent}, {batch}/request)"
                 rows.append((name, secs, rss, *accuracy(out)))
             finally:
                 server.stop()

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 import edgeroute as er
+from edgeroute.prefix_cache import DEFAULT_MEMORY
 
 from .options import (
     cuda_graph_flag,
@@ -52,8 +53,15 @@ def is_loopback(host: str) -> bool:
 @click.option(
     "--no-prefix-reuse",
     is_flag=True,
-    help="Never reuse one request's cached prompt for another: prefix reuse makes a shared prefix answer faster,"
-    " which tells a client what others sent (for mutually untrusting clients).",
+    help="Never reuse one request's cached prompt for another (the slots' and the prefix cache's): prefix reuse makes"
+    " a shared prefix answer faster, which tells a client what others sent (for mutually untrusting clients).",
+)
+@click.option(
+    "--no-prefix-cache",
+    is_flag=True,
+    help="Keep no prefix cache: by default a single server keeps prompts' KV blocks in memory (512 MB, or"
+    " --prefix-cache-mb) for later prompts that start with them, when the model's graph can (the slots still reuse"
+    " their own last prompts).",
 )
 @click.option(
     "--plain-content",
@@ -151,6 +159,7 @@ def serve(
     max_batch: int,
     max_queue: int,
     no_prefix_reuse: bool,
+    no_prefix_cache: bool,
     plain_content: bool,
     grace: float,
     read_timeout: float | None,
@@ -199,8 +208,12 @@ def serve(
         raise click.UsageError(f"{', '.join(adapters_given)}: adapters are for a single server (not with --ray)")
     prefix_flags = {"prefix_cache": prefix_cache, "prefix_cache_mb": prefix_cache_mb}
     prefix_flags["prefix_cache_disk_mb"] = prefix_cache_disk_mb
-    if use_ray and any(v is not None for v in prefix_flags.values()):
+    explicit = [f"--{k.replace('_', '-')}" for k, v in prefix_flags.items() if v is not None]
+    if use_ray and explicit:
         raise click.UsageError("--prefix-cache options are for a single server (not with --ray)")
+    for flag, on in (("--no-prefix-cache", no_prefix_cache), ("--no-prefix-reuse", no_prefix_reuse)):
+        if on and explicit:
+            raise click.UsageError(f"{explicit[0]} and {flag} contradict each other: drop one")
     if ray_cpus is not None and ray_address is not None:
         raise click.UsageError("--ray-cpus sizes a local cluster; a cluster at --ray-address has its own CPUs")
     try:
@@ -230,6 +243,10 @@ def serve(
         max_batch=max_batch,
         max_queue=max_queue,
         prefix_reuse=not no_prefix_reuse,
+        # a single server's prefix cache in memory unless told otherwise (vLLM's and llama.cpp's servers reuse
+        # prompts across requests by default too); the --prefix-cache options size it and refuse a graph that
+        # cannot hold one, this default skips such a graph
+        prefix_cache_memory=None if no_prefix_cache or no_prefix_reuse or use_ray or explicit else DEFAULT_MEMORY,
         plain_content=plain_content,
         adapters=dict(loras),
         # on Ray each replica would load alone: the routes are off there

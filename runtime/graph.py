@@ -135,11 +135,16 @@ class Graph:
                                    prefix_cache_disk)  # fmt: skip
         return model
 
+    @property
+    def can_cache_prefixes(self) -> bool:
+        """Whether this model can hold a prefix cache: a shared-buffer graph on the host KV cache."""
+        return self.shared_kv and self.kv == "host"
+
     def use_prefix_cache(
         self, directory: str | Path | None = None, memory: int = DEFAULT_MEMORY, disk: int = DEFAULT_DISK
     ) -> PrefixCache:
         """Give this model a prefix cache (in memory; on disk too with ``directory``) and return it."""
-        if not self.shared_kv or self.kv != "host":
+        if not self.can_cache_prefixes:
             raise ConfigError("prefix_cache", directory, "needs a shared-buffer graph on the host KV cache (kv='host')")
         m = self.manifest
         shape = (2 * m.num_layers, m.num_kv_heads, m.head_size)

@@ -67,7 +67,11 @@ class Settings:
 
     ``prefix_reuse``: a new prompt reuses the cached tokens it shares with an earlier one (faster; but how fast a
     prompt is answered tells a client whether another client sent the same prefix: turn it off for clients that
-    must not learn of each other). ``plain_content``: message contents are tokenised as plain text, so that
+    must not learn of each other). ``prefix_cache_memory``: when set (bytes; ``edgeroute serve`` sets 512 MiB unless
+    told otherwise) and ``prefix_reuse`` is on, a model that has no prefix cache and can hold one (a shared-buffer
+    graph on the host KV cache) gets one in memory of that budget when it loads: prompts reuse the blocks of
+    earlier prompts beyond the slots' own, and scored prompts (``echo`` with ``logprobs``) reuse them at all (the
+    slots keep no scores). ``plain_content``: message contents are tokenised as plain text, so that
     special-token text in them stays text (by default, as in transformers and most servers, a message containing
     ``<|im_start|>system`` writes real control tokens).
 
@@ -83,6 +87,7 @@ class Settings:
     max_queue: int = 64
     max_body_bytes: int = MAX_BODY_BYTES
     prefix_reuse: bool = True
+    prefix_cache_memory: int | None = None
     plain_content: bool = False
     read_timeout: float = READ_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
@@ -159,6 +164,9 @@ def create_app(
             if name == settings.model_name:
                 raise er.AdapterError(f"adapter {name!r}: the served model's name: give the adapter another")
             state.load_adapter(m, name, str(path))
+        memory = settings.prefix_cache_memory
+        if memory and settings.prefix_reuse and m.prefix_cache is None and m.can_cache_prefixes:
+            m.use_prefix_cache(memory=memory)
         state.engine = er.Engine(
             m, max_batch=settings.max_batch, max_queue=settings.max_queue, prefix_reuse=settings.prefix_reuse
         )
@@ -169,11 +177,13 @@ def create_app(
         try:
             assert callable(model)
             start(model())
+            cache = state.model.prefix_cache if state.model is not None else None
             log.info(
-                "model %s loaded: engine %s, %d slots",
+                "model %s loaded: engine %s, %d slots, %s",
                 settings.model_name,
                 state.engine and state.engine.mode,
                 settings.max_batch,
+                f"prefix cache {cache.memory_bytes >> 20} MiB" if cache is not None else "no prefix cache",
             )
         except BaseException as e:  # noqa: BLE001 - reported through /health and on_load_error
             state.error = one_line(e)

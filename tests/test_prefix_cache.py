@@ -21,7 +21,7 @@ import pytest
 from edgeroute.prefix_cache import MAGIC, SUFFIX
 from edgeroute.prefix_files import decode
 from edgeroute.serve import Settings, create_app
-from serve_helpers import Running
+from serve_helpers import Running, cli_server, run_cli
 
 rng = np.random.default_rng(5)
 SYSTEMS = [rng.integers(3, 300, 200).tolist() for _ in range(3)]  # three 200-token "system prompts"
@@ -372,6 +372,31 @@ def test_echoed_prompts_reuse_scored_blocks_through_the_server(folder: Path) -> 
         assert la["tokens"] == lb["tokens"] and la["token_logprobs"][0] is None
         np.testing.assert_allclose(la["token_logprobs"][1:], lb["token_logprobs"][1:], atol=1e-5)
         assert [list(d) for d in la["top_logprobs"][1:]] == [list(d) for d in lb["top_logprobs"][1:]]
+
+
+def test_serve_keeps_a_prefix_cache_in_memory_by_default(folder: Path) -> None:
+    """``edgeroute serve`` gives a model that can hold one a prefix cache in memory unless told otherwise: an echoed
+    prompt (the slots cannot serve it: they keep no scores) reuses the blocks of the one before; --no-prefix-cache
+    keeps none; an explicit cache and --no-prefix-cache or --no-prefix-reuse contradict each other."""
+    body = {"model": "tiny", "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    got = {}
+    for flags in ((), ("--no-prefix-cache",)):
+        with cli_server(str(folder), "--model-name", "tiny", *flags) as (proc, url):
+            cached = []
+            for q in range(2):
+                r = httpx.post(url + "/v1/completions", json={**body, "prompt": prompt(0, q)}, timeout=60)
+                assert r.status_code == 200, r.text
+                cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+            text = httpx.get(url + "/metrics", timeout=5).text
+            hits = [x for x in text.splitlines() if x.startswith("edgeroute_prefix_cache_hits ")]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        got[flags] = cached, hits
+    assert got[()] == ([0, 191], ["edgeroute_prefix_cache_hits 1.0"])
+    assert got[("--no-prefix-cache",)] == ([0, 0], ["edgeroute_prefix_cache_hits 0.0"])
+    for flags in (["--no-prefix-cache", "--prefix-cache-mb", "64"], ["--no-prefix-reuse", "--prefix-cache", "d"]):
+        out = run_cli("serve", str(folder), *flags)
+        assert out.returncode == 2 and "contradict each other" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_prefix_cache_across_runs(folder: Path, tmp_path: Path) -> None:
