@@ -205,9 +205,6 @@ class DeviceKVCache(SharedKVCache):
         other.lengths = self.lengths[i : i + 1].copy()
         return other
 
-    def head(self, k: int) -> DeviceKVCache:
-        return self.rows(0, k)
-
     def rows(self, first: int, end: int) -> DeviceKVCache:
         other = self._view(first, end - first)
         other.lengths = self.lengths[first:end]

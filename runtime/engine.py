@@ -442,7 +442,7 @@ class Engine:
             top = run.request.config.prompt_logprobs
             scores = run.seq.output.prompt_scores if top is not None else ()  # kept for later scored prompts
             kv, row, digest = self._executor.cache.kv, run.slot.index, _digest(run.request)
-            self._prefix.store(run.seq.ids[: run.fed], kv, row, digest, scores, -1 if top is None else top)
+            self._prefix.store(run.seq.ids[: run.fed], kv, row, digest, scores, top)
 
     def _release(self, run: Running) -> None:
         self._remember(run)

@@ -245,7 +245,7 @@ class PrefixCache:
         row: int,
         adapter: bytes = b"",
         scores: Sequence[Any] = (),
-        top: int = -1,
+        top: int | None = None,
     ) -> int:
         """Keep the full blocks of ``tokens`` (positions ``0..len(tokens)`` of row ``row`` of a shared KV cache's
         ``kv`` hold their keys and values) that the cache does not hold yet; returns how many blocks were added.
@@ -260,16 +260,14 @@ class PrefixCache:
         by_position = (None, *scores) if scores else ()  # position p's token's score (the first token has none)
         for k, key in enumerate(keys):
             s = k * self.block
-            scored = by_position[s : s + self.block] if s + self.block <= len(by_position) else None
+            scored = tuple(by_position[s : s + self.block]) if s + self.block <= len(by_position) else None
             with self._lock:
                 block = self._blocks.get(key)
                 if block is not None and scored is not None and block.scores is None:
-                    block.top, block.scores = top, tuple(scored)  # top first: a reader that sees scores sees it
+                    block.top, block.scores = top, scored  # top first: a reader that sees scores sees it
             if block is None:
                 data = np.ascontiguousarray(kv[:, row, :, s : s + self.block])
-                block = Block(key, parent, ids[s : s + self.block].copy(), data, adapter)
-                if scored is not None:
-                    block.top, block.scores = top, tuple(scored)
+                block = Block(key, parent, ids[s : s + self.block].copy(), data, adapter, scored, top)
                 self._insert(block, write=True)
                 added += 1
             chain.append(block)

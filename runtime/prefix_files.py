@@ -35,7 +35,7 @@ class Block:
     #: in memory only: each position's token scored given the tokens before it (``output.TokenScore``; None for a
     #: prompt's first token), with ``top`` alternatives each, when a scored prompt (``prompt_logprobs``) computed it
     scores: tuple[Any, ...] | None = None
-    top: int = -1
+    top: int | None = None
 
 
 def encode(block: Block, fingerprint: str, dtype: np.dtype) -> bytes:

@@ -205,7 +205,7 @@ class Scheduler:
         prompt = request.prompt
         # a request that scores its prompt (prompt_logprobs) reuses no slot's positions (a reused position has no
         # logits to score), only the prefix cache's blocks that carry their scores (the engine's lookup)
-        scored = request.config.prompt_logprobs is not None
+        scored = _scores_prompt(request)
         reusable = self.prefix_reuse and not scored and slot.adapter == _uid(request)
         reuse = common_prefix(slot.tokens[: slot.held], prompt) if reusable else 0
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed again: its logits choose the first token
@@ -240,7 +240,7 @@ class Scheduler:
             if left <= 0:
                 continue  # all fed, or only the token the decode step feeds left
             take = min(budget, left)
-            if run.request.config.prompt_logprobs is not None and self.scored_chunk:
+            if _scores_prompt(run.request) and self.scored_chunk:
                 take = min(take, self.scored_chunk)
             plan.prefill.append(Chunk(run, run.fed, run.fed + take))
             run.fed += take
@@ -283,7 +283,12 @@ def prefill_runs(chunks: list[Chunk], ragged: bool, scored_positions: int | None
 
 
 def _scored(chunk: Chunk) -> bool:
-    return chunk.run.request.config.prompt_logprobs is not None
+    return _scores_prompt(chunk.run.request)
+
+
+def _scores_prompt(request: Request) -> bool:
+    """Whether ``request`` scores its prompt (``prompt_logprobs``: every prompt position's logits kept)."""
+    return request.config.prompt_logprobs is not None
 
 
 def _to_prefill(run: Running) -> int:
@@ -291,7 +296,7 @@ def _to_prefill(run: Running) -> int:
     The prompt's last token is left to the decode step (its logits choose the first token with the other rows'),
     but a scored prompt (prompt_logprobs) is prefilled whole: its chunks keep every position's logits anyway, and
     the last one chooses the first token (engine._prefill): one graph run fewer."""
-    scored = run.request.config.prompt_logprobs is not None and run.fed < len(run.request.prompt)
+    scored = _scores_prompt(run.request) and run.fed < len(run.request.prompt)
     return run.seq.n - run.fed - (0 if scored else 1)
 
 
